@@ -1,0 +1,202 @@
+"""The SD 1.x noise-prediction U-Net: eps = unet(x_t, t, text_embeddings).
+
+Shape walk for SD 1.5 at 512x512 (latent 64x64, batch B):
+  conv_in            (B, 4, 64, 64)   -> (B, 320, 64, 64)
+  down_blocks 0..3   320@64 -> 640@32 -> 1280@16 -> 1280@8, each level keeping its outputs as skips
+  mid_block          (B, 1280, 8, 8)
+  up_blocks 0..3     concatenate the skips back in, upsampling 8 -> 16 -> 32 -> 64
+  conv_out           (B, 320, 64, 64) -> (B, 4, 64, 64)
+Cross-attention reads the text embeddings (B, 77*k, 768) in every spatial transformer.
+Module names equal diffusers' UNet2DConditionModel keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import UNetConfig
+from .nn import Attention, Downsample, ResnetBlock, TimestepEmbedding, Upsample, timestep_embedding
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # net.1 is a dropout in the checkpoint layout: it holds no weights
+        self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Identity(), nn.Linear(dim * 4, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN: self-attention, cross-attention on the text, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """(B, C, H, W) -> tokens (B, H*W, C) -> transformer block -> back, with a residual around it all."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int, groups: int, linear_proj: bool):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.linear_proj = linear_proj
+        self.proj_in = nn.Linear(ch, ch) if linear_proj else nn.Conv2d(ch, ch, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(ch, heads, context_dim)])
+        self.proj_out = nn.Linear(ch, ch) if linear_proj else nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        res = x
+        x = self.norm(x)
+        if self.linear_proj:
+            x = self.proj_in(x.permute(0, 2, 3, 1).reshape(b, h * w, c))
+        else:
+            x = self.proj_in(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear_proj:
+            x = self.proj_out(x).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        else:
+            x = self.proj_out(x.reshape(b, h, w, c).permute(0, 3, 1, 2))
+        return x + res
+
+
+class UNetBlock(nn.Module):
+    """One resolution level: `resnets[i]` each optionally followed by `attentions[i]`, then a resampler.
+
+    Down blocks return every intermediate output as a skip connection; up blocks consume them.
+    """
+
+    def __init__(self, in_chs: list[int], out_ch: int, temb_dim: int, cfg: UNetConfig, heads: int, attn: bool,
+                 resample: str | None):
+        super().__init__()
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([ResnetBlock(c, out_ch, temb_dim, g, eps) for c in in_chs])
+        if attn:
+            self.attentions = nn.ModuleList([
+                SpatialTransformer(out_ch, heads, cfg.cross_attention_dim, g, cfg.use_linear_projection)
+                for _ in in_chs])
+        else:
+            self.attentions = None
+        if resample == "down":
+            self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=cfg.downsample_padding)])
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList([Upsample(out_ch)])
+
+    def _layer(self, i, x, temb, context):
+        x = self.resnets[i](x, temb)
+        return self.attentions[i](x, context) if self.attentions is not None else x
+
+    def down(self, x, temb, context):
+        skips = []
+        for i in range(len(self.resnets)):
+            x = self._layer(i, x, temb, context)
+            skips.append(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+    def up(self, x, skips, temb, context, upsample_size=None):
+        for i in range(len(self.resnets)):
+            x = self._layer(i, torch.cat([x, skips.pop()], dim=1), temb, context)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch: int, temb_dim: int, cfg: UNetConfig, heads: int):
+        super().__init__()
+        g, eps, scale = cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor
+        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb_dim, g, eps, scale) for _ in range(2)])
+        self.attentions = nn.ModuleList([
+            SpatialTransformer(ch, heads, cfg.cross_attention_dim, g, cfg.use_linear_projection)])
+
+    def forward(self, x, temb, context):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        chs, n = cfg.block_out_channels, cfg.layers_per_block
+        temb_dim = chs[0] * 4
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chs[0], temb_dim)
+
+        self.down_blocks = nn.ModuleList()
+        prev = chs[0]
+        for i, (ch, kind) in enumerate(zip(chs, cfg.down_block_types)):
+            last = i == len(chs) - 1
+            self.down_blocks.append(UNetBlock([prev] + [ch] * (n - 1), ch, temb_dim, cfg, cfg.heads[i],
+                                              attn=kind.startswith("CrossAttn"), resample=None if last else "down"))
+            prev = ch
+
+        self.mid_block = MidBlock(chs[-1], temb_dim, cfg, cfg.heads[-1])
+
+        # Each up level takes n+1 skips: n from the matching down level's layers, the last one from the level
+        # below it (or conv_in). Channel bookkeeping as in diffusers' UNet2DConditionModel.
+        rev, rev_heads = list(reversed(chs)), list(reversed(cfg.heads))
+        self.up_blocks = nn.ModuleList()
+        prev = rev[0]
+        for i, (ch, kind) in enumerate(zip(rev, cfg.up_block_types)):
+            last = i == len(chs) - 1
+            skip_in = rev[min(i + 1, len(chs) - 1)]
+            in_chs = [(prev if j == 0 else ch) + (skip_in if j == n else ch) for j in range(n + 1)]
+            self.up_blocks.append(UNetBlock(in_chs, ch, temb_dim, cfg, rev_heads[i],
+                                            attn=kind.startswith("CrossAttn"), resample=None if last else "up"))
+            prev = ch
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        """x (B, in_channels, h, w), t scalar or (B,) timesteps, context (B, L, cross_attention_dim) -> eps."""
+        cfg = self.config
+        t = torch.as_tensor(t, device=x.device)
+        t = t.reshape(-1).expand(x.shape[0])
+        emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = self.time_embedding(emb.to(x.dtype))
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, s = block.down(h, temb, context)
+            skips += s
+        h = self.mid_block(h, temb, context)
+        for block in self.up_blocks:
+            level_skips = skips[-len(block.resnets):]
+            del skips[-len(block.resnets):]
+            # upsample to the next skip's size: 2x for sizes divisible by the total factor, exact otherwise
+            size = skips[-1].shape[-2:] if skips else None
+            h = block.up(h, level_skips, temb, context, size)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))

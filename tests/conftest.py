@@ -1,0 +1,69 @@
+"""Shared fixtures: random-weight models in the real layouts, built with diffusers/transformers (test-only oracles)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+SD15 = DATA / "sd15-layout"
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+TINY_UNET = dict(
+    block_out_channels=[32, 64], layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=32, norm_num_groups=32, attention_head_dim=[2, 4],
+)
+TINY_VAE = dict(
+    block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32,
+)
+TINY_TEXT = dict(
+    hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, vocab_size=49408,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=49406,
+    eos_token_id=49407, pad_token_id=49407, projection_dim=32,
+)
+
+
+def sd15_config(component: str) -> dict:
+    return json.loads((SD15 / component / "config.json").read_text())
+
+
+def diffusers_unet(cfg: dict, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
+
+
+def diffusers_vae(cfg: dict, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
+
+
+def transformers_text(cfg: dict, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(**cfg)).eval()
+
+
+def text_state_dict(model) -> dict:
+    """A CLIPTextModel's weights named the way real SD 1.x files name them (`text_model.` prefix)."""
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v
+            for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float):
+    """max |ours - ref| <= rel * max(1, max |ref|), the project's parity criterion."""
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    err = (ours.float() - ref.float()).abs().max().item()
+    bound = rel * max(1.0, ref.float().abs().max().item())
+    assert err <= bound, f"max abs diff {err:.3g} > {bound:.3g}"
+    return err

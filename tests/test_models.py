@@ -1,0 +1,107 @@
+"""Our U-Net, VAE and CLIP text tower against diffusers/transformers with the same random weights (float32)."""
+
+import pytest
+import torch
+
+from conftest import (TINY_TEXT, TINY_UNET, TINY_VAE, assert_close, diffusers_unet, diffusers_vae, sd15_config,
+                      text_state_dict, transformers_text)
+from stablediff.clip import CLIPTextModel
+from stablediff.config import CLIPTextConfig, UNetConfig, VAEConfig
+from stablediff.unet import UNet
+from stablediff.vae import AutoencoderKL
+
+TOL = 1e-4
+
+
+def ours(cls, cfg_cls, ref, state_dict):
+    """Our module built from the oracle's full config (as its saved config.json would hold it)."""
+    cfg = dict(ref.config) if isinstance(ref.config, dict) else ref.config.to_dict()
+    with torch.device("meta"):
+        model = cls(cfg_cls.from_dict(cfg))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("size", ["tiny", "sd15"])
+def test_unet_matches_diffusers(size):
+    cfg = TINY_UNET if size == "tiny" else sd15_config("unet")
+    ref = diffusers_unet(cfg)
+    model = ours(UNet, UNetConfig, ref, ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    # square, non-square and sizes that do not divide by the U-Net's total downscale (odd skips)
+    shapes = [(16, 16), (8, 24), (13, 9)] if size == "tiny" else [(16, 16), (9, 11)]
+    for h, w in shapes:
+        x = torch.randn(2, 4, h, w, generator=g)
+        ctx = torch.randn(2, 77, cfg["cross_attention_dim"], generator=g)
+        t = torch.tensor([999.0, 1.5])
+        with torch.no_grad():
+            assert_close(model(x, t, ctx), ref(x, t, ctx).sample, TOL)
+    # a scalar timestep and a 154-token (two-chunk) context
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 154, cfg["cross_attention_dim"], generator=g)
+    with torch.no_grad():
+        assert_close(model(x, 500, ctx), ref(x, 500, ctx).sample, TOL)
+
+
+def test_inpainting_unet_in_channels_9():
+    cfg = dict(TINY_UNET, in_channels=9)
+    ref = diffusers_unet(cfg, seed=3)
+    model = ours(UNet, UNetConfig, ref, ref.state_dict())
+    x, ctx = torch.randn(1, 9, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert_close(model(x, 321.0, ctx), ref(x, 321.0, ctx).sample, TOL)
+
+
+@pytest.mark.parametrize("size", ["tiny", "sd15"])
+def test_vae_matches_diffusers(size):
+    cfg = TINY_VAE if size == "tiny" else sd15_config("vae")
+    ref = diffusers_vae(cfg)
+    model = ours(AutoencoderKL, VAEConfig, ref, ref.state_dict())
+    f = model.config.downscale
+    assert f == 2 ** (len(cfg["block_out_channels"]) - 1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 3, 8 * f, 6 * f, generator=g) * 2 - 1
+    z = torch.randn(1, 4, 8, 6, generator=g)
+    with torch.no_grad():
+        post, ref_post = model.encode(x), ref.encode(x).latent_dist
+        assert_close(post.mean, ref_post.mean, TOL)
+        assert_close(post.std, ref_post.std, TOL)
+        # posterior sampling draws from the CPU generator exactly as diffusers does
+        assert_close(post.sample(torch.Generator().manual_seed(7)),
+                     ref_post.sample(torch.Generator().manual_seed(7)), TOL)
+        assert_close(model.decode(z), ref.decode(z).sample, TOL)
+
+
+def test_vae_scaling_factor_default_and_from_config():
+    assert VAEConfig.from_dict(sd15_config("vae")).scaling_factor == 0.18215
+    assert VAEConfig.from_dict(dict(TINY_VAE, scaling_factor=0.13025)).scaling_factor == 0.13025
+
+
+@pytest.mark.parametrize("size", ["tiny", "sd15"])
+def test_text_encoder_matches_transformers(size):
+    cfg = TINY_TEXT if size == "tiny" else sd15_config("text_encoder")
+    ref = transformers_text(cfg)
+    model = ours(CLIPTextModel, CLIPTextConfig, ref, text_state_dict(ref))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 49406, (2, 77), generator=g)
+    ids[:, 0], ids[:, 9:] = 49406, 49407
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+        assert_close(model(ids), out.last_hidden_state, TOL)
+        states = model.hidden_states(ids)
+        assert len(states) == len(out.hidden_states) == cfg["num_hidden_layers"] + 1
+        for a, b in zip(states, out.hidden_states):
+            assert_close(a, b, TOL)
+        # clip skip 2 (A1111 counting) = penultimate layer, then the final LayerNorm, as diffusers' clip_skip=1
+        final_ln = getattr(ref, "text_model", ref).final_layer_norm  # transformers 5 flattened CLIPTextModel
+        penultimate = final_ln(out.hidden_states[-2])
+        assert_close(model(ids, clip_skip=2), penultimate, TOL)
+
+
+def test_unsupported_configs_are_refused_clearly():
+    with pytest.raises(ValueError, match="class_embed_type"):
+        UNetConfig.from_dict(dict(TINY_UNET, class_embed_type="timestep"))
+    with pytest.raises(ValueError, match="SimpleCrossAttnDownBlock2D"):
+        UNetConfig.from_dict(dict(TINY_UNET, down_block_types=["SimpleCrossAttnDownBlock2D", "DownBlock2D"]))
+    with pytest.raises(ValueError, match="clip_skip=0"):
+        with torch.device("meta"):
+            CLIPTextModel(CLIPTextConfig.from_dict(TINY_TEXT))(torch.zeros(1, 77, dtype=torch.long), clip_skip=0)

@@ -14,7 +14,7 @@ SD15 = DATA / "sd15-layout"
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 TINY_UNET = dict(
-    block_out_channels=[32, 64], layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+    block_out_channels=[32, 64], layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
     down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
     cross_attention_dim=32, norm_num_groups=32, attention_head_dim=[2, 4],
 )
@@ -67,3 +67,38 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float):
     bound = rel * max(1.0, ref.float().abs().max().item())
     assert err <= bound, f"max abs diff {err:.3g} > {bound:.3g}"
     return err
+
+
+BUNDLED_TOKENIZER = Path(__file__).parent.parent / "src" / "stablediff" / "data" / "clip"
+
+
+def tiny_diffusers_pipeline(seed: int = 0, unet_overrides: dict | None = None, scheduler=None):
+    """A random tiny StableDiffusionPipeline in the real layout (no safety checker)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    unet = diffusers_unet(dict(TINY_UNET, **(unet_overrides or {})), seed)
+    vae = diffusers_vae(TINY_VAE, seed + 1)
+    text = transformers_text(TINY_TEXT, seed + 2)
+    # random weights are tiny in scale; make the text matter so prompts change images
+    tokenizer = CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER))
+    scheduler = scheduler or PNDMScheduler.from_pretrained(str(SD15), subfolder="scheduler")
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny random pipeline saved as a diffusers folder (model_index.json + subfolders)."""
+    path = tmp_path_factory.mktemp("tiny-sd") / "tiny-sd"
+    tiny_diffusers_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_model_dir):
+    """diffusers' pipeline loaded from the tiny folder (the oracle)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
+                                                   requires_safety_checker=False)

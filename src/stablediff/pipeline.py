@@ -1,0 +1,281 @@
+"""Prompt -> latents -> image.
+
+    pipe = StableDiffusion.from_pretrained("v1-5-pruned-emaonly.safetensors")
+    result = pipe("silly dog wearing a batman costume", steps=30, cfg_scale=7.0, seed=1055747)
+    result.images[0].save("dog.png")
+
+The steps, each a component reachable on the pipeline (`tokenizer`, `text_encoder`, `unet`, `vae`):
+1. tokenize the prompt and the negative prompt and encode both with the CLIP text tower (once per call);
+2. draw each image's latent noise on its own CPU generator seeded `seed + k`;
+3. run the chosen sampler over a classifier-free-guided denoiser built on the U-Net;
+4. decode latents / scaling_factor with the VAE into pixels.
+With batch_size=1 the result equals diffusers' StableDiffusionPipeline given the same weights, seed and scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__, images, samplers, weights
+from .clip import CLIPTextModel
+from .denoiser import CFGDenoiser, EpsDenoiser
+from .schedule import NoiseSchedule
+from .tokenizer import CLIPTokenizer
+from .unet import UNet
+from .vae import AutoencoderKL
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MAX_SEED = 2**32 - 1
+
+
+class Cancelled(Exception):
+    """Raised out of a pipeline call whose `cancel` event was set; the partial work is dropped."""
+
+
+@dataclass
+class StepInfo:
+    """What a progress callback sees after each sampler step of a batch."""
+
+    step: int  # 1-based, out of total
+    total: int
+    batch: int  # index of the batch within this call
+    batches: int
+    sigma: float
+    latents: torch.Tensor
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images
+    latents: torch.Tensor  # (N, 4, H/f, W/f), the final latents before decoding
+    seeds: list[int]
+    prompts: list[str]
+    negative_prompts: list[str]
+    infotexts: list[str] = field(default_factory=list)  # AUTOMATIC1111 'parameters' text per image
+
+
+def check_params(*, steps, cfg_scale, width, height, batch_size, sampler, schedule=None, clip_skip=1,
+                 seed=None) -> None:
+    """Raise ValueError (one line, naming the value) for settings no model could run. Cheap: no model needed."""
+    for name, v in (("width", width), ("height", height)):
+        if v is None:
+            continue
+        if not isinstance(v, int) or v % 8:
+            raise ValueError(f"{name} {v!r} is not a multiple of 8")
+        if not 64 <= v <= 4096:
+            raise ValueError(f"{name} {v} is outside 64..4096")
+    if not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise ValueError(f"steps {steps!r} is outside 1..1000")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size {batch_size!r} must be at least 1")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg scale {cfg_scale!r} is not a finite number")
+    if not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
+        raise ValueError(f"clip skip {clip_skip!r} is outside 1..12")
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed {seed!r} is outside 0..{MAX_SEED}")
+    spec, alias_schedule = samplers.get_sampler(sampler)
+    schedule = schedule or alias_schedule
+    if schedule not in (None, "karras"):
+        raise ValueError(f"schedule {schedule!r} is not known; choose karras or leave it out")
+    if schedule == "karras" and not spec.supports_karras:
+        raise ValueError(f"sampler {spec.name!r} does not take the karras schedule")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _build(cls, config, state_dict, *, path, component, device, dtype):
+    with torch.device("meta"):
+        module = cls(config)
+    weights.load_into(module, state_dict, path=path, component=component)
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class StableDiffusion:
+    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet, vae: AutoencoderKL,
+                 noise_schedule: NoiseSchedule, *, model_name: str = "model", weights_file: Path | None = None):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.vae = vae
+        self.noise_schedule = noise_schedule
+        self.model_name = model_name
+        self.weights_file = weights_file
+        self._model_hash = None
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, variant: str | None = None) -> "StableDiffusion":
+        """Load a diffusers folder, an original single .safetensors/.ckpt file, or a Hugging Face Hub id."""
+        device = resolve_device(device)
+        ckpt = weights.load_checkpoint(source, variant=variant)
+        # float16 VAEs overflow to NaN (black images) on SD 1.x: the VAE stays float32 unless float32 is asked anyway
+        vae_dtype = torch.float32
+        common = dict(path=ckpt.path, device=device)
+        text_encoder = _build(CLIPTextModel, ckpt.text_config, ckpt.text_encoder, component="text_encoder",
+                              dtype=dtype, **common)
+        unet = _build(UNet, ckpt.unet_config, ckpt.unet, component="unet", dtype=dtype, **common)
+        vae = _build(AutoencoderKL, ckpt.vae_config, ckpt.vae, component="vae", dtype=vae_dtype, **common)
+        tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer()
+        noise_schedule = NoiseSchedule.from_config(ckpt.scheduler_config)
+        path = Path(ckpt.path)
+        name = path.stem if path.is_file() else (path.name if path.exists() else str(source).rstrip("/").split("/")[-1])
+        return cls(tokenizer, text_encoder, unet, vae, noise_schedule, model_name=name,
+                   weights_file=_weights_file(path))
+
+    # -- facts about the model --------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype
+
+    @property
+    def downscale(self) -> int:
+        return self.vae.config.downscale
+
+    @property
+    def native_size(self) -> int:
+        return self.unet.config.sample_size * self.downscale
+
+    @property
+    def model_hash(self) -> str:
+        """A1111's 'Model hash': the first 10 hex digits of the weights file's sha256 (cached on disk)."""
+        if self._model_hash is None:
+            self._model_hash = images.model_hash(self.weights_file) if self.weights_file else ""
+        return self._model_hash
+
+    # -- the steps --------------------------------------------------------------------------------------------
+    def encode_prompt(self, text: str, clip_skip: int = 1) -> torch.Tensor:
+        """One prompt -> (1, 77, C) text embeddings."""
+        ids = torch.tensor([self.tokenizer.pad(self.tokenizer.encode(text))], device=self.device)
+        return self.text_encoder(ids, clip_skip=clip_skip)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels in [-1, 1] (float32). NaNs (a float16 overflow upstream) are an error, not black."""
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError("the sampler produced NaN/inf latents (a float16 overflow?); "
+                                     "retry with dtype float32 or bfloat16")
+        z = latents.to(self.vae.post_quant_conv.weight.dtype)
+        pixels = self.vae.decode(z / self.vae.config.scaling_factor).float()
+        if not torch.isfinite(pixels).all() and z.dtype != torch.float32:
+            warnings.warn("VAE decode gave NaN in reduced precision; decoding again in float32")
+            pixels = self.vae.float().decode(latents.float() / self.vae.config.scaling_factor)
+        return pixels
+
+    def noise(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+        """One unit-variance latent per generator, drawn on the CPU (so any device gives the same image)."""
+        return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 30,
+                 cfg_scale: float = 7.0, seed: int | None = None, width: int | None = None,
+                 height: int | None = None, batch_size: int = 1, sampler: str = "euler",
+                 schedule: str | None = None, clip_skip: int = 1, callback: Callable[[StepInfo], None] | None = None,
+                 cancel=None, progress: bool = False) -> GenerationResult:
+        """Make batch_size images for each prompt. Image k of the call uses seed + k on a CPU generator.
+
+        `callback(StepInfo)` runs after every step; `cancel` (anything with `is_set()`, e.g. threading.Event)
+        stops the call between steps by raising Cancelled.
+        """
+        width = width or self.native_size
+        height = height or self.native_size
+        check_params(steps=steps, cfg_scale=cfg_scale, width=width, height=height, batch_size=batch_size,
+                     sampler=sampler, schedule=schedule, clip_skip=clip_skip, seed=seed)
+        f = self.downscale
+        if width % f or height % f:
+            raise ValueError(f"size {width}x{height} is not a multiple of this VAE's downscale factor {f}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if seed is None:
+            seed = random.randint(0, MAX_SEED - len(prompts) * batch_size)
+
+        spec, alias_schedule = samplers.get_sampler(sampler)
+        schedule = schedule or alias_schedule
+        plan = samplers.prepare(spec.name, self.noise_schedule, steps, schedule=schedule)
+        shape = (self.unet.config.in_channels, height // f, width // f)
+
+        all_latents, seeds = [], []
+        for b, (p, n) in enumerate(zip(prompts, negatives)):
+            batch_seeds = [seed + b * batch_size + j for j in range(batch_size)]
+            generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
+            cond = self.encode_prompt(p, clip_skip).expand(batch_size, -1, -1)
+            uncond = self.encode_prompt(n, clip_skip).expand(batch_size, -1, -1)
+            x = self.noise(generators, shape).to(self.device) * plan.init_noise_scale
+            denoiser = CFGDenoiser(EpsDenoiser(self._eps, plan.sigma_to_t), cond, uncond, cfg_scale)
+            step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress)
+            try:
+                x = plan.sampler.fn(denoiser, x, plan.sigmas, generator=generators, callback=step_cb)
+            finally:
+                step_cb.close()
+            all_latents.append(plan.finish(x))
+            seeds += batch_seeds
+
+        latents = torch.cat(all_latents)
+        pil = images.to_pil(self.decode(latents))
+        all_prompts = [p for p in prompts for _ in range(batch_size)]
+        all_negatives = [n for n in negatives for _ in range(batch_size)]
+        infotexts = [
+            images.infotext(p, n, steps=steps, sampler_label=spec.label, schedule_label=_schedule_label(schedule),
+                            cfg_scale=cfg_scale, seed=s, width=width, height=height, model_hash=self.model_hash,
+                            model_name=self.model_name, version=__version__,
+                            extra={"Clip skip": clip_skip} if clip_skip != 1 else None)
+            for p, n, s in zip(all_prompts, all_negatives, seeds)]
+        return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts)
+
+    def _eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The U-Net as the samplers' eps model: runs in the model's dtype, hands float32 back."""
+        return self.unet(x_in.to(self.dtype), t, context.to(self.dtype)).float()
+
+    def _step_callback(self, batch, batches, total, callback, cancel, progress):
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, unit="step", desc=f"image {batch + 1}/{batches}" if batches > 1 else None,
+                       leave=True)
+
+        def step(d):
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(StepInfo(d["i"] + 1, total, batch, batches, float(d["sigma"]), d["x"]))
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("generation was cancelled")
+
+        step.close = bar.close if bar is not None else (lambda: None)
+        return step
+
+
+def _schedule_label(schedule: str | None) -> str | None:
+    return {"karras": "Karras"}.get(schedule, schedule)
+
+
+def _weights_file(path: Path) -> Path | None:
+    """The file whose hash identifies the model: the single file itself, or a folder's U-Net weights."""
+    if path.is_file():
+        return path
+    for pattern in ("unet/diffusion_pytorch_model*.safetensors", "unet/diffusion_pytorch_model*.bin"):
+        found = sorted(path.glob(pattern))
+        if found:
+            return found[0]
+    return None

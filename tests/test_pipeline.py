@@ -1,0 +1,143 @@
+"""txt2img end to end against diffusers' StableDiffusionPipeline on a random tiny model."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SD15, assert_close
+from stablediff import StableDiffusion
+
+LATENT_TOL = 5e-4
+PIXEL_TOL = 2  # out of 255
+
+SCHEDULERS = {  # our sampler -> (diffusers scheduler class, extra from_config kwargs)
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+}
+KARRAS = ["euler", "heun", "lms", "dpm2", "dpmpp_2m", "unipc"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return StableDiffusion.from_pretrained(tiny_model_dir)
+
+
+def reference(ref_pipe, sampler, schedule, prompt, negative, seed, steps, cfg, width, height):
+    import diffusers
+
+    cls_name, kwargs = SCHEDULERS[sampler]
+    if schedule == "karras":
+        kwargs = dict(kwargs, use_karras_sigmas=True)
+    cls = getattr(diffusers, cls_name)
+    ref_pipe.scheduler = cls.from_config(cls.load_config(str(SD15), subfolder="scheduler"), **kwargs)
+    out = ref_pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, width=width,
+                   height=height, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent")
+    latents = out.images
+    pixels = ref_pipe.vae.decode(latents / ref_pipe.vae.config.scaling_factor).sample
+    image = ref_pipe.image_processor.postprocess(pixels, output_type="np")
+    return latents, (image * 255).round().astype(np.uint8)
+
+
+def check(pipe, ref_pipe, sampler, schedule=None, prompt="a photo of an astronaut riding a horse", negative="",
+          seed=1055747, steps=8, cfg=7.0, width=64, height=64):
+    with torch.no_grad():
+        ref_latents, ref_image = reference(ref_pipe, sampler, schedule, prompt, negative, seed, steps, cfg,
+                                           width, height)
+    result = pipe(prompt, negative_prompt=negative, steps=steps, cfg_scale=cfg, seed=seed, width=width,
+                  height=height, sampler=sampler, schedule=schedule)
+    err = assert_close(result.latents, ref_latents, LATENT_TOL)
+    ours = np.asarray(result.images[0]).astype(int)
+    assert ours.shape == ref_image[0].shape
+    assert np.abs(ours - ref_image[0]).max() <= PIXEL_TOL
+    return err
+
+
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+def test_every_sampler_matches_diffusers(pipe, tiny_reference, sampler):
+    check(pipe, tiny_reference, sampler)
+
+
+@pytest.mark.parametrize("sampler", KARRAS)
+def test_karras_variants_match_diffusers(pipe, tiny_reference, sampler):
+    check(pipe, tiny_reference, sampler, schedule="karras")
+
+
+@pytest.mark.parametrize("prompt,negative,seed,width,height,cfg", [
+    ("silly dog wearing a batman costume, funny, realistic, canon, award winning photography", "", 7, 96, 64, 7.0),
+    ("a red circle on a blue background", "blurry, low quality", 123456789, 64, 112, 4.5),
+    ("Ünïcödé, emoji 🐶 and CJK 狗", "ugly", 0, 72, 72, 12.0),
+    ("no guidance", "ignored", 42, 64, 64, 1.0),
+])
+def test_prompts_seeds_and_sizes_match_diffusers(pipe, tiny_reference, prompt, negative, seed, width, height, cfg):
+    check(pipe, tiny_reference, "euler", prompt=prompt, negative=negative, seed=seed, width=width, height=height,
+          cfg=cfg)
+
+
+def test_same_seed_is_byte_identical_and_batches_equal_single_runs(pipe):
+    kw = dict(steps=4, width=64, height=64, sampler="euler_a")
+    a = pipe("a cat", seed=10, **kw)
+    b = pipe("a cat", seed=10, **kw)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    batch = pipe(["a cat", "a dog"], seed=10, batch_size=2, **kw)
+    assert batch.seeds == [10, 11, 12, 13]
+    assert batch.prompts == ["a cat", "a cat", "a dog", "a dog"]
+    for k, (p, s) in enumerate(zip(batch.prompts, batch.seeds)):
+        single = pipe(p, seed=s, **kw)
+        assert_close(batch.latents[k:k + 1], single.latents, 1e-5)
+        diff = np.abs(np.asarray(batch.images[k]).astype(int) - np.asarray(single.images[0]).astype(int)).max()
+        assert diff <= 1
+
+
+def test_defaults_native_size_random_seed_and_infotext(pipe):
+    result = pipe("a cat", steps=2)
+    assert result.images[0].size == (pipe.native_size, pipe.native_size) == (64, 64)
+    assert 0 <= result.seeds[0] < 2**32
+    text = result.infotexts[0]
+    assert text.startswith("a cat\nSteps: 2, Sampler: Euler, CFG scale: 7.0, Seed: ")
+    assert f"Model hash: {pipe.model_hash}, Model: tiny-sd, Version: stablediff " in text
+    assert len(pipe.model_hash) == 10
+
+
+def test_callback_and_cancel(pipe):
+    import threading
+
+    seen = []
+    pipe("a cat", steps=5, seed=1, callback=lambda info: seen.append((info.step, info.total)))
+    assert seen == [(i, 5) for i in range(1, 6)]
+    cancel = threading.Event()
+    from stablediff.pipeline import Cancelled
+
+    def stop_after_two(info):
+        if info.step == 2:
+            cancel.set()
+        seen.append(info.step)
+
+    seen.clear()
+    with pytest.raises(Cancelled):
+        pipe("a cat", steps=20, seed=1, callback=stop_after_two, cancel=cancel)
+    assert seen == [1, 2]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(width=36), "width 36 is not a multiple of 8"),
+    (dict(height=8), "height 8 is outside 64..4096"),
+    (dict(steps=0), "steps 0"),
+    (dict(steps=1001), "steps 1001"),
+    (dict(batch_size=0), "batch size 0"),
+    (dict(cfg_scale=float("nan")), "cfg scale nan"),
+    (dict(sampler="nope"), "unknown sampler 'nope'"),
+])
+def test_bad_settings_fail_before_any_work(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("a cat", **kwargs)

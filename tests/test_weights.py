@@ -249,6 +249,16 @@ def test_diffusers_folder_variants_and_bin(tiny, tmp_path):
     _assert_same(load_checkpoint(bins), tiny.sds)
 
 
+def test_diffusers_folder_sharded(tiny, tmp_path):
+    unet, vae, text = tiny.models
+    sharded = _copy_folder(tiny.folder, tmp_path / "sharded", weights=False)
+    unet.save_pretrained(sharded / "unet", max_shard_size="1MB")
+    vae.save_pretrained(sharded / "vae")
+    text.save_pretrained(sharded / "text_encoder")
+    assert (sharded / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    _assert_same(load_checkpoint(sharded), tiny.sds)
+
+
 def test_folder_errors(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="no such file or directory"):
         load_checkpoint(tmp_path / "nowhere.safetensors")

@@ -1,0 +1,268 @@
+"""`stablediff ...`: the command line.
+
+    stablediff generate PROMPT [options]   text -> PNG files in --output-dir, named NNNNN-SEED.png
+    stablediff samplers                    the samplers, their AUTOMATIC1111 names and aliases
+    stablediff info MODEL                  what a checkpoint holds, read from its weights without building a model
+
+Only argparse and the standard library are imported at module level, so `stablediff --help` answers at once;
+torch and the pipeline are imported inside the subcommands that need them. Bad input gets one line on stderr
+(`stablediff: error: ...`) and exit code 2, before any model is loaded; Ctrl-C exits 130.
+
+A new subcommand that generates (img2img, inpaint, ...) gets its parser from `add_generation_options`, checks
+its input with `check_generation_args`, loads with `load_model`, calls the pipeline through `run_pipeline` and
+writes with `save_results`, as `cmd_generate` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class UsageError(Exception):
+    """A failure the user can act on: printed as one line, no traceback; exit code 2 (bad input) unless given."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), so every bad input reads the same way."""
+
+    def error(self, message):
+        self.exit(2, f"stablediff: error: {message} (see `{self.prog} --help`)\n")
+
+
+# --- parsers ----------------------------------------------------------------------------------------------------
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """The options every generating subcommand shares (generate now; img2img, inpaint, batch later)."""
+    p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what the image should not show")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="M",
+                   help="a .safetensors/.ckpt file, a diffusers folder or a Hugging Face Hub id "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--steps", type=int, default=30, help="sampler steps, 1..1000 (default: 30)")
+    p.add_argument("--cfg-scale", type=float, default=7.0, metavar="S",
+                   help="classifier-free guidance scale (default: 7)")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="seed of the first image; image k uses N+k (default: random)")
+    p.add_argument("--width", type=int, default=None, metavar="W",
+                   help="multiple of 8 in 64..4096 (default: the model's native size, 512 for SD 1.5)")
+    p.add_argument("--height", type=int, default=None, metavar="H", help="as --width")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images to make (default: 1)")
+    p.add_argument("--sampler", default="euler",
+                   help="sampler name or AUTOMATIC1111 label, e.g. euler_a or 'DPM++ 2M Karras'; "
+                        "see `stablediff samplers` (default: euler)")
+    p.add_argument("--schedule", default=None, metavar="{karras}",
+                   help="noise schedule for samplers that take one (see `stablediff samplers`)")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                   help="use the text encoder's N-th layer from the end, 1..12 (default: 1)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to run (default: auto = cuda, else mps, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weights and activations of the text encoder and U-Net (default: float32)")
+    p.add_argument("--output-dir", default="outputs", metavar="DIR", type=Path,
+                   help="where the PNGs go, created if missing (default: outputs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="stablediff", description="Stable Diffusion 1.x text-to-image, from the components up.")
+    parser.add_argument("--version", action="version", version=f"stablediff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="make images from a text prompt",
+                         description="Make images from a text prompt; prints each saved PNG's path.")
+    gen.add_argument("prompt", metavar="PROMPT", help="what the image should show")
+    add_generation_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    smp = sub.add_parser("samplers", help="list the samplers and their names",
+                         description="List the samplers: canonical name, AUTOMATIC1111 label, aliases, karras.")
+    smp.set_defaults(func=cmd_samplers)
+
+    info = sub.add_parser("info", help="describe a checkpoint without building the models",
+                          description="Layout, family, dtypes, parameter counts and native size of a checkpoint.")
+    info.add_argument("model", metavar="MODEL", help="a .safetensors/.ckpt file, a diffusers folder or a Hub id")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+# --- checks and shared steps ------------------------------------------------------------------------------------
+
+def check_model_source(model: str, label: str = "--model") -> None:
+    """A source that looks like a local path must exist; a Hub id (`owner/name`) is left to the loader.
+
+    `models/sd15` is taken for a path when a local `models/` folder exists, otherwise for a Hub id."""
+    if Path(model).expanduser().exists():
+        return
+    suffix = model.lower().endswith(_WEIGHT_SUFFIXES)
+    if _HUB_ID.fullmatch(model) and not suffix and not Path(model.split("/")[0]).is_dir():
+        return
+    separators = {"/", os.sep, os.altsep} - {None}
+    if suffix or model.startswith("~") or any(sep in model for sep in separators):
+        raise UsageError(f"{label} {model}: no such file or folder")
+
+
+def check_output_dir(directory: Path) -> None:
+    """Create the folder if needed and prove we can write there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UsageError(f"--output-dir {directory}: cannot write there ({reason})") from None
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model, so bad input fails in a second, not after loading 4 GB."""
+    from .pipeline import check_params  # imports torch
+
+    try:
+        check_params(steps=args.steps, cfg_scale=args.cfg_scale, width=args.width, height=args.height,
+                     batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
+                     clip_skip=args.clip_skip, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check_model_source(args.model)
+    check_output_dir(args.output_dir)
+    if args.device != "auto":
+        import torch
+
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available[args.device]:
+            raise UsageError(f"--device {args.device} is not available on this machine")
+
+
+def load_model(args: argparse.Namespace):
+    """StableDiffusion.from_pretrained with the shared options; a bad checkpoint is a UsageError (one line)."""
+    import torch
+
+    from .pipeline import StableDiffusion
+
+    try:
+        return StableDiffusion.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        raise UsageError(str(e)) from None
+
+
+def save_results(result, output_dir: Path) -> list[Path]:
+    """Save each image of a GenerationResult with its infotext; print and return the paths."""
+    from .images import save_png
+
+    paths = []
+    for image, seed, text in zip(result.images, result.seeds, result.infotexts):
+        path = save_png(image, output_dir, seed, text)
+        print(path, flush=True)
+        paths.append(path)
+    return paths
+
+
+# --- subcommands ------------------------------------------------------------------------------------------------
+
+def run_pipeline(pipe, args: argparse.Namespace, *call_args, **call_kwargs):
+    """Call the pipeline with the shared options; its errors become one line each."""
+    import torch
+
+    try:
+        return pipe(*call_args, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
+                    height=args.height, batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
+                    clip_skip=args.clip_skip, progress=not args.quiet, **call_kwargs)
+    except ValueError as e:  # input only the loaded model can judge (e.g. a size its VAE cannot take)
+        raise UsageError(str(e)) from None
+    except FloatingPointError as e:  # NaN latents
+        raise UsageError(str(e), code=1) from None
+    except torch.cuda.OutOfMemoryError:
+        raise UsageError(f"out of memory on {pipe.device} making {args.batch_size} image(s) at "
+                         f"{args.width or pipe.native_size}x{args.height or pipe.native_size}: try a smaller size "
+                         "or --batch-size, or --dtype float16", code=1) from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    check_generation_args(args)
+    pipe = load_model(args)
+    result = run_pipeline(pipe, args, args.prompt, args.negative_prompt)
+    save_results(result, args.output_dir)
+    return 0
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def cmd_samplers(args: argparse.Namespace) -> int:
+    from .samplers import SAMPLERS
+
+    rows = [["NAME", "A1111 LABEL", "KARRAS", "ALIASES"]]
+    for name, s in SAMPLERS.items():
+        rows.append([name, s.label, "yes" if s.supports_karras else "no", ", ".join(s.aliases)])
+    print(_table(rows))
+    print("\nA sampler that takes karras accepts `--schedule karras` (or its A1111 label + ' Karras').")
+    return 0
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else str(n)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    check_model_source(args.model, label="MODEL")
+    from .weights import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(args.model)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+
+    conv_in = ckpt.unet.get("conv_in.weight")  # the weights, not the config, say what the U-Net takes
+    in_channels = int(conv_in.shape[1]) if conv_in is not None else ckpt.unet_config.in_channels
+    native = ckpt.unet_config.sample_size * ckpt.vae_config.downscale
+    kind = {4: "text-to-image", 9: "inpainting (image + mask conditioning)"}.get(in_channels, "other")
+
+    rows = [["path", str(ckpt.path)], ["layout", ckpt.layout], ["family", ckpt.family],
+            ["native size", f"{native}x{native}"], ["unet in_channels", f"{in_channels} ({kind})"]]
+    for name in ("unet", "vae", "text_encoder"):
+        sd = getattr(ckpt, name)
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()})
+        total = sum(t.numel() for t in sd.values())
+        rows.append([name, f"{_count(total)} parameters in {len(sd)} tensors, {'/'.join(dtypes) or '-'}"])
+    print(_table(rows))
+    return 0
+
+
+# --- entry point ------------------------------------------------------------------------------------------------
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split()) or "unknown error"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.error("choose a command: generate, samplers or info")
+        try:
+            return args.func(args)
+        except UsageError as e:
+            print(f"stablediff: error: {_one_line(e)}", file=sys.stderr)
+            return e.code
+    except KeyboardInterrupt:  # also while an error is being printed
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The command line as a new user meets it: real subprocesses of `python -m stablediff` and the `stablediff` script.
+
+Where a case only differs in its arguments (each bad input, each missing path), `cli.main` runs in this process
+instead: the same code without paying a torch import per case."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+CANONICAL = ["euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "pndm",
+             "unipc", "ddpm", "deis"]
+
+
+@pytest.fixture
+def env(tmp_path):
+    # one torch thread each: the machine is shared, and two threads fighting over it make tiny models crawl
+    return dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def run(args, env, cwd=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "stablediff", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(res, *needles):
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("stablediff: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# --- help is instant --------------------------------------------------------------------------------------------
+
+def _min_wall(cmd, env, n=3):
+    best = float("inf")
+    for _ in range(n):
+        t = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        best = min(best, time.perf_counter() - t)
+        assert res.returncode == 0, res.stderr
+        assert "generate" in res.stdout and "samplers" in res.stdout and "info" in res.stdout
+    return best
+
+
+def test_help_is_fast_module(env):
+    assert _min_wall([sys.executable, "-m", "stablediff", "--help"], env) < 0.5
+
+
+def test_help_is_fast_script(env):
+    script = shutil.which("stablediff") or os.path.join(os.path.dirname(sys.executable), "stablediff")
+    assert os.path.exists(script), "the stablediff console script is not installed (pip install -e .)"
+    assert _min_wall([script, "--help"], env) < 0.5
+
+
+def test_parser_imports_no_torch(env):
+    code = "import sys; from stablediff.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.stdout.strip() == "False", res.stderr
+
+
+def test_version_and_no_command(env):
+    res = run(["--version"], env)
+    assert res.returncode == 0 and res.stdout.startswith("stablediff ")
+    assert_one_line_error(run([], env), "generate")
+
+
+# --- bad input: one line, exit 2, before any model is loaded ----------------------------------------------------
+
+BAD = [  # (arguments, what the one line must mention)
+    (["--width", "513"], ("width", "513")),
+    (["--height", "4104"], ("height", "4104")),
+    (["--width", "56"], ("width", "56")),
+    (["--steps", "0"], ("steps", "0")),
+    (["--steps", "1001"], ("steps", "1001")),
+    (["--batch-size", "0"], ("batch", "0")),
+    (["--cfg-scale", "nan"], ("cfg", "nan")),
+    (["--cfg-scale", "inf"], ("cfg", "inf")),
+    (["--sampler", "bogus"], ("bogus",)),
+    (["--sampler", "ddim", "--schedule", "karras"], ("ddim", "karras")),
+    (["--clip-skip", "13"], ("clip", "13")),
+    (["--clip-skip", "0"], ("clip", "0")),
+    (["--steps", "abc"], ("steps", "abc")),
+    (["--width", "5x"], ("width", "5x")),
+    (["--seed", "-1"], ("seed", "-1")),
+]
+
+
+def _main_in_process(argv, capsys):
+    """cli.main in this process (torch is already imported here, so each case takes milliseconds)."""
+    from stablediff import cli
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
+@pytest.mark.parametrize("args,needles", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input(tmp_path, capsys, args, needles):
+    # the model file exists but is garbage: if anything tried to load it, the error would be about the file
+    model = tmp_path / "corrupt.safetensors"
+    model.write_bytes(b"not a checkpoint")
+    res = _main_in_process(["generate", "a dog", "--model", str(model), "--output-dir", str(tmp_path / "out"),
+                            *args], capsys)
+    assert_one_line_error(res, *needles)
+    assert "corrupt" not in res.stderr
+
+
+@pytest.mark.parametrize("args,needles", [BAD[0], BAD[12]], ids=["check_params", "argparse"])
+def test_bad_input_subprocess(tmp_path, env, args, needles):
+    model = tmp_path / "corrupt.safetensors"
+    model.write_bytes(b"not a checkpoint")
+    res = run(["generate", "a dog", "--model", str(model), "--output-dir", str(tmp_path / "out"), *args], env)
+    assert_one_line_error(res, *needles)
+    assert "corrupt" not in res.stderr
+
+
+def test_bad_sampler_lists_the_valid_ones(tmp_path, capsys):
+    res = _main_in_process(["generate", "a dog", "--sampler", "bogus", "--output-dir", str(tmp_path)], capsys)
+    assert_one_line_error(res, "bogus", "euler_a", "dpmpp_2m")
+
+
+@pytest.mark.parametrize("model", ["missing/dir/model.safetensors", "nope.ckpt", "./nowhere", "/abs/none",
+                                   "models/sd15"])
+def test_missing_model_path(tmp_path, capsys, monkeypatch, model):
+    (tmp_path / "models").mkdir()  # "models/sd15" is then a missing local folder, not a Hub id
+    monkeypatch.chdir(tmp_path)
+    res = _main_in_process(["generate", "a dog", "--model", model, "--output-dir", str(tmp_path / "out")], capsys)
+    assert_one_line_error(res, model)
+
+
+def test_hub_id_is_not_taken_for_a_path():
+    from stablediff.cli import check_model_source
+
+    check_model_source("stable-diffusion-v1-5/stable-diffusion-v1-5")  # no error: left to the loader
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    model = tmp_path / "corrupt.safetensors"
+    model.write_bytes(b"not a checkpoint")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    res = _main_in_process(["generate", "a dog", "--model", str(model), "--output-dir", str(blocker / "sub")], capsys)
+    assert_one_line_error(res, str(blocker / "sub"))
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path, env, capsys):
+    model = tmp_path / "corrupt.safetensors"
+    model.write_bytes(b"not a checkpoint")
+    res = run(["generate", "a dog", "--model", str(model), "--output-dir", str(tmp_path / "out")], env)
+    assert_one_line_error(res, "corrupt.safetensors")
+    assert_one_line_error(_main_in_process(["info", str(model)], capsys), "corrupt.safetensors")
+
+
+def test_info_missing_path(tmp_path, capsys):
+    assert_one_line_error(_main_in_process(["info", str(tmp_path / "none.safetensors")], capsys), "none.safetensors")
+
+
+# --- samplers ---------------------------------------------------------------------------------------------------
+
+def test_samplers_lists_every_canonical_name(env):
+    res = run(["samplers"], env)
+    assert res.returncode == 0, res.stderr
+    first_column = {line.split()[0] for line in res.stdout.splitlines() if line.strip()}
+    assert set(CANONICAL) <= first_column
+    assert "Euler a" in res.stdout and "DPM++ 2M" in res.stdout
+
+
+# --- end to end on a tiny random model --------------------------------------------------------------------------
+
+def test_generate_end_to_end(tiny_model_dir, tmp_path, env):
+    out = tmp_path / "outputs"
+    args = ["generate", "a red circle", "--model", str(tiny_model_dir), "--steps", "3", "--seed", "5",
+            "--device", "cpu", "--output-dir", str(out)]
+    first = run(args, env)
+    assert first.returncode == 0, first.stderr
+    second = run(args + ["--quiet"], env)
+    assert second.returncode == 0, second.stderr
+
+    assert sorted(os.listdir(out)) == ["00000-5.png", "00001-5.png"]
+    assert first.stdout.strip() == str(out / "00000-5.png")
+    assert second.stdout.strip() == str(out / "00001-5.png")
+    assert "Traceback" not in first.stderr and second.stderr.strip() == ""  # --quiet: no progress bar
+    with Image.open(out / "00000-5.png") as a, Image.open(out / "00001-5.png") as b:
+        assert a.size == (64, 64) and a.mode == "RGB"
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        text = a.text["parameters"]
+        assert b.text["parameters"] == text
+    assert re.fullmatch(r"a red circle\nSteps: 3, Sampler: Euler, CFG scale: 7\.0, Seed: 5, Size: 64x64, "
+                        r"Model hash: [0-9a-f]{10}, Model: tiny-sd, Version: stablediff \d+\.\d+\.\d+\S*", text), text
+
+
+def test_generate_batch_and_options(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "o"
+    args = ["generate", "a cat", "--negative-prompt", "blurry, dark", "--model", str(tiny_model_dir), "--steps", "2",
+            "--seed", "9", "--batch-size", "2", "--sampler", "DPM++ 2M Karras", "--clip-skip", "2", "--width", "72",
+            "--height", "64", "--cfg-scale", "5.5", "--quiet", "--output-dir", str(out)]
+    res = _main_in_process(args, capsys)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(out)) == ["00000-9.png", "00001-10.png"]
+    with Image.open(out / "00001-10.png") as im:
+        assert im.size == (72, 64)
+        text = im.text["parameters"]
+    lines = text.splitlines()
+    assert lines[:2] == ["a cat", "Negative prompt: blurry, dark"]
+    assert lines[2].startswith("Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 10, "
+                               "Size: 72x64, Model hash: "), text
+    assert ", Clip skip: 2, Version: stablediff " in lines[2], text
+
+
+def test_info_on_folder(tiny_model_dir, env):
+    res = run(["info", str(tiny_model_dir)], env)
+    assert res.returncode == 0, res.stderr
+    rows = {line.split("  ")[0]: line for line in res.stdout.splitlines()}
+    assert "diffusers" in rows["layout"] and "sd1" in rows["family"]
+    assert "64x64" in rows["native size"]
+    assert "4 (text-to-image)" in rows["unet in_channels"]
+    for component in ("unet", "vae", "text_encoder"):
+        assert "parameters" in rows[component] and "float32" in rows[component]
+
+
+def test_ctrl_c_exits_130_quietly(tiny_model_dir, tmp_path, env):
+    """Ctrl-C in the middle of sampling (once the progress bar shows): exit 130, no traceback, no file."""
+    import selectors
+
+    proc = subprocess.Popen([sys.executable, "-m", "stablediff", "generate", "x", "--model", str(tiny_model_dir),
+                             "--steps", "500", "--seed", "1", "--output-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    seen, deadline = b"", time.monotonic() + 60
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while b"/500" not in seen and proc.poll() is None and time.monotonic() < deadline:
+            if sel.select(timeout=1):
+                seen += os.read(proc.stderr.fileno(), 4096)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    stderr = (seen + stderr).decode(errors="replace")
+    assert b"/500" in seen, stderr  # sampling had begun
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert not any(name.endswith(".png") for name in os.listdir(tmp_path))

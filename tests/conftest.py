@@ -90,8 +90,13 @@ def tiny_diffusers_pipeline(seed: int = 0, unet_overrides: dict | None = None, s
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The tiny random pipeline saved as a diffusers folder (model_index.json + subfolders)."""
+    import shutil
+
     path = tmp_path_factory.mktemp("tiny-sd") / "tiny-sd"
     tiny_diffusers_pipeline().save_pretrained(path)
+    # the scheduler config exactly as the SD 1.5 repository ships it (save_pretrained would add
+    # timestep_spacing="leading", which every other scheduler class made from it would then inherit)
+    shutil.copy(SD15 / "scheduler" / "scheduler_config.json", path / "scheduler" / "scheduler_config.json")
     return path
 
 

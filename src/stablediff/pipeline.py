@@ -87,6 +87,8 @@ def check_params(*, steps, cfg_scale, width, height, batch_size, sampler, schedu
         raise ValueError(f"schedule {schedule!r} is not known; choose karras or leave it out")
     if schedule == "karras" and not spec.supports_karras:
         raise ValueError(f"sampler {spec.name!r} does not take the karras schedule")
+    # the step plan itself (microseconds): catches e.g. 1000 'leading' steps running past timestep 999
+    samplers.prepare(spec.name, NoiseSchedule(), steps, schedule=schedule)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -78,8 +78,10 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
-    def forward(self, ids):
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+    def forward(self, ids, token_embeds=None):
+        """token_embeds (B, L, C), when given, replace the looked-up token vectors (textual inversion)."""
+        tokens = self.token_embedding(ids) if token_embeds is None else token_embeds
+        return tokens + self.position_embedding.weight[: tokens.shape[1]]
 
 
 class CLIPTextTransformer(nn.Module):
@@ -96,16 +98,18 @@ class CLIPTextModel(nn.Module):
         self.config = cfg
         self.text_model = CLIPTextTransformer(cfg)
 
-    def hidden_states(self, ids: torch.Tensor, stop_at: int | None = None) -> list[torch.Tensor]:
+    def hidden_states(self, ids: torch.Tensor, stop_at: int | None = None,
+                      token_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Every layer's output before the final LayerNorm, as transformers' `output_hidden_states` gives."""
         tm = self.text_model
-        return tm.encoder(tm.embeddings(ids), causal=True, stop_at=stop_at)
+        return tm.encoder(tm.embeddings(ids, token_embeds), causal=True, stop_at=stop_at)
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, L) -> (B, L, hidden). clip_skip counts as AUTOMATIC1111 does: 1 is the last layer, 2 the
-        penultimate one; either way followed by the final LayerNorm. Layers past the one used are not run."""
+        penultimate one; either way followed by the final LayerNorm. Layers past the one used are not run.
+        token_embeds (B, L, hidden) optionally replaces the token-embedding lookup of ids."""
         n = self.config.num_hidden_layers
         if not 1 <= clip_skip <= n:
             raise ValueError(f"clip_skip={clip_skip} is out of range 1..{n}")
-        h = self.hidden_states(ids, stop_at=n - clip_skip + 1)[-1]
+        h = self.hidden_states(ids, stop_at=n - clip_skip + 1, token_embeds=token_embeds)[-1]
         return self.text_model.final_layer_norm(h)

@@ -32,6 +32,7 @@ from .unet import UNet
 from .vae import AutoencoderKL
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEMO_DIR = Path(__file__).parent / "data" / "demo"  # our small offline model (`--model demo`)
 MAX_SEED = 2**32 - 1
 
 
@@ -125,6 +126,8 @@ class StableDiffusion:
                         dtype: torch.dtype = torch.float32, variant: str | None = None) -> "StableDiffusion":
         """Load a diffusers folder, an original single .safetensors/.ckpt file, or a Hugging Face Hub id."""
         device = resolve_device(device)
+        if str(source) == "demo":
+            source = DEMO_DIR
         ckpt = weights.load_checkpoint(source, variant=variant)
         # float16 VAEs overflow to NaN (black images) on SD 1.x: the VAE stays float32 unless float32 is asked anyway
         vae_dtype = torch.float32

@@ -1,7 +1,12 @@
-"""CLIP ViT-L/14 transformers: the text tower SD 1.x conditions on (and the vision tower's shared blocks).
+"""CLIP ViT-L/14 transformers: the text tower SD 1.x conditions on, and the vision tower its safety checker uses.
 
 Text: ids (B, 77) -> token + position embeddings -> 12 pre-LN blocks with a causal mask -> final LayerNorm
 -> (B, 77, 768). Module names equal transformers' CLIPTextModel keys, `text_model.` prefix included.
+
+Vision: pixels (B, 3, 224, 224) -> 14x14 patches (16x16 of them) -> [class token, patches] + position embeddings
+-> LayerNorm -> 24 pre-LN blocks, no mask (the same block code as the text tower) -> the class token through the
+final LayerNorm -> (B, 1024) pooled. Module names equal the checkpoint keys of transformers' CLIPVisionModel,
+`vision_model.` prefix included (`pre_layrnorm` is spelled as there).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CLIPTextConfig
+from .config import CLIPTextConfig, CLIPVisionConfig
 from .nn import ACTIVATIONS
 
 
@@ -113,3 +118,48 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"clip_skip={clip_skip} is out of range 1..{n}")
         h = self.hidden_states(ids, stop_at=n - clip_skip + 1, token_embeds=token_embeds)[-1]
         return self.text_model.final_layer_norm(h)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size,
+                                         bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+
+    def forward(self, pixels):
+        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, C, 16, 16)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, 256, C)
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight  # (B, 257, C)
+
+
+class CLIPVisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class CLIPVisionModel(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_model = CLIPVisionTransformer(cfg)
+
+    def hidden_states(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """pixels (B, 3, S, S), normalised as CLIP's image processor does -> every layer's output (B, 1 + N, C):
+        [embeddings after pre_layrnorm, after block 1, ..., after block N], as transformers' `hidden_states`."""
+        size = self.config.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (self.config.num_channels, size, size):
+            raise ValueError(f"pixel values of shape {tuple(pixels.shape)}; this vision tower takes "
+                             f"(B, {self.config.num_channels}, {size}, {size})")
+        vm = self.vision_model
+        return vm.encoder(vm.pre_layrnorm(vm.embeddings(pixels)), causal=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, S, S) -> the pooled output (B, C): the class token of the last layer, post_layernorm'd."""
+        return self.vision_model.post_layernorm(self.hidden_states(pixels)[-1][:, 0])

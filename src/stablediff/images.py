@@ -247,3 +247,27 @@ def from_pil(image: Image.Image, width: int | None = None, height: int | None = 
     image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     x = np.array(image).astype(np.float32) / 255.0
     return 2.0 * torch.from_numpy(x.transpose(2, 0, 1)[None].copy()) - 1.0
+
+
+def mask_from_pil(mask: Image.Image, width: int, height: int):
+    """An inpainting mask -> (1, 1, height, width) float32 tensor of 0/1, white (>= 0.5) = repaint, as diffusers'
+    mask processor makes it (grayscale, Lanczos resize, /255, binarize at 0.5)."""
+    import numpy as np
+    import torch
+
+    mask = mask.convert("L").resize((width, height), resample=Image.Resampling.LANCZOS)
+    m = np.array(mask).astype(np.float32) / 255.0
+    m = (m >= 0.5).astype(np.float32)
+    return torch.from_numpy(m[None, None].copy())
+
+
+def open_image(image) -> Image.Image:
+    """A PIL image as it is, or a path opened (fully read, so the file is closed); errors name the path."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as im:
+            im.load()
+            return im.copy()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{image}: cannot read image ({e})") from None

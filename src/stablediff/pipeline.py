@@ -193,13 +193,29 @@ class StableDiffusion:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 30,
                  cfg_scale: float = 7.0, seed: int | None = None, width: int | None = None,
                  height: int | None = None, batch_size: int = 1, sampler: str = "euler",
-                 schedule: str | None = None, clip_skip: int = 1, callback: Callable[[StepInfo], None] | None = None,
+                 schedule: str | None = None, clip_skip: int = 1, init_image=None, mask_image=None,
+                 strength: float | None = None, callback: Callable[[StepInfo], None] | None = None,
                  cancel=None, progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on a CPU generator.
 
+        txt2img by default; with `init_image` (PIL image or path) img2img: the image is encoded, noised to the step
+        `strength` (default 0.75) picks, and only the remaining steps run; with `mask_image` too, inpainting (white =
+        repaint, strength default 1.0): a 9-channel inpainting U-Net gets mask and masked-image latents, a normal
+        U-Net has the known latents blended back after every step, both as diffusers does. The output size defaults
+        to the init image's (rounded down to a multiple of 8); a different width/height resizes it, with a warning.
         `callback(StepInfo)` runs after every step; `cancel` (anything with `is_set()`, e.g. threading.Event)
         stops the call between steps by raising Cancelled.
         """
+        if mask_image is not None and init_image is None:
+            raise ValueError("mask_image needs an init_image to inpaint")
+        if init_image is not None:
+            init_image = images.open_image(init_image)
+            width, height = self._init_size(init_image, width, height)
+            strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
+        elif strength is not None and strength != 1.0:
+            raise ValueError(f"strength {strength} needs an init_image (img2img)")
+        if init_image is not None and not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+            raise ValueError(f"strength {strength!r} is outside (0, 1]")
         width = width or self.native_size
         height = height or self.native_size
         check_params(steps=steps, cfg_scale=cfg_scale, width=width, height=height, batch_size=batch_size,
@@ -207,6 +223,9 @@ class StableDiffusion:
         f = self.downscale
         if width % f or height % f:
             raise ValueError(f"size {width}x{height} is not a multiple of this VAE's downscale factor {f}")
+        inpainting_unet = self.unet.config.in_channels == 9
+        if inpainting_unet and mask_image is None:
+            raise ValueError("this is an inpainting checkpoint (U-Net in_channels 9): give init_image and mask_image")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
@@ -216,8 +235,9 @@ class StableDiffusion:
 
         spec, alias_schedule = samplers.get_sampler(sampler)
         schedule = schedule or alias_schedule
-        plan = samplers.prepare(spec.name, self.noise_schedule, steps, schedule=schedule)
-        shape = (self.unet.config.in_channels, height // f, width // f)
+        plan = samplers.prepare(spec.name, self.noise_schedule, steps, schedule=schedule, strength=strength or 1.0)
+        latent_shape = (self.vae.config.latent_channels, height // f, width // f)
+        source = self._encode_init(init_image, mask_image, width, height) if init_image is not None else None
 
         all_latents, seeds = [], []
         for b, (p, n) in enumerate(zip(prompts, negatives)):
@@ -225,33 +245,94 @@ class StableDiffusion:
             generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
             cond = self.encode_prompt(p, clip_skip).expand(batch_size, -1, -1)
             uncond = self.encode_prompt(n, clip_skip).expand(batch_size, -1, -1)
-            x = self.noise(generators, shape).to(self.device) * plan.init_noise_scale
-            denoiser = CFGDenoiser(EpsDenoiser(self._eps, plan.sigma_to_t), cond, uncond, cfg_scale)
-            step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress)
+            x, model, blend = self._start(plan, generators, latent_shape, source, strength)
+            denoiser = CFGDenoiser(EpsDenoiser(model, plan.sigma_to_t), cond, uncond, cfg_scale)
+            step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress, blend)
             try:
                 x = plan.sampler.fn(denoiser, x, plan.sigmas, generator=generators, callback=step_cb)
             finally:
                 step_cb.close()
-            all_latents.append(plan.finish(x))
+            x = plan.finish(x)
+            all_latents.append(blend(x, None) if blend is not None else x)
             seeds += batch_seeds
 
         latents = torch.cat(all_latents)
         pil = images.to_pil(self.decode(latents))
         all_prompts = [p for p in prompts for _ in range(batch_size)]
         all_negatives = [n for n in negatives for _ in range(batch_size)]
+        extra = {}
+        if init_image is not None:
+            extra["Denoising strength"] = strength
+        if clip_skip != 1:
+            extra["Clip skip"] = clip_skip
         infotexts = [
             images.infotext(p, n, steps=steps, sampler_label=spec.label, schedule_label=_schedule_label(schedule),
                             cfg_scale=cfg_scale, seed=s, width=width, height=height, model_hash=self.model_hash,
-                            model_name=self.model_name, version=__version__,
-                            extra={"Clip skip": clip_skip} if clip_skip != 1 else None)
+                            model_name=self.model_name, version=__version__, extra=extra or None)
             for p, n, s in zip(all_prompts, all_negatives, seeds)]
         return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts)
+
+    # -- img2img and inpainting ---------------------------------------------------------------------------------
+    def _init_size(self, image, width, height) -> tuple[int, int]:
+        w, h = image.width - image.width % 8, image.height - image.height % 8
+        if (width or w, height or h) != (image.width, image.height):
+            warnings.warn(f"init image {image.width}x{image.height} is resized to {width or w}x{height or h}")
+        return width or w, height or h
+
+    def _encode_init(self, image, mask, width, height) -> dict:
+        """The init image (and mask) as tensors on the device, encoded where the run needs it."""
+        pixels = images.from_pil(image, width, height).to(self.device, self.vae.post_quant_conv.weight.dtype)
+        source = {"posterior": self.vae.encode(pixels)}
+        if mask is not None:
+            m = images.mask_from_pil(images.open_image(mask), width, height).to(pixels)
+            f = self.downscale
+            source["mask"] = torch.nn.functional.interpolate(m, size=(height // f, width // f)).float()
+            source["masked"] = self.vae.encode(pixels * (m < 0.5))
+        return source
+
+    def _start(self, plan, generators, shape, source, strength):
+        """Initial latents x (in sigma space), the eps model, and the inpainting blend (or None).
+
+        The CPU generator of each image is drawn in diffusers' order: init-image posterior sample, noise,
+        masked-image posterior sample (each only where that pipeline draws it)."""
+        sf = self.vae.config.scaling_factor
+        if source is None:
+            return self.noise(generators, shape).to(self.device) * plan.init_noise_scale, self._eps, None
+        inpaint = "mask" in source
+        inpainting_unet = self.unet.config.in_channels == 9
+        x0 = None
+        if not inpainting_unet or strength < 1 or not inpaint:
+            x0 = source["posterior"].sample(generators).float() * sf
+        noise = self.noise(generators, shape).to(self.device)
+        if inpaint and strength == 1:
+            x = noise * plan.init_noise_scale  # diffusers' inpainting starts from pure noise at full strength
+        else:
+            x = x0 + noise * float(plan.sigmas[0])
+        if not inpaint:
+            return x, self._eps, None
+        mask = source["mask"].expand(len(generators), -1, -1, -1)
+        masked = source["masked"].sample(generators).float() * sf
+        if inpainting_unet:
+            extra = torch.cat([mask, masked], dim=1)
+
+            def model(x_in, t, context):
+                cond = extra if x_in.shape[0] == extra.shape[0] else torch.cat([extra] * (x_in.shape[0] // extra.shape[0]))
+                return self._eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context)
+
+            return x, model, None
+
+        def blend(x, sigma_next):
+            """Known latents (noised to sigma_next with the run's own noise; clean at the end) outside the mask."""
+            known = x0 if sigma_next is None else x0 + noise * sigma_next
+            return (1 - mask) * known + mask * x
+
+        return x, self._eps, blend
 
     def _eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The U-Net as the samplers' eps model: runs in the model's dtype, hands float32 back."""
         return self.unet(x_in.to(self.dtype), t, context.to(self.dtype)).float()
 
-    def _step_callback(self, batch, batches, total, callback, cancel, progress):
+    def _step_callback(self, batch, batches, total, callback, cancel, progress, blend=None):
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -260,12 +341,17 @@ class StableDiffusion:
                        leave=True)
 
         def step(d):
+            """Progress, the user's callback, cancellation; returns the blended x when inpainting."""
             if bar is not None:
                 bar.update(1)
+            x = d["x"]
+            if blend is not None and d["i"] < total - 1:  # the last blend happens after plan.finish
+                x = blend(x, float(d["sigma_next"]))
             if callback is not None:
-                callback(StepInfo(d["i"] + 1, total, batch, batches, float(d["sigma"]), d["x"]))
+                callback(StepInfo(d["i"] + 1, total, batch, batches, float(d["sigma"]), x))
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation was cancelled")
+            return x if blend is not None else None
 
         step.close = bar.close if bar is not None else (lambda: None)
         return step

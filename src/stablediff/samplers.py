@@ -12,8 +12,8 @@ gives the updates below; e.g. DDIM (eta 0) is exactly Euler, and DDPM is exactly
 Noise: `generator` is None, a torch.Generator or a list of them (one per batch element, drawing shape (1, ...) each,
 as diffusers' `randn_tensor`); noise is drawn in float32 on the generator's device (the CPU for None) and moved to
 x's device, at the same points of the loop as the diffusers scheduler draws it.
-The math runs in float32. `callback(dict(i, x, sigma, sigma_next, denoised))` runs after each step and may raise
-to cancel.
+The math runs in float32. `callback(dict(i, x, sigma, sigma_next, denoised))` runs after each step; it may raise
+to cancel, or return a tensor that replaces x.
 """
 
 from __future__ import annotations
@@ -53,8 +53,12 @@ def _steps(sigmas):
 
 
 def _report(callback, i, x, sigma, sigma_next, denoised):
-    if callback is not None:
-        callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
+    """Run the step callback. It may return a replacement for x (inpainting blends the known latents back in, as
+    diffusers does to `latents` after each scheduler step); otherwise x goes on unchanged."""
+    if callback is None:
+        return x
+    out = callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
+    return x if out is None else out
 
 
 def ancestral_step(sigma, sigma_next):
@@ -76,7 +80,7 @@ def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None):
         denoised = denoiser(x, sigma)
         d = (x - denoised) / sigma
         x = x + d * (sigma_next - sigma)
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
@@ -94,7 +98,7 @@ def sample_euler_a(denoiser, x, sigmas, *, generator=None, callback=None):
         d = (x - denoised) / sigma
         x = x + d * (sigma_down - sigma)
         x = x + _noise(x, generator) * sigma_up
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
@@ -117,7 +121,7 @@ def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None):
             x_2 = x + d * dt
             d_2 = (x_2 - denoiser(x_2, sigma_next)) / sigma_next
             x = x + (d + d_2) / 2 * dt
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
@@ -147,7 +151,7 @@ def _dpm2(denoiser, x, sigmas, generator, callback, ancestral: bool):
             x = x + d_2 * (sigma_down - sigma)
             if ancestral:
                 x = x + _noise(x, generator) * sigma_up
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
@@ -192,7 +196,7 @@ def sample_lms(denoiser, x, sigmas, *, generator=None, callback=None, order: int
         cur_order = min(i + 1, order)
         coeffs = [lms_coefficient(sigmas_f64, i, j, cur_order) for j in range(cur_order)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
@@ -223,7 +227,7 @@ def sample_pndm(denoiser, x, sigmas, *, generator=None, callback=None):
             weights = _PLMS_WEIGHTS[len(eps_history)]
             eps_prime = sum(w * e for w, e in zip(weights, reversed(eps_history)))
             x = x + eps_prime * (sigma_next - sigma)
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
@@ -252,7 +256,7 @@ def _dpmpp_2m(denoiser, x, sigmas, generator, callback, eta: float):
             x = sigma_next / sigma * torch.exp(-eta * h) * x - torch.expm1(-(1 + eta) * h) * denoised_d
             x = x + sigma_next * (-torch.expm1(-2 * eta * h)).sqrt() * noise
         old_denoised, h_last = denoised, h
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
@@ -317,7 +321,7 @@ def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, order: i
         last_order = min(order, steps - i, i + 1)
         x_last = x
         x = _unipc_update(x, sigma_next, history, last_order)
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
@@ -346,7 +350,7 @@ def sample_deis(denoiser, x, sigmas, *, generator=None, callback=None):
             coef_1 = _deis_coefficient(sigma_next, sigma_prev, sigma) - _deis_coefficient(sigma, sigma_prev, sigma)
             x = x + coef_0 * eps + coef_1 * eps_prev
         eps_prev = eps
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 

@@ -1,0 +1,126 @@
+"""img2img and inpainting against diffusers' Img2Img / Inpaint pipelines on random tiny models."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SD15, assert_close, tiny_diffusers_pipeline
+from stablediff import StableDiffusion
+from test_pipeline import SCHEDULERS
+
+LATENT_TOL = 5e-4
+
+
+def picture(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx / width, yy / height, 0.5 + 0.5 * np.sin(xx / 5.0)], axis=-1) * 255
+    noisy = base + rng.normal(0, 20, base.shape)
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+
+
+def mask(width, height):
+    m = np.zeros((height, width), np.uint8)
+    m[height // 4: 3 * height // 4, width // 3: width] = 255
+    return Image.fromarray(m)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return StableDiffusion.from_pretrained(tiny_model_dir)
+
+
+def set_scheduler(ref, sampler, schedule=None):
+    import diffusers
+
+    cls_name, kwargs = SCHEDULERS[sampler]
+    if schedule == "karras":
+        kwargs = dict(kwargs, use_karras_sigmas=True)
+    cls = getattr(diffusers, cls_name)
+    ref.scheduler = cls.from_config(cls.load_config(str(SD15), subfolder="scheduler"), **kwargs)
+
+
+def run_ref(ref, sampler, **kwargs):
+    set_scheduler(ref, sampler)
+    seed = kwargs.pop("seed")
+    with torch.no_grad():
+        return ref(generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", **kwargs).images
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m", "ddim", "heun", "unipc"])
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_img2img_matches_diffusers(pipe, tiny_reference, sampler, strength):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    ref = StableDiffusionImg2ImgPipeline(**tiny_reference.components)
+    image = picture(80, 64)
+    kw = dict(prompt="a cat on a sofa", negative_prompt="blurry", num_inference_steps=10, guidance_scale=6.0,
+              strength=strength, seed=31)
+    ref_latents = run_ref(ref, sampler, image=image, **kw)
+    ours = pipe("a cat on a sofa", negative_prompt="blurry", steps=10, cfg_scale=6.0, strength=strength, seed=31,
+                init_image=image, sampler=sampler)
+    assert ours.images[0].size == (80, 64)
+    assert_close(ours.latents, ref_latents, LATENT_TOL)
+    assert "Denoising strength: " + str(strength) in ours.infotexts[0]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m", "ddim"])
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_with_a_normal_unet_matches_diffusers(pipe, tiny_reference, sampler, strength):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    ref = StableDiffusionInpaintPipeline(**tiny_reference.components)
+    image, m = picture(64, 64, 1), mask(64, 64)
+    kw = dict(prompt="a dog", num_inference_steps=8, guidance_scale=7.0, strength=strength, seed=5)
+    ref_latents = run_ref(ref, sampler, image=image, mask_image=m, height=64, width=64, **kw)
+    ours = pipe("a dog", steps=8, cfg_scale=7.0, strength=strength, seed=5, init_image=image, mask_image=m,
+                sampler=sampler)
+    assert_close(ours.latents, ref_latents, LATENT_TOL)
+
+
+@pytest.fixture(scope="module")
+def inpaint_dir(tmp_path_factory):
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-inpaint") / "tiny-inpaint"
+    tiny_diffusers_pipeline(seed=4, unet_overrides={"in_channels": 9}).save_pretrained(path)
+    shutil.copy(SD15 / "scheduler" / "scheduler_config.json", path / "scheduler" / "scheduler_config.json")
+    return path
+
+
+@pytest.mark.parametrize("sampler,strength", [("euler", 1.0), ("euler_a", 1.0), ("dpmpp_2m", 0.75)])
+def test_inpainting_checkpoint_matches_diffusers(inpaint_dir, sampler, strength):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    ref = StableDiffusionInpaintPipeline.from_pretrained(inpaint_dir, safety_checker=None,
+                                                         requires_safety_checker=False)
+    pipe = StableDiffusion.from_pretrained(inpaint_dir)
+    assert pipe.unet.config.in_channels == 9
+    image, m = picture(64, 80, 2), mask(64, 80)
+    ref_latents = run_ref(ref, sampler, prompt="a red hat", image=image, mask_image=m, height=80, width=64,
+                          num_inference_steps=8, guidance_scale=7.5, strength=strength, seed=77)
+    ours = pipe("a red hat", steps=8, cfg_scale=7.5, strength=strength, seed=77, init_image=image, mask_image=m,
+                sampler=sampler)
+    assert_close(ours.latents, ref_latents, LATENT_TOL)
+    with pytest.raises(ValueError, match="inpainting checkpoint"):
+        pipe("a red hat", steps=2)
+
+
+def test_img2img_size_rules_and_bad_input(pipe, tmp_path):
+    image = picture(70, 69)
+    path = tmp_path / "in.png"
+    image.save(path)
+    with pytest.warns(UserWarning, match="70x69 is resized to 64x64"):
+        out = pipe("x", init_image=path, steps=2, seed=1)
+    assert out.images[0].size == (64, 64)
+    with pytest.warns(UserWarning, match="resized to 96x96"):
+        assert pipe("x", init_image=image, width=96, height=96, steps=2, seed=1).images[0].size == (96, 96)
+    with pytest.raises(ValueError, match="strength 1.5"):
+        pipe("x", init_image=picture(64, 64), strength=1.5, steps=2)
+    with pytest.raises(ValueError, match="strength 0.01 leaves no step"):
+        pipe("x", init_image=picture(64, 64), strength=0.01, steps=10)
+    with pytest.raises(ValueError, match="mask_image needs an init_image"):
+        pipe("x", mask_image=mask(64, 64), steps=2)
+    with pytest.raises(ValueError, match="nope.png: cannot read image"):
+        pipe("x", init_image=tmp_path / "nope.png", steps=2)

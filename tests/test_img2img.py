@@ -124,3 +124,39 @@ def test_img2img_size_rules_and_bad_input(pipe, tmp_path):
         pipe("x", mask_image=mask(64, 64), steps=2)
     with pytest.raises(ValueError, match="nope.png: cannot read image"):
         pipe("x", init_image=tmp_path / "nope.png", steps=2)
+
+
+def run_cli(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "stablediff", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_img2img_and_inpaint_cli(tiny_model_dir, tmp_path):
+    from stablediff.images import parse_infotext
+
+    picture(64, 64).save(tmp_path / "in.png")
+    mask(64, 64).save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    r = run_cli("img2img", "a cat", "--init-image", tmp_path / "in.png", "--strength", "0.6", "--model",
+                tiny_model_dir, "--steps", "4", "--seed", "3", "--output-dir", out, "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("inpaint", "a dog", "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
+                "--model", tiny_model_dir, "--steps", "4", "--seed", "3", "--output-dir", out, "--quiet",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00000-3.png", "00001-3.png"]
+    params = [parse_infotext(Image.open(f).text["parameters"]) for f in files]
+    assert params[0]["Denoising strength"] == "0.6" and params[1]["Denoising strength"] == "1.0"
+    for args, bad in [(["--strength", "1.5"], "--strength 1.5"), (["--strength", "0"], "--strength 0"),
+                      (["--init-image", tmp_path / "missing.png"], "missing.png")]:
+        base = ["img2img", "a cat", "--init-image", tmp_path / "in.png", "--model", tiny_model_dir]
+        r = run_cli(*base, *args, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and bad in r.stderr
+    r = run_cli("inpaint", "a cat", "--init-image", tmp_path / "in.png", "--mask", tmp_path / "in.png.nope",
+                "--model", tiny_model_dir, cwd=tmp_path)
+    assert r.returncode == 2 and "in.png.nope" in r.stderr

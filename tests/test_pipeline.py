@@ -141,3 +141,33 @@ def test_callback_and_cancel(pipe):
 def test_bad_settings_fail_before_any_work(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe("a cat", **kwargs)
+
+
+def test_safety_checker_blurs_flagged_images_and_says_so(tiny_model_dir, tmp_path):
+    import shutil
+
+    from test_safety import TINY_CHECKER, diffusers_checker
+
+    from conftest import SD15
+
+    model = tmp_path / "with-checker"
+    shutil.copytree(tiny_model_dir, model)
+    ref = diffusers_checker(TINY_CHECKER, seed=2)
+    with torch.no_grad():  # every concept's threshold far below any cosine: everything is flagged
+        ref.concept_embeds_weights.fill_(-2.0)
+    ref.save_pretrained(model / "safety_checker")
+    shutil.copytree(SD15 / "feature_extractor", model / "feature_extractor")
+
+    plain = StableDiffusion.from_pretrained(model)
+    checked = StableDiffusion.from_pretrained(model, safety_checker=True)
+    kw = dict(steps=3, seed=4, batch_size=2)
+    a, b = plain("a cat", **kw), checked("a cat", **kw)
+    assert a.nsfw == [False, False] and b.nsfw == [True, True]
+    assert torch.equal(a.latents, b.latents)
+    for before, after, text in zip(a.images, b.images, b.infotexts):
+        x, y = np.asarray(before).astype(float), np.asarray(after).astype(float)
+        assert not np.array_equal(x, y) and abs(x.mean() - y.mean()) < 0.1 * x.mean() + 5  # blurred, not black
+        assert "NSFW: true" in text
+    assert "NSFW" not in a.infotexts[0]
+    with pytest.raises(ValueError, match="has no safety_checker"):
+        StableDiffusion.from_pretrained(tiny_model_dir, safety_checker=True)

@@ -72,6 +72,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="weights and activations of the text encoder and U-Net (default: float32)")
     p.add_argument("--output-dir", default="outputs", metavar="DIR", type=Path,
                    help="where the PNGs go, created if missing (default: outputs)")
+    p.add_argument("--safety-checker", nargs="?", const=True, default=False, metavar="PATH",
+                   help="blur images SD 1.5's NSFW safety checker flags; PATH: a safety_checker folder or a "
+                        "diffusers model folder (default: the model's own safety_checker/); put it after PROMPT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -87,6 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", metavar="PROMPT", help="what the image should show")
     add_generation_options(gen)
     gen.set_defaults(func=cmd_generate)
+
+    i2i = sub.add_parser("img2img", help="repaint an image following a prompt",
+                         description="Encode --init-image, noise it as --strength says, and denoise it toward "
+                                     "PROMPT. The size defaults to the image's (rounded down to a multiple of 8).")
+    i2i.add_argument("prompt", metavar="PROMPT", help="what the image should show")
+    i2i.add_argument("--init-image", required=True, type=Path, metavar="IN.png", help="the starting image")
+    i2i.add_argument("--strength", type=float, default=0.75, metavar="S",
+                     help="how much to change it, in (0, 1] (default: 0.75)")
+    add_generation_options(i2i)
+    i2i.set_defaults(func=cmd_img2img, mask=None)
+
+    inp = sub.add_parser("inpaint", help="repaint the white part of a mask",
+                         description="Repaint the white area of --mask in --init-image following PROMPT.")
+    inp.add_argument("prompt", metavar="PROMPT", help="what the repainted area should show")
+    inp.add_argument("--init-image", required=True, type=Path, metavar="IN.png", help="the starting image")
+    inp.add_argument("--mask", required=True, type=Path, metavar="MASK.png", help="white = repaint, black = keep")
+    inp.add_argument("--strength", type=float, default=1.0, metavar="S",
+                     help="how much to change the masked area, in (0, 1] (default: 1.0)")
+    add_generation_options(inp)
+    inp.set_defaults(func=cmd_img2img)
 
     smp = sub.add_parser("samplers", help="list the samplers and their names",
                          description="List the samplers: canonical name, AUTOMATIC1111 label, aliases, karras.")
@@ -146,6 +169,23 @@ def check_generation_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--device {args.device} is not available on this machine")
 
 
+def check_image_args(args: argparse.Namespace) -> None:
+    """img2img / inpaint: readable images and a strength in (0, 1], before any model is loaded."""
+    import math
+
+    from .images import open_image
+
+    if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+        raise UsageError(f"--strength {args.strength} is outside (0, 1]")
+    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if path is None:
+            continue
+        try:
+            open_image(path)
+        except ValueError as e:
+            raise UsageError(f"{flag} {e}") from None
+
+
 def load_model(args: argparse.Namespace):
     """StableDiffusion.from_pretrained with the shared options; a bad checkpoint is a UsageError (one line)."""
     import torch
@@ -153,7 +193,8 @@ def load_model(args: argparse.Namespace):
     from .pipeline import StableDiffusion
 
     try:
-        return StableDiffusion.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+        return StableDiffusion.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+                                               safety_checker=getattr(args, "safety_checker", False))
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise UsageError(str(e)) from None
 
@@ -163,9 +204,13 @@ def save_results(result, output_dir: Path) -> list[Path]:
     from .images import save_png
 
     paths = []
-    for image, seed, text in zip(result.images, result.seeds, result.infotexts):
+    for image, seed, text, flagged in zip(result.images, result.seeds, result.infotexts,
+                                          result.nsfw or [False] * len(result.images)):
         path = save_png(image, output_dir, seed, text)
         print(path, flush=True)
+        if flagged:
+            print(f"stablediff: warning: {path}: flagged by the safety checker (seed {seed}); saved blurred",
+                  file=sys.stderr)
         paths.append(path)
     return paths
 
@@ -194,6 +239,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_generation_args(args)
     pipe = load_model(args)
     result = run_pipeline(pipe, args, args.prompt, args.negative_prompt)
+    save_results(result, args.output_dir)
+    return 0
+
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    """img2img, and inpaint when --mask is given."""
+    check_generation_args(args)
+    check_image_args(args)
+    pipe = load_model(args)
+    result = run_pipeline(pipe, args, args.prompt, args.negative_prompt, init_image=args.init_image,
+                          mask_image=args.mask, strength=args.strength)
     save_results(result, args.output_dir)
     return 0
 
@@ -254,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            parser.error("choose a command: generate, samplers or info")
+            parser.error("choose a command: generate, img2img, inpaint, samplers or info")
         try:
             return args.func(args)
         except UsageError as e:

@@ -26,6 +26,8 @@ import torch
 from . import __version__, images, samplers, weights
 from .clip import CLIPTextModel
 from .denoiser import CFGDenoiser, EpsDenoiser
+from .prompts import PromptEncoder
+from .safety import SafetyChecker, load_safety_checker
 from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
 from .unet import UNet
@@ -60,6 +62,7 @@ class GenerationResult:
     prompts: list[str]
     negative_prompts: list[str]
     infotexts: list[str] = field(default_factory=list)  # AUTOMATIC1111 'parameters' text per image
+    nsfw: list[bool] = field(default_factory=list)  # True where the safety checker flagged (and blurred) the image
 
 
 def check_params(*, steps, cfg_scale, width, height, batch_size, sampler, schedule=None, clip_skip=1,
@@ -111,9 +114,12 @@ def _build(cls, config, state_dict, *, path, component, device, dtype):
 
 class StableDiffusion:
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet, vae: AutoencoderKL,
-                 noise_schedule: NoiseSchedule, *, model_name: str = "model", weights_file: Path | None = None):
+                 noise_schedule: NoiseSchedule, *, model_name: str = "model", weights_file: Path | None = None,
+                 safety_checker: SafetyChecker | None = None):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.prompts = PromptEncoder(tokenizer, text_encoder)
+        self.safety_checker = safety_checker
         self.unet = unet
         self.vae = vae
         self.noise_schedule = noise_schedule
@@ -123,12 +129,23 @@ class StableDiffusion:
 
     @classmethod
     def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, variant: str | None = None) -> "StableDiffusion":
-        """Load a diffusers folder, an original single .safetensors/.ckpt file, or a Hugging Face Hub id."""
+                        dtype: torch.dtype = torch.float32, variant: str | None = None,
+                        safety_checker: bool | str | Path = False) -> "StableDiffusion":
+        """Load a diffusers folder, an original single .safetensors/.ckpt file, or a Hugging Face Hub id.
+
+        safety_checker: False (default), True (the model folder's own safety_checker/), or a path to a
+        safety_checker folder or a diffusers model folder that has one."""
         device = resolve_device(device)
         if str(source) == "demo":
             source = DEMO_DIR
         ckpt = weights.load_checkpoint(source, variant=variant)
+        checker = None
+        if safety_checker is True and not (Path(ckpt.path) / "safety_checker").is_dir():
+            raise weights.CheckpointError(f"{ckpt.path}: has no safety_checker/; pass safety_checker=PATH (a "
+                                          "safety_checker folder, or a diffusers model folder that has one)")
+        if safety_checker:
+            checker = load_safety_checker(ckpt.path if safety_checker is True else safety_checker, device=device,
+                                          dtype=torch.float32)
         # float16 VAEs overflow to NaN (black images) on SD 1.x: the VAE stays float32 unless float32 is asked anyway
         vae_dtype = torch.float32
         common = dict(path=ckpt.path, device=device)
@@ -141,7 +158,7 @@ class StableDiffusion:
         path = Path(ckpt.path)
         name = path.stem if path.is_file() else (path.name if path.exists() else str(source).rstrip("/").split("/")[-1])
         return cls(tokenizer, text_encoder, unet, vae, noise_schedule, model_name=name,
-                   weights_file=_weights_file(path))
+                   weights_file=_weights_file(path), safety_checker=checker)
 
     # -- facts about the model --------------------------------------------------------------------------------
     @property
@@ -169,9 +186,8 @@ class StableDiffusion:
 
     # -- the steps --------------------------------------------------------------------------------------------
     def encode_prompt(self, text: str, clip_skip: int = 1) -> torch.Tensor:
-        """One prompt -> (1, 77, C) text embeddings."""
-        ids = torch.tensor([self.tokenizer.pad(self.tokenizer.encode(text))], device=self.device)
-        return self.text_encoder(ids, clip_skip=clip_skip)
+        """One prompt in AUTOMATIC1111 syntax -> (1, 77 * chunks, C) text embeddings (see prompts.py)."""
+        return self.prompts.encode(text, clip_skip)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> pixels in [-1, 1] (float32). NaNs (a float16 overflow upstream) are an error, not black."""
@@ -243,8 +259,8 @@ class StableDiffusion:
         for b, (p, n) in enumerate(zip(prompts, negatives)):
             batch_seeds = [seed + b * batch_size + j for j in range(batch_size)]
             generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
-            cond = self.encode_prompt(p, clip_skip).expand(batch_size, -1, -1)
-            uncond = self.encode_prompt(n, clip_skip).expand(batch_size, -1, -1)
+            cond, uncond = self.prompts.encode_pair(p, n, clip_skip)
+            cond, uncond = cond.expand(batch_size, -1, -1), uncond.expand(batch_size, -1, -1)
             x, model, blend = self._start(plan, generators, latent_shape, source, strength)
             denoiser = CFGDenoiser(EpsDenoiser(model, plan.sigma_to_t), cond, uncond, cfg_scale)
             step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress, blend)
@@ -258,19 +274,22 @@ class StableDiffusion:
 
         latents = torch.cat(all_latents)
         pil = images.to_pil(self.decode(latents))
+        nsfw = [False] * len(pil)
+        if self.safety_checker is not None:
+            pil, nsfw = self.safety_checker.censor(pil)
         all_prompts = [p for p in prompts for _ in range(batch_size)]
         all_negatives = [n for n in negatives for _ in range(batch_size)]
         extra = {}
         if init_image is not None:
             extra["Denoising strength"] = strength
-        if clip_skip != 1:
-            extra["Clip skip"] = clip_skip
+        extra["Clip skip"] = clip_skip  # infotext leaves out the default 1
         infotexts = [
             images.infotext(p, n, steps=steps, sampler_label=spec.label, schedule_label=_schedule_label(schedule),
                             cfg_scale=cfg_scale, seed=s, width=width, height=height, model_hash=self.model_hash,
-                            model_name=self.model_name, version=__version__, extra=extra or None)
-            for p, n, s in zip(all_prompts, all_negatives, seeds)]
-        return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts)
+                            model_name=self.model_name, version=__version__,
+                            extra={**extra, "NSFW": "true" if flagged else None})
+            for p, n, s, flagged in zip(all_prompts, all_negatives, seeds, nsfw)]
+        return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw)
 
     # -- img2img and inpainting ---------------------------------------------------------------------------------
     def _init_size(self, image, width, height) -> tuple[int, int]:

@@ -1,0 +1,365 @@
+"""LoRA: low-rank weight deltas merged into the model's own weights.
+
+A LoRA holds, for some Linear/Conv2d layers of the U-Net and the text encoder, two thin matrices `up` (out, r) and
+`down` (r, in[, kh, kw]) and optionally a scalar `alpha`. Applied at multiplier m:
+
+    W <- W + m * (alpha / r) * up @ down        (alpha missing or 0: alpha / r = 1)
+
+computed in float32 and cast to the weight's dtype once, so sampling runs with no extra matmuls. `LoraSet` keeps a
+copy of every weight it touched and makes the applied set exactly what is asked, restoring weights bit-exactly.
+
+The file layouts people have, all read through the two tables below (`_PREFIXES`, `_SUFFIXES`):
+  kohya / A1111   lora_unet_<module path, dots as _>.lora_down.weight / .lora_up.weight / .alpha,
+                  lora_te_text_model_encoder_layers_0_self_attn_q_proj...; the U-Net path in diffusers naming
+                  (down_blocks_0_attentions_0_...) or the original one (input_blocks_1_1_..., through weights.py's
+                  key table); 3x3 conv LoRA (LoCon) included
+  diffusers/PEFT  unet.<module path>.lora_A.weight / .lora_B.weight, text_encoder.<module path>...
+  older diffusers unet.<path>.lora.down.weight / .lora.up.weight, and the attention-processor files
+                  (unet.<path>.attn1.processor.to_q_lora.down.weight, text_encoder....self_attn.to_q_lora...)
+Flattened names are matched against the model's real module names (`name.replace('.', '_')`), never guessed.
+A key that fits no table row or names no layer of this model is an error that lists it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import images, weights
+
+__all__ = ["LoraError", "LoraDelta", "Lora", "LoraSet", "resolve", "read_lora", "lora_hash", "format_hashes",
+           "EXTENSIONS"]
+
+EXTENSIONS = (".safetensors", ".pt", ".ckpt")
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be found or used, said in one line naming the tag or the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding a LoRA by name, inside its folder only
+
+def _tag(name: str) -> str:
+    return f"<lora:{name}>"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """True when `path`, all links followed, is inside `root` (itself resolved)."""
+    try:
+        return path.resolve(strict=True).is_relative_to(root)
+    except (OSError, RuntimeError):  # dangling or looping links
+        return False
+
+
+def resolve(name: str, directory) -> Path:
+    """The LoRA file `name` names inside `directory`: NAME.safetensors/.pt/.ckpt, NAME itself when it has one of
+    those extensions, or a file of that name in a subfolder (when exactly one). Names come from prompt tags, so
+    '..', absolute paths and links leading out of the folder are refused. Missing -> LoraError naming the tag."""
+    name, root = str(name), Path(directory)
+    parts = name.replace("\\", "/").split("/")
+    if not name.strip() or "\x00" in name or ".." in parts or os.path.isabs(name) or name.startswith(("/", "\\")) \
+            or re.match(r"[A-Za-z]:", name):
+        raise LoraError(f"{_tag(name)}: refused: a LoRA is named by its file name inside {root}/ ('..', absolute "
+                        f"paths and drive letters are not allowed)")
+    if not root.is_dir():
+        raise LoraError(f"{_tag(name)}: the LoRA folder {root}/ does not exist (set it with --lora-dir)")
+    real_root = root.resolve()
+    candidates = [root / name] if name.endswith(EXTENSIONS) else [root / (name + ext) for ext in EXTENSIONS]
+    existing = [c for c in candidates if c.is_file() or c.is_symlink()]
+    if not existing and "/" not in name:  # A1111 finds LoRAs in subfolders by file name
+        stems = {name} if name.endswith(EXTENSIONS) else {name + ext for ext in EXTENSIONS}
+        existing = sorted(p for p in root.rglob("*") if p.name in stems and (p.is_file() or p.is_symlink()))
+        if len(existing) > 1:
+            raise LoraError(f"{_tag(name)}: ambiguous: {', '.join(str(p) for p in existing)}; name it with its "
+                            f"subfolder, e.g. <lora:{existing[0].relative_to(root).with_suffix('').as_posix()}:1>")
+    for path in existing:
+        if not _inside(path, real_root):
+            raise LoraError(f"{_tag(name)}: refused: {path} leads outside the LoRA folder {root}/ (a link?)")
+        return path
+    have = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*")
+                  if p.suffix in EXTENSIONS and p.is_file())
+    listing = f"it has {_few(have, 8)}" if have else "it holds no .safetensors/.pt/.ckpt files"
+    raise LoraError(f"{_tag(name)}: no LoRA named {name!r} in {root}/ ({listing})")
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The key tables: which component a key belongs to and how its module path is written; what role a tensor plays
+
+# key prefix -> component; the module path after it is written with dots (diffusers) or with _ (kohya)
+_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "unet.": "unet", "text_encoder.": "text_encoder"}
+# key suffix -> role (longest suffix wins)
+_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",  # kohya
+             ".lora_A.weight": "down", ".lora_B.weight": "up",  # PEFT
+             ".lora.down.weight": "down", ".lora.up.weight": "up",  # diffusers LoRACompatible layers
+             ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+             "_lora.down.weight": "down", "_lora.up.weight": "up"}  # diffusers attention processors
+# attention-processor files name the layer by its processor slot; ours by the layer
+_PROCESSOR_SLOTS = {"unet": {"processor.to_q": "to_q", "processor.to_k": "to_k", "processor.to_v": "to_v",
+                             "processor.to_out": "to_out.0"},
+                    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+# keys of other model families, said as such rather than listed
+_OTHER_FAMILIES = {"model.diffusion_model.": "a whole model checkpoint, not a LoRA",
+                   "lora_te1_": "an SDXL LoRA", "lora_te2_": "an SDXL LoRA", "text_encoder_2.": "an SDXL LoRA",
+                   "hada_": "a LyCORIS LoHa", "lokr_": "a LyCORIS LoKr", "oft_": "an OFT network",
+                   "dora_scale": "a DoRA", "lora_magnitude_vector": "a DoRA",
+                   "lora_mid": "a LyCORIS LoCon with Tucker decomposition", ".diff": "a full-weight difference network"}
+
+
+def _layers(module: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def _module_lookup(unet: nn.Module, text_encoder: nn.Module) -> dict[str, dict[str, str]]:
+    """For each component: every way a file may write a layer's path -> our module name. The U-Net's layers also
+    under their original (LDM) names, from weights.py's key table; the text encoder's also without `text_model.`."""
+    out = {}
+    for comp, model in (("unet", unet), ("text_encoder", text_encoder)):
+        names = list(_layers(model))
+        spellings = [{n: n for n in names}]
+        if comp == "unet":
+            original, _ = weights._rename({f"{n}.weight": n for n in names}, weights._unet_table(model.config),
+                                          to_ours=False)
+            spellings.append({k.rsplit(".", 1)[0]: n for k, n in original.items()})
+        else:
+            spellings.append({n.removeprefix("text_model."): n for n in names})
+        lookup, clashes = {}, set()
+        for table in spellings:
+            for written, ours in table.items():
+                for key in (written, written.replace(".", "_")):
+                    if lookup.setdefault(key, ours) != ours:
+                        clashes.add(key)
+        for key in clashes:  # a spelling two layers share names neither
+            del lookup[key]
+        out[comp] = lookup
+    return out
+
+
+def _parse_key(key: str):
+    """key -> (component, module path as written, role), or None when no table row fits."""
+    prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
+    suffix = max((s for s in _SUFFIXES if key.endswith(s)), key=len, default=None)
+    if prefix is None or suffix is None or len(key) <= len(prefix) + len(suffix):
+        return None
+    comp = _PREFIXES[prefix]
+    path = key[len(prefix):-len(suffix)]
+    if suffix.startswith("_lora."):  # ...attn1.processor.to_q_lora.down.weight: the slot names the layer
+        head, _, slot = path.rpartition(".processor." if comp == "unet" else ".")
+        slot = ("processor." if comp == "unet" else "") + slot
+        if slot not in _PROCESSOR_SLOTS[comp] or not head:
+            return None
+        path = f"{head}.{_PROCESSOR_SLOTS[comp][slot]}"
+    return comp, path, _SUFFIXES[suffix]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a LoRA file into deltas in our naming
+
+class LoraDelta(NamedTuple):
+    up: torch.Tensor  # (out, r) or (out, r, 1, 1)
+    down: torch.Tensor  # (r, in) or (r, in, kh, kw)
+    scale: float  # alpha / r
+
+    def weight_delta(self, shape, device) -> torch.Tensor:
+        """up @ down * scale in float32, shaped like the weight."""
+        up = self.up.to(device=device, dtype=torch.float32).flatten(1)
+        down = self.down.to(device=device, dtype=torch.float32).flatten(1)
+        return (up @ down).mul_(self.scale).reshape(shape)
+
+
+@dataclass
+class Lora:
+    path: Path
+    deltas: dict[str, LoraDelta] = field(repr=False)  # "unet.<module>.weight" / "text_encoder.<module>.weight"
+    metadata: dict[str, str] = field(default_factory=dict, repr=False)  # a .safetensors file's __metadata__
+
+    @functools.cached_property
+    def hash(self) -> str:
+        """A1111's short hash of the file (see `lora_hash`), computed once."""
+        return lora_hash(self.path, self.metadata)
+
+
+def _fits(shape: tuple, up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Do up (out, r[, 1, 1]) and down (r, in[, kh, kw]) make a delta of this weight's shape?"""
+    if up.ndim not in (2, 4) or down.ndim not in (2, 4) or up.shape[0] != shape[0]:
+        return False
+    if up.ndim == 4 and tuple(up.shape[2:]) != (1, 1):
+        return False
+    if up.shape[1] != down.shape[0]:
+        return False
+    kernel, down_kernel = tuple(shape[2:]) or (1, 1), tuple(down.shape[2:]) or (1, 1)
+    return kernel == down_kernel and down.shape[1] == shape[1]
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def read_lora(path, unet: nn.Module, text_encoder: nn.Module) -> Lora:
+    """Parse a LoRA file (any layout above) into deltas for our layers, every key accounted for: unknown keys or
+    layers, a missing half of a pair, or shapes that do not fit this model -> LoraError naming the file and keys."""
+    path = Path(path)
+    try:
+        sd = weights.read_state_dict(path)
+    except weights.CheckpointError as e:
+        raise LoraError(str(e)) from None
+    lookup = _module_lookup(unet, text_encoder)
+    groups, unknown = {}, []
+    for key, tensor in sd.items():
+        parsed = _parse_key(key)
+        ours = parsed and lookup[parsed[0]].get(parsed[1])
+        if not ours:
+            unknown.append(key)
+            continue
+        comp, _, role = parsed
+        slot = groups.setdefault(f"{comp}.{ours}.weight", {})
+        if role in slot:
+            raise LoraError(f"{path}: two tensors for the {role} of {comp}.{ours} (one is {key})")
+        slot[role] = (key, tensor)
+    if unknown:
+        family = next((what for mark, what in _OTHER_FAMILIES.items() if any(mark in k for k in unknown)), None)
+        what = f"looks like {family}, which stablediff does not apply to SD 1.x; " if family else ""
+        raise LoraError(f"{path}: {what}{len(unknown)} of {len(sd)} keys name no layer of this model or are not a "
+                        f"LoRA layout stablediff reads: {_few(sorted(unknown), 8)}")
+    models = {"unet": unet, "text_encoder": text_encoder}
+    deltas, wrong = {}, []
+    for name, slot in groups.items():
+        if "up" not in slot or "down" not in slot:
+            have = ", ".join(k for k, _ in slot.values())
+            raise LoraError(f"{path}: {have} has no matching {'up' if 'up' not in slot else 'down'} weight")
+        (up_key, up), (down_key, down) = slot["up"], slot["down"]
+        comp, param = name.split(".", 1)
+        shape = tuple(models[comp].get_parameter(param).shape)
+        if not _fits(shape, up, down):
+            wrong.append(f"{down_key} {tuple(down.shape)} / {up_key} {tuple(up.shape)} for a weight of {shape}")
+            continue
+        rank = down.shape[0]
+        alpha = float(slot["alpha"][1].float().reshape(-1)[0]) if "alpha" in slot else 0.0
+        scale = alpha / rank if alpha else 1.0
+        if not math.isfinite(scale):
+            raise LoraError(f"{path}: {slot['alpha'][0]} is {alpha}, not a finite number")
+        deltas[name] = LoraDelta(up, down, scale)
+    if wrong:
+        raise LoraError(f"{path}: does not fit this model (a LoRA for another base model, e.g. SD 2.x or SDXL?): "
+                        f"{len(wrong)} layers have other shapes: {_few(wrong, 3)}")
+    meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    return Lora(path, deltas, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Applying a set of LoRAs to a model, exactly and reversibly
+
+def _signature(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+class LoraSet:
+    """The LoRAs merged into `unet` and `text_encoder` right now (`applied`: absolute path -> multiplier).
+
+    `apply(wanted)` makes that set exactly `wanted`: every weight it changes is first copied (to the CPU, as
+    AUTOMATIC1111 does), and recomputed as original + sum of the wanted deltas (in float32, in path order, then cast
+    to the weight's dtype), so removing a LoRA or changing its multiplier gives bit-for-bit what applying the new
+    set to the original weights gives, and `apply({})` restores the originals exactly."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module):
+        self.models = {"unet": unet, "text_encoder": text_encoder}
+        self.applied: dict[Path, float] = {}
+        self._loras: dict[Path, tuple[tuple, Lora]] = {}  # path -> (file signature, parsed)
+        self._originals: dict[str, torch.Tensor] = {}  # "unet.<param>" -> the weight before any LoRA
+        self._terms: dict[str, tuple] = {}  # "unet.<param>" -> ((path, multiplier, signature), ...) merged in now
+
+    def lora(self, path) -> Lora:
+        """The parsed file, reread when it changed on disk."""
+        path = Path(path)
+        if not path.is_file():
+            raise LoraError(f"{path}: no such LoRA file")
+        sig = _signature(path)
+        cached = self._loras.get(path)
+        if cached is None or cached[0] != sig:
+            cached = self._loras[path] = (sig, read_lora(path, self.models["unet"], self.models["text_encoder"]))
+        return cached[1]
+
+    def apply(self, wanted: dict) -> None:
+        wanted = {Path(os.path.abspath(p)): float(m) for p, m in wanted.items()}
+        for p, m in wanted.items():
+            if not math.isfinite(m):
+                raise LoraError(f"{p}: multiplier {m} is not a finite number")
+        loras = {p: self.lora(p) for p in sorted(wanted, key=str)}  # all read before any weight changes
+        terms: dict[str, list] = {}
+        for p, parsed in loras.items():
+            if wanted[p] != 0:
+                for name in parsed.deltas:
+                    terms.setdefault(name, []).append((p, wanted[p], self._loras[p][0]))
+        with torch.no_grad():
+            for name in set(self._terms) | set(terms):
+                new = tuple(terms.get(name, ()))
+                if self._terms.get(name, ()) == new:
+                    continue
+                comp, param_name = name.split(".", 1)
+                param = self.models[comp].get_parameter(param_name)
+                if name not in self._originals:
+                    self._originals[name] = param.detach().to("cpu", copy=True)
+                original = self._originals[name]
+                if not new:  # no LoRA touches it any more
+                    param.copy_(original)
+                    del self._originals[name], self._terms[name]
+                    continue
+                w = original.to(param.device, torch.float32, copy=True)
+                for p, m, _ in new:
+                    w.add_(loras[p].deltas[name].weight_delta(param.shape, param.device), alpha=m)
+                param.copy_(w)
+                self._terms[name] = new
+        self.applied = dict(wanted)
+        self._loras = {p: self._loras[p] for p in wanted}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hashes for the infotext, as AUTOMATIC1111 writes them
+
+def _addnet_hash(path: Path) -> str:
+    """kohya's hash of a .safetensors file: sha256 of everything after the JSON header."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def lora_hash(path, metadata: dict | None = None) -> str:
+    """A1111's `Lora hashes` entry: the first 12 hex digits of the `sshs_model_hash` the trainer stored in the
+    file's metadata, else of kohya's hash (sha256 after the header) for .safetensors, else of the file's sha256."""
+    path = Path(path)
+    meta = metadata if metadata is not None else (_safetensors_metadata(path) if path.suffix == ".safetensors"
+                                                  else {})
+    full = meta.get("sshs_model_hash") or (_addnet_hash(path) if path.suffix == ".safetensors"
+                                            else images.file_sha256(path))
+    return full[:12]
+
+
+def format_hashes(hashes: dict[str, str]) -> str:
+    """{"name": "0123456789ab"} -> 'name: 0123456789ab, ...', the value of A1111's `Lora hashes` / `TI hashes`
+    (names lose ':' and ',' as A1111 strips them; images.infotext quotes the whole value)."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in hashes.items() if h)

@@ -3,6 +3,7 @@
     stablediff generate PROMPT [options]   text -> PNG files in --output-dir, named NNNNN-SEED.png
     stablediff samplers                    the samplers, their AUTOMATIC1111 names and aliases
     stablediff info MODEL                  what a checkpoint holds, read from its weights without building a model
+    stablediff serve [options]             AUTOMATIC1111's HTTP API and a web page (needs the `server` extra)
 
 Only argparse and the standard library are imported at module level, so `stablediff --help` answers at once;
 torch and the pipeline are imported inside the subcommands that need them. Bad input gets one line on stderr
@@ -16,6 +17,7 @@ writes with `save_results`, as `cmd_generate` does.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -72,6 +74,13 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="weights and activations of the text encoder and U-Net (default: float32)")
     p.add_argument("--output-dir", default="outputs", metavar="DIR", type=Path,
                    help="where the PNGs go, created if missing (default: outputs)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                   help="merge a LoRA from --lora-dir (repeatable; scale default 1.0); <lora:NAME:SCALE> in the "
+                        "prompt works too")
+    p.add_argument("--lora-dir", default=Path("loras"), type=Path, metavar="DIR",
+                   help="where LoRA names are looked up (default: ./loras)")
+    p.add_argument("--embeddings-dir", default=Path("embeddings"), type=Path, metavar="DIR",
+                   help="textual-inversion embeddings; each file's name is its trigger word (default: ./embeddings)")
     p.add_argument("--safety-checker", nargs="?", const=True, default=False, metavar="PATH",
                    help="blur images SD 1.5's NSFW safety checker flags; PATH: a safety_checker folder or a "
                         "diffusers model folder (default: the model's own safety_checker/); put it after PROMPT")
@@ -111,6 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_options(inp)
     inp.set_defaults(func=cmd_img2img)
 
+    bat = sub.add_parser("batch", help="make every image a job file lists (resumable; locally or on Ray)",
+                         description="Make the images of a job file: a .txt (one prompt a line), .csv (a header "
+                                     "line, then one row a line) or .jsonl (one JSON object a line) whose rows may "
+                                     "set prompt, negative_prompt, seed, steps, cfg_scale, sampler, schedule, width, "
+                                     "height, batch_size and clip_skip; the options below are the defaults. Files "
+                                     "are DIR/LINE-SEED-SAMPLER.png plus DIR/manifest.jsonl; running the same "
+                                     "command again makes only what is missing. A row without a seed gets one "
+                                     "derived from --seed (default 0) and its line number.")
+    bat.add_argument("jobs", metavar="JOBS", type=Path, nargs="?", help="the job file (.txt, .csv or .jsonl)")
+    bat.add_argument("--seeds", metavar="LIST", help="sweep: make every row with each of these seeds, e.g. 1-100 "
+                                                      "or 1,5,9-12 (instead of the row's seed and batch size)")
+    bat.add_argument("--samplers", metavar="LIST",
+                     help="sweep: make every row with each of these samplers, e.g. euler,dpmpp_2m")
+    bat.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run on Ray Data: a new local Ray, or the cluster at ADDRESS (auto, HOST:6379 or "
+                          "ray://HOST:10001); needs pip install \"stablediff[ray]\"; put it after JOBS")
+    bat.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="with --ray: pipelines (Ray actors) to run, each on its own GPU where the cluster has "
+                          "GPUs (default: one per GPU, else 1)")
+    bat.add_argument("--skip-bad", action="store_true", help="report bad rows and make the others")
+    add_generation_options(bat)
+    bat.set_defaults(func=cmd_batch)
+
     smp = sub.add_parser("samplers", help="list the samplers and their names",
                          description="List the samplers: canonical name, AUTOMATIC1111 label, aliases, karras.")
     smp.set_defaults(func=cmd_samplers)
@@ -119,6 +151,32 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Layout, family, dtypes, parameter counts and native size of a checkpoint.")
     info.add_argument("model", metavar="MODEL", help="a .safetensors/.ckpt file, a diffusers folder or a Hub id")
     info.set_defaults(func=cmd_info)
+
+    srv = sub.add_parser("serve", help="serve AUTOMATIC1111's HTTP API and a web page",
+                         description="Serve AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, progress, interrupt, "
+                                     "options, ...) and a web page at /, on FastAPI + uvicorn. Needs the `server` "
+                                     "extra: pip install 'stablediff[server]'.")
+    srv.add_argument("--model", default=None, metavar="M",
+                     help="the model loaded first: a title listed from --models-dir, a file or folder, or a Hub id "
+                          f"(default: the first checkpoint in --models-dir, else {DEFAULT_MODEL})")
+    srv.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
+                     help="the .safetensors/.ckpt files and diffusers folders clients may switch between")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    srv.add_argument("--api-auth", default=None, metavar="USER:PASS",
+                     help="require HTTP Basic auth with this user and password on every route")
+    srv.add_argument("--max-queue", type=int, default=16, metavar="N",
+                     help="requests that may wait behind the running one; more get 503 (default: 16)")
+    srv.add_argument("--output-dir", default="outputs", metavar="DIR", type=Path,
+                     help="where requests with save_images go (default: outputs)")
+    srv.add_argument("--cors-origin", action="append", default=[], metavar="URL",
+                     help="allow browser pages from this origin to call the API (repeatable; default: none)")
+    srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                     help="where to run (default: auto = cuda, else mps, else cpu)")
+    srv.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                     help="weights and activations of the text encoder and U-Net (default: float32)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -160,6 +218,14 @@ def check_generation_args(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     check_model_source(args.model)
+    from .lora import resolve
+
+    for name in parse_loras(args.lora):
+        if not Path(name).is_file():
+            try:
+                resolve(name, args.lora_dir)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
     check_output_dir(args.output_dir)
     if args.device != "auto":
         import torch
@@ -171,8 +237,6 @@ def check_generation_args(args: argparse.Namespace) -> None:
 
 def check_image_args(args: argparse.Namespace) -> None:
     """img2img / inpaint: readable images and a strength in (0, 1], before any model is loaded."""
-    import math
-
     from .images import open_image
 
     if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
@@ -193,10 +257,30 @@ def load_model(args: argparse.Namespace):
     from .pipeline import StableDiffusion
 
     try:
-        return StableDiffusion.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+        pipe = StableDiffusion.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype),
                                                safety_checker=getattr(args, "safety_checker", False))
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        pipe.lora_dir = args.lora_dir
+        for line in pipe.load_embeddings(args.embeddings_dir):
+            print(f"stablediff: warning: skipped embedding {line}", file=sys.stderr)
+        return pipe
+    except (ValueError, OSError) as e:  # CheckpointError, LoraError and EmbeddingError are ValueErrors
         raise UsageError(str(e)) from None
+
+
+def parse_loras(values: list[str]) -> dict[str, float]:
+    """--lora NAME[:SCALE] values -> {NAME: SCALE}; the scale is after the last colon (default 1.0)."""
+    out = {}
+    for value in values:
+        name, sep, scale = value.rpartition(":")
+        if not sep:
+            name, scale = value, "1"
+        try:
+            out[name] = float(scale)
+        except ValueError:
+            raise UsageError(f"--lora {value}: scale {scale!r} is not a number") from None
+        if not name or not math.isfinite(out[name]):
+            raise UsageError(f"--lora {value}: give NAME or NAME:SCALE with a finite scale")
+    return out
 
 
 def save_results(result, output_dir: Path) -> list[Path]:
@@ -224,7 +308,7 @@ def run_pipeline(pipe, args: argparse.Namespace, *call_args, **call_kwargs):
     try:
         return pipe(*call_args, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
                     height=args.height, batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
-                    clip_skip=args.clip_skip, progress=not args.quiet, **call_kwargs)
+                    clip_skip=args.clip_skip, loras=parse_loras(args.lora), progress=not args.quiet, **call_kwargs)
     except ValueError as e:  # input only the loaded model can judge (e.g. a size its VAE cannot take)
         raise UsageError(str(e)) from None
     except FloatingPointError as e:  # NaN latents
@@ -252,6 +336,37 @@ def cmd_img2img(args: argparse.Namespace) -> int:
                           mask_image=args.mask, strength=args.strength)
     save_results(result, args.output_dir)
     return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """A job file's images, resumably (see batch.py); exit 1 when some images could not be made."""
+    if args.jobs is None and args.ray and Path(args.ray).suffix.lower() in (".txt", ".csv", ".jsonl"):
+        args.jobs, args.ray = Path(args.ray), "local"  # `batch --ray jobs.jsonl`: --ray took JOBS as its address
+    if args.jobs is None:
+        raise UsageError("JOBS is missing: give a .txt, .csv or .jsonl job file")
+    if args.workers is not None and (args.ray is None or args.workers < 1):
+        raise UsageError(f"--workers {args.workers}: " + ("needs --ray" if args.ray is None else "must be at least 1"))
+    # on Ray the pipelines run on the cluster's machines, whose devices are not this one's
+    check_generation_args(argparse.Namespace(**{**vars(args), "device": "auto"}) if args.ray else args)
+    from . import batch
+
+    defaults = dict(negative_prompt=args.negative_prompt, seed=None, steps=args.steps, cfg_scale=args.cfg_scale,
+                    sampler=args.sampler, schedule=args.schedule, width=args.width, height=args.height,
+                    batch_size=args.batch_size, clip_skip=args.clip_skip)
+    try:
+        summary = batch.run_batch(args.jobs, args.output_dir, model=args.model, defaults=defaults, seeds=args.seeds,
+                                  samplers=args.samplers, base_seed=args.seed, skip_bad=args.skip_bad, ray=args.ray,
+                                  workers=args.workers, device=args.device, dtype=args.dtype,
+                                  safety_checker=args.safety_checker, load=lambda: load_model(args),
+                                  progress=not args.quiet)
+    except batch.JobError as e:
+        for problem in e.problems if len(e.problems) > 1 else []:  # one is the error line itself
+            print(f"stablediff: error: {problem}", file=sys.stderr)
+        raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(summary)
+    return 1 if summary.failed else 0
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -299,6 +414,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    user, _, password = (args.api_auth or "").partition(":")
+    if args.api_auth is not None and not (user and password):
+        raise UsageError("--api-auth must be USER:PASSWORD, both non-empty")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port} is outside 1..65535")
+    if args.max_queue < 1:
+        raise UsageError(f"--max-queue {args.max_queue} must be at least 1")
+    if args.models_dir is not None and not args.models_dir.is_dir():
+        raise UsageError(f"--models-dir {args.models_dir}: no such folder")
+    check_output_dir(args.output_dir)
+    try:
+        from . import server  # fastapi, uvicorn, torch
+    except ImportError as e:
+        raise UsageError(f"`stablediff serve` needs the server extra ({e}): pip install 'stablediff[server]'") from None
+    warning = server.bind_warning(args.host, args.api_auth)
+    if warning:
+        print(f"stablediff: warning: {warning}", file=sys.stderr)
+    config = server.ServeConfig(model=args.model, models_dir=args.models_dir, host=args.host, port=args.port,
+                                api_auth=args.api_auth, max_queue=args.max_queue, output_dir=args.output_dir,
+                                cors_origins=tuple(args.cors_origin), device=args.device, dtype=args.dtype)
+    try:
+        app = server.create_app(config)
+    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
+        raise UsageError(str(e)) from None
+    server.serve(config, app)
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------------------------
 
 def _one_line(message: str) -> str:
@@ -310,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            parser.error("choose a command: generate, img2img, inpaint, samplers or info")
+            parser.error("choose a command: generate, img2img, inpaint, samplers, info or serve")
         try:
             return args.func(args)
         except UsageError as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, images, samplers, weights
+from . import __version__, embeddings, images, lora, samplers, weights
 from .clip import CLIPTextModel
 from .denoiser import CFGDenoiser, EpsDenoiser
 from .prompts import PromptEncoder
@@ -119,6 +120,9 @@ class StableDiffusion:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.prompts = PromptEncoder(tokenizer, text_encoder)
+        self.embedding_files: dict[str, Path] = {}  # textual-inversion trigger word -> file
+        self.loras = lora.LoraSet(unet, text_encoder)
+        self.lora_dir = Path("loras")  # where <lora:NAME:w> tags and loras={"NAME": w} are looked up
         self.safety_checker = safety_checker
         self.unet = unet
         self.vae = vae
@@ -184,6 +188,37 @@ class StableDiffusion:
             self._model_hash = images.model_hash(self.weights_file) if self.weights_file else ""
         return self._model_hash
 
+    # -- add-ons: textual inversion and LoRA ---------------------------------------------------------------------
+    def load_embeddings(self, source) -> list[str]:
+        """Textual-inversion embeddings from a folder or files; each file's stem becomes its trigger word in
+        prompts (negative prompts too). Returns one line per file that could not be used (e.g. SDXL ones)."""
+        skipped: list[str] = []
+        vectors = embeddings.load_embeddings(source, width=self.text_encoder.config.hidden_size, skipped=skipped)
+        self.embedding_files = {w: f for w, f in embeddings.find_embeddings(source).items() if w in vectors}
+        self.prompts = PromptEncoder(self.tokenizer, self.text_encoder, embeddings=vectors)
+        return skipped
+
+    def _wanted_loras(self, prompt: str, loras: dict | None) -> dict[Path, tuple[str, float]]:
+        """File -> (name for the infotext, multiplier): the prompt's <lora:NAME:w> tags (resolved inside lora_dir
+        only) and the `loras` argument (a file path, or a name in lora_dir). The last mention of a file wins."""
+        wanted = {}
+        for net in self.prompts.extra_networks(prompt):
+            if net.kind == "lora":
+                wanted[lora.resolve(net.name, self.lora_dir)] = (net.name, net.multiplier)
+        for key, m in (loras or {}).items():
+            path = Path(key) if Path(key).is_file() else lora.resolve(str(key), self.lora_dir)
+            wanted[path] = (path.stem, float(m))
+        return wanted
+
+    def _addon_hashes(self, prompt: str, negative: str, wanted: dict) -> dict[str, str | None]:
+        """A1111's `Lora hashes` / `TI hashes` infotext entries for what this prompt actually used."""
+        text = f"{prompt}\n{negative}".lower()
+        used_ti = {w: embeddings.embedding_hash(f) for w, f in self.embedding_files.items()
+                   if re.search(rf"(?<![\w]){re.escape(w.lower())}(?![\w])", text)}
+        used_lora = {name: self.loras.lora(path).hash for path, (name, m) in wanted.items() if m != 0}
+        return {"Lora hashes": lora.format_hashes(used_lora) or None,
+                "TI hashes": lora.format_hashes(used_ti) or None}
+
     # -- the steps --------------------------------------------------------------------------------------------
     def encode_prompt(self, text: str, clip_skip: int = 1) -> torch.Tensor:
         """One prompt in AUTOMATIC1111 syntax -> (1, 77 * chunks, C) text embeddings (see prompts.py)."""
@@ -210,7 +245,8 @@ class StableDiffusion:
                  cfg_scale: float = 7.0, seed: int | None = None, width: int | None = None,
                  height: int | None = None, batch_size: int = 1, sampler: str = "euler",
                  schedule: str | None = None, clip_skip: int = 1, init_image=None, mask_image=None,
-                 strength: float | None = None, callback: Callable[[StepInfo], None] | None = None,
+                 strength: float | None = None, loras: dict | None = None,
+                 callback: Callable[[StepInfo], None] | None = None,
                  cancel=None, progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on a CPU generator.
 
@@ -219,6 +255,8 @@ class StableDiffusion:
         repaint, strength default 1.0): a 9-channel inpainting U-Net gets mask and masked-image latents, a normal
         U-Net has the known latents blended back after every step, both as diffusers does. The output size defaults
         to the init image's (rounded down to a multiple of 8); a different width/height resizes it, with a warning.
+        LoRAs come from `<lora:NAME:w>` tags in the prompt and from `loras={"file-or-NAME": w}`; they are merged
+        into the weights for the call (and taken out again by the next call that does not ask for them).
         `callback(StepInfo)` runs after every step; `cancel` (anything with `is_set()`, e.g. threading.Event)
         stops the call between steps by raising Cancelled.
         """
@@ -252,11 +290,13 @@ class StableDiffusion:
         spec, alias_schedule = samplers.get_sampler(sampler)
         schedule = schedule or alias_schedule
         plan = samplers.prepare(spec.name, self.noise_schedule, steps, schedule=schedule, strength=strength or 1.0)
+        wanted = [self._wanted_loras(p, loras) for p in prompts]  # resolved (and missing ones named) up front
         latent_shape = (self.vae.config.latent_channels, height // f, width // f)
         source = self._encode_init(init_image, mask_image, width, height) if init_image is not None else None
 
         all_latents, seeds = [], []
         for b, (p, n) in enumerate(zip(prompts, negatives)):
+            self.loras.apply({path: m for path, (_, m) in wanted[b].items()})
             batch_seeds = [seed + b * batch_size + j for j in range(batch_size)]
             generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
             cond, uncond = self.prompts.encode_pair(p, n, clip_skip)
@@ -283,12 +323,13 @@ class StableDiffusion:
         if init_image is not None:
             extra["Denoising strength"] = strength
         extra["Clip skip"] = clip_skip  # infotext leaves out the default 1
+        hashes = [self._addon_hashes(p, n, w) for p, n, w in zip(prompts, negatives, wanted)]
         infotexts = [
             images.infotext(p, n, steps=steps, sampler_label=spec.label, schedule_label=_schedule_label(schedule),
                             cfg_scale=cfg_scale, seed=s, width=width, height=height, model_hash=self.model_hash,
                             model_name=self.model_name, version=__version__,
-                            extra={**extra, "NSFW": "true" if flagged else None})
-            for p, n, s, flagged in zip(all_prompts, all_negatives, seeds, nsfw)]
+                            extra={**extra, **hashes[k // batch_size], "NSFW": "true" if flagged else None})
+            for k, (p, n, s, flagged) in enumerate(zip(all_prompts, all_negatives, seeds, nsfw))]
         return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw)
 
     # -- img2img and inpainting ---------------------------------------------------------------------------------

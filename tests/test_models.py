@@ -105,3 +105,27 @@ def test_unsupported_configs_are_refused_clearly():
     with pytest.raises(ValueError, match="clip_skip=0"):
         with torch.device("meta"):
             CLIPTextModel(CLIPTextConfig.from_dict(TINY_TEXT))(torch.zeros(1, 77, dtype=torch.long), clip_skip=0)
+
+
+def test_deep_cache_reuses_deep_features_on_the_calls_between_full_passes():
+    from stablediff.unet import DeepCache
+
+    ref = diffusers_unet(TINY_UNET)
+    model = ours(UNet, UNetConfig, ref, ref.state_dict())
+    g = torch.Generator().manual_seed(4)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    cache = DeepCache(3)
+    calls = []  # the deep levels (here: the mid block) run only on full passes
+    deep = model.mid_block.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        full = model(x, 500.0, ctx)
+        outs = [model(x, 500.0, ctx, cache=cache) for _ in range(7)]
+        # same input: the shallow branch on the kept features reproduces the full pass exactly
+        assert all(torch.equal(o, full) for o in outs)
+        assert len(calls) == 1 + 3  # calls 0, 3 and 6 of the cached run were full passes
+        # a different timestep on a reuse call differs from the full pass, but only through the shallow branch
+        c2 = DeepCache(2)
+        model(x, 500.0, ctx, cache=c2)
+        reused = model(x, 400.0, ctx, cache=c2)
+        assert not torch.equal(reused, model(x, 400.0, ctx))
+    deep.remove()

@@ -171,3 +171,14 @@ def test_safety_checker_blurs_flagged_images_and_says_so(tiny_model_dir, tmp_pat
     assert "NSFW" not in a.infotexts[0]
     with pytest.raises(ValueError, match="has no safety_checker"):
         StableDiffusion.from_pretrained(tiny_model_dir, safety_checker=True)
+
+
+def test_cache_interval_is_close_to_the_uncached_run(pipe):
+    kw = dict(steps=9, seed=3, sampler="dpmpp_2m")
+    exact = pipe("a cat", **kw)
+    cached = pipe("a cat", cache_interval=3, **kw)
+    assert pipe("a cat", cache_interval=1, **kw).latents.equal(exact.latents)
+    rel = ((cached.latents - exact.latents).norm() / exact.latents.norm()).item()
+    assert 0 < rel < 0.5
+    with pytest.raises(ValueError, match="cache interval 0"):
+        pipe("a cat", cache_interval=0, steps=2)

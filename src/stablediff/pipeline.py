@@ -14,6 +14,7 @@ With batch_size=1 the result equals diffusers' StableDiffusionPipeline given the
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -31,7 +32,7 @@ from .prompts import PromptEncoder
 from .safety import SafetyChecker, load_safety_checker
 from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
-from .unet import UNet
+from .unet import DeepCache, UNet
 from .vae import AutoencoderKL
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -245,7 +246,7 @@ class StableDiffusion:
                  cfg_scale: float = 7.0, seed: int | None = None, width: int | None = None,
                  height: int | None = None, batch_size: int = 1, sampler: str = "euler",
                  schedule: str | None = None, clip_skip: int = 1, init_image=None, mask_image=None,
-                 strength: float | None = None, loras: dict | None = None,
+                 strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
                  callback: Callable[[StepInfo], None] | None = None,
                  cancel=None, progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on a CPU generator.
@@ -257,6 +258,8 @@ class StableDiffusion:
         to the init image's (rounded down to a multiple of 8); a different width/height resizes it, with a warning.
         LoRAs come from `<lora:NAME:w>` tags in the prompt and from `loras={"file-or-NAME": w}`; they are merged
         into the weights for the call (and taken out again by the next call that does not ask for them).
+        cache_interval=N > 1 runs the whole U-Net only every N-th call and its shallow branch in between (DeepCache):
+        faster, approximate.
         `callback(StepInfo)` runs after every step; `cancel` (anything with `is_set()`, e.g. threading.Event)
         stops the call between steps by raising Cancelled.
         """
@@ -270,6 +273,8 @@ class StableDiffusion:
             raise ValueError(f"strength {strength} needs an init_image (img2img)")
         if init_image is not None and not (isinstance(strength, (int, float)) and 0 < strength <= 1):
             raise ValueError(f"strength {strength!r} is outside (0, 1]")
+        if not isinstance(cache_interval, int) or cache_interval < 1:
+            raise ValueError(f"cache interval {cache_interval!r} must be an integer >= 1")
         width = width or self.native_size
         height = height or self.native_size
         check_params(steps=steps, cfg_scale=cfg_scale, width=width, height=height, batch_size=batch_size,
@@ -301,7 +306,8 @@ class StableDiffusion:
             generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
             cond, uncond = self.prompts.encode_pair(p, n, clip_skip)
             cond, uncond = cond.expand(batch_size, -1, -1), uncond.expand(batch_size, -1, -1)
-            x, model, blend = self._start(plan, generators, latent_shape, source, strength)
+            cache = DeepCache(cache_interval) if cache_interval > 1 else None
+            x, model, blend = self._start(plan, generators, latent_shape, source, strength, cache)
             denoiser = CFGDenoiser(EpsDenoiser(model, plan.sigma_to_t), cond, uncond, cfg_scale)
             step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress, blend)
             try:
@@ -350,14 +356,15 @@ class StableDiffusion:
             source["masked"] = self.vae.encode(pixels * (m < 0.5))
         return source
 
-    def _start(self, plan, generators, shape, source, strength):
+    def _start(self, plan, generators, shape, source, strength, cache=None):
         """Initial latents x (in sigma space), the eps model, and the inpainting blend (or None).
 
         The CPU generator of each image is drawn in diffusers' order: init-image posterior sample, noise,
         masked-image posterior sample (each only where that pipeline draws it)."""
         sf = self.vae.config.scaling_factor
+        eps = functools.partial(self._eps, cache=cache)
         if source is None:
-            return self.noise(generators, shape).to(self.device) * plan.init_noise_scale, self._eps, None
+            return self.noise(generators, shape).to(self.device) * plan.init_noise_scale, eps, None
         inpaint = "mask" in source
         inpainting_unet = self.unet.config.in_channels == 9
         x0 = None
@@ -369,7 +376,7 @@ class StableDiffusion:
         else:
             x = x0 + noise * float(plan.sigmas[0])
         if not inpaint:
-            return x, self._eps, None
+            return x, eps, None
         mask = source["mask"].expand(len(generators), -1, -1, -1)
         masked = source["masked"].sample(generators).float() * sf
         if inpainting_unet:
@@ -377,7 +384,7 @@ class StableDiffusion:
 
             def model(x_in, t, context):
                 cond = extra if x_in.shape[0] == extra.shape[0] else torch.cat([extra] * (x_in.shape[0] // extra.shape[0]))
-                return self._eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context)
+                return eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context)
 
             return x, model, None
 
@@ -386,11 +393,11 @@ class StableDiffusion:
             known = x0 if sigma_next is None else x0 + noise * sigma_next
             return (1 - mask) * known + mask * x
 
-        return x, self._eps, blend
+        return x, eps, blend
 
-    def _eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
         """The U-Net as the samplers' eps model: runs in the model's dtype, hands float32 back."""
-        return self.unet(x_in.to(self.dtype), t, context.to(self.dtype)).float()
+        return self.unet(x_in.to(self.dtype), t, context.to(self.dtype), cache=cache).float()
 
     def _step_callback(self, batch, batches, total, callback, cancel, progress, blend=None):
         bar = None

@@ -122,9 +122,12 @@ class UNetBlock(nn.Module):
             skips.append(x)
         return x, skips
 
-    def up(self, x, skips, temb, context, upsample_size=None):
-        for i in range(len(self.resnets)):
+    def up(self, x, skips, temb, context, upsample_size=None, first=0, cache=None):
+        """Layers first.. of this level, each taking the last skip; `cache` keeps layer 0's output (DeepCache)."""
+        for i in range(first, len(self.resnets)):
             x = self._layer(i, torch.cat([x, skips.pop()], dim=1), temb, context)
+            if cache is not None and i == 0:
+                cache.features = x
         if hasattr(self, "upsamplers"):
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -142,6 +145,25 @@ class MidBlock(nn.Module):
         x = self.resnets[0](x, temb)
         x = self.attentions[0](x, context)
         return self.resnets[1](x, temb)
+
+
+class DeepCache:
+    """Reuse of the U-Net's deep features across calls (DeepCache, Ma et al. 2024, arXiv:2312.00858).
+
+    Every `interval`-th call runs the whole U-Net and keeps the features entering the last up level's second layer;
+    the calls in between run only the shallowest branch: conv_in and the first down layer, whose outputs are the
+    skips of the last up level's last two layers, which then run on the kept features. One cache serves one run.
+    """
+
+    def __init__(self, interval: int):
+        if interval < 1:
+            raise ValueError(f"cache interval {interval} must be at least 1")
+        self.interval, self.calls, self.features = interval, 0, None
+
+    def full_pass(self) -> bool:
+        full = self.features is None or self.calls % self.interval == 0
+        self.calls += 1
+        return full
 
 
 class UNet(nn.Module):
@@ -179,8 +201,10 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        """x (B, in_channels, h, w), t scalar or (B,) timesteps, context (B, L, cross_attention_dim) -> eps."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                cache: DeepCache | None = None) -> torch.Tensor:
+        """x (B, in_channels, h, w), t scalar or (B,) timesteps, context (B, L, cross_attention_dim) -> eps.
+        With a DeepCache, most calls run only the shallowest branch on features kept from the last full call."""
         cfg = self.config
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(-1).expand(x.shape[0])
@@ -188,6 +212,10 @@ class UNet(nn.Module):
         temb = self.time_embedding(emb.to(x.dtype))
 
         h = self.conv_in(x)
+        if cache is not None and not cache.full_pass():
+            first = self.down_blocks[0]._layer(0, h, temb, context)
+            h = self.up_blocks[-1].up(cache.features, [h, first], temb, context, first=1)
+            return self.conv_out(F.silu(self.conv_norm_out(h)))
         skips = [h]
         for block in self.down_blocks:
             h, s = block.down(h, temb, context)
@@ -198,5 +226,5 @@ class UNet(nn.Module):
             del skips[-len(block.resnets):]
             # upsample to the next skip's size: 2x for sizes divisible by the total factor, exact otherwise
             size = skips[-1].shape[-2:] if skips else None
-            h = block.up(h, level_skips, temb, context, size)
+            h = block.up(h, level_skips, temb, context, size, cache=cache if block is self.up_blocks[-1] else None)
         return self.conv_out(F.silu(self.conv_norm_out(h)))

@@ -74,6 +74,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="weights and activations of the text encoder and U-Net (default: float32)")
     p.add_argument("--output-dir", default="outputs", metavar="DIR", type=Path,
                    help="where the PNGs go, created if missing (default: outputs)")
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="run the whole U-Net only every N-th step, its shallow branch in between (DeepCache): "
+                        "faster, approximate (default: 1 = off)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
                    help="merge a LoRA from --lora-dir (repeatable; scale default 1.0); <lora:NAME:SCALE> in the "
                         "prompt works too")
@@ -217,6 +220,8 @@ def check_generation_args(args: argparse.Namespace) -> None:
                      clip_skip=args.clip_skip, seed=args.seed)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.cache_interval < 1:
+        raise UsageError(f"--cache-interval {args.cache_interval} must be at least 1")
     check_model_source(args.model)
     from .lora import resolve
 
@@ -308,7 +313,8 @@ def run_pipeline(pipe, args: argparse.Namespace, *call_args, **call_kwargs):
     try:
         return pipe(*call_args, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
                     height=args.height, batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
-                    clip_skip=args.clip_skip, loras=parse_loras(args.lora), progress=not args.quiet, **call_kwargs)
+                    clip_skip=args.clip_skip, loras=parse_loras(args.lora), cache_interval=args.cache_interval,
+                    progress=not args.quiet, **call_kwargs)
     except ValueError as e:  # input only the loaded model can judge (e.g. a size its VAE cannot take)
         raise UsageError(str(e)) from None
     except FloatingPointError as e:  # NaN latents

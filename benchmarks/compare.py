@@ -1,0 +1,309 @@
+"""Side-by-side speed and memory of stablediff and diffusers on this machine (not part of the tests).
+
+    python benchmarks/compare.py                 # full run: 512x512 and 256x256, 20 steps, fp32 + bf16 + cache
+    python benchmarks/compare.py --quick         # 256x256 only, fewer repeats
+    python benchmarks/compare.py --write         # also rewrite benchmarks/RESULTS.md
+
+The first run builds a random-weight SD 1.5 (the real architecture, configs from tests/data/sd15-layout) and saves
+it once outside the repository ($STABLEDIFF_BENCH_CACHE, default ~/.cache/stablediff-bench) as a diffusers folder
+and as one original-layout .safetensors file (4.3 GB). Every measurement runs in a fresh process (so peak RSS is
+that run's own), and the two sides alternate, `--repeats` times each; the table shows each side's best time,
+and the ratio ours / diffusers. This machine is shared and noisy: read the medians next to the minima.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYOUT = ROOT / "tests" / "data" / "sd15-layout"
+CACHE = Path(os.environ.get("STABLEDIFF_BENCH_CACHE", Path.home() / ".cache" / "stablediff-bench"))
+PROMPT = "silly dog wearing a batman costume, funny, realistic, canon, award winning photography"
+SEED = 1055747
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the random-weight SD 1.5, built once
+
+def build_models() -> tuple[Path, Path]:
+    folder, single = CACHE / "sd15-random", CACHE / "sd15-random.safetensors"
+    if (folder / "model_index.json").exists() and single.exists():
+        return folder, single
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from stablediff import weights
+
+    print(f"building a random SD 1.5 in {CACHE} (once)", file=sys.stderr)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = lambda name: {k: v for k, v in json.loads((LAYOUT / name / "config.json").read_text()).items()
+                        if not k.startswith("_")}
+    unet = UNet2DConditionModel(**cfg("unet"))
+    vae = AutoencoderKL(**cfg("vae"))
+    text = CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))
+    tokenizer = CLIPTokenizer.from_pretrained(str(ROOT / "src" / "stablediff" / "data" / "clip"))
+    scheduler = PNDMScheduler.from_pretrained(str(LAYOUT), subfolder="scheduler")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    shutil.copy(LAYOUT / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
+    text_sd = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text.state_dict().items()
+               if not k.endswith("position_ids")}
+    save_file({k: v.contiguous() for k, v in weights.to_original(unet.state_dict(), vae.state_dict(),
+                                                                  text_sd).items()}, str(single))
+    return folder, single
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one measurement, in a child process
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: int) -> dict:
+    import torch
+
+    from stablediff import StableDiffusion
+
+    t0 = time.perf_counter()
+    pipe = StableDiffusion.from_pretrained(single, dtype=getattr(torch, dtype))
+    load = time.perf_counter() - t0
+    stamps = []
+    t0 = time.perf_counter()
+    result = pipe(PROMPT, steps=steps, seed=SEED, width=size, height=size, sampler="euler",
+                  cache_interval=cache_interval, callback=lambda info: stamps.append(time.perf_counter()))
+    whole = time.perf_counter() - t0
+    with torch.inference_mode():
+        t1 = time.perf_counter()
+        pipe.prompts.encode_pair(PROMPT, "")
+        encode = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        pipe.decode(result.latents)
+        decode = time.perf_counter() - t1
+    step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    torch.save(result.latents, CACHE / f"latents-ours-{size}-{dtype}-{cache_interval}.pt")
+    return dict(load=load, encode=encode, step=step, decode=decode, whole=whole, first=load + whole,
+                rss=peak_rss_gb())
+
+
+def child_diffusers(folder: Path, single: Path, size: int, steps: int, dtype: str) -> dict:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_single_file(str(single), config=str(folder), local_files_only=True,
+                                                    safety_checker=None, requires_safety_checker=False)
+    load = time.perf_counter() - t0
+    pipe.scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(str(LAYOUT),
+                                                                                          subfolder="scheduler"))
+    if dtype != "float32":
+        pipe.unet.to(getattr(torch, dtype))
+        pipe.text_encoder.to(getattr(torch, dtype))
+    pipe.set_progress_bar_config(disable=True)
+    stamps = []
+
+    def on_step(p, i, t, kw):
+        stamps.append(time.perf_counter())
+        return kw
+
+    t0 = time.perf_counter()
+    out = pipe(PROMPT, num_inference_steps=steps, height=size, width=size, guidance_scale=7.0,
+               generator=torch.Generator().manual_seed(SEED), output_type="latent", callback_on_step_end=on_step)
+    latents = out.images
+    with torch.inference_mode():
+        t1 = time.perf_counter()
+        pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor)
+        decode = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        pipe.encode_prompt(PROMPT, "cpu", 1, True, "")
+        encode = time.perf_counter() - t1
+    whole = time.perf_counter() - t0 - encode  # the image: sampling + its own encode + decode (timed above)
+    step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    torch.save(latents.float(), CACHE / f"latents-diffusers-{size}-{dtype}.pt")
+    return dict(load=load, encode=encode, step=step, decode=decode, whole=whole, first=load + whole,
+                rss=peak_rss_gb())
+
+
+def child_accuracy(folder: Path) -> dict:
+    """U-Net output error of bfloat16 against float32 on one input, ours and diffusers' (cast and autocast)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from stablediff import StableDiffusion
+
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    out = {}
+    with torch.inference_mode():
+        ref = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        exact = ref(x, t, ctx).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out["diffusers_autocast"] = rel(ref(x, t, ctx).sample, exact)
+        ref.to(torch.bfloat16)
+        out["diffusers_cast"] = rel(ref(x.bfloat16(), t, ctx.bfloat16()).sample, exact)
+        del ref
+        from torch.utils.flop_counter import FlopCounterMode
+
+        ours = StableDiffusion.from_pretrained(folder).unet
+        counter = FlopCounterMode(display=False)
+        with counter:
+            ours(x, t, ctx)
+        out["unet_flops"] = counter.get_total_flops()
+        ours.to(torch.bfloat16)
+        out["ours_bf16"] = rel(ours(x.bfloat16(), t, ctx.bfloat16()), exact)
+    return out
+
+
+def child_peak() -> dict:
+    """Best-of matmul throughput (GFLOP/s) at 1024..3072, float32 and bfloat16."""
+    import torch
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        best = 0.0
+        for n in (1024, 2048, 3072):
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            a @ b
+            for _ in range(3):
+                t0 = time.perf_counter()
+                a @ b
+                best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+        out[str(dtype).removeprefix("torch.")] = best
+    return out
+
+
+def run_child(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"child {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the comparison
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def summarize(runs: list[dict], key: str) -> tuple[float, float]:
+    values = [r[key] for r in runs]
+    return min(values), statistics.median(values)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sizes", default="512,256")
+    ap.add_argument("--quick", action="store_true", help="256x256 only, one repeat")
+    ap.add_argument("--write", action="store_true", help="rewrite benchmarks/RESULTS.md with this run's table")
+    args = ap.parse_args()
+    if args.child:
+        folder, single = CACHE / "sd15-random", CACHE / "sd15-random.safetensors"
+        kind, *rest = args.child
+        if kind == "ours":
+            res = child_ours(single, int(rest[0]), int(rest[1]), rest[2], int(rest[3]))
+        elif kind == "diffusers":
+            res = child_diffusers(folder, single, int(rest[0]), int(rest[1]), rest[2])
+        elif kind == "accuracy":
+            res = child_accuracy(folder)
+        else:
+            res = child_peak()
+        print(json.dumps(res))
+        return
+    if args.quick:
+        args.sizes, args.repeats = "256", 1
+    build_models()
+    import torch
+
+    steps, lines = args.steps, []
+    lines.append(f"Machine: {machine()}. SD 1.5 architecture, random weights, {steps} Euler steps, cfg 7, batch 1.")
+    lines.append("")
+    lines.append("| measurement | ours | diffusers | ours / diffusers |")
+    lines.append("|---|---|---|---|")
+    latent_err = {}
+    for size in map(int, args.sizes.split(",")):
+        ours, theirs, ours_bf16, theirs_bf16, cached = [], [], [], [], []
+        for _ in range(args.repeats):  # alternate the sides, so a noisy minute hits both
+            ours.append(run_child("ours", str(size), str(steps), "float32", "1"))
+            theirs.append(run_child("diffusers", str(size), str(steps), "float32"))
+            ours_bf16.append(run_child("ours", str(size), str(steps), "bfloat16", "1"))
+            cached.append(run_child("ours", str(size), str(steps), "float32", "3"))
+        theirs_bf16.append(run_child("diffusers", str(size), str(steps), "bfloat16"))
+        rows = [("load from single file, s", "load"), ("load + first image, s", "first"),
+                ("prompt encoding, s", "encode"), ("U-Net per guided step, s", "step"),
+                ("VAE decode, s", "decode"), ("whole image, s", "whole"), ("peak RSS, GB", "rss")]
+        for label, key in rows:
+            (a, am), (b, bm) = summarize(ours, key), summarize(theirs, key)
+            lines.append(f"| {size}px fp32 {label} | {a:.2f} (median {am:.2f}) | {b:.2f} (median {bm:.2f}) "
+                         f"| {a / b:.2f} |")
+        fp32_whole = summarize(theirs, "whole")[0]
+        for label, runs in ((f"{size}px bf16 whole image, s", ours_bf16),
+                            (f"{size}px fp32 cache_interval=3 whole image, s", cached)):
+            a, am = summarize(runs, "whole")
+            lines.append(f"| {label} | {a:.2f} (median {am:.2f}) | {fp32_whole:.2f} (fp32) | {a / fp32_whole:.2f} |")
+        a = summarize(ours_bf16, "whole")[0]
+        b = summarize(theirs_bf16, "whole")[0]
+        lines.append(f"| {size}px bf16 whole image vs diffusers bf16, s | {a:.2f} | {b:.2f} | {a / b:.2f} |")
+        a, b = summarize(cached, "whole")[0], summarize(ours, "whole")[0]
+        lines.append(f"| {size}px cache_interval=3 vs uncached (same dtype), s | {a:.2f} | {b:.2f} (ours fp32) "
+                     f"| {a / b:.2f} |")
+        ref = torch.load(CACHE / f"latents-ours-{size}-float32-1.pt")
+        for name in (f"latents-ours-{size}-float32-3.pt", f"latents-ours-{size}-bfloat16-1.pt",
+                     f"latents-diffusers-{size}-float32.pt"):
+            x = torch.load(CACHE / name)
+            latent_err[f"{size}px {name[8:-3]}"] = ((x - ref).norm() / ref.norm()).item()
+        if size == 512:
+            unet_step = summarize(ours, "step")[0]
+    acc = run_child("accuracy")
+    peak = run_child("peak")
+    lines.append("")
+    lines.append("Accuracy (relative L2 error against float32):")
+    lines.append("")
+    lines.append(f"- U-Net output, 512px input, bfloat16: ours {acc['ours_bf16']:.4f}; diffusers pure cast "
+                 f"{acc['diffusers_cast']:.4f}, autocast {acc['diffusers_autocast']:.4f}")
+    for k, v in latent_err.items():
+        lines.append(f"- final latents, {k} vs ours float32: {v:.2e}")
+    flops = acc["unet_flops"]
+    lines.append("")
+    lines.append(f"U-Net: {flops / 1e9:.0f} GFLOP per guided step at 512px (batch 2). Matmul peak here: "
+                 f"{peak['float32']:.0f} GFLOP/s float32, {peak['bfloat16']:.0f} bfloat16.")
+    if "unet_step" in locals():
+        achieved = flops / unet_step / 1e9
+        lines.append(f"Ours float32 achieves {achieved:.0f} GFLOP/s = {achieved / peak['float32']:.0%} of the "
+                     f"float32 matmul peak.")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        (ROOT / "benchmarks" / "RESULTS.md").write_text(
+            "# Benchmark results\n\nThe latest run of `python benchmarks/compare.py --write`.\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,17 @@ import torch
 DATA = Path(__file__).parent / "data"
 SD15 = DATA / "sd15-layout"
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+# Tiny models are dominated by per-op overhead, which extra threads only add to (and on a shared machine they
+# oversubscribe the cores). Full-size SD 1.5 checks ask for every core through the `all_cores` fixture.
+CORES = torch.get_num_threads()
+torch.set_num_threads(1)
+
+
+@pytest.fixture()
+def all_cores():
+    torch.set_num_threads(CORES)
+    yield
+    torch.set_num_threads(1)
 
 TINY_UNET = dict(
     block_out_channels=[32, 64], layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,

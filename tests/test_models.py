@@ -23,7 +23,7 @@ def ours(cls, cfg_cls, ref, state_dict):
 
 
 @pytest.mark.parametrize("size", ["tiny", "sd15"])
-def test_unet_matches_diffusers(size):
+def test_unet_matches_diffusers(size, all_cores):
     cfg = TINY_UNET if size == "tiny" else sd15_config("unet")
     ref = diffusers_unet(cfg)
     model = ours(UNet, UNetConfig, ref, ref.state_dict())
@@ -52,7 +52,7 @@ def test_inpainting_unet_in_channels_9():
 
 
 @pytest.mark.parametrize("size", ["tiny", "sd15"])
-def test_vae_matches_diffusers(size):
+def test_vae_matches_diffusers(size, all_cores):
     cfg = TINY_VAE if size == "tiny" else sd15_config("vae")
     ref = diffusers_vae(cfg)
     model = ours(AutoencoderKL, VAEConfig, ref, ref.state_dict())
@@ -77,7 +77,7 @@ def test_vae_scaling_factor_default_and_from_config():
 
 
 @pytest.mark.parametrize("size", ["tiny", "sd15"])
-def test_text_encoder_matches_transformers(size):
+def test_text_encoder_matches_transformers(size, all_cores):
     cfg = TINY_TEXT if size == "tiny" else sd15_config("text_encoder")
     ref = transformers_text(cfg)
     model = ours(CLIPTextModel, CLIPTextConfig, ref, text_state_dict(ref))

@@ -182,3 +182,17 @@ def test_cache_interval_is_close_to_the_uncached_run(pipe):
     assert 0 < rel < 0.5
     with pytest.raises(ValueError, match="cache interval 0"):
         pipe("a cat", cache_interval=0, steps=2)
+
+
+def test_half_precision_never_gives_a_silent_black_image(tiny_model_dir):
+    half = StableDiffusion.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    assert half.unet.conv_in.weight.dtype == torch.bfloat16
+    assert half.vae.post_quant_conv.weight.dtype == torch.float32  # the VAE always decodes in float32
+    exact = StableDiffusion.from_pretrained(tiny_model_dir)
+    a, b = half("a cat", steps=4, seed=2), exact("a cat", steps=4, seed=2)
+    rel = ((a.latents - b.latents).norm() / b.latents.norm()).item()
+    assert rel < 0.05
+    # a U-Net that overflows (NaN) is an error that says what to do, not a black PNG
+    half.unet.forward = lambda x, t, context, cache=None: torch.full_like(x, float("nan"))
+    with pytest.raises(FloatingPointError, match="float32 or bfloat16"):
+        half("a cat", steps=2, seed=2)

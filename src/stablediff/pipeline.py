@@ -151,13 +151,12 @@ class StableDiffusion:
         if safety_checker:
             checker = load_safety_checker(ckpt.path if safety_checker is True else safety_checker, device=device,
                                           dtype=torch.float32)
-        # float16 VAEs overflow to NaN (black images) on SD 1.x: the VAE stays float32 unless float32 is asked anyway
-        vae_dtype = torch.float32
         common = dict(path=ckpt.path, device=device)
         text_encoder = _build(CLIPTextModel, ckpt.text_config, ckpt.text_encoder, component="text_encoder",
                               dtype=dtype, **common)
         unet = _build(UNet, ckpt.unet_config, ckpt.unet, component="unet", dtype=dtype, **common)
-        vae = _build(AutoencoderKL, ckpt.vae_config, ckpt.vae, component="vae", dtype=vae_dtype, **common)
+        # the SD 1.x VAE overflows to NaN (a black image) in float16: it always runs in float32
+        vae = _build(AutoencoderKL, ckpt.vae_config, ckpt.vae, component="vae", dtype=torch.float32, **common)
         tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer()
         noise_schedule = NoiseSchedule.from_config(ckpt.scheduler_config)
         path = Path(ckpt.path)
@@ -226,16 +225,13 @@ class StableDiffusion:
         return self.prompts.encode(text, clip_skip)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> pixels in [-1, 1] (float32). NaNs (a float16 overflow upstream) are an error, not black."""
+        """Latents -> pixels in [-1, 1], float32, one image at a time (a batch of 512px decodes would need GBs).
+        NaN latents (a float16 overflow in the U-Net) are an error, never a silent black image."""
         if not torch.isfinite(latents).all():
             raise FloatingPointError("the sampler produced NaN/inf latents (a float16 overflow?); "
                                      "retry with dtype float32 or bfloat16")
-        z = latents.to(self.vae.post_quant_conv.weight.dtype)
-        pixels = self.vae.decode(z / self.vae.config.scaling_factor).float()
-        if not torch.isfinite(pixels).all() and z.dtype != torch.float32:
-            warnings.warn("VAE decode gave NaN in reduced precision; decoding again in float32")
-            pixels = self.vae.float().decode(latents.float() / self.vae.config.scaling_factor)
-        return pixels
+        z = latents.float() / self.vae.config.scaling_factor
+        return torch.cat([self.vae.decode(z[i:i + 1]) for i in range(len(z))])
 
     def noise(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
         """One unit-variance latent per generator, drawn on the CPU (so any device gives the same image)."""

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from stablediff.config import CLIPTextConfig, UNetConfig, VAEConfig
-from stablediff.weights import (CheckpointError, detect, infer_text_config, infer_unet_config, infer_vae_config,
-                                load_checkpoint, load_into, read_state_dict, split_original, text_shapes, to_original,
-                                unet_shapes, vae_shapes)
+from stablediff.keymap import (detect, infer_text_config, infer_unet_config, infer_vae_config, split_original,
+                               text_shapes, to_original, unet_shapes, vae_shapes)
+from stablediff.weights import CheckpointError, load_checkpoint, load_into, read_state_dict
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -11,7 +11,7 @@ copy of every weight it touched and makes the applied set exactly what is asked,
 The file layouts people have, all read through the two tables below (`_PREFIXES`, `_SUFFIXES`):
   kohya / A1111   lora_unet_<module path, dots as _>.lora_down.weight / .lora_up.weight / .alpha,
                   lora_te_text_model_encoder_layers_0_self_attn_q_proj...; the U-Net path in diffusers naming
-                  (down_blocks_0_attentions_0_...) or the original one (input_blocks_1_1_..., through weights.py's
+                  (down_blocks_0_attentions_0_...) or the original one (input_blocks_1_1_..., through keymap.py's
                   key table); 3x3 conv LoRA (LoCon) included
   diffusers/PEFT  unet.<module path>.lora_A.weight / .lora_B.weight, text_encoder.<module path>...
   older diffusers unet.<path>.lora.down.weight / .lora.up.weight, and the attention-processor files
@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import images, weights
+from . import images, keymap, weights
 
 __all__ = ["LoraError", "LoraDelta", "Lora", "LoraSet", "resolve", "read_lora", "lora_hash", "format_hashes",
            "EXTENSIONS"]
@@ -126,14 +126,14 @@ def _layers(module: nn.Module) -> dict[str, nn.Module]:
 
 def _module_lookup(unet: nn.Module, text_encoder: nn.Module) -> dict[str, dict[str, str]]:
     """For each component: every way a file may write a layer's path -> our module name. The U-Net's layers also
-    under their original (LDM) names, from weights.py's key table; the text encoder's also without `text_model.`."""
+    under their original (LDM) names, from keymap.py's key table; the text encoder's also without `text_model.`."""
     out = {}
     for comp, model in (("unet", unet), ("text_encoder", text_encoder)):
         names = list(_layers(model))
         spellings = [{n: n for n in names}]
         if comp == "unet":
-            original, _ = weights._rename({f"{n}.weight": n for n in names}, weights._unet_table(model.config),
-                                          to_ours=False)
+            original, _ = keymap._rename({f"{n}.weight": n for n in names}, keymap._unet_table(model.config),
+                                         to_ours=False)
             spellings.append({k.rsplit(".", 1)[0]: n for k, n in original.items()})
         else:
             spellings.append({n.removeprefix("text_model."): n for n in names})

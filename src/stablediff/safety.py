@@ -26,7 +26,7 @@ from torch import nn
 from . import weights
 from .clip import CLIPVisionModel
 from .config import SafetyCheckerConfig
-from .weights import CheckpointError, read_state_dict
+from .weights import CheckpointError
 
 __all__ = ["SafetyChecker", "load_safety_checker", "preprocess", "blur", "checker_keys", "SD15_PREPROCESSOR"]
 
@@ -190,16 +190,11 @@ class SafetyChecker(nn.Module):
             cfg = SafetyCheckerConfig.from_dict({**d, "vision_config": vision}, source=str(config_file))
         except (ValueError, TypeError) as e:
             raise CheckpointError(str(e)) from None
-        name = weights._pick_weights([p.name for p in folder.iterdir()], ("model", "pytorch_model"), variant, folder)
-        sharded = name.endswith(".json")  # an index: {"weight_map": {key: shard file}}
-        files = sorted(set(weights._read_json(folder / name)["weight_map"].values())) if sharded else [name]
-        sd = {}
-        for f in files:
-            sd.update(read_state_dict(folder / f))
+        path, sd = weights.read_component(folder, ("model", "pytorch_model"), variant=variant)
         sd, _ = checker_keys(sd)
         with torch.device("meta"):
             model = cls(cfg, preprocessor)
-        weights.load_into(model, sd, path=str(folder / name), component="safety checker")
+        weights.load_into(model, sd, path=str(path), component="safety checker")
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @torch.no_grad()

@@ -1,0 +1,431 @@
+"""The original single-file layout (LDM/CompVis) <-> our naming, and what each config's weights look like.
+
+Our modules are named like diffusers' `UNet2DConditionModel` / `AutoencoderKL` and transformers' `CLIPTextModel`
+(with the `text_model.` prefix). The original single-file layout (`model.diffusion_model.*`, `first_stage_model.*`,
+`cond_stage_model.transformer.*`, prefixes in `PREFIXES`) goes through ONE key table (`unet_key_table`,
+`vae_key_table`): rows of (our module prefix, original prefix, leaf renames), read in either direction, so
+`split_original` and `to_original` are exact inverses. `detect` tells SD 1.x from the files it is not.
+
+Single files carry no configs: `infer_*_config` read them from tensor shapes, and `unet_shapes` / `vae_shapes` /
+`text_shapes` give every key and shape a config builds, which loading checks a file against. Nothing here reads
+files; that is `weights.py`, which raises the same `CheckpointError` defined here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import CLIPTextConfig, UNetConfig, VAEConfig
+
+__all__ = ["CheckpointError", "PREFIXES", "unet_key_table", "vae_key_table", "split_original", "to_original",
+           "detect", "unet_shapes", "vae_shapes", "text_shapes", "infer_unet_config", "infer_vae_config",
+           "infer_text_config"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, said in one line: the file, what it looks like, what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The key table: rows of (our module prefix, original module prefix, leaf renames ours -> original or None when
+# the leaves are named alike, True where our Linear weights are stored as 1x1 convolutions)
+
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_LINEAR_AS_CONV = {"to_q", "to_k", "to_v", "to_out.0"}
+# diffusers folders saved before diffusers 0.14 (the SD 1.5 repo's VAE among them) name the VAE attention like this
+_OLD_DIFFUSERS_ATTENTION = {"group_norm": "group_norm", "to_q": "query", "to_k": "key", "to_v": "value",
+                            "to_out.0": "proj_attn"}
+PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+            "text_encoder": "cond_stage_model.transformer."}
+
+
+def unet_key_table(levels: int, layers: int, down_attn, up_attn) -> list[tuple]:
+    rows = [("conv_in", "input_blocks.0.0", None), ("time_embedding.linear_1", "time_embed.0", None),
+            ("time_embedding.linear_2", "time_embed.2", None), ("conv_norm_out", "out.0", None),
+            ("conv_out", "out.2", None), ("mid_block.resnets.0", "middle_block.0", _UNET_RESNET),
+            ("mid_block.attentions.0", "middle_block.1", None), ("mid_block.resnets.1", "middle_block.2", _UNET_RESNET)]
+    for i in range(levels):  # input_blocks: conv_in, then per level `layers` x (resnet, attention), a downsampler
+        for j in range(layers):
+            k = 1 + i * (layers + 1) + j
+            rows.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{k}.0", _UNET_RESNET))
+            if down_attn[i]:
+                rows.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1", None))
+        if i < levels - 1:
+            rows.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{(i + 1) * (layers + 1)}.0.op", None))
+    for i in range(levels):  # output_blocks: per level `layers + 1` x (resnet, attention), the last one + upsampler
+        for j in range(layers + 1):
+            k = i * (layers + 1) + j
+            rows.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{k}.0", _UNET_RESNET))
+            if up_attn[i]:
+                rows.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{k}.1", None))
+        if i < levels - 1:
+            rows.append((f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{k}.{2 if up_attn[i] else 1}.conv", None))
+    return rows
+
+
+def vae_key_table(levels: int, layers: int) -> list[tuple]:
+    rows = [("quant_conv", "quant_conv", None), ("post_quant_conv", "post_quant_conv", None)]
+    for part in ("encoder", "decoder"):
+        rows += [(f"{part}.conv_in", f"{part}.conv_in", None), (f"{part}.conv_out", f"{part}.conv_out", None),
+                 (f"{part}.conv_norm_out", f"{part}.norm_out", None),
+                 (f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", _VAE_RESNET),
+                 (f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", _VAE_RESNET),
+                 (f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", _VAE_ATTENTION, True)]
+    for i in range(levels):
+        for j in range(layers):
+            rows.append((f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", _VAE_RESNET))
+        up = levels - 1 - i  # the original decoder counts its levels from the bottom
+        for j in range(layers + 1):
+            rows.append((f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{up}.block.{j}", _VAE_RESNET))
+        if i < levels - 1:
+            rows.append((f"encoder.down_blocks.{i}.downsamplers.0.conv", f"encoder.down.{i}.downsample.conv", None))
+            rows.append((f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{up}.upsample.conv", None))
+    return rows
+
+
+def _rename(sd: dict, rows: list[tuple], *, to_ours: bool) -> tuple[dict, list[str]]:
+    """Map every key through the row with the longest matching module prefix; returns (renamed, keys left over)."""
+    lookup = {}
+    for ours, theirs, leaves, *conv in rows:
+        if leaves is not None and to_ours:
+            leaves = {v: k for k, v in leaves.items()}
+        lookup[theirs if to_ours else ours] = (ours if to_ours else theirs, leaves, bool(conv and conv[0]))
+    out, left = {}, []
+    for key, value in sd.items():
+        parts = key.split(".")
+        for d in range(len(parts) - 1, 0, -1):
+            if (hit := lookup.get(".".join(parts[:d]))) is not None:
+                break
+        else:
+            left.append(key)
+            continue
+        prefix, leaves, conv = hit
+        leaf = ".".join(parts[d:-1])  # the module inside the row's block ("" for a plain layer)
+        if leaves is not None and leaf not in leaves:
+            left.append(key)
+            continue
+        new_leaf = leaf if leaves is None else leaves[leaf]
+        if conv and value is not None and parts[-1] == "weight" and (new_leaf if to_ours else leaf) in _LINEAR_AS_CONV:
+            value = value.flatten(1) if to_ours else value[:, :, None, None]
+        out[".".join(p for p in (prefix, new_leaf, parts[-1]) if p)] = value
+    return out, left
+
+
+def _indices(keys, prefix: str) -> list[int]:
+    """The distinct block numbers right after `prefix` (e.g. "down_blocks." -> [0, 1, 2, 3])."""
+    heads = (k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix))
+    return sorted({int(h) for h in heads if h.isdigit()})
+
+
+def _unet_table(c: UNetConfig) -> list[tuple]:
+    return unet_key_table(len(c.block_out_channels), c.layers_per_block,
+                          [t.startswith("CrossAttn") for t in c.down_block_types],
+                          [t.startswith("CrossAttn") for t in c.up_block_types])
+
+
+def _vae_table(c: VAEConfig) -> list[tuple]:
+    return vae_key_table(len(c.block_out_channels), c.layers_per_block)
+
+
+def _original_unet_table(sd) -> list[tuple]:
+    """The table for an original-layout U-Net, its structure read from the block numbering."""
+    inputs, outputs = _indices(sd, "input_blocks."), _indices(sd, "output_blocks.")
+    ops = [i for i in inputs if f"input_blocks.{i}.0.op.weight" in sd]
+    layers = ops[0] - 1 if ops else len(inputs) - 1
+    levels = len(outputs) // (layers + 1) if layers > 0 else 0
+    return unet_key_table(levels, layers,
+                          [f"input_blocks.{1 + i * (layers + 1)}.1.proj_in.weight" in sd for i in range(levels)],
+                          [f"output_blocks.{i * (layers + 1)}.1.proj_in.weight" in sd for i in range(levels)])
+
+
+def _original_vae_table(sd) -> list[tuple]:
+    return vae_key_table(len(_indices(sd, "encoder.down.")), len(_indices(sd, "encoder.down.0.block.")))
+
+
+def _text_keys(sd: dict) -> tuple[dict, list[str]]:
+    """transformers 5 saves CLIPTextModel without the `text_model.` prefix: add it; drop the position_ids buffer."""
+    out, dropped = {}, []
+    for k, v in sd.items():
+        if k.endswith("embeddings.position_ids"):
+            dropped.append(k)
+        else:
+            out[k if k.startswith("text_model.") else "text_model." + k] = v
+    return out, dropped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Expected shapes, per config, in our naming: what `load_checkpoint` checks a file against
+
+class _Shapes(dict):
+    def norm(self, p, c):
+        self[f"{p}.weight"] = self[f"{p}.bias"] = (c,)
+
+    def linear(self, p, o, i, bias=True):
+        self[f"{p}.weight"] = (o, i)
+        if bias:
+            self[f"{p}.bias"] = (o,)
+
+    def conv(self, p, o, i, k=3):
+        self[f"{p}.weight"], self[f"{p}.bias"] = (o, i, k, k), (o,)
+
+    def resnet(self, p, i, o, temb=0):
+        self.norm(f"{p}.norm1", i), self.conv(f"{p}.conv1", o, i)
+        self.norm(f"{p}.norm2", o), self.conv(f"{p}.conv2", o, o)
+        if temb:
+            self.linear(f"{p}.time_emb_proj", o, temb)
+        if i != o:
+            self.conv(f"{p}.conv_shortcut", o, i, 1)
+
+
+def unet_shapes(c: UNetConfig) -> dict[str, tuple]:
+    s, ch, n_layers, temb = _Shapes(), c.block_out_channels, c.layers_per_block, 4 * c.block_out_channels[0]
+
+    def transformer(p, n):
+        s.norm(f"{p}.norm", n)
+        for proj in (f"{p}.proj_in", f"{p}.proj_out"):
+            s.linear(proj, n, n) if c.use_linear_projection else s.conv(proj, n, n, 1)
+        b = f"{p}.transformer_blocks.0"
+        for attn, context in (("attn1", n), ("attn2", c.cross_attention_dim)):
+            s.linear(f"{b}.{attn}.to_q", n, n, bias=False)
+            s.linear(f"{b}.{attn}.to_k", n, context, bias=False), s.linear(f"{b}.{attn}.to_v", n, context, bias=False)
+            s.linear(f"{b}.{attn}.to_out.0", n, n)
+        s.norm(f"{b}.norm1", n), s.norm(f"{b}.norm2", n), s.norm(f"{b}.norm3", n)
+        s.linear(f"{b}.ff.net.0.proj", 8 * n, n), s.linear(f"{b}.ff.net.2", n, 4 * n)  # GEGLU: value and gate
+
+    s.conv("conv_in", ch[0], c.in_channels)
+    s.linear("time_embedding.linear_1", temb, ch[0]), s.linear("time_embedding.linear_2", temb, temb)
+    prev = ch[0]
+    for i, (n, kind) in enumerate(zip(ch, c.down_block_types)):
+        for j in range(n_layers):
+            s.resnet(f"down_blocks.{i}.resnets.{j}", prev if j == 0 else n, n, temb)
+            if kind.startswith("CrossAttn"):
+                transformer(f"down_blocks.{i}.attentions.{j}", n)
+        if i < len(ch) - 1:
+            s.conv(f"down_blocks.{i}.downsamplers.0.conv", n, n)
+        prev = n
+    s.resnet("mid_block.resnets.0", ch[-1], ch[-1], temb), s.resnet("mid_block.resnets.1", ch[-1], ch[-1], temb)
+    transformer("mid_block.attentions.0", ch[-1])
+    rev = ch[::-1]
+    prev = rev[0]
+    for i, (n, kind) in enumerate(zip(rev, c.up_block_types)):
+        skip = rev[min(i + 1, len(ch) - 1)]  # the last resnet of a level takes the skip from the level below
+        for j in range(n_layers + 1):
+            s.resnet(f"up_blocks.{i}.resnets.{j}", (prev if j == 0 else n) + (skip if j == n_layers else n), n, temb)
+            if kind.startswith("CrossAttn"):
+                transformer(f"up_blocks.{i}.attentions.{j}", n)
+        if i < len(ch) - 1:
+            s.conv(f"up_blocks.{i}.upsamplers.0.conv", n, n)
+        prev = n
+    s.norm("conv_norm_out", ch[0]), s.conv("conv_out", c.out_channels, ch[0])
+    return dict(s)
+
+
+def vae_shapes(c: VAEConfig) -> dict[str, tuple]:
+    s, ch, n_layers, z = _Shapes(), c.block_out_channels, c.layers_per_block, c.latent_channels
+
+    def mid(part):
+        s.resnet(f"{part}.mid_block.resnets.0", ch[-1], ch[-1]), s.resnet(f"{part}.mid_block.resnets.1", ch[-1], ch[-1])
+        if c.mid_block_add_attention:
+            s.norm(f"{part}.mid_block.attentions.0.group_norm", ch[-1])
+            for q in ("to_q", "to_k", "to_v", "to_out.0"):
+                s.linear(f"{part}.mid_block.attentions.0.{q}", ch[-1], ch[-1])
+
+    s.conv("encoder.conv_in", ch[0], c.in_channels)
+    prev = ch[0]
+    for i, n in enumerate(ch):
+        for j in range(n_layers):
+            s.resnet(f"encoder.down_blocks.{i}.resnets.{j}", prev if j == 0 else n, n)
+        if i < len(ch) - 1:
+            s.conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", n, n)
+        prev = n
+    mid("encoder"), s.norm("encoder.conv_norm_out", ch[-1]), s.conv("encoder.conv_out", 2 * z, ch[-1])
+    s.conv("quant_conv", 2 * z, 2 * z, 1), s.conv("post_quant_conv", z, z, 1)
+    s.conv("decoder.conv_in", ch[-1], z), mid("decoder")
+    prev = ch[-1]
+    for i, n in enumerate(ch[::-1]):
+        for j in range(n_layers + 1):
+            s.resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else n, n)
+        if i < len(ch) - 1:
+            s.conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", n, n)
+        prev = n
+    s.norm("decoder.conv_norm_out", ch[0]), s.conv("decoder.conv_out", c.out_channels, ch[0])
+    return dict(s)
+
+
+def text_shapes(c: CLIPTextConfig) -> dict[str, tuple]:
+    s, d = _Shapes(), c.hidden_size
+    s["text_model.embeddings.token_embedding.weight"] = (c.vocab_size, d)
+    s["text_model.embeddings.position_embedding.weight"] = (c.max_position_embeddings, d)
+    for i in range(c.num_hidden_layers):
+        p = f"text_model.encoder.layers.{i}"
+        for q in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            s.linear(f"{p}.self_attn.{q}", d, d)
+        s.norm(f"{p}.layer_norm1", d), s.linear(f"{p}.mlp.fc1", c.intermediate_size, d)
+        s.linear(f"{p}.mlp.fc2", d, c.intermediate_size), s.norm(f"{p}.layer_norm2", d)
+    s.norm("text_model.final_layer_norm", d)
+    return dict(s)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs from shapes (single files carry none)
+
+def _infer(what: str, path: str, build):
+    try:
+        return build()
+    except (KeyError, ValueError, IndexError, StopIteration) as e:
+        raise CheckpointError(f"{path or what + ' weights'}: cannot infer the {what} config from the weights "
+                              f"(no {e}); not a Stable Diffusion 1.x {what}?") from None
+
+
+def _dim(sd, key, axis, default):
+    """A size read from one tensor, or the SD default when that tensor is missing (the key check reports it)."""
+    return sd[key].shape[axis] if key in sd else default
+
+
+def infer_unet_config(unet_sd, *, path="") -> UNetConfig:
+    def build():
+        if not (levels := len(_indices(unet_sd, "down_blocks."))):
+            raise KeyError("down_blocks.*")
+        attn = [[f"{part}.{i}.attentions.0.proj_in.weight" in unet_sd for i in range(levels)]
+                for part in ("down_blocks", "up_blocks")]
+        proj_in = next((v for k, v in unet_sd.items() if k.endswith(".proj_in.weight")), None)
+        return UNetConfig(
+            in_channels=_dim(unet_sd, "conv_in.weight", 1, 4), out_channels=_dim(unet_sd, "conv_out.weight", 0, 4),
+            block_out_channels=tuple(unet_sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                                     for i in range(levels)),
+            layers_per_block=len(_indices(unet_sd, "down_blocks.0.resnets.")),
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn[0]),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn[1]),
+            cross_attention_dim=next((v.shape[1] for k, v in unet_sd.items() if k.endswith("attn2.to_k.weight")), 768),
+            use_linear_projection=proj_in is not None and proj_in.ndim == 2)
+    return _infer("U-Net", path, build)
+
+
+def infer_vae_config(vae_sd, *, path="") -> VAEConfig:
+    def build():
+        if not (levels := len(_indices(vae_sd, "encoder.down_blocks."))):
+            raise KeyError("encoder.down_blocks.*")
+        return VAEConfig(
+            in_channels=_dim(vae_sd, "encoder.conv_in.weight", 1, 3),
+            out_channels=_dim(vae_sd, "decoder.conv_out.weight", 0, 3),
+            latent_channels=_dim(vae_sd, "decoder.conv_in.weight", 1, 4),
+            block_out_channels=tuple(vae_sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                                     for i in range(levels)),
+            layers_per_block=len(_indices(vae_sd, "encoder.down_blocks.0.resnets.")),
+            mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in vae_sd)
+    return _infer("VAE", path, build)
+
+
+def infer_text_config(text_sd, *, path="") -> CLIPTextConfig:
+    sd, _ = _text_keys(text_sd)
+
+    def build():
+        vocab, d = sd["text_model.embeddings.token_embedding.weight"].shape
+        return CLIPTextConfig(
+            # heads are not in the shapes: CLIP's heads are 64 wide
+            vocab_size=vocab, hidden_size=d, num_attention_heads=max(d // 64, 1),
+            max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+            num_hidden_layers=len(_indices(sd, "text_model.encoder.layers.")),
+            intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0])
+    return _infer("text encoder", path, build)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The original single-file layout
+
+def _family_error(where: str, family: str, evidence: str) -> CheckpointError:
+    return CheckpointError(f"{where}: looks like an {family} checkpoint ({evidence}); "
+                           f"stablediff supports Stable Diffusion 1.x only")
+
+
+def _check_widths(where: str, cross_attention: int, text_hidden: int | None, evidence: str):
+    """SD 1.x conditions a 768-wide CLIP; 1024 is SD 2.x's OpenCLIP, 2048 SDXL's pair of encoders."""
+    if cross_attention == 1024:
+        raise _family_error(where, "SD 2.x", f"1024-wide cross-attention, {evidence}")
+    if cross_attention in (1280, 2048):
+        raise _family_error(where, "SDXL", f"{cross_attention}-wide cross-attention, {evidence}")
+    if text_hidden is not None and text_hidden != cross_attention:
+        raise CheckpointError(f"{where}: the U-Net attends to {cross_attention}-wide text features but the text "
+                              f"encoder is {text_hidden} wide; the file mixes parts of different models")
+
+
+def detect(sd, path="") -> str:
+    """"sd1" for a Stable Diffusion 1.x single-file checkpoint; otherwise a CheckpointError saying what it is."""
+    where, keys = path or "checkpoint", list(sd)
+
+    def first(prefix):
+        return next((k for k in keys if k.startswith(prefix)), None)
+
+    if first("conditioner.embedders."):
+        raise _family_error(where, "SDXL", "conditioner.embedders.*")
+    if first("cond_stage_model.model."):
+        raise _family_error(where, "SD 2.x", "OpenCLIP text encoder cond_stage_model.model.*")
+    if not first("model.diffusion_model."):
+        if first("down_blocks.") or first("conv_in."):
+            what = "a diffusers U-Net weights file (down_blocks.*), not a whole checkpoint; pass the diffusers folder"
+        elif first("encoder.down") or first("decoder.up"):
+            what = "a standalone VAE (encoder.*, decoder.*), not a whole checkpoint"
+        elif first("lora_") or any(".lora_" in k for k in keys):
+            what = "a LoRA (lora_* keys), not a whole checkpoint"
+        elif first("text_model.") or first("cond_stage_model.") or first("embeddings.token_embedding"):
+            what = "a text encoder only, not a whole checkpoint"
+        else:
+            what = f"something other than Stable Diffusion: no model.diffusion_model.* keys (it has {keys[:3]}...)"
+        raise CheckpointError(f"{where}: looks like {what}; stablediff needs a Stable Diffusion 1.x checkpoint")
+    if "model.diffusion_model.input_blocks.0.0.weight" not in sd:
+        raise CheckpointError(f"{where}: looks like another diffusion architecture (model.diffusion_model.* has no "
+                              f"input_blocks; e.g. {first('model.diffusion_model.')}); stablediff supports Stable "
+                              f"Diffusion 1.x only")
+    to_k = next((k for k in keys if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")), None)
+    tokens = next((sd[k] for k in keys if k.startswith(PREFIXES["text_encoder"])
+                   and k.endswith("token_embedding.weight")), None)
+    if to_k is not None:
+        _check_widths(where, sd[to_k].shape[-1], None if tokens is None else tokens.shape[-1], to_k)
+    return "sd1"
+
+
+def split_original(sd, *, use_ema=False, path="") -> dict[str, dict]:
+    """Original single-file layout -> {"unet", "vae", "text_encoder"} state dicts in our naming, plus "unused":
+    every original key not used (model_ema.* unless use_ema, schedule buffers, keys the table has no place for)."""
+    parts, unused = {c: {} for c in PREFIXES}, {}
+    for k, v in sd.items():
+        comp = next((c for c, p in PREFIXES.items() if k.startswith(p)), None)
+        if comp is None:
+            unused[k] = v
+        else:
+            parts[comp][k[len(PREFIXES[comp]):]] = v
+    if use_ema:  # EMA copies are stored flat: model_ema.diffusion_modelinput_blocks00weight
+        ema = {k: "model_ema.diffusion_model" + k.replace(".", "") for k in parts["unet"]}
+        missing = [e for e in ema.values() if e not in sd]
+        if len(missing) == len(ema):
+            raise CheckpointError(f"{path or 'checkpoint'}: use_ema=True but the file has no EMA weights "
+                                  f"(no model_ema.* keys); load it without use_ema")
+        if missing:
+            raise CheckpointError(f"{path or 'checkpoint'}: use_ema=True but {len(missing)} of {len(ema)} U-Net "
+                                  f"weights have no EMA copy (e.g. {missing[0]}); load it without use_ema")
+        unused.update({PREFIXES["unet"] + k: v for k, v in parts["unet"].items()})
+        parts["unet"] = {k: unused.pop(e) for k, e in ema.items()}
+    unet, left_u = _rename(parts["unet"], _original_unet_table(parts["unet"]), to_ours=True)
+    vae, left_v = _rename(parts["vae"], _original_vae_table(parts["vae"]), to_ours=True)
+    text, left_t = _text_keys(parts["text_encoder"])  # with or without text_model.
+    for comp, left in (("unet", left_u), ("vae", left_v), ("text_encoder", left_t)):
+        unused.update({PREFIXES[comp] + k: parts[comp][k] for k in left})
+    return {"unet": unet, "vae": vae, "text_encoder": text, "unused": unused}
+
+
+def to_original(unet_sd, vae_sd, text_sd) -> dict[str, torch.Tensor]:
+    """Our naming -> one original-layout state dict (the inverse of `split_original`)."""
+    text, _ = _text_keys(text_sd)
+    out = {}
+    for comp, sd, rows in (("unet", unet_sd, _unet_table(infer_unet_config(unet_sd))),
+                           ("vae", vae_sd, _vae_table(infer_vae_config(vae_sd))),
+                           ("text_encoder", text, [("text_model", "text_model", None)])):
+        mapped, left = _rename(sd, rows, to_ours=False)
+        if left:
+            raise CheckpointError(f"to_original: {len(left)} {comp} keys have no place in the original layout "
+                                  f"(e.g. {left[:3]})")
+        out.update({PREFIXES[comp] + k: v for k, v in mapped.items()})
+    return out

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sweep: make every row with each of these samplers, e.g. euler,dpmpp_2m")
     bat.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                      help="run on Ray Data: a new local Ray, or the cluster at ADDRESS (auto, HOST:6379 or "
-                          "ray://HOST:10001); needs pip install \"stablediff[ray]\"; put it after JOBS")
+                          "ray://HOST:10001); needs the ray extra: pip install -e \".[ray]\"")
     bat.add_argument("--workers", type=int, default=None, metavar="N",
                      help="with --ray: pipelines (Ray actors) to run, each on its own GPU where the cluster has "
                           "GPUs (default: one per GPU, else 1)")

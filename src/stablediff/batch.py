@@ -1,0 +1,558 @@
+"""Batch generation: a job file -> PNGs and a manifest.jsonl, resumable, in a local loop or on Ray Data.
+
+1. `read_jobs`: every non-blank line of JOBS is a row, known by its line number: a prompt (.txt), a JSON object
+   or string (.jsonl), or a record under a header line (.csv). A row may set any of OPTIONS.
+2. `plan`: every row is checked (all problems, with line numbers, before anything runs) and becomes images: its
+   seeds (`seed` + 0..batch_size-1, or the --seeds sweep; `row_seed` where it sets none) times its samplers (its
+   own, or the --samplers sweep). An image's key is its file name, `LLLLL-SEED-SAMPLER[-karras]`. Runs of
+   consecutive seeds go through the model together, batch_size at a time ("units"); that split depends on the job
+   alone, so an image's pixels do not depend on what was made before, by which worker, or whether on Ray.
+3. `Manifest`: DIR/manifest.jsonl, one JSON line per image file. A PNG is written to a temporary name and linked
+   into place, then its line is appended in one write + fsync: a kill leaves whole files and whole lines, at most
+   one PNG without its line (adopted on resume: the same bytes are made again) and one partial last line (dropped).
+4. Units run in a local loop (one pipeline) or on a Ray Data actor pool (one pipeline per actor); either way only
+   this process writes files, so a cluster needs no shared disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import PngImagePlugin
+
+from . import samplers
+from .pipeline import MAX_SEED, StableDiffusion, check_params
+
+MANIFEST = "manifest.jsonl"
+SUFFIXES = (".txt", ".csv", ".jsonl")
+OPTIONS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "cfg_scale": float, "sampler": str,
+           "schedule": str, "width": int, "height": int, "batch_size": int, "clip_skip": int}
+_TMP_PREFIX, _TMP_SUFFIX = ".batch-", ".png.tmp"
+
+
+class JobError(ValueError):
+    """Bad rows, found before anything is generated; `problems` holds one 'FILE: line N: what' text per row."""
+
+    def __init__(self, path: Path, problems: list[tuple[int, str]]):
+        self.problems = [f"{path}: line {line}: {message}" for line, message in problems]
+        lines = ", ".join(str(line) for line, _ in problems)
+        what = self.problems[0] if len(problems) == 1 else f"{path}: {len(problems)} bad rows (lines {lines})"
+        super().__init__(f"{what}; fix {'it' if len(problems) == 1 else 'them'} or pass --skip-bad to run the rest")
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int  # 1-based line of the file where the row starts
+    raw: dict  # as read (a .txt row is {"prompt": line})
+
+
+# --- reading the job file ---------------------------------------------------------------------------------------
+
+def read_jobs(path: str | Path) -> tuple[list[Row], list[tuple[int, str]]]:
+    """The rows of a .txt/.csv/.jsonl file, and (line, problem) for the lines that are not rows at all."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise ValueError(f"JOBS {path}: expected a .txt, .csv or .jsonl file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"JOBS {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"JOBS {path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    read = {".txt": _read_txt, ".csv": _read_csv, ".jsonl": _read_jsonl}[path.suffix.lower()]
+    rows, problems = read(text)
+    if not rows and not problems:
+        raise ValueError(f"JOBS {path}: has no rows")
+    return rows, problems
+
+
+def _lines(text: str):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): editors count only \n
+        if line.strip():
+            yield number, line.rstrip("\r")
+
+
+def _read_txt(text):
+    return [Row(n, {"prompt": line.strip()}) for n, line in _lines(text)], []
+
+
+def _read_jsonl(text):
+    rows, problems = [], []
+    for n, line in _lines(text):
+        try:
+            value = json.loads(line)
+        except ValueError as e:
+            problems.append((n, f"not JSON ({e.msg} at column {e.colno})"))
+            continue
+        if isinstance(value, str):
+            value = {"prompt": value}
+        if not isinstance(value, dict):
+            problems.append((n, f"expected a JSON object or string, got {type(value).__name__}"))
+            continue
+        rows.append(Row(n, value))
+    return rows, problems
+
+
+def _read_csv(text):
+    rows, problems, header = [], [], None
+    reader = csv.reader(io.StringIO(text))
+    while True:
+        start = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            problems.append((start, f"not CSV ({e})"))
+            break
+        if not any(cell.strip() for cell in record):
+            continue
+        if header is None:
+            header = [cell.strip().lower().replace("-", "_").replace(" ", "_") for cell in record]
+            continue
+        if len(record) > len(header):
+            problems.append((start, f"{len(record)} cells under a header of {len(header)} columns"))
+            continue
+        rows.append(Row(start, {k: v for k, v in zip(header, record) if v.strip()}))
+    return rows, problems
+
+
+def _coerce(key: str, value):
+    """A row's value as OPTIONS[key] (CSV gives text: '20' -> 20), or ValueError naming it."""
+    kind = OPTIONS[key]
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} {value!r} is not text")
+        return value.strip()
+    try:
+        value = kind(value.strip()) if isinstance(value, str) else value
+        value = int(value) if kind is int and isinstance(value, float) and value.is_integer() else value
+    except ValueError:
+        pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ValueError(f"{key} {value!r} is not {'a whole number' if kind is int else 'a number'}")
+    return kind(value)
+
+
+# --- rows -> images ---------------------------------------------------------------------------------------------
+
+def parse_seeds(text: str) -> list[int]:
+    """'1-100' / '1,5,9-12' -> the sorted distinct seeds."""
+    seeds = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise ValueError(f"--seeds {text!r}: {part.strip()!r} is not a seed or a range like 1-100") from None
+        if not 0 <= a <= b <= MAX_SEED:
+            raise ValueError(f"--seeds {text!r}: {part.strip()!r} is not a range within 0..{MAX_SEED}")
+        if b - a >= 1_000_000:
+            raise ValueError(f"--seeds {text!r}: {part.strip()!r} has more than a million seeds")
+        seeds.update(range(a, b + 1))
+    return sorted(seeds)
+
+
+def parse_samplers(text: str) -> list[str]:
+    """'euler,DPM++ 2M Karras' -> the names, each checked (ValueError names a bad one)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--samplers {text!r} names no sampler")
+    for name in names:
+        try:
+            samplers.get_sampler(name)
+        except ValueError as e:
+            raise ValueError(f"--samplers {text!r}: {e}") from None
+    return names
+
+
+def row_seed(base: int, line: int, count: int) -> int:
+    """The first seed of a row that sets none: from --seed (the base, 0 if not given) and its line number, so a
+    rerun makes the same images and no two rows share seeds by accident."""
+    digest = hashlib.sha256(f"{base}:{line}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % (MAX_SEED + 2 - count)
+
+
+@dataclass
+class Plan:
+    units: list[dict] = field(default_factory=list)  # {"params", "seed": the first, "keys": one per seed}
+    images: dict[str, dict] = field(default_factory=dict)  # key -> {"line", "row", "params" (with its seed)}
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (line, what is wrong)
+
+
+def plan(rows: list[Row], defaults: dict, *, seeds: list[int] | None = None, sampler_sweep: list[str] | None = None,
+         base_seed: int = 0) -> Plan:
+    """Check every row and expand the good ones into images and units (see the module docstring)."""
+    result = Plan()
+    for row in rows:
+        try:
+            unknown = [k for k in row.raw if k not in OPTIONS]
+            if unknown:
+                raise ValueError(f"unknown option {unknown[0]!r}; a row may set {', '.join(OPTIONS)}")
+            s = {"prompt": "", **defaults}
+            s.update({k: _coerce(k, v) for k, v in row.raw.items() if v is not None})
+            if not s.get("prompt"):
+                raise ValueError("the prompt is empty")
+            count = s.pop("batch_size")
+            first = s.pop("seed")
+            if seeds is None and first is not None and first + count - 1 > MAX_SEED:
+                raise ValueError(f"seed {first} + batch size {count} runs past {MAX_SEED}")
+            units = []
+            for name in sampler_sweep or [s["sampler"]]:
+                check_params(steps=s["steps"], cfg_scale=s["cfg_scale"], width=s["width"], height=s["height"],
+                             batch_size=count, sampler=name, schedule=s["schedule"], clip_skip=s["clip_skip"],
+                             seed=first)
+                spec, alias = samplers.get_sampler(name)
+                params = dict(s, sampler=spec.name, schedule=s["schedule"] or alias)
+                units.append(params)
+        except ValueError as e:
+            result.problems.append((row.line, str(e)))
+            continue
+        if seeds is None:
+            first = row_seed(base_seed, row.line, count) if first is None else first
+        image_seeds = seeds if seeds is not None else list(range(first, first + count))
+        for params in units:
+            tag = params["sampler"] + ("-karras" if params["schedule"] == "karras" else "")
+            for chunk in _runs(image_seeds, count):
+                keys = [f"{row.line:05d}-{seed}-{tag}" for seed in chunk]
+                if keys[0] in result.images:  # the same sampler twice in --samplers
+                    continue
+                result.units.append({"params": params, "seed": chunk[0], "keys": keys})
+                for key, seed in zip(keys, chunk):
+                    result.images[key] = {"line": row.line, "row": row.raw, "params": dict(params, seed=seed)}
+    return result
+
+
+def _runs(seeds: list[int], size: int):
+    """Sorted seeds -> runs of consecutive seeds, at most `size` long (one pipeline call each)."""
+    run = []
+    for seed in seeds:
+        if run and (seed != run[-1] + 1 or len(run) == size):
+            yield run
+            run = []
+        run.append(seed)
+    if run:
+        yield run
+
+
+# --- the manifest and the files ---------------------------------------------------------------------------------
+
+class Manifest:
+    """DIR/manifest.jsonl for one writer at a time (a lock file next to it): `entries` maps key -> entry for
+    every line whose file exists. Opening drops a partial last line, duplicate keys and lines whose file is gone
+    (rewriting the manifest to a temporary name, then renaming), and removes our leftover temporary PNGs."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.path = self.directory / MANIFEST
+        self.entries: dict[str, dict] = {}
+        self._fd = self._lock_fd = None
+
+    def __enter__(self) -> "Manifest":
+        self._lock_fd = _lock(self.directory / f".{MANIFEST}.lock")
+        try:
+            for leftover in self.directory.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
+                leftover.unlink(missing_ok=True)
+            self.entries, rewrite = self._read()
+            if rewrite:
+                text = "".join(_line(e) for e in self.entries.values())
+                _write_new(self.path, text.encode(), replace=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._lock_fd = None
+
+    def _read(self) -> tuple[dict, bool]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}, False
+        *lines, tail = data.split(b"\n")
+        entries, rewrite = {}, bool(tail)  # a last line without its newline was cut short: never written
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                key, name = entry["key"], entry["file"]
+                if not (isinstance(key, str) and isinstance(name, str) and Path(name).name == name):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{self.path}: line {number} is not a `stablediff batch` manifest entry; "
+                                 "choose another --output-dir") from None
+            if key in entries or not (self.directory / name).is_file():
+                rewrite = True
+                continue
+            entries[key] = entry
+        return entries, rewrite
+
+    def append(self, entry: dict) -> None:
+        """One whole line, in one write, on disk before this returns."""
+        data = _line(entry).encode()
+        while data:
+            data = data[os.write(self._fd, data):]
+        os.fsync(self._fd)
+        self.entries[entry["key"]] = entry
+
+
+def _line(entry: dict) -> str:
+    return json.dumps(entry, ensure_ascii=False) + "\n"
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(f"--output-dir {path.parent}: another `stablediff batch` is writing there; "
+                         "wait for it or choose another --output-dir") from None
+    return fd
+
+
+def _write_new(target: Path, data: bytes, replace: bool = False) -> bool:
+    """Write data under a temporary name, then give it the name `target`: always when `replace`, otherwise only
+    if the name is free (False when it was taken). Nobody ever sees a half-written file under `target`."""
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 is for secrets, not pictures
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, target)
+            return True
+        try:
+            os.link(tmp, target)  # atomic, and refuses to replace an existing file
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here: check, then rename (the manifest lock keeps other batches out)
+            if target.exists():
+                return False
+            os.replace(tmp, target)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def save_image(directory: Path, key: str, png: bytes) -> bool:
+    """Put the PNG at DIR/KEY.png. True when that file now holds exactly these bytes (written now, or left by a
+    run killed before its manifest line); False when another file has the name (left alone)."""
+    target = directory / f"{key}.png"
+    if target.exists() or not _write_new(target, png):
+        return target.read_bytes() == png
+    return True
+
+
+# --- making images ----------------------------------------------------------------------------------------------
+
+def load_pipeline(model: str, *, device: str = "auto", dtype: str = "float32", safety_checker=False):
+    return StableDiffusion.from_pretrained(model, device=device, dtype=getattr(torch, dtype),
+                                           safety_checker=safety_checker)
+
+
+def png_bytes(image, parameters: str) -> bytes:
+    """The PNG file, with A1111's `parameters` text chunk as images.save_png writes it."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def generate(pipe, unit: dict) -> list[dict]:
+    """One unit through the pipeline -> one result per image: key, png (bytes), seconds, nsfw, error."""
+    p, keys = unit["params"], unit["keys"]
+    start = time.perf_counter()
+    try:
+        result = pipe(p["prompt"], p["negative_prompt"], steps=p["steps"], cfg_scale=p["cfg_scale"],
+                      seed=unit["seed"], width=p["width"], height=p["height"], batch_size=len(keys),
+                      sampler=p["sampler"], schedule=p["schedule"], clip_skip=p["clip_skip"])
+    except Exception as e:  # noqa: BLE001 - one unit's failure (NaN, out of memory, ...) must not end the job
+        message = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        return [dict(key=k, png=b"", seconds=0.0, nsfw=False, error=message) for k in keys]
+    seconds = round((time.perf_counter() - start) / len(keys), 3)
+    flags = result.nsfw or [False] * len(keys)
+    return [dict(key=k, png=png_bytes(image, text), seconds=seconds, nsfw=bool(flag), error="")
+            for k, image, text, flag in zip(keys, result.images, result.infotexts, flags)]
+
+
+class RayWorker:
+    """A Ray Data actor: one pipeline, loaded on the first batch (rows carry the load settings, so Ray keeps no
+    constructor arguments); takes units (JSON text), gives back images."""
+
+    def __init__(self):
+        torch.set_num_threads(1)  # one CPU per actor, so actors on a machine do not fight over its cores
+        self.pipe = None
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        if self.pipe is None:
+            self.pipe = load_pipeline(**json.loads(str(batch["load"][0])))
+        results = [r for text in batch["unit"] for r in generate(self.pipe, json.loads(str(text)))]
+        return {name: np.array([r[name] for r in results], dtype=object)
+                for name in ("key", "png", "seconds", "nsfw", "error")}
+
+
+def run_ray(units: list[dict], on_result: Callable[[dict], None], *, address: str | None, workers: int | None,
+            model: str, device: str, dtype: str, safety_checker) -> int:
+    """The units on a Ray Data actor pool (`workers` actors, each with a GPU where the cluster has them) on a
+    new local Ray (address None) or the cluster at `address`; results come back here. Returns the actor count."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError('--ray needs Ray Data: pip install "ray[data]" (the `ray` extra)') from None
+    started = not ray.is_initialized()
+    if started:
+        if address is None:  # room for the asked-for actors even where they outnumber the cores
+            ray.init(num_cpus=max(os.cpu_count() or 1, workers or 1), include_dashboard=False,
+                     logging_level="ERROR", configure_logging=True)
+        else:
+            ray.init(address=address, logging_level="ERROR")
+    context, logger = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
+    bars, level = context.enable_progress_bars, logger.level
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpu = gpus > 0 and device in ("auto", "cuda")
+        if device == "cuda" and not use_gpu:
+            raise ValueError("--device cuda: the Ray cluster has no GPUs")
+        workers = workers or max(gpus if use_gpu else 1, 1)
+        actor_device = "cuda" if use_gpu else ("cpu" if device == "auto" else device)
+        context.enable_progress_bars = False  # ours counts images
+        logger.setLevel(logging.ERROR)
+        load = json.dumps(dict(model=model, device=actor_device, dtype=dtype, safety_checker=safety_checker))
+        dataset = ray.data.from_items([{"unit": json.dumps(u), "load": load} for u in units],
+                                      override_num_blocks=min(len(units), 10_000))
+        dataset = dataset.map_batches(RayWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+                                      num_gpus=1 if use_gpu else 0, num_cpus=1)
+        for row in dataset.iter_rows():
+            on_result({"key": str(row["key"]), "png": bytes(row["png"]), "seconds": float(row["seconds"]),
+                       "nsfw": bool(row["nsfw"]), "error": str(row["error"])})
+    finally:
+        context.enable_progress_bars = bars
+        logger.setLevel(level)
+        if started:
+            ray.shutdown()
+    return workers
+
+
+# --- the whole command ------------------------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    made: int  # images written by this run
+    existing: int  # images the manifest already had
+    failed: int  # images not made (a pipeline error, or their file name taken by another file)
+    bad_rows: int  # rows skipped by --skip-bad
+    seconds: float
+    manifest: Path
+
+    def __str__(self):
+        rate = f" ({self.made / self.seconds:.2f} images/s)" if self.made and self.seconds else ""
+        skipped = f", {self.bad_rows} bad rows skipped" if self.bad_rows else ""
+        return (f"{self.made} images made in {self.seconds:.1f} s{rate}, {self.existing} already there, "
+                f"{self.failed} failed{skipped}; manifest: {self.manifest}")
+
+
+def run_batch(jobs: str | Path, output_dir: str | Path, *, model: str, defaults: dict, seeds: str | None = None,
+              samplers: str | None = None, base_seed: int | None = None, skip_bad: bool = False,
+              ray: str | None = None, workers: int | None = None, device: str = "auto", dtype: str = "float32",
+              safety_checker=False, load: Callable[[], object] | None = None, progress: bool = True,
+              warn: Callable[[str], None] | None = None) -> Summary:
+    """Everything `stablediff batch` does after parsing. `defaults`: every OPTIONS key but prompt (the command
+    line's values); `ray`: None for the local loop, "local" for a new local Ray, else a cluster address; `load`
+    makes the local loop's pipeline (default load_pipeline). Bad input raises ValueError (JobError for rows)
+    before anything is generated."""
+    from tqdm.auto import tqdm
+
+    warn = warn or (lambda message: tqdm.write(f"stablediff: warning: {message}", file=sys.stderr))
+    jobs, output_dir = Path(jobs), Path(output_dir)
+    if Path(model).expanduser().exists():  # a local model is known by its absolute path, wherever we run from
+        model = str(Path(model).expanduser().resolve())
+    sweep_seeds = parse_seeds(seeds) if seeds else None
+    sweep_samplers = parse_samplers(samplers) if samplers else None
+    rows, problems = read_jobs(jobs)
+    work = plan(rows, defaults, seeds=sweep_seeds, sampler_sweep=sweep_samplers, base_seed=base_seed or 0)
+    problems = sorted(problems + work.problems)
+    if problems and not skip_bad:
+        raise JobError(jobs, problems)
+    for line in JobError(jobs, problems).problems if problems else []:
+        warn(f"{line} (skipped)")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with Manifest(output_dir) as manifest:
+        for key, info in work.images.items():
+            old = manifest.entries.get(key)
+            now = dict(info["params"], model=model)
+            if old is not None and dict(old.get("params", {}), model=old.get("model")) != now:
+                name = next(k for k in now if old.get("params", {}).get(k, old.get(k)) != now[k])
+                raise ValueError(f"{manifest.path}: {key}.png was made with {name} "
+                                 f"{old.get('params', {}).get(name, old.get(name))!r}, this run asks for "
+                                 f"{now[name]!r}; run the same command as before, or choose another --output-dir")
+        pending = {key for key in work.images if key not in manifest.entries}
+        existing = len(work.images) - len(pending)
+        units = [u for u in work.units if any(k in pending for k in u["keys"])]
+        counts = {"made": 0, "failed": 0}
+        bar = tqdm(total=len(pending), unit="image", disable=not progress or not pending, dynamic_ncols=True)
+
+        def on_result(result: dict) -> None:
+            key = result["key"]
+            if key not in pending:  # already made (a unit re-run whole for its missing images)
+                return
+            pending.discard(key)
+            bar.update(1)
+            info = work.images[key]
+            if result["error"]:
+                counts["failed"] += 1
+                warn(f"{jobs}: line {info['line']}: seed {info['params']['seed']}: {result['error']}")
+            elif not save_image(output_dir, key, result["png"]):
+                counts["failed"] += 1
+                warn(f"{output_dir / key}.png: a different file already has this name; left it alone "
+                     "(move it away and run again)")
+            else:
+                counts["made"] += 1
+                manifest.append({"key": key, **info, "model": model, "file": f"{key}.png",
+                                 "sha256": hashlib.sha256(result["png"]).hexdigest(),
+                                 "seconds": result["seconds"], "nsfw": result["nsfw"]})
+                if result["nsfw"]:
+                    warn(f"{output_dir / key}.png: flagged by the safety checker; saved blurred")
+
+        start = time.perf_counter()
+        try:
+            if units and ray is None:
+                pipe = load() if load else load_pipeline(model, device=device, dtype=dtype,
+                                                          safety_checker=safety_checker)
+                start = time.perf_counter()
+                for unit in units:
+                    for result in generate(pipe, unit):
+                        on_result(result)
+            elif units:
+                run_ray(units, on_result, address=None if ray == "local" else ray, workers=workers, model=model,
+                        device=device, dtype=dtype, safety_checker=safety_checker)
+        finally:
+            bar.close()
+        return Summary(counts["made"], existing, counts["failed"] + len(pending), len(problems),
+                       time.perf_counter() - start, manifest.path)

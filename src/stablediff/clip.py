@@ -19,6 +19,15 @@ from .config import CLIPTextConfig, CLIPVisionConfig
 from .nn import ACTIVATIONS
 
 
+def embedding(n: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, skipping its random init on the meta device: `normal_` there first imports torch's
+    reference-op machinery, seconds that every model load would pay for values it then overwrites."""
+    weight = torch.empty(n, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(n, dim, _weight=weight)
+
+
 class CLIPAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -80,8 +89,8 @@ class CLIPEncoder(nn.Module):
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_embedding = embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, ids, token_embeds=None):
         """token_embeds (B, L, C), when given, replace the looked-up token vectors (textual inversion)."""
@@ -126,7 +135,7 @@ class CLIPVisionEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size,
                                          bias=False)
-        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+        self.position_embedding = embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
 
     def forward(self, pixels):
         patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, C, 16, 16)

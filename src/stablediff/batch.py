@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -26,8 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import PngImagePlugin
 
+from .images import png_bytes
 from .jobs import JobError, parse_samplers, parse_seeds, plan, read_jobs
 from .jobs import Row, row_seed  # noqa: F401 - re-exported: callers know them as batch.Row, batch.row_seed
 from .pipeline import StableDiffusion
@@ -160,15 +159,6 @@ def save_image(directory: Path, key: str, png: bytes) -> bool:
 def load_pipeline(model: str, *, device: str = "auto", dtype: str = "float32", safety_checker=False):
     return StableDiffusion.from_pretrained(model, device=device, dtype=getattr(torch, dtype),
                                            safety_checker=safety_checker)
-
-
-def png_bytes(image, parameters: str) -> bytes:
-    """The PNG file, with A1111's `parameters` text chunk as images.save_png writes it."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 def generate(pipe, unit: dict) -> list[dict]:

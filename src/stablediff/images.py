@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import io
 import os
 import re
 import tempfile
@@ -140,6 +141,16 @@ def _claim(tmp: Path, target: Path) -> bool:
         return True
 
 
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    """The PNG file of `image` with `parameters` in a text chunk (tEXt, or iTXt when the text is not Latin-1), as
+    AUTOMATIC1111 writes it."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 def save_png(image: Image.Image, directory: str | Path, seed: int, parameters: str) -> Path:
     """Save as `<directory>/NNNNN-SEED.png`, NNNNN one past the highest number already there, with `parameters`
     in a PNG text chunk (tEXt, or iTXt when the text is not Latin-1) as A1111 writes it.
@@ -149,13 +160,12 @@ def save_png(image: Image.Image, directory: str | Path, seed: int, parameters: s
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+    data = png_bytes(image, parameters)
     fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            f.write(data)
         number = _next_number(directory)
         while not _claim(tmp, directory / f"{number:05d}-{seed}.png"):
             number += 1

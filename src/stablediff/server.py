@@ -47,7 +47,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from . import __version__, images, samplers
@@ -194,11 +194,7 @@ def decode_image(data: str, name: str) -> Image.Image:
 
 def png_base64(image: Image.Image, parameters: str) -> str:
     """PNG bytes with A1111's `parameters` text chunk, base64-encoded as A1111 sends them."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(images.png_bytes(image, parameters)).decode("ascii")
 
 
 def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, sampler: str, schedule: str | None,

@@ -55,7 +55,7 @@ _embedding_pickle.load = lambda f, **kw: _EmbeddingUnpickler(f, **kw).load()
 def _read_pickle(path: Path):
     try:
         # weights_only=False only because torch's own allow-list cannot take our unpickler: the restricted
-        # pickle module below refuses every global that is not a tensor/storage rebuild before anything runs
+        # pickle module given refuses every global that is not a tensor/storage rebuild before anything runs
         return torch.load(path, map_location="cpu", pickle_module=_embedding_pickle, weights_only=False,
                           mmap=zipfile.is_zipfile(path))
     except weights._Refused as e:

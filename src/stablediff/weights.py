@@ -129,7 +129,7 @@ _weights_pickle.load = lambda f, **kw: _WeightsUnpickler(f, **kw).load()
 def _read_pickle(path: Path, device) -> dict:
     try:
         # weights_only=False only because torch's own allow-list cannot take our unpickler: the restricted
-        # pickle module below refuses every global that is not a tensor/storage rebuild before anything runs
+        # pickle module given refuses every global that is not a tensor/storage rebuild before anything runs
         return torch.load(path, map_location=device, pickle_module=_weights_pickle, weights_only=False,
                           mmap=zipfile.is_zipfile(path))
     except _Refused as e:

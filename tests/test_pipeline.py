@@ -196,3 +196,15 @@ def test_half_precision_never_gives_a_silent_black_image(tiny_model_dir):
     half.unet.forward = lambda x, t, context, cache=None: torch.full_like(x, float("nan"))
     with pytest.raises(FloatingPointError, match="float32 or bfloat16"):
         half("a cat", steps=2, seed=2)
+
+
+def test_long_prompts_use_every_token_and_weights_of_one_change_nothing(pipe):
+    words = ["red", "green", "blue", "small", "large", "round", "square", "bright"] * 19
+    base = " ".join(words[:150])
+    assert len(pipe.tokenizer.encode(base)) - 2 >= 150
+    kw = dict(steps=3, seed=8)
+    a, b = pipe(base + " cat", **kw), pipe(base + " dog", **kw)
+    assert not torch.equal(a.latents, b.latents)  # the last word, in the second chunk, matters
+    assert torch.equal(pipe("a (cat:1.0)", **kw).latents, pipe("a cat", **kw).latents)
+    assert not torch.equal(pipe("a (cat:1.3)", **kw).latents, pipe("a cat", **kw).latents)
+    assert pipe("a ((cat) [dog", **kw).images  # unbalanced brackets still generate

@@ -11,8 +11,6 @@ the token stored in the file (e.g. "<cat-toy>").
 
 from __future__ import annotations
 
-import types
-import zipfile
 from pathlib import Path
 
 import torch
@@ -47,35 +45,16 @@ class _EmbeddingUnpickler(weights._WeightsUnpickler):
         return _EXTRA_GLOBALS.get((module, name)) or super().find_class(module, name)
 
 
-_embedding_pickle = types.ModuleType("stablediff_embedding_pickle")
-_embedding_pickle.Unpickler = _EmbeddingUnpickler
-_embedding_pickle.load = lambda f, **kw: _EmbeddingUnpickler(f, **kw).load()
-
-
-def _read_pickle(path: Path):
-    try:
-        # weights_only=False only because torch's own allow-list cannot take our unpickler: the restricted
-        # pickle module given refuses every global that is not a tensor/storage rebuild before anything runs
-        return torch.load(path, map_location="cpu", pickle_module=_embedding_pickle, weights_only=False,
-                          mmap=zipfile.is_zipfile(path))
-    except weights._Refused as e:
-        raise EmbeddingError(f"{path}: refused to load: its pickle asks for {e}, which is code, not an embedding; "
-                             f"only tensors are read from .pt/.bin files (use a .safetensors embedding)") from None
-    except Exception as e:
-        raise EmbeddingError(f"{path}: cannot read as a PyTorch file, truncated or corrupt? "
-                             f"({type(e).__name__}: {str(e)[:200]})") from None
-
-
 def _read(path: Path):
     """The file's top-level object: a dict of tensors for safetensors, whatever the pickle holds otherwise."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if path.suffix == ".safetensors" or head[8:9] == b"{":
-        try:
+    try:
+        if path.suffix == ".safetensors" or head[8:9] == b"{":
             return weights._read_safetensors(path)
-        except weights.CheckpointError as e:
-            raise EmbeddingError(str(e)) from None
-    return _read_pickle(path)
+        return weights._read_pickle(path, "cpu", unpickler=_EmbeddingUnpickler)
+    except weights.CheckpointError as e:
+        raise EmbeddingError(str(e)) from None
 
 
 def read_embedding(path) -> tuple[str, torch.Tensor]:

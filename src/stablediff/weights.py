@@ -120,17 +120,16 @@ class _WeightsUnpickler(pickle.Unpickler):
         return obj
 
 
-# torch.load takes a "pickle module": this one has only our restricted unpickler in it
-_weights_pickle = types.ModuleType("stablediff_weights_pickle")
-_weights_pickle.Unpickler = _WeightsUnpickler
-_weights_pickle.load = lambda f, **kw: _WeightsUnpickler(f, **kw).load()
-
-
-def _read_pickle(path: Path, device) -> dict:
+def _read_pickle(path: Path, device, unpickler: type[pickle.Unpickler] = _WeightsUnpickler):
+    """A pickled torch file through `unpickler` (ours, or a subclass allowing a few more inert globals)."""
+    # torch.load takes a "pickle module": this one has only the restricted unpickler in it
+    module = types.ModuleType("stablediff_restricted_pickle")
+    module.Unpickler = unpickler
+    module.load = lambda f, **kw: unpickler(f, **kw).load()
     try:
         # weights_only=False only because torch's own allow-list cannot take our unpickler: the restricted
         # pickle module given refuses every global that is not a tensor/storage rebuild before anything runs
-        return torch.load(path, map_location=device, pickle_module=_weights_pickle, weights_only=False,
+        return torch.load(path, map_location=device, pickle_module=module, weights_only=False,
                           mmap=zipfile.is_zipfile(path))
     except _Refused as e:
         raise CheckpointError(f"{path}: refused to load: its pickle asks for {e}, which is code, not weights; "

@@ -135,11 +135,16 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, variant: str | None = None,
-                        safety_checker: bool | str | Path = False) -> "StableDiffusion":
+                        safety_checker: bool | str | Path = False,
+                        vae_dtype: torch.dtype = torch.float32) -> "StableDiffusion":
         """Load a diffusers folder, an original single .safetensors/.ckpt file, or a Hugging Face Hub id.
 
-        safety_checker: False (default), True (the model folder's own safety_checker/), or a path to a
-        safety_checker folder or a diffusers model folder that has one."""
+        dtype: what the text encoder and U-Net run in. vae_dtype: what the VAE runs in: float32 (default, exact;
+        the SD 1.x VAE overflows in float16), or bfloat16 (7x faster decode on a CPU with bfloat16 matrix units,
+        about 1/255 mean pixel error). safety_checker: False (default), True (the model folder's own
+        safety_checker/), or a path to a safety_checker folder or a diffusers model folder that has one."""
+        if vae_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"vae_dtype {vae_dtype} is not float32 or bfloat16 (float16 overflows the SD 1.x VAE)")
         device = resolve_device(device)
         if str(source) == "demo":
             source = DEMO_DIR
@@ -155,14 +160,27 @@ class StableDiffusion:
         text_encoder = _build(CLIPTextModel, ckpt.text_config, ckpt.text_encoder, component="text_encoder",
                               dtype=dtype, **common)
         unet = _build(UNet, ckpt.unet_config, ckpt.unet, component="unet", dtype=dtype, **common)
-        # the SD 1.x VAE overflows to NaN (a black image) in float16: it always runs in float32
-        vae = _build(AutoencoderKL, ckpt.vae_config, ckpt.vae, component="vae", dtype=torch.float32, **common)
+        vae = _build(AutoencoderKL, ckpt.vae_config, ckpt.vae, component="vae", dtype=vae_dtype, **common)
+        if device.type == "cpu":
+            # bfloat16 convolutions on the CPU run in oneDNN's channels-last kernels without reordering every
+            # activation (SD 1.5 U-Net at 256px, 1 thread: 9% faster; the VAE decode 2.9x). In float32 the
+            # channels-first kernels are faster (channels-last U-Net: 7% slower), so float32 stays as it is.
+            for module, kind in ((unet, dtype), (vae, vae_dtype)):
+                if kind == torch.bfloat16:
+                    module.to(memory_format=torch.channels_last)
         tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer()
         noise_schedule = NoiseSchedule.from_config(ckpt.scheduler_config)
         path = Path(ckpt.path)
         name = path.stem if path.is_file() else (path.name if path.exists() else str(source).rstrip("/").split("/")[-1])
         return cls(tokenizer, text_encoder, unet, vae, noise_schedule, model_name=name,
                    weights_file=_weights_file(path), safety_checker=checker)
+
+    def compile(self, mode: str | None = None) -> "StableDiffusion":
+        """torch.compile the U-Net (in place). The first image after this compiles (a minute or more); later
+        images of the same size run faster, mostly on GPUs. `mode` is torch.compile's ("reduce-overhead" adds CUDA
+        graphs). Results stay within float rounding of the uncompiled model."""
+        self.unet.compile(mode=mode, dynamic=False)
+        return self
 
     # -- facts about the model --------------------------------------------------------------------------------
     @property
@@ -231,7 +249,8 @@ class StableDiffusion:
             raise FloatingPointError("the sampler produced NaN/inf latents (a float16 overflow?); "
                                      "retry with dtype float32 or bfloat16")
         z = latents.float() / self.vae.config.scaling_factor
-        return torch.cat([self.vae.decode(z[i:i + 1]) for i in range(len(z))])
+        vae_dtype = self.vae.post_quant_conv.weight.dtype
+        return torch.cat([self.vae.decode(z[i:i + 1].to(vae_dtype)).float() for i in range(len(z))])
 
     def noise(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
         """One unit-variance latent per generator, drawn on the CPU (so any device gives the same image)."""

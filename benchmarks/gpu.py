@@ -1,0 +1,184 @@
+"""GPU side by side: stablediff and diffusers in float16, 512x512, 50 Euler steps, cfg 7.5 (not part of the tests).
+
+    python benchmarks/gpu.py                       # on a machine with CUDA and diffusers + transformers installed
+    python benchmarks/gpu.py --device cpu --size 64 --steps 3 --dtype float32   # a dry run of the script itself
+
+Builds a random-weight SD 1.5 (configs from tests/data/sd15-layout) on the GPU, saves it once as a diffusers folder
+($STABLEDIFF_BENCH_GPU, default /tmp/sd15-gpu), and loads it into both pipelines in one process. Each measurement
+runs a 1-step and an N-step image and reports it/s = (N - 1) / (t_N - t_1) (fixed costs such as prompt encoding
+and the VAE decode cancel out) and the whole N-step image time; the sides alternate, several rounds, best of each.
+Variants of ours: as loaded, channels-last U-Net, and torch.compile (`StableDiffusion.compile`). Every result is
+printed as one JSON line (and appended to $OUT/gpu.jsonl when OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYOUT = ROOT / "tests" / "data" / "sd15-layout"
+PROMPT = "silly dog wearing a batman costume, funny, realistic, canon, award winning photography"
+SEED = 1055747
+T0 = time.perf_counter()
+
+
+def log(**kw) -> None:
+    kw["t"] = round(time.perf_counter() - T0, 1)
+    line = json.dumps(kw)
+    print(line, flush=True)
+    if os.environ.get("OUT"):
+        with open(Path(os.environ["OUT"]) / "gpu.jsonl", "a") as f:
+            f.write(line + "\n")
+
+
+def build(folder: Path, device: str, dtype: torch.dtype) -> None:
+    if (folder / "model_index.json").exists():
+        return
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    cfg = lambda name: {k: v for k, v in json.loads((LAYOUT / name / "config.json").read_text()).items()
+                        if not k.startswith("_")}
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**cfg("unet")).to(dtype)
+        vae = AutoencoderKL(**cfg("vae")).to(dtype)
+        text = CLIPTextModel(CLIPTextConfig(**cfg("text_encoder"))).to(dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(str(ROOT / "src" / "stablediff" / "data" / "clip"))
+    scheduler = PNDMScheduler.from_pretrained(str(LAYOUT), subfolder="scheduler")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    shutil.copy(LAYOUT / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=420.0, help="skip later variants after this many seconds")
+    ap.add_argument("--variants", default="as-loaded,channels-last,compile,reduce-overhead")
+    args = ap.parse_args()
+    dev, dtype, size, steps = args.device, getattr(torch, args.dtype), args.size, args.steps
+    folder = Path(os.environ.get("STABLEDIFF_BENCH_GPU", "/tmp/sd15-gpu"))
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    log(event="machine", device=name, torch=torch.__version__, dtype=args.dtype, size=size, steps=steps)
+    build(folder, dev, dtype)
+    log(event="built", folder=str(folder))
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from stablediff import StableDiffusion
+
+    theirs = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, safety_checker=None,
+                                                     requires_safety_checker=False).to(dev)
+    theirs.scheduler = EulerDiscreteScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    ours = StableDiffusion.from_pretrained(folder, device=dev, dtype=dtype)
+    log(event="loaded")
+
+    def run_theirs(n: int, output_type: str = "pil"):
+        sync(dev)
+        t0 = time.perf_counter()
+        out = theirs(PROMPT, num_inference_steps=n, guidance_scale=7.5, height=size, width=size,
+                     generator=torch.Generator().manual_seed(SEED), output_type=output_type)
+        sync(dev)
+        return time.perf_counter() - t0, out
+
+    def run_ours(n: int):
+        sync(dev)
+        t0 = time.perf_counter()
+        out = ours(PROMPT, steps=n, cfg_scale=7.5, seed=SEED, width=size, height=size, sampler="euler")
+        sync(dev)
+        return time.perf_counter() - t0, out
+
+    # correctness first: each component on the same input, then whole runs from the same initial noise
+    rel = lambda x, y: ((x.float().cpu() - y.float().cpu()).norm() / y.float().cpu().norm()).item()
+    with torch.inference_mode():
+        ctx_ours = ours.encode_prompt(PROMPT)
+        ctx_theirs = theirs.encode_prompt(PROMPT, dev, 1, False)[0]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(dev, dtype)
+        ctx = torch.cat([ctx_theirs, ctx_theirs])
+        t = torch.tensor([500.0, 500.0], device=dev)
+        unet_err = rel(ours.unet(x, t, ctx), theirs.unet(x, t, ctx).sample)
+        z = torch.randn(1, 4, size // 8, size // 8, generator=g).to(dev)
+        vae_err = rel(ours.vae.decode(z), theirs.vae.decode(z.to(dtype)).sample)
+    log(event="parity-components", text=rel(ctx_ours, ctx_theirs), unet=unet_err, vae_decode=vae_err)
+    noise = ours.noise([torch.Generator().manual_seed(SEED)], (4, size // 8, size // 8))
+    for n in (1, 5, steps):
+        ref = theirs(PROMPT, num_inference_steps=n, guidance_scale=7.5, height=size, width=size,
+                     latents=noise.to(dev, dtype), output_type="latent").images
+        mine = ours(PROMPT, steps=n, cfg_scale=7.5, seed=SEED, width=size, height=size, sampler="euler")
+        log(event="parity-latents", steps=n, ours_vs_diffusers=rel(mine.latents, ref))
+    b = ref.float().cpu()
+    # how far float16 rounding alone moves a 50-step run of random weights (ours float32 vs ours float16)
+    exact = StableDiffusion.from_pretrained(folder, device=dev, dtype=torch.float32)
+    full = exact(PROMPT, steps=steps, cfg_scale=7.5, seed=SEED, width=size, height=size, sampler="euler")
+    log(event="parity-latents", steps=steps, ours_fp16_vs_ours_fp32=rel(mine.latents, full.latents))
+    del exact, full
+
+    def rounds(label: str, n_rounds: int) -> None:
+        best = {"ours": [1e9, 1e9], "diffusers": [1e9, 1e9]}
+        for r in range(n_rounds):
+            sides = [("ours", run_ours), ("diffusers", run_theirs)]
+            for side, fn in (sides if r % 2 == 0 else sides[::-1]):
+                t1, _ = fn(1)
+                tn, _ = fn(steps)
+                best[side][0] = min(best[side][0], tn)
+                best[side][1] = min(best[side][1], (tn - t1) / (steps - 1))
+                log(event="run", variant=label, side=side, round=r, whole_s=round(tn, 3),
+                    it_s=round((steps - 1) / (tn - t1), 2))
+        (ow, os_), (dw, ds) = best["ours"], best["diffusers"]
+        log(event="summary", variant=label, ours_whole_s=round(ow, 3), diffusers_whole_s=round(dw, 3),
+            ratio_whole=round(ow / dw, 3), ours_it_s=round(1 / os_, 2), diffusers_it_s=round(1 / ds, 2),
+            ratio_step=round(os_ / ds, 3))
+
+    variants = args.variants.split(",")
+    run_ours(2), run_theirs(2)  # warm-up (cuDNN autotuning, allocator)
+    if "as-loaded" in variants:
+        rounds("as loaded", args.rounds)
+    if "channels-last" in variants:
+        ours.unet.to(memory_format=torch.channels_last)
+        run_ours(2)
+        rounds("channels_last", args.rounds)
+    for label, mode in (("compile", None), ("reduce-overhead", "reduce-overhead")):
+        if label not in variants:
+            continue
+        if time.perf_counter() - T0 > args.budget:
+            log(event="skipped", variant=label, reason="time budget")
+            continue
+        try:
+            ours.unet.to(memory_format=torch.channels_last)
+            ours.unet._compiled_call_impl = None  # start from the plain module
+            ours.compile(mode)
+            t0 = time.perf_counter()
+            run_ours(2)
+            run_ours(1)
+            log(event="compiled", variant=label, first_images_s=round(time.perf_counter() - t0, 1))
+            _, mine = run_ours(steps)
+            a = mine.latents.float().cpu()
+            log(event="parity", variant=label, latent_rel_err=((a - b).norm() / b.norm()).item())
+            rounds(label, max(2, args.rounds - 1))
+        except Exception as exc:  # report and go on: the other variants' numbers still count
+            log(event="error", variant=label, error=f"{type(exc).__name__}: {exc}"[:2000])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The speed paths: reordered-weight convolutions, channels-last bfloat16, the bfloat16 VAE and torch.compile.
+Each must give the exact path's numbers (bit-equal where the arithmetic is the same, else within a stated bound)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stablediff import StableDiffusion
+from stablediff.nn import Conv2d
+
+
+def test_wide_low_resolution_bf16_convs_reuse_a_reordered_weight_and_stay_exact():
+    torch.manual_seed(0)
+    conv = Conv2d(2560, 16, 3, padding=1).to(torch.bfloat16)
+    x = torch.randn(2, 2560, 4, 4).to(torch.bfloat16)
+    with torch.no_grad():
+        y = conv(x)
+        key, packed = conv.packed
+        assert key[0] == (2, 2560, 4, 4) and packed.is_mkldnn
+        assert torch.equal(y, F.conv2d(x, conv.weight, conv.bias, padding=1))
+        assert conv(x).equal(y) and conv.packed[1] is packed  # reused, not rebuilt
+        conv.weight.mul_(2)  # e.g. a LoRA merged in place: the reordered copy is rebuilt
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+        assert conv.packed[1] is not packed
+        x2 = torch.randn(1, 2560, 6, 6).to(torch.bfloat16)  # another shape: rebuilt for it
+        assert torch.equal(conv(x2), F.conv2d(x2, conv.weight, conv.bias, padding=1))
+        assert conv.packed[0][0] == (1, 2560, 6, 6)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(conv(x_cl), F.conv2d(x_cl, conv.weight, conv.bias, padding=1))
+    # not packed: float32, training (gradients), narrow layers at any size
+    for layer, inp, grad in ((Conv2d(2560, 4, 3, padding=1), torch.randn(1, 2560, 4, 4), False),
+                             (Conv2d(2560, 4, 3, padding=1).bfloat16(), x, True),
+                             (Conv2d(320, 4, 3, padding=1).bfloat16(), torch.randn(1, 320, 4, 4).bfloat16(), False)):
+        with torch.set_grad_enabled(grad):
+            layer(inp)
+        assert layer.packed is None
+
+
+def test_bf16_unet_is_channels_last_on_cpu_and_matches_float32(tiny_model_dir):
+    exact = StableDiffusion.from_pretrained(tiny_model_dir)
+    fast = StableDiffusion.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, vae_dtype=torch.bfloat16)
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert exact.unet.conv_in.weight.is_contiguous()  # float32 stays channels-first (faster there)
+    assert fast.vae.post_quant_conv.weight.dtype == torch.bfloat16
+    a, b = fast("a cat", steps=4, seed=2), exact("a cat", steps=4, seed=2)
+    assert ((a.latents - b.latents).norm() / b.latents.norm()).item() < 0.05
+    # the bfloat16 VAE's decode of the same latents: within a few levels of 255 of the float32 decode
+    pa, pb = fast.decode(b.latents), exact.decode(b.latents)
+    assert pa.dtype == torch.float32
+    assert 0 < (pa - pb).abs().mean().item() * 127.5 < 3
+    with pytest.raises(ValueError, match="vae_dtype torch.float16"):
+        StableDiffusion.from_pretrained(tiny_model_dir, vae_dtype=torch.float16)
+
+
+def test_compile_keeps_the_image(tiny_model_dir):
+    pytest.importorskip("torch._inductor")
+    exact = StableDiffusion.from_pretrained(tiny_model_dir)
+    compiled = StableDiffusion.from_pretrained(tiny_model_dir).compile()
+    kw = dict(steps=3, seed=5, width=64, height=64)
+    a, b = compiled("a cat", **kw), exact("a cat", **kw)
+    assert ((a.latents - b.latents).norm() / b.latents.norm()).item() < 1e-4

@@ -75,13 +75,15 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: int) -> dict:
+def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: int, copy_weights: bool = False,
+               vae_dtype: str = "float32") -> dict:
     import torch
 
     from stablediff import StableDiffusion
 
     t0 = time.perf_counter()
-    pipe = StableDiffusion.from_pretrained(single, dtype=getattr(torch, dtype))
+    pipe = StableDiffusion.from_pretrained(single, dtype=getattr(torch, dtype), copy_weights=copy_weights,
+                                           vae_dtype=getattr(torch, vae_dtype))
     load = time.perf_counter() - t0
     stamps = []
     t0 = time.perf_counter()
@@ -97,8 +99,17 @@ def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: 
         decode = time.perf_counter() - t1
     step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     torch.save(result.latents, CACHE / f"latents-ours-{size}-{dtype}-{cache_interval}.pt")
+    rss = peak_rss_gb()  # before the comparison below loads a second pipeline
+    if vae_dtype != "float32":  # the decode's pixel error against the float32 VAE, in levels of 255
+        exact = StableDiffusion.from_pretrained(single, dtype=getattr(torch, dtype)).decode(result.latents)
+        fast = pipe.decode(result.latents)
+        px = lambda x: (x.clamp(-1, 1) + 1) * 127.5
+        diff = (px(fast) - px(exact)).abs()
+        pixel_err = dict(mean=diff.mean().item(), max=diff.max().item())
+    else:
+        pixel_err = None
     return dict(load=load, encode=encode, step=step, decode=decode, whole=whole, first=load + whole,
-                rss=peak_rss_gb())
+                rss=rss, pixel_err=pixel_err)
 
 
 def child_diffusers(folder: Path, single: Path, size: int, steps: int, dtype: str) -> dict:
@@ -238,7 +249,8 @@ def main() -> None:
         folder, single = CACHE / "sd15-random", CACHE / "sd15-random.safetensors"
         kind, *rest = args.child
         if kind == "ours":
-            res = child_ours(single, int(rest[0]), int(rest[1]), rest[2], int(rest[3]))
+            res = child_ours(single, int(rest[0]), int(rest[1]), rest[2], int(rest[3]), rest[4] == "copy",
+                             rest[5])
         elif kind == "diffusers":
             res = child_diffusers(folder, single, int(rest[0]), int(rest[1]), rest[2])
         elif kind == "accuracy":
@@ -257,17 +269,21 @@ def main() -> None:
     lines.append("")
     lines.append("| measurement | ours | diffusers | ours / diffusers |")
     lines.append("|---|---|---|---|")
-    latent_err = {}
+    latent_err, vae_notes = {}, []
     for size in map(int, args.sizes.split(",")):
-        ours, theirs, ours_bf16, theirs_bf16, cached = [], [], [], [], []
+        ours, theirs, ours_bf16, theirs_bf16, cached, copied, bf16_vae = [], [], [], [], [], [], []
+        ours_child = lambda dtype, cache="1", copy="mmap", vae="float32": run_child(
+            "ours", str(size), str(steps), dtype, cache, copy, vae)
         for r in range(args.repeats):  # alternate the sides (and who goes first), so a noisy minute hits both
             warm_page_cache(single)
-            pair = [lambda: ours.append(run_child("ours", str(size), str(steps), "float32", "1")),
-                    lambda: theirs.append(run_child("diffusers", str(size), str(steps), "float32"))]
-            for run in (pair if r % 2 == 0 else pair[::-1]):
+            group = [lambda: ours.append(ours_child("float32")),
+                     lambda: theirs.append(run_child("diffusers", str(size), str(steps), "float32")),
+                     lambda: copied.append(ours_child("float32", copy="copy"))]
+            for run in (group if r % 2 == 0 else group[::-1]):
                 run()
-            ours_bf16.append(run_child("ours", str(size), str(steps), "bfloat16", "1"))
-            cached.append(run_child("ours", str(size), str(steps), "float32", "3"))
+            ours_bf16.append(ours_child("bfloat16"))
+            bf16_vae.append(ours_child("bfloat16", vae="bfloat16"))
+            cached.append(ours_child("float32", cache="3"))
         theirs_bf16.append(run_child("diffusers", str(size), str(steps), "bfloat16"))
         rows = [("load from single file, s", "load"), ("load + first image, s", "first"),
                 ("prompt encoding, s", "encode"), ("U-Net per guided step, s", "step"),
@@ -276,14 +292,29 @@ def main() -> None:
             (a, am), (b, bm) = summarize(ours, key), summarize(theirs, key)
             lines.append(f"| {size}px fp32 {label} | {a:.2f} (median {am:.2f}) | {b:.2f} (median {bm:.2f}) "
                          f"| {a / b:.2f} |")
+        for label, key in (("copy_weights=True: load, s", "load"), ("copy_weights=True: U-Net per guided step, s",
+                                                                       "step"),
+                           ("copy_weights=True: whole image, s", "whole"), ("copy_weights=True: load + first image, s",
+                                                                           "first"),
+                           ("copy_weights=True: peak RSS, GB", "rss")):
+            (a, am), (b, bm) = summarize(copied, key), summarize(theirs, key)
+            lines.append(f"| {size}px fp32 {label} | {a:.2f} (median {am:.2f}) | {b:.2f} (median {bm:.2f}) "
+                         f"| {a / b:.2f} |")
         fp32_whole = summarize(theirs, "whole")[0]
         for label, runs in ((f"{size}px bf16 whole image, s", ours_bf16),
+                            (f"{size}px bf16 + bf16 VAE whole image, s", bf16_vae),
                             (f"{size}px fp32 cache_interval=3 whole image, s", cached)):
             a, am = summarize(runs, "whole")
             lines.append(f"| {label} | {a:.2f} (median {am:.2f}) | {fp32_whole:.2f} (fp32) | {a / fp32_whole:.2f} |")
         a = summarize(ours_bf16, "whole")[0]
         b = summarize(theirs_bf16, "whole")[0]
         lines.append(f"| {size}px bf16 whole image vs diffusers bf16, s | {a:.2f} | {b:.2f} | {a / b:.2f} |")
+        a, b = summarize(ours_bf16, "step")[0], summarize(theirs_bf16, "step")[0]
+        lines.append(f"| {size}px bf16 U-Net per guided step vs diffusers bf16, s | {a:.2f} | {b:.2f} | {a / b:.2f} |")
+        pix = bf16_vae[0]["pixel_err"]
+        vae_notes.append(f"- {size}px bfloat16 VAE decode vs float32 VAE: mean {pix['mean']:.2f}, max "
+                         f"{pix['max']:.1f} levels of 255; decode {summarize(bf16_vae, 'decode')[0]:.2f} s vs "
+                         f"{summarize(ours_bf16, 'decode')[0]:.2f} s")
         a, b = summarize(cached, "whole")[0], summarize(ours, "whole")[0]
         lines.append(f"| {size}px cache_interval=3 vs uncached (same dtype), s | {a:.2f} | {b:.2f} (ours fp32) "
                      f"| {a / b:.2f} |")
@@ -303,6 +334,7 @@ def main() -> None:
                  f"{acc['diffusers_cast']:.4f}, autocast {acc['diffusers_autocast']:.4f}")
     for k, v in latent_err.items():
         lines.append(f"- final latents, {k} vs ours float32: {v:.2e}")
+    lines += vae_notes
     flops = acc["unet_flops"]
     lines.append("")
     lines.append(f"U-Net: {flops / 1e9:.0f} GFLOP per guided step at 512px (batch 2). Matmul peak here: "

@@ -59,3 +59,18 @@ def test_compile_keeps_the_image(tiny_model_dir):
     kw = dict(steps=3, seed=5, width=64, height=64)
     a, b = compiled("a cat", **kw), exact("a cat", **kw)
     assert ((a.latents - b.latents).norm() / b.latents.norm()).item() < 1e-4
+
+
+def test_copy_weights_moves_the_unet_out_of_the_memory_mapped_file(tiny_model_dir):
+    from stablediff.weights import _file_mappings
+
+    mapped = lambda t: any(a <= t.data_ptr() < b for a, b in _file_mappings())
+    lazy = StableDiffusion.from_pretrained(tiny_model_dir)
+    copied = StableDiffusion.from_pretrained(tiny_model_dir, copy_weights=True)
+    assert sum(mapped(p) for p in lazy.unet.parameters()) > 10  # safetensors weights are memory-mapped
+    assert not any(mapped(p) for p in copied.unet.parameters())
+    for (name, a), b in zip(lazy.unet.state_dict().items(), copied.unet.state_dict().values()):
+        assert a.equal(b), name
+    assert any(mapped(p) for p in copied.vae.parameters())  # only the U-Net is copied
+    kw = dict(steps=2, seed=1)
+    assert copied("a cat", **kw).latents.equal(lazy("a cat", **kw).latents)

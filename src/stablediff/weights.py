@@ -12,6 +12,7 @@ and pickled `.ckpt/.pt/.bin` files go through an unpickler that only rebuilds te
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
@@ -188,6 +189,46 @@ def load_into(module: torch.nn.Module, state_dict, *, path="", component="") -> 
     _validate(dict(state_dict), expected, where=path or "state dict", component=component or type(module).__name__,
               strict=True)
     module.load_state_dict(state_dict, strict=True, assign=True)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed memory mappings (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/") and parts[1].startswith("r"):
+            a, b = parts[0].split("-")
+            out.append((int(a, 16), int(b, 16)))
+    return out
+
+
+def own_memory(module: torch.nn.Module) -> int:
+    """Copy a CPU module's memory-mapped weights into private memory and return the bytes copied (the SD 1.5
+    U-Net: 3.4 GB in about 2 s). Each source range is dropped from the mapping right after its copy (its pages are
+    clean: nothing has written them), so resident memory never holds the weights twice."""
+    maps = _file_mappings()
+    params = [p for p in module.parameters()
+              if p.device.type == "cpu" and p.numel() and any(a <= p.data_ptr() < b for a, b in maps)]
+    libc, page = _libc(), mmap.PAGESIZE
+    for p in params:
+        src, n = p.data, p.nbytes
+        p.data = src.clone()
+        if libc is not None:  # the whole pages inside the source range (MADV_DONTNEED)
+            a, b = -(-src.data_ptr() // page) * page, (src.data_ptr() + n) // page * page
+            if b > a:
+                libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)
+    return sum(p.nbytes for p in params)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+    except OSError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -345,9 +345,12 @@ def main() -> None:
                      f"float32 matmul peak.")
     table = "\n".join(lines)
     print(table)
-    if args.write:
-        (ROOT / "benchmarks" / "RESULTS.md").write_text(
-            "# Benchmark results\n\nThe latest run of `python benchmarks/compare.py --write`.\n\n" + table + "\n")
+    if args.write:  # the CPU table is replaced; the GPU section (benchmarks/gpu.py, by hand) is kept
+        results = ROOT / "benchmarks" / "RESULTS.md"
+        old = results.read_text() if results.exists() else ""
+        gpu = old[old.index("\n## GPU"):] if "\n## GPU" in old else ""
+        results.write_text("# Benchmark results\n\nThe latest run of `python benchmarks/compare.py --write`.\n\n"
+                           + table + "\n" + gpu)
 
 
 if __name__ == "__main__":

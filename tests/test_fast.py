@@ -74,3 +74,23 @@ def test_copy_weights_moves_the_unet_out_of_the_memory_mapped_file(tiny_model_di
     assert any(mapped(p) for p in copied.vae.parameters())  # only the U-Net is copied
     kw = dict(steps=2, seed=1)
     assert copied("a cat", **kw).latents.equal(lazy("a cat", **kw).latents)
+
+
+def test_release_drops_mapped_weights_from_memory_but_never_a_change_written_to_them(tiny_model_dir):
+    from stablediff import weights
+
+    pipe = StableDiffusion.from_pretrained(tiny_model_dir)
+    kw = dict(steps=2, seed=1)
+    first = pipe("a cat", **kw)  # releases the text encoder after encoding and the U-Net before decoding
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    assert weights.release(pipe.unet) > 0
+    assert all(v.equal(before[k]) for k, v in pipe.unet.state_dict().items())  # paged back in from the file
+    assert pipe("a cat", **kw).latents.equal(first.latents)
+    # a weight written in place (as a merged LoRA is) keeps its change: it is never released
+    big = max(pipe.unet.parameters(), key=lambda p: p.numel())
+    with torch.no_grad():
+        big.add_(1.0)
+    changed = big.clone()
+    weights.release(pipe.unet)
+    assert big.equal(changed)
+    assert not weights.release(StableDiffusion.from_pretrained(tiny_model_dir, copy_weights=True).unet)

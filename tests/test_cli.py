@@ -242,7 +242,9 @@ def test_ctrl_c_exits_130_quietly(tiny_model_dir, tmp_path, env):
 
     proc = subprocess.Popen([sys.executable, "-m", "stablediff", "generate", "x", "--model", str(tiny_model_dir),
                              "--steps", "500", "--seed", "1", "--output-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            # a shell's background job inherits SIGINT ignored: give the child the default back
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = b"", time.monotonic() + 60
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stderr, selectors.EVENT_READ)

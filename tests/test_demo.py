@@ -17,18 +17,21 @@ from stablediff import StableDiffusion, weights
 from stablediff.pipeline import DEMO_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from eval_demo import classify  # noqa: E402
+from eval_demo import classify, pick, vae_roundtrip  # noqa: E402
 from train_demo import HELD_OUT, TRAIN_COMBOS, caption, render  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "model_index.json").is_file(),
                                 reason=f"no demo model at {DEMO_DIR} (make it with tools/train_demo.py)")
 
 STEPS = 20
-# clearly trained prompts (combination, seed); none of them held out
-PROMPTS = [(("red", "circle", "blue"), 7), (("blue", "square", "white"), 1), (("yellow", "triangle", "black"), 2),
-           (("white", "circle", "green"), 3), (("green", "square", "red"), 4), (("black", "triangle", "white"), 5),
-           (("orange", "circle", "purple"), 6), (("purple", "square", "white"), 8), (("red", "square", "green"), 9),
-           (("blue", "triangle", "orange"), 10)]
+# 30 trained combinations (none held out), each with its own seed; tools/eval_demo.py measures the same on 100
+# prompts and 30 steps, with seeds from 1,000,000 on
+PROMPTS = pick(TRAIN_COMBOS, 30, 7)
+SEED = 2_000_000
+# floors, in %, under what the committed model does here: 100/100/93-100% for the prompts (seeds 2,000,000 and
+# 2,000,100), 100/100/100% for the round trip; tools/eval_demo.py (100 prompts, 30 steps): 100/100/90%
+BACKGROUND, COLOUR, SHAPE = 90, 90, 80
+BACKGROUND_RT, COLOUR_RT, SHAPE_RT = 97, 97, 95
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +57,28 @@ def test_native_size_image_under_ten_seconds(pipe):
     assert image.size == (64, 64) and seconds < 10, f"{seconds:.1f} s per 64x64 image"
 
 
-def test_trained_prompts_get_the_right_colours(pipe):
-    assert all(c in TRAIN_COMBOS for c, _ in PROMPTS)
-    got = [classify(pipe(caption(*combo), seed=seed, steps=STEPS).images[0]) for combo, seed in PROMPTS]
-    backgrounds = sum(g["background"] == c[2] for g, (c, _) in zip(got, PROMPTS))
-    colours = sum(g["colour"] == c[0] for g, (c, _) in zip(got, PROMPTS))
-    # the goal is >= 7 of 10 for both; the committed model gets backgrounds right far more often than shape
-    # colours (tools/eval_demo.py: about 70% vs 50% at cfg 7), so the shape colour floor is 'well above chance'
-    assert backgrounds >= 7 and colours >= 3, (backgrounds, colours, got)
+def test_vae_round_trip_keeps_colours_and_shapes(pipe):
+    got = vae_roundtrip(pipe.vae, n=100)
+    assert got["background"] >= BACKGROUND_RT and got["colour"] >= COLOUR_RT and got["shape"] >= SHAPE_RT, got
+
+
+def test_trained_prompts_get_colours_and_shapes_right(pipe):
+    assert all(c in TRAIN_COMBOS for c in PROMPTS)
+    out = pipe([caption(*combo) for combo in PROMPTS], seed=SEED, steps=STEPS, cfg_scale=7.0)
+    got = [classify(im) for im in out.images]
+    n = len(PROMPTS)
+    backgrounds = 100 * sum(g["background"] == c[2] for g, c in zip(got, PROMPTS)) / n
+    colours = 100 * sum(g["colour"] == c[0] for g, c in zip(got, PROMPTS)) / n
+    shapes = 100 * sum(g["shape"] == c[1] for g, c in zip(got, PROMPTS)) / n
+    # the goal: >= 85% for both colours, >= 70% for the shape (over 100 prompts; here 30, so a little
+    # below, for sampling noise)
+    assert backgrounds >= BACKGROUND and colours >= COLOUR and shapes >= SHAPE, (backgrounds, colours, shapes)
+
+
+def test_negative_prompt_keeps_red_away(pipe):
+    got = [classify(im) for im in pipe("a circle", "red", seed=SEED, steps=STEPS, batch_size=20).images]
+    red_circles = sum(g["colour"] == "red" and g["shape"] == "circle" for g in got)
+    assert red_circles <= 1, got
 
 
 def _picture(combo, seed):
@@ -74,10 +91,14 @@ def _picture(combo, seed):
 def test_img2img_keeps_the_picture_at_low_strength_and_follows_the_prompt_at_high(pipe):
     init = _picture(("red", "circle", "blue"), 0)
     prompt = "a yellow square on a black background"
-    low = [classify(pipe(prompt, init_image=init, strength=0.2, seed=s, steps=STEPS).images[0]) for s in range(3)]
-    high = [classify(pipe(prompt, init_image=init, strength=1.0, seed=s, steps=STEPS).images[0]) for s in range(3)]
-    assert sum(g["background"] == "blue" for g in low) >= 2, low
-    assert sum(g["background"] == "black" for g in high) >= 2, high
+    got = {strength: [classify(pipe(prompt, init_image=init, strength=strength, seed=s, steps=STEPS).images[0])
+                      for s in range(3)] for strength in (0.05, 0.3, 1.0)}
+    as_drawn = lambda g, c, s, b: (g["colour"], g["shape"], g["background"]) == (c, s, b)  # noqa: E731
+    # this model settles colours late (at low noise): by strength 0.1-0.2 they follow the prompt; the layout (here
+    # the circle) survives to strength 0.5; from pure noise the prompt decides everything
+    assert sum(as_drawn(g, "red", "circle", "blue") for g in got[0.05]) >= 2, got[0.05]
+    assert sum(as_drawn(g, "yellow", "circle", "black") for g in got[0.3]) >= 2, got[0.3]
+    assert sum(as_drawn(g, "yellow", "square", "black") for g in got[1.0]) >= 2, got[1.0]
 
 
 def test_inpainting_repaints_only_the_masked_part(pipe):

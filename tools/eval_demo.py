@@ -99,6 +99,18 @@ def check_classifier(n: int = 200) -> dict:
     return score([(c, classify(p)) for c, p in zip(combos, pixels)])
 
 
+@torch.no_grad()
+def vae_roundtrip(vae, n: int = 300) -> dict:
+    """Rendered training pictures -> encode (posterior mean) -> decode -> classify: the most the VAE lets the
+    whole model score."""
+    g = torch.Generator().manual_seed(123)
+    combos = [TRAIN_COMBOS[i] for i in torch.randint(len(TRAIN_COMBOS), (n,), generator=g).tolist()]
+    x = render(combos, g).to(vae.post_quant_conv.weight)
+    y = torch.cat([vae.decode(vae.encode(x[i:i + 100]).mean) for i in range(0, n, 100)])
+    pixels = ((y.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return score([(c, classify(p)) for c, p in zip(combos, pixels)])
+
+
 def pick(combos, n: int, seed: int) -> list:
     rng = random.Random(seed)
     return [combos[rng.randrange(len(combos))] for _ in range(n)] if n > len(combos) else rng.sample(list(combos), n)
@@ -119,9 +131,10 @@ def main(argv=None) -> None:
     p.add_argument("--neg", type=int, default=50, help="seeds for the negative-prompt check")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--sampler", default="euler")
-    p.add_argument("--sets", default="trained,held-out,negative",
-                   help="comma-separated subset of trained, held-out, negative (to split the work over processes)")
+    p.add_argument("--sets", default="vae,trained,held-out,negative",
+                   help="comma-separated subset of vae (the VAE round trip), trained, held-out, negative")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from stablediff import StableDiffusion
@@ -129,7 +142,11 @@ def main(argv=None) -> None:
     sanity = check_classifier()
     print(f"classifier on rendered training pictures: background {sanity['background']:.0f}%, colour "
           f"{sanity['colour']:.0f}%, shape {sanity['shape']:.0f}%", flush=True)
-    pipe = StableDiffusion.from_pretrained(args.model)
+    pipe = StableDiffusion.from_pretrained(args.model, device=args.device)
+    if "vae" in args.sets.split(","):
+        rt = vae_roundtrip(pipe.vae)
+        print(f"VAE round trip of {rt['n']} rendered training pictures: background {rt['background']:.0f}%, colour "
+              f"{rt['colour']:.0f}%, shape {rt['shape']:.0f}%", flush=True)
     t0 = time.perf_counter()
     pipe("a red circle on a blue background", seed=SEED0, steps=args.steps, sampler=args.sampler)  # warm-up
     warm = time.perf_counter() - t0

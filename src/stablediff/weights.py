@@ -208,7 +208,7 @@ def _file_mappings() -> list[tuple[int, int]]:
 
 def own_memory(module: torch.nn.Module) -> int:
     """Copy a CPU module's memory-mapped weights into private memory and return the bytes copied (the SD 1.5
-    U-Net: 3.4 GB in about 2 s). Each source range is dropped from the mapping right after its copy (its pages are
+    U-Net: 3.4 GB in about 1 s; its steps then ran 3-6% faster on 2 cores). Each source range is dropped from the mapping right after its copy (its pages are
     clean: nothing has written them), so resident memory never holds the weights twice."""
     maps = _file_mappings()
     params = [p for p in module.parameters()

@@ -64,7 +64,7 @@ def test_compile_keeps_the_image(tiny_model_dir):
 def test_copy_weights_moves_the_unet_out_of_the_memory_mapped_file(tiny_model_dir):
     from stablediff.weights import _file_mappings
 
-    mapped = lambda t: any(a <= t.data_ptr() < b for a, b in _file_mappings())
+    mapped = lambda t: any(a <= t.data_ptr() < b for a, b in _file_mappings())  # (independent of weights._mapped)
     lazy = StableDiffusion.from_pretrained(tiny_model_dir)
     copied = StableDiffusion.from_pretrained(tiny_model_dir, copy_weights=True)
     assert sum(mapped(p) for p in lazy.unet.parameters()) > 10  # safetensors weights are memory-mapped

@@ -140,11 +140,12 @@ class StableDiffusion:
         """Load a diffusers folder, an original single .safetensors/.ckpt file, or a Hugging Face Hub id.
 
         dtype: what the text encoder and U-Net run in. vae_dtype: what the VAE runs in: float32 (default, exact;
-        the SD 1.x VAE overflows in float16), or bfloat16 (7x faster decode on a CPU with bfloat16 matrix units,
-        about 1/255 mean pixel error). copy_weights: on the CPU, copy the U-Net's weights out of the memory-mapped
-        .safetensors file into private memory (SD 1.5 float32 on 2 cores: about 1 s more to load, U-Net steps 3-6%
-        faster, peak memory that of a private copy); by default they stay memory-mapped. safety_checker: False (default), True (the model folder's own
-        safety_checker/), or a path to a safety_checker folder or a diffusers model folder that has one."""
+        the SD 1.x VAE overflows in float16), or bfloat16 (a 4-7x faster decode on a CPU with bfloat16 matrix
+        units, about 1/255 mean pixel error). copy_weights: on the CPU, copy the U-Net's weights out of the
+        memory-mapped .safetensors file into private memory (SD 1.5 float32 on 2 cores: about 1 s more to load,
+        U-Net steps 3-6% faster, peak memory that of a private copy); by default they stay memory-mapped.
+        safety_checker: False (default), True (the model folder's own safety_checker/), or a path to a
+        safety_checker folder or a diffusers model folder that has one."""
         if vae_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"vae_dtype {vae_dtype} is not float32 or bfloat16 (float16 overflows the SD 1.x VAE)")
         device = resolve_device(device)

@@ -34,33 +34,43 @@ SEED = 1055747
 # ---------------------------------------------------------------------------------------------------------------
 # the random-weight SD 1.5, built once
 
-def build_models() -> tuple[Path, Path]:
-    folder, single = CACHE / "sd15-random", CACHE / "sd15-random.safetensors"
-    if (folder / "model_index.json").exists() and single.exists():
-        return folder, single
+def save_random_pipeline(folder: Path, device: str = "cpu", dtype=None):
+    """A random-weight SD 1.5 (the configs of tests/data/sd15-layout, seed 0) saved as a diffusers folder with the
+    layout's scheduler config; returns diffusers' (unet, vae, text encoder). Used by gpu.py too."""
     import shutil
 
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from stablediff import weights
-
-    print(f"building a random SD 1.5 in {CACHE} (once)", file=sys.stderr)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    dtype = dtype or torch.float32
     cfg = lambda name: {k: v for k, v in json.loads((LAYOUT / name / "config.json").read_text()).items()
                         if not k.startswith("_")}
-    unet = UNet2DConditionModel(**cfg("unet"))
-    vae = AutoencoderKL(**cfg("vae"))
-    text = CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**cfg("unet")).to(dtype)
+        vae = AutoencoderKL(**cfg("vae")).to(dtype)
+        text = CLIPTextModel(CLIPTextConfig(**cfg("text_encoder"))).to(dtype)
     tokenizer = CLIPTokenizer.from_pretrained(str(ROOT / "src" / "stablediff" / "data" / "clip"))
     scheduler = PNDMScheduler.from_pretrained(str(LAYOUT), subfolder="scheduler")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     shutil.copy(LAYOUT / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
+    return unet, vae, text
+
+
+def build_models() -> tuple[Path, Path]:
+    folder, single = CACHE / "sd15-random", CACHE / "sd15-random.safetensors"
+    if (folder / "model_index.json").exists() and single.exists():
+        return folder, single
+    from safetensors.torch import save_file
+
+    from stablediff import weights
+
+    print(f"building a random SD 1.5 in {CACHE} (once)", file=sys.stderr)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    unet, vae, text = save_random_pipeline(folder)
     text_sd = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text.state_dict().items()
                if not k.endswith("position_ids")}
     save_file({k: v.contiguous() for k, v in weights.to_original(unet.state_dict(), vae.state_dict(),

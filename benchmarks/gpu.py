@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from compare import save_random_pipeline  # (benchmarks/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parent.parent
-LAYOUT = ROOT / "tests" / "data" / "sd15-layout"
 PROMPT = "silly dog wearing a batman costume, funny, realistic, canon, award winning photography"
 SEED = 1055747
 T0 = time.perf_counter()
@@ -40,24 +40,8 @@ def log(**kw) -> None:
 
 
 def build(folder: Path, device: str, dtype: torch.dtype) -> None:
-    if (folder / "model_index.json").exists():
-        return
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    cfg = lambda name: {k: v for k, v in json.loads((LAYOUT / name / "config.json").read_text()).items()
-                        if not k.startswith("_")}
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**cfg("unet")).to(dtype)
-        vae = AutoencoderKL(**cfg("vae")).to(dtype)
-        text = CLIPTextModel(CLIPTextConfig(**cfg("text_encoder"))).to(dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(str(ROOT / "src" / "stablediff" / "data" / "clip"))
-    scheduler = PNDMScheduler.from_pretrained(str(LAYOUT), subfolder="scheduler")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    shutil.copy(LAYOUT / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
+    if not (folder / "model_index.json").exists():
+        save_random_pipeline(folder, device, dtype)
 
 
 def sync(device: str) -> None:

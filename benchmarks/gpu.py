@@ -49,6 +49,68 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def trajectory(pipe, prompt: str, noise: torch.Tensor, n: int, ours: bool) -> list[torch.Tensor]:
+    """The latents after every step of an n-step Euler run from the given initial noise (float32, on the CPU)."""
+    seen = []
+    if ours:
+        pipe(prompt, steps=n, cfg_scale=7.5, seed=SEED, width=noise.shape[-1] * 8, height=noise.shape[-2] * 8,
+             sampler="euler", callback=lambda info: seen.append(info.latents.float().cpu()))
+    else:
+        def keep(p, i, t, kw):
+            seen.append(kw["latents"].float().cpu())
+            return kw
+        pipe(prompt, num_inference_steps=n, guidance_scale=7.5, height=noise.shape[-2] * 8, width=noise.shape[-1] * 8,
+             latents=noise.to(pipe.device, pipe.unet.dtype), output_type="latent", callback_on_step_end=keep)
+    return seen
+
+
+def parity(ours, theirs, folder: Path, dev: str, dtype: torch.dtype, size: int, steps: int) -> torch.Tensor:
+    """Correctness before speed: each component on the same input, then whole runs from the same initial noise,
+    step by step; then both sides again in float32 (TF32 off), to tell a bug from float16 rounding growing over
+    the steps. Returns diffusers' final latents (the reference the compiled variants are checked against)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from stablediff import StableDiffusion
+
+    rel = lambda x, y: ((x.float().cpu() - y.float().cpu()).norm() / y.float().cpu().norm()).item()
+    with torch.inference_mode():
+        ctx_ours = ours.encode_prompt(PROMPT)
+        ctx_theirs = theirs.encode_prompt(PROMPT, dev, 1, False)[0]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(dev, dtype)
+        ctx = torch.cat([ctx_theirs, ctx_theirs])
+        unet = {}
+        for tv in (999.0, 500.0, 20.0):
+            t = torch.tensor([tv, tv], device=dev)
+            unet[str(tv)] = rel(ours.unet(x, t, ctx), theirs.unet(x, t, ctx).sample)
+        z = torch.randn(1, 4, size // 8, size // 8, generator=g).to(dev)
+        vae_err = rel(ours.vae.decode(z), theirs.vae.decode(z.to(theirs.vae.dtype)).sample)
+    log(event="parity-components", text=rel(ctx_ours, ctx_theirs), unet=unet, vae_decode=vae_err)
+    noise = ours.noise([torch.Generator().manual_seed(SEED)], (4, size // 8, size // 8))
+    mine = trajectory(ours, PROMPT, noise, steps, True)
+    ref = trajectory(theirs, PROMPT, noise, steps, False)
+    marks = sorted({1, 2, 3, 5, 10, 20, 30, 40, steps} & set(range(1, steps + 1)))
+    log(event="parity-steps", dtype=str(dtype), ours_vs_diffusers={k: rel(mine[k - 1], ref[k - 1]) for k in marks},
+        norm_ours={k: round(mine[k - 1].norm().item(), 2) for k in marks},
+        norm_diffusers={k: round(ref[k - 1].norm().item(), 2) for k in marks})
+    if dev == "cuda":  # float32 on the GPU: no TF32, so both sides compute what the CPU would
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    exact = StableDiffusion.from_pretrained(folder, device=dev, dtype=torch.float32)
+    exact_theirs = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, safety_checker=None,
+                                                           requires_safety_checker=False).to(dev)
+    exact_theirs.scheduler = EulerDiscreteScheduler.from_config(exact_theirs.scheduler.config)
+    exact_theirs.set_progress_bar_config(disable=True)
+    mine32 = trajectory(exact, PROMPT, noise, steps, True)
+    ref32 = trajectory(exact_theirs, PROMPT, noise, steps, False)
+    log(event="parity-steps", dtype="float32", ours_vs_diffusers={k: rel(mine32[k - 1], ref32[k - 1]) for k in marks},
+        ours_lowp_vs_ours_fp32={k: rel(mine[k - 1], mine32[k - 1]) for k in marks},
+        diffusers_lowp_vs_diffusers_fp32={k: rel(ref[k - 1], ref32[k - 1]) for k in marks})
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
+    del exact, exact_theirs
+    return ref[-1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -92,31 +154,7 @@ def main() -> None:
         sync(dev)
         return time.perf_counter() - t0, out
 
-    # correctness first: each component on the same input, then whole runs from the same initial noise
-    rel = lambda x, y: ((x.float().cpu() - y.float().cpu()).norm() / y.float().cpu().norm()).item()
-    with torch.inference_mode():
-        ctx_ours = ours.encode_prompt(PROMPT)
-        ctx_theirs = theirs.encode_prompt(PROMPT, dev, 1, False)[0]
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(dev, dtype)
-        ctx = torch.cat([ctx_theirs, ctx_theirs])
-        t = torch.tensor([500.0, 500.0], device=dev)
-        unet_err = rel(ours.unet(x, t, ctx), theirs.unet(x, t, ctx).sample)
-        z = torch.randn(1, 4, size // 8, size // 8, generator=g).to(dev)
-        vae_err = rel(ours.vae.decode(z), theirs.vae.decode(z.to(dtype)).sample)
-    log(event="parity-components", text=rel(ctx_ours, ctx_theirs), unet=unet_err, vae_decode=vae_err)
-    noise = ours.noise([torch.Generator().manual_seed(SEED)], (4, size // 8, size // 8))
-    for n in (1, 5, steps):
-        ref = theirs(PROMPT, num_inference_steps=n, guidance_scale=7.5, height=size, width=size,
-                     latents=noise.to(dev, dtype), output_type="latent").images
-        mine = ours(PROMPT, steps=n, cfg_scale=7.5, seed=SEED, width=size, height=size, sampler="euler")
-        log(event="parity-latents", steps=n, ours_vs_diffusers=rel(mine.latents, ref))
-    b = ref.float().cpu()
-    # how far float16 rounding alone moves a 50-step run of random weights (ours float32 vs ours float16)
-    exact = StableDiffusion.from_pretrained(folder, device=dev, dtype=torch.float32)
-    full = exact(PROMPT, steps=steps, cfg_scale=7.5, seed=SEED, width=size, height=size, sampler="euler")
-    log(event="parity-latents", steps=steps, ours_fp16_vs_ours_fp32=rel(mine.latents, full.latents))
-    del exact, full
+    b = parity(ours, theirs, folder, dev, dtype, size, steps)
 
     def rounds(label: str, n_rounds: int) -> None:
         best = {"ours": [1e9, 1e9], "diffusers": [1e9, 1e9]}

@@ -1,6 +1,8 @@
 """The speed paths: reordered-weight convolutions, channels-last bfloat16, the bfloat16 VAE and torch.compile.
 Each must give the exact path's numbers (bit-equal where the arithmetic is the same, else within a stated bound)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,3 +96,46 @@ def test_release_drops_mapped_weights_from_memory_but_never_a_change_written_to_
     weights.release(pipe.unet)
     assert big.equal(changed)
     assert not weights.release(StableDiffusion.from_pretrained(tiny_model_dir, copy_weights=True).unet)
+
+
+_CYCLE = r"""
+import resource, sys, torch
+from stablediff import weights
+if sys.argv[1] == "keep" and not weights.keep_freed_memory():
+    sys.exit("not glibc")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def cycle():  # what a U-Net step does: allocate, write and free large buffers, again and again
+    for _ in range(5):
+        x = torch.empty(64 << 20, dtype=torch.uint8)
+        x.fill_(1)
+        del x
+cycle()  # the first round touches new memory either way
+f0 = faults()
+cycle()
+f1, before = faults(), rss()
+weights.return_freed_memory()
+print(f1 - f0, (before - rss()) >> 20)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="Linux only")
+def test_keep_freed_memory_reuses_large_buffers_without_page_faults_and_gives_them_back():
+    import subprocess
+    import sys
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _CYCLE, mode], capture_output=True, text=True)
+        if "not glibc" in out.stderr:
+            pytest.skip("not glibc")
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [int(v) for v in out.stdout.split()]
+
+    pages = 5 * (64 << 20) // 4096  # pages written per cycle
+    faults, returned = run("keep")
+    assert faults < pages // 100, (faults, pages)
+    assert returned >= 60  # MiB of freed buffers the heap had kept
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[always]" not in thp.read_text():  # (with huge pages a fault maps 2 MB)
+        faults, returned = run("default")
+        assert faults > pages * 0.9, (faults, pages)  # every 64 MiB buffer was a fresh mmap, one fault per page

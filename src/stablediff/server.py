@@ -50,8 +50,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from . import __version__, images, samplers
-from .pipeline import MAX_SEED, Cancelled, StableDiffusion, check_params
+from . import __version__, images, samplers, weights
+from .pipeline import MAX_SEED, Cancelled, StableDiffusion, check_params, resolve_device
 from .worker import Catalog, ClientError, Job, ModelEntry, Worker, startup_model
 
 STATIC = Path(__file__).parent / "static"
@@ -348,6 +348,8 @@ def create_app(config: ServeConfig, *, load: Callable[[ModelEntry], StableDiffus
                                                    dtype=getattr(torch, config.dtype))
 
     catalog = Catalog(config.models_dir, startup_model(config.model, config.models_dir))
+    if resolve_device(config.device).type == "cpu":
+        weights.keep_freed_memory()  # before the worker thread first allocates (it then shares the main heap)
     worker = Worker(load, config.max_queue)
     options = {"checkpoint": catalog.startup, "clip_skip": 1}
     try:

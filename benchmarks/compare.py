@@ -85,6 +85,12 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def since(ru) -> tuple[float, float]:
+    """Minor page faults (millions) and system CPU seconds of this process since the rusage `ru`."""
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    return (now.ru_minflt - ru.ru_minflt) / 1e6, now.ru_stime - ru.ru_stime
+
+
 def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: int, copy_weights: bool = False,
                vae_dtype: str = "float32") -> dict:
     import torch
@@ -96,10 +102,11 @@ def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: 
                                            vae_dtype=getattr(torch, vae_dtype))
     load = time.perf_counter() - t0
     stamps = []
-    t0 = time.perf_counter()
+    t0, ru = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     result = pipe(PROMPT, steps=steps, seed=SEED, width=size, height=size, sampler="euler",
                   cache_interval=cache_interval, callback=lambda info: stamps.append(time.perf_counter()))
     whole = time.perf_counter() - t0
+    faults, sys_s = since(ru)
     with torch.inference_mode():
         t1 = time.perf_counter()
         pipe.prompts.encode_pair(PROMPT, "")
@@ -119,7 +126,7 @@ def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: 
     else:
         pixel_err = None
     return dict(load=load, encode=encode, step=step, decode=decode, whole=whole, first=load + whole,
-                rss=rss, pixel_err=pixel_err)
+                rss=rss, pixel_err=pixel_err, faults=faults, sys=sys_s)
 
 
 def child_diffusers(folder: Path, single: Path, size: int, steps: int, dtype: str) -> dict:
@@ -142,7 +149,7 @@ def child_diffusers(folder: Path, single: Path, size: int, steps: int, dtype: st
         stamps.append(time.perf_counter())
         return kw
 
-    t0 = time.perf_counter()
+    t0, ru = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     out = pipe(PROMPT, num_inference_steps=steps, height=size, width=size, guidance_scale=7.0,
                generator=torch.Generator().manual_seed(SEED), output_type="latent", callback_on_step_end=on_step)
     latents = out.images
@@ -150,6 +157,7 @@ def child_diffusers(folder: Path, single: Path, size: int, steps: int, dtype: st
         t1 = time.perf_counter()
         pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor)
         decode = time.perf_counter() - t1
+        faults, sys_s = since(ru)
         t1 = time.perf_counter()
         pipe.encode_prompt(PROMPT, "cpu", 1, True, "")
         encode = time.perf_counter() - t1
@@ -157,7 +165,7 @@ def child_diffusers(folder: Path, single: Path, size: int, steps: int, dtype: st
     step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     torch.save(latents.float(), CACHE / f"latents-diffusers-{size}-{dtype}.pt")
     return dict(load=load, encode=encode, step=step, decode=decode, whole=whole, first=load + whole,
-                rss=peak_rss_gb())
+                rss=peak_rss_gb(), faults=faults, sys=sys_s)
 
 
 def child_accuracy(folder: Path) -> dict:
@@ -297,7 +305,8 @@ def main() -> None:
         theirs_bf16.append(run_child("diffusers", str(size), str(steps), "bfloat16"))
         rows = [("load from single file, s", "load"), ("load + first image, s", "first"),
                 ("prompt encoding, s", "encode"), ("U-Net per guided step, s", "step"),
-                ("VAE decode, s", "decode"), ("whole image, s", "whole"), ("peak RSS, GB", "rss")]
+                ("VAE decode, s", "decode"), ("whole image, s", "whole"), ("peak RSS, GB", "rss"),
+                ("image: minor page faults, millions", "faults"), ("image: system CPU time, s", "sys")]
         for label, key in rows:
             (a, am), (b, bm) = summarize(ours, key), summarize(theirs, key)
             lines.append(f"| {size}px fp32 {label} | {a:.2f} (median {am:.2f}) | {b:.2f} (median {bm:.2f}) "

@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import malloc
+
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 _WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -470,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.error("choose a command: generate, img2img, inpaint, samplers, info or serve")
+        malloc.keep_freed_memory()  # before torch is imported: its threads and the server's share the main heap
         try:
             return args.func(args)
         except UsageError as e:

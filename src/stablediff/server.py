@@ -50,7 +50,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from . import __version__, images, samplers, weights
+from . import __version__, images, malloc, samplers
 from .pipeline import MAX_SEED, Cancelled, StableDiffusion, check_params, resolve_device
 from .worker import Catalog, ClientError, Job, ModelEntry, Worker, startup_model
 
@@ -349,7 +349,7 @@ def create_app(config: ServeConfig, *, load: Callable[[ModelEntry], StableDiffus
 
     catalog = Catalog(config.models_dir, startup_model(config.model, config.models_dir))
     if resolve_device(config.device).type == "cpu":
-        weights.keep_freed_memory()  # before the worker thread first allocates (it then shares the main heap)
+        malloc.keep_freed_memory()  # before the worker thread first allocates (it then shares the main heap)
     worker = Worker(load, config.max_queue)
     options = {"checkpoint": catalog.startup, "clip_skip": 1}
     try:

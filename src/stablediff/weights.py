@@ -245,41 +245,6 @@ def release(module: torch.nn.Module) -> int:
                if not p.is_inference() and not p._version)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's <malloc.h> mallopt parameters
-KEEP_FREED = 1 << 30  # bytes of free heap top malloc keeps for reuse, once keep_freed_memory() has run
-
-
-def keep_freed_memory() -> bool:
-    """Make this process's malloc (glibc) keep the memory PyTorch frees, for reuse, instead of handing it back to
-    the kernel. Process-wide and idempotent; the pipeline calls it when it loads onto the CPU. False where it does
-    not apply (no glibc).
-
-    PyTorch frees and allocates the same large buffers again on every step: activations, and the copy of every
-    float32 convolution weight that oneDNN reorders on every call (59-118 MB for SD 1.5's 1280-channel layers).
-    By default glibc serves each block over 32 MB with a fresh mmap and returns a free heap top over 64 MB to the
-    kernel, so those buffers come back as new zeroed pages: one page fault per 4 KB, measured on 2 cores at
-    800K faults and 1.6 s of system time per SD 1.5 float32 U-Net step at 512px, 5.3M faults per 512px image.
-    Here every block comes from the main heap (M_MMAP_MAX 0), up to KEEP_FREED bytes of free heap top stay
-    (M_TRIM_THRESHOLD), and threads started later share the main heap where glibc lets them (M_ARENA_MAX 1). A
-    thread with a heap of its own still gets blocks over 64 MB as fresh mmaps (SD 1.5 float32 at 256px: about a
-    third of the faults remain). The pipeline hands the kept memory back after each image
-    (`return_freed_memory`)."""
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None or not hasattr(libc, "malloc_trim"):
-        return False
-    return all(mallopt(opt, value) == 1 for opt, value in
-               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, KEEP_FREED)))
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's free memory back to the kernel (glibc malloc_trim): kept memory from one image does not
-    stay resident while the next one pages its weights back in."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(ctypes.c_size_t(0))
-
-
 def _libc():
     try:
         return ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None

@@ -91,15 +91,14 @@ def since(ru) -> tuple[float, float]:
     return (now.ru_minflt - ru.ru_minflt) / 1e6, now.ru_stime - ru.ru_stime
 
 
-def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: int, copy_weights: bool = False,
+def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: int,
                vae_dtype: str = "float32") -> dict:
     import torch
 
     from stablediff import StableDiffusion
 
     t0 = time.perf_counter()
-    pipe = StableDiffusion.from_pretrained(single, dtype=getattr(torch, dtype), copy_weights=copy_weights,
-                                           vae_dtype=getattr(torch, vae_dtype))
+    pipe = StableDiffusion.from_pretrained(single, dtype=getattr(torch, dtype), vae_dtype=getattr(torch, vae_dtype))
     load = time.perf_counter() - t0
     stamps = []
     t0, ru = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
@@ -267,8 +266,7 @@ def main() -> None:
         folder, single = CACHE / "sd15-random", CACHE / "sd15-random.safetensors"
         kind, *rest = args.child
         if kind == "ours":
-            res = child_ours(single, int(rest[0]), int(rest[1]), rest[2], int(rest[3]), rest[4] == "copy",
-                             rest[5])
+            res = child_ours(single, int(rest[0]), int(rest[1]), rest[2], int(rest[3]), rest[4])
         elif kind == "diffusers":
             res = child_diffusers(folder, single, int(rest[0]), int(rest[1]), rest[2])
         elif kind == "accuracy":
@@ -289,14 +287,12 @@ def main() -> None:
     lines.append("|---|---|---|---|")
     latent_err, vae_notes = {}, []
     for size in map(int, args.sizes.split(",")):
-        ours, theirs, ours_bf16, theirs_bf16, cached, copied, bf16_vae = [], [], [], [], [], [], []
-        ours_child = lambda dtype, cache="1", copy="mmap", vae="float32": run_child(
-            "ours", str(size), str(steps), dtype, cache, copy, vae)
+        ours, theirs, ours_bf16, theirs_bf16, cached, bf16_vae = [], [], [], [], [], []
+        ours_child = lambda dtype, cache="1", vae="float32": run_child("ours", str(size), str(steps), dtype, cache, vae)
         for r in range(args.repeats):  # alternate the sides (and who goes first), so a noisy minute hits both
             warm_page_cache(single)
             group = [lambda: ours.append(ours_child("float32")),
-                     lambda: theirs.append(run_child("diffusers", str(size), str(steps), "float32")),
-                     lambda: copied.append(ours_child("float32", copy="copy"))]
+                     lambda: theirs.append(run_child("diffusers", str(size), str(steps), "float32"))]
             for run in (group if r % 2 == 0 else group[::-1]):
                 run()
             ours_bf16.append(ours_child("bfloat16"))
@@ -309,14 +305,6 @@ def main() -> None:
                 ("image: minor page faults, millions", "faults"), ("image: system CPU time, s", "sys")]
         for label, key in rows:
             (a, am), (b, bm) = summarize(ours, key), summarize(theirs, key)
-            lines.append(f"| {size}px fp32 {label} | {a:.2f} (median {am:.2f}) | {b:.2f} (median {bm:.2f}) "
-                         f"| {a / b:.2f} |")
-        for label, key in (("copy_weights=True: load, s", "load"), ("copy_weights=True: U-Net per guided step, s",
-                                                                       "step"),
-                           ("copy_weights=True: whole image, s", "whole"), ("copy_weights=True: load + first image, s",
-                                                                           "first"),
-                           ("copy_weights=True: peak RSS, GB", "rss")):
-            (a, am), (b, bm) = summarize(copied, key), summarize(theirs, key)
             lines.append(f"| {size}px fp32 {label} | {a:.2f} (median {am:.2f}) | {b:.2f} (median {bm:.2f}) "
                          f"| {a / b:.2f} |")
         fp32_whole = summarize(theirs, "whole")[0]

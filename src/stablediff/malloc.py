@@ -25,9 +25,10 @@ def keep_freed_memory() -> bool:
     kernel. Process-wide and idempotent; False where it does not apply (no glibc).
 
     Every block comes from the main heap (M_MMAP_MAX 0), up to KEEP_FREED bytes of free heap top stay
-    (M_TRIM_THRESHOLD), and threads that have not allocated yet share the main heap (M_ARENA_MAX 1; glibc may
-    still give one a heap of its own, which serves blocks over 64 MB as fresh mmaps: called after torch's import,
-    a thread running SD 1.5 float32 at 256px kept about a third of its page faults)."""
+    (M_TRIM_THRESHOLD), and threads that have not allocated yet share the main heap (M_ARENA_MAX 1). A thread
+    with a heap of its own still gets blocks over 64 MB as fresh mmaps: without M_ARENA_MAX, a thread running SD
+    1.5 float32 at 256px kept about a third of its page faults. glibc may still hand a thread started after
+    torch's import a heap of its own, hence the CLI's early call."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
         return False

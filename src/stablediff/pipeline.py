@@ -136,14 +136,12 @@ class StableDiffusion:
     def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, variant: str | None = None,
                         safety_checker: bool | str | Path = False,
-                        vae_dtype: torch.dtype = torch.float32, copy_weights: bool = False) -> "StableDiffusion":
+                        vae_dtype: torch.dtype = torch.float32) -> "StableDiffusion":
         """Load a diffusers folder, an original single .safetensors/.ckpt file, or a Hugging Face Hub id.
 
         dtype: what the text encoder and U-Net run in. vae_dtype: what the VAE runs in: float32 (default, exact;
         the SD 1.x VAE overflows in float16), or bfloat16 (a 4-7x faster decode on a CPU with bfloat16 matrix
-        units, about 1/255 mean pixel error). copy_weights: on the CPU, copy the U-Net's weights out of the
-        memory-mapped .safetensors file into private memory (SD 1.5 float32 on 2 cores: about 1 s more to load,
-        U-Net steps 3-6% faster, peak memory that of a private copy); by default they stay memory-mapped.
+        units, about 1/255 mean pixel error). Weights in .safetensors files stay memory-mapped.
         safety_checker: False (default), True (the model folder's own safety_checker/), or a path to a
         safety_checker folder or a diffusers model folder that has one."""
         if vae_dtype not in (torch.float32, torch.bfloat16):
@@ -167,8 +165,6 @@ class StableDiffusion:
         unet = _build(UNet, ckpt.unet_config, ckpt.unet, component="unet", dtype=dtype, **common)
         vae = _build(AutoencoderKL, ckpt.vae_config, ckpt.vae, component="vae", dtype=vae_dtype, **common)
         if device.type == "cpu":
-            if copy_weights:
-                weights.own_memory(unet)
             # bfloat16 convolutions on the CPU run in oneDNN's channels-last kernels without reordering every
             # activation (SD 1.5 U-Net at 256px, 1 thread: 9% faster; the VAE decode 2.9x). In float32 the
             # channels-first kernels are faster (channels-last U-Net: 7% slower), so float32 stays as it is.

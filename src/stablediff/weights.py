@@ -221,19 +221,6 @@ def _drop_pages(libc, start: int, nbytes: int) -> int:
         else 0
 
 
-def own_memory(module: torch.nn.Module) -> int:
-    """Copy a CPU module's memory-mapped weights into private memory and return the bytes copied (the SD 1.5
-    U-Net: 3.4 GB in about 1 s; its steps then ran 3-6% faster on 2 cores). Each source range is dropped from the
-    mapping right after its copy (its pages are clean: nothing has written them), so resident memory never holds
-    the weights twice."""
-    params, libc = _mapped(module), _libc()
-    for p in params:
-        src = p.data
-        p.data = src.clone()
-        _drop_pages(libc, src.data_ptr(), src.nbytes)
-    return sum(p.nbytes for p in params)
-
-
 def release(module: torch.nn.Module) -> int:
     """Drop a CPU module's memory-mapped weights from this process's resident memory (MADV_DONTNEED) and return the
     bytes released. The file stays in the page cache, and the pages come back on the next use: the pipeline

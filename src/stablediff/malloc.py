@@ -29,7 +29,7 @@ def keep_freed_memory() -> bool:
     with a heap of its own still gets blocks over 64 MB as fresh mmaps: without M_ARENA_MAX, a thread running SD
     1.5 float32 at 256px kept about a third of its page faults. glibc may still hand a thread started after
     torch's import a heap of its own, hence the CLI's early call."""
-    libc = _libc()
+    libc = c_library()
     if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
         return False
     return all(libc.mallopt(opt, value) == 1 for opt, value in
@@ -39,13 +39,14 @@ def keep_freed_memory() -> bool:
 def return_freed_memory() -> None:
     """Hand the heap's free memory back to the kernel (malloc_trim): what one image's buffers left in the heap does
     not stay resident while the next image pages its weights back in."""
-    libc = _libc()
+    libc = c_library()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(ctypes.c_size_t(0))
 
 
-def _libc():
+def c_library():
+    """The C library (for mallopt, malloc_trim, madvise), or None where there is none to load."""
     try:
-        return ctypes.CDLL(None) if os.name == "posix" else None
+        return ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
     except OSError:
         return None

@@ -30,6 +30,7 @@ from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from .keymap import (_OLD_DIFFUSERS_ATTENTION, PREFIXES, CheckpointError, _check_widths, _family_error, _rename,
                      _text_keys, _unet_table, _vae_table, detect, infer_text_config, infer_unet_config,
                      infer_vae_config, split_original, text_shapes, to_original, unet_shapes, vae_shapes)
+from .malloc import c_library
 
 # CheckpointError and to_original live in keymap.py and are re-exported here for the code that imports them from us
 __all__ = ["CheckpointError", "Checkpoint", "read_state_dict", "read_component", "load_checkpoint", "load_into",
@@ -224,19 +225,12 @@ def _drop_pages(libc, start: int, nbytes: int) -> int:
 def release(module: torch.nn.Module) -> int:
     """Drop a CPU module's memory-mapped weights from this process's resident memory (MADV_DONTNEED) and return the
     bytes released. The file stays in the page cache, and the pages come back on the next use: the pipeline
-    releases the text encoder after encoding and the U-Net before the VAE decode, so the peak resident memory holds
-    one of them at a time. Only weights never written in place are released (a tensor version of 0: a written page
+    releases the text encoder after encoding, the U-Net before the VAE decode and the VAE after it, so the peak
+    resident memory holds one of them at a time. Only weights never written in place are released (a tensor version of 0: a written page
     of the copy-on-write mapping holds the only copy of the change, e.g. a merged LoRA)."""
-    libc = _libc()
+    libc = c_library()
     return sum(_drop_pages(libc, p.data_ptr(), p.nbytes) for p in _mapped(module)
                if not p.is_inference() and not p._version)
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
-    except OSError:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -44,6 +44,17 @@ def build(folder: Path, device: str, dtype: torch.dtype) -> None:
         save_random_pipeline(folder, device, dtype)
 
 
+def load_diffusers(folder: Path, dev: str, dtype: torch.dtype):
+    """diffusers' StableDiffusionPipeline on the folder, with the Euler scheduler and no progress bars."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False).to(dev)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -68,8 +79,6 @@ def parity(ours, theirs, folder: Path, dev: str, dtype: torch.dtype, size: int, 
     """Correctness before speed: each component on the same input, then whole runs from the same initial noise,
     step by step; then both sides again in float32 (TF32 off), to tell a bug from float16 rounding growing over
     the steps. Returns diffusers' final latents (the reference the compiled variants are checked against)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
     from stablediff import StableDiffusion
 
     rel = lambda x, y: ((x.float().cpu() - y.float().cpu()).norm() / y.float().cpu().norm()).item()
@@ -96,10 +105,7 @@ def parity(ours, theirs, folder: Path, dev: str, dtype: torch.dtype, size: int, 
     if dev == "cuda":  # float32 on the GPU: no TF32, so both sides compute what the CPU would
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     exact = StableDiffusion.from_pretrained(folder, device=dev, dtype=torch.float32)
-    exact_theirs = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, safety_checker=None,
-                                                           requires_safety_checker=False).to(dev)
-    exact_theirs.scheduler = EulerDiscreteScheduler.from_config(exact_theirs.scheduler.config)
-    exact_theirs.set_progress_bar_config(disable=True)
+    exact_theirs = load_diffusers(folder, dev, torch.float32)
     mine32 = trajectory(exact, PROMPT, noise, steps, True)
     ref32 = trajectory(exact_theirs, PROMPT, noise, steps, False)
     log(event="parity-steps", dtype="float32", ours_vs_diffusers={k: rel(mine32[k - 1], ref32[k - 1]) for k in marks},
@@ -128,22 +134,17 @@ def main() -> None:
     build(folder, dev, dtype)
     log(event="built", folder=str(folder))
 
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
     from stablediff import StableDiffusion
 
-    theirs = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, safety_checker=None,
-                                                     requires_safety_checker=False).to(dev)
-    theirs.scheduler = EulerDiscreteScheduler.from_config(theirs.scheduler.config)
-    theirs.set_progress_bar_config(disable=True)
+    theirs = load_diffusers(folder, dev, dtype)
     ours = StableDiffusion.from_pretrained(folder, device=dev, dtype=dtype)
     log(event="loaded")
 
-    def run_theirs(n: int, output_type: str = "pil"):
+    def run_theirs(n: int):
         sync(dev)
         t0 = time.perf_counter()
         out = theirs(PROMPT, num_inference_steps=n, guidance_scale=7.5, height=size, width=size,
-                     generator=torch.Generator().manual_seed(SEED), output_type=output_type)
+                     generator=torch.Generator().manual_seed(SEED))
         sync(dev)
         return time.perf_counter() - t0, out
 

@@ -1,4 +1,5 @@
-"""The speed paths: reordered-weight convolutions, channels-last bfloat16, the bfloat16 VAE and torch.compile.
+"""The speed paths: Winograd and reordered-weight convolutions, channels-last bfloat16, the bfloat16 VAE and
+torch.compile.
 Each must give the exact path's numbers (bit-equal where the arithmetic is the same, else within a stated bound)."""
 
 from pathlib import Path
@@ -7,8 +8,74 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stablediff import StableDiffusion
+from stablediff import StableDiffusion, winograd
 from stablediff.nn import Conv2d
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("n, c, k, h, w, bias, budget", [
+    (2, 64, 64, 16, 16, True, None),  # one piece, sizes divisible by the 4x4 tile
+    (1, 65, 70, 13, 7, True, None),  # odd sizes: padded to whole tiles, cropped back
+    (2, 32, 48, 9, 22, False, None),  # no bias
+    (3, 16, 8, 33, 17, True, 1 << 16),  # rows of tiles in pieces
+    (2, 96, 80, 8, 8, True, 1 << 20),  # the kernel transform in pieces
+    (1, 8, 8, 2, 5, False, 1),  # both, one row and a few transform positions at a time
+    (1, 4, 4, 1, 1, True, None),
+])
+def test_winograd_convolution_equals_the_direct_one(n, c, k, h, w, bias, budget, monkeypatch):
+    if budget:
+        monkeypatch.setattr(winograd, "BUDGET", budget)
+    g = torch.Generator().manual_seed(n * c + h)
+    x, weight = torch.randn(n, c, h, w, generator=g), torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)
+    b = torch.randn(k, generator=g) if bias else None
+    exact = F.conv2d(x.double(), weight.double(), b.double() if bias else None, padding=1)
+    y = winograd.conv3x3(x, weight, b)
+    assert y.shape == exact.shape and y.is_contiguous()
+    # F(4x4, 3x3) in float32: about 10x the direct convolution's rounding error, far below 5e-4
+    assert rel(y, exact) < 5e-6
+    assert rel(F.conv2d(x, weight, b, padding=1), exact) < 5e-7
+
+
+def test_winograd_runs_only_where_it_gains():
+    def used(conv, shape, dtype=torch.float32):
+        return winograd.applies(conv.to(dtype), torch.empty(shape, dtype=dtype))
+    wide = Conv2d(320, 320, 3, padding=1)
+    assert used(wide, (2, 320, 16, 16)) and used(wide, (1, 320, 64, 64))  # SD U-Net top level, VAE
+    assert not used(wide, (2, 320, 8, 8))  # 128 pixels: the kernel transform would cost more than it saves
+    assert used(Conv2d(128, 128, 3, padding=1), (1, 128, 128, 128))  # VAE's last level
+    assert not used(Conv2d(128, 128, 3, padding=1), (2, 128, 32, 32))
+    assert not used(Conv2d(64, 64, 3, padding=1), (2, 64, 256, 256))  # too few channels at any size
+    assert not used(Conv2d(320, 320, 3, padding=1, stride=2), (2, 320, 64, 64))  # the downsamplers
+    assert not used(Conv2d(320, 320, 1), (2, 320, 64, 64))
+    assert not used(wide, (2, 320, 64, 64), torch.bfloat16)  # bfloat16 has AMX: oneDNN's direct kernel
+
+
+def test_winograd_unet_matches_the_direct_one(monkeypatch):
+    """Every 3x3 layer of a tiny U-Net by Winograd (thresholds lowered) against the same U-Net without it."""
+    from conftest import TINY_UNET
+    from stablediff.config import UNetConfig
+    from stablediff.unet import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.from_dict(TINY_UNET)).eval()
+    for p in unet.parameters():  # random weights large enough that every layer matters
+        p.data.normal_(0, 0.05)
+    x, ctx = torch.randn(2, 4, 16, 12), torch.randn(2, 77, TINY_UNET["cross_attention_dim"])
+    calls = []
+    conv3x3 = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(a[0].shape) or conv3x3(*a))
+    with torch.no_grad():
+        monkeypatch.setattr(winograd, "THRESHOLDS", ())
+        direct = unet(x, 500.0, ctx)
+        assert not calls
+        monkeypatch.setattr(winograd, "THRESHOLDS", ((1, 1),))
+        fast = unet(x, 500.0, ctx)
+    # the resnets' and upsamplers' 3x3 convolutions (conv_in, conv_out are plain nn.Conv2d; downsamplers stride 2)
+    assert len(calls) == sum(isinstance(m, Conv2d) and m.stride == (1, 1) for m in unet.modules())
+    assert 0 < rel(fast, direct) < 5e-6
 
 
 def test_wide_low_resolution_bf16_convs_reuse_a_reordered_weight_and_stay_exact():

@@ -5,12 +5,20 @@ import torch
 
 from conftest import (TINY_TEXT, TINY_UNET, TINY_VAE, assert_close, diffusers_unet, diffusers_vae, sd15_config,
                       text_state_dict, transformers_text)
+from stablediff import winograd
 from stablediff.clip import CLIPTextModel
 from stablediff.config import CLIPTextConfig, UNetConfig, VAEConfig
 from stablediff.unet import UNet
 from stablediff.vae import AutoencoderKL
 
 TOL = 1e-4
+
+
+def count_winograd(monkeypatch) -> list:
+    """The inputs of the convolutions done by Winograd's algorithm from now on (the real configs use it)."""
+    calls, conv3x3 = [], winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, *a: calls.append(tuple(x.shape)) or conv3x3(x, *a))
+    return calls
 
 
 def ours(cls, cfg_cls, ref, state_dict):
@@ -23,7 +31,8 @@ def ours(cls, cfg_cls, ref, state_dict):
 
 
 @pytest.mark.parametrize("size", ["tiny", "sd15"])
-def test_unet_matches_diffusers(size, all_cores):
+def test_unet_matches_diffusers(size, all_cores, monkeypatch):
+    winograd_inputs = count_winograd(monkeypatch)
     cfg = TINY_UNET if size == "tiny" else sd15_config("unet")
     ref = diffusers_unet(cfg)
     model = ours(UNet, UNetConfig, ref, ref.state_dict())
@@ -40,6 +49,8 @@ def test_unet_matches_diffusers(size, all_cores):
     x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 154, cfg["cross_attention_dim"], generator=g)
     with torch.no_grad():
         assert_close(model(x, 500, ctx), ref(x, 500, ctx).sample, TOL)
+    # SD 1.5 at 16x16, batch 2: the top level's 3x3 layers (4 down, 6 up, the upsampler into it)
+    assert len(winograd_inputs) == (11 if size == "sd15" else 0)
 
 
 def test_inpainting_unet_in_channels_9():
@@ -52,7 +63,8 @@ def test_inpainting_unet_in_channels_9():
 
 
 @pytest.mark.parametrize("size", ["tiny", "sd15"])
-def test_vae_matches_diffusers(size, all_cores):
+def test_vae_matches_diffusers(size, all_cores, monkeypatch):
+    winograd_inputs = count_winograd(monkeypatch)
     cfg = TINY_VAE if size == "tiny" else sd15_config("vae")
     ref = diffusers_vae(cfg)
     model = ours(AutoencoderKL, VAEConfig, ref, ref.state_dict())
@@ -69,6 +81,8 @@ def test_vae_matches_diffusers(size, all_cores):
         assert_close(post.sample(torch.Generator().manual_seed(7)),
                      ref_post.sample(torch.Generator().manual_seed(7)), TOL)
         assert_close(model.decode(z), ref.decode(z).sample, TOL)
+    # SD 1.5: the encoder's and decoder's levels with >= 256 channels and 512 pixels, or 128 and 8192
+    assert (len(winograd_inputs) > 0) == (size == "sd15")
 
 
 def test_vae_scaling_factor_default_and_from_config():

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import winograd
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0,
                        max_period: float = 10000.0) -> torch.Tensor:
@@ -38,8 +40,10 @@ class TimestepEmbedding(nn.Module):
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (the same parameters and state dict) that runs the U-Net's widest low-resolution layers faster in
-    bfloat16 on the CPU. oneDNN reorders a convolution's weight into its blocked layout on every call; for layers
+    """nn.Conv2d (the same parameters and state dict), faster on the CPU.
+
+    float32: the stride-1 3x3 layers with enough channels and pixels run by Winograd's algorithm (winograd.py).
+    bfloat16: the U-Net's widest low-resolution layers keep their weights reordered. oneDNN reorders a convolution's weight into its blocked layout on every call; for layers
     with >= 2560 input channels, or >= 1280 at <= 8x8 pixels, that reorder costs more than the arithmetic (2 cores:
     2560 -> 1280 channels at 8x8 took 70 ms per call, 14 ms with the weight reordered once). Such a layer keeps its
     weight reordered for the last input shape it saw (rebuilt when the shape or the weight changes, e.g. a LoRA
@@ -55,6 +59,8 @@ class Conv2d(nn.Conv2d):
                 and torch.backends.mkldnn.is_available())
 
     def forward(self, x):
+        if winograd.applies(self, x):
+            return winograd.conv3x3(x, self.weight, self.bias)
         if not self._packs(x):
             return super().forward(x)
         w = self.weight

@@ -45,12 +45,22 @@ def test_unet_matches_diffusers(size, all_cores, monkeypatch):
         t = torch.tensor([999.0, 1.5])
         with torch.no_grad():
             assert_close(model(x, t, ctx), ref(x, t, ctx).sample, TOL)
+    # SD 1.5 at 16x16, batch 2: the top level's 3x3 layers (4 down, 6 up, the upsampler into it)
+    assert len(winograd_inputs) == (11 if size == "sd15" else 0)
     # a scalar timestep and a 154-token (two-chunk) context
     x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 154, cfg["cross_attention_dim"], generator=g)
     with torch.no_grad():
         assert_close(model(x, 500, ctx), ref(x, 500, ctx).sample, TOL)
-    # SD 1.5 at 16x16, batch 2: the top level's 3x3 layers (4 down, 6 up, the upsampler into it)
-    assert len(winograd_inputs) == (11 if size == "sd15" else 0)
+    # guidance's batch [x; x] under [uncond; cond]: the part before the first cross-attention runs on one half
+    conv_in_batch = []
+    model.conv_in.register_forward_hook(lambda m, inp, out: conv_in_batch.append(len(inp[0])))
+    x = torch.randn(2, 4, 16, 8, generator=g).repeat(2, 1, 1, 1)
+    ctx = torch.randn(4, 77, cfg["cross_attention_dim"], generator=g)
+    with torch.no_grad():
+        assert_close(model(x, 321.0, ctx), ref(x, 321.0, ctx).sample, TOL)
+        assert conv_in_batch == [2]
+        model(x, torch.tensor([321.0, 321.0, 321.0, 20.0]), ctx)  # timesteps differ: no sharing
+        assert conv_in_batch == [2, 4]
 
 
 def test_inpainting_unet_in_channels_9():
@@ -142,4 +152,8 @@ def test_deep_cache_reuses_deep_features_on_the_calls_between_full_passes():
         model(x, 500.0, ctx, cache=c2)
         reused = model(x, 400.0, ctx, cache=c2)
         assert not torch.equal(reused, model(x, 400.0, ctx))
+        # a guidance batch [x; x]: the shallow branch shares its first half as the full pass does
+        xs, c3 = x[:1].repeat(2, 1, 1, 1), DeepCache(2)
+        full = model(xs, 500.0, ctx)
+        assert all(torch.equal(model(xs, 500.0, ctx, cache=c3), full) for _ in range(3))
     deep.remove()

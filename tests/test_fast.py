@@ -21,8 +21,8 @@ def rel(a, b):
     (1, 65, 70, 13, 7, True, None),  # odd sizes: padded to whole tiles, cropped back
     (2, 32, 48, 9, 22, False, None),  # no bias
     (3, 16, 8, 33, 17, True, 1 << 16),  # rows of tiles in pieces
-    (2, 96, 80, 8, 8, True, 1 << 20),  # the kernel transform in pieces
-    (1, 8, 8, 2, 5, False, 1),  # both, one row and a few transform positions at a time
+    (2, 96, 80, 8, 8, True, 1 << 20),  # the kernel transform in pieces of output channels
+    (1, 8, 8, 2, 5, False, 1),  # both: one row of tiles and one output channel at a time
     (1, 4, 4, 1, 1, True, None),
 ])
 def test_winograd_convolution_equals_the_direct_one(n, c, k, h, w, bias, budget, monkeypatch):

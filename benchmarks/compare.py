@@ -358,8 +358,9 @@ def main() -> None:
                  f"Matmul peak here: {peak['float32']:.0f} GFLOP/s float32, {peak['bfloat16']:.0f} bfloat16.")
     if "unet_step" in locals():
         achieved, done = flops / unet_step / 1e9, executed / unet_step / 1e9
-        lines.append(f"Ours float32: {achieved:.0f} GFLOP/s of the model's direct cost = {achieved / peak['float32']:.0%} "
-                     f"of the float32 matmul peak; {done:.0f} GFLOP/s executed ({done / peak['float32']:.0%}).")
+        lines.append(f"Ours float32: {achieved:.0f} GFLOP/s of the model's direct cost = "
+                     f"{achieved / peak['float32']:.0%} of the float32 matmul peak; {done:.0f} GFLOP/s executed "
+                     f"({done / peak['float32']:.0%}).")
     table = "\n".join(lines)
     print(table)
     if args.write:  # the CPU table is replaced; the GPU section (benchmarks/gpu.py, by hand) is kept

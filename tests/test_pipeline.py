@@ -84,6 +84,18 @@ def test_prompts_seeds_and_sizes_match_diffusers(pipe, tiny_reference, prompt, n
           cfg=cfg)
 
 
+def test_winograd_convolutions_keep_diffusers_results(pipe, tiny_reference, monkeypatch):
+    """Every 3x3 layer of the U-Net and the VAE by Winograd's algorithm (its thresholds lowered to the tiny model's
+    sizes; odd latent sizes): the image stays within the tolerances against diffusers."""
+    from stablediff import winograd
+
+    calls, conv3x3 = [], winograd.conv3x3
+    monkeypatch.setattr(winograd, "THRESHOLDS", ((1, 1),))
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(1) or conv3x3(*a))
+    check(pipe, tiny_reference, "dpmpp_2m", width=72, height=88)
+    assert len(calls) > 8 * 6  # at least the U-Net's per step (its VAE decode's too)
+
+
 def test_same_seed_is_byte_identical_and_batches_equal_single_runs(pipe):
     kw = dict(steps=4, width=64, height=64, sampler="euler_a")
     a = pipe("a cat", seed=10, **kw)

@@ -43,11 +43,12 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state dict), faster on the CPU.
 
     float32: the stride-1 3x3 layers with enough channels and pixels run by Winograd's algorithm (winograd.py).
-    bfloat16: the U-Net's widest low-resolution layers keep their weights reordered. oneDNN reorders a convolution's weight into its blocked layout on every call; for layers
-    with >= 2560 input channels, or >= 1280 at <= 8x8 pixels, that reorder costs more than the arithmetic (2 cores:
-    2560 -> 1280 channels at 8x8 took 70 ms per call, 14 ms with the weight reordered once). Such a layer keeps its
-    weight reordered for the last input shape it saw (rebuilt when the shape or the weight changes, e.g. a LoRA
-    merge: one extra copy of those weights) and gives bit-identical results. Everything else is nn.Conv2d."""
+    bfloat16: the U-Net's widest low-resolution layers keep their weights reordered. oneDNN reorders a
+    convolution's weight into its blocked layout on every call; for layers with >= 2560 input channels, or >= 1280
+    at <= 8x8 pixels, that reorder costs more than the arithmetic (2 cores: 2560 -> 1280 channels at 8x8 took 70 ms
+    per call, 14 ms with the weight reordered once). Such a layer keeps its weight reordered for the last input shape
+    it saw (rebuilt when the shape or the weight changes, e.g. a LoRA merge: one extra copy of those weights) and
+    gives bit-identical results. Everything else is nn.Conv2d."""
 
     packed: tuple | None = None  # (input shape, weight version, weight address) -> the reordered weight
 

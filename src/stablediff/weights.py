@@ -226,8 +226,9 @@ def release(module: torch.nn.Module) -> int:
     """Drop a CPU module's memory-mapped weights from this process's resident memory (MADV_DONTNEED) and return the
     bytes released. The file stays in the page cache, and the pages come back on the next use: the pipeline
     releases the text encoder after encoding, the U-Net before the VAE decode and the VAE after it, so the peak
-    resident memory holds one of them at a time. Only weights never written in place are released (a tensor version of 0: a written page
-    of the copy-on-write mapping holds the only copy of the change, e.g. a merged LoRA)."""
+    resident memory holds one of them at a time. Only weights never written in place are released (a tensor
+    version of 0: a written page of the copy-on-write mapping holds the only copy of the change, e.g. a merged
+    LoRA)."""
     libc = c_library()
     return sum(_drop_pages(libc, p.data_ptr(), p.nbytes) for p in _mapped(module)
                if not p.is_inference() and not p._version)

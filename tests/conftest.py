@@ -23,6 +23,16 @@ def all_cores():
     yield
     torch.set_num_threads(1)
 
+@pytest.fixture
+def winograd_inputs(monkeypatch) -> list:
+    """The input shapes of the convolutions done by Winograd's algorithm during the test."""
+    from stablediff import winograd
+
+    calls, conv3x3 = [], winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, *a: calls.append(tuple(x.shape)) or conv3x3(x, *a))
+    return calls
+
+
 TINY_UNET = dict(
     block_out_channels=[32, 64], layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
     down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],

@@ -53,7 +53,7 @@ def test_winograd_runs_only_where_it_gains():
     assert not used(wide, (2, 320, 64, 64), torch.bfloat16)  # bfloat16 has AMX: oneDNN's direct kernel
 
 
-def test_winograd_unet_matches_the_direct_one(monkeypatch):
+def test_winograd_unet_matches_the_direct_one(monkeypatch, winograd_inputs):
     """Every 3x3 layer of a tiny U-Net by Winograd (thresholds lowered) against the same U-Net without it."""
     from conftest import TINY_UNET
     from stablediff.config import UNetConfig
@@ -64,17 +64,14 @@ def test_winograd_unet_matches_the_direct_one(monkeypatch):
     for p in unet.parameters():  # random weights large enough that every layer matters
         p.data.normal_(0, 0.05)
     x, ctx = torch.randn(2, 4, 16, 12), torch.randn(2, 77, TINY_UNET["cross_attention_dim"])
-    calls = []
-    conv3x3 = winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(a[0].shape) or conv3x3(*a))
     with torch.no_grad():
         monkeypatch.setattr(winograd, "THRESHOLDS", ())
         direct = unet(x, 500.0, ctx)
-        assert not calls
+        assert not winograd_inputs
         monkeypatch.setattr(winograd, "THRESHOLDS", ((1, 1),))
         fast = unet(x, 500.0, ctx)
     # the resnets' and upsamplers' 3x3 convolutions (conv_in, conv_out are plain nn.Conv2d; downsamplers stride 2)
-    assert len(calls) == sum(isinstance(m, Conv2d) and m.stride == (1, 1) for m in unet.modules())
+    assert len(winograd_inputs) == sum(isinstance(m, Conv2d) and m.stride == (1, 1) for m in unet.modules())
     assert 0 < rel(fast, direct) < 5e-6
 
 

@@ -5,20 +5,12 @@ import torch
 
 from conftest import (TINY_TEXT, TINY_UNET, TINY_VAE, assert_close, diffusers_unet, diffusers_vae, sd15_config,
                       text_state_dict, transformers_text)
-from stablediff import winograd
 from stablediff.clip import CLIPTextModel
 from stablediff.config import CLIPTextConfig, UNetConfig, VAEConfig
 from stablediff.unet import UNet
 from stablediff.vae import AutoencoderKL
 
 TOL = 1e-4
-
-
-def count_winograd(monkeypatch) -> list:
-    """The inputs of the convolutions done by Winograd's algorithm from now on (the real configs use it)."""
-    calls, conv3x3 = [], winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda x, *a: calls.append(tuple(x.shape)) or conv3x3(x, *a))
-    return calls
 
 
 def ours(cls, cfg_cls, ref, state_dict):
@@ -31,8 +23,7 @@ def ours(cls, cfg_cls, ref, state_dict):
 
 
 @pytest.mark.parametrize("size", ["tiny", "sd15"])
-def test_unet_matches_diffusers(size, all_cores, monkeypatch):
-    winograd_inputs = count_winograd(monkeypatch)
+def test_unet_matches_diffusers(size, all_cores, winograd_inputs):
     cfg = TINY_UNET if size == "tiny" else sd15_config("unet")
     ref = diffusers_unet(cfg)
     model = ours(UNet, UNetConfig, ref, ref.state_dict())
@@ -73,8 +64,7 @@ def test_inpainting_unet_in_channels_9():
 
 
 @pytest.mark.parametrize("size", ["tiny", "sd15"])
-def test_vae_matches_diffusers(size, all_cores, monkeypatch):
-    winograd_inputs = count_winograd(monkeypatch)
+def test_vae_matches_diffusers(size, all_cores, winograd_inputs):
     cfg = TINY_VAE if size == "tiny" else sd15_config("vae")
     ref = diffusers_vae(cfg)
     model = ours(AutoencoderKL, VAEConfig, ref, ref.state_dict())

@@ -85,6 +85,31 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class AnonPeak:
+    """Peak anonymous resident memory (RssAnon: what no file backs), in GiB, sampled every 10 ms by a thread. Both
+    sides memory-map the weight file, and ru_maxrss counts the pages of it in use (page cache, which the kernel can
+    drop and read back); this is the rest: activations, buffers, the heap, the libraries' own data."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self.running = 0.0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while self.running:
+            with open("/proc/self/status") as f:
+                kb = next((int(line.split()[1]) for line in f if line.startswith("RssAnon:")), 0)
+            self.peak = max(self.peak, kb / 2**20)
+            time.sleep(0.01)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        return self.peak
+
+
 def since(ru) -> tuple[float, float]:
     """Minor page faults (millions) and system CPU seconds of this process since the rusage `ru`."""
     now = resource.getrusage(resource.RUSAGE_SELF)
@@ -97,6 +122,7 @@ def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: 
 
     from stablediff import StableDiffusion
 
+    anon = AnonPeak()
     t0 = time.perf_counter()
     pipe = StableDiffusion.from_pretrained(single, dtype=getattr(torch, dtype), vae_dtype=getattr(torch, vae_dtype))
     load = time.perf_counter() - t0
@@ -115,7 +141,7 @@ def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: 
         decode = time.perf_counter() - t1
     step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     torch.save(result.latents, CACHE / f"latents-ours-{size}-{dtype}-{cache_interval}.pt")
-    rss = peak_rss_gb()  # before the comparison below loads a second pipeline
+    rss, anon_peak = peak_rss_gb(), anon.stop()  # before the comparison below loads a second pipeline
     if vae_dtype != "float32":  # the decode's pixel error against the float32 VAE, in levels of 255
         exact = StableDiffusion.from_pretrained(single, dtype=getattr(torch, dtype)).decode(result.latents)
         fast = pipe.decode(result.latents)
@@ -125,13 +151,14 @@ def child_ours(single: Path, size: int, steps: int, dtype: str, cache_interval: 
     else:
         pixel_err = None
     return dict(load=load, encode=encode, step=step, decode=decode, whole=whole, first=load + whole,
-                rss=rss, pixel_err=pixel_err, faults=faults, sys=sys_s)
+                rss=rss, anon=anon_peak, pixel_err=pixel_err, faults=faults, sys=sys_s)
 
 
 def child_diffusers(folder: Path, single: Path, size: int, steps: int, dtype: str) -> dict:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
+    anon = AnonPeak()
     t0 = time.perf_counter()
     pipe = StableDiffusionPipeline.from_single_file(str(single), config=str(folder), local_files_only=True,
                                                     safety_checker=None, requires_safety_checker=False)
@@ -164,7 +191,7 @@ def child_diffusers(folder: Path, single: Path, size: int, steps: int, dtype: st
     step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     torch.save(latents.float(), CACHE / f"latents-diffusers-{size}-{dtype}.pt")
     return dict(load=load, encode=encode, step=step, decode=decode, whole=whole, first=load + whole,
-                rss=peak_rss_gb(), faults=faults, sys=sys_s)
+                rss=peak_rss_gb(), anon=anon.stop(), faults=faults, sys=sys_s)
 
 
 def child_accuracy(folder: Path) -> dict:
@@ -310,6 +337,7 @@ def main() -> None:
         rows = [("load from single file, s", "load"), ("load + first image, s", "first"),
                 ("prompt encoding, s", "encode"), ("U-Net per guided step, s", "step"),
                 ("VAE decode, s", "decode"), ("whole image, s", "whole"), ("peak RSS, GB", "rss"),
+                ("peak anonymous memory (RssAnon), GB", "anon"),
                 ("image: minor page faults, millions", "faults"), ("image: system CPU time, s", "sys")]
         for label, key in rows:
             (a, am), (b, bm) = summarize(ours, key), summarize(theirs, key)

@@ -315,6 +315,10 @@ def main() -> None:
     folder, single = build_models()
     import torch
 
+    def child(*args: str) -> dict:
+        warm_page_cache(single)  # before every run: the last one may have pushed part of the file out
+        return run_child(*args)
+
     steps, lines = args.steps, []
     lines.append(f"Machine: {machine()}. SD 1.5 architecture, random weights, {steps} Euler steps, cfg 7, batch 1.")
     lines.append("")
@@ -323,10 +327,6 @@ def main() -> None:
     latent_err, vae_notes = {}, []
     for size in map(int, args.sizes.split(",")):
         ours, theirs, ours_bf16, theirs_bf16, cached, bf16_vae = [], [], [], [], [], []
-        def child(*args: str) -> dict:
-            warm_page_cache(single)  # before every run: the last one may have pushed part of the file out
-            return run_child(*args)
-
         ours_child = lambda dtype, cache="1", vae="float32": child("ours", str(size), str(steps), dtype, cache, vae)
         for r in range(args.repeats):  # alternate the sides (and who goes first), so a noisy minute hits both
             group = [lambda: ours.append(ours_child("float32")),

@@ -319,6 +319,7 @@ def main() -> None:
         warm_page_cache(single)  # before every run: the last one may have pushed part of the file out
         return run_child(*args)
 
+    first_peak = run_child("peak")  # measured again at the end: the better of the two (a slow minute lowers it)
     steps, lines = args.steps, []
     lines.append(f"Machine: {machine()}. SD 1.5 architecture, random weights, {steps} Euler steps, cfg 7, batch 1.")
     lines.append("")
@@ -373,7 +374,7 @@ def main() -> None:
         if size == 512:
             unet_step = summarize(ours, "step")[0]
     acc = run_child("accuracy")
-    peak = run_child("peak")
+    peak = {k: max(v, first_peak[k]) for k, v in run_child("peak").items()}
     lines.append("")
     lines.append("Accuracy (relative L2 error against float32):")
     lines.append("")

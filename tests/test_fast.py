@@ -9,25 +9,28 @@ import torch
 import torch.nn.functional as F
 
 from stablediff import StableDiffusion, winograd
-from stablediff.nn import Conv2d
+from stablediff.nn import Conv2d, conv3x3_im2col
 
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("n, c, k, h, w, bias, budget", [
-    (2, 64, 64, 16, 16, True, None),  # one piece, sizes divisible by the 4x4 tile
-    (1, 65, 70, 13, 7, True, None),  # odd sizes: padded to whole tiles, cropped back
-    (2, 32, 48, 9, 22, False, None),  # no bias
-    (3, 16, 8, 33, 17, True, 1 << 16),  # rows of tiles in pieces
-    (2, 96, 80, 8, 8, True, 1 << 20),  # the kernel transform in pieces of output channels
-    (1, 8, 8, 2, 5, False, 1),  # both: one row of tiles and one output channel at a time
-    (1, 4, 4, 1, 1, True, None),
+@pytest.mark.parametrize("n, c, k, h, w, bias, budget, kernel_budget", [
+    (2, 64, 64, 16, 16, True, None, None),  # one piece, sizes divisible by the 4x4 tile
+    (1, 65, 70, 13, 7, True, None, None),  # odd sizes: padded to whole tiles, cropped back
+    (2, 32, 48, 9, 22, False, None, None),  # no bias
+    (3, 16, 8, 33, 17, True, 1 << 16, None),  # rows of tiles in pieces, U whole
+    (2, 96, 80, 8, 8, True, None, 1 << 16),  # one row piece: U in pieces of KERNEL_BUDGET (4 channels each)
+    (2, 96, 80, 8, 8, True, 1 << 16, 1 << 30),  # row pieces: U in pieces of BUDGET, transformed for each row piece
+    (1, 8, 8, 2, 5, False, 1, 1),  # one row of tiles and one output channel at a time
+    (1, 4, 4, 1, 1, True, None, None),
 ])
-def test_winograd_convolution_equals_the_direct_one(n, c, k, h, w, bias, budget, monkeypatch):
+def test_winograd_convolution_equals_the_direct_one(n, c, k, h, w, bias, budget, kernel_budget, monkeypatch):
     if budget:
         monkeypatch.setattr(winograd, "BUDGET", budget)
+    if kernel_budget:
+        monkeypatch.setattr(winograd, "KERNEL_BUDGET", kernel_budget)
     g = torch.Generator().manual_seed(n * c + h)
     x, weight = torch.randn(n, c, h, w, generator=g), torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)
     b = torch.randn(k, generator=g) if bias else None
@@ -53,6 +56,41 @@ def test_winograd_runs_only_where_it_gains():
     assert not used(wide, (2, 320, 64, 64), torch.bfloat16)  # bfloat16 has AMX: oneDNN's direct kernel
 
 
+@pytest.mark.parametrize("n, c, k, h, w, stride, bias", [
+    (2, 24, 16, 8, 8, 1, True),  # the guided batch at SD 1.5's 8x8 level, in miniature
+    (1, 16, 24, 4, 4, 1, False),  # one image: the unfolded input is used in place
+    (3, 8, 8, 5, 7, 1, True),  # odd sizes
+    (2, 16, 16, 16, 16, 2, True),  # a downsampler: stride 2
+    (1, 8, 12, 7, 9, 2, False),  # stride 2, odd sizes: the output rounds up
+    (2, 8, 8, 1, 1, 1, True),
+])
+def test_im2col_convolution_equals_the_direct_one(n, c, k, h, w, stride, bias):
+    g = torch.Generator().manual_seed(n * c + h + stride)
+    x, weight = torch.randn(n, c, h, w, generator=g), torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)
+    b = torch.randn(k, generator=g) if bias else None
+    exact = F.conv2d(x.double(), weight.double(), b.double() if bias else None, stride=stride, padding=1)
+    y = conv3x3_im2col(x, weight, b, stride)
+    assert y.shape == exact.shape and y.is_contiguous()
+    assert rel(y, exact) < 5e-7  # the direct algorithm's sums, in another order
+
+
+def test_im2col_runs_on_the_wide_layers_with_few_output_pixels():
+    def unfolds(conv, shape, dtype=torch.float32):
+        return conv.to(dtype)._unfolds(torch.empty(shape, dtype=dtype))
+    wide = Conv2d(1280, 1280, 3, padding=1)
+    assert unfolds(wide, (2, 1280, 8, 8)) and unfolds(wide, (2, 1280, 4, 4)) and unfolds(wide, (1, 1280, 8, 8))
+    assert unfolds(Conv2d(2560, 1280, 3, padding=1), (2, 2560, 8, 8))  # an up level's first layer
+    assert not unfolds(wide, (2, 1280, 16, 16)) and winograd.applies(wide, torch.empty(2, 1280, 16, 16))
+    assert not unfolds(wide, (4, 1280, 8, 8))  # 256 output pixels: oneDNN
+    assert not unfolds(Conv2d(640, 1280, 3, padding=1), (2, 640, 8, 8))  # too few channels to gain
+    assert not unfolds(Conv2d(1280, 640, 3, padding=1), (2, 1280, 8, 8))
+    down = Conv2d(1280, 1280, 3, stride=2, padding=1)
+    assert unfolds(down, (2, 1280, 16, 16)) and not unfolds(down, (2, 1280, 32, 32))  # by output pixels
+    assert not unfolds(Conv2d(1280, 1280, 1), (2, 1280, 8, 8))
+    assert not unfolds(wide, (2, 1280, 8, 8), torch.bfloat16)  # bfloat16 keeps a reordered weight instead
+    assert not unfolds(Conv2d(1280, 1280, 3, stride=2, padding=0), (2, 1280, 9, 9))  # the VAE's padded downsampler
+
+
 def test_winograd_unet_matches_the_direct_one(monkeypatch, winograd_inputs):
     """Every 3x3 layer of a tiny U-Net by Winograd (thresholds lowered) against the same U-Net without it."""
     from conftest import TINY_UNET
@@ -73,6 +111,31 @@ def test_winograd_unet_matches_the_direct_one(monkeypatch, winograd_inputs):
     # the resnets' and upsamplers' 3x3 convolutions (conv_in, conv_out are plain nn.Conv2d; downsamplers stride 2)
     assert len(winograd_inputs) == sum(isinstance(m, Conv2d) and m.stride == (1, 1) for m in unet.modules())
     assert 0 < rel(fast, direct) < 5e-6
+
+
+def test_im2col_unet_matches_the_direct_one(monkeypatch):
+    """Every padded 3x3 layer of a tiny U-Net (stride 1 and 2) as one matrix product, thresholds lowered."""
+    from conftest import TINY_UNET
+    from stablediff import nn as snn
+    from stablediff.config import UNetConfig
+    from stablediff.unet import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.from_dict(TINY_UNET)).eval()
+    for p in unet.parameters():
+        p.data.normal_(0, 0.05)
+    x, ctx = torch.randn(2, 4, 16, 12), torch.randn(2, 77, TINY_UNET["cross_attention_dim"])
+    calls, im2col = [], snn.conv3x3_im2col
+    monkeypatch.setattr(winograd, "THRESHOLDS", ())
+    with torch.no_grad():
+        direct = unet(x, 500.0, ctx)
+        assert not calls
+        monkeypatch.setattr(snn, "conv3x3_im2col", lambda x, *a: calls.append(a[-1]) or im2col(x, *a))
+        monkeypatch.setattr(snn, "UNFOLD_CHANNELS", 1)
+        monkeypatch.setattr(snn, "UNFOLD_PIXELS", 1 << 30)
+        fast = unet(x, 500.0, ctx)
+    assert sorted(set(calls)) == [1, 2] and len(calls) == sum(isinstance(m, Conv2d) for m in unet.modules())
+    assert 0 < rel(fast, direct) < 1e-6
 
 
 def test_wide_low_resolution_bf16_convs_reuse_a_reordered_weight_and_stay_exact():

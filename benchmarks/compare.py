@@ -341,8 +341,8 @@ def main() -> None:
         theirs_bf16.append(child("diffusers", str(size), str(steps), "bfloat16"))
         rows = [("load from single file, s", "load"), ("load + first image, s", "first"),
                 ("prompt encoding, s", "encode"), ("U-Net per guided step, s", "step"),
-                ("VAE decode, s", "decode"), ("whole image, s", "whole"), ("peak RSS, GB", "rss"),
-                ("peak anonymous memory (RssAnon), GB", "anon"),
+                ("VAE decode, s", "decode"), ("whole image, s", "whole"), ("peak RSS, GiB", "rss"),
+                ("peak anonymous memory (RssAnon), GiB", "anon"),
                 ("image: minor page faults, millions", "faults"), ("image: system CPU time, s", "sys")]
         for label, key in rows:
             (a, am), (b, bm) = summarize(ours, key), summarize(theirs, key)

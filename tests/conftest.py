@@ -17,6 +17,15 @@ CORES = torch.get_num_threads()
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def bf16_as_asked(monkeypatch):
+    """bfloat16 runs as asked on any CPU: a load would otherwise run float32 on CPUs without bfloat16 units
+    (cpu.cpu_dtype; tests/test_cpu.py tests that switch with the real probe)."""
+    from stablediff import cpu
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: True)
+
+
 @pytest.fixture()
 def all_cores():
     torch.set_num_threads(CORES)

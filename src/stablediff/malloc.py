@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from . import cpu
+
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt parameters, from glibc's <malloc.h>
 KEEP_FREED = 1 << 30  # bytes of free heap top malloc keeps for reuse, once keep_freed_memory() has run
 
@@ -30,7 +32,7 @@ def keep_freed_memory() -> bool:
     1.5 float32 at 256px kept about a third of its page faults. glibc may still hand a thread started after
     torch's import a heap of its own, hence the CLI's early call."""
     libc = c_library()
-    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+    if not cpu.enabled("malloc") or libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
         return False
     return all(libc.mallopt(opt, value) == 1 for opt, value in
                ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, KEEP_FREED)))

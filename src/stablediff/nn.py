@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import winograd
+from . import cpu, winograd
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0,
@@ -67,14 +67,15 @@ class Conv2d(nn.Conv2d):
                 and self.groups == 1 and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
                 and not self.weight.is_inference()  # (made under inference_mode: no version counter to watch)
                 and (self.in_channels >= 2560 or (self.in_channels >= 1280 and x.shape[2] * x.shape[3] <= 64))
-                and torch.backends.mkldnn.is_available())
+                and cpu.enabled("packed") and cpu.onednn_bf16_convolution())
 
     def _unfolds(self, x: torch.Tensor) -> bool:
         return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4 and self.kernel_size == (3, 3)
                 and self.stride in ((1, 1), (2, 2)) and self.padding == (1, 1) and self.dilation == (1, 1)
                 and self.groups == 1 and self.padding_mode == "zeros" and self.weight.dtype == torch.float32
                 and min(self.in_channels, self.out_channels) >= UNFOLD_CHANNELS
-                and x.shape[0] * -(-x.shape[2] // self.stride[0]) * -(-x.shape[3] // self.stride[1]) <= UNFOLD_PIXELS)
+                and x.shape[0] * -(-x.shape[2] // self.stride[0]) * -(-x.shape[3] // self.stride[1]) <= UNFOLD_PIXELS
+                and cpu.enabled("im2col"))
 
     def forward(self, x):
         if winograd.applies(self, x):

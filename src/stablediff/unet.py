@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu
 from .config import UNetConfig
 from .nn import Attention, Downsample, ResnetBlock, TimestepEmbedding, Upsample, timestep_embedding
 
@@ -246,6 +247,6 @@ class UNet(nn.Module):
         else len(x). CPU only: on a GPU the comparison would wait for the device (and break graph capture)."""
         n = len(x)
         if (n % 2 or x.device.type != "cpu" or self.down_blocks[0].attentions is None
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or not cpu.enabled("shared_half")):
             return n
         return n // 2 if torch.equal(x[:n // 2], x[n // 2:]) and torch.equal(t[:n // 2], t[n // 2:]) else n

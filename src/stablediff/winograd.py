@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu
+
 _BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
                     [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
 _G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
@@ -48,7 +50,8 @@ def applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and conv.weight.dtype == torch.float32
             and any(min(conv.in_channels, conv.out_channels) >= c and x.shape[0] * x.shape[2] * x.shape[3] >= p
-                    for c, p in THRESHOLDS))
+                    for c, p in THRESHOLDS)
+            and cpu.enabled("winograd"))
 
 
 def _kernels(w: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,40 @@ def test_callback_and_cancel(pipe):
     assert seen == [1, 2]
 
 
+def test_cancel_takes_effect_inside_a_unet_call_and_leaves_no_hooks(pipe):
+    import threading
+
+    from stablediff.pipeline import Cancelled
+
+    cancel, ran = threading.Event(), []
+    mid = pipe.unet.mid_block.register_forward_hook(lambda *a: cancel.set())  # set halfway through the first call
+    ups = [b.register_forward_hook(lambda *a: ran.append("up")) for b in pipe.unet.up_blocks]
+    try:
+        with pytest.raises(Cancelled):
+            pipe("a cat", steps=3, seed=1, cancel=cancel)
+    finally:
+        for h in [mid, *ups]:
+            h.remove()
+    assert ran == []  # stopped before the first up block of the first step
+    assert all(not m._forward_pre_hooks for m in pipe.unet.modules())
+    cancel.clear()
+    assert pipe("a cat", steps=1, seed=1, cancel=cancel).images  # the pipeline runs again after a cancel
+
+
+def test_seed_plus_images_must_stay_within_32_bits(pipe):
+    with pytest.raises(ValueError, match="seed 4294967295 \\+ 2 images runs past 4294967295"):
+        pipe("a cat", steps=1, seed=2**32 - 1, batch_size=2)
+    with pytest.raises(ValueError, match="seed 4294967294 \\+ 4 images"):
+        pipe(["a", "b"], steps=1, seed=2**32 - 2, batch_size=2)
+    assert pipe("a cat", steps=1, seed=2**32 - 2, batch_size=2).seeds == [2**32 - 2, 2**32 - 1]
+
+
+def test_nan_latents_name_the_dtype_that_ran(pipe):
+    with pytest.raises(FloatingPointError, match="in float32: the model's weights hold NaN/inf") as e:
+        pipe.decode(torch.full((1, 4, 8, 8), float("nan")))
+    assert "float16" not in str(e.value)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(width=36), "width 36 is not a multiple of 8"),
     (dict(height=8), "height 8 is outside 64..4096"),
@@ -204,7 +238,7 @@ def test_half_precision_never_gives_a_silent_black_image(tiny_model_dir):
     assert rel < 0.05
     # a U-Net that overflows (NaN) is an error that says what to do, not a black PNG
     half.unet.forward = lambda x, t, context, cache=None: torch.full_like(x, float("nan"))
-    with pytest.raises(FloatingPointError, match="float32 or bfloat16"):
+    with pytest.raises(FloatingPointError, match="in bfloat16: .* retry with dtype float32$"):
         half("a cat", steps=2, seed=2)
 
 
@@ -218,3 +252,14 @@ def test_long_prompts_use_every_token_and_weights_of_one_change_nothing(pipe):
     assert torch.equal(pipe("a (cat:1.0)", **kw).latents, pipe("a cat", **kw).latents)
     assert not torch.equal(pipe("a (cat:1.3)", **kw).latents, pipe("a cat", **kw).latents)
     assert pipe("a ((cat) [dog", **kw).images  # unbalanced brackets still generate
+
+
+def test_the_loop_written_by_hand_as_in_readme_equals_the_pipeline(pipe):
+    from stablediff import samplers
+
+    plan = samplers.prepare("euler", pipe.noise_schedule, steps=5)
+    cond, uncond = pipe.encode_prompt("a cat"), pipe.encode_prompt("")
+    ref = pipe("a cat", steps=5, seed=1, cfg_scale=7.0)
+    x = torch.randn(ref.latents.shape, generator=torch.Generator().manual_seed(1)) * plan.init_noise_scale
+    latents = plan.finish(plan.sampler.fn(pipe.denoiser(plan, cond, uncond, cfg_scale=7.0), x, plan.sigmas))
+    torch.testing.assert_close(latents, ref.latents, rtol=0, atol=0)

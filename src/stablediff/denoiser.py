@@ -23,8 +23,8 @@ class EpsDenoiser:
     """eps-prediction model -> denoiser D(x, sigma) = x - sigma * eps(x / sqrt(sigma**2 + 1), t(sigma)).
 
     model(x_in, t, **kw) -> eps, with t a float tensor of shape (B,); sigma_to_t maps sigmas to the exact timesteps
-    the schedule feeds the model (a plan's `sigma_to_t`). dtype: the dtype the model runs in (x_in is cast to it;
-    the result is always in x's dtype, so the samplers' math stays float32).
+    the schedule feeds the model (a plan's `sigma_to_t`). dtype: the dtype the model runs in (x_in and the tensors
+    in kw, e.g. context, are cast to it; the result is always in x's dtype, so the samplers' math stays float32).
     """
 
     def __init__(self, model: Callable, sigma_to_t: Callable, dtype: torch.dtype | None = None):
@@ -35,7 +35,9 @@ class EpsDenoiser:
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         t = self.sigma_to_t(sigma).to(x.device, torch.float32)
         x_in = x / (s**2 + 1) ** 0.5
-        eps = self.model(x_in.to(self.dtype or x.dtype), t, **kw)
+        dtype = self.dtype or x.dtype
+        kw = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+        eps = self.model(x_in.to(dtype), t, **kw)
         return x - s * eps.to(x.dtype)
 
 

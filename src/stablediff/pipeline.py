@@ -14,6 +14,7 @@ With batch_size=1 the result equals diffusers' StableDiffusionPipeline given the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
@@ -25,14 +26,15 @@ from typing import Callable
 
 import torch
 
-from . import __version__, embeddings, images, lora, malloc, samplers, weights
+from . import __version__, cpu, embeddings, images, lora, malloc, samplers, weights
 from .clip import CLIPTextModel
 from .denoiser import CFGDenoiser, EpsDenoiser
+from .nn import ResnetBlock
 from .prompts import PromptEncoder
 from .safety import SafetyChecker, load_safety_checker
 from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
-from .unet import DeepCache, UNet
+from .unet import DeepCache, SpatialTransformer, UNet
 from .vae import AutoencoderKL
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -68,8 +70,10 @@ class GenerationResult:
 
 
 def check_params(*, steps, cfg_scale, width, height, batch_size, sampler, schedule=None, clip_skip=1,
-                 seed=None) -> None:
-    """Raise ValueError (one line, naming the value) for settings no model could run. Cheap: no model needed."""
+                 seed=None, images=None) -> None:
+    """Raise ValueError (one line, naming the value) for settings no model could run. Cheap: no model needed.
+    images: how many images the run makes from `seed` on (default batch_size), each seeded seed + k."""
+    images = batch_size if images is None else images
     for name, v in (("width", width), ("height", height)):
         if v is None:
             continue
@@ -87,6 +91,8 @@ def check_params(*, steps, cfg_scale, width, height, batch_size, sampler, schedu
         raise ValueError(f"clip skip {clip_skip!r} is outside 1..12")
     if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
         raise ValueError(f"seed {seed!r} is outside 0..{MAX_SEED}")
+    if seed is not None and seed + images - 1 > MAX_SEED:
+        raise ValueError(f"seed {seed} + {images} images runs past {MAX_SEED}: image k uses seed + k")
     spec, alias_schedule = samplers.get_sampler(sampler)
     schedule = schedule or alias_schedule
     if schedule not in (None, "karras"):
@@ -95,6 +101,28 @@ def check_params(*, steps, cfg_scale, width, height, batch_size, sampler, schedu
         raise ValueError(f"sampler {spec.name!r} does not take the karras schedule")
     # the step plan itself (microseconds): catches e.g. 1000 'leading' steps running past timestep 999
     samplers.prepare(spec.name, NoiseSchedule(), steps, schedule=schedule)
+
+
+@contextlib.contextmanager
+def cancel_within_steps(models, cancel):
+    """While inside, every resnet and transformer layer of `models` first checks `cancel` (anything with
+    is_set()) and raises Cancelled: a cancel takes effect within one layer, not after a whole U-Net step or VAE
+    decode (minutes for a large image on a CPU)."""
+    if cancel is None:
+        yield
+        return
+
+    def check(module, args):
+        if cancel.is_set():
+            raise Cancelled("generation was cancelled")
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, (ResnetBlock, SpatialTransformer))]
+    hooks = [m.register_forward_pre_hook(check) for m in layers]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -149,6 +177,7 @@ class StableDiffusion:
         device = resolve_device(device)
         if device.type == "cpu":
             malloc.keep_freed_memory()  # no page-fault storm from PyTorch's large buffers (see malloc.py)
+            dtype, vae_dtype = cpu.cpu_dtype(dtype), cpu.cpu_dtype(vae_dtype, "vae_dtype")
         if str(source) == "demo":
             source = DEMO_DIR
         ckpt = weights.load_checkpoint(source, variant=variant)
@@ -169,7 +198,7 @@ class StableDiffusion:
             # activation (SD 1.5 U-Net at 256px, 1 thread: 9% faster; the VAE decode 2.9x). In float32 the
             # channels-first kernels are faster (channels-last U-Net: 7% slower), so float32 stays as it is.
             for module, kind in ((unet, dtype), (vae, vae_dtype)):
-                if kind == torch.bfloat16:
+                if kind == torch.bfloat16 and cpu.enabled("channels_last"):
                     module.to(memory_format=torch.channels_last)
         tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer()
         noise_schedule = NoiseSchedule.from_config(ckpt.scheduler_config)
@@ -249,8 +278,7 @@ class StableDiffusion:
         """Latents -> pixels in [-1, 1], float32, one image at a time (a batch of 512px decodes would need GBs).
         NaN latents (a float16 overflow in the U-Net) are an error, never a silent black image."""
         if not torch.isfinite(latents).all():
-            raise FloatingPointError("the sampler produced NaN/inf latents (a float16 overflow?); "
-                                     "retry with dtype float32 or bfloat16")
+            raise FloatingPointError(f"the sampler produced NaN/inf latents {_nan_cause(self.dtype, self.loras)}")
         z = latents.float() / self.vae.config.scaling_factor
         vae_dtype = self.vae.post_quant_conv.weight.dtype
         return torch.cat([self.vae.decode(z[i:i + 1].to(vae_dtype)).float() for i in range(len(z))])
@@ -295,8 +323,10 @@ class StableDiffusion:
             raise ValueError(f"cache interval {cache_interval!r} must be an integer >= 1")
         width = width or self.native_size
         height = height or self.native_size
+        n_prompts = 1 if isinstance(prompt, str) else len(prompt)
         check_params(steps=steps, cfg_scale=cfg_scale, width=width, height=height, batch_size=batch_size,
-                     sampler=sampler, schedule=schedule, clip_skip=clip_skip, seed=seed)
+                     sampler=sampler, schedule=schedule, clip_skip=clip_skip, seed=seed,
+                     images=n_prompts * batch_size)
         f = self.downscale
         if width % f or height % f:
             raise ValueError(f"size {width}x{height} is not a multiple of this VAE's downscale factor {f}")
@@ -318,29 +348,31 @@ class StableDiffusion:
         source = self._encode_init(init_image, mask_image, width, height) if init_image is not None else None
 
         all_latents, seeds = [], []
-        for b, (p, n) in enumerate(zip(prompts, negatives)):
-            self.loras.apply({path: m for path, (_, m) in wanted[b].items()})
-            batch_seeds = [seed + b * batch_size + j for j in range(batch_size)]
-            generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
-            cond, uncond = self.prompts.encode_pair(p, n, clip_skip)
-            weights.release(self.text_encoder)  # memory-mapped weights leave resident memory until next needed
-            cond, uncond = cond.expand(batch_size, -1, -1), uncond.expand(batch_size, -1, -1)
-            cache = DeepCache(cache_interval) if cache_interval > 1 else None
-            x, model, blend = self._start(plan, generators, latent_shape, source, strength, cache)
-            denoiser = CFGDenoiser(EpsDenoiser(model, plan.sigma_to_t), cond, uncond, cfg_scale)
-            step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress, blend)
-            try:
-                x = plan.sampler.fn(denoiser, x, plan.sigmas, generator=generators, callback=step_cb)
-            finally:
-                step_cb.close()
-            x = plan.finish(x)
-            all_latents.append(blend(x, None) if blend is not None else x)
-            seeds += batch_seeds
+        with cancel_within_steps((self.unet, self.vae), cancel):  # also inside a step: between layers
+            for b, (p, n) in enumerate(zip(prompts, negatives)):
+                self.loras.apply({path: m for path, (_, m) in wanted[b].items()})
+                batch_seeds = [seed + b * batch_size + j for j in range(batch_size)]
+                generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
+                cond, uncond = self.prompts.encode_pair(p, n, clip_skip)
+                weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till needed
+                cond, uncond = cond.expand(batch_size, -1, -1), uncond.expand(batch_size, -1, -1)
+                cache = DeepCache(cache_interval) if cache_interval > 1 else None
+                x, model, blend = self._start(plan, generators, latent_shape, source, strength, cache)
+                denoiser = self.denoiser(plan, cond, uncond, cfg_scale, model=model)
+                step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress,
+                                              blend)
+                try:
+                    x = plan.sampler.fn(denoiser, x, plan.sigmas, generator=generators, callback=step_cb)
+                finally:
+                    step_cb.close()
+                x = plan.finish(x)
+                all_latents.append(blend(x, None) if blend is not None else x)
+                seeds += batch_seeds
 
-        latents = torch.cat(all_latents)
-        weights.release(self.unet)  # (SD 1.5: 3.2 GB fewer resident during the decode; ~0.15 s to page back in)
-        pil = images.to_pil(self.decode(latents))
-        weights.release(self.vae)  # (SD 1.5: 0.33 GB; the next image's U-Net steps then peak as this one's did)
+            latents = torch.cat(all_latents)
+            weights.release(self.unet)  # (SD 1.5: 3.2 GB fewer resident during the decode; ~0.15 s to page in)
+            pil = images.to_pil(self.decode(latents))
+            weights.release(self.vae)  # (SD 1.5: 0.33 GB; the next image's U-Net steps peak as this one's did)
         if self.device.type == "cpu":
             malloc.return_freed_memory()  # nor is what the heap kept for this image's buffers
         nsfw = [False] * len(pil)
@@ -385,7 +417,7 @@ class StableDiffusion:
         The CPU generator of each image is drawn in diffusers' order: init-image posterior sample, noise,
         masked-image posterior sample (each only where that pipeline draws it)."""
         sf = self.vae.config.scaling_factor
-        eps = functools.partial(self._eps, cache=cache)
+        eps = functools.partial(self.eps, cache=cache)
         if source is None:
             return self.noise(generators, shape).to(self.device) * plan.init_noise_scale, eps, None
         inpaint = "mask" in source
@@ -418,9 +450,15 @@ class StableDiffusion:
 
         return x, eps, blend
 
-    def _eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
-        """The U-Net as the samplers' eps model: runs in the model's dtype, hands float32 back."""
-        return self.unet(x_in.to(self.dtype), t, context.to(self.dtype), cache=cache).float()
+    def eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
+        """The U-Net as an eps model: x_in and context in the model's dtype (EpsDenoiser casts them)."""
+        return self.unet(x_in, t, context, cache=cache)
+
+    def denoiser(self, plan: samplers.SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float, *,
+                 model: Callable | None = None) -> CFGDenoiser:
+        """The guided denoiser D(x, sigma) a sampler steps with: `model` (default `self.eps`) in the model's
+        dtype, at the timesteps `plan` (samplers.prepare) maps its sigmas to, guided by cond/uncond embeddings."""
+        return CFGDenoiser(EpsDenoiser(model or self.eps, plan.sigma_to_t, self.dtype), cond, uncond, cfg_scale)
 
     def _step_callback(self, batch, batches, total, callback, cancel, progress, blend=None):
         bar = None
@@ -445,6 +483,16 @@ class StableDiffusion:
 
         step.close = bar.close if bar is not None else (lambda: None)
         return step
+
+
+def _nan_cause(dtype: torch.dtype, loras: lora.LoraSet) -> str:
+    """What most likely made NaN latents, for the error message."""
+    if dtype == torch.float16:
+        return "(a float16 overflow?); retry with dtype float32 or bfloat16"
+    merged = " or the LoRAs merged into them" if any(loras.applied.values()) else ""
+    if dtype == torch.bfloat16:
+        return f"in bfloat16: the model's weights{merged} hold NaN/inf, or bfloat16 rounding; retry with dtype float32"
+    return f"in {str(dtype).removeprefix('torch.')}: the model's weights{merged} hold NaN/inf or overflow"
 
 
 def _schedule_label(schedule: str | None) -> str | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import random
 import re
 import warnings
@@ -30,6 +29,7 @@ from . import __version__, cpu, embeddings, images, lora, malloc, samplers, weig
 from .clip import CLIPTextModel
 from .denoiser import CFGDenoiser, EpsDenoiser
 from .nn import ResnetBlock
+from .params import MAX_SEED, GenerationParams
 from .prompts import PromptEncoder
 from .safety import SafetyChecker, load_safety_checker
 from .schedule import NoiseSchedule
@@ -39,7 +39,6 @@ from .vae import AutoencoderKL
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEMO_DIR = Path(__file__).parent / "data" / "demo"  # our small offline model (`--model demo`)
-MAX_SEED = 2**32 - 1
 
 
 class Cancelled(Exception):
@@ -70,37 +69,11 @@ class GenerationResult:
 
 
 def check_params(*, steps, cfg_scale, width, height, batch_size, sampler, schedule=None, clip_skip=1,
-                 seed=None, images=None) -> None:
-    """Raise ValueError (one line, naming the value) for settings no model could run. Cheap: no model needed.
-    images: how many images the run makes from `seed` on (default batch_size), each seeded seed + k."""
-    images = batch_size if images is None else images
-    for name, v in (("width", width), ("height", height)):
-        if v is None:
-            continue
-        if not isinstance(v, int) or v % 8:
-            raise ValueError(f"{name} {v!r} is not a multiple of 8")
-        if not 64 <= v <= 4096:
-            raise ValueError(f"{name} {v} is outside 64..4096")
-    if not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise ValueError(f"steps {steps!r} is outside 1..1000")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size {batch_size!r} must be at least 1")
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg scale {cfg_scale!r} is not a finite number")
-    if not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
-        raise ValueError(f"clip skip {clip_skip!r} is outside 1..12")
-    if seed is not None and (not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f"seed {seed!r} is outside 0..{MAX_SEED}")
-    if seed is not None and seed + images - 1 > MAX_SEED:
-        raise ValueError(f"seed {seed} + {images} images runs past {MAX_SEED}: image k uses seed + k")
-    spec, alias_schedule = samplers.get_sampler(sampler)
-    schedule = schedule or alias_schedule
-    if schedule not in (None, "karras"):
-        raise ValueError(f"schedule {schedule!r} is not known; choose karras or leave it out")
-    if schedule == "karras" and not spec.supports_karras:
-        raise ValueError(f"sampler {spec.name!r} does not take the karras schedule")
-    # the step plan itself (microseconds): catches e.g. 1000 'leading' steps running past timestep 999
-    samplers.prepare(spec.name, NoiseSchedule(), steps, schedule=schedule)
+                 seed=None) -> None:
+    """Raise ValueError (one line, naming the value) for settings no model could run (GenerationParams.validate).
+    Cheap: no model needed."""
+    GenerationParams(steps=steps, cfg_scale=cfg_scale, width=width, height=height, batch_size=batch_size,
+                     sampler=sampler, schedule=schedule, clip_skip=clip_skip, seed=seed).validate()
 
 
 @contextlib.contextmanager
@@ -317,31 +290,25 @@ class StableDiffusion:
             strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
         elif strength is not None and strength != 1.0:
             raise ValueError(f"strength {strength} needs an init_image (img2img)")
-        if init_image is not None and not (isinstance(strength, (int, float)) and 0 < strength <= 1):
-            raise ValueError(f"strength {strength!r} is outside (0, 1]")
-        if not isinstance(cache_interval, int) or cache_interval < 1:
-            raise ValueError(f"cache interval {cache_interval!r} must be an integer >= 1")
-        width = width or self.native_size
-        height = height or self.native_size
-        n_prompts = 1 if isinstance(prompt, str) else len(prompt)
-        check_params(steps=steps, cfg_scale=cfg_scale, width=width, height=height, batch_size=batch_size,
-                     sampler=sampler, schedule=schedule, clip_skip=clip_skip, seed=seed,
-                     images=n_prompts * batch_size)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        width, height = width or self.native_size, height or self.native_size
+        params = GenerationParams(
+            steps=steps, cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
+            sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength if init_image is not None else None,
+            loras=tuple((loras or {}).items()), cache_interval=cache_interval).validate(prompts=len(prompts))
         f = self.downscale
         if width % f or height % f:
             raise ValueError(f"size {width}x{height} is not a multiple of this VAE's downscale factor {f}")
         inpainting_unet = self.unet.config.in_channels == 9
         if inpainting_unet and mask_image is None:
             raise ValueError("this is an inpainting checkpoint (U-Net in_channels 9): give init_image and mask_image")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         if seed is None:
             seed = random.randint(0, MAX_SEED - len(prompts) * batch_size)
 
-        spec, alias_schedule = samplers.get_sampler(sampler)
-        schedule = schedule or alias_schedule
+        spec, schedule = samplers.SAMPLERS[params.sampler], params.schedule
         plan = samplers.prepare(spec.name, self.noise_schedule, steps, schedule=schedule, strength=strength or 1.0)
         wanted = [self._wanted_loras(p, loras) for p in prompts]  # resolved (and missing ones named) up front
         latent_shape = (self.vae.config.latent_channels, height // f, width // f)
@@ -380,16 +347,10 @@ class StableDiffusion:
             pil, nsfw = self.safety_checker.censor(pil)
         all_prompts = [p for p in prompts for _ in range(batch_size)]
         all_negatives = [n for n in negatives for _ in range(batch_size)]
-        extra = {}
-        if init_image is not None:
-            extra["Denoising strength"] = strength
-        extra["Clip skip"] = clip_skip  # infotext leaves out the default 1
         hashes = [self._addon_hashes(p, n, w) for p, n, w in zip(prompts, negatives, wanted)]
-        infotexts = [
-            images.infotext(p, n, steps=steps, sampler_label=spec.label, schedule_label=_schedule_label(schedule),
-                            cfg_scale=cfg_scale, seed=s, width=width, height=height, model_hash=self.model_hash,
-                            model_name=self.model_name, version=__version__,
-                            extra={**extra, **hashes[k // batch_size], "NSFW": "true" if flagged else None})
+        infotexts = [params.replace(prompt=p, negative_prompt=n, seed=s).to_infotext(
+            model_hash=self.model_hash, model_name=self.model_name, version=__version__,
+            extra={**hashes[k // batch_size], "NSFW": "true" if flagged else None})
             for k, (p, n, s, flagged) in enumerate(zip(all_prompts, all_negatives, seeds, nsfw))]
         return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw)
 
@@ -493,10 +454,6 @@ def _nan_cause(dtype: torch.dtype, loras: lora.LoraSet) -> str:
     if dtype == torch.bfloat16:
         return f"in bfloat16: the model's weights{merged} hold NaN/inf, or bfloat16 rounding; retry with dtype float32"
     return f"in {str(dtype).removeprefix('torch.')}: the model's weights{merged} hold NaN/inf or overflow"
-
-
-def _schedule_label(schedule: str | None) -> str | None:
-    return {"karras": "Karras"}.get(schedule, schedule)
 
 
 def _weights_file(path: Path) -> Path | None:

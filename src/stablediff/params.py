@@ -1,0 +1,259 @@
+"""One set of generation settings: defined, defaulted, range-checked and written out in one place.
+
+`GenerationParams` is what one generation call asks for. Every way a user states it converts to and from this one
+object, so a setting added here reaches all of them:
+- the command line: `to_argv()`, and `from_args(namespace)` for what argparse parsed (cli.py adds the options);
+- AUTOMATIC1111's API JSON: `to_a1111()` / `from_a1111(body)` (two fields of ours, `loras` and `cache_interval`,
+  which A1111 ignores);
+- a `stablediff batch` job row: `to_row()` / `from_row(row)`;
+- the PNG's `parameters` text: `to_infotext(...)` (the keys A1111 writes) / `from_infotext(text)`, which also
+  returns the keys it does not know, so nothing is dropped silently.
+`validate(limits)` checks every value (one line naming it) and returns the canonical form: the sampler by its
+canonical name, a schedule that a name like "DPM++ 2M Karras" implies made explicit.
+
+Settings that only the model can judge (a size the VAE cannot take, a LoRA that is not there) are checked when it
+runs. Nothing here imports torch until `validate` looks the sampler up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .limits import Limits
+
+MAX_SEED = 2**32 - 1
+MAX_LORA_MULTIPLIER = 100.0
+SCHEDULES = ("karras",)
+_SCHEDULE_LABELS = {"karras": "Karras"}  # our schedule name -> A1111's "Schedule type"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 30
+    cfg_scale: float = 7.0
+    seed: int | None = None  # None: random; image k of a call uses seed + k
+    width: int | None = None  # None: the model's native size (txt2img) or the init image's (img2img)
+    height: int | None = None
+    batch_size: int = 1
+    sampler: str = "euler"  # canonical name, alias or A1111 label ("DPM++ 2M Karras")
+    schedule: str | None = None  # "karras", or None for the sampler's own
+    clip_skip: int = 1
+    strength: float | None = None  # img2img/inpainting denoising strength; None: 0.75 (1.0 inpainting)
+    loras: tuple[tuple[str, float], ...] = ()  # (file or name in the LoRA folder, multiplier), besides prompt tags
+    cache_interval: int = 1  # DeepCache: the whole U-Net every N-th step
+
+    def replace(self, **changes) -> "GenerationParams":
+        return dataclasses.replace(self, **changes)
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    def validate(self, limits: Limits | None = None, *, prompts: int = 1) -> "GenerationParams":
+        """The canonical params, or ValueError (one line naming the value) for settings no model could run, and
+        LimitError for work over `limits` (None: not bounded). prompts: how many prompts share these settings."""
+        from . import samplers  # torch
+        from .schedule import NoiseSchedule
+
+        _check_text("prompt", self.prompt)
+        _check_text("negative prompt", self.negative_prompt)
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v % 8):
+                raise ValueError(f"{name} {v!r} is not a multiple of 8")
+            if v is not None and not 64 <= v <= 4096:
+                raise ValueError(f"{name} {v} is outside 64..4096")
+        if not _is_int(self.steps) or not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps {self.steps!r} is outside 1..1000")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"batch size {self.batch_size!r} must be at least 1")
+        if not _is_number(self.cfg_scale):
+            raise ValueError(f"cfg scale {self.cfg_scale!r} is not a finite number")
+        if not _is_int(self.clip_skip) or not 1 <= self.clip_skip <= 12:
+            raise ValueError(f"clip skip {self.clip_skip!r} is outside 1..12")
+        images = prompts * self.batch_size
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed {self.seed!r} is outside 0..{MAX_SEED}")
+        if self.seed is not None and self.seed + images - 1 > MAX_SEED:
+            raise ValueError(f"seed {self.seed} + {images} images runs past {MAX_SEED}: image k uses seed + k")
+        if self.strength is not None and not (_is_number(self.strength) and 0 < self.strength <= 1):
+            raise ValueError(f"strength {self.strength!r} is outside (0, 1]")
+        if not _is_int(self.cache_interval) or self.cache_interval < 1:
+            raise ValueError(f"cache interval {self.cache_interval!r} must be an integer >= 1")
+        for name, m in self.loras:
+            if not _is_number(m) or abs(m) > MAX_LORA_MULTIPLIER:
+                raise ValueError(f"LoRA {name}: multiplier {m!r} is outside -{MAX_LORA_MULTIPLIER:g}.."
+                                 f"{MAX_LORA_MULTIPLIER:g}")
+        spec, named = samplers.get_sampler(self.sampler)
+        schedule = self.schedule or named
+        if schedule not in (None, *SCHEDULES):
+            raise ValueError(f"schedule {schedule!r} is not known; choose {', '.join(SCHEDULES)} or leave it out")
+        if schedule == "karras" and not spec.supports_karras:
+            raise ValueError(f"sampler {spec.name!r} does not take the karras schedule")
+        # the step plan itself (microseconds): catches e.g. 1000 'leading' steps running past timestep 999
+        samplers.prepare(spec.name, NoiseSchedule(), self.steps, schedule=schedule)
+        if limits is not None:
+            size = self.width or 512, self.height or 512
+            limits.check_work(width=size[0], height=size[1], steps=self.steps, batch_size=self.batch_size,
+                              images=images)
+            limits.check_prompt(self.prompt, "prompt")
+            limits.check_prompt(self.negative_prompt, "negative prompt")
+        loras = tuple(dict(self.loras).items())  # one entry a LoRA: the last mention wins, as with prompt tags
+        return self.replace(sampler=spec.name, schedule=schedule, loras=loras)
+
+    # -- the PNG's parameters text ------------------------------------------------------------------------------
+    def to_infotext(self, *, model_hash: str | None = None, model_name: str | None = None, version: str = "",
+                    extra: dict | None = None) -> str:
+        """One image's `parameters` text, as A1111 writes it (call on validated params with the image's own seed
+        and size). Settings at their default are left out where A1111 leaves them out; ours that A1111 lacks
+        ("Cache interval", "LoRA weights") go before "Version", which A1111 keeps as unknown keys."""
+        from . import images, samplers
+
+        ours = {"Denoising strength": self.strength, "Clip skip": self.clip_skip,
+                "Cache interval": self.cache_interval if self.cache_interval > 1 else None,
+                "LoRA weights": ", ".join(f"{n}:{float(m)!r}" for n, m in self.loras) or None}
+        return images.infotext(self.prompt, self.negative_prompt, steps=self.steps,
+                               sampler_label=samplers.SAMPLERS[self.sampler].label,
+                               schedule_label=_SCHEDULE_LABELS.get(self.schedule), cfg_scale=self.cfg_scale,
+                               seed=self.seed, width=self.width, height=self.height, model_hash=model_hash,
+                               model_name=model_name, version=version, extra={**ours, **(extra or {})})
+
+    @classmethod
+    def from_infotext(cls, text: str) -> tuple["GenerationParams", dict[str, str]]:
+        """Settings from a `parameters` text (ours or A1111's), and the keys it holds that are not settings here
+        (e.g. "Model hash", "Hires upscale"), so that a caller can report them."""
+        from .images import parse_infotext
+
+        fields = parse_infotext(text)
+        take = fields.pop
+        changes = {"prompt": take("Prompt", ""), "negative_prompt": take("Negative prompt", "")}
+        readers = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
+                   "Size-1": ("width", int), "Size-2": ("height", int), "Denoising strength": ("strength", float),
+                   "Clip skip": ("clip_skip", int), "Cache interval": ("cache_interval", int)}
+        for key, (name, kind) in readers.items():
+            if key in fields:
+                changes[name] = _parse(kind, take(key), key)
+        if "Sampler" in fields:
+            changes["sampler"] = take("Sampler")
+        schedule = take("Schedule type", "").strip().lower()
+        if schedule not in ("", "automatic"):
+            changes["schedule"] = schedule
+        if "LoRA weights" in fields:
+            changes["loras"] = _parse_loras(take("LoRA weights"))
+        return cls(**changes), fields
+
+    # -- AUTOMATIC1111's API ------------------------------------------------------------------------------------
+    def to_a1111(self) -> dict:
+        """A txt2img/img2img request body as A1111's API takes it (seed -1 = random)."""
+        body = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "steps": self.steps,
+                "cfg_scale": self.cfg_scale, "seed": -1 if self.seed is None else self.seed,
+                "width": self.width, "height": self.height, "batch_size": self.batch_size,
+                "sampler_name": self.sampler, "scheduler": self.schedule or "automatic",
+                "override_settings": {"CLIP_stop_at_last_layers": self.clip_skip},
+                "cache_interval": self.cache_interval, "loras": dict(self.loras)}
+        if self.strength is not None:
+            body["denoising_strength"] = self.strength
+        return body
+
+    @classmethod
+    def from_a1111(cls, body: dict) -> "GenerationParams":
+        """From an A1111 request body: null means the default, seed -1 means random, `sampler_index` is the older
+        name of `sampler_name`, "automatic" is the sampler's own schedule."""
+        get = {k: v for k, v in body.items() if v is not None}.get
+        seed = get("seed", -1)
+        scheduler = str(get("scheduler", "automatic")).strip().lower()
+        override = get("override_settings") or {}
+        return cls(prompt=get("prompt", ""), negative_prompt=get("negative_prompt", ""), steps=get("steps", 50),
+                   cfg_scale=get("cfg_scale", 7.0), seed=None if seed == -1 else seed, width=get("width"),
+                   height=get("height"), batch_size=get("batch_size", 1),
+                   sampler=get("sampler_name") or get("sampler_index", "Euler"),
+                   schedule=None if scheduler == "automatic" else scheduler,
+                   clip_skip=override.get("CLIP_stop_at_last_layers") or 1, strength=get("denoising_strength"),
+                   loras=tuple((str(k), v) for k, v in (get("loras") or {}).items()),
+                   cache_interval=get("cache_interval", 1))
+
+    # -- batch job rows and the command line --------------------------------------------------------------------
+    def to_row(self) -> dict:
+        """A `stablediff batch` JSONL row: every field, lists for loras."""
+        row = dataclasses.asdict(self)
+        row["loras"] = [list(pair) for pair in self.loras]
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict) -> "GenerationParams":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(row) - set(names))
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]!r}; known: {', '.join(names)}")
+        loras = row.get("loras") or ()
+        if not isinstance(loras, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                                                           for p in loras):
+            raise ValueError(f"loras {loras!r} is not a list of [name, multiplier] pairs")
+        return cls(**{**row, "loras": tuple((str(n), m) for n, m in loras)})
+
+    def to_argv(self) -> list[str]:
+        """Command-line arguments (after the subcommand) that parse back to these settings: options as
+        `--flag=value` and the prompt after `--`, so that text starting with '-' is never read as an option."""
+        values = {"--negative-prompt": self.negative_prompt, "--steps": self.steps, "--cfg-scale": self.cfg_scale,
+                  "--seed": self.seed, "--width": self.width, "--height": self.height,
+                  "--batch-size": self.batch_size, "--sampler": self.sampler, "--schedule": self.schedule,
+                  "--clip-skip": self.clip_skip, "--strength": self.strength,
+                  "--cache-interval": self.cache_interval}
+        argv = [f"{flag}={v!r}" if isinstance(v, float) else f"{flag}={v}" for flag, v in values.items()
+                if v is not None]
+        argv += [f"--lora={name}:{float(m)!r}" for name, m in self.loras]
+        return [*argv, "--", self.prompt]
+
+    @classmethod
+    def from_args(cls, args) -> "GenerationParams":
+        """From an argparse namespace with the generation options (cli.add_generation_options)."""
+        loras = tuple(lora_arg(v) for v in getattr(args, "lora", None) or [])
+        return cls(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
+                   batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
+                   clip_skip=args.clip_skip, strength=getattr(args, "strength", None), loras=loras,
+                   cache_interval=args.cache_interval)
+
+
+def lora_arg(value: str) -> tuple[str, float]:
+    """`--lora NAME[:SCALE]` -> (NAME, SCALE): the scale is after the last colon (default 1.0)."""
+    name, sep, scale = value.rpartition(":")
+    if not sep:
+        name, scale = value, "1"
+    try:
+        m = float(scale)
+    except ValueError:
+        raise ValueError(f"--lora {value}: scale {scale!r} is not a number") from None
+    if not name or not math.isfinite(m):
+        raise ValueError(f"--lora {value}: give NAME or NAME:SCALE with a finite scale")
+    return name, m
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_text(name: str, value) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} {value!r} is not text")
+
+
+def _parse(kind, text: str, key: str):
+    try:
+        return kind(text.strip())
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"infotext {key}: {text!r} is not {what}") from None
+
+
+def _parse_loras(text: str) -> tuple[tuple[str, float], ...]:
+    pairs = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, _, m = item.rpartition(":")
+        pairs.append((name, _parse(float, m, "LoRA weights")))
+    return tuple(pairs)

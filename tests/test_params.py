@@ -1,0 +1,114 @@
+"""GenerationParams: one object, checked once, that survives every way a user states it: the command line,
+AUTOMATIC1111's API JSON, batch job rows and the PNG's infotext."""
+
+import json
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stablediff import samplers
+from stablediff.cli import build_parser
+from stablediff.limits import LimitError, Limits
+from stablediff.params import MAX_SEED, GenerationParams
+
+TEXT = st.text(alphabet=string.ascii_letters + string.digits + " ,()[]:.-_<>|'\"", max_size=40).map(str.strip)
+SIZE = st.integers(8, 512).map(lambda n: n * 8)
+NUMBER = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def params(draw, infotext=False):
+    """Valid, canonical params; for infotext, one image with its own seed and size (what an image records)."""
+    name = draw(st.sampled_from(sorted(samplers.SAMPLERS)))
+    karras = samplers.SAMPLERS[name].supports_karras and draw(st.booleans())
+    batch = 1 if infotext else draw(st.integers(1, 16))
+    seed = draw(st.integers(0, MAX_SEED - batch + 1) if infotext else st.none() | st.integers(0, MAX_SEED - batch + 1))
+    size = SIZE if infotext else st.none() | SIZE
+    return GenerationParams(
+        prompt=draw(TEXT), negative_prompt=draw(TEXT), steps=draw(st.integers(1, 1000)),
+        cfg_scale=draw(st.floats(0, 100, allow_nan=False)), seed=seed, width=draw(size), height=draw(size),
+        batch_size=batch, sampler=name, schedule="karras" if karras else None, clip_skip=draw(st.integers(1, 12)),
+        strength=draw(st.none() | st.floats(0.001, 1.0)),
+        loras=tuple(draw(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,9}", fullmatch=True),
+                                         st.floats(-100, 100, allow_nan=False), max_size=3)).items()),
+        cache_interval=draw(st.integers(1, 10)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(params())
+def test_params_round_trip_through_cli_args_a1111_json_and_job_rows(p):
+    assert p.validate() == p  # canonical already
+    assert GenerationParams.from_a1111(json.loads(json.dumps(p.to_a1111()))).validate() == p
+    assert GenerationParams.from_row(json.loads(json.dumps(p.to_row()))).validate() == p
+    command = ["generate"] if p.strength is None else ["img2img", "--init-image", "in.png"]
+    args = build_parser().parse_args([*command, *p.to_argv()])
+    assert GenerationParams.from_args(args).validate() == p
+
+
+@settings(max_examples=150, deadline=None)
+@given(params(infotext=True))
+def test_params_round_trip_through_infotext(p):
+    text = p.to_infotext(model_hash="0123456789", model_name="sd15", version="0.1.0")
+    back, unknown = GenerationParams.from_infotext(text)
+    assert back.validate() == p
+    assert unknown == {"Model hash": "0123456789", "Model": "sd15", "Version": "stablediff 0.1.0"}
+
+
+def test_a1111_infotext_reads_with_its_labels_and_reports_what_it_does_not_use():
+    text = ("a castle, (masterpiece:1.2)\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: "
+            "Karras, CFG scale: 7, Seed: 123, Size: 512x768, Model hash: 6ce0161689, Model: v1-5, Clip skip: 2, "
+            "Hires upscale: 2, Version: v1.10.1")
+    p, unknown = GenerationParams.from_infotext(text)
+    assert p.validate() == GenerationParams(
+        prompt="a castle, (masterpiece:1.2)", negative_prompt="blurry", steps=20, sampler="dpmpp_2m",
+        schedule="karras", cfg_scale=7.0, seed=123, width=512, height=768, clip_skip=2)
+    assert unknown == {"Model hash": "6ce0161689", "Model": "v1-5", "Hires upscale": "2", "Version": "v1.10.1"}
+    with pytest.raises(ValueError, match="infotext Steps: 'x' is not a whole number"):
+        GenerationParams.from_infotext("a\nSteps: x, Sampler: Euler, CFG scale: 7, Seed: 1")
+
+
+def test_a1111_defaults_and_the_sampler_name_forms():
+    p = GenerationParams.from_a1111({"prompt": "a", "seed": -1, "sampler_index": "Euler a", "width": None})
+    assert p == GenerationParams(prompt="a", steps=50, sampler="Euler a")  # A1111's API default is 50 steps
+    assert p.validate().sampler == "euler_a"
+    assert GenerationParams(sampler="DPM++ 2M Karras").validate().schedule == "karras"
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(width=36), "width 36 is not a multiple of 8"),
+    (dict(height=8), "height 8 is outside 64..4096"),
+    (dict(steps=0), "steps 0 is outside 1..1000"),
+    (dict(steps=True), "steps True is outside"),
+    (dict(cfg_scale=float("nan")), "cfg scale nan is not a finite number"),
+    (dict(clip_skip=13), "clip skip 13 is outside 1..12"),
+    (dict(seed=-2), "seed -2 is outside"),
+    (dict(seed=MAX_SEED, batch_size=2), "seed 4294967295 \\+ 2 images runs past 4294967295"),
+    (dict(strength=0), "strength 0 is outside \\(0, 1\\]"),
+    (dict(cache_interval=0), "cache interval 0 must be an integer >= 1"),
+    (dict(loras=(("x", 1e308),)), "LoRA x: multiplier 1e\\+308 is outside -100..100"),
+    (dict(sampler="ddim", schedule="karras"), "sampler 'ddim' does not take the karras schedule"),
+    (dict(schedule="exotic"), "schedule 'exotic' is not known"),
+    (dict(sampler="nope"), "unknown sampler 'nope'"),
+    (dict(prompt=5), "prompt 5 is not text"),
+])
+def test_validate_names_the_bad_value(changes, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationParams(**changes).validate()
+
+
+def test_limits_are_checked_with_the_defaults_for_missing_sizes():
+    limits = Limits(max_pixels=512 * 512)
+    GenerationParams().validate(limits)  # None sizes count as 512x512
+    with pytest.raises(LimitError, match="image size 520x512 = 266,240 is over the limit of 262,144 "
+                                         "\\(set with --max-pixels\\)"):
+        GenerationParams(width=520).validate(limits)
+    with pytest.raises(LimitError, match="images 20 is over the limit of 16"):
+        GenerationParams(batch_size=10).validate(Limits(max_images=16), prompts=2)
+    with pytest.raises(LimitError, match="negative prompt length in characters 20,001"):
+        GenerationParams(negative_prompt="x" * 20_001).validate(Limits())
+
+
+def test_a_lora_named_twice_keeps_its_last_multiplier():
+    assert GenerationParams(loras=(("a", 1.0), ("b", 0.5), ("a", 2.0))).validate().loras == (("a", 2.0), ("b", 0.5))

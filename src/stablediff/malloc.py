@@ -3,8 +3,7 @@
 PyTorch frees and allocates the same large buffers again on every step: activations, and the copy of every float32
 convolution weight that oneDNN reorders on every call (59-118 MB for SD 1.5's 1280-channel layers). By default glibc
 serves each block over 32 MB with a fresh mmap and hands a free heap top over 64 MB back to the kernel, so those
-buffers come back as new zeroed pages: one page fault per 4 KB. Measured on 2 cores: 800K faults and 1.6 s of
-system time per SD 1.5 float32 U-Net step at 512px, 5.3M faults per 512px image.
+buffers come back as new zeroed pages: one page fault per 4 KB, millions per image (RESULTS.md).
 
 `keep_freed_memory()` makes malloc keep that memory for reuse; the pipeline calls it when it loads onto the CPU and
 hands the kept memory back after each image (`return_freed_memory()`). Nothing here imports torch: the CLI calls

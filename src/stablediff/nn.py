@@ -50,15 +50,12 @@ class Conv2d(nn.Conv2d):
     float32: the stride-1 3x3 layers with enough channels and pixels run by Winograd's algorithm (winograd.py).
     The 3x3 layers with >= 1280 channels and at most 128 output pixels (N*H*W: SD 1.5's 4x4 and 8x8 levels) run as
     one matrix product over the unfolded input (im2col), which reads the weight where it lies: oneDNN copies it
-    into its blocked layout on every call first. On 2 cores, inside the 256px U-Net with the weights out of cache:
-    0.64-0.68x oneDNN's time at 4x4, 0.86-0.96x at 8x8, 0.69x for the 1280-channel stride-2 downsampler; the
-    whole guided step 0.96x at 256px, 0.96-0.98x at 512px.
-    bfloat16: the U-Net's widest low-resolution layers keep their weights reordered. oneDNN reorders a
-    convolution's weight into its blocked layout on every call; for layers with >= 2560 input channels, or >= 1280
-    at <= 8x8 pixels, that reorder costs more than the arithmetic (2 cores: 2560 -> 1280 channels at 8x8 took 70 ms
-    per call, 14 ms with the weight reordered once). Such a layer keeps its weight reordered for the last input shape
-    it saw (rebuilt when the shape or the weight changes, e.g. a LoRA merge: one extra copy of those weights) and
-    gives bit-identical results. Everything else is nn.Conv2d."""
+    into its blocked layout on every call first, which at so few pixels costs more than the arithmetic.
+    bfloat16: the U-Net's widest low-resolution layers keep their weights reordered, for the same reason: for
+    layers with >= 2560 input channels, or >= 1280 at <= 8x8 pixels, oneDNN's per-call reorder costs more than the
+    arithmetic. Such a layer keeps its weight reordered for the last input shape it saw (rebuilt when the shape or
+    the weight changes, e.g. a LoRA merge: one extra copy of those weights) and gives oneDNN's own results. Each
+    path runs only where cpu.py's probe allows it. Everything else is nn.Conv2d. Measured figures: RESULTS.md."""
 
     packed: tuple | None = None  # (input shape, weight version, weight address) -> the reordered weight
 

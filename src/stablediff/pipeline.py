@@ -141,7 +141,7 @@ class StableDiffusion:
         """Load a diffusers folder, an original single .safetensors/.ckpt file, or a Hugging Face Hub id.
 
         dtype: what the text encoder and U-Net run in. vae_dtype: what the VAE runs in: float32 (default, exact;
-        the SD 1.x VAE overflows in float16), or bfloat16 (a 4-7x faster decode on a CPU with bfloat16 matrix
+        the SD 1.x VAE overflows in float16), or bfloat16 (several times faster to decode on a CPU with bfloat16
         units, about 1/255 mean pixel error). Weights in .safetensors files stay memory-mapped.
         safety_checker: False (default), True (the model folder's own safety_checker/), or a path to a
         safety_checker folder or a diffusers model folder that has one."""
@@ -168,8 +168,7 @@ class StableDiffusion:
         vae = _build(AutoencoderKL, ckpt.vae_config, ckpt.vae, component="vae", dtype=vae_dtype, **common)
         if device.type == "cpu":
             # bfloat16 convolutions on the CPU run in oneDNN's channels-last kernels without reordering every
-            # activation (SD 1.5 U-Net at 256px, 1 thread: 9% faster; the VAE decode 2.9x). In float32 the
-            # channels-first kernels are faster (channels-last U-Net: 7% slower), so float32 stays as it is.
+            # activation; in float32 the channels-first kernels are the faster ones, so float32 stays as it is.
             for module, kind in ((unet, dtype), (vae, vae_dtype)):
                 if kind == torch.bfloat16 and cpu.enabled("channels_last"):
                     module.to(memory_format=torch.channels_last)
@@ -337,9 +336,9 @@ class StableDiffusion:
                 seeds += batch_seeds
 
             latents = torch.cat(all_latents)
-            weights.release(self.unet)  # (SD 1.5: 3.2 GB fewer resident during the decode; ~0.15 s to page in)
+            weights.release(self.unet)  # (SD 1.5: its 3.2 GB leave resident memory during the decode)
             pil = images.to_pil(self.decode(latents))
-            weights.release(self.vae)  # (SD 1.5: 0.33 GB; the next image's U-Net steps peak as this one's did)
+            weights.release(self.vae)  # (0.33 GB: the next image's U-Net steps then peak as this one's did)
         if self.device.type == "cpu":
             malloc.return_freed_memory()  # nor is what the heap kept for this image's buffers
         nsfw = [False] * len(pil)

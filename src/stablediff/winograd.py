@@ -8,16 +8,14 @@ arXiv:1509.09308): 36 multiplications per 4x4 output tile and channel pair inste
 
 In the 2-D form the transforms are the Kronecker products B2, G2, A2 of the 1-D matrices. oneDNN has no Winograd
 for float32 on these CPUs; done in PyTorch ops, the input transform is one convolution of every channel with the
-36 basis patches, the rest are matrix products. On this 2-core machine it takes 0.4-0.8x the time of the direct
-convolution for the SD U-Net's and VAE's layers with at least 256 channels and 512 output pixels (N*H*W), or 128
-channels and 8192 pixels. Below that the transforms cost more than they save (64 channels: 1.3-2x slower; 1280
-channels at 8x8: 1.1x). Its relative error against float64 is about 2.5e-6 (direct: 2e-7). The kernels are
+36 basis patches, the rest are matrix products. It gains over the direct convolution for layers with at least 256
+channels and 512 output pixels (N*H*W), or 128 channels and 8192 pixels (THRESHOLDS); below that the transforms
+cost more than they save. Its relative error against float64 is about 10x the direct convolution's. The kernels are
 transformed on every call (nothing cached, so weights merged later, e.g. LoRA, are always used). Large inputs go
 in pieces of rows of tiles, each piece's transformed input and products within BUDGET bytes, and large kernels in
 pieces of output channels: within KERNEL_BUDGET bytes where the input is one piece (each piece of U is used once,
-so smaller pieces cost no extra work; the heap's high-water mark in a 256px SD 1.5 step: 278 MB against
-306-310 MB with 64 MB pieces), within BUDGET where several row pieces reuse U (held whole when it fits, else
-transformed again for each row piece).
+so smaller pieces cost no extra work and the heap's high-water mark is lower), within BUDGET where several row
+pieces reuse U (held whole when it fits, else transformed again for each row piece). Measured figures: RESULTS.md.
 """
 
 from __future__ import annotations

@@ -281,60 +281,34 @@ class StableDiffusion:
         `callback(StepInfo)` runs after every step; `cancel` (anything with `is_set()`, e.g. threading.Event)
         stops the call between steps by raising Cancelled.
         """
-        if mask_image is not None and init_image is None:
-            raise ValueError("mask_image needs an init_image to inpaint")
-        if init_image is not None:
-            init_image = images.open_image(init_image)
-            width, height = self._init_size(init_image, width, height)
-            strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
-        elif strength is not None and strength != 1.0:
-            raise ValueError(f"strength {strength} needs an init_image (img2img)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        width, height = width or self.native_size, height or self.native_size
+        init_image, width, height, strength = self._init_settings(init_image, mask_image, width, height, strength)
         params = GenerationParams(
             steps=steps, cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
-            sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength if init_image is not None else None,
+            sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
             loras=tuple((loras or {}).items()), cache_interval=cache_interval).validate(prompts=len(prompts))
-        f = self.downscale
-        if width % f or height % f:
-            raise ValueError(f"size {width}x{height} is not a multiple of this VAE's downscale factor {f}")
-        inpainting_unet = self.unet.config.in_channels == 9
-        if inpainting_unet and mask_image is None:
-            raise ValueError("this is an inpainting checkpoint (U-Net in_channels 9): give init_image and mask_image")
+        self._check_fits(params, inpaint=mask_image is not None)
         if seed is None:
-            seed = random.randint(0, MAX_SEED - len(prompts) * batch_size)
-
-        spec, schedule = samplers.SAMPLERS[params.sampler], params.schedule
-        plan = samplers.prepare(spec.name, self.noise_schedule, steps, schedule=schedule, strength=strength or 1.0)
+            params = params.replace(seed=random.randint(0, MAX_SEED - len(prompts) * batch_size))
+        plan = samplers.prepare(params.sampler, self.noise_schedule, steps, schedule=params.schedule,
+                                strength=strength or 1.0)
         wanted = [self._wanted_loras(p, loras) for p in prompts]  # resolved (and missing ones named) up front
-        latent_shape = (self.vae.config.latent_channels, height // f, width // f)
-        source = self._encode_init(init_image, mask_image, width, height) if init_image is not None else None
+        source = self._encode_init(init_image, mask_image, params) if init_image is not None else None
 
-        all_latents, seeds = [], []
+        all_latents = []
         with cancel_within_steps((self.unet, self.vae), cancel):  # also inside a step: between layers
             for b, (p, n) in enumerate(zip(prompts, negatives)):
                 self.loras.apply({path: m for path, (_, m) in wanted[b].items()})
-                batch_seeds = [seed + b * batch_size + j for j in range(batch_size)]
-                generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
-                cond, uncond = self.prompts.encode_pair(p, n, clip_skip)
-                weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till needed
-                cond, uncond = cond.expand(batch_size, -1, -1), uncond.expand(batch_size, -1, -1)
-                cache = DeepCache(cache_interval) if cache_interval > 1 else None
-                x, model, blend = self._start(plan, generators, latent_shape, source, strength, cache)
-                denoiser = self.denoiser(plan, cond, uncond, cfg_scale, model=model)
-                step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress,
-                                              blend)
+                step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress)
+                first = params.seed + b * batch_size
                 try:
-                    x = plan.sampler.fn(denoiser, x, plan.sigmas, generator=generators, callback=step_cb)
+                    all_latents.append(self.generate_latents(p, n, params, plan, range(first, first + batch_size),
+                                                             source, step_cb))
                 finally:
                     step_cb.close()
-                x = plan.finish(x)
-                all_latents.append(blend(x, None) if blend is not None else x)
-                seeds += batch_seeds
-
             latents = torch.cat(all_latents)
             weights.release(self.unet)  # (SD 1.5: its 3.2 GB leave resident memory during the decode)
             pil = images.to_pil(self.decode(latents))
@@ -344,13 +318,70 @@ class StableDiffusion:
         nsfw = [False] * len(pil)
         if self.safety_checker is not None:
             pil, nsfw = self.safety_checker.censor(pil)
-        all_prompts = [p for p in prompts for _ in range(batch_size)]
-        all_negatives = [n for n in negatives for _ in range(batch_size)]
+        return self._result(pil, latents, nsfw, prompts, negatives, params, wanted)
+
+    def generate_latents(self, prompt: str, negative: str, params: GenerationParams, plan: samplers.SamplingPlan,
+                         seeds, source: dict | None = None, step_callback=None) -> torch.Tensor:
+        """One prompt's final latents (len(seeds), C, h, w): encode the prompts, draw each image's noise on its own
+        CPU generator, run the sampler over the guided denoiser. `source` is `_encode_init`'s (img2img,
+        inpainting); `step_callback(d)` sees each step and may return the latents to go on with."""
+        n = len(seeds)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        cond, uncond = self.prompts.encode_pair(prompt, negative, params.clip_skip)
+        weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till next needed
+        cond, uncond = cond.expand(n, -1, -1), uncond.expand(n, -1, -1)
+        cache = DeepCache(params.cache_interval) if params.cache_interval > 1 else None
+        shape = (self.vae.config.latent_channels, params.height // self.downscale, params.width // self.downscale)
+        x, model, blend = self._start(plan, generators, shape, source, params.strength, cache)
+        denoiser = self.denoiser(plan, cond, uncond, params.cfg_scale, model=model)
+        last = len(plan.sigmas) - 2
+
+        def on_step(d):
+            """Inpainting blends the known latents back after each step (the last one after plan.finish)."""
+            if blend is not None and d["i"] < last:
+                d = dict(d, x=blend(d["x"], float(d["sigma_next"])))
+            if step_callback is not None:
+                step_callback(d)
+            return d["x"] if blend is not None else None
+
+        x = plan.sampler.fn(denoiser, x, plan.sigmas, generator=generators, callback=on_step)
+        x = plan.finish(x)
+        return blend(x, None) if blend is not None else x
+
+    def _init_settings(self, init_image, mask_image, width, height, strength):
+        """(init image, width, height, strength) as the run uses them: the image opened, the size and strength
+        defaulted from it (img2img) or from the model (txt2img)."""
+        if mask_image is not None and init_image is None:
+            raise ValueError("mask_image needs an init_image to inpaint")
+        if init_image is None:
+            if strength is not None and strength != 1.0:
+                raise ValueError(f"strength {strength} needs an init_image (img2img)")
+            return None, width or self.native_size, height or self.native_size, None
+        init_image = images.open_image(init_image)
+        width, height = self._init_size(init_image, width, height)
+        strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
+        return init_image, width, height, strength
+
+    def _check_fits(self, params: GenerationParams, inpaint: bool) -> None:
+        """Settings valid in general that this model cannot take."""
+        f = self.downscale
+        if params.width % f or params.height % f:
+            raise ValueError(f"size {params.width}x{params.height} is not a multiple of this VAE's downscale "
+                             f"factor {f}")
+        if self.unet.config.in_channels == 9 and not inpaint:
+            raise ValueError("this is an inpainting checkpoint (U-Net in_channels 9): give init_image and mask_image")
+
+    def _result(self, pil, latents, nsfw, prompts, negatives, params, wanted) -> GenerationResult:
+        """The call's result, with one infotext per image."""
+        k = params.batch_size
+        all_prompts = [p for p in prompts for _ in range(k)]
+        all_negatives = [n for n in negatives for _ in range(k)]
+        seeds = list(range(params.seed, params.seed + len(all_prompts)))
         hashes = [self._addon_hashes(p, n, w) for p, n, w in zip(prompts, negatives, wanted)]
         infotexts = [params.replace(prompt=p, negative_prompt=n, seed=s).to_infotext(
             model_hash=self.model_hash, model_name=self.model_name, version=__version__,
-            extra={**hashes[k // batch_size], "NSFW": "true" if flagged else None})
-            for k, (p, n, s, flagged) in enumerate(zip(all_prompts, all_negatives, seeds, nsfw))]
+            extra={**hashes[i // k], "NSFW": "true" if flagged else None})
+            for i, (p, n, s, flagged) in enumerate(zip(all_prompts, all_negatives, seeds, nsfw))]
         return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw)
 
     # -- img2img and inpainting ---------------------------------------------------------------------------------
@@ -360,8 +391,9 @@ class StableDiffusion:
             warnings.warn(f"init image {image.width}x{image.height} is resized to {width or w}x{height or h}")
         return width or w, height or h
 
-    def _encode_init(self, image, mask, width, height) -> dict:
+    def _encode_init(self, image, mask, params: GenerationParams) -> dict:
         """The init image (and mask) as tensors on the device, encoded where the run needs it."""
+        width, height = params.width, params.height
         pixels = images.from_pil(image, width, height).to(self.device, self.vae.post_quant_conv.weight.dtype)
         source = {"posterior": self.vae.encode(pixels)}
         if mask is not None:
@@ -414,13 +446,14 @@ class StableDiffusion:
         """The U-Net as an eps model: x_in and context in the model's dtype (EpsDenoiser casts them)."""
         return self.unet(x_in, t, context, cache=cache)
 
-    def denoiser(self, plan: samplers.SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float, *,
-                 model: Callable | None = None) -> CFGDenoiser:
+    def denoiser(self, plan: samplers.SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor | None,
+                 cfg_scale: float, *, model: Callable | None = None) -> CFGDenoiser:
         """The guided denoiser D(x, sigma) a sampler steps with: `model` (default `self.eps`) in the model's
         dtype, at the timesteps `plan` (samplers.prepare) maps its sigmas to, guided by cond/uncond embeddings."""
         return CFGDenoiser(EpsDenoiser(model or self.eps, plan.sigma_to_t, self.dtype), cond, uncond, cfg_scale)
 
-    def _step_callback(self, batch, batches, total, callback, cancel, progress, blend=None):
+    def _step_callback(self, batch, batches, total, callback, cancel, progress):
+        """A sampler callback for one prompt's run: the progress bar, the user's callback, cancellation."""
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -429,17 +462,12 @@ class StableDiffusion:
                        leave=True)
 
         def step(d):
-            """Progress, the user's callback, cancellation; returns the blended x when inpainting."""
             if bar is not None:
                 bar.update(1)
-            x = d["x"]
-            if blend is not None and d["i"] < total - 1:  # the last blend happens after plan.finish
-                x = blend(x, float(d["sigma_next"]))
             if callback is not None:
-                callback(StepInfo(d["i"] + 1, total, batch, batches, float(d["sigma"]), x))
+                callback(StepInfo(d["i"] + 1, total, batch, batches, float(d["sigma"]), d["x"]))
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation was cancelled")
-            return x if blend is not None else None
 
         step.close = bar.close if bar is not None else (lambda: None)
         return step

@@ -255,10 +255,12 @@ def test_huge_init_images_are_refused_from_the_header(tmp_path, monkeypatch, siz
 
 def test_init_size_and_mask_aspect(recwarn):
     with pytest.raises(ValueError, match=r"init image 4x4 is smaller than 64x64"):
-        images.init_size(Image.new("RGB", (4, 4)), None, None)
-    assert images.init_size(Image.new("RGB", (100, 70)), None, None) == (96, 64)
-    assert images.init_size(Image.new("RGB", (64, 64)), None, None) == (64, 64)
-    assert [str(w.message) for w in recwarn] == ["init image 100x70 is resized to 96x64"]
+        images.init_size(Image.new("RGB", (4, 4)).size, None, None)
+    assert images.init_size((100, 70), None, None) == (96, 64)
+    assert images.init_size((64, 64), None, None) == (64, 64)
+    assert images.init_size((4000, 3000), 512, 384) == (512, 384)
+    assert [str(w.message) for w in recwarn] == ["init image 100x70 is resized to 96x64",
+                                                  "init image 4000x3000 is resized to 512x384"]
 
     with pytest.raises(ValueError, match=r"mask 64x128 does not have the aspect ratio of the init image 128x128"):
         images.check_mask_size((64, 128), (128, 128))

@@ -432,17 +432,18 @@ def open_image(image) -> Image.Image:
             raise ValueError(f"{image}: cannot read image ({e})") from None
 
 
-def init_size(image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
-    """The output size of an img2img or inpainting run: the width and height asked for, or else the init image's
-    own, rounded down to a multiple of 8 (the VAE's downscale). An init image under MIN_INIT_SIZE on a side is
-    refused: 4x4 pixels hold nothing to start from, and rounding them would ask for 0x0. A size other than the
-    image's warns (one line) that it is resized."""
-    if image.width < MIN_INIT_SIZE or image.height < MIN_INIT_SIZE:
-        raise ValueError(f"init image {image.width}x{image.height} is smaller than {MIN_INIT_SIZE}x{MIN_INIT_SIZE}; "
-                         f"use a larger image")
-    size = (width or image.width - image.width % 8, height or image.height - image.height % 8)
-    if size != image.size:
-        warnings.warn(f"init image {image.width}x{image.height} is resized to {size[0]}x{size[1]}", stacklevel=2)
+def init_size(image_size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
+    """The output size of an img2img or inpainting run from the init image's (width, height) (`image.size`, or
+    `image_size(path)` before anything is decoded): the width and height asked for, or else the image's own,
+    rounded down to a multiple of 8 (the VAE's downscale). An init image under MIN_INIT_SIZE on a side is refused:
+    4x4 pixels hold nothing to start from, and rounding them would ask for 0x0. A size other than the image's
+    warns (one line) that it is resized."""
+    iw, ih = image_size
+    if iw < MIN_INIT_SIZE or ih < MIN_INIT_SIZE:
+        raise ValueError(f"init image {iw}x{ih} is smaller than {MIN_INIT_SIZE}x{MIN_INIT_SIZE}; use a larger image")
+    size = (width or iw - iw % 8, height or ih - ih % 8)
+    if size != (iw, ih):
+        warnings.warn(f"init image {iw}x{ih} is resized to {size[0]}x{size[1]}", stacklevel=2)
     return size
 
 

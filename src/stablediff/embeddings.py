@@ -20,6 +20,7 @@ from . import images, weights
 __all__ = ["EmbeddingError", "EXTENSIONS", "find_embeddings", "read_embedding", "load_embeddings", "embedding_hash"]
 
 EXTENSIONS = (".pt", ".safetensors", ".bin")
+MAX_VECTORS = 75  # the prompt tokens of one 77-position CLIP chunk (BOS and EOS take two): an embedding fits in one
 
 
 class EmbeddingError(ValueError):
@@ -87,7 +88,22 @@ def read_embedding(path) -> tuple[str, torch.Tensor]:
     if not isinstance(vec, torch.Tensor) or vec.ndim not in (1, 2) or vec.numel() == 0:
         got = type(vec).__name__ if not isinstance(vec, torch.Tensor) else f"a tensor of shape {tuple(vec.shape)}"
         raise EmbeddingError(f"{path}: not an embedding: expected {what}, found {got if vec is not None else 'none'}")
-    return token, vec.detach().reshape(-1, vec.shape[-1]).to(torch.float32, copy=True).contiguous()
+    return token, _usable(path, vec.detach().reshape(-1, vec.shape[-1]))
+
+
+def _usable(path: Path, vec: torch.Tensor) -> torch.Tensor:
+    """(n_vectors, width) -> a float32 copy, when it can stand in a prompt: floating point (an int or bool tensor
+    is a broken file), 1..MAX_VECTORS vectors (more fit in no prompt chunk) and finite (NaN would reach every
+    image whose prompt holds the trigger word)."""
+    if not vec.is_floating_point():
+        raise EmbeddingError(f"{path}: the embedding is {str(vec.dtype).removeprefix('torch.')}, not floating point")
+    if len(vec) > MAX_VECTORS:
+        raise EmbeddingError(f"{path}: the embedding has {len(vec)} vectors; one prompt chunk holds at most "
+                             f"{MAX_VECTORS}")
+    vec = vec.to(torch.float32, copy=True).contiguous()
+    if not torch.isfinite(vec).all():
+        raise EmbeddingError(f"{path}: the embedding holds NaN or infinite values")
+    return vec
 
 
 def find_embeddings(directory_or_files) -> dict[str, Path]:
@@ -105,18 +121,28 @@ def find_embeddings(directory_or_files) -> dict[str, Path]:
             raise EmbeddingError(f"{src}: no such embedding file")
     found: dict[str, Path] = {}
     for f in files:
-        word = f.stem if f.stem != "learned_embeds" else read_embedding(f)[0]
+        word = f.stem if f.stem != "learned_embeds" else _stored_token(f)
         if word in found:
             raise EmbeddingError(f"{f}: trigger word {word!r} is also {found[word]}'s; rename one of the files")
         found[word] = f
     return found
 
 
+def _stored_token(path: Path) -> str:
+    """The trigger word a diffusers `learned_embeds.*` file stores; its stem when the file is unusable, so that
+    `load_embeddings` reports and skips it like any other bad file instead of the search failing."""
+    try:
+        return read_embedding(path)[0]
+    except EmbeddingError:
+        return path.stem
+
+
 def load_embeddings(directory_or_files, *, width: int | None = None,
                     skipped: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Trigger word -> (n_vectors, width) float32 tensor for every embedding in a folder or list of files.
     `width` (the text encoder's hidden size) is checked when given. Errors name the file; with a `skipped` list
-    passed, unusable files are recorded there (one line each) and left out instead of raising."""
+    passed, unusable files (unreadable, another model's width, too many vectors, NaN) are recorded there (one line
+    each) and left out instead of raising, so one bad file in a shared folder does not stop every generation."""
     out = {}
     for word, path in find_embeddings(directory_or_files).items():
         try:

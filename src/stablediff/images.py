@@ -7,15 +7,24 @@ when called. The text formats follow AUTOMATIC1111's `processing.create_infotext
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import io
+import json
 import os
 import re
+import secrets
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 # The keys A1111 writes between "Model" and "Version", in its order. An `extra` item with one of these names
 # takes that place; any other extra item goes after them, just before "Version" (A1111's extra_generation_params).
@@ -119,10 +128,101 @@ def parse_infotext(text: str) -> dict[str, str]:
 
 # --- PNG files --------------------------------------------------------------------------------------------------
 
+class SaveError(OSError):
+    """A finished image that could not be written (disk full, folder gone or read-only), said in one line naming
+    the folder and the reason. The image is not lost: `data` holds its whole PNG file (parameters included) and
+    `seed` its seed, so that the caller can keep it and write it elsewhere with `save_png_bytes(e.data, folder,
+    e.seed)`. An OSError, with the errno of the failure (errno.ENOSPC for a full disk)."""
+
+    def __init__(self, directory: Path, seed: int, data: bytes, cause: OSError):
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(cause.errno, f"{directory}: cannot save the image of seed {seed} ({reason}); it is kept "
+                                      f"in memory, {len(data):,} bytes")
+        self.directory, self.seed, self.data = directory, seed, data
+
+    def __str__(self):
+        return self.strerror
+
+
+STALE_SECONDS = 3600  # a temp file of ours this old is left over from a killed save, whatever its pid says
+_TEMP = re.compile(r"^\.tmp-(?:(\d+)-)?\w+\.png$")  # ours: .tmp-PID-RANDOM.png (earlier versions: .tmp-RANDOM.png)
+
+
 def _next_number(directory: Path) -> int:
     """One past the highest `NNNNN-` prefix of any file in the folder (0 for none), as A1111 numbers files."""
     numbers = [int(m.group(1)) for name in os.listdir(directory) if (m := _RE_NUMBERED.match(name))]
     return max(numbers, default=-1) + 1
+
+
+def _alive(pid: int) -> bool:
+    """Is process `pid` running on this machine? (Windows: always assumed, as signal 0 means Ctrl+C there.)"""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # someone else's process, or a number no process has
+        return True
+    return True
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    """Delete the temp files a killed save left behind (kill -9, power loss): ours whose writing process is gone,
+    after a minute (in a folder shared over the network the pid may be another machine's, whose save takes
+    milliseconds), and any of ours an hour old. Failing to delete is ignored: cleaning must not fail a save."""
+    now = time.time()
+    for entry in os.scandir(directory):
+        m = _TEMP.match(entry.name)
+        if m is None:
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            if age > STALE_SECONDS or (age > 60 and m.group(1) and not _alive(int(m.group(1)))):
+                os.unlink(entry.path)
+        except OSError:
+            pass
+
+
+def _write(fd: int, data: bytes) -> None:
+    """All of `data` to the file descriptor (one os.write may write only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_temp(directory: Path, data: bytes) -> Path:
+    """`data` in a new `.tmp-PID-RANDOM.png`, created exclusively and with mode 0666 less the umask, as any file
+    (tempfile's 0600 would make every saved image private); removed again when the write fails."""
+    tmp = directory / f".tmp-{os.getpid()}-{secrets.token_hex(8)}.png"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:  # closed here too: on some filesystems close reports ENOSPC
+            _write(f.fileno(), data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+@contextlib.contextmanager
+def _numbering_lock(directory: Path):
+    """An exclusive flock on the folder while a number is picked and claimed. Without it two processes saving at
+    once (two `generate` runs, a server and a batch) both pick one past the same highest number and, their seeds
+    differing, both claim it. Where flock is missing (Windows) or refused (some network filesystems), saving
+    goes on unlocked: names still never collide, numbers may."""
+    try:
+        fd = os.open(directory, os.O_RDONLY) if fcntl is not None else None
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _claim(tmp: Path, target: Path) -> bool:
@@ -132,12 +232,16 @@ def _claim(tmp: Path, target: Path) -> bool:
         return True
     except FileExistsError:
         return False
-    except OSError:  # a filesystem without hard links: reserve the name, then move over the reservation
+    except OSError:  # a filesystem without hard links: reserve the name (O_EXCL), then move over the reservation
         try:
-            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:
             return False
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            target.unlink(missing_ok=True)  # no empty reservation left behind
+            raise
         return True
 
 
@@ -152,26 +256,34 @@ def png_bytes(image: Image.Image, parameters: str) -> bytes:
 
 
 def save_png(image: Image.Image, directory: str | Path, seed: int, parameters: str) -> Path:
-    """Save as `<directory>/NNNNN-SEED.png`, NNNNN one past the highest number already there, with `parameters`
-    in a PNG text chunk (tEXt, or iTXt when the text is not Latin-1) as A1111 writes it.
+    """Save as `<directory>/NNNNN-SEED.png` with `parameters` in a PNG text chunk as A1111 writes it (see
+    `save_png_bytes`); SaveError, carrying the PNG bytes, when it cannot be written."""
+    return save_png_bytes(png_bytes(image, parameters), directory, seed)
+
+
+def save_png_bytes(data: bytes, directory: str | Path, seed: int) -> Path:
+    """Write a finished PNG file as `<directory>/NNNNN-SEED.png`, NNNNN one past the highest number already there.
 
     The file is written under a temporary name and then linked into place, so a reader never sees a half-written
-    PNG and an existing file is never overwritten: if the name is taken meanwhile, the next number is used.
+    PNG and an existing file is never overwritten; the number is picked under a lock on the folder, so concurrent
+    processes never share one. It gets the mode of any new file (0644 under umask 022). Temp files that a killed
+    save left are removed on the way. Any OSError (ENOSPC...) becomes a SaveError that keeps `data`.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    data = png_bytes(image, parameters)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        number = _next_number(directory)
-        while not _claim(tmp, directory / f"{number:05d}-{seed}.png"):
-            number += 1
-        return directory / f"{number:05d}-{seed}.png"
-    finally:
-        tmp.unlink(missing_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(directory)
+        tmp = _write_temp(directory, data)
+        try:
+            with _numbering_lock(directory):
+                number = _next_number(directory)
+                while not _claim(tmp, directory / f"{number:05d}-{seed}.png"):
+                    number += 1
+            return directory / f"{number:05d}-{seed}.png"
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise SaveError(directory, seed, data, e) from None
 
 
 # --- model hashes -----------------------------------------------------------------------------------------------
@@ -271,13 +383,78 @@ def mask_from_pil(mask: Image.Image, width: int, height: int):
     return torch.from_numpy(m[None, None].copy())
 
 
+# --- init images and masks --------------------------------------------------------------------------------------
+
+MAX_IMAGE_PIXELS = 8192 * 8192  # of an image file read as an init image or mask: a 48 MP photo passes
+MIN_INIT_SIZE = 64  # the smallest side of an init image: the smallest side stablediff generates
+
+
+def open_header(path) -> Image.Image:
+    """The image file opened but not decoded (PIL reads only the header), refused with a ValueError naming the
+    file and its size when it has over MAX_IMAGE_PIXELS pixels: a 12000x12000 PNG of a few kilobytes would
+    decode to 430 MB. PIL's own decompression-bomb limits (a warning, then an error at twice as many pixels) are
+    above ours; its error becomes the same one-line ValueError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own bound below is lower
+            image = Image.open(path)
+    except Image.DecompressionBombError as e:
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
+        raise ValueError(f"{path}: image of {size} is over the limit of {MAX_IMAGE_PIXELS:,} pixels (a "
+                         f"decompression bomb?)") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise ValueError(f"{path}: image {image.width}x{image.height} ({image.width * image.height:,} pixels) is "
+                         f"over the limit of {MAX_IMAGE_PIXELS:,} pixels; scale it down first")
+    return image
+
+
+def image_size(path) -> tuple[int, int]:
+    """(width, height) of an image file, from its header only (open_header's checks), e.g. to check the
+    arguments of a command before any image is decoded or model loaded."""
+    with open_header(path) as image:
+        return image.size
+
+
 def open_image(image) -> Image.Image:
-    """A PIL image as it is, or a path opened (fully read, so the file is closed); errors name the path."""
+    """A PIL image as it is, or a path opened (size checked from the header before decoding; fully read, so the
+    file is closed); errors are a one-line ValueError naming the path."""
     if isinstance(image, Image.Image):
         return image
-    try:
-        with Image.open(image) as im:
+    with open_header(image) as im:
+        try:
             im.load()
             return im.copy()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{image}: cannot read image ({e})") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{image}: cannot read image ({e})") from None
+
+
+def init_size(image_size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
+    """The output size of an img2img or inpainting run from the init image's (width, height) (`image.size`, or
+    `image_size(path)` before anything is decoded): the width and height asked for, or else the image's own,
+    rounded down to a multiple of 8 (the VAE's downscale). An init image under MIN_INIT_SIZE on a side is refused:
+    4x4 pixels hold nothing to start from, and rounding them would ask for 0x0. A size other than the image's
+    warns (one line) that it is resized."""
+    iw, ih = image_size
+    if iw < MIN_INIT_SIZE or ih < MIN_INIT_SIZE:
+        raise ValueError(f"init image {iw}x{ih} is smaller than {MIN_INIT_SIZE}x{MIN_INIT_SIZE}; use a larger image")
+    size = (width or iw - iw % 8, height or ih - ih % 8)
+    if size != (iw, ih):
+        warnings.warn(f"init image {iw}x{ih} is resized to {size[0]}x{size[1]}", stacklevel=2)
+    return size
+
+
+def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """An inpainting mask must be the init image's size, or its aspect ratio (within 1%; then it is resized, with
+    a one-line warning). Another aspect ratio is refused (ValueError naming both sizes): stretched, the mask would
+    mark another area than the one drawn."""
+    (mw, mh), (iw, ih) = mask_size, image_size
+    if (mw, mh) == (iw, ih):
+        return
+    if abs(mw * ih - mh * iw) > 0.01 * mh * iw:
+        raise ValueError(f"mask {mw}x{mh} does not have the aspect ratio of the init image {iw}x{ih}; stretched, "
+                         f"it would mark another area: make the mask the init image's size")
+    warnings.warn(f"mask {mw}x{mh} is resized to the init image's {iw}x{ih}", stacklevel=2)

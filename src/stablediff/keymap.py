@@ -273,11 +273,15 @@ def text_shapes(c: CLIPTextConfig) -> dict[str, tuple]:
 # Configs from shapes (single files carry none)
 
 def _infer(what: str, path: str, build):
+    """build(), a missing tensor or a config the shapes make out of range said as a CheckpointError."""
+    where = path or what + " weights"
     try:
         return build()
-    except (KeyError, ValueError, IndexError, StopIteration) as e:
-        raise CheckpointError(f"{path or what + ' weights'}: cannot infer the {what} config from the weights "
-                              f"(no {e}); not a Stable Diffusion 1.x {what}?") from None
+    except (KeyError, IndexError, StopIteration) as e:
+        raise CheckpointError(f"{where}: cannot infer the {what} config from the weights (no {e}); not a Stable "
+                              f"Diffusion 1.x {what}?") from None
+    except ValueError as e:  # e.g. layers_per_block 40 is outside 1..16
+        raise CheckpointError(f"{where}: the {what} config its weights describe is not usable ({e})") from None
 
 
 def _dim(sd, key, axis, default):

@@ -22,9 +22,9 @@ A key that fits no table row or names no layer of this model is an error that li
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
-import json
 import math
 import os
 import re
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import images, keymap, weights
+from .prompts import check_multiplier
 
 __all__ = ["LoraError", "LoraDelta", "Lora", "LoraSet", "resolve", "read_lora", "lora_hash", "format_hashes",
            "EXTENSIONS"]
@@ -65,15 +66,17 @@ def _inside(path: Path, root: Path) -> bool:
 def resolve(name: str, directory) -> Path:
     """The LoRA file `name` names inside `directory`: NAME.safetensors/.pt/.ckpt, NAME itself when it has one of
     those extensions, or a file of that name in a subfolder (when exactly one). Names come from prompt tags, so
-    '..', absolute paths and links leading out of the folder are refused. Missing -> LoraError naming the tag."""
+    '..', absolute paths and links leading out of the folder are refused. Missing -> LoraError naming the tag.
+    The messages name files by their place inside the folder, never the folder's own path: a server sends them
+    to whoever wrote the tag."""
     name, root = str(name), Path(directory)
     parts = name.replace("\\", "/").split("/")
     if not name.strip() or "\x00" in name or ".." in parts or os.path.isabs(name) or name.startswith(("/", "\\")) \
             or re.match(r"[A-Za-z]:", name):
-        raise LoraError(f"{_tag(name)}: refused: a LoRA is named by its file name inside {root}/ ('..', absolute "
-                        f"paths and drive letters are not allowed)")
+        raise LoraError(f"{_tag(name)}: refused: a LoRA is named by its file name inside the LoRA folder ('..', "
+                        f"absolute paths and drive letters are not allowed)")
     if not root.is_dir():
-        raise LoraError(f"{_tag(name)}: the LoRA folder {root}/ does not exist (set it with --lora-dir)")
+        raise LoraError(f"{_tag(name)}: the LoRA folder does not exist (set it with --lora-dir)")
     real_root = root.resolve()
     candidates = [root / name] if name.endswith(EXTENSIONS) else [root / (name + ext) for ext in EXTENSIONS]
     existing = [c for c in candidates if c.is_file() or c.is_symlink()]
@@ -81,16 +84,24 @@ def resolve(name: str, directory) -> Path:
         stems = {name} if name.endswith(EXTENSIONS) else {name + ext for ext in EXTENSIONS}
         existing = sorted(p for p in root.rglob("*") if p.name in stems and (p.is_file() or p.is_symlink()))
         if len(existing) > 1:
-            raise LoraError(f"{_tag(name)}: ambiguous: {', '.join(str(p) for p in existing)}; name it with its "
-                            f"subfolder, e.g. <lora:{existing[0].relative_to(root).with_suffix('').as_posix()}:1>")
+            inside = [p.relative_to(root).as_posix() for p in existing]
+            raise LoraError(f"{_tag(name)}: ambiguous: {_few(inside, 3)}; name it with its subfolder, e.g. "
+                            f"<lora:{inside[0].rsplit('.', 1)[0]}:1>")
     for path in existing:
         if not _inside(path, real_root):
-            raise LoraError(f"{_tag(name)}: refused: {path} leads outside the LoRA folder {root}/ (a link?)")
+            raise LoraError(f"{_tag(name)}: refused: {path.relative_to(root).as_posix()} leads outside the LoRA "
+                            f"folder (a link?)")
         return path
-    have = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*")
-                  if p.suffix in EXTENSIONS and p.is_file())
-    listing = f"it has {_few(have, 8)}" if have else "it holds no .safetensors/.pt/.ckpt files"
-    raise LoraError(f"{_tag(name)}: no LoRA named {name!r} in {root}/ ({listing})")
+    raise LoraError(f"{_tag(name)}: no LoRA named {name!r} in the LoRA folder ({_close_names(name, root)})")
+
+
+def _close_names(name: str, root: Path) -> str:
+    """At most three names in the folder close to `name` (difflib), for the 'no such LoRA' message: a hint at a
+    typo, not a listing of a server's whole folder."""
+    have = [p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*")
+            if p.suffix in EXTENSIONS and p.is_file()]
+    close = difflib.get_close_matches(name, have, n=3, cutoff=0.6)
+    return f"did you mean {', '.join(close)}?" if close else "no similar names there"
 
 
 def _few(items: list[str], n: int = 5) -> str:
@@ -205,14 +216,24 @@ def _fits(shape: tuple, up: torch.Tensor, down: torch.Tensor) -> bool:
     return kernel == down_kernel and down.shape[1] == shape[1]
 
 
+def _check_pair(path: Path, up_key: str, up: torch.Tensor, down_key: str, down: torch.Tensor) -> None:
+    """A pair must be floating point (int or bool weights are a broken file) and of rank >= 1: rank 0 has no
+    delta, and alpha / rank would divide by zero."""
+    for key, t in ((down_key, down), (up_key, up)):
+        if not t.is_floating_point():
+            raise LoraError(f"{path}: {key} is {str(t.dtype).removeprefix('torch.')}; LoRA weights are floating point")
+    if down.ndim and down.shape[0] == 0:
+        raise LoraError(f"{path}: {down_key} {tuple(down.shape)} has rank 0 (no rows); a LoRA layer has rank >= 1")
+
+
 def _safetensors_metadata(path: Path) -> dict[str, str]:
     try:
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-        return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
-    except (OSError, ValueError, AttributeError):
+            header, _ = weights._safetensors_header(f, path, path.stat().st_size)
+    except (OSError, weights.CheckpointError):
         return {}
+    meta = header.get("__metadata__")
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def read_lora(path, unet: nn.Module, text_encoder: nn.Module) -> Lora:
@@ -248,6 +269,7 @@ def read_lora(path, unet: nn.Module, text_encoder: nn.Module) -> Lora:
             have = ", ".join(k for k, _ in slot.values())
             raise LoraError(f"{path}: {have} has no matching {'up' if 'up' not in slot else 'down'} weight")
         (up_key, up), (down_key, down) = slot["up"], slot["down"]
+        _check_pair(path, up_key, up, down_key, down)
         comp, param = name.split(".", 1)
         shape = tuple(models[comp].get_parameter(param).shape)
         if not _fits(shape, up, down):
@@ -301,37 +323,63 @@ class LoraSet:
         return cached[1]
 
     def apply(self, wanted: dict) -> None:
+        """Multipliers outside +-MAX_MULTIPLIER are refused first; a merge whose weights overflow their dtype
+        (or turn NaN) puts back the set applied before and raises, naming the file and the weight."""
         wanted = {Path(os.path.abspath(p)): float(m) for p, m in wanted.items()}
         for p, m in wanted.items():
-            if not math.isfinite(m):
-                raise LoraError(f"{p}: multiplier {m} is not a finite number")
+            try:
+                check_multiplier(m, str(p))
+            except ValueError as e:
+                raise LoraError(str(e)) from None
         loras = {p: self.lora(p) for p in sorted(wanted, key=str)}  # all read before any weight changes
         terms: dict[str, list] = {}
         for p, parsed in loras.items():
             if wanted[p] != 0:
                 for name in parsed.deltas:
                     terms.setdefault(name, []).append((p, wanted[p], self._loras[p][0]))
-        with torch.no_grad():
-            for name in set(self._terms) | set(terms):
-                new = tuple(terms.get(name, ()))
-                if self._terms.get(name, ()) == new:
-                    continue
-                comp, param_name = name.split(".", 1)
-                param = self.models[comp].get_parameter(param_name)
-                if name not in self._originals:
-                    self._originals[name] = param.detach().to("cpu", copy=True)
-                original = self._originals[name]
-                if not new:  # no LoRA touches it any more
-                    param.copy_(original)
-                    del self._originals[name], self._terms[name]
-                    continue
-                w = original.to(param.device, torch.float32, copy=True)
-                for p, m, _ in new:
-                    w.add_(loras[p].deltas[name].weight_delta(param.shape, param.device), alpha=m)
-                param.copy_(w)
-                self._terms[name] = new
+        previous = self.applied
+        try:
+            self._merge(loras, terms)
+        except LoraError:
+            self.apply(previous)  # the weights merged so far go back to the set that was applied
+            raise
         self.applied = dict(wanted)
         self._loras = {p: self._loras[p] for p in wanted}
+
+    @torch.no_grad()
+    def _merge(self, loras: dict[Path, Lora], terms: dict[str, list]) -> None:
+        """Recompute every weight whose terms changed: original + sum of multiplier x delta, in float32."""
+        for name in set(self._terms) | set(terms):
+            new = tuple(terms.get(name, ()))
+            if self._terms.get(name, ()) == new:
+                continue
+            comp, param_name = name.split(".", 1)
+            param = self.models[comp].get_parameter(param_name)
+            if name not in self._originals:
+                self._originals[name] = param.detach().to("cpu", copy=True)
+            original = self._originals[name]
+            if not new:  # no LoRA touches it any more
+                param.copy_(original)
+                del self._originals[name], self._terms[name]
+                continue
+            w = original.to(param.device, torch.float32, copy=True)
+            for p, m, _ in new:
+                w.add_(loras[p].deltas[name].weight_delta(param.shape, param.device), alpha=m)
+            _check_merged(w, param.dtype, name, new)
+            param.copy_(w)
+            self._terms[name] = new
+
+
+def _check_merged(w: torch.Tensor, dtype: torch.dtype, name: str, terms: tuple) -> None:
+    """A merged weight must be finite in the weight's own dtype: a huge multiplier x alpha / rank, or huge values
+    in the file, would otherwise give inf/NaN weights and black images (NaN latents) much later."""
+    low, high = (v.item() for v in torch.aminmax(w))  # NaN propagates to both
+    largest = max(-low, high)
+    if largest <= torch.finfo(dtype).max:
+        return
+    files = ", ".join(f"{p.name} at multiplier {m:g}" for p, m, _ in terms)
+    what = "NaN" if math.isnan(largest) else f"{largest:.3g}, beyond {str(dtype).removeprefix('torch.')}"
+    raise LoraError(f"{files}: the merged weight {name} would be {what}; lower the multiplier or check the file")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ PLACEHOLDER_ID = 0  # the id A1111 writes where textual-inversion vectors go (th
 BREAK = ("BREAK", -1.0)  # the chunk-break marker among parse()'s fragments; test with `fragment is BREAK`
 
 EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+# |multiplier| of an extra network: A1111 users stay within about -5..5; far larger ones only overflow the
+# weights they are merged into (1e308 is a finite float, and inf in float32)
+MAX_MULTIPLIER = 100.0
 WEIGHT_END = re.compile(r":\s*([+-]?[\d.]+)\s*\)")  # ":1.5)" closes the innermost "(" with weight 1.5
 PLAIN = re.compile(r"[^\\()\[\]:]+")  # text with no syntax character in it
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
@@ -96,13 +99,18 @@ def _extra_network(m: re.Match) -> ExtraNetwork:
     multiplier = 1.0
     if len(positional) > 1:
         rest.remove(positional[1])
-        try:
-            multiplier = float(positional[1])
-        except ValueError:
-            multiplier = math.nan
-        if not math.isfinite(multiplier):
+        multiplier = _finite_float(positional[1])
+        if multiplier is None:
             raise ValueError(f"extra-network tag {m.group(0)!r}: multiplier {positional[1]!r} is not a finite number")
+        check_multiplier(multiplier, f"extra-network tag {m.group(0)!r}")
     return ExtraNetwork(m.group(1), positional[0], multiplier, tuple(rest))
+
+
+def check_multiplier(value: float, what: str) -> None:
+    """A multiplier must be a finite number within +-MAX_MULTIPLIER, else a ValueError naming `what` (the tag or
+    file): one beyond that is a typo, and its product with a LoRA's weights can overflow them."""
+    if not (math.isfinite(value) and abs(value) <= MAX_MULTIPLIER):
+        raise ValueError(f"{what}: multiplier {value:g} is outside -{MAX_MULTIPLIER:g}..{MAX_MULTIPLIER:g}")
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:

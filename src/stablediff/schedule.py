@@ -50,8 +50,13 @@ class NoiseSchedule(_Config):
         "timestep_type": ("discrete", None),
         "interpolation_type": ("linear", None),
     }
+    # SD 1.x / 2.x: 1000 timesteps, betas 0.00085..0.012, steps_offset 1 (bounds far above; they stop a
+    # hostile scheduler_config.json before `betas` allocates num_train_timesteps floats)
+    _ranges = {"num_train_timesteps": (1, 10000), "beta_start": (0, 1), "beta_end": (0, 1),
+               "trained_betas": (0, 1, 10000), "steps_offset": (0, 1000)}
 
     def __post_init__(self):
+        super().__post_init__()
         if self.beta_schedule not in BETA_SCHEDULES and self.trained_betas is None:
             raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported (expected one of "
                              f"{list(BETA_SCHEDULES)} or trained_betas)")

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .config import CLIPTextConfig, UNetConfig, VAEConfig
+from .config import CLIPTextConfig, UNetConfig, VAEConfig, read_json, show
 from .keymap import (_OLD_DIFFUSERS_ATTENTION, PREFIXES, CheckpointError, _check_widths, _family_error, _rename,
                      _text_keys, _unet_table, _vae_table, detect, infer_text_config, infer_unet_config,
                      infer_vae_config, split_original, text_shapes, to_original, unet_shapes, vae_shapes)
 from .malloc import c_library
+from .schedule import NoiseSchedule
 
 # CheckpointError and to_original live in keymap.py and are re-exported here for the code that imports them from us
 __all__ = ["CheckpointError", "Checkpoint", "read_state_dict", "read_component", "load_checkpoint", "load_into",
@@ -45,40 +46,81 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound; SD 1.5's header is about 100 KB
+
+
+def _safetensors_header(f, path: Path, size: int) -> tuple[dict, int]:
+    """The JSON header of an open .safetensors file and where the data starts. Its length is bounded before it is
+    read, and deep nesting (the parser's RecursionError) is refused like any other corrupt header."""
+    n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+    if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+        raise CheckpointError(f"{path}: not a safetensors file or truncated (header length {n:,}, file {size:,} "
+                              f"bytes, a header has at most {MAX_HEADER_BYTES:,})")
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header, 8 + n
+
+
+def _whole(v) -> bool:
+    """A size or offset torch can hold: an int (not a bool, not a float) in 0..2**63-1."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+
+def _safetensors_entry(path: Path, name: str, info, data_bytes: int) -> tuple[torch.dtype, list[int], int, int]:
+    """One header entry -> (dtype, shape, begin, end), checked: a known dtype, a shape of whole numbers >= 0, and
+    offsets inside the data that hold exactly dtype x shape bytes. CheckpointError naming the file and key."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise CheckpointError(f"{path}: corrupt safetensors header (entry {show(name)}: {show(info)})")
+    dtype = _ST_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    shape, offsets = info["shape"], info["data_offsets"]
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {show(name)} has dtype {show(info['dtype'])}, which stablediff "
+                              f"does not read")
+    if not isinstance(shape, list) or not all(map(_whole, shape)):
+        raise CheckpointError(f"{path}: tensor {show(name)} has shape {show(shape)}, not a list of whole numbers >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_whole, offsets)):
+        raise CheckpointError(f"{path}: tensor {show(name)} has data_offsets {show(offsets)}, not two whole "
+                              f"numbers >= 0")
+    (b, e), nbytes = offsets, math.prod(shape) * dtype.itemsize
+    if not b <= e <= data_bytes or e - b != nbytes:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file (tensor {show(name)}: "
+                              f"{str(dtype).removeprefix('torch.')} {shape} is {nbytes:,} bytes, its data_offsets "
+                              f"{b}..{e}, the data {data_bytes:,} bytes); download it again")
+    return dtype, shape, b, e
+
+
+def _check_overlaps(path: Path, spans: dict[str, tuple[int, int]]) -> None:
+    """No two tensors may share bytes: a weight written in place (a merged LoRA) must not change another."""
+    ordered = sorted((b, e, name) for name, (b, e) in spans.items() if e > b)
+    for (_, end, first), (begin, _, second) in zip(ordered, ordered[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: corrupt safetensors header (tensors {show(first)} and {show(second)} "
+                                  f"overlap in the file)")
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors are views of a copy-on-write mmap of the file: no read until touched, no copy unless written."""
+    """Tensors are views of a copy-on-write mmap of the file: no read until touched, no copy unless written.
+    The whole header is checked before any tensor is made."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        if not 0 < n <= size - 8:
-            raise CheckpointError(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-            assert isinstance(header, dict)
-        except (ValueError, AssertionError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)") from None
+        header, start = _safetensors_header(f, path, size)
+        entries = {name: _safetensors_entry(path, name, info, size - start)
+                   for name, info in header.items() if name != "__metadata__"}
+        _check_overlaps(path, {name: (b, e) for name, (_, _, b, e) in entries.items()})
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    start, out = 8 + n, {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (b, e) = _ST_DTYPES.get(info["dtype"]), [int(d) for d in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (entry {name}: {info})") from None
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which stablediff does not read")
-        numel = math.prod(shape)
-        if e - b != numel * dtype.itemsize or not 0 <= b <= e or start + e > size:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (tensor {name} needs bytes "
-                                  f"{start + b}..{start + e}, the file has {size}); download it again")
-        if numel == 0:
+    out = {}
+    for name, (dtype, shape, b, e) in entries.items():
+        if e == b:
             out[name] = torch.empty(shape, dtype=dtype)
         elif (start + b) % dtype.itemsize:  # misaligned: one copy for this tensor only
             raw = torch.frombuffer(buf, dtype=torch.uint8, count=e - b, offset=start + b)
             out[name] = raw.clone().view(dtype).view(shape)
         else:
-            out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=start + b).view(shape)
+            out[name] = torch.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=start + b).view(shape)
     return out
 
 
@@ -139,7 +181,7 @@ def _read_pickle(path: Path, device, unpickler: type[pickle.Unpickler] = _Weight
                               f"from a source you trust)") from None
     except Exception as e:  # zip, pickle and storage errors of a damaged file
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint, truncated or corrupt? "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
 
 def read_state_dict(path, *, device="cpu") -> dict[str, torch.Tensor]:
@@ -155,7 +197,8 @@ def read_state_dict(path, *, device="cpu") -> dict[str, torch.Tensor]:
     obj = _read_pickle(path, device)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
+        if isinstance(obj, dict) else {}
     if not sd:
         raise CheckpointError(f"{path}: holds no tensors (a {type(obj).__name__}); expected a state dict of weights")
     return sd
@@ -169,14 +212,18 @@ def _few(items: list[str]) -> str:
 
 
 def _validate(sd: dict, expected: dict, *, where: str, component: str, strict=False, name=lambda k: k) -> list[str]:
-    """Missing keys or wrong shapes -> CheckpointError; unexpected keys are removed from `sd` and returned (or, with
-    strict, an error too)."""
+    """Missing keys, wrong shapes or weights that are not floating point (an int or bool tensor where a weight
+    belongs is a broken or hostile file, not something to cast) -> CheckpointError; unexpected keys are removed
+    from `sd` and returned (or, with strict, an error too)."""
     missing = [name(k) for k in expected if k not in sd]
     wrong = [f"{name(k)} {tuple(sd[k].shape)} (expected {tuple(expected[k])})"
              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k])]
+    integral = [f"{name(k)} {str(sd[k].dtype).removeprefix('torch.')}"
+                for k in expected if k in sd and not sd[k].is_floating_point()]
     unexpected = [k for k in sd if k not in expected]
-    if missing or wrong or (strict and unexpected):
+    if missing or wrong or integral or (strict and unexpected):
         bits = [f"missing {_few(missing)}" if missing else "", f"wrong shape {_few(wrong)}" if wrong else "",
+                f"not floating point {_few(integral)}" if integral else "",
                 f"unexpected {_few(unexpected)}" if strict and unexpected else ""]
         raise CheckpointError(f"{where}: {component} weights do not fit the model: " + "; ".join(b for b in bits if b))
     for k in unexpected:
@@ -311,10 +358,25 @@ def _pick_weights(names, stems, variant: str | None, where) -> str:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object file (config.read_json's bounds) or a CheckpointError naming it."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
+        d = read_json(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a JSON object (a {type(d).__name__})")
+    return d
+
+
+def _shard_files(index: Path) -> list[str]:
+    """The shard files a `*.index.json` names ({"weight_map": {key: file}}): plain names in its own folder, since
+    a path leading elsewhere would read any file of the machine as weights."""
+    weight_map = _read_json(index).get("weight_map")
+    files = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else None
+    if not files or not all(isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..") for f in files):
+        raise CheckpointError(f"{index}: not a shard index (expected \"weight_map\": {{key: file name in "
+                              f"{index.parent.name}/}}, found {show(weight_map)})")
+    return files
 
 
 def read_component(folder, stems, *, variant=None) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -323,11 +385,25 @@ def read_component(folder, stems, *, variant=None) -> tuple[Path, dict[str, torc
     folder = Path(folder)
     name = _pick_weights([p.name for p in folder.iterdir()], stems, variant, folder)
     sharded = name.endswith(".json")  # an index: {"weight_map": {key: shard file}}
-    files = sorted(set(_read_json(folder / name)["weight_map"].values())) if sharded else [name]
+    files = _shard_files(folder / name) if sharded else [name]
     sd = {}
     for f in files:
         sd.update(read_state_dict(folder / f))
     return folder / name, sd
+
+
+def _scheduler(root: Path) -> dict | None:
+    """scheduler/scheduler_config.json, checked here as a NoiseSchedule (whose `betas` allocate
+    num_train_timesteps floats) so that a bad one fails with the other configs, before any weights are read."""
+    path = root / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    d = _read_json(path)
+    try:
+        NoiseSchedule.from_config(d, source=str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return d
 
 
 def _folder(root: Path, variant: str | None) -> Checkpoint:
@@ -345,12 +421,13 @@ def _folder(root: Path, variant: str | None) -> Checkpoint:
             raise CheckpointError(f"{root / comp}: no config.json; a diffusers folder has unet/, vae/ and "
                                   f"text_encoder/, each with config.json and weights")
         d = _read_json(config_file)
-        try:
+        try:  # range-checked here, before any weights are read or module built
             configs[comp] = config_class.from_dict(d.get("text_config", d), source=str(config_file))
         except (ValueError, TypeError) as e:
             raise CheckpointError(str(e)) from None
     _check_widths(str(root), configs["unet"].cross_attention_dim, configs["text_encoder"].hidden_size,
                   "unet/config.json cross_attention_dim")
+    scheduler_config = _scheduler(root)
     for comp, (_, stems) in _FOLDER.items():
         path, sd = read_component(root / comp, stems, variant=variant)
         if comp == "text_encoder":
@@ -363,10 +440,8 @@ def _folder(root: Path, variant: str | None) -> Checkpoint:
         left = _validate(sd, _SHAPES[comp](configs[comp]), where=str(path), component=_WHAT[comp])
         unused += [f"{comp}/{k}" for k in dropped + left]
         weights[comp] = sd
-    scheduler = root / "scheduler" / "scheduler_config.json"
     return Checkpoint(str(root), "diffusers", "sd1", configs["unet"], configs["vae"], configs["text_encoder"],
-                      weights["unet"], weights["vae"], weights["text_encoder"],
-                      scheduler_config=_read_json(scheduler) if scheduler.is_file() else None,
+                      weights["unet"], weights["vae"], weights["text_encoder"], scheduler_config=scheduler_config,
                       tokenizer_dir=root / "tokenizer" if (root / "tokenizer").is_dir() else None, unused=unused)
 
 

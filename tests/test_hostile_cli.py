@@ -332,6 +332,22 @@ def test_full_disk_everywhere_still_names_the_seeds(tmp_path, capsys, full_disk,
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "seeds 8; they are not saved anywhere; the same command with --seed 7 makes them again" in res.stderr
 
+    real, fallback_saves = images.save_png, []  # the fallback folder fills up after one image
+
+    def save_png(image, directory, seed, parameters):
+        if Path(directory) != tmp_path / "out":
+            fallback_saves.append(seed)
+            if len(fallback_saves) > 1:
+                raise disk_full()
+        return real(image, directory, seed, parameters)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(images, "save_png", save_png)
+    res = _main_in_process(generate(tmp_path, "--steps", "2", "--seed", "7", "--batch-size", "3", "--quiet"), capsys)
+    (fallback,) = (tmp_path / "tmp").iterdir()
+    assert f"could not save 3 of 3 images to {tmp_path / 'out'} (No space left on device): seeds 7, 8, 9; saved 1 " \
+           f"of them to {fallback}, the rest nowhere" in res.stderr, res.stderr
+
 
 def test_full_disk_in_a_batch_stops_and_resumes(tmp_path, capsys, monkeypatch):
     real = batch.save_image

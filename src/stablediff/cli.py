@@ -382,9 +382,10 @@ def save_results(result, output_dir: Path) -> list[Path]:
             unsaved.append(item)
             error = error or e
     if unsaved:
-        where = save_elsewhere(unsaved)
+        where, saved = save_elsewhere(unsaved)
         seeds = ", ".join(str(seed) for _, seed, _, _ in unsaved)
-        kept = f"saved them to {where} instead" if where else "they are not saved anywhere"
+        kept = (f"saved them to {where} instead" if saved == len(unsaved) else
+                f"saved {saved} of them to {where}, the rest nowhere" if saved else "they are not saved anywhere")
         raise UsageError(f"could not save {len(unsaved)} of {len(result.images)} images to {output_dir} "
                          f"({_reason(error)}): seeds {seeds}; {kept}; the same command with --seed {result.seeds[0]} "
                          "makes them again (image k has seed + k)", code=1)
@@ -403,16 +404,19 @@ def _save_one(directory: Path, image, seed: int, text: str, flagged: bool) -> Pa
     return path
 
 
-def save_elsewhere(items: list[tuple]) -> Path | None:
+def save_elsewhere(items: list[tuple]) -> tuple[Path | None, int]:
     """Save (image, seed, infotext, flagged) items in a new folder in the system's temporary folder (often another
-    disk, or memory); None when that fails too."""
+    disk, or memory), until one fails; returns the folder (None if it could not be made) and how many were saved."""
     try:
         folder = Path(tempfile.mkdtemp(prefix="stablediff-unsaved-"))
-        for item in items:
-            _save_one(folder, *item)
     except OSError:
-        return None
-    return folder
+        return None, 0
+    for saved, item in enumerate(items):
+        try:
+            _save_one(folder, *item)
+        except OSError:
+            return folder, saved
+    return folder, len(items)
 
 
 def _reason(error: OSError) -> str:

@@ -6,13 +6,18 @@
 2. `Manifest`: DIR/manifest.jsonl, one JSON line per image file. A PNG is written to a temporary name and linked
    into place, then its line is appended in one write + fsync: a kill leaves whole files and whole lines, at most
    one PNG without its line (adopted on resume: the same bytes are made again) and one partial last line (dropped).
-   A rerun skips the images the manifest has and refuses ones it made with other settings.
+   A rerun skips the images the manifest has and refuses ones it made with other settings. Every line we write
+   starts with `"stablediff": VERSION`; a line without it is ours only if it has exactly the fields 0.1.0 wrote
+   (OLD_FIELDS). Any other line (someone else's manifest.jsonl, a hand edit, a wrong type) is refused with its
+   line number and the file is never rewritten: only a manifest made wholly of our lines is ever tidied.
+   A full disk stops the run (WriteError): what was written is whole and listed, so the same command resumes.
 3. Units run in a local loop (one pipeline) or on a Ray Data actor pool (one pipeline per actor); either way only
    this process writes files, so a cluster needs no shared disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,21 +31,37 @@ from typing import Callable
 
 import torch
 
+from . import __version__
 from .images import png_bytes
 from .jobs import JobError, parse_samplers, parse_seeds, plan, read_jobs
+from .limits import Limits
 from .jobs import Row, row_seed  # noqa: F401 - re-exported: callers know them as batch.Row, batch.row_seed
 from .pipeline import StableDiffusion
 
 MANIFEST = "manifest.jsonl"
+MARKER = "stablediff"  # the first field of every manifest line we write; its value is the version that wrote it
+OLD_FIELDS = frozenset({"key", "line", "row", "params", "model", "file", "sha256", "seconds", "nsfw"})  # 0.1.0's lines
+ENTRY_TYPES = {"key": (str, "text"), "file": (str, "text"), "params": (dict, "an object"), "model": (str, "text")}
 _TMP_PREFIX, _TMP_SUFFIX = ".batch-", ".png.tmp"
+_LINE_STARTS = (b'{"' + MARKER.encode() + b'": ', b'{"key": ')  # how our lines (now, and 0.1.0's) begin
+
+
+class WriteError(Exception):
+    """Writing an image or its manifest line failed (a full disk, ...). The run stops there: what was written
+    before is whole and in the manifest, so the same command, run again, makes only the rest."""
+
+    def __init__(self, path: Path, error: OSError, made: int):
+        super().__init__(f"{path}: cannot write it ({error.strerror or error}); stopped after {made} new images, all "
+                         "in the manifest: free space and run the same command again to make the rest")
 
 
 # --- the manifest and the files ---------------------------------------------------------------------------------
 
 class Manifest:
     """DIR/manifest.jsonl for one writer at a time (a lock file next to it): `entries` maps key -> entry for
-    every line whose file exists. Opening drops a partial last line, duplicate keys and lines whose file is gone
-    (rewriting the manifest to a temporary name, then renaming), and removes our leftover temporary PNGs."""
+    every line whose file exists. Opening refuses (ValueError naming the line) a line we did not write; otherwise
+    it drops a partial last line of ours, duplicate keys and lines whose file is gone (rewriting the manifest to a
+    temporary name, then renaming), and removes our leftover temporary PNGs."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -74,21 +95,20 @@ class Manifest:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return {}, False
-        *lines, tail = data.split(b"\n")
-        entries, rewrite = {}, bool(tail)  # a last line without its newline was cut short: never written
-        for number, line in enumerate(lines, 1):
-            try:
-                entry = json.loads(line)
-                key, name = entry["key"], entry["file"]
-                if not (isinstance(key, str) and isinstance(name, str) and Path(name).name == name):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{self.path}: line {number} is not a `stablediff batch` manifest entry; "
-                                 "choose another --output-dir") from None
-            if key in entries or not (self.directory / name).is_file():
+        lines = data.split(b"\n")
+        tail = len(lines) if lines[-1] else None  # the number of a last line without its newline
+        entries, rewrite = {}, tail is not None  # rewritten with its newline, or dropped
+        for number, line in enumerate(lines if tail else lines[:-1], 1):
+            if not line.strip() or (number == tail and _cut_short(line)):  # a kill in the middle of our write
+                continue
+            entry, problem = _parse_entry(line)
+            if problem:
+                raise ValueError(f"{self.path}: line {number} is not a `stablediff batch` manifest entry ({problem}); "
+                                 "the file is left as it is: fix or remove that line, or choose another --output-dir")
+            if entry["key"] in entries or not (self.directory / entry["file"]).is_file():
                 rewrite = True
                 continue
-            entries[key] = entry
+            entries[entry["key"]] = entry
         return entries, rewrite
 
     def append(self, entry: dict) -> None:
@@ -101,7 +121,39 @@ class Manifest:
 
 
 def _line(entry: dict) -> str:
-    return json.dumps(entry, ensure_ascii=False) + "\n"
+    return json.dumps({MARKER: __version__, **entry}, ensure_ascii=False) + "\n"
+
+
+def _parse_entry(line: bytes) -> tuple[dict | None, str | None]:
+    """A manifest line -> (entry, None) when we wrote it, else (None, why not): it must carry MARKER (or have
+    exactly OLD_FIELDS) and the fields resuming relies on, of the right types, naming a file beside it."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None, "not JSON"
+    except RecursionError:
+        return None, "JSON nested too deeply"
+    if not isinstance(entry, dict):
+        return None, f"a JSON {type(entry).__name__}, not an object"
+    if not isinstance(entry.get(MARKER), str) and set(entry) != OLD_FIELDS:
+        return None, f'no "{MARKER}" field: not written by stablediff'
+    for name, (kind, kind_name) in ENTRY_TYPES.items():
+        if not isinstance(entry.get(name), kind):
+            return None, f"{name} {entry.get(name)!r} is not {kind_name}" if name in entry else f"no {name!r} field"
+    if entry["file"] != f"{entry['key']}.png":
+        return None, f"file {entry['file']!r} is not the key's {entry['key']}.png"
+    return entry, None
+
+
+def _cut_short(line: bytes) -> bool:
+    """A last line that one of our writes began but a kill cut short: it begins as ours do and is not JSON."""
+    if not any(line.startswith(start) or start.startswith(line) for start in _LINE_STARTS):
+        return False
+    try:
+        json.loads(line)
+    except (ValueError, RecursionError):
+        return True
+    return False
 
 
 def _lock(path: Path) -> int:
@@ -260,21 +312,23 @@ def run_batch(jobs: str | Path, output_dir: str | Path, *, model: str, defaults:
               samplers: str | None = None, base_seed: int | None = None, skip_bad: bool = False,
               ray: str | None = None, workers: int | None = None, device: str = "auto", dtype: str = "float32",
               safety_checker=False, load: Callable[[], object] | None = None, progress: bool = True,
-              warn: Callable[[str], None] | None = None) -> Summary:
+              warn: Callable[[str], None] | None = None, limits: Limits = Limits()) -> Summary:
     """Everything `stablediff batch` does after parsing. `defaults`: every jobs.OPTIONS key but prompt (the command
     line's values); `ray`: None for the local loop, "local" for a new local Ray, else a cluster address; `load`
-    makes the local loop's pipeline (default load_pipeline). Bad input raises ValueError (JobError for rows)
-    before anything is generated."""
+    makes the local loop's pipeline (default load_pipeline); `limits`: the --max-* bounds on the job. Bad input
+    raises ValueError (JobError for rows, LimitError for the job's size) before anything is generated; a file
+    that cannot be written (a full disk) raises WriteError."""
     from tqdm.auto import tqdm
 
     warn = warn or (lambda message: tqdm.write(f"stablediff: warning: {message}", file=sys.stderr))
     jobs, output_dir = Path(jobs), Path(output_dir)
     if Path(model).expanduser().exists():  # a local model is known by its absolute path, wherever we run from
         model = str(Path(model).expanduser().resolve())
-    sweep_seeds = parse_seeds(seeds) if seeds else None
+    sweep_seeds = parse_seeds(seeds, limits) if seeds else None
     sweep_samplers = parse_samplers(samplers) if samplers else None
     rows, problems = read_jobs(jobs)
-    work = plan(rows, defaults, seeds=sweep_seeds, sampler_sweep=sweep_samplers, base_seed=base_seed or 0)
+    work = plan(rows, defaults, seeds=sweep_seeds, sampler_sweep=sweep_samplers, base_seed=base_seed or 0,
+                limits=limits)
     problems = sorted(problems + work.problems)
     if problems and not skip_bad:
         raise JobError(jobs, problems)
@@ -284,13 +338,8 @@ def run_batch(jobs: str | Path, output_dir: str | Path, *, model: str, defaults:
     output_dir.mkdir(parents=True, exist_ok=True)
     with Manifest(output_dir) as manifest:
         for key, info in work.images.items():
-            old = manifest.entries.get(key)
-            now = dict(info["params"], model=model)
-            if old is not None and dict(old.get("params", {}), model=old.get("model")) != now:
-                name = next(k for k in now if old.get("params", {}).get(k, old.get(k)) != now[k])
-                raise ValueError(f"{manifest.path}: {key}.png was made with {name} "
-                                 f"{old.get('params', {}).get(name, old.get(name))!r}, this run asks for "
-                                 f"{now[name]!r}; run the same command as before, or choose another --output-dir")
+            if key in manifest.entries:
+                _check_same_settings(manifest, key, dict(info["params"], model=model))
         pending = {key for key in work.images if key not in manifest.entries}
         existing = len(work.images) - len(pending)
         units = [u for u in work.units if any(k in pending for k in u["keys"])]
@@ -307,15 +356,19 @@ def run_batch(jobs: str | Path, output_dir: str | Path, *, model: str, defaults:
             if result["error"]:
                 counts["failed"] += 1
                 warn(f"{jobs}: line {info['line']}: seed {info['params']['seed']}: {result['error']}")
-            elif not save_image(output_dir, key, result["png"]):
+                return
+            with _writing(output_dir / f"{key}.png", counts["made"]):
+                saved = save_image(output_dir, key, result["png"])
+            if not saved:
                 counts["failed"] += 1
                 warn(f"{output_dir / key}.png: a different file already has this name; left it alone "
                      "(move it away and run again)")
             else:
+                with _writing(manifest.path, counts["made"]):
+                    manifest.append({"key": key, **info, "model": model, "file": f"{key}.png",
+                                     "sha256": hashlib.sha256(result["png"]).hexdigest(),
+                                     "seconds": result["seconds"], "nsfw": result["nsfw"]})
                 counts["made"] += 1
-                manifest.append({"key": key, **info, "model": model, "file": f"{key}.png",
-                                 "sha256": hashlib.sha256(result["png"]).hexdigest(),
-                                 "seconds": result["seconds"], "nsfw": result["nsfw"]})
                 if result["nsfw"]:
                     warn(f"{output_dir / key}.png: flagged by the safety checker; saved blurred")
 
@@ -335,3 +388,25 @@ def run_batch(jobs: str | Path, output_dir: str | Path, *, model: str, defaults:
             bar.close()
         return Summary(counts["made"], existing, counts["failed"] + len(pending), len(problems),
                        time.perf_counter() - start, manifest.path)
+
+
+def _check_same_settings(manifest: Manifest, key: str, now: dict) -> None:
+    """An image the manifest has must have been made with this run's settings (its params and model): otherwise
+    ValueError naming the first that differs, since skipping it would leave a folder of mixed settings."""
+    old = manifest.entries[key]
+    made = dict(old["params"], model=old["model"])
+    if made == now:
+        return
+    name = next(k for k in [*now, *made] if (k in made) != (k in now) or made.get(k) != now.get(k))
+    raise ValueError(f"{manifest.path}: {key}.png was made with {name} {made.get(name)!r}, this run asks for "
+                     f"{now.get(name)!r}; run the same command as before, or choose another --output-dir")
+
+
+@contextlib.contextmanager
+def _writing(path: Path, made: int):
+    """An OSError (a full disk, ...) while writing `path` becomes a WriteError naming it; a PNG or manifest line
+    cut short there is cleaned up by the next run (see Manifest)."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(path, e, made) from None

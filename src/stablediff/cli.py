@@ -7,7 +7,9 @@
 
 Only argparse and the standard library are imported at module level, so `stablediff --help` answers at once;
 torch and the pipeline are imported inside the subcommands that need them. Bad input gets one line on stderr
-(`stablediff: error: ...`) and exit code 2, before any model is loaded; Ctrl-C exits 130.
+(`stablediff: error: ...`) and exit code 2, before any model is loaded; so does asking for more work than the
+--max-* limits allow (limits.py; the line ends with the flag that raises the bound). A failure while running (a
+full disk, out of memory) is one line too, with exit code 1; Ctrl-C exits 130.
 
 A new subcommand that generates (img2img, inpaint, ...) gets its parser from `add_generation_options`, checks
 its input with `check_generation_args`, loads with `load_model`, calls the pipeline through `run_pipeline` and
@@ -17,6 +19,7 @@ writes with `save_results`, as `cmd_generate` does.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -25,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from . import malloc
+from .limits import LimitError, Limits
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 _WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -96,6 +100,31 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="blur images SD 1.5's NSFW safety checker flags; PATH: a safety_checker folder or a "
                         "diffusers model folder (default: the model's own safety_checker/); put it after PROMPT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_limit_options(p)
+
+
+_LIMIT_HELP = {"max_pixels": "width x height of one image", "max_batch_pixels": "batch size x width x height",
+               "max_steps": "sampler steps", "max_images": "images the command makes",
+               "max_work": "images x steps x width x height, counted in steps of a 512x512 image",
+               "max_prompt_tokens": "CLIP tokens of the prompt, and of the negative prompt"}
+
+
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    """--max-pixels, --max-batch-pixels, ...: one flag per field of Limits, defaulted from Limits(), so a new bound
+    there is a new flag here. A width or height left out counts as 512 (SD 1.x's native size)."""
+    group = p.add_argument_group("limits", "refuse more work than this, before any model is loaded; a size left out "
+                                           "counts as 512x512 (img2img: as the init image's)")
+    for f in dataclasses.fields(Limits):
+        group.add_argument(Limits.flag(f.name), dest=f.name, type=int, default=f.default, metavar="N",
+                           help=f"{_LIMIT_HELP.get(f.name, f.name)} (default: {f.default:,})")
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """The Limits the --max-* flags set; a bound below 1 is a UsageError."""
+    try:
+        return Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,12 +243,12 @@ def check_output_dir(directory: Path) -> None:
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise UsageError(f"--output-dir {directory}: cannot write there ({reason})") from None
+        raise UsageError(f"--output-dir {directory}: cannot write there ({_reason(e)})") from None
 
 
-def check_generation_args(args: argparse.Namespace) -> None:
-    """Every check that needs no model, so bad input fails in a second, not after loading 4 GB."""
+def check_generation_args(args: argparse.Namespace, default_size: tuple[int, int] | None = None) -> None:
+    """Every check that needs no model, so bad input fails in a second, not after loading 4 GB. `default_size`:
+    what a missing --width/--height stands for in the limits (img2img: the init image's size; else 512x512)."""
     from .pipeline import check_params  # imports torch
 
     try:
@@ -228,6 +257,9 @@ def check_generation_args(args: argparse.Namespace) -> None:
                      clip_skip=args.clip_skip, seed=args.seed)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    check_limits(args, default_size)
+    if getattr(args, "command", None) != "batch":  # batch's --seed is the base of its rows' seeds (jobs.row_seed)
+        check_seed_run(args.seed, args.batch_size)
     if args.cache_interval < 1:
         raise UsageError(f"--cache-interval {args.cache_interval} must be at least 1")
     check_model_source(args.model)
@@ -248,19 +280,56 @@ def check_generation_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--device {args.device} is not available on this machine")
 
 
-def check_image_args(args: argparse.Namespace) -> None:
-    """img2img / inpaint: readable images and a strength in (0, 1], before any model is loaded."""
-    from .images import open_image
+def check_limits(args: argparse.Namespace, default_size: tuple[int, int] | None = None) -> None:
+    """The work one command asks for (one prompt x --batch-size images) and its prompts against the --max-* flags.
+    Checked after check_params, so a value no flag could allow (--steps 1001) is not blamed on a limit."""
+    from .jobs import NATIVE_SIZE, check_prompts
 
+    limits = limits_from_args(args)
+    width, height = default_size or (NATIVE_SIZE, NATIVE_SIZE)
+    prompts = {name: getattr(args, name) for name in ("prompt", "negative_prompt") if hasattr(args, name)}
+    try:
+        limits.check_work(width=args.width or width, height=args.height or height, steps=args.steps,
+                          batch_size=args.batch_size, images=args.batch_size)
+        check_prompts(limits, **prompts)
+    except LimitError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_seed_run(seed: int | None, images: int) -> None:
+    """Image k uses seed + k, so the last image's seed must still be a seed: refused before any work, rather than
+    an image with a seed no other program would make, or a failure after the first images."""
+    from .pipeline import MAX_SEED
+
+    if seed is not None and seed + images - 1 > MAX_SEED:
+        raise UsageError(f"--seed {seed} + {images} images runs past {MAX_SEED}: give --seed "
+                         f"{MAX_SEED - images + 1} or less")
+
+
+def check_image_args(args: argparse.Namespace) -> tuple[int, int]:
+    """img2img / inpaint: readable images and a strength in (0, 1], before any model is loaded. Returns the size
+    the run has when --width/--height are left out: the init image's, rounded down to a multiple of 8."""
     if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
         raise UsageError(f"--strength {args.strength} is outside (0, 1]")
-    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
-        if path is None:
-            continue
-        try:
-            open_image(path)
-        except ValueError as e:
-            raise UsageError(f"{flag} {e}") from None
+    width, height = _image_size("--init-image", args.init_image)
+    if args.mask is not None:
+        _image_size("--mask", args.mask)
+    return width - width % 8, height - height % 8
+
+
+def _image_size(flag: str, path: Path) -> tuple[int, int]:
+    """The size of a readable image. PIL refuses a picture of over 179M pixels from its header (a decompression
+    bomb) with an error that is no ValueError: one line too."""
+    from PIL import Image
+
+    from .images import open_image
+
+    try:
+        return open_image(path).size
+    except Image.DecompressionBombError as e:
+        raise UsageError(f"{flag} {path}: {e}") from None
+    except ValueError as e:
+        raise UsageError(f"{flag} {e}") from None
 
 
 def load_model(args: argparse.Namespace):
@@ -300,19 +369,58 @@ def parse_loras(values: list[str]) -> dict[str, float]:
 
 
 def save_results(result, output_dir: Path) -> list[Path]:
-    """Save each image of a GenerationResult with its infotext; print and return the paths."""
+    """Save each image of a GenerationResult with its infotext; print and return the paths.
+
+    An image that cannot be saved (a full disk, ...) does not cost the others, which took minutes to compute:
+    every image is tried, the ones that failed are saved to a fallback folder (save_elsewhere), and then a
+    UsageError (exit 1) says how many failed where and why, where they went, and the --seed that makes them again."""
+    paths, unsaved, error = [], [], None
+    for item in zip(result.images, result.seeds, result.infotexts, result.nsfw or [False] * len(result.images)):
+        try:
+            paths.append(_save_one(output_dir, *item))
+        except OSError as e:
+            unsaved.append(item)
+            error = error or e
+    if unsaved:
+        where, saved = save_elsewhere(unsaved)
+        seeds = ", ".join(str(seed) for _, seed, _, _ in unsaved)
+        kept = (f"saved them to {where} instead" if saved == len(unsaved) else
+                f"saved {saved} of them to {where}, the rest nowhere" if saved else "they are not saved anywhere")
+        raise UsageError(f"could not save {len(unsaved)} of {len(result.images)} images to {output_dir} "
+                         f"({_reason(error)}): seeds {seeds}; {kept}; the same command with --seed {result.seeds[0]} "
+                         "makes them again (image k has seed + k)", code=1)
+    return paths
+
+
+def _save_one(directory: Path, image, seed: int, text: str, flagged: bool) -> Path:
+    """images.save_png, printing the path (and a warning for an image the safety checker blurred)."""
     from .images import save_png
 
-    paths = []
-    for image, seed, text, flagged in zip(result.images, result.seeds, result.infotexts,
-                                          result.nsfw or [False] * len(result.images)):
-        path = save_png(image, output_dir, seed, text)
-        print(path, flush=True)
-        if flagged:
-            print(f"stablediff: warning: {path}: flagged by the safety checker (seed {seed}); saved blurred",
-                  file=sys.stderr)
-        paths.append(path)
-    return paths
+    path = save_png(image, directory, seed, text)
+    print(path, flush=True)
+    if flagged:
+        print(f"stablediff: warning: {path}: flagged by the safety checker (seed {seed}); saved blurred",
+              file=sys.stderr)
+    return path
+
+
+def save_elsewhere(items: list[tuple]) -> tuple[Path | None, int]:
+    """Save (image, seed, infotext, flagged) items in a new folder in the system's temporary folder (often another
+    disk, or memory), until one fails; returns the folder (None if it could not be made) and how many were saved."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="stablediff-unsaved-"))
+    except OSError:
+        return None, 0
+    for saved, item in enumerate(items):
+        try:
+            _save_one(folder, *item)
+        except OSError:
+            return folder, saved
+    return folder, len(items)
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__
 
 
 # --- subcommands ------------------------------------------------------------------------------------------------
@@ -346,8 +454,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_img2img(args: argparse.Namespace) -> int:
     """img2img, and inpaint when --mask is given."""
-    check_generation_args(args)
-    check_image_args(args)
+    check_generation_args(args, default_size=check_image_args(args))
     pipe = load_model(args)
     result = run_pipeline(pipe, args, args.prompt, args.negative_prompt, init_image=args.init_image,
                           mask_image=args.mask, strength=args.strength)
@@ -375,13 +482,17 @@ def cmd_batch(args: argparse.Namespace) -> int:
                                   samplers=args.samplers, base_seed=args.seed, skip_bad=args.skip_bad, ray=args.ray,
                                   workers=args.workers, device=args.device, dtype=args.dtype,
                                   safety_checker=args.safety_checker, load=lambda: load_model(args),
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, limits=limits_from_args(args))
     except batch.JobError as e:
         for problem in e.problems if len(e.problems) > 1 else []:  # one is the error line itself
             print(f"stablediff: error: {problem}", file=sys.stderr)
         raise UsageError(str(e)) from None
     except ValueError as e:
         raise UsageError(str(e)) from None
+    except batch.WriteError as e:
+        raise UsageError(str(e), code=1) from None
+    except OSError as e:  # the manifest or its lock file (a full disk, a folder of that name, ...)
+        raise UsageError(f"{e.filename or args.output_dir}: {_reason(e)}", code=1) from None
     print(summary)
     return 1 if summary.failed else 0
 

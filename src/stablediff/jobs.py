@@ -9,11 +9,16 @@
    alone, so an image's pixels do not depend on what was made before, by which worker, or whether on Ray.
 3. `JobError`: all the bad rows at once, one 'FILE: line N: what' text per row (batch.py raises it unless
    --skip-bad, which warns and runs the rest).
+4. Limits (limits.py, the --max-* flags): each row's size, steps, U-Net batch and prompts are checked as its other
+   settings are (a bad row); the images and work of the whole job are summed row by row *before* each row is
+   expanded, and going over is an error for the whole job naming the line where it happens. A size left out
+   counts as NATIVE_SIZE. So no job file or --seeds/--samplers sweep can make the plan itself take gigabytes.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -21,11 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import samplers
+from .limits import UNIT_PIXELS, LimitError, Limits
 from .pipeline import MAX_SEED, check_params
 
 SUFFIXES = (".txt", ".csv", ".jsonl")
 OPTIONS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "cfg_scale": float, "sampler": str,
            "schedule": str, "width": int, "height": int, "batch_size": int, "clip_skip": int}
+
+
+NATIVE_SIZE = 512  # SD 1.x's native size: what a width or height left out counts as against the limits. The loaded
+# model decides the real default (64 for `--model demo`), but the limits are checked before any model is loaded, and
+# 512 never under-counts an SD 1.x checkpoint.
 
 
 class JobError(ValueError):
@@ -80,7 +91,10 @@ def _read_jsonl(text):
         try:
             value = json.loads(line)
         except ValueError as e:
-            problems.append((n, f"not JSON ({e.msg} at column {e.colno})"))
+            problems.append((n, f"not JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"))
+            continue
+        except RecursionError:  # json nests by recursion: '[[[[...' 100000 deep
+            problems.append((n, "JSON nested too deeply"))
             continue
         if isinstance(value, str):
             value = {"prompt": value}
@@ -134,21 +148,32 @@ def _coerce(key: str, value):
 
 # --- rows -> images ---------------------------------------------------------------------------------------------
 
-def parse_seeds(text: str) -> list[int]:
-    """'1-100' / '1,5,9-12' -> the sorted distinct seeds."""
-    seeds = set()
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            a, b = int(lo), int(hi if sep else lo)
-        except ValueError:
-            raise ValueError(f"--seeds {text!r}: {part.strip()!r} is not a seed or a range like 1-100") from None
-        if not 0 <= a <= b <= MAX_SEED:
-            raise ValueError(f"--seeds {text!r}: {part.strip()!r} is not a range within 0..{MAX_SEED}")
-        if b - a >= 1_000_000:
-            raise ValueError(f"--seeds {text!r}: {part.strip()!r} has more than a million seeds")
-        seeds.update(range(a, b + 1))
-    return sorted(seeds)
+def parse_seeds(text: str, limits: Limits = Limits()) -> list[int]:
+    """'1-100' / '1,5,9-12' -> the sorted distinct seeds. Their number is counted from the merged ranges before any
+    list is built, and more than --max-images seeds is refused (no job could make them all): '0-2999999' fails in
+    microseconds instead of building 3 million ints."""
+    merged: list[list[int]] = []
+    for a, b in sorted(_seed_range(text, part.strip()) for part in text.split(",")):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    count = sum(b - a + 1 for a, b in merged)
+    if count > limits.max_images:
+        raise LimitError(f"--seeds {text!r}: seeds", count, limits.max_images, Limits.flag("max_images"))
+    return [seed for a, b in merged for seed in range(a, b + 1)]
+
+
+def _seed_range(text: str, part: str) -> tuple[int, int]:
+    """One part of --seeds, '7' or '1-100', as (first, last)."""
+    lo, sep, hi = part.partition("-")
+    try:
+        a, b = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: {part!r} is not a seed or a range like 1-100") from None
+    if not 0 <= a <= b <= MAX_SEED:
+        raise ValueError(f"--seeds {text!r}: {part!r} is not a range within 0..{MAX_SEED}")
+    return a, b
 
 
 def parse_samplers(text: str) -> list[str]:
@@ -179,49 +204,61 @@ class Plan:
 
 
 def plan(rows: list[Row], defaults: dict, *, seeds: list[int] | None = None, sampler_sweep: list[str] | None = None,
-         base_seed: int = 0) -> Plan:
-    """Check every row and expand the good ones into images and units (see the module docstring)."""
-    result = Plan()
+         base_seed: int = 0, limits: Limits = Limits()) -> Plan:
+    """Check every row and expand the good ones into images and units (see the module docstring). The job's
+    images and work are summed before each row is expanded: LimitError (for the whole job) where they go over."""
+    result, images, pixel_steps = Plan(), 0, 0
     for row in rows:
         try:
-            unknown = [k for k in row.raw if k not in OPTIONS]
-            if unknown:
-                raise ValueError(f"unknown option {unknown[0]!r}; a row may set {', '.join(OPTIONS)}")
-            s = {"prompt": "", **defaults}
-            s.update({k: _coerce(k, v) for k, v in row.raw.items() if v is not None})
-            if not s.get("prompt"):
-                raise ValueError("the prompt is empty")
-            count = s.pop("batch_size")
-            first = s.pop("seed")
-            if seeds is None and first is not None and first + count - 1 > MAX_SEED:
-                raise ValueError(f"seed {first} + batch size {count} runs past {MAX_SEED}")
-            units = []
-            for name in sampler_sweep or [s["sampler"]]:
-                check_params(steps=s["steps"], cfg_scale=s["cfg_scale"], width=s["width"], height=s["height"],
-                             batch_size=count, sampler=name, schedule=s["schedule"], clip_skip=s["clip_skip"],
-                             seed=first)
-                spec, alias = samplers.get_sampler(name)
-                params = dict(s, sampler=spec.name, schedule=s["schedule"] or alias)
-                units.append(params)
+            s, count, first, by_tag = _check_row(row, defaults, seeds, sampler_sweep, limits)
         except ValueError as e:
             result.problems.append((row.line, str(e)))
             continue
         if seeds is None:
             first = row_seed(base_seed, row.line, count) if first is None else first
-        image_seeds = seeds if seeds is not None else list(range(first, first + count))
-        for params in units:
-            tag = params["sampler"] + ("-karras" if params["schedule"] == "karras" else "")
+        image_seeds = seeds if seeds is not None else range(first, first + count)
+        images += len(image_seeds) * len(by_tag)
+        pixel_steps += len(image_seeds) * len(by_tag) * s["steps"] * _size(s, "width") * _size(s, "height")
+        _check_total(limits, row.line, images, pixel_steps)
+        for tag, params in by_tag.items():
             for chunk in _runs(image_seeds, count):
                 keys = [f"{row.line:05d}-{seed}-{tag}" for seed in chunk]
-                if keys[0] in result.images:  # the same sampler twice in --samplers
-                    continue
                 result.units.append({"params": params, "seed": chunk[0], "keys": keys})
                 for key, seed in zip(keys, chunk):
                     result.images[key] = {"line": row.line, "row": row.raw, "params": dict(params, seed=seed)}
     return result
 
 
-def _runs(seeds: list[int], size: int):
+def _check_row(row: Row, defaults: dict, seeds: list[int] | None, sampler_sweep: list[str] | None,
+               limits: Limits) -> tuple[dict, int, int | None, dict[str, dict]]:
+    """One row's settings, checked (ValueError says what is wrong): (settings without seed and batch size, batch
+    size, first seed or None, {file-name tag: the settings of each distinct sampler and schedule})."""
+    unknown = [k for k in row.raw if k not in OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r}; a row may set {', '.join(OPTIONS)}")
+    s = {"prompt": "", **defaults}
+    s.update({k: _coerce(k, v) for k, v in row.raw.items() if v is not None})
+    if not s.get("prompt"):
+        raise ValueError("the prompt is empty")
+    check_prompts(limits, prompt=s["prompt"], negative_prompt=s["negative_prompt"])
+    count = s.pop("batch_size")
+    first = s.pop("seed")
+    by_tag = {}
+    for name in sampler_sweep or [s["sampler"]]:
+        check_params(steps=s["steps"], cfg_scale=s["cfg_scale"], width=s["width"], height=s["height"],
+                     batch_size=count, sampler=name, schedule=s["schedule"], clip_skip=s["clip_skip"], seed=first)
+        spec, alias = samplers.get_sampler(name)
+        params = dict(s, sampler=spec.name, schedule=s["schedule"] or alias)
+        by_tag.setdefault(params["sampler"] + ("-karras" if params["schedule"] == "karras" else ""), params)
+    if seeds is None and first is not None and first + count - 1 > MAX_SEED:
+        raise ValueError(f"seed {first} + batch size {count} runs past {MAX_SEED}")
+    # with a --seeds sweep, batch_size only says how many go through the model at once
+    unet_batch = count if seeds is None else min(count, len(seeds))
+    limits.check_work(width=_size(s, "width"), height=_size(s, "height"), steps=s["steps"], batch_size=unet_batch)
+    return s, count, first, by_tag
+
+
+def _runs(seeds, size: int):
     """Sorted seeds -> runs of consecutive seeds, at most `size` long (one pipeline call each)."""
     run = []
     for seed in seeds:
@@ -231,3 +268,40 @@ def _runs(seeds: list[int], size: int):
         run.append(seed)
     if run:
         yield run
+
+
+# --- limits -----------------------------------------------------------------------------------------------------
+
+def _size(settings: dict, name: str) -> int:
+    return settings[name] or NATIVE_SIZE
+
+
+def _check_total(limits: Limits, line: int, images: int, pixel_steps: int) -> None:
+    """The job so far (its rows up to `line`) against --max-images and --max-work. Limits.check_work bounds one
+    run of one size and step count; a job mixes them, so its work is summed here in the same unit."""
+    work = -(-pixel_steps // UNIT_PIXELS)
+    for name, what, value in (("max_images", "images (rows x seeds x samplers)", images),
+                              ("max_work", "work (images x steps x pixels, in 512x512 steps)", work)):
+        if value > getattr(limits, name):
+            raise LimitError(f"the job up to line {line}: {what} =", value, getattr(limits, name), Limits.flag(name))
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    from .tokenizer import CLIPTokenizer  # torch-free, with the bundled SD 1.x vocabulary
+
+    return CLIPTokenizer()
+
+
+@functools.lru_cache(maxsize=256)  # a batch's rows share their negative prompt
+def count_tokens(text: str) -> int:
+    """CLIP tokens of a prompt as written: emphasis brackets, weights and <lora:...> tags count too, so this bounds
+    what the text encoder sees rather than equalling it."""
+    return len(_tokenizer().encode(text, add_special_tokens=False))
+
+
+def check_prompts(limits: Limits, **texts: str) -> None:
+    """Each prompt against --max-prompt-tokens: by characters first (no tokenizing a 10 MB text), then by tokens.
+    `texts`: name -> text, e.g. prompt=..., negative_prompt=...; LimitError names the one over."""
+    for name, text in texts.items():
+        limits.check_prompt(text, name.replace("_", " "), count_tokens)

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,7 +28,8 @@ webuiapi = pytest.importorskip("webuiapi")
 
 from stablediff.guards import HostCheck  # noqa: E402
 from stablediff.limits import Limits  # noqa: E402
-from stablediff.server import Txt2ImgRequest, check_request, count_tokens, public_message  # noqa: E402
+from stablediff.sdapi import Txt2ImgRequest, check_request, count_tokens  # noqa: E402
+from stablediff.server import public_message  # noqa: E402
 from stablediff.tokenizer import CLIPTokenizer  # noqa: E402
 from stablediff.worker import ClientError  # noqa: E402
 
@@ -221,15 +221,21 @@ def test_oversized_work_is_refused_at_once_and_the_server_goes_on(hostile):
     hostile.assert_healthy()
 
 
-def test_a_10_mb_prompt_is_refused_without_the_memory_growing(hostile):
+def test_a_10_mb_prompt_or_a_json_bomb_is_refused_without_the_memory_growing(hostile):
     hostile.assert_healthy()
     before = hostile.rss()
     for field in ("prompt", "negative_prompt"):
         start = time.monotonic()
-        r = hostile.post("txt2img", {**NORMAL, field: "a dog, " * 1_500_000})  # 10.5 MB
+        r = hostile.post("txt2img", {**NORMAL, field: "a red dog " * 1_050_000})  # 10.5 MB
         assert time.monotonic() - start < 10
         assert r.status_code == 413 and "--max-prompt-tokens" in r.json()["detail"]
         assert len(r.content) < 1000  # the prompt is not echoed back
+    # 45 MB of `[{},{},...]` would be 1.3 GB of Python dicts once parsed
+    start = time.monotonic()
+    r = httpx.post(hostile.base + "txt2img", content=b'{"styles": [' + b"{}," * 15_000_000 + b"{}]}", timeout=60,
+                   headers={"Content-Type": "application/json"})
+    assert time.monotonic() - start < 10
+    assert r.status_code == 413 and "JSON values" in r.json()["detail"]
     assert hostile.rss() - before < 200 * 2**20, (before, hostile.rss())
     hostile.assert_healthy()
 

@@ -11,7 +11,8 @@ From the outside in, a request meets:
   POST body must be JSON (415 otherwise). A browser cannot send a JSON body across sites without a CORS preflight,
   which only --cors-origin origins pass, and it always sends Origin with a cross-site POST, so a bodiless one (how
   webuiapi calls /interrupt) is caught by that. Clients that are not browsers send no Origin.
-- `BodyLimit`: bodies over the cap get 413 before they are read.
+- `BodyLimit`: bodies over the cap get 413 before they are read, and so do JSON bodies with over 100,000 values
+  (parsing would multiply them in memory).
 - `read_timeout_protocol`: uvicorn's h11 protocol with a deadline for reading a request (uvicorn 0.55 has none:
   its keep-alive timer starts only after a response, so a client that never finishes its headers holds its
   connection for ever). The headers must arrive within `timeout` seconds of the connection opening or the previous
@@ -152,11 +153,14 @@ class BasicAuth:
 
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes with 413: by Content-Length before reading, or while reading a
-    chunked body (which is then handed on from memory)."""
+    """Refuse request bodies over `limit` bytes with 413, by Content-Length before reading or while reading, and
+    bodies with over `max_items` JSON containers and values (counted as the commas, '[' and '{' in it, strings
+    included): parsing JSON multiplies its size in memory (45 MB of `[{},{},...]` makes 1.3 GB of Python dicts),
+    while no real request has even a tenth of that many (a base64 image has no commas, a prompt is capped at
+    20,000 characters). The body is then handed on from memory."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, max_items: int = 100_000):
+        self.app, self.limit, self.max_items = app, limit, max_items
 
     async def _too_big(self, scope, receive, send):
         size = f"{self.limit / 2**20:g} MB" if self.limit >= 2**20 else f"{self.limit} byte"
@@ -171,7 +175,6 @@ class BodyLimit:
                 return await _refuse(scope, receive, send, 400, f"bad Content-Length {length[:20]!r}")
             if int(length) > self.limit:
                 return await self._too_big(scope, receive, send)
-            return await self.app(scope, receive, send)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -183,7 +186,13 @@ class BodyLimit:
                 return await self._too_big(scope, receive, send)
             if not message.get("more_body"):
                 break
-        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        body = b"".join(chunks)
+        del chunks
+        items = body.count(b",") + body.count(b"[") + body.count(b"{")
+        if items > self.max_items:
+            return await _refuse(scope, receive, send, 413, f"request body with {items:,} JSON values (commas and "
+                                 f"brackets, in strings too) is over the limit of {self.max_items:,}")
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay():
             return pending.pop() if pending else await receive()

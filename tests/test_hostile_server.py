@@ -163,6 +163,9 @@ def test_token_count_is_an_upper_bound_and_fast_on_hostile_text():
     assert time.perf_counter() - start < 2.0
     with pytest.raises(ClientError, match="prompt length in tokens"):
         check_request(Txt2ImgRequest(prompt=word[:19_000]), Limits(), 512)
+    assert count_tokens("a BREAK b BREAK c") == 7 + 2 * 75  # each BREAK pads a chunk to 75 tokens (and is one)
+    with pytest.raises(ClientError, match="prompt length in tokens"):
+        check_request(Txt2ImgRequest(prompt="a BREAK " * 14), Limits(), 512)
 
 
 def test_public_messages_show_no_absolute_paths():

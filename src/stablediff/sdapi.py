@@ -21,6 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from . import __version__, images, samplers
 from .limits import LimitError, Limits
 from .pipeline import MAX_SEED, Cancelled, StableDiffusion, check_params
+from .prompts import BREAK_WORD
 from .schedule import NoiseSchedule
 from .tokenizer import PIECES, CLIPTokenizer, normalize
 from .worker import ClientError, Job
@@ -110,11 +111,12 @@ def _tokenizer() -> CLIPTokenizer:
 
 
 def count_tokens(text: str) -> int:
-    """CLIP tokens of a prompt with BOS and EOS, as many as the pipeline makes or more. A piece (a run of letters or
-    of punctuation) over LONG_PIECE_BYTES UTF-8 bytes, which no word is, counts as one token a byte (BPE never makes
-    more) and is not run through BPE, whose time grows with the square of a piece's length: one 20,000-letter
-    'word' takes 20 s there."""
-    tokenizer, count = _tokenizer(), 2
+    """CLIP tokens of a prompt with BOS and EOS, as many as the text encoder is given or more. Each BREAK counts as
+    the 75 tokens of the chunk it ends ("a BREAK " x 480 would be 480 chunks, each a text-encoder call and 77
+    more tokens in every cross-attention). A piece (a run of letters or of punctuation) over LONG_PIECE_BYTES UTF-8
+    bytes, which no word is, counts as one token a byte (BPE never makes more) and is not run through BPE, whose
+    time grows with the square of a piece's length: one 20,000-letter 'word' takes 20 s there."""
+    tokenizer, count = _tokenizer(), 2 + 75 * len(BREAK_WORD.findall(text))
     for piece in PIECES.findall(normalize(text)):
         size = len(piece.encode("utf-8"))
         count += size if size > LONG_PIECE_BYTES else len(tokenizer.encode(piece, add_special_tokens=False))

@@ -26,7 +26,8 @@ Decisions a client may notice:
 - limits (`stablediff serve --max-pixels --max-batch-pixels --max-steps --max-images --max-work
   --max-prompt-tokens`, defaults from limits.Limits): a request over one is refused before it is queued, in
   milliseconds, naming the value, the limit and the flag: 413 for a prompt or negative prompt that is too long
-  (in characters, then in CLIP tokens), 422 for the rest (images = batch_size x n_iter). Where width/height are
+  (in characters, then in CLIP tokens, a BREAK counting as the 75 of the chunk it ends), 422 for the rest
+  (images = batch_size x n_iter). Where width/height are
   left out, the size checked is the model's native size when that model has been loaded before, else 512 (the
   native size of SD 1.x); the worker checks again with the real size before the first step.
 - /progress: sampling_steps and job_count (n_iter) are right from the moment a job starts; queue_size counts the

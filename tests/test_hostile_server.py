@@ -191,6 +191,24 @@ def test_host_rule():
         assert not check.allows(bad), bad
 
 
+def test_serve_flags_reach_the_limits_and_uvicorn(capsys):
+    from fastapi import FastAPI
+
+    from stablediff.cli import main
+    from stablediff.server import ServeConfig, make_server
+
+    assert main(["serve", "--max-steps", "0"]) == 2
+    assert main(["serve", "--read-timeout", "0"]) == 2
+    assert main(["serve", "--limit-concurrency", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-steps 0 must be a whole number >= 1" in err and "--read-timeout 0" in err
+    app = FastAPI()
+    app.state.worker = None
+    config = make_server(ServeConfig(read_timeout=3, limit_concurrency=7), app).config
+    assert (config.http.timeout, config.limit_concurrency, config.timeout_keep_alive) == (3.0, 7, 5)
+    assert config.timeout_graceful_shutdown == ServeConfig().shutdown_timeout
+
+
 # --- hostile requests against the live server ----------------------------------------------------------------------
 
 def test_serve_model_demo_with_lora_and_embeddings_dirs(hostile):

@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a Host name to answer besides localhost, IP addresses and --host (repeatable; '*' for "
                           "any); other names get 400, which stops DNS-rebinding pages")
     srv.add_argument("--read-timeout", type=float, default=10.0, metavar="S",
-                     help="seconds a client has to send a request's headers (default: 10)")
+                     help="seconds a client has to send a request's headers, and the longest pause in a body "
+                          "(default: 10)")
     srv.add_argument("--limit-concurrency", type=int, default=64, metavar="N",
                      help="connections served at once; more get 503 (default: 64)")
     import dataclasses

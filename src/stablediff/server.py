@@ -44,8 +44,9 @@ Decisions a client may notice:
   (<models-dir>/..., <lora-dir>/...) or by their last part; a 500 names the kind of error, and the full error and
   traceback go to the server's log.
 - security: HTTP Basic auth (--api-auth) guards every route, the web page and /docs included; bodies over 50 MB or
-  with over 100,000 JSON values get 413; CORS headers only for --cors-origin origins; the Host header must name this machine (400 otherwise; add
-  names with --allowed-hosts); a POST from a page on another site gets 403, and a POST body must be JSON (415).
+  with over 100,000 JSON values get 413; CORS headers only for --cors-origin origins; the Host header must name
+  this machine (400 otherwise; add names with --allowed-hosts); a POST from a page on another site gets 403, and a
+  POST body must be JSON (415; a bodiless POST such as webuiapi's /interrupt needs no Content-Type).
 - slow clients: a request's headers must arrive within --read-timeout seconds (408), an idle keep-alive connection
   is closed after 5 s, and at most --limit-concurrency connections are served at once (503 beyond).
 - shutdown (SIGINT/SIGTERM): the running job is cancelled and waiting ones fail with 503, so the process exits in
@@ -65,6 +66,7 @@ from pathlib import Path
 from typing import Callable
 
 import uvicorn
+from uvicorn.logging import DefaultFormatter
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -393,9 +395,9 @@ class Server(uvicorn.Server):
 def make_server(config: ServeConfig, app: FastAPI, **uvicorn_options) -> Server:
     """The uvicorn server for `app` with the config's timeouts and limits (the read deadline, keep-alive,
     limit_concurrency, the graceful-shutdown bound); uvicorn_options (e.g. log_level) are passed on."""
-    options = dict(host=config.host, port=config.port, log_level="info", http=read_timeout_protocol(config.read_timeout),
-                   timeout_keep_alive=config.keep_alive, limit_concurrency=config.limit_concurrency,
-                   timeout_graceful_shutdown=config.shutdown_timeout)
+    options = dict(host=config.host, port=config.port, log_level="info",
+                   http=read_timeout_protocol(config.read_timeout), timeout_keep_alive=config.keep_alive,
+                   limit_concurrency=config.limit_concurrency, timeout_graceful_shutdown=config.shutdown_timeout)
     return Server(uvicorn.Config(app, **{**options, **uvicorn_options}), app.state.worker)
 
 
@@ -404,7 +406,7 @@ def log_to_stderr() -> None:
     logger = logging.getLogger("stablediff")
     if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s"))
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
 

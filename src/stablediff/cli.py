@@ -216,6 +216,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where to run (default: auto = cuda, else mps, else cpu)")
     srv.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                      help="weights and activations of the text encoder and U-Net (default: float32)")
+    srv.add_argument("--lora-dir", type=Path, default=Path("loras"), metavar="DIR",
+                     help="where <lora:NAME:w> tags in prompts are looked up, for every model (default: ./loras)")
+    srv.add_argument("--embeddings-dir", type=Path, default=Path("embeddings"), metavar="DIR",
+                     help="textual-inversion embeddings loaded into every model (default: ./embeddings)")
+    srv.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME",
+                     help="a Host name to answer besides localhost, IP addresses and --host (repeatable; '*' for "
+                          "any); other names get 400, which stops DNS-rebinding pages")
+    srv.add_argument("--read-timeout", type=float, default=10.0, metavar="S",
+                     help="seconds a client has to send a request's headers, and the longest pause in a body "
+                          "(default: 10)")
+    srv.add_argument("--limit-concurrency", type=int, default=64, metavar="N",
+                     help="connections served at once; more get 503 (default: 64)")
+    import dataclasses
+
+    from .limits import Limits  # torch-free
+
+    limit_help = {"max_pixels": "width x height of one image", "max_batch_pixels": "batch_size x width x height",
+                  "max_images": "images of one request (batch_size x n_iter)",
+                  "max_work": "images x steps x width x height / 512^2 of one request",
+                  "max_prompt_tokens": "CLIP tokens of a prompt or negative prompt (and 20 characters a token)"}
+    for f in dataclasses.fields(Limits):
+        srv.add_argument(Limits.flag(f.name), type=int, default=f.default, metavar="N",
+                         help=f"refuse requests over this: {limit_help.get(f.name, f.name[4:].replace('_', ' '))} "
+                              f"(default: {f.default:,})")
     srv.set_defaults(func=cmd_serve)
     return parser
 
@@ -552,6 +576,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-queue {args.max_queue} must be at least 1")
     if args.models_dir is not None and not args.models_dir.is_dir():
         raise UsageError(f"--models-dir {args.models_dir}: no such folder")
+    if not 0 < args.read_timeout <= 3600:
+        raise UsageError(f"--read-timeout {args.read_timeout} is outside (0, 3600] seconds")
+    if args.limit_concurrency < 2:
+        raise UsageError(f"--limit-concurrency {args.limit_concurrency} must be at least 2")
+    import dataclasses
+
+    from .limits import Limits
+
+    try:
+        limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     check_output_dir(args.output_dir)
     try:
         from . import server  # fastapi, uvicorn, torch
@@ -562,7 +598,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"stablediff: warning: {warning}", file=sys.stderr)
     config = server.ServeConfig(model=args.model, models_dir=args.models_dir, host=args.host, port=args.port,
                                 api_auth=args.api_auth, max_queue=args.max_queue, output_dir=args.output_dir,
-                                cors_origins=tuple(args.cors_origin), device=args.device, dtype=args.dtype)
+                                cors_origins=tuple(args.cors_origin), device=args.device, dtype=args.dtype,
+                                limits=limits, allowed_hosts=tuple(args.allowed_hosts), lora_dir=args.lora_dir,
+                                embeddings_dir=args.embeddings_dir, read_timeout=args.read_timeout,
+                                limit_concurrency=args.limit_concurrency)
+    server.log_to_stderr()
     try:
         app = server.create_app(config)
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError

@@ -2,10 +2,13 @@
 
 `Worker` runs `Job`s one at a time in the order `submit` accepted them. The queue of waiting jobs is bounded
 (`max_queue`; the running job does not count): a submit that finds it full raises ClientError 503 with a Retry-After
-from the mean duration of the last jobs. An accepted job always runs exactly once; its future gets the result or
-the error, and the worker goes on. `interrupt` sets the running job's cancel event; the job's progress fields
-(written on the worker thread) make A1111's /progress answer. One model is in memory: `Worker.use` frees the loaded
-one before loading another.
+from the mean duration of the last jobs. An accepted job runs at most once: `cancel(job)` (its client went away)
+takes a waiting job out of the queue, so it never runs, and sets a running job's cancel event, which the pipeline
+checks between U-Net blocks. A job's future gets the result or the error, and the worker goes on. `interrupt` sets
+the running job's cancel event (A1111's rule: waiting jobs are not touched); `shutdown` fails the waiting jobs,
+cancels the running one and accepts no more. The job's progress fields (its step count set when it is made, the
+step written on the worker thread) make A1111's /progress answer. One model is in memory: `Worker.use` frees the
+loaded one before loading another.
 
 `Catalog` is what a client may name: checkpoint files and diffusers folders under --models-dir (by their path
 relative to it, never a client-given path; symlinks out of it are left out) plus the startup model.
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import images
-from .pipeline import DEFAULT_MODEL, StableDiffusion
+from .pipeline import DEFAULT_MODEL, Cancelled, StableDiffusion
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt")  # what A1111 lists as checkpoints; diffusers folders are listed too
 
@@ -108,12 +111,15 @@ class Catalog:
 
 
 def startup_model(model: str | None, models_dir: Path | None) -> ModelEntry:
-    """The model to load first: --model as a name from --models-dir, else a file/folder/Hub id; when None, the first
-    checkpoint in models_dir, else DEFAULT_MODEL. ValueError if there is no such model."""
+    """The model to load first: --model as a name from --models-dir, else a file/folder/Hub id or "demo" (the bundled
+    demo model); when None, the first checkpoint in models_dir, else DEFAULT_MODEL. ValueError if there is no such
+    model."""
     catalog = Catalog(models_dir)
     entries = catalog.entries()
     if model is None:
         return next(iter(entries.values()), ModelEntry(DEFAULT_MODEL, DEFAULT_MODEL))
+    if model == "demo" and "demo" not in entries:
+        return ModelEntry("demo", "demo")  # the bundled demo model: from_pretrained knows the name
     path = Path(model).expanduser()
     for entry in entries.values():
         if model == entry.title or (path.exists() and str(path.resolve()) == entry.source):
@@ -137,9 +143,9 @@ class Job:
     run_no: int = 0  # order of running: equal to job_id's order (FIFO)
     future: Future = field(default_factory=Future)
     cancel: threading.Event = field(default_factory=threading.Event)
+    steps: int = 0  # sampler steps of one iteration, known when the job is made (so /progress is right at once)
     job_no: int = 0  # progress, written by the worker thread
     step: int = 0
-    steps: int = 0
     started: float = 0.0
     timestamp: str = ""
 
@@ -158,6 +164,7 @@ class Worker:
         self.pipe: StableDiffusion | None = None
         self.loaded: ModelEntry | None = None
         self.sha256: str | None = None
+        self.native_sizes: dict[ModelEntry, int] = {}  # of every model loaded so far
         self._thread = threading.Thread(target=self._loop, name="stablediff-worker", daemon=True)
         self._thread.start()
 
@@ -175,11 +182,39 @@ class Worker:
             self._cond.notify()
         return job.future
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def interrupt(self) -> None:
-        """Stop the running job after its current step (waiting jobs are not touched)."""
+        """Stop the running job within a U-Net block (waiting jobs are not touched, as in A1111)."""
         with self._cond:
             if self.current is not None:
                 self.current.cancel.set()
+
+    def cancel(self, job: Job) -> None:
+        """The job is no longer wanted: a waiting one leaves the queue and never runs (its future gets Cancelled);
+        a running one has its cancel event set."""
+        with self._cond:
+            job.cancel.set()
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return  # running, or finished already
+        job.future.set_exception(Cancelled("the job was cancelled before it started"))
+
+    def shutdown(self) -> None:
+        """Accept no more jobs, fail the waiting ones (ClientError 503) and cancel the running one; returns at once."""
+        with self._cond:
+            self._closed = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            if self.current is not None:
+                self.current.cancel.set()
+            self._cond.notify()
+        for job in waiting:
+            job.cancel.set()
+            job.future.set_exception(ClientError(503, "the server is shutting down; the job did not run"))
 
     def use(self, entry: ModelEntry) -> StableDiffusion:
         """The loaded pipeline for entry, loading it in place of the current one if needed (worker thread only)."""
@@ -192,10 +227,12 @@ class Worker:
             except Exception as e:
                 raise RuntimeError(f"cannot load model {entry.title!r}: {e}") from e
             self.pipe, self.loaded = pipe, entry
+            self.native_sizes[entry] = pipe.native_size
         return self.pipe
 
     def progress(self) -> dict:
-        """A1111's /progress answer: progress 0..1 over the job's iterations and steps, ETA in seconds, state."""
+        """A1111's /progress answer: progress 0..1 over the running job's iterations and steps, ETA in seconds, state
+        (sampling_steps and job_count from the moment the job starts; queue_size: the jobs waiting behind it)."""
         with self._cond:
             job, waiting = self.current, len(self._queue)
         state = dict(skipped=False, interrupted=False, stopping_generation=False, job="", job_count=0,
@@ -210,12 +247,11 @@ class Worker:
         eta = elapsed / done - elapsed if done > 0 else 0.0
         return dict(progress=min(done, 1.0), eta_relative=eta, state=state, current_image=None, textinfo=None)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Accept no more jobs; the worker finishes the waiting ones and stops."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
+    def close(self, timeout: float = 5.0) -> bool:
+        """`shutdown`, then wait up to `timeout` s for the worker thread to end; True if it did."""
+        self.shutdown()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _loop(self) -> None:
         while True:

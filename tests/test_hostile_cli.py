@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from test_cli import _main_in_process, assert_one_line_error
 
-from stablediff import batch, cli, images, jobs
+from stablediff import batch, cli, images, jobs, limits
 from stablediff.limits import Limits
 
 
@@ -79,7 +79,7 @@ def test_work_over_a_limit_is_one_line_before_loading(tmp_path, capsys, no_load,
 
 
 def test_prompt_is_measured_in_characters_before_tokens(tmp_path, capsys, no_load, monkeypatch):
-    monkeypatch.setattr(jobs, "count_tokens", lambda text: pytest.fail("a 10 MB prompt was tokenized"))
+    monkeypatch.setattr(limits, "count_tokens", lambda text: pytest.fail("a 10 MB prompt was tokenized"))
     res = _main_in_process(["generate", "x" * 10_000_000, "--model", "demo", "--output-dir", str(tmp_path)], capsys)
     assert_one_line_error(res, "prompt length in characters 10,000,000", "--max-prompt-tokens")
     assert no_load == []

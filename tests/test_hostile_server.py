@@ -28,7 +28,8 @@ webuiapi = pytest.importorskip("webuiapi")
 
 from stablediff.guards import HostCheck  # noqa: E402
 from stablediff.limits import Limits  # noqa: E402
-from stablediff.sdapi import Txt2ImgRequest, check_request, count_tokens  # noqa: E402
+from stablediff.limits import count_tokens  # noqa: E402
+from stablediff.sdapi import Txt2ImgRequest, check_request  # noqa: E402
 from stablediff.server import public_message  # noqa: E402
 from stablediff.tokenizer import CLIPTokenizer  # noqa: E402
 from stablediff.worker import ClientError  # noqa: E402

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import sys
+import warnings
 import tempfile
 from pathlib import Path
 
@@ -307,7 +308,8 @@ def check_generation_args(args: argparse.Namespace, default_size: tuple[int, int
 def check_limits(args: argparse.Namespace, default_size: tuple[int, int] | None = None) -> None:
     """The work one command asks for (one prompt x --batch-size images) and its prompts against the --max-* flags.
     Checked after check_params, so a value no flag could allow (--steps 1001) is not blamed on a limit."""
-    from .jobs import NATIVE_SIZE, check_prompts
+    from .jobs import check_prompts
+    from .limits import NATIVE_SIZE
 
     limits = limits_from_args(args)
     width, height = default_size or (NATIVE_SIZE, NATIVE_SIZE)
@@ -617,18 +619,25 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split()) or "unknown error"
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (an init image resized, bfloat16 run as float32, ...) as one line each, like the errors."""
+    print(f"stablediff: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
             parser.error("choose a command: generate, img2img, inpaint, samplers, info or serve")
-        malloc.keep_freed_memory()  # before torch is imported: its threads and the server's share the main heap
-        try:
-            return args.func(args)
-        except UsageError as e:
-            print(f"stablediff: error: {_one_line(e)}", file=sys.stderr)
-            return e.code
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning
+            malloc.keep_freed_memory()  # before torch is imported: its threads and the server's share the heap
+            try:
+                return args.func(args)
+            except UsageError as e:
+                print(f"stablediff: error: {_one_line(e)}", file=sys.stderr)
+                return e.code
     except KeyboardInterrupt:  # also while an error is being printed
         return 130
 

@@ -38,8 +38,8 @@ def enabled(path: str) -> bool:
 def _disabled(value: str) -> frozenset[str]:
     names = frozenset(n.strip().lower() for n in value.split(",") if n.strip())
     unknown = names - set(PATHS) - {"all"}
-    if unknown:
-        raise ValueError(f"{ENV}={value!r}: unknown path {sorted(unknown)[0]!r}; known: {', '.join(PATHS)}, all")
+    if unknown:  # a warning, not an error: this is asked from inside layers, mid-generation
+        _warn_once(f"{ENV}={value!r}: unknown path {sorted(unknown)[0]!r} ignored; known: {', '.join(PATHS)}, all")
     return frozenset(PATHS) if "all" in names else names
 
 

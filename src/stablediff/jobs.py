@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import json
@@ -26,17 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import samplers
-from .limits import UNIT_PIXELS, LimitError, Limits
+from .limits import NATIVE_SIZE, UNIT_PIXELS, LimitError, Limits
 from .pipeline import MAX_SEED, check_params
 
 SUFFIXES = (".txt", ".csv", ".jsonl")
 OPTIONS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "cfg_scale": float, "sampler": str,
            "schedule": str, "width": int, "height": int, "batch_size": int, "clip_skip": int}
 
-
-NATIVE_SIZE = 512  # SD 1.x's native size: what a width or height left out counts as against the limits. The loaded
-# model decides the real default (64 for `--model demo`), but the limits are checked before any model is loaded, and
-# 512 never under-counts an SD 1.x checkpoint.
 
 
 class JobError(ValueError):
@@ -282,26 +277,11 @@ def _check_total(limits: Limits, line: int, images: int, pixel_steps: int) -> No
     work = -(-pixel_steps // UNIT_PIXELS)
     for name, what, value in (("max_images", "images (rows x seeds x samplers)", images),
                               ("max_work", "work (images x steps x pixels, in 512x512 steps)", work)):
-        if value > getattr(limits, name):
-            raise LimitError(f"the job up to line {line}: {what} =", value, getattr(limits, name), Limits.flag(name))
-
-
-@functools.lru_cache(maxsize=1)
-def _tokenizer():
-    from .tokenizer import CLIPTokenizer  # torch-free, with the bundled SD 1.x vocabulary
-
-    return CLIPTokenizer()
-
-
-@functools.lru_cache(maxsize=256)  # a batch's rows share their negative prompt
-def count_tokens(text: str) -> int:
-    """CLIP tokens of a prompt as written: emphasis brackets, weights and <lora:...> tags count too, so this bounds
-    what the text encoder sees rather than equalling it."""
-    return len(_tokenizer().encode(text, add_special_tokens=False))
+        limits.check(name, f"the job up to line {line}: {what} =", value)
 
 
 def check_prompts(limits: Limits, **texts: str) -> None:
     """Each prompt against --max-prompt-tokens: by characters first (no tokenizing a 10 MB text), then by tokens.
     `texts`: name -> text, e.g. prompt=..., negative_prompt=...; LimitError names the one over."""
     for name, text in texts.items():
-        limits.check_prompt(text, name.replace("_", " "), count_tokens)
+        limits.check_prompt(text, name.replace("_", " "))

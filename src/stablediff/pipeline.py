@@ -18,7 +18,6 @@ import contextlib
 import functools
 import random
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -285,7 +284,8 @@ class StableDiffusion:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        init_image, width, height, strength = self._init_settings(init_image, mask_image, width, height, strength)
+        init_image, mask_image, width, height, strength = self._init_settings(init_image, mask_image, width, height,
+                                                                              strength)
         params = GenerationParams(
             steps=steps, cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
             sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
@@ -349,18 +349,21 @@ class StableDiffusion:
         return blend(x, None) if blend is not None else x
 
     def _init_settings(self, init_image, mask_image, width, height, strength):
-        """(init image, width, height, strength) as the run uses them: the image opened, the size and strength
-        defaulted from it (img2img) or from the model (txt2img)."""
+        """(init image, mask, width, height, strength) as the run uses them: the images opened, the size and
+        strength defaulted from the init image (img2img) or from the model (txt2img)."""
         if mask_image is not None and init_image is None:
             raise ValueError("mask_image needs an init_image to inpaint")
         if init_image is None:
             if strength is not None and strength != 1.0:
                 raise ValueError(f"strength {strength} needs an init_image (img2img)")
-            return None, width or self.native_size, height or self.native_size, None
+            return None, None, width or self.native_size, height or self.native_size, None
         init_image = images.open_image(init_image)
-        width, height = self._init_size(init_image, width, height)
+        width, height = images.init_size(init_image.size, width, height)
+        if mask_image is not None:
+            mask_image = images.open_image(mask_image)
+            images.check_mask_size(mask_image.size, init_image.size)
         strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
-        return init_image, width, height, strength
+        return init_image, mask_image, width, height, strength
 
     def _check_fits(self, params: GenerationParams, inpaint: bool) -> None:
         """Settings valid in general that this model cannot take."""
@@ -385,19 +388,13 @@ class StableDiffusion:
         return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw)
 
     # -- img2img and inpainting ---------------------------------------------------------------------------------
-    def _init_size(self, image, width, height) -> tuple[int, int]:
-        w, h = image.width - image.width % 8, image.height - image.height % 8
-        if (width or w, height or h) != (image.width, image.height):
-            warnings.warn(f"init image {image.width}x{image.height} is resized to {width or w}x{height or h}")
-        return width or w, height or h
-
     def _encode_init(self, image, mask, params: GenerationParams) -> dict:
         """The init image (and mask) as tensors on the device, encoded where the run needs it."""
         width, height = params.width, params.height
         pixels = images.from_pil(image, width, height).to(self.device, self.vae.post_quant_conv.weight.dtype)
         source = {"posterior": self.vae.encode(pixels)}
         if mask is not None:
-            m = images.mask_from_pil(images.open_image(mask), width, height).to(pixels)
+            m = images.mask_from_pil(mask, width, height).to(pixels)
             f = self.downscale
             source["mask"] = torch.nn.functional.interpolate(m, size=(height // f, width // f)).float()
             source["masked"] = self.vae.encode(pixels * (m < 0.5))

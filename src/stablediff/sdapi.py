@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import io
 import random
 from pathlib import Path
-from typing import Annotated, Callable, NamedTuple
+from typing import Annotated, NamedTuple
 
 from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -21,17 +20,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from . import __version__, images, samplers
 from .limits import LimitError, Limits
 from .pipeline import MAX_SEED, Cancelled, StableDiffusion, check_params
-from .prompts import BREAK_WORD
 from .schedule import NoiseSchedule
-from .tokenizer import PIECES, CLIPTokenizer, normalize
 from .worker import ClientError, Job
 
 MAX_BATCH_SIZE = 16  # per iteration; A1111's web UI allows 8 (the Limits apply as well)
 MAX_N_ITER = 100  # as A1111's web UI
 MAX_IMAGE_PIXELS = 4096 * 4096  # of an uploaded image
 SCHEDULERS = {"automatic": ("Automatic", None), "karras": ("Karras", "karras")}  # name -> (label, our schedule)
-SD1_NATIVE_SIZE = 512  # the size checked for a model not loaded yet when width/height are left out
-LONG_PIECE_BYTES = 64  # a longer run of letters is counted as one token a byte, not run through BPE
 
 
 # --- requests -----------------------------------------------------------------------------------------------------
@@ -105,24 +100,6 @@ class Plan(NamedTuple):
     steps: int  # sampler steps of one iteration (img2img runs only the last denoising_strength of them)
 
 
-@functools.cache
-def _tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer()  # the bundled vocabulary, which every SD 1.x model uses
-
-
-def count_tokens(text: str) -> int:
-    """CLIP tokens of a prompt with BOS and EOS, as many as the text encoder is given or more. Each BREAK counts as
-    the 75 tokens of the chunk it ends ("a BREAK " x 480 would be 480 chunks, each a text-encoder call and 77
-    more tokens in every cross-attention). A piece (a run of letters or of punctuation) over LONG_PIECE_BYTES UTF-8
-    bytes, which no word is, counts as one token a byte (BPE never makes more) and is not run through BPE, whose
-    time grows with the square of a piece's length: one 20,000-letter 'word' takes 20 s there."""
-    tokenizer, count = _tokenizer(), 2 + 75 * len(BREAK_WORD.findall(text))
-    for piece in PIECES.findall(normalize(text)):
-        size = len(piece.encode("utf-8"))
-        count += size if size > LONG_PIECE_BYTES else len(tokenizer.encode(piece, add_special_tokens=False))
-    return count
-
-
 def output_size(req: Txt2ImgRequest, native_size: int, init_size: tuple[int, int] | None) -> tuple[int, int]:
     """width x height a request makes: as asked, else the init image's size rounded down to a multiple of 8
     (img2img), else the model's native size."""
@@ -139,12 +116,12 @@ def check_work(req: Txt2ImgRequest, limits: Limits, width: int, height: int) -> 
         raise ClientError(422, str(e)) from None
 
 
-def check_prompts(req: Txt2ImgRequest, limits: Limits, tokens: Callable[[str], int] | None = None) -> None:
-    """The prompt and negative prompt against max_prompt_tokens: by characters, then with `tokens` by tokens
-    (ClientError 413)."""
+def check_prompts(req: Txt2ImgRequest, limits: Limits, tokens: bool = True) -> None:
+    """The prompt and negative prompt against max_prompt_tokens: by characters, and by tokens unless `tokens` is
+    False (ClientError 413)."""
     try:
         for name in ("prompt", "negative_prompt"):
-            limits.check_prompt(getattr(req, name), name, count_tokens=tokens)
+            limits.check_prompt(getattr(req, name), name, tokens=tokens)
     except LimitError as e:
         raise ClientError(413, str(e)) from None
 
@@ -155,7 +132,7 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int,
     characters (413), what no model could run (422: hires fix, scheduler, sampler, size, steps, seed ...), the work
     asked for (422), the prompts' length in tokens (413). A few ms; at most about 0.3 s for 20,000 characters of
     random letters. ClientError otherwise."""
-    check_prompts(req, limits)
+    check_prompts(req, limits, tokens=False)
     if req.enable_hr:
         raise ClientError(422, "enable_hr: hires fix is not supported by this server")
     scheduler = req.scheduler.strip().lower()
@@ -177,7 +154,7 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int,
         raise ClientError(422, str(e)) from None
     width, height = output_size(req, native_size, init_size)
     check_work(req, limits, width, height)
-    check_prompts(req, limits, count_tokens)
+    check_prompts(req, limits)
     return Plan(spec.name, schedule, width, height, steps)
 
 

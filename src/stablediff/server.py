@@ -73,9 +73,9 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from . import __version__, images, malloc, samplers
 from .guards import BasicAuth, BodyLimit, HostCheck, PostGuard, read_timeout_protocol
-from .limits import Limits
+from .limits import NATIVE_SIZE, Limits
 from .pipeline import Cancelled, StableDiffusion, resolve_device
-from .sdapi import (SCHEDULERS, SD1_NATIVE_SIZE, Img2ImgRequest, OverrideSettings, PngInfoRequest, Txt2ImgRequest,
+from .sdapi import (SCHEDULERS, Img2ImgRequest, OverrideSettings, PngInfoRequest, Txt2ImgRequest,
                     check_prompts, check_request, decode_image, generate)
 from .worker import Catalog, ClientError, Job, ModelEntry, Worker, startup_model
 
@@ -276,7 +276,7 @@ def create_app(config: ServeConfig, *, load: Callable[[ModelEntry], StableDiffus
             init = await asyncio.to_thread(decode_image, req.init_images[0], "init_images[0]")
             if req.mask:
                 mask = await asyncio.to_thread(decode_image, req.mask, "mask")
-        native = worker.native_sizes.get(entry, SD1_NATIVE_SIZE)
+        native = worker.native_sizes.get(entry, NATIVE_SIZE)
         plan = await asyncio.to_thread(check_request, req, config.limits, native,
                                        init.size if init is not None else None)
         job = Job(kind, lambda job: generate(job, worker.use(entry), req, plan, config.limits, clip_skip, init, mask,

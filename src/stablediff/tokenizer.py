@@ -163,7 +163,9 @@ class CLIPTokenizer:
         # longest first, so that of two tokens starting at the same place the longer wins
         self._raw_split = _split_pattern(t for t, normalized in added.items() if not normalized)
         self._normalized_split = _split_pattern(t for t, normalized in added.items() if normalized)
-        self._bpe = functools.lru_cache(maxsize=1 << 16)(self._bpe_word)
+        cached = functools.lru_cache(maxsize=1 << 16)(self._bpe_word)
+        # pieces longer than any word are not cached: 65536 of them could hold gigabytes
+        self._bpe = lambda word: cached(word) if len(word) <= 64 else self._bpe_word(word)
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "CLIPTokenizer":

@@ -65,8 +65,9 @@ LIMITED = [  # (arguments, what the one line must mention; its last words name t
     (["--width", "4096", "--height", "4096"], ("4096x4096", "--max-pixels")),
     (["--width", "1024", "--max-pixels", "500000"], ("1024x512", "--max-pixels")),  # a size left out counts as 512
     (["--steps", "200", "--max-work", "100"], ("work", "200", "--max-work")),
-    (["--negative-prompt", "blurry " * 1001], ("negative prompt length in tokens 1,001", "--max-prompt-tokens")),
-    (["--max-prompt-tokens", "3", "--negative-prompt", "a b c d"], ("negative prompt", "tokens 4", "limit of 3")),
+    (["--negative-prompt", "blurry " * 1001], ("negative prompt length in tokens 1,003", "--max-prompt-tokens")),
+    # (BOS and EOS count: the text encoder's tokens)
+    (["--max-prompt-tokens", "5", "--negative-prompt", "a b c d"], ("negative prompt", "tokens 6", "limit of 5")),
 ]
 
 
@@ -128,7 +129,7 @@ def test_decompression_bomb_is_one_line(tmp_path, capsys, no_load):
                      + chunk(b"IEND", b""))
     res = _main_in_process(["img2img", "a cat", "--init-image", str(bomb), "--model", "demo", "--output-dir",
                             str(tmp_path)], capsys)
-    assert_one_line_error(res, "--init-image", "bomb.png", "900000000 pixels")
+    assert_one_line_error(res, "--init-image", "bomb.png", "900,000,000 pixels")
     assert no_load == []
 
 
@@ -152,7 +153,7 @@ def test_limit_error_is_fast_and_one_line_from_a_shell(tmp_path, env):
 
 def test_seed_run_past_the_last_seed(tmp_path, capsys, no_load):
     res = _main_in_process(generate(tmp_path, "--seed", "4294967295", "--batch-size", "2"), capsys)
-    assert_one_line_error(res, "seed 4294967295 + 2 images runs past 4294967295", "--seed 4294967294")
+    assert_one_line_error(res, "seed 4294967295 + 2 images runs past 4294967295", "seed 4294967294 or less")
     assert no_load == []
     _main_in_process(generate(tmp_path, "--seed", "4294967294", "--batch-size", "2"), capsys)
     assert no_load == ["demo"]  # the last seed itself is fine
@@ -161,7 +162,7 @@ def test_seed_run_past_the_last_seed(tmp_path, capsys, no_load):
 def test_batch_row_seed_run_past_the_last_seed(tmp_path, capsys, no_load):
     jobs_file = write_jsonl(tmp_path / "j.jsonl", [{"prompt": "a", "seed": 4294967295, "batch_size": 2}])
     res = _main_in_process(["batch", str(jobs_file), "--model", "demo", "--output-dir", str(tmp_path)], capsys)
-    assert_one_line_error(res, "line 1: seed 4294967295 + batch size 2 runs past 4294967295")
+    assert_one_line_error(res, "line 1: seed 4294967295 + 2 images runs past 4294967295")
     # --seed of a batch is the base its rows' seeds come from, not a first image's seed
     write_jsonl(jobs_file, [{"prompt": "a", "batch_size": 2}])
     _main_in_process(["batch", str(jobs_file), "--model", "demo", "--seed", "4294967295", "--batch-size", "2",
@@ -214,8 +215,9 @@ def test_batch_rows_over_the_limits(tmp_path, capsys, no_load):
     err = res.stderr
     assert res.returncode == 2 and err.splitlines()[-1].startswith("stablediff: error: ")
     for needle in ["line 1: steps 600 is over the limit of 500 (set with --max-steps)",
-                   "line 2: batch size 10000 x 512x512", "line 3: prompt length in tokens 1,001",
-                   "line 4: image size 4096x4096", "line 5: JSON nested too deeply", "5 bad rows (lines 1, 2, 3, 4, 5)"]:
+                   "line 2: batch size 10000 x 512x512", "line 3: prompt length in tokens 1,003",
+                   "line 4: image size 4096x4096", "line 5: JSON nested too deeply",
+                   "5 bad rows (lines 1, 2, 3, 4, 5)"]:
         assert needle in err, (needle, err)
     assert "Traceback" not in err and no_load == []
 
@@ -368,3 +370,12 @@ def test_full_disk_in_a_batch_stops_and_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(batch, "save_image", real)
     res, out = run_demo_batch(tmp_path, capsys, rows)
     assert res.returncode == 0 and "2 images made" in res.stdout and "1 already there" in res.stdout
+
+
+@pytest.mark.parametrize("args", [["--lora", "x:0.5"], ["--cache-interval", "3"]])
+def test_batch_refuses_the_options_it_would_leave_out(tmp_path, capsys, no_load, args):
+    jobs_file = write_jsonl(tmp_path / "j.jsonl", [{"prompt": "a"}])
+    res = _main_in_process(["batch", str(jobs_file), "--model", "demo", "--output-dir", str(tmp_path), *args],
+                           capsys)
+    assert_one_line_error(res, f"{args[0]} is not supported by batch yet")
+    assert no_load == []

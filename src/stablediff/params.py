@@ -76,7 +76,8 @@ class GenerationParams:
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise ValueError(f"seed {self.seed!r} is outside 0..{MAX_SEED}")
         if self.seed is not None and self.seed + images - 1 > MAX_SEED:
-            raise ValueError(f"seed {self.seed} + {images} images runs past {MAX_SEED}: image k uses seed + k")
+            raise ValueError(f"seed {self.seed} + {images} images runs past {MAX_SEED} (image k uses seed + k): "
+                             f"give seed {MAX_SEED - images + 1} or less")
         if self.strength is not None and not (_is_number(self.strength) and 0 < self.strength <= 1):
             raise ValueError(f"strength {self.strength!r} is outside (0, 1]")
         if not _is_int(self.cache_interval) or self.cache_interval < 1:
@@ -207,9 +208,10 @@ class GenerationParams:
 
     @classmethod
     def from_args(cls, args) -> "GenerationParams":
-        """From an argparse namespace with the generation options (cli.add_generation_options)."""
+        """From an argparse namespace with the generation options (cli.add_generation_options); `batch` has no
+        prompt (its rows do)."""
         loras = tuple(lora_arg(v) for v in getattr(args, "lora", None) or [])
-        return cls(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+        return cls(prompt=getattr(args, "prompt", ""), negative_prompt=args.negative_prompt, steps=args.steps,
                    cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
                    batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
                    clip_skip=args.clip_skip, strength=getattr(args, "strength", None), loras=loras,

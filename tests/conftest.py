@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -136,3 +142,36 @@ def tiny_reference(tiny_model_dir):
 
     return StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
                                                    requires_safety_checker=False)
+
+
+@contextmanager
+def serve_process(args: list[str], log_path: Path, wait_s: float = 180):
+    """`stablediff serve ARGS` as a subprocess on a free loopback port: yields (process, port) once it answers
+    HTTP at all (a 401 counts: it is up), and stops it after."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again at once; uvicorn binds it next
+    cmd = [sys.executable, "-m", "stablediff", "serve", *args, "--port", str(port)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            assert proc.poll() is None, f"server exited: {log_path.read_text()}"
+            assert time.monotonic() < deadline, f"server did not answer in {wait_s:g} s"
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/progress", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,9 +23,9 @@ httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 webuiapi = pytest.importorskip("webuiapi")
 
+from conftest import serve_process  # noqa: E402
 from stablediff.guards import HostCheck  # noqa: E402
-from stablediff.limits import Limits  # noqa: E402
-from stablediff.limits import count_tokens  # noqa: E402
+from stablediff.limits import Limits, count_tokens  # noqa: E402
 from stablediff.sdapi import Txt2ImgRequest, check_request  # noqa: E402
 from stablediff.server import public_message  # noqa: E402
 from stablediff.tokenizer import CLIPTokenizer  # noqa: E402
@@ -39,41 +36,13 @@ NORMAL = {"prompt": "a red circle on a blue background", "steps": 4, "seed": 5, 
 LONG = {"prompt": "a long job", "steps": 500, "seed": 1, "width": 64, "height": 64}  # --max-steps' default
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _serve(tmp_path, *extra):
     """(process, port, log path) of `stablediff serve --model demo ...` on a free loopback port."""
-    port = _free_port()
-    log_path = tmp_path / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "stablediff", "serve", "--model", "demo", "--device", "cpu", "--port", str(port),
-           "--output-dir", str(tmp_path), *extra]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"server exited: {log_path.read_text()}"
-            assert time.monotonic() < deadline, "server did not answer in 120 s"
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/progress", timeout=5)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    log_path = tmp_path / f"server-{len(list(tmp_path.glob('server-*.log')))}.log"
+    with serve_process(["--model", "demo", "--device", "cpu", "--output-dir", str(tmp_path), *extra], log_path,
+                       wait_s=120) as (proc, port):
         yield proc, port, log_path
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 class Hostile:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -28,8 +27,8 @@ from PIL import Image
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
-webuiapi = pytest.importorskip("webuiapi")
 
+from conftest import serve_process  # noqa: E402
 from stablediff.cli import build_parser, main  # noqa: E402
 from stablediff.pipeline import StableDiffusion  # noqa: E402
 from stablediff.server import ServeConfig, bind_warning, create_app  # noqa: E402
@@ -101,31 +100,11 @@ def server(models_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def auth_server(models_dir, tmp_path_factory):
     """Port of `stablediff serve --api-auth ... --max-queue 4` run as a subprocess."""
-    port = _loopback_socket().getsockname()[1]  # closed again at once; uvicorn binds it next
     out = tmp_path_factory.mktemp("auth-out")
-    cmd = [sys.executable, "-m", "stablediff", "serve", "--models-dir", str(models_dir), "--model", "tiny-sd",
-           "--port", str(port), "--api-auth", ":".join(AUTH), "--max-queue", "4", "--output-dir", str(out),
-           "--device", "cpu"]
-    log = open(out / "server.log", "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"server exited: {(out / 'server.log').read_text()}"
-            assert time.monotonic() < deadline, "server did not answer in 180 s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/progress", auth=AUTH).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    args = ["--models-dir", str(models_dir), "--model", "tiny-sd", "--api-auth", ":".join(AUTH), "--max-queue", "4",
+            "--output-dir", str(out), "--device", "cpu"]
+    with serve_process(args, out / "server.log") as (_, port):
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _post(port, path, payload, **kw):
@@ -150,6 +129,7 @@ def _same(a: Image.Image, b: Image.Image) -> bool:
 # --- the API through the webuiapi client ---------------------------------------------------------------------------
 
 def test_webuiapi_txt2img_equals_python_api(server, pipe):
+    webuiapi = pytest.importorskip("webuiapi")  # only the tests that drive the client need it
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server[0])
     r = api.txt2img(prompt="a red fox", negative_prompt="blurry", seed=1234, steps=3, width=64, height=64,
                     batch_size=2, sampler_name="Euler a", cfg_scale=6.5)
@@ -168,6 +148,7 @@ def test_webuiapi_txt2img_equals_python_api(server, pipe):
 
 
 def test_webuiapi_img2img_with_and_without_mask(server, pipe):
+    webuiapi = pytest.importorskip("webuiapi")  # only the tests that drive the client need it
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server[0])
     init = _init_image()
     mask = Image.new("L", (64, 64), 0)
@@ -184,6 +165,7 @@ def test_webuiapi_img2img_with_and_without_mask(server, pipe):
 
 def test_lists_options_model_switch_and_png_info(server):
     port, output_dir = server
+    webuiapi = pytest.importorskip("webuiapi")  # only the tests that drive the client need it
     api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
     assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC"} <= set(api.util_get_sampler_names())
     assert api.util_get_scheduler_names() == ["automatic", "karras"]
@@ -310,6 +292,7 @@ def test_api_auth_on_every_route(auth_server):
 
 def test_queue_overflow_gets_503_and_interrupt_stops_a_50_step_job_within_a_step(auth_server):
     port = auth_server
+    webuiapi = pytest.importorskip("webuiapi")  # only the tests that drive the client need it
     api = webuiapi.WebUIApi(host="127.0.0.1", port=port, username=AUTH[0], password=AUTH[1])
     job = {"width": 64, "height": 64, "seed": 5}
     with ThreadPoolExecutor(9) as pool:

@@ -86,7 +86,7 @@ def _check_range(name: str, value, bounds: tuple) -> None:
             raise ValueError(f"{name} {show(v)} is outside {low:g}..{high:g}")
 
 
-class _Config:
+class Config:
     # fields whose value must equal the one given here (config key -> allowed values)
     _fixed: dict[str, tuple] = {}
     # field -> (low, high[, most items]): numbers, or every number of a tuple, must lie within
@@ -103,7 +103,7 @@ class _Config:
                 raise ValueError(f"{f.name} {show(value)} has the wrong type (expected {f.type})")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "_Config":
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "Config":
         if not isinstance(d, dict):
             raise ValueError(f"{source}: not a JSON object (a {type(d).__name__})")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -114,7 +114,7 @@ class _Config:
         return cls._build(source, **kwargs)
 
     @classmethod
-    def _build(cls, source: str, **kwargs) -> "_Config":
+    def _build(cls, source: str, **kwargs) -> "Config":
         """cls(**kwargs), its errors prefixed with where the values came from."""
         try:
             return cls(**kwargs)
@@ -122,7 +122,7 @@ class _Config:
             raise ValueError(f"{source}: {e}") from None
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "_Config":
+    def from_json(cls, path: str | Path) -> "Config":
         return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,7 +130,7 @@ class _Config:
 
 
 @dataclass(frozen=True)
-class CLIPTextConfig(_Config):
+class CLIPTextConfig(Config):
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -145,7 +145,7 @@ class CLIPTextConfig(_Config):
 
 
 @dataclass(frozen=True)
-class CLIPVisionConfig(_Config):
+class CLIPVisionConfig(Config):
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_hidden_layers: int = 24
@@ -161,7 +161,7 @@ class CLIPVisionConfig(_Config):
 
 
 @dataclass(frozen=True)
-class UNetConfig(_Config):
+class UNetConfig(Config):
     in_channels: int = 4
     out_channels: int = 4
     sample_size: int = 64
@@ -226,7 +226,7 @@ class UNetConfig(_Config):
 
 
 @dataclass(frozen=True)
-class VAEConfig(_Config):
+class VAEConfig(Config):
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 4
@@ -258,7 +258,7 @@ class VAEConfig(_Config):
 
 
 @dataclass(frozen=True)
-class SafetyCheckerConfig(_Config):
+class SafetyCheckerConfig(Config):
     projection_dim: int = 768
     vision_config: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
 

@@ -41,7 +41,7 @@ _EXTRA_GLOBALS = {("torch.nn.modules.container", "ParameterDict"): _ParameterDic
                   ("builtins", "set"): set, ("__builtin__", "set"): set}
 
 
-class _EmbeddingUnpickler(weights._WeightsUnpickler):
+class _EmbeddingUnpickler(weights.WeightsUnpickler):
     def find_class(self, module, name):
         return _EXTRA_GLOBALS.get((module, name)) or super().find_class(module, name)
 
@@ -52,8 +52,8 @@ def _read(path: Path):
         head = f.read(9)
     try:
         if path.suffix == ".safetensors" or head[8:9] == b"{":
-            return weights._read_safetensors(path)
-        return weights._read_pickle(path, "cpu", unpickler=_EmbeddingUnpickler)
+            return weights.read_safetensors(path)
+        return weights.read_pickle(path, "cpu", unpickler=_EmbeddingUnpickler)
     except weights.CheckpointError as e:
         raise EmbeddingError(str(e)) from None
 

@@ -19,7 +19,8 @@ from .config import CLIPTextConfig, UNetConfig, VAEConfig
 
 __all__ = ["CheckpointError", "PREFIXES", "unet_key_table", "vae_key_table", "split_original", "to_original",
            "detect", "unet_shapes", "vae_shapes", "text_shapes", "infer_unet_config", "infer_vae_config",
-           "infer_text_config"]
+           "infer_text_config", "OLD_DIFFUSERS_ATTENTION", "rename_keys", "unet_table", "vae_table", "text_keys",
+           "family_error", "check_widths"]
 
 
 class CheckpointError(ValueError):
@@ -36,7 +37,7 @@ _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "c
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _LINEAR_AS_CONV = {"to_q", "to_k", "to_v", "to_out.0"}
 # diffusers folders saved before diffusers 0.14 (the SD 1.5 repo's VAE among them) name the VAE attention like this
-_OLD_DIFFUSERS_ATTENTION = {"group_norm": "group_norm", "to_q": "query", "to_k": "key", "to_v": "value",
+OLD_DIFFUSERS_ATTENTION = {"group_norm": "group_norm", "to_q": "query", "to_k": "key", "to_v": "value",
                             "to_out.0": "proj_attn"}
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
             "text_encoder": "cond_stage_model.transformer."}
@@ -86,7 +87,7 @@ def vae_key_table(levels: int, layers: int) -> list[tuple]:
     return rows
 
 
-def _rename(sd: dict, rows: list[tuple], *, to_ours: bool) -> tuple[dict, list[str]]:
+def rename_keys(sd: dict, rows: list[tuple], *, to_ours: bool) -> tuple[dict, list[str]]:
     """Map every key through the row with the longest matching module prefix; returns (renamed, keys left over)."""
     lookup = {}
     for ours, theirs, leaves, *conv in rows:
@@ -120,13 +121,15 @@ def _indices(keys, prefix: str) -> list[int]:
     return sorted({int(h) for h in heads if h.isdigit()})
 
 
-def _unet_table(c: UNetConfig) -> list[tuple]:
+def unet_table(c: UNetConfig) -> list[tuple]:
+    """unet_key_table for a U-Net config: the rows that rename its original keys to ours."""
     return unet_key_table(len(c.block_out_channels), c.layers_per_block,
                           [t.startswith("CrossAttn") for t in c.down_block_types],
                           [t.startswith("CrossAttn") for t in c.up_block_types])
 
 
-def _vae_table(c: VAEConfig) -> list[tuple]:
+def vae_table(c: VAEConfig) -> list[tuple]:
+    """vae_key_table for a VAE config."""
     return vae_key_table(len(c.block_out_channels), c.layers_per_block)
 
 
@@ -145,7 +148,7 @@ def _original_vae_table(sd) -> list[tuple]:
     return vae_key_table(len(_indices(sd, "encoder.down.")), len(_indices(sd, "encoder.down.0.block.")))
 
 
-def _text_keys(sd: dict) -> tuple[dict, list[str]]:
+def text_keys(sd: dict) -> tuple[dict, list[str]]:
     """transformers 5 saves CLIPTextModel without the `text_model.` prefix: add it; drop the position_ids buffer."""
     out, dropped = {}, []
     for k, v in sd.items():
@@ -324,7 +327,7 @@ def infer_vae_config(vae_sd, *, path="") -> VAEConfig:
 
 
 def infer_text_config(text_sd, *, path="") -> CLIPTextConfig:
-    sd, _ = _text_keys(text_sd)
+    sd, _ = text_keys(text_sd)
 
     def build():
         vocab, d = sd["text_model.embeddings.token_embedding.weight"].shape
@@ -340,17 +343,18 @@ def infer_text_config(text_sd, *, path="") -> CLIPTextConfig:
 # ----------------------------------------------------------------------------------------------------------------
 # The original single-file layout
 
-def _family_error(where: str, family: str, evidence: str) -> CheckpointError:
+def family_error(where: str, family: str, evidence: str) -> CheckpointError:
+    """The error for a checkpoint of another model family (SD 2.x, SDXL, ...), with what gave it away."""
     return CheckpointError(f"{where}: looks like an {family} checkpoint ({evidence}); "
                            f"stablediff supports Stable Diffusion 1.x only")
 
 
-def _check_widths(where: str, cross_attention: int, text_hidden: int | None, evidence: str):
+def check_widths(where: str, cross_attention: int, text_hidden: int | None, evidence: str):
     """SD 1.x conditions a 768-wide CLIP; 1024 is SD 2.x's OpenCLIP, 2048 SDXL's pair of encoders."""
     if cross_attention == 1024:
-        raise _family_error(where, "SD 2.x", f"1024-wide cross-attention, {evidence}")
+        raise family_error(where, "SD 2.x", f"1024-wide cross-attention, {evidence}")
     if cross_attention in (1280, 2048):
-        raise _family_error(where, "SDXL", f"{cross_attention}-wide cross-attention, {evidence}")
+        raise family_error(where, "SDXL", f"{cross_attention}-wide cross-attention, {evidence}")
     if text_hidden is not None and text_hidden != cross_attention:
         raise CheckpointError(f"{where}: the U-Net attends to {cross_attention}-wide text features but the text "
                               f"encoder is {text_hidden} wide; the file mixes parts of different models")
@@ -364,9 +368,9 @@ def detect(sd, path="") -> str:
         return next((k for k in keys if k.startswith(prefix)), None)
 
     if first("conditioner.embedders."):
-        raise _family_error(where, "SDXL", "conditioner.embedders.*")
+        raise family_error(where, "SDXL", "conditioner.embedders.*")
     if first("cond_stage_model.model."):
-        raise _family_error(where, "SD 2.x", "OpenCLIP text encoder cond_stage_model.model.*")
+        raise family_error(where, "SD 2.x", "OpenCLIP text encoder cond_stage_model.model.*")
     if not first("model.diffusion_model."):
         if first("down_blocks.") or first("conv_in."):
             what = "a diffusers U-Net weights file (down_blocks.*), not a whole checkpoint; pass the diffusers folder"
@@ -387,7 +391,7 @@ def detect(sd, path="") -> str:
     tokens = next((sd[k] for k in keys if k.startswith(PREFIXES["text_encoder"])
                    and k.endswith("token_embedding.weight")), None)
     if to_k is not None:
-        _check_widths(where, sd[to_k].shape[-1], None if tokens is None else tokens.shape[-1], to_k)
+        check_widths(where, sd[to_k].shape[-1], None if tokens is None else tokens.shape[-1], to_k)
     return "sd1"
 
 
@@ -412,9 +416,9 @@ def split_original(sd, *, use_ema=False, path="") -> dict[str, dict]:
                                   f"weights have no EMA copy (e.g. {missing[0]}); load it without use_ema")
         unused.update({PREFIXES["unet"] + k: v for k, v in parts["unet"].items()})
         parts["unet"] = {k: unused.pop(e) for k, e in ema.items()}
-    unet, left_u = _rename(parts["unet"], _original_unet_table(parts["unet"]), to_ours=True)
-    vae, left_v = _rename(parts["vae"], _original_vae_table(parts["vae"]), to_ours=True)
-    text, left_t = _text_keys(parts["text_encoder"])  # with or without text_model.
+    unet, left_u = rename_keys(parts["unet"], _original_unet_table(parts["unet"]), to_ours=True)
+    vae, left_v = rename_keys(parts["vae"], _original_vae_table(parts["vae"]), to_ours=True)
+    text, left_t = text_keys(parts["text_encoder"])  # with or without text_model.
     for comp, left in (("unet", left_u), ("vae", left_v), ("text_encoder", left_t)):
         unused.update({PREFIXES[comp] + k: parts[comp][k] for k in left})
     return {"unet": unet, "vae": vae, "text_encoder": text, "unused": unused}
@@ -422,12 +426,12 @@ def split_original(sd, *, use_ema=False, path="") -> dict[str, dict]:
 
 def to_original(unet_sd, vae_sd, text_sd) -> dict[str, torch.Tensor]:
     """Our naming -> one original-layout state dict (the inverse of `split_original`)."""
-    text, _ = _text_keys(text_sd)
+    text, _ = text_keys(text_sd)
     out = {}
-    for comp, sd, rows in (("unet", unet_sd, _unet_table(infer_unet_config(unet_sd))),
-                           ("vae", vae_sd, _vae_table(infer_vae_config(vae_sd))),
+    for comp, sd, rows in (("unet", unet_sd, unet_table(infer_unet_config(unet_sd))),
+                           ("vae", vae_sd, vae_table(infer_vae_config(vae_sd))),
                            ("text_encoder", text, [("text_model", "text_model", None)])):
-        mapped, left = _rename(sd, rows, to_ours=False)
+        mapped, left = rename_keys(sd, rows, to_ours=False)
         if left:
             raise CheckpointError(f"to_original: {len(left)} {comp} keys have no place in the original layout "
                                   f"(e.g. {left[:3]})")

@@ -143,7 +143,7 @@ def _module_lookup(unet: nn.Module, text_encoder: nn.Module) -> dict[str, dict[s
         names = list(_layers(model))
         spellings = [{n: n for n in names}]
         if comp == "unet":
-            original, _ = keymap._rename({f"{n}.weight": n for n in names}, keymap._unet_table(model.config),
+            original, _ = keymap.rename_keys({f"{n}.weight": n for n in names}, keymap.unet_table(model.config),
                                          to_ours=False)
             spellings.append({k.rsplit(".", 1)[0]: n for k, n in original.items()})
         else:
@@ -229,7 +229,7 @@ def _check_pair(path: Path, up_key: str, up: torch.Tensor, down_key: str, down: 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
     try:
         with open(path, "rb") as f:
-            header, _ = weights._safetensors_header(f, path, path.stat().st_size)
+            header, _ = weights.safetensors_header(f, path, path.stat().st_size)
     except (OSError, weights.CheckpointError):
         return {}
     meta = header.get("__metadata__")

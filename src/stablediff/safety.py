@@ -180,7 +180,7 @@ class SafetyChecker(nn.Module):
         if not config_file.is_file():
             raise CheckpointError(f"{folder}: no config.json; a safety checker folder holds config.json and "
                                   f"model.safetensors (or pytorch_model.bin), as a diffusers model's safety_checker/")
-        d = weights._read_json(config_file)
+        d = weights.read_json_object(config_file)
         # configs saved by transformers 4 also hold `vision_config_dict`, which wins over `vision_config` there
         vision = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {})}
         if not vision:
@@ -248,5 +248,5 @@ def load_safety_checker(source, *, device="cpu", dtype: torch.dtype = torch.floa
                               f"diffusers model folder that has safety_checker/, or a safety_checker folder")
     candidates = [folder / "preprocessor_config.json", folder.parent / "feature_extractor" / "preprocessor_config.json"]
     found = [c for c in candidates if c.is_file()]
-    preprocessor = weights._read_json(found[0]) if found else None
+    preprocessor = weights.read_json_object(found[0]) if found else None
     return SafetyChecker.from_folder(folder, device=device, dtype=dtype, variant=variant, preprocessor=preprocessor)

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import _Config
+from .config import Config
 
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 SPACINGS = ("linspace", "leading", "trailing")
 
 
 @dataclass(frozen=True)
-class NoiseSchedule(_Config):
+class NoiseSchedule(Config):
     """The training noise schedule of a checkpoint (its `scheduler_config.json`); defaults are SD 1.5's."""
 
     num_train_timesteps: int = 1000

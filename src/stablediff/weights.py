@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from .config import CLIPTextConfig, UNetConfig, VAEConfig, read_json, show
-from .keymap import (_OLD_DIFFUSERS_ATTENTION, PREFIXES, CheckpointError, _check_widths, _family_error, _rename,
-                     _text_keys, _unet_table, _vae_table, detect, infer_text_config, infer_unet_config,
+from .keymap import (OLD_DIFFUSERS_ATTENTION, PREFIXES, CheckpointError, check_widths, family_error, rename_keys,
+                     text_keys, unet_table, vae_table, detect, infer_text_config, infer_unet_config,
                      infer_vae_config, split_original, text_shapes, to_original, unet_shapes, vae_shapes)
 from .malloc import c_library
 from .schedule import NoiseSchedule
@@ -49,7 +49,7 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound; SD 1.5's header is about 100 KB
 
 
-def _safetensors_header(f, path: Path, size: int) -> tuple[dict, int]:
+def safetensors_header(f, path: Path, size: int) -> tuple[dict, int]:
     """The JSON header of an open .safetensors file and where the data starts. Its length is bounded before it is
     read, and deep nesting (the parser's RecursionError) is refused like any other corrupt header."""
     n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
@@ -102,12 +102,12 @@ def _check_overlaps(path: Path, spans: dict[str, tuple[int, int]]) -> None:
                                   f"overlap in the file)")
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Tensors are views of a copy-on-write mmap of the file: no read until touched, no copy unless written.
     The whole header is checked before any tensor is made."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        header, start = _safetensors_header(f, path, size)
+        header, start = safetensors_header(f, path, size)
         entries = {name: _safetensors_entry(path, name, info, size - start)
                    for name, info in header.items() if name != "__metadata__"}
         _check_overlaps(path, {name: (b, e) for name, (_, _, b, e) in entries.items()})
@@ -151,7 +151,7 @@ class _Refused(pickle.UnpicklingError):
     pass
 
 
-class _WeightsUnpickler(pickle.Unpickler):
+class WeightsUnpickler(pickle.Unpickler):
     """Resolves only tensors, storages (torch resolves those before asking us), dtypes and the globals above;
     anything else is refused when named, before it can be called."""
 
@@ -164,7 +164,7 @@ class _WeightsUnpickler(pickle.Unpickler):
         return obj
 
 
-def _read_pickle(path: Path, device, unpickler: type[pickle.Unpickler] = _WeightsUnpickler):
+def read_pickle(path: Path, device, unpickler: type[pickle.Unpickler] = WeightsUnpickler):
     """A pickled torch file through `unpickler` (ours, or a subclass allowing a few more inert globals)."""
     # torch.load takes a "pickle module": this one has only the restricted unpickler in it
     module = types.ModuleType("stablediff_restricted_pickle")
@@ -192,9 +192,9 @@ def read_state_dict(path, *, device="cpu") -> dict[str, torch.Tensor]:
     with open(path, "rb") as f:
         head = f.read(9)
     if path.suffix == ".safetensors" or head[8:9] == b"{":
-        sd = _read_safetensors(path)
+        sd = read_safetensors(path)
         return sd if str(device) == "cpu" else {k: v.to(device) for k, v in sd.items()}
-    obj = _read_pickle(path, device)
+    obj = read_pickle(path, device)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
@@ -319,10 +319,10 @@ def _single_file(path: Path, use_ema: bool) -> Checkpoint:
                                   f"whole SD 1.x checkpoint (U-Net, VAE and text encoder) or a diffusers folder")
     configs = {"unet": infer_unet_config(parts["unet"], path=where), "vae": infer_vae_config(parts["vae"], path=where),
                "text_encoder": infer_text_config(parts["text_encoder"], path=where)}
-    tables = {"unet": _unet_table(configs["unet"]), "vae": _vae_table(configs["vae"]), "text_encoder": []}
+    tables = {"unet": unet_table(configs["unet"]), "vae": vae_table(configs["vae"]), "text_encoder": []}
     for comp, sub in parts.items():
         def original_name(k, comp=comp):  # report keys as the file names them
-            return PREFIXES[comp] + next(iter(_rename({k: None}, tables[comp], to_ours=False)[0]), k)
+            return PREFIXES[comp] + next(iter(rename_keys({k: None}, tables[comp], to_ours=False)[0]), k)
         left = _validate(sub, _SHAPES[comp](configs[comp]), where=where, component=_WHAT[comp], name=original_name)
         unused += [original_name(k) for k in left]
     return Checkpoint(str(path), "single-file", family, configs["unet"], configs["vae"], configs["text_encoder"],
@@ -357,7 +357,7 @@ def _pick_weights(names, stems, variant: str | None, where) -> str:
     return found[0]
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
     """A JSON object file (config.read_json's bounds) or a CheckpointError naming it."""
     try:
         d = read_json(path)
@@ -371,7 +371,7 @@ def _read_json(path: Path) -> dict:
 def _shard_files(index: Path) -> list[str]:
     """The shard files a `*.index.json` names ({"weight_map": {key: file}}): plain names in its own folder, since
     a path leading elsewhere would read any file of the machine as weights."""
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json_object(index).get("weight_map")
     files = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else None
     if not files or not all(isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..") for f in files):
         raise CheckpointError(f"{index}: not a shard index (expected \"weight_map\": {{key: file name in "
@@ -398,7 +398,7 @@ def _scheduler(root: Path) -> dict | None:
     path = root / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return None
-    d = _read_json(path)
+    d = read_json_object(path)
     try:
         NoiseSchedule.from_config(d, source=str(path))
     except ValueError as e:
@@ -411,31 +411,31 @@ def _folder(root: Path, variant: str | None) -> Checkpoint:
     if not index.is_file() and not (root / "unet").is_dir():
         raise CheckpointError(f"{root}: not a diffusers folder (no model_index.json, no unet/); pass a diffusers "
                               f"folder or a single .safetensors/.ckpt file")
-    pipeline = _read_json(index).get("_class_name", "") if index.is_file() else ""
+    pipeline = read_json_object(index).get("_class_name", "") if index.is_file() else ""
     if "XL" in pipeline:
-        raise _family_error(str(root), "SDXL", f"model_index.json: {pipeline}")
+        raise family_error(str(root), "SDXL", f"model_index.json: {pipeline}")
     configs, weights, unused = {}, {}, []
     for comp, (config_class, _) in _FOLDER.items():  # all configs first: the family shows there
         config_file = root / comp / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{root / comp}: no config.json; a diffusers folder has unet/, vae/ and "
                                   f"text_encoder/, each with config.json and weights")
-        d = _read_json(config_file)
+        d = read_json_object(config_file)
         try:  # range-checked here, before any weights are read or module built
             configs[comp] = config_class.from_dict(d.get("text_config", d), source=str(config_file))
         except (ValueError, TypeError) as e:
             raise CheckpointError(str(e)) from None
-    _check_widths(str(root), configs["unet"].cross_attention_dim, configs["text_encoder"].hidden_size,
+    check_widths(str(root), configs["unet"].cross_attention_dim, configs["text_encoder"].hidden_size,
                   "unet/config.json cross_attention_dim")
     scheduler_config = _scheduler(root)
     for comp, (_, stems) in _FOLDER.items():
         path, sd = read_component(root / comp, stems, variant=variant)
         if comp == "text_encoder":
-            sd, dropped = _text_keys(sd)
+            sd, dropped = text_keys(sd)
         else:
-            rows = [(f"{p}.mid_block.attentions.0", f"{p}.mid_block.attentions.0", _OLD_DIFFUSERS_ATTENTION)
+            rows = [(f"{p}.mid_block.attentions.0", f"{p}.mid_block.attentions.0", OLD_DIFFUSERS_ATTENTION)
                     for p in ("encoder", "decoder")] if comp == "vae" else []
-            renamed, left = _rename(sd, rows, to_ours=True)
+            renamed, left = rename_keys(sd, rows, to_ours=True)
             sd, dropped = {**{k: sd[k] for k in left}, **renamed}, []
         left = _validate(sd, _SHAPES[comp](configs[comp]), where=str(path), component=_WHAT[comp])
         unused += [f"{comp}/{k}" for k in dropped + left]

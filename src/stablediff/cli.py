@@ -30,8 +30,8 @@ from pathlib import Path
 
 from . import malloc
 from .limits import LimitError, Limits
+from .params import DEFAULT_MODEL
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 _WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -327,7 +327,9 @@ def check_image_args(args: argparse.Namespace) -> tuple[int, int]:
     width, height = _image_size("--init-image", args.init_image)
     if args.mask is not None:
         _image_size("--mask", args.mask)
-    return width - width % 8, height - height % 8
+    from .images import multiple_of_8
+
+    return multiple_of_8((width, height))
 
 
 def _image_size(flag: str, path: Path) -> tuple[int, int]:

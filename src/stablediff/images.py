@@ -432,6 +432,11 @@ def open_image(image) -> Image.Image:
             raise ValueError(f"{image}: cannot read image ({e})") from None
 
 
+def multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) rounded down to multiples of 8, the VAE's downscale: the size an init image gives a run."""
+    return size[0] - size[0] % 8, size[1] - size[1] % 8
+
+
 def init_size(image_size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
     """The output size of an img2img or inpainting run from the init image's (width, height) (`image.size`, or
     `image_size(path)` before anything is decoded): the width and height asked for, or else the image's own,
@@ -441,7 +446,8 @@ def init_size(image_size: tuple[int, int], width: int | None, height: int | None
     iw, ih = image_size
     if iw < MIN_INIT_SIZE or ih < MIN_INIT_SIZE:
         raise ValueError(f"init image {iw}x{ih} is smaller than {MIN_INIT_SIZE}x{MIN_INIT_SIZE}; use a larger image")
-    size = (width or iw - iw % 8, height or ih - ih % 8)
+    rw, rh = multiple_of_8(image_size)
+    size = (width or rw, height or rh)
     if size != (iw, ih):
         warnings.warn(f"init image {iw}x{ih} is resized to {size[0]}x{size[1]}", stacklevel=2)
     return size

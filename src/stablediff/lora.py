@@ -85,7 +85,7 @@ def resolve(name: str, directory) -> Path:
         existing = sorted(p for p in root.rglob("*") if p.name in stems and (p.is_file() or p.is_symlink()))
         if len(existing) > 1:
             inside = [p.relative_to(root).as_posix() for p in existing]
-            raise LoraError(f"{_tag(name)}: ambiguous: {_few(inside, 3)}; name it with its subfolder, e.g. "
+            raise LoraError(f"{_tag(name)}: ambiguous: {weights.few(inside, 3)}; name it with its subfolder, e.g. "
                             f"<lora:{inside[0].rsplit('.', 1)[0]}:1>")
     for path in existing:
         if not _inside(path, real_root):
@@ -102,10 +102,6 @@ def _close_names(name: str, root: Path) -> str:
             if p.suffix in EXTENSIONS and p.is_file()]
     close = difflib.get_close_matches(name, have, n=3, cutoff=0.6)
     return f"did you mean {', '.join(close)}?" if close else "no similar names there"
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,7 +257,7 @@ def read_lora(path, unet: nn.Module, text_encoder: nn.Module) -> Lora:
         family = next((what for mark, what in _OTHER_FAMILIES.items() if any(mark in k for k in unknown)), None)
         what = f"looks like {family}, which stablediff does not apply to SD 1.x; " if family else ""
         raise LoraError(f"{path}: {what}{len(unknown)} of {len(sd)} keys name no layer of this model or are not a "
-                        f"LoRA layout stablediff reads: {_few(sorted(unknown), 8)}")
+                        f"LoRA layout stablediff reads: {weights.few(sorted(unknown), 8)}")
     models = {"unet": unet, "text_encoder": text_encoder}
     deltas, wrong = {}, []
     for name, slot in groups.items():
@@ -283,7 +279,7 @@ def read_lora(path, unet: nn.Module, text_encoder: nn.Module) -> Lora:
         deltas[name] = LoraDelta(up, down, scale)
     if wrong:
         raise LoraError(f"{path}: does not fit this model (a LoRA for another base model, e.g. SD 2.x or SDXL?): "
-                        f"{len(wrong)} layers have other shapes: {_few(wrong, 3)}")
+                        f"{len(wrong)} layers have other shapes: {weights.few(wrong, 3)}")
     meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     return Lora(path, deltas, meta)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from .limits import Limits
 
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the Hub id loaded when no model is named
 MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
 SCHEDULES = ("karras",)

@@ -28,7 +28,7 @@ from . import __version__, cpu, embeddings, images, lora, malloc, samplers, weig
 from .clip import CLIPTextModel
 from .denoiser import CFGDenoiser, EpsDenoiser
 from .nn import ResnetBlock
-from .params import MAX_SEED, GenerationParams
+from .params import DEFAULT_MODEL, MAX_SEED, GenerationParams
 from .prompts import PromptEncoder
 from .safety import SafetyChecker, load_safety_checker
 from .schedule import NoiseSchedule
@@ -36,7 +36,6 @@ from .tokenizer import CLIPTokenizer
 from .unet import DeepCache, SpatialTransformer, UNet
 from .vae import AutoencoderKL
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEMO_DIR = Path(__file__).parent / "data" / "demo"  # our small offline model (`--model demo`)
 
 

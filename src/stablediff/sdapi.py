@@ -103,7 +103,7 @@ class Plan(NamedTuple):
 def output_size(req: Txt2ImgRequest, native_size: int, init_size: tuple[int, int] | None) -> tuple[int, int]:
     """width x height a request makes: as asked, else the init image's size rounded down to a multiple of 8
     (img2img), else the model's native size."""
-    default = (init_size[0] - init_size[0] % 8, init_size[1] - init_size[1] % 8) if init_size else (native_size,) * 2
+    default = images.multiple_of_8(init_size) if init_size else (native_size, native_size)
     return req.width or default[0], req.height or default[1]
 
 

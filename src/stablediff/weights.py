@@ -207,8 +207,9 @@ def read_state_dict(path, *, device="cpu") -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 # Checking a state dict against what a config (or a module) expects
 
-def _few(items: list[str]) -> str:
-    return ", ".join(items[:3]) + (f", ... ({len(items)} in all)" if len(items) > 3 else "")
+def few(items: list[str], n: int = 3) -> str:
+    """The first n items and how many there are in all, for an error message that must stay one line."""
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _validate(sd: dict, expected: dict, *, where: str, component: str, strict=False, name=lambda k: k) -> list[str]:
@@ -222,9 +223,9 @@ def _validate(sd: dict, expected: dict, *, where: str, component: str, strict=Fa
                 for k in expected if k in sd and not sd[k].is_floating_point()]
     unexpected = [k for k in sd if k not in expected]
     if missing or wrong or integral or (strict and unexpected):
-        bits = [f"missing {_few(missing)}" if missing else "", f"wrong shape {_few(wrong)}" if wrong else "",
-                f"not floating point {_few(integral)}" if integral else "",
-                f"unexpected {_few(unexpected)}" if strict and unexpected else ""]
+        bits = [f"missing {few(missing)}" if missing else "", f"wrong shape {few(wrong)}" if wrong else "",
+                f"not floating point {few(integral)}" if integral else "",
+                f"unexpected {few(unexpected)}" if strict and unexpected else ""]
         raise CheckpointError(f"{where}: {component} weights do not fit the model: " + "; ".join(b for b in bits if b))
     for k in unexpected:
         del sd[k]
@@ -353,7 +354,7 @@ def _pick_weights(names, stems, variant: str | None, where) -> str:
     if not found:
         pick = f"; pass variant= one of {sorted(others)}" if others else ""
         raise CheckpointError(f"{where}: no {variant + ' ' if variant else ''}weights file (looked for "
-                              f"{_few(candidates(variant))}; the folder has {_few(sorted(names)) or 'nothing'}){pick}")
+                              f"{few(candidates(variant))}; the folder has {few(sorted(names)) or 'nothing'}){pick}")
     return found[0]
 
 

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from stablediff.config import CLIPTextConfig, UNetConfig, VAEConfig
 from stablediff.keymap import (detect, infer_text_config, infer_unet_config, infer_vae_config, split_original,
-                               text_shapes, to_original, unet_shapes, vae_shapes)
-from stablediff.weights import CheckpointError, load_checkpoint, load_into, read_state_dict
+                               to_original)
+from stablediff.weights import CheckpointError, expected_shapes, load_checkpoint, load_into, read_state_dict
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -174,9 +174,9 @@ def test_table_and_shapes_match_diffusers_converter(layout):
     else:
         unet_cfg, vae_cfg, text_cfg = UNET_TINY, VAE_TINY, TEXT_TINY
     unet, vae, text = _meta_models(unet_cfg, vae_cfg, text_cfg)
-    assert unet_shapes(UNetConfig.from_dict(unet_cfg)) == _shapes(unet)
-    assert vae_shapes(VAEConfig.from_dict(vae_cfg)) == _shapes(vae)
-    assert text_shapes(CLIPTextConfig.from_dict(text_cfg)) == _shapes(text)
+    assert expected_shapes("unet", UNetConfig.from_dict(unet_cfg)) == _shapes(unet)
+    assert expected_shapes("vae", VAEConfig.from_dict(vae_cfg)) == _shapes(vae)
+    assert expected_shapes("text_encoder", CLIPTextConfig.from_dict(text_cfg)) == _shapes(text)
 
     original = to_original(unet, vae, text)
     assert _shapes(sfu.convert_ldm_unet_checkpoint(original, unet_cfg)) == _shapes(unet)

@@ -6,8 +6,8 @@ Our modules are named like diffusers' `UNet2DConditionModel` / `AutoencoderKL` a
 `vae_key_table`): rows of (our module prefix, original prefix, leaf renames), read in either direction, so
 `split_original` and `to_original` are exact inverses. `detect` tells SD 1.x from the files it is not.
 
-Single files carry no configs: `infer_*_config` read them from tensor shapes, and `unet_shapes` / `vae_shapes` /
-`text_shapes` give every key and shape a config builds, which loading checks a file against. Nothing here reads
+Single files carry no configs: `infer_*_config` read them from tensor shapes (what keys and shapes a config
+builds comes from the model itself, built on the meta device: `weights.expected_shapes`). Nothing here reads
 files; that is `weights.py`, which raises the same `CheckpointError` defined here.
 """
 
@@ -18,7 +18,7 @@ import torch
 from .config import CLIPTextConfig, UNetConfig, VAEConfig
 
 __all__ = ["CheckpointError", "PREFIXES", "unet_key_table", "vae_key_table", "split_original", "to_original",
-           "detect", "unet_shapes", "vae_shapes", "text_shapes", "infer_unet_config", "infer_vae_config",
+           "detect", "infer_unet_config", "infer_vae_config",
            "infer_text_config", "OLD_DIFFUSERS_ATTENTION", "rename_keys", "unet_table", "vae_table", "text_keys",
            "family_error", "check_widths"]
 
@@ -157,119 +157,6 @@ def text_keys(sd: dict) -> tuple[dict, list[str]]:
         else:
             out[k if k.startswith("text_model.") else "text_model." + k] = v
     return out, dropped
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Expected shapes, per config, in our naming: what `load_checkpoint` checks a file against
-
-class _Shapes(dict):
-    def norm(self, p, c):
-        self[f"{p}.weight"] = self[f"{p}.bias"] = (c,)
-
-    def linear(self, p, o, i, bias=True):
-        self[f"{p}.weight"] = (o, i)
-        if bias:
-            self[f"{p}.bias"] = (o,)
-
-    def conv(self, p, o, i, k=3):
-        self[f"{p}.weight"], self[f"{p}.bias"] = (o, i, k, k), (o,)
-
-    def resnet(self, p, i, o, temb=0):
-        self.norm(f"{p}.norm1", i), self.conv(f"{p}.conv1", o, i)
-        self.norm(f"{p}.norm2", o), self.conv(f"{p}.conv2", o, o)
-        if temb:
-            self.linear(f"{p}.time_emb_proj", o, temb)
-        if i != o:
-            self.conv(f"{p}.conv_shortcut", o, i, 1)
-
-
-def unet_shapes(c: UNetConfig) -> dict[str, tuple]:
-    s, ch, n_layers, temb = _Shapes(), c.block_out_channels, c.layers_per_block, 4 * c.block_out_channels[0]
-
-    def transformer(p, n):
-        s.norm(f"{p}.norm", n)
-        for proj in (f"{p}.proj_in", f"{p}.proj_out"):
-            s.linear(proj, n, n) if c.use_linear_projection else s.conv(proj, n, n, 1)
-        b = f"{p}.transformer_blocks.0"
-        for attn, context in (("attn1", n), ("attn2", c.cross_attention_dim)):
-            s.linear(f"{b}.{attn}.to_q", n, n, bias=False)
-            s.linear(f"{b}.{attn}.to_k", n, context, bias=False), s.linear(f"{b}.{attn}.to_v", n, context, bias=False)
-            s.linear(f"{b}.{attn}.to_out.0", n, n)
-        s.norm(f"{b}.norm1", n), s.norm(f"{b}.norm2", n), s.norm(f"{b}.norm3", n)
-        s.linear(f"{b}.ff.net.0.proj", 8 * n, n), s.linear(f"{b}.ff.net.2", n, 4 * n)  # GEGLU: value and gate
-
-    s.conv("conv_in", ch[0], c.in_channels)
-    s.linear("time_embedding.linear_1", temb, ch[0]), s.linear("time_embedding.linear_2", temb, temb)
-    prev = ch[0]
-    for i, (n, kind) in enumerate(zip(ch, c.down_block_types)):
-        for j in range(n_layers):
-            s.resnet(f"down_blocks.{i}.resnets.{j}", prev if j == 0 else n, n, temb)
-            if kind.startswith("CrossAttn"):
-                transformer(f"down_blocks.{i}.attentions.{j}", n)
-        if i < len(ch) - 1:
-            s.conv(f"down_blocks.{i}.downsamplers.0.conv", n, n)
-        prev = n
-    s.resnet("mid_block.resnets.0", ch[-1], ch[-1], temb), s.resnet("mid_block.resnets.1", ch[-1], ch[-1], temb)
-    transformer("mid_block.attentions.0", ch[-1])
-    rev = ch[::-1]
-    prev = rev[0]
-    for i, (n, kind) in enumerate(zip(rev, c.up_block_types)):
-        skip = rev[min(i + 1, len(ch) - 1)]  # the last resnet of a level takes the skip from the level below
-        for j in range(n_layers + 1):
-            s.resnet(f"up_blocks.{i}.resnets.{j}", (prev if j == 0 else n) + (skip if j == n_layers else n), n, temb)
-            if kind.startswith("CrossAttn"):
-                transformer(f"up_blocks.{i}.attentions.{j}", n)
-        if i < len(ch) - 1:
-            s.conv(f"up_blocks.{i}.upsamplers.0.conv", n, n)
-        prev = n
-    s.norm("conv_norm_out", ch[0]), s.conv("conv_out", c.out_channels, ch[0])
-    return dict(s)
-
-
-def vae_shapes(c: VAEConfig) -> dict[str, tuple]:
-    s, ch, n_layers, z = _Shapes(), c.block_out_channels, c.layers_per_block, c.latent_channels
-
-    def mid(part):
-        s.resnet(f"{part}.mid_block.resnets.0", ch[-1], ch[-1]), s.resnet(f"{part}.mid_block.resnets.1", ch[-1], ch[-1])
-        if c.mid_block_add_attention:
-            s.norm(f"{part}.mid_block.attentions.0.group_norm", ch[-1])
-            for q in ("to_q", "to_k", "to_v", "to_out.0"):
-                s.linear(f"{part}.mid_block.attentions.0.{q}", ch[-1], ch[-1])
-
-    s.conv("encoder.conv_in", ch[0], c.in_channels)
-    prev = ch[0]
-    for i, n in enumerate(ch):
-        for j in range(n_layers):
-            s.resnet(f"encoder.down_blocks.{i}.resnets.{j}", prev if j == 0 else n, n)
-        if i < len(ch) - 1:
-            s.conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", n, n)
-        prev = n
-    mid("encoder"), s.norm("encoder.conv_norm_out", ch[-1]), s.conv("encoder.conv_out", 2 * z, ch[-1])
-    s.conv("quant_conv", 2 * z, 2 * z, 1), s.conv("post_quant_conv", z, z, 1)
-    s.conv("decoder.conv_in", ch[-1], z), mid("decoder")
-    prev = ch[-1]
-    for i, n in enumerate(ch[::-1]):
-        for j in range(n_layers + 1):
-            s.resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else n, n)
-        if i < len(ch) - 1:
-            s.conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", n, n)
-        prev = n
-    s.norm("decoder.conv_norm_out", ch[0]), s.conv("decoder.conv_out", c.out_channels, ch[0])
-    return dict(s)
-
-
-def text_shapes(c: CLIPTextConfig) -> dict[str, tuple]:
-    s, d = _Shapes(), c.hidden_size
-    s["text_model.embeddings.token_embedding.weight"] = (c.vocab_size, d)
-    s["text_model.embeddings.position_embedding.weight"] = (c.max_position_embeddings, d)
-    for i in range(c.num_hidden_layers):
-        p = f"text_model.encoder.layers.{i}"
-        for q in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            s.linear(f"{p}.self_attn.{q}", d, d)
-        s.norm(f"{p}.layer_norm1", d), s.linear(f"{p}.mlp.fc1", c.intermediate_size, d)
-        s.linear(f"{p}.mlp.fc2", d, c.intermediate_size), s.norm(f"{p}.layer_norm2", d)
-    s.norm("text_model.final_layer_norm", d)
-    return dict(s)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 from .config import CLIPTextConfig, UNetConfig, VAEConfig, read_json, show
 from .keymap import (OLD_DIFFUSERS_ATTENTION, PREFIXES, CheckpointError, check_widths, family_error, rename_keys,
                      text_keys, unet_table, vae_table, detect, infer_text_config, infer_unet_config,
-                     infer_vae_config, split_original, text_shapes, to_original, unet_shapes, vae_shapes)
+                     infer_vae_config, split_original, to_original)
 from .malloc import c_library
 from .schedule import NoiseSchedule
 
@@ -302,10 +302,21 @@ class Checkpoint:
 
 
 _WHAT = {"unet": "U-Net", "vae": "VAE", "text_encoder": "text encoder"}
-_SHAPES = {"unet": unet_shapes, "vae": vae_shapes, "text_encoder": text_shapes}
 # component -> (config class, weight file stems in order of preference)
 _FOLDER = {"unet": (UNetConfig, ("diffusion_pytorch_model",)), "vae": (VAEConfig, ("diffusion_pytorch_model",)),
            "text_encoder": (CLIPTextConfig, ("model", "pytorch_model"))}
+
+
+def expected_shapes(component: str, config) -> dict[str, tuple]:
+    """Every key and shape the model of `config` has, from the model itself built on the meta device (no
+    allocation, and no second copy of the architecture's arithmetic): what a file is checked against."""
+    from .clip import CLIPTextModel
+    from .unet import UNet
+    from .vae import AutoencoderKL
+
+    with torch.device("meta"):
+        module = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[component](config)
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 def _single_file(path: Path, use_ema: bool) -> Checkpoint:
@@ -324,7 +335,7 @@ def _single_file(path: Path, use_ema: bool) -> Checkpoint:
     for comp, sub in parts.items():
         def original_name(k, comp=comp):  # report keys as the file names them
             return PREFIXES[comp] + next(iter(rename_keys({k: None}, tables[comp], to_ours=False)[0]), k)
-        left = _validate(sub, _SHAPES[comp](configs[comp]), where=where, component=_WHAT[comp], name=original_name)
+        left = _validate(sub, expected_shapes(comp, configs[comp]), where=where, component=_WHAT[comp], name=original_name)
         unused += [original_name(k) for k in left]
     return Checkpoint(str(path), "single-file", family, configs["unet"], configs["vae"], configs["text_encoder"],
                       parts["unet"], parts["vae"], parts["text_encoder"], unused=unused)
@@ -438,7 +449,7 @@ def _folder(root: Path, variant: str | None) -> Checkpoint:
                     for p in ("encoder", "decoder")] if comp == "vae" else []
             renamed, left = rename_keys(sd, rows, to_ours=True)
             sd, dropped = {**{k: sd[k] for k in left}, **renamed}, []
-        left = _validate(sd, _SHAPES[comp](configs[comp]), where=str(path), component=_WHAT[comp])
+        left = _validate(sd, expected_shapes(comp, configs[comp]), where=str(path), component=_WHAT[comp])
         unused += [f"{comp}/{k}" for k in dropped + left]
         weights[comp] = sd
     return Checkpoint(str(root), "diffusers", "sd1", configs["unet"], configs["vae"], configs["text_encoder"],

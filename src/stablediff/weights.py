@@ -13,6 +13,7 @@ and pickled `.ckpt/.pt/.bin` files go through an unpickler that only rebuilds te
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import mmap
@@ -307,7 +308,8 @@ _FOLDER = {"unet": (UNetConfig, ("diffusion_pytorch_model",)), "vae": (VAEConfig
            "text_encoder": (CLIPTextConfig, ("model", "pytorch_model"))}
 
 
-def expected_shapes(component: str, config) -> dict[str, tuple]:
+@functools.lru_cache(maxsize=16)  # a config's shapes do not change; loading the same model again costs nothing
+def expected_shapes(component: str, config) -> types.MappingProxyType:
     """Every key and shape the model of `config` has, from the model itself built on the meta device (no
     allocation, and no second copy of the architecture's arithmetic): what a file is checked against."""
     from .clip import CLIPTextModel
@@ -316,7 +318,7 @@ def expected_shapes(component: str, config) -> dict[str, tuple]:
 
     with torch.device("meta"):
         module = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[component](config)
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return types.MappingProxyType({k: tuple(v.shape) for k, v in module.state_dict().items()})  # cached: read-only
 
 
 def _single_file(path: Path, use_ema: bool) -> Checkpoint:

@@ -372,10 +372,41 @@ def test_full_disk_in_a_batch_stops_and_resumes(tmp_path, capsys, monkeypatch):
     assert res.returncode == 0 and "2 images made" in res.stdout and "1 already there" in res.stdout
 
 
-@pytest.mark.parametrize("args", [["--lora", "x:0.5"], ["--cache-interval", "3"]])
-def test_batch_refuses_the_options_it_would_leave_out(tmp_path, capsys, no_load, args):
+def test_batch_passes_lora_and_cache_interval_on_as_generate_does(tmp_path, capsys):
+    """They were accepted and silently dropped: a batch image must equal `generate`'s with the same options."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    (tmp_path / "loras").mkdir()
+    g = torch.Generator().manual_seed(0)
+    from stablediff import StableDiffusion
+
+    w = StableDiffusion.from_pretrained("demo").unet.conv_in.weight
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.randn(2, *w.shape[1:], generator=g),
+               "lora_unet_conv_in.lora_up.weight": torch.randn(w.shape[0], 2, 1, 1, generator=g),
+               "lora_unet_conv_in.alpha": torch.tensor(2.0)}, str(tmp_path / "loras" / "style.safetensors"))
+    options = ["--model", "demo", "--steps", "6", "--lora", "style:0.8", "--lora-dir", str(tmp_path / "loras"),
+               "--cache-interval", "2", "--quiet"]
+    jobs_file = write_jsonl(tmp_path / "j.jsonl", [{"prompt": "a red circle", "seed": 3}])
+    assert _main_in_process(["batch", str(jobs_file), "--output-dir", str(tmp_path / "b"), *options],
+                            capsys).returncode == 0
+    assert _main_in_process(["generate", "a red circle", "--seed", "3", "--output-dir", str(tmp_path / "g"),
+                             *options], capsys).returncode == 0
+    (made,), (reference,) = (tmp_path / "b").glob("*.png"), (tmp_path / "g").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(reference)))
+    assert 'LoRA weights: "style:0.8"' in Image.open(made).info["parameters"]
+    assert "Cache interval: 2" in Image.open(made).info["parameters"]
+    plain = tmp_path / "plain"
+    _main_in_process(["generate", "a red circle", "--seed", "3", "--output-dir", str(plain), "--model", "demo",
+                      "--steps", "6", "--quiet"], capsys)
+    assert not np.array_equal(np.asarray(Image.open(next(plain.glob("*.png")))), np.asarray(Image.open(made)))
+
+
+def test_batch_on_ray_refuses_lora_files(tmp_path, capsys, no_load):
     jobs_file = write_jsonl(tmp_path / "j.jsonl", [{"prompt": "a"}])
-    res = _main_in_process(["batch", str(jobs_file), "--model", "demo", "--output-dir", str(tmp_path), *args],
-                           capsys)
-    assert_one_line_error(res, f"{args[0]} is not supported by batch yet")
+    res = _main_in_process(["batch", str(jobs_file), "--model", "demo", "--output-dir", str(tmp_path), "--ray",
+                            "local", "--lora", "x:0.5"], capsys)
+    assert_one_line_error(res, "--lora is not supported with --ray yet")
     assert no_load == []

@@ -220,7 +220,8 @@ def generate(pipe, unit: dict) -> list[dict]:
     try:
         result = pipe(p["prompt"], p["negative_prompt"], steps=p["steps"], cfg_scale=p["cfg_scale"],
                       seed=unit["seed"], width=p["width"], height=p["height"], batch_size=len(keys),
-                      sampler=p["sampler"], schedule=p["schedule"], clip_skip=p["clip_skip"])
+                      sampler=p["sampler"], schedule=p["schedule"], clip_skip=p["clip_skip"], loras=p.get("loras"),
+                      cache_interval=p.get("cache_interval", 1))
     except Exception as e:  # noqa: BLE001 - one unit's failure (NaN, out of memory, ...) must not end the job
         message = f"{type(e).__name__}: {' '.join(str(e).split())}"
         return [dict(key=k, png=b"", seconds=0.0, nsfw=False, error=message) for k in keys]

@@ -479,9 +479,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError("JOBS is missing: give a .txt, .csv or .jsonl job file")
     if args.workers is not None and (args.ray is None or args.workers < 1):
         raise UsageError(f"--workers {args.workers}: " + ("needs --ray" if args.ray is None else "must be at least 1"))
-    for flag, value, default in (("--lora", args.lora, []), ("--cache-interval", args.cache_interval, 1)):
-        if value != default:  # refused, not silently left out, until batch passes them on
-            raise UsageError(f"{flag} is not supported by batch yet; run `generate` for images that need it")
+    if args.lora and args.ray:  # Ray's workers load their own pipelines, on machines whose folders are not ours
+        raise UsageError("--lora is not supported with --ray yet; use <lora:NAME:w> tags only without --ray")
     # on Ray the pipelines run on the cluster's machines, whose devices are not this one's
     check_generation_args(argparse.Namespace(**{**vars(args), "device": "auto"}) if args.ray else args)
     from . import batch
@@ -489,6 +488,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     defaults = dict(negative_prompt=args.negative_prompt, seed=None, steps=args.steps, cfg_scale=args.cfg_scale,
                     sampler=args.sampler, schedule=args.schedule, width=args.width, height=args.height,
                     batch_size=args.batch_size, clip_skip=args.clip_skip)
+    # only where set, so the settings of images made before these existed still compare equal on a resume
+    defaults.update({"loras": parse_loras(args.lora)} if args.lora else {})
+    defaults.update({"cache_interval": args.cache_interval} if args.cache_interval != 1 else {})
     try:
         summary = batch.run_batch(args.jobs, args.output_dir, model=args.model, defaults=defaults, seeds=args.seeds,
                                   samplers=args.samplers, base_seed=args.seed, skip_bad=args.skip_bad, ray=args.ray,

@@ -277,7 +277,7 @@ class StableDiffusion:
         cache_interval=N > 1 runs the whole U-Net only every N-th call and its shallow branch in between (DeepCache):
         faster, approximate.
         `callback(StepInfo)` runs after every step; `cancel` (anything with `is_set()`, e.g. threading.Event)
-        stops the call between steps by raising Cancelled.
+        stops the call within one U-Net or VAE layer by raising Cancelled.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)

@@ -570,14 +570,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--read-timeout {args.read_timeout} is outside (0, 3600] seconds")
     if args.limit_concurrency < 2:
         raise UsageError(f"--limit-concurrency {args.limit_concurrency} must be at least 2")
-    import dataclasses
-
-    from .limits import Limits
-
-    try:
-        limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    limits = limits_from_args(args)
     check_output_dir(args.output_dir)
     try:
         from . import server  # fastapi, uvicorn, torch

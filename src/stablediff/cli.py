@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 import sys
 import warnings
 import tempfile
@@ -30,10 +29,8 @@ from pathlib import Path
 
 from . import malloc
 from .limits import LimitError, Limits
-from .params import DEFAULT_MODEL
+from .params import DEFAULT_MODEL, HUB_ID, WEIGHT_SUFFIXES
 
-_WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class UsageError(Exception):
@@ -253,8 +250,8 @@ def check_model_source(model: str, label: str = "--model") -> None:
     `models/sd15` is taken for a path when a local `models/` folder exists, otherwise for a Hub id."""
     if Path(model).expanduser().exists():
         return
-    suffix = model.lower().endswith(_WEIGHT_SUFFIXES)
-    if _HUB_ID.fullmatch(model) and not suffix and not Path(model.split("/")[0]).is_dir():
+    suffix = model.lower().endswith(WEIGHT_SUFFIXES)
+    if HUB_ID.fullmatch(model) and not suffix and not Path(model.split("/")[0]).is_dir():
         return
     separators = {"/", os.sep, os.altsep} - {None}
     if suffix or model.startswith("~") or any(sep in model for sep in separators):

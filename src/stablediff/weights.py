@@ -19,7 +19,6 @@ import math
 import mmap
 import os
 import pickle
-import re
 import types
 import zipfile
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from .keymap import (OLD_DIFFUSERS_ATTENTION, PREFIXES, CheckpointError, check_w
                      text_keys, unet_table, vae_table, detect, infer_text_config, infer_unet_config,
                      infer_vae_config, split_original, to_original)
 from .malloc import c_library
+from .params import HUB_ID, WEIGHT_SUFFIXES
 from .schedule import NoiseSchedule
 
 # CheckpointError and to_original live in keymap.py and are re-exported here for the code that imports them from us
@@ -459,7 +459,6 @@ def _folder(root: Path, variant: str | None) -> Checkpoint:
                       tokenizer_dir=root / "tokenizer" if (root / "tokenizer").is_dir() else None, unused=unused)
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _hub_cache() -> str:
@@ -517,8 +516,8 @@ def load_checkpoint(source, *, variant=None, use_ema=False) -> Checkpoint:
     `variant` applies to diffusers folders (e.g. "fp16"), `use_ema` to single files holding model_ema.* weights."""
     path = Path(source).expanduser()
     if not path.exists():
-        weights_file = str(source).endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin"))
-        if isinstance(source, str) and _HUB_ID.fullmatch(source) and not weights_file:
+        weights_file = str(source).lower().endswith(WEIGHT_SUFFIXES)
+        if isinstance(source, str) and HUB_ID.fullmatch(source) and not weights_file:
             return _folder(_from_hub(source, variant), variant)
         raise CheckpointError(f"{source}: no such file or directory")
     return _folder(path, variant) if path.is_dir() else _single_file(path, use_ema)

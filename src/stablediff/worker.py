@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import images
-from .pipeline import DEFAULT_MODEL, Cancelled, StableDiffusion
+from .params import DEFAULT_MODEL, HUB_ID, WEIGHT_SUFFIXES
+from .pipeline import Cancelled, StableDiffusion
 
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt")  # what A1111 lists as checkpoints; diffusers folders are listed too
+LISTED_SUFFIXES = (".safetensors", ".ckpt")  # what A1111 lists as checkpoints; diffusers folders are listed too
 
 
 class ClientError(Exception):
@@ -55,7 +56,7 @@ class ModelEntry:
     @property
     def model_name(self) -> str:
         name = self.title.rsplit("/", 1)[-1]
-        return name.rsplit(".", 1)[0] if name.endswith(WEIGHT_SUFFIXES) else name
+        return name.rsplit(".", 1)[0] if name.endswith(LISTED_SUFFIXES) else name
 
 
 def scan_models(models_dir: Path) -> dict[str, ModelEntry]:
@@ -80,7 +81,7 @@ def scan_models(models_dir: Path) -> dict[str, ModelEntry]:
             if (here / d).is_symlink() and (here / d / "model_index.json").is_file():
                 add(here / d)
         for f in sorted(filenames):
-            if f.lower().endswith(WEIGHT_SUFFIXES) and not f.startswith("."):
+            if f.lower().endswith(LISTED_SUFFIXES) and not f.startswith("."):
                 add(here / f)
     return dict(sorted(found.items()))
 
@@ -126,7 +127,7 @@ def startup_model(model: str | None, models_dir: Path | None) -> ModelEntry:
             return entry
     if path.exists():
         return ModelEntry(path.name, str(path.resolve()))
-    if "/" in model and not model.lower().endswith(WEIGHT_SUFFIXES):
+    if HUB_ID.fullmatch(model) and not model.lower().endswith(WEIGHT_SUFFIXES):
         return ModelEntry(model, model)  # a Hub id
     where = f" and is not listed in --models-dir {models_dir}" if models_dir else ""
     raise ValueError(f"--model {model}: no such file or folder{where}")

@@ -258,3 +258,55 @@ def test_ctrl_c_exits_130_quietly(tiny_model_dir, tmp_path, env):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert not any(name.endswith(".png") for name in os.listdir(tmp_path))
+
+
+def test_from_png_remakes_the_image_and_takes_overrides(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first, again, changed = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    args = ["generate", "a cat, dark", "--negative-prompt", "blurry", "--model", str(tiny_model_dir),
+            "--steps", "2", "--seed", "9", "--sampler", "DPM++ 2M Karras", "--clip-skip", "2", "--width", "72",
+            "--height", "64", "--cfg-scale", "5.5", "--quiet"]
+    assert _main_in_process([*args, "--output-dir", str(first)], capsys).returncode == 0
+    png = first / "00000-9.png"
+    res = _main_in_process(["generate", "--from-png", str(png), "--model", str(tiny_model_dir), "--quiet",
+                            "--output-dir", str(again)], capsys)
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    with Image.open(png) as a, Image.open(again / "00000-9.png") as b:
+        assert a.text["parameters"] == b.text["parameters"]
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    # options on the command line win over the PNG's; the rest still comes from it
+    res = _main_in_process(["generate", "a dog", "--from-png", str(png), "--model", str(tiny_model_dir),
+                            "--steps=3", "--quiet", "--output-dir", str(changed)], capsys)
+    assert res.returncode == 0, res.stderr
+    with Image.open(changed / "00000-9.png") as c:
+        text = c.text["parameters"]
+    assert text.startswith("a dog\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, "
+                           "CFG scale: 5.5, Seed: 9, Size: 72x64, "), text
+
+
+def test_from_png_names_what_it_does_not_use_and_refuses_a_png_without_parameters(tiny_model_dir, tmp_path,
+                                                                                    capsys):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, "
+                                "Model hash: 0123456789, Face restoration: CodeFormer, Denoising strength: 0.4")
+    png = tmp_path / "a1111.png"
+    Image.new("RGB", (64, 64)).save(png, pnginfo=info)
+    res = _main_in_process(["generate", "--from-png", str(png), "--model", str(tiny_model_dir), "--quiet",
+                            "--output-dir", str(tmp_path / "o")], capsys)
+    assert res.returncode == 0, res.stderr
+    warning = [line for line in res.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "Face restoration: CodeFormer" in warning[0], res.stderr
+    assert "Denoising strength: 0.4" in warning[0] and "Model hash" not in warning[0]
+    with Image.open(tmp_path / "o" / "00000-3.png") as im:
+        assert im.text["parameters"].startswith("a cat\nSteps: 2, Sampler: Euler, CFG scale: 7.0, Seed: 3, ")
+
+    bare = tmp_path / "bare.png"
+    Image.new("RGB", (64, 64)).save(bare)
+    res = _main_in_process(["generate", "--from-png", str(bare), "--model", str(tiny_model_dir),
+                            "--output-dir", str(tmp_path / "o2")], capsys)
+    assert_one_line_error(res, "--from-png", "bare.png", "no generation parameters")
+    res = _main_in_process(["generate", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o3")],
+                           capsys)
+    assert_one_line_error(res, "PROMPT", "--from-png")

@@ -119,6 +119,20 @@ def test_defaults_native_size_random_seed_and_infotext(pipe):
     assert len(pipe.model_hash) == 10
 
 
+def test_from_infotext_remakes_the_image_with_changes_on_top(pipe):
+    kw = dict(negative_prompt="blurry", steps=3, seed=12, width=72, height=64, sampler="heun", schedule="karras",
+              cfg_scale=4.5, clip_skip=2, batch_size=2)
+    first = pipe("a red cat", **kw)
+    again = pipe.from_infotext(first.infotexts[1])  # image 1 of the batch: seed 13
+    assert again.seeds == [13] and again.infotexts[0] == first.infotexts[1]
+    assert_close(again.latents, first.latents[1:], 1e-5)  # a batch of one, not two: rounding apart
+    fewer = pipe.from_infotext(first.infotexts[0], steps=2, batch_size=1)
+    assert torch.equal(fewer.latents, pipe("a red cat", **{**kw, "steps": 2, "batch_size": 1}).latents)
+    with pytest.warns(UserWarning, match=r"Face restoration: CodeFormer; Denoising strength: 0\.5 \(an img2img"):
+        pipe.from_infotext("a cat\nSteps: 1, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, "
+                           "Face restoration: CodeFormer, Denoising strength: 0.5, Version: v1.10.1")
+
+
 def test_callback_and_cancel(pipe):
     import threading
 

@@ -125,7 +125,7 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         raise UsageError(str(e)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     from . import __version__
 
     parser = _Parser(prog="stablediff", description="Stable Diffusion 1.x text-to-image, from the components up.")
@@ -134,9 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="make images from a text prompt",
                          description="Make images from a text prompt; prints each saved PNG's path.")
-    gen.add_argument("prompt", metavar="PROMPT", help="what the image should show")
+    gen.add_argument("prompt", metavar="PROMPT", nargs="?", help="what the image should show")
+    gen.add_argument("--from-png", type=Path, metavar="IMAGE.png",
+                     help="remake the image whose generation parameters (A1111's or ours) this PNG holds; "
+                          "PROMPT and the options given here replace the PNG's")
     add_generation_options(gen)
     gen.set_defaults(func=cmd_generate)
+    if not defaults:  # for given_options: an option the command line leaves out is then absent
+        for action in gen._actions:
+            action.default = argparse.SUPPRESS
 
     i2i = sub.add_parser("img2img", help="repaint an image following a prompt",
                          description="Encode --init-image, noise it as --strength says, and denoise it toward "
@@ -450,7 +456,39 @@ def run_pipeline(pipe, args: argparse.Namespace, *call_args, **call_kwargs):
                          "or --batch-size, or --dtype float16", code=1) from None
 
 
+def given_options(argv: list[str] | None) -> set[str]:
+    """The options (argparse dests) a `generate` command line sets itself rather than leaves at their default."""
+    return set(vars(build_parser(defaults=False).parse_args(argv)))
+
+
+def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
+    """--from-png: the PNG's generation parameters (A1111's or ours) into `args`, except what the command line
+    gives itself; settings of the PNG this run does not use are named in one warning."""
+    from . import images
+    from .params import GenerationParams, unused_settings
+
+    try:
+        params, unknown = GenerationParams.from_infotext(images.read_parameters(args.from_png))
+    except ValueError as e:
+        raise UsageError(f"--from-png {e}") from None
+    for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler",
+                 "schedule", "clip_skip", "cache_interval"):
+        if name not in given:
+            setattr(args, name, getattr(params, name))
+    if "lora" not in given and params.loras:
+        args.lora = [f"{name}:{m!r}" for name, m in params.loras]
+    unused = unused_settings(unknown)
+    if params.strength is not None:
+        unused.append(f"Denoising strength: {params.strength} (an img2img or hires fix setting)")
+    if unused:
+        warnings.warn(f"{args.from_png}: settings this run does not use: {'; '.join(unused)}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.from_png is not None:
+        settings_from_png(args, args.given)
+    elif args.prompt is None:
+        raise UsageError("give a PROMPT (or --from-png IMAGE.png)")
     check_generation_args(args)
     pipe = load_model(args)
     result = run_pipeline(pipe, args, args.prompt, args.negative_prompt)
@@ -608,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.error("choose a command: generate, img2img, inpaint, samplers, info or serve")
+        if getattr(args, "from_png", None) is not None:
+            args.given = given_options(argv)
         with warnings.catch_warnings():
             warnings.showwarning = _print_warning
             malloc.keep_freed_memory()  # before torch is imported: its threads and the server's share the heap

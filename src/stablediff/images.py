@@ -419,6 +419,16 @@ def image_size(path) -> tuple[int, int]:
         return image.size
 
 
+def read_parameters(path) -> str:
+    """The generation `parameters` text an image file holds (A1111 and stablediff write it as a PNG text chunk
+    before the pixels, so the header read suffices); ValueError naming the file when it holds none."""
+    with open_header(path) as image:
+        text = image.info.get("parameters")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{path}: holds no generation parameters (no 'parameters' text in the image)")
+    return text
+
+
 def open_image(image) -> Image.Image:
     """A PIL image as it is, or a path opened (size checked from the header before decoding; fully read, so the
     file is closed); errors are a one-line ValueError naming the path."""

@@ -30,6 +30,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
 SCHEDULES = ("karras",)
+# infotext keys that record what made an image rather than say how to make it: not reported as unused
+INFOTEXT_RECORDS = frozenset({"Model hash", "Model", "Version", "Lora hashes", "TI hashes", "NSFW"})
 _SCHEDULE_LABELS = {"karras": "Karras"}  # our schedule name -> A1111's "Schedule type"
 
 
@@ -220,6 +222,11 @@ class GenerationParams:
                    batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
                    clip_skip=args.clip_skip, strength=getattr(args, "strength", None), loras=loras,
                    cache_interval=args.cache_interval)
+
+
+def unused_settings(unknown: dict[str, str]) -> list[str]:
+    """`from_infotext`'s unknown keys that are settings (not records such as "Model hash"), as "key: value"."""
+    return [f"{k}: {v}" for k, v in unknown.items() if k not in INFOTEXT_RECORDS]
 
 
 def lora_arg(value: str) -> tuple[str, float]:

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ from . import __version__, cpu, embeddings, images, lora, malloc, samplers, weig
 from .clip import CLIPTextModel
 from .denoiser import CFGDenoiser, EpsDenoiser
 from .nn import ResnetBlock
-from .params import DEFAULT_MODEL, MAX_SEED, GenerationParams
+from .params import DEFAULT_MODEL, MAX_SEED, GenerationParams, unused_settings
 from .prompts import PromptEncoder
 from .safety import SafetyChecker, load_safety_checker
 from .schedule import NoiseSchedule
@@ -279,23 +280,38 @@ class StableDiffusion:
         `callback(StepInfo)` runs after every step; `cancel` (anything with `is_set()`, e.g. threading.Event)
         stops the call within one U-Net or VAE layer by raising Cancelled.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        init_image, mask_image, width, height, strength = self._init_settings(init_image, mask_image, width, height,
-                                                                              strength)
         params = GenerationParams(
             steps=steps, cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
             sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
-            loras=tuple((loras or {}).items()), cache_interval=cache_interval).validate(prompts=len(prompts))
+            loras=tuple((loras or {}).items()), cache_interval=cache_interval)
+        return self.generate(params, prompts=prompt, negatives=negative_prompt, init_image=init_image,
+                             mask_image=mask_image, callback=callback, cancel=cancel, progress=progress)
+
+    @torch.no_grad()
+    def generate(self, params: GenerationParams, *, prompts: str | list[str] | None = None,
+                 negatives: str | list[str] | None = None, init_image=None, mask_image=None,
+                 callback: Callable[[StepInfo], None] | None = None, cancel=None,
+                 progress: bool = False) -> GenerationResult:
+        """The call above with its settings in one GenerationParams (as the CLI, the server, batch jobs and
+        `from_infotext` build them). `prompts` / `negatives` (a text or one per prompt) replace params.prompt /
+        params.negative_prompt when given."""
+        prompts = [params.prompt] if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
+        negatives = params.negative_prompt if negatives is None else negatives
+        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        init_image, mask_image, width, height, strength = self._init_settings(
+            init_image, mask_image, params.width, params.height, params.strength)
+        params = params.replace(width=width, height=height, strength=strength).validate(prompts=len(prompts))
         self._check_fits(params, inpaint=mask_image is not None)
-        if seed is None:
-            params = params.replace(seed=random.randint(0, MAX_SEED - len(prompts) * batch_size))
-        plan = samplers.prepare(params.sampler, self.noise_schedule, steps, schedule=params.schedule,
+        if params.seed is None:
+            params = params.replace(seed=random.randint(0, MAX_SEED - len(prompts) * params.batch_size))
+        plan = samplers.prepare(params.sampler, self.noise_schedule, params.steps, schedule=params.schedule,
                                 strength=strength or 1.0)
+        loras = dict(params.loras)
         wanted = [self._wanted_loras(p, loras) for p in prompts]  # resolved (and missing ones named) up front
         source = self._encode_init(init_image, mask_image, params) if init_image is not None else None
+        batch_size = params.batch_size
 
         all_latents = []
         with cancel_within_steps((self.unet, self.vae), cancel):  # also inside a step: between layers
@@ -318,6 +334,22 @@ class StableDiffusion:
         if self.safety_checker is not None:
             pil, nsfw = self.safety_checker.censor(pil)
         return self._result(pil, latents, nsfw, prompts, negatives, params, wanted)
+
+    def from_infotext(self, text: str, **changes) -> GenerationResult:
+        """Remake an image from its `parameters` text (ours or AUTOMATIC1111's), with `changes` (GenerationParams
+        fields, e.g. steps=10) on top. Keys of the text that are not settings here are named in one warning (the
+        model's name, hash and versions are only compared), so nothing is dropped without a word."""
+        params, unknown = GenerationParams.from_infotext(text)
+        notes = unused_settings(unknown)
+        theirs = unknown.get("Model hash", "").lower()
+        if theirs and self.model_hash and theirs != self.model_hash.lower():
+            notes.insert(0, f"Model hash: {theirs} (this model's is {self.model_hash})")
+        if params.strength is not None and "strength" not in changes:  # txt2img here: no init image
+            notes.append(f"Denoising strength: {params.strength} (an img2img or hires fix setting)")
+            params = params.replace(strength=None)
+        if notes:
+            warnings.warn(f"the infotext holds settings this run does not use: {'; '.join(notes)}", stacklevel=2)
+        return self.generate(params.replace(**changes))
 
     def generate_latents(self, prompt: str, negative: str, params: GenerationParams, plan: samplers.SamplingPlan,
                          seeds, source: dict | None = None, step_callback=None) -> torch.Tensor:

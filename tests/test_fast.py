@@ -186,6 +186,7 @@ def test_bf16_unet_is_channels_last_on_cpu_and_matches_float32(tiny_model_dir):
         StableDiffusion.from_pretrained(tiny_model_dir, vae_dtype=torch.float16)
 
 
+@pytest.mark.slow
 def test_compile_keeps_the_image(tiny_model_dir):
     pytest.importorskip("torch._inductor")
     exact = StableDiffusion.from_pretrained(tiny_model_dir)

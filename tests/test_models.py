@@ -22,7 +22,7 @@ def ours(cls, cfg_cls, ref, state_dict):
     return model.eval()
 
 
-@pytest.mark.parametrize("size", ["tiny", "sd15"])
+@pytest.mark.parametrize("size", ["tiny", pytest.param("sd15", marks=pytest.mark.slow)])
 def test_unet_matches_diffusers(size, all_cores, winograd_inputs):
     cfg = TINY_UNET if size == "tiny" else sd15_config("unet")
     ref = diffusers_unet(cfg)

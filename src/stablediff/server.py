@@ -12,7 +12,8 @@ jobs one at a time in the order they were accepted; a request that finds the que
 The route awaits the job's future, so /progress and /interrupt answer while a job runs, and checks every
 DISCONNECT_POLL_S seconds whether its client is still there: a job whose client went away is cancelled (a waiting
 one never runs; a running one stops within a U-Net block). This file is the HTTP layer: the config, the errors
-clients see, the routes, the uvicorn server; sdapi.py holds the requests, their checks and the job a generation
+clients see, the routes (module-level functions on `router`, reaching what they share through request.app.state,
+which create_app sets), the uvicorn server; sdapi.py holds the requests, their checks and the job a generation
 request becomes (`generate`); guards.py the protections every request meets (Host check, auth, cross-site POSTs,
 the body cap, the read deadline).
 

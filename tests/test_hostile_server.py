@@ -106,7 +106,7 @@ def test_check_request_refuses_by_the_limits_naming_the_flag():
         ({"steps": 501}, 422, "--max-steps"),
         ({"width": 1024, "height": 1024, "batch_size": 16}, 422, "--max-batch-pixels"),
         ({"prompt": "x" * 20_001}, 413, "prompt length in characters 20,001"),
-        ({"negative_prompt": "cat " * 1500}, 413, "negative_prompt length in tokens"),
+        ({"negative_prompt": "cat " * 1500}, 413, "negative prompt length in tokens"),
         ({"enable_hr": True}, 422, "enable_hr"),
     ]
     for fields, status, text in cases:
@@ -115,9 +115,9 @@ def test_check_request_refuses_by_the_limits_naming_the_flag():
         assert e.value.status == status and text in str(e.value), (fields, str(e.value))
     # left-out width/height: the native size given, or the init image's rounded down to a multiple of 8
     plan = check_request(Txt2ImgRequest(steps=20), limits, 64)
-    assert (plan.width, plan.height, plan.steps) == (64, 64, 20)
+    assert (plan.params.width, plan.params.height, plan.steps) == (64, 64, 20)
     plan = check_request(Txt2ImgRequest(steps=20), limits, 512, init_size=(301, 203))
-    assert (plan.width, plan.height) == (296, 200)
+    assert (plan.params.width, plan.params.height) == (296, 200)
     with pytest.raises(ClientError, match="--max-pixels"):
         check_request(Txt2ImgRequest(), Limits(max_pixels=512 * 511), 512)
 

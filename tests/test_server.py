@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -30,8 +31,12 @@ httpx = pytest.importorskip("httpx")
 
 from conftest import serve_process  # noqa: E402
 from stablediff.cli import build_parser, main  # noqa: E402
+from stablediff.limits import Limits  # noqa: E402
+from stablediff.params import GenerationParams  # noqa: E402
 from stablediff.pipeline import StableDiffusion  # noqa: E402
+from stablediff.sdapi import Img2ImgRequest, Txt2ImgRequest, check_request  # noqa: E402
 from stablediff.server import ServeConfig, bind_warning, create_app  # noqa: E402
+from stablediff.worker import ClientError  # noqa: E402
 
 AUTH = ("user", "secret: pass")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -226,7 +231,7 @@ BAD = [  # (route, payload, text the message must contain)
     ("txt2img", {"prompt": ["a", "list"]}, "prompt"),
     ("txt2img", {"seed": 2**40}, "seed"),
     ("txt2img", {"batch_size": 0}, "batch_size"),
-    ("txt2img", {"sampler_name": "Nonexistent Sampler"}, "sampler_name"),
+    ("txt2img", {"sampler_name": "Nonexistent Sampler"}, "unknown sampler 'Nonexistent Sampler'"),
     ("txt2img", {"scheduler": "exponential"}, "scheduler"),
     ("txt2img", {"enable_hr": True}, "enable_hr"),
     ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings.CLIP_stop_at_last_layers"),
@@ -244,6 +249,31 @@ BAD = [  # (route, payload, text the message must contain)
     ("options", {"CLIP_stop_at_last_layers": "two"}, "CLIP_stop_at_last_layers"),
     ("png-info", {"image": "%%%"}, "image"),
 ]
+
+
+def test_check_request_builds_the_validated_generation_params():
+    limits = Limits()
+    plan = check_request(Txt2ImgRequest(prompt="p", seed=-1, sampler_name="DPM++ 2M Karras", steps=20), limits, 64,
+                         clip_skip=2)
+    assert plan.params == GenerationParams(prompt="p", seed=None, width=64, height=64, steps=20, sampler="dpmpp_2m",
+                                           schedule="karras", clip_skip=2, cfg_scale=7.0)
+    assert plan.steps == 20
+    plan = check_request(Txt2ImgRequest(sampler_index="Euler", scheduler=" Karras", seed=9, batch_size=2,
+                                        override_settings={"CLIP_stop_at_last_layers": 3}), limits, 512, clip_skip=2)
+    assert (plan.params.sampler, plan.params.schedule, plan.params.seed, plan.params.clip_skip) == ("euler", "karras",
+                                                                                                    9, 3)
+    assert check_request(Txt2ImgRequest(sampler_name="DDIM"), limits, 512).params.schedule is None
+    # img2img: only the last denoising_strength of the steps run (PLMS one more), and some must be left
+    img2img = dict(init_images=["unused here"], steps=20, denoising_strength=0.6)
+    assert check_request(Img2ImgRequest(**img2img), limits, 512, (64, 64)).steps == 12
+    assert check_request(Img2ImgRequest(**img2img, sampler_name="PLMS"), limits, 512, (64, 64)).steps == 13
+    bad = [(Img2ImgRequest(**{**img2img, "steps": 1, "denoising_strength": 0.5}), "leaves no step of 1"),
+           (Txt2ImgRequest(seed=2**32 - 3, batch_size=2, n_iter=2), "seed 4294967293 + 4 images runs past"),
+           (Txt2ImgRequest(sampler_name="DDIM", scheduler="karras"), "'ddim' does not take the karras schedule")]
+    for req, text in bad:
+        with pytest.raises(ClientError, match=re.escape(text)) as e:
+            check_request(req, limits, 512, (64, 64) if isinstance(req, Img2ImgRequest) else None)
+        assert e.value.status == 422
 
 
 def test_bad_input_gets_4xx_naming_the_value_and_the_server_goes_on(server):

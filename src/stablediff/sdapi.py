@@ -1,8 +1,11 @@
 """AUTOMATIC1111's /sdapi/v1 generation requests: their fields, their checks, and the job one becomes (`generate`).
 
 server.py is the HTTP layer around this. `check_request` is the one place a txt2img/img2img request is checked
-before it is queued: what no model could run (hires fix, scheduler, sampler, size, steps, seed) and the `Limits`
-(the work asked for, the prompts' length in characters and CLIP tokens). `generate` runs on the worker thread.
+before it is queued: it turns the request into the one settings object, `params.GenerationParams` (`from_a1111`),
+whose `validate` judges what no model could run (sampler, size, steps, seed ...) and the `Limits` (the work asked
+for, the prompts' length in CLIP tokens); this file adds only what is the API's own: the prompts' length in
+characters first, hires fix and the `scheduler` field, and the status codes (413 for a prompt too long, 422 for
+the rest). `generate` runs on the worker thread.
 """
 
 from __future__ import annotations
@@ -19,14 +22,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from . import __version__, images, samplers
 from .limits import LimitError, Limits
-from .pipeline import MAX_SEED, Cancelled, StableDiffusion, check_params
+from .params import MAX_SEED, GenerationParams
+from .pipeline import Cancelled, StableDiffusion
 from .schedule import NoiseSchedule
 from .worker import ClientError, Job
 
 MAX_BATCH_SIZE = 16  # per iteration; A1111's web UI allows 8 (the Limits apply as well)
 MAX_N_ITER = 100  # as A1111's web UI
 MAX_IMAGE_PIXELS = 4096 * 4096  # of an uploaded image
-SCHEDULERS = {"automatic": ("Automatic", None), "karras": ("Karras", "karras")}  # name -> (label, our schedule)
+SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}  # name -> label; "automatic": the sampler name's own
 
 
 # --- requests -----------------------------------------------------------------------------------------------------
@@ -93,10 +97,7 @@ class PngInfoRequest(BaseModel):
 class Plan(NamedTuple):
     """What `check_request` worked out for a request."""
 
-    sampler: str
-    schedule: str | None
-    width: int
-    height: int
+    params: GenerationParams  # validated; width/height filled in as checked against the limits
     steps: int  # sampler steps of one iteration (img2img runs only the last denoising_strength of them)
 
 
@@ -107,55 +108,59 @@ def output_size(req: Txt2ImgRequest, native_size: int, init_size: tuple[int, int
     return req.width or default[0], req.height or default[1]
 
 
-def check_work(req: Txt2ImgRequest, limits: Limits, width: int, height: int) -> None:
-    """The work a request asks for against the limits: ClientError 422 naming the value, the limit and the flag."""
+def check_prompt_length(req: Txt2ImgRequest, limits: Limits) -> None:
+    """The prompts' length in characters (ClientError 413): the check that comes before anything heavier (decoding
+    images, counting tokens), so a 10 MB prompt costs nothing more. `validated` counts their tokens."""
     try:
-        limits.check_work(width=width, height=height, steps=req.steps, batch_size=req.batch_size,
-                          images=req.batch_size * req.n_iter)
-    except LimitError as e:
-        raise ClientError(422, str(e)) from None
-
-
-def check_prompts(req: Txt2ImgRequest, limits: Limits, tokens: bool = True) -> None:
-    """The prompt and negative prompt against max_prompt_tokens: by characters, and by tokens unless `tokens` is
-    False (ClientError 413)."""
-    try:
-        for name in ("prompt", "negative_prompt"):
-            limits.check_prompt(getattr(req, name), name, tokens=tokens)
+        for text, name in ((req.prompt, "prompt"), (req.negative_prompt, "negative prompt")):
+            limits.check_prompt(text, name, tokens=False)
     except LimitError as e:
         raise ClientError(413, str(e)) from None
 
 
-def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int,
-                  init_size: tuple[int, int] | None = None) -> Plan:
-    """Every check of a txt2img/img2img request that needs no model, cheapest first: the prompts' length in
-    characters (413), what no model could run (422: hires fix, scheduler, sampler, size, steps, seed ...), the work
-    asked for (422), the prompts' length in tokens (413). A few ms; at most about 0.3 s for 20,000 characters of
-    random letters. ClientError otherwise."""
-    check_prompts(req, limits, tokens=False)
-    if req.enable_hr:
-        raise ClientError(422, "enable_hr: hires fix is not supported by this server")
-    scheduler = req.scheduler.strip().lower()
-    if scheduler not in SCHEDULERS:
-        raise ClientError(422, f"scheduler {req.scheduler!r} is not supported; choose one of: {', '.join(SCHEDULERS)}")
+def validated(params: GenerationParams, limits: Limits, n_iter: int) -> GenerationParams:
+    """params.validate against the limits, the n_iter iterations counting as that many prompts (image k of the
+    request is seeded seed + k). ClientError: 413 for a prompt over --max-prompt-tokens, 422 for the rest."""
     try:
-        spec, alias_schedule = samplers.get_sampler(req.sampler_name or req.sampler_index)
-    except ValueError as e:
-        raise ClientError(422, f"sampler_name: {e}") from None
-    schedule = SCHEDULERS[scheduler][1] or alias_schedule
-    strength = getattr(req, "denoising_strength", 1.0) if init_size is not None else 1.0
-    try:
-        check_params(steps=req.steps, cfg_scale=req.cfg_scale, width=req.width, height=req.height,
-                     batch_size=req.batch_size, sampler=spec.name, schedule=schedule,
-                     seed=None if req.seed < 0 else req.seed)
-        steps = len(samplers.prepare(spec.name, NoiseSchedule(), req.steps, schedule=schedule,
-                                     strength=strength).sigmas) - 1
+        return params.validate(limits, prompts=n_iter)
+    except LimitError as e:
+        raise ClientError(413 if e.flag.startswith(Limits.flag("max_prompt_tokens")) else 422, str(e)) from None
     except ValueError as e:
         raise ClientError(422, str(e)) from None
+
+
+def sampler_steps(params: GenerationParams) -> int:
+    """The sampler steps one pipeline call of validated `params` runs: all of them for txt2img; img2img's strength
+    keeps only the last ones, as many as samplers.prepare decides (ValueError for a strength that leaves none,
+    which `validate`, trying the plan without the strength, does not see)."""
+    if params.strength is None:
+        return params.steps
+    plan = samplers.prepare(params.sampler, NoiseSchedule(), params.steps, schedule=params.schedule,
+                            strength=params.strength)
+    return len(plan.sigmas) - 1
+
+
+def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_size: tuple[int, int] | None = None,
+                  *, clip_skip: int = 1) -> Plan:
+    """Every check of a txt2img/img2img request that needs no model, cheapest first: the prompts' length in
+    characters (413), what this API does not offer (422: hires fix, a scheduler), then GenerationParams.validate
+    (`validated`: what no model could run, the work asked for, the prompts' tokens). clip_skip: the server's
+    option, for a request whose override_settings leave it out. Width/height left out are the init image's
+    (img2img) or `native_size`. ClientError otherwise."""
+    check_prompt_length(req, limits)
+    if req.enable_hr:
+        raise ClientError(422, "enable_hr: hires fix is not supported by this server")
+    if req.scheduler.strip().lower() not in SCHEDULERS:
+        raise ClientError(422, f"scheduler {req.scheduler!r} is not supported; choose one of: {', '.join(SCHEDULERS)}")
     width, height = output_size(req, native_size, init_size)
-    check_work(req, limits, width, height)
-    check_prompts(req, limits)
-    return Plan(spec.name, schedule, width, height, steps)
+    params = GenerationParams.from_a1111(req.model_dump()).replace(width=width, height=height)
+    if req.override_settings.CLIP_stop_at_last_layers is None:
+        params = params.replace(clip_skip=clip_skip)
+    params = validated(params, limits, req.n_iter)
+    try:
+        return Plan(params, sampler_steps(params))
+    except ValueError as e:
+        raise ClientError(422, str(e)) from None
 
 
 def decode_image(data: str, name: str) -> Image.Image:
@@ -184,68 +189,109 @@ def png_base64(image: Image.Image, parameters: str) -> str:
     return base64.b64encode(images.png_bytes(image, parameters)).decode("ascii")
 
 
-def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, plan: Plan, limits: Limits, clip_skip: int,
-             init: Image.Image | None, mask: Image.Image | None, output_dir: Path) -> dict:
-    """Run a txt2img/img2img request on the worker thread: n_iter pipeline calls of batch_size images each, image k
-    seeded seed + k as A1111 does. Returns {"images": [base64 PNG], "info": A1111's info fields + ours}.
+# --- the job ------------------------------------------------------------------------------------------------------
 
-    The size is checked against the limits again when the model's native size turned out other than the route
-    assumed. The response repeats the prompt and negative prompt for every image, as A1111 does: in info's
+def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, params: GenerationParams, limits: Limits,
+             init: Image.Image | None, mask: Image.Image | None, output_dir: Path) -> dict:
+    """Run a txt2img/img2img request (`params` from check_request) on the worker thread: n_iter pipeline calls of
+    batch_size images each, image k seeded seed + k as A1111 does. Returns {"images": [base64 PNG], "info": A1111's
+    info fields + ours}.
+
+    The response repeats the prompt and negative prompt for every image, as A1111 does: in info's
     all_prompts/all_negative_prompts and infotexts (JSON inside JSON: at most 14 bytes a character, 2 for
     printable ASCII) and in each PNG's parameters chunk (base64: 4/3 x UTF-8). So the text adds at most about
     33 x (len(prompt) + len(negative_prompt)) bytes an image; with the prompt caps of the default Limits (20,000
     characters and 1,000 tokens each) that is at most 1.3 MB an image, under 0.15 MB for printable ASCII, and the
     image count is capped by --max-images (the PNGs themselves, about 0.55 MB base64 at 512x512, add to it)."""
-    seed = req.seed if req.seed >= 0 else random.randint(0, MAX_SEED - req.batch_size * req.n_iter)
-    width, height = output_size(req, pipe.native_size, init.size if init is not None else None)
-    if (width, height) != (plan.width, plan.height):
-        check_work(req, limits, width, height)
-    if init is not None:
-        init = init.convert("RGB")
-        if init.size != (width, height):
-            init = init.resize((width, height), resample=Image.Resampling.LANCZOS)
-        if mask is not None and req.inpainting_mask_invert:
-            mask = ImageOps.invert(mask.convert("L"))
+    params = native_params(req, params, limits, pipe.native_size, init)
+    if params.seed is None:
+        params = params.replace(seed=random.randint(0, MAX_SEED - req.batch_size * req.n_iter))
+    init, mask = fitted_images(req, params, init, mask)
+    results, interrupted = run_iterations(job, pipe, params, req.n_iter, init, mask)
+    pictures = [im for r in results for im in r.images]
+    infotexts = [t for r in results for t in r.infotexts]
+    seeds = [s for r in results for s in r.seeds]
+    encoded = deliver(req, pictures, seeds, infotexts, output_dir)
+    info = response_info(job, pipe, params, req.n_iter, seeds, infotexts, interrupted=interrupted,
+                         inpainting=mask is not None)
+    return {"images": encoded, "info": info}
 
+
+def native_params(req: Txt2ImgRequest, params: GenerationParams, limits: Limits, native_size: int,
+                  init: Image.Image | None) -> GenerationParams:
+    """params with the size left out taken from the loaded model: the route checked the native size it knew of
+    (512 for a model not loaded before), so another one is checked against the limits again."""
+    width, height = output_size(req, native_size, init.size if init is not None else None)
+    if (width, height) == (params.width, params.height):
+        return params
+    return validated(params.replace(width=width, height=height), limits, req.n_iter)
+
+
+def fitted_images(req: Txt2ImgRequest, params: GenerationParams, init: Image.Image | None,
+                  mask: Image.Image | None) -> tuple[Image.Image | None, Image.Image | None]:
+    """The init image as RGB at the output size (A1111's resize mode 0), and the mask inverted where asked."""
+    if init is None:
+        return None, None
+    init = init.convert("RGB")
+    if init.size != (params.width, params.height):
+        init = init.resize((params.width, params.height), resample=Image.Resampling.LANCZOS)
+    if mask is not None and req.inpainting_mask_invert:
+        mask = ImageOps.invert(mask.convert("L"))
+    return init, mask
+
+
+def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int,
+                   init: Image.Image | None, mask: Image.Image | None) -> tuple[list, bool]:
+    """The pipeline's results of the n_iter iterations (params.seed set), and whether the job was interrupted: an
+    interrupt drops the iteration it stops and runs no more."""
     def on_step(info):
         job.step, job.steps = info.step, info.total
 
-    results, interrupted = [], False
-    for i in range(req.n_iter):
+    results = []
+    for i in range(n_iter):
         job.job_no, job.step = i, 0
         try:
             if job.cancel.is_set():
                 raise Cancelled("interrupted between iterations")
-            results.append(pipe(req.prompt, req.negative_prompt, steps=req.steps, cfg_scale=req.cfg_scale,
-                                seed=seed + i * req.batch_size, width=width, height=height,
-                                batch_size=req.batch_size, sampler=plan.sampler, schedule=plan.schedule,
-                                clip_skip=clip_skip, init_image=init, mask_image=mask,
-                                strength=req.denoising_strength if init is not None else None,
+            results.append(pipe(params.prompt, params.negative_prompt, steps=params.steps,
+                                cfg_scale=params.cfg_scale, seed=params.seed + i * params.batch_size,
+                                width=params.width, height=params.height, batch_size=params.batch_size,
+                                sampler=params.sampler, schedule=params.schedule, clip_skip=params.clip_skip,
+                                init_image=init, mask_image=mask, strength=params.strength,
+                                loras=dict(params.loras), cache_interval=params.cache_interval,
                                 callback=on_step, cancel=job.cancel))
         except Cancelled:
-            interrupted = True
-            break
-    pictures = [im for r in results for im in r.images]
-    infotexts = [t for r in results for t in r.infotexts]
-    seeds = [s for r in results for s in r.seeds]
+            return results, True
+    return results, False
+
+
+def deliver(req: Txt2ImgRequest, pictures: list[Image.Image], seeds: list[int], infotexts: list[str],
+            output_dir: Path) -> list[str]:
+    """The images as the request asks: saved to output_dir (save_images), and returned as base64 PNGs
+    (send_images; else an empty list)."""
     if req.save_images:
-        for image, s, text in zip(pictures, seeds, infotexts):
-            images.save_png(image, output_dir, s, text)
-    encoded = [png_base64(im, t) for im, t in zip(pictures, infotexts)] if req.send_images else []
-    schedule = plan.schedule
-    info = dict(
-        prompt=req.prompt, all_prompts=[req.prompt] * len(pictures), negative_prompt=req.negative_prompt,
-        all_negative_prompts=[req.negative_prompt] * len(pictures), seed=seed, all_seeds=seeds, subseed=seed,
-        all_subseeds=seeds, subseed_strength=0, width=width, height=height,
-        sampler_name=samplers.SAMPLERS[plan.sampler].label,
-        scheduler="karras" if schedule == "karras" else "automatic", cfg_scale=req.cfg_scale, steps=req.steps,
-        batch_size=req.batch_size, n_iter=req.n_iter, restore_faces=False, face_restoration_model=None,
-        sd_model_name=pipe.model_name, sd_model_hash=pipe.model_hash or None, sd_vae_name=None, sd_vae_hash=None,
-        seed_resize_from_w=-1, seed_resize_from_h=-1,
-        denoising_strength=req.denoising_strength if init is not None else None,
-        extra_generation_params={"Denoising strength": req.denoising_strength} if init is not None else {},
-        index_of_first_image=0, infotexts=infotexts, styles=[], job_timestamp=job.timestamp, clip_skip=clip_skip,
-        is_using_inpainting_conditioning=mask is not None and pipe.unet.config.in_channels == 9,
+        for image, seed, text in zip(pictures, seeds, infotexts):
+            images.save_png(image, output_dir, seed, text)
+    return [png_base64(im, t) for im, t in zip(pictures, infotexts)] if req.send_images else []
+
+
+def response_info(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int, seeds: list[int],
+                  infotexts: list[str], *, interrupted: bool, inpainting: bool) -> dict:
+    """A1111's `info` of a response (which clients read as JSON), with our job fields: job_id and run_no."""
+    n = len(seeds)
+    strength = params.strength
+    return dict(
+        prompt=params.prompt, all_prompts=[params.prompt] * n, negative_prompt=params.negative_prompt,
+        all_negative_prompts=[params.negative_prompt] * n, seed=params.seed, all_seeds=seeds, subseed=params.seed,
+        all_subseeds=seeds, subseed_strength=0, width=params.width, height=params.height,
+        sampler_name=samplers.SAMPLERS[params.sampler].label,
+        scheduler="karras" if params.schedule == "karras" else "automatic", cfg_scale=params.cfg_scale,
+        steps=params.steps, batch_size=params.batch_size, n_iter=n_iter, restore_faces=False,
+        face_restoration_model=None, sd_model_name=pipe.model_name, sd_model_hash=pipe.model_hash or None,
+        sd_vae_name=None, sd_vae_hash=None, seed_resize_from_w=-1, seed_resize_from_h=-1,
+        denoising_strength=strength,
+        extra_generation_params={"Denoising strength": strength} if strength is not None else {},
+        index_of_first_image=0, infotexts=infotexts, styles=[], job_timestamp=job.timestamp,
+        clip_skip=params.clip_skip, is_using_inpainting_conditioning=inpainting and pipe.unet.config.in_channels == 9,
         version=f"stablediff {__version__}",
         interrupted=interrupted, sampling_step=job.step, job_id=job.job_id, run_no=job.run_no)
-    return {"images": encoded, "info": info}

@@ -12,7 +12,8 @@ jobs one at a time in the order they were accepted; a request that finds the que
 The route awaits the job's future, so /progress and /interrupt answer while a job runs, and checks every
 DISCONNECT_POLL_S seconds whether its client is still there: a job whose client went away is cancelled (a waiting
 one never runs; a running one stops within a U-Net block). This file is the HTTP layer: the config, the errors
-clients see, the routes, the uvicorn server; sdapi.py holds the requests, their checks and the job a generation
+clients see, the routes (module-level functions on `router`, reaching what they share through request.app.state,
+which create_app sets), the uvicorn server; sdapi.py holds the requests, their checks and the job a generation
 request becomes (`generate`); guards.py the protections every request meets (Host check, auth, cross-site POSTs,
 the body cap, the read deadline).
 
@@ -56,6 +57,7 @@ Decisions a client may notice:
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -67,16 +69,17 @@ from typing import Callable
 
 import uvicorn
 from uvicorn.logging import DefaultFormatter
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
 
 from . import __version__, images, malloc, samplers
 from .guards import BasicAuth, BodyLimit, HostCheck, PostGuard, read_timeout_protocol
 from .limits import NATIVE_SIZE, Limits
 from .pipeline import Cancelled, StableDiffusion, resolve_device
 from .sdapi import (SCHEDULERS, Img2ImgRequest, OverrideSettings, PngInfoRequest, Txt2ImgRequest,
-                    check_prompts, check_request, decode_image, generate)
+                    check_prompt_length, check_request, decode_image, generate)
 from .worker import Catalog, ClientError, Job, ModelEntry, Worker, startup_model
 
 log = logging.getLogger("stablediff.server")
@@ -163,7 +166,7 @@ def client_error(e: BaseException, roots: list[tuple[str, str]], logged: bool = 
     return ClientError(500, f"{type(e).__name__}: {public_message(e, roots)}")
 
 
-# --- the app ------------------------------------------------------------------------------------------------------
+# --- the app: errors ----------------------------------------------------------------------------------------------
 
 def _field_errors(errors) -> list[dict]:
     out = []
@@ -191,180 +194,224 @@ def _error_roots(config: ServeConfig, catalog: Catalog) -> list[tuple[str, str]]
     return sorted(found.items(), key=lambda item: -len(item[0]))
 
 
-def create_app(config: ServeConfig, *, load: Callable[[ModelEntry], StableDiffusion] | None = None) -> FastAPI:
-    """The FastAPI app with its worker; the startup model is loaded before this returns (errors raise here)."""
-    if load is None:
-        import torch
+async def refused(request: Request, e: ClientError) -> JSONResponse:
+    return JSONResponse({"error": type(e).__name__, "detail": public_message(e, request.app.state.roots)}, e.status,
+                        headers=e.headers)
 
-        def load(entry):
-            return StableDiffusion.from_pretrained(entry.source, device=config.device,
-                                                   dtype=getattr(torch, config.dtype))
 
-    def load_with_addons(entry: ModelEntry) -> StableDiffusion:
-        pipe = load(entry)
-        pipe.lora_dir = Path(config.lora_dir)
-        for line in pipe.load_embeddings(config.embeddings_dir):
-            log.warning("skipped embedding %s", line)
-        return pipe
+async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    errors = _field_errors(e.errors())
+    detail = "; ".join(f"{x['field']}: {x['message']} (got {x['got']})" for x in errors)
+    return JSONResponse({"error": "ValidationError", "detail": detail, "errors": errors}, 422)
 
-    catalog = Catalog(config.models_dir, startup_model(config.model, config.models_dir))
+
+async def failed(request: Request, e: Exception) -> JSONResponse:  # starlette then logs e with its traceback
+    answer = client_error(e, request.app.state.roots, logged=True)
+    return JSONResponse({"error": "InternalError", "detail": str(answer)}, answer.status)
+
+
+# --- the app: jobs ------------------------------------------------------------------------------------------------
+
+async def run(request: Request, job: Job, *, watch_client: bool = True):
+    """Queue a job and wait for it without blocking the loop. With `watch_client`, a client that goes away (checked
+    every DISCONNECT_POLL_S s) cancels its job: a waiting one is dropped, a running one stops."""
+    worker = request.app.state.worker
+    future = asyncio.wrap_future(worker.submit(job))
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception never retrieved"
+    try:
+        while not future.done():
+            await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
+            if watch_client and not future.done() and await request.is_disconnected():
+                worker.cancel(job)
+                log.info("job %d (%s) cancelled: its client went away", job.job_id, job.kind)
+                raise ClientError(499, "the client closed the connection; the job was cancelled")
+        return future.result()
+    except asyncio.CancelledError:  # uvicorn gave up waiting for this request (shutdown)
+        worker.cancel(job)
+        raise
+    except Cancelled:
+        raise ClientError(503 if worker.closed else 499, "the job was cancelled before it started") from None
+    except Exception as e:
+        raise client_error(e, request.app.state.roots) from None
+
+
+async def request_model(state, override: OverrideSettings) -> tuple[ModelEntry, int]:
+    """The model and clip skip a generation request uses: its override_settings, else the server's options."""
+    entry = state.options["checkpoint"]
+    if override.sd_model_checkpoint is not None:
+        entry = await asyncio.to_thread(state.catalog.find, override.sd_model_checkpoint)
+    return entry, override.CLIP_stop_at_last_layers or state.options["clip_skip"]
+
+
+async def request_images(req: Img2ImgRequest, limits: Limits) -> tuple[Image.Image, Image.Image | None]:
+    """An img2img request's init image and mask, decoded in a thread once its prompts' length passed (no decoding
+    images for a request refused anyway)."""
+    check_prompt_length(req, limits)
+    init = await asyncio.to_thread(decode_image, req.init_images[0], "init_images[0]")
+    mask = await asyncio.to_thread(decode_image, req.mask, "mask") if req.mask else None
+    return init, mask
+
+
+async def generation(kind: str, req: Txt2ImgRequest, request: Request) -> dict:
+    """A txt2img/img2img request, checked (sdapi.check_request, in a thread), run as a job, answered as A1111."""
+    state = request.app.state
+    worker, config = state.worker, state.config
+    entry, clip_skip = await request_model(state, req.override_settings)
+    init, mask = await request_images(req, config.limits) if kind == "img2img" else (None, None)
+    plan = await asyncio.to_thread(check_request, req, config.limits, worker.native_sizes.get(entry, NATIVE_SIZE),
+                                   init.size if init is not None else None, clip_skip=clip_skip)
+    job = Job(kind, lambda job: generate(job, worker.use(entry), req, plan.params, config.limits, init, mask,
+                                         config.output_dir), job_count=req.n_iter, steps=plan.steps)
+    result = await run(request, job)
+    if result["info"]["interrupted"] and worker.closed:
+        raise ClientError(503, "the server is shutting down; the job was stopped")
+    parameters = req.model_dump(mode="json")
+    if kind == "img2img" and not req.include_init_images:
+        parameters.update(init_images=None, mask=None)
+    return {"images": result["images"], "parameters": parameters, "info": json.dumps(result["info"])}
+
+
+# --- the app: routes ----------------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.post("/sdapi/v1/txt2img")
+async def txt2img(req: Txt2ImgRequest, request: Request):
+    return await generation("txt2img", req, request)
+
+
+@router.post("/sdapi/v1/img2img")
+async def img2img(req: Img2ImgRequest, request: Request):
+    return await generation("img2img", req, request)
+
+
+@router.get("/sdapi/v1/progress")
+async def progress(request: Request):
+    return request.app.state.worker.progress()
+
+
+@router.post("/sdapi/v1/interrupt")
+async def interrupt(request: Request):
+    request.app.state.worker.interrupt()
+    return {}
+
+
+@router.get("/sdapi/v1/samplers")
+async def sampler_list():
+    return [{"name": s.label, "aliases": [s.name, *s.aliases], "options": {}} for s in samplers.SAMPLERS.values()]
+
+
+@router.get("/sdapi/v1/schedulers")
+async def scheduler_list():
+    return [{"name": name, "label": label, "aliases": None, "default_rho": 7.0 if name == "karras" else -1.0,
+             "need_inner_model": False} for name, label in SCHEDULERS.items()]
+
+
+@router.get("/sdapi/v1/sd-models")
+async def sd_models(request: Request):
+    worker = request.app.state.worker
+    entries = await asyncio.to_thread(request.app.state.catalog.entries)
+    loaded, sha = worker.loaded, worker.sha256
+    return [{"title": e.title, "model_name": e.model_name, "hash": sha[:10] if e == loaded and sha else None,
+             "sha256": sha if e == loaded else None, "filename": e.title, "config": None}
+            for e in entries.values()]
+
+
+@router.get("/sdapi/v1/options")
+async def get_options(request: Request):
+    worker, options = request.app.state.worker, request.app.state.options
+    entry = options["checkpoint"]
+    return {"sd_model_checkpoint": entry.title, "sd_checkpoint_hash": worker.sha256 if worker.loaded == entry
+            else None, "CLIP_stop_at_last_layers": options["clip_skip"], "samples_format": "png"}
+
+
+@router.post("/sdapi/v1/options")
+async def set_options(update: OverrideSettings, request: Request):
+    """CLIP_stop_at_last_layers applies to requests accepted after it; sd_model_checkpoint too, and the model is
+    loaded in queue order before this answers (on failure the previous model stays the default)."""
+    state = request.app.state
+    entry = None
+    if update.sd_model_checkpoint is not None:
+        entry = await asyncio.to_thread(state.catalog.find, update.sd_model_checkpoint)
+    if update.CLIP_stop_at_last_layers is not None:
+        state.options["clip_skip"] = update.CLIP_stop_at_last_layers
+    if entry is not None:
+        await switch_model(request, entry)
+    return None
+
+
+async def switch_model(request: Request, entry: ModelEntry) -> None:
+    """Make `entry` the default model and load it in queue order; on failure the previous one stays the default
+    (unless another request chose a third meanwhile)."""
+    options, worker = request.app.state.options, request.app.state.worker
+    previous, options["checkpoint"] = options["checkpoint"], entry
+    try:
+        await run(request, Job("load model", lambda job: worker.use(entry)), watch_client=False)
+    except ClientError:
+        if options["checkpoint"] == entry:
+            options["checkpoint"] = previous
+        raise
+
+
+@router.post("/sdapi/v1/png-info")
+async def png_info(req: PngInfoRequest):
+    image = await asyncio.to_thread(decode_image, req.image, "image")
+    text = image.info.get("parameters", "")
+    items = {k: v for k, v in image.info.items() if isinstance(v, str) and k != "parameters"}
+    return {"info": text, "items": items, "parameters": images.parse_infotext(text) if text else {}}
+
+
+@router.get("/sdapi/v1/scripts")
+async def scripts():
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/", include_in_schema=False)
+async def page():
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+# --- the app: wiring ----------------------------------------------------------------------------------------------
+
+def load_pretrained(config: ServeConfig, entry: ModelEntry) -> StableDiffusion:
+    """The default loader: from_pretrained on the config's device and dtype."""
+    import torch
+
+    return StableDiffusion.from_pretrained(entry.source, device=config.device, dtype=getattr(torch, config.dtype))
+
+
+def load_with_addons(load: Callable[[ModelEntry], StableDiffusion], config: ServeConfig,
+                     entry: ModelEntry) -> StableDiffusion:
+    """`load(entry)` with the config's LoRA folder and embeddings (an embedding that does not fit is logged)."""
+    pipe = load(entry)
+    pipe.lora_dir = Path(config.lora_dir)
+    for line in pipe.load_embeddings(config.embeddings_dir):
+        log.warning("skipped embedding %s", line)
+    return pipe
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    yield
+    await asyncio.to_thread(app.state.worker.close)
+
+
+def start_worker(config: ServeConfig, catalog: Catalog, load: Callable[[ModelEntry], StableDiffusion]) -> Worker:
+    """The worker thread, with the startup model loaded (its error raises here)."""
     if resolve_device(config.device).type == "cpu":
         malloc.keep_freed_memory()  # before the worker thread first allocates (it then shares the main heap)
-    worker = Worker(load_with_addons, config.max_queue)
-    options = {"checkpoint": catalog.startup, "clip_skip": 1}
-    roots = _error_roots(config, catalog)
+    worker = Worker(functools.partial(load_with_addons, load, config), config.max_queue)
     try:
         worker.submit(Job("load model", lambda job: worker.use(catalog.startup))).result()
     except BaseException:
         worker.close()
         raise
+    return worker
 
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        await asyncio.to_thread(worker.close)
 
-    app = FastAPI(title="stablediff", version=__version__, lifespan=lifespan)
-    app.state.worker, app.state.catalog, app.state.options = worker, catalog, options
-
-    @app.exception_handler(ClientError)
-    async def refused(request: Request, e: ClientError):
-        return JSONResponse({"error": type(e).__name__, "detail": public_message(e, roots)}, e.status,
-                            headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
-        errors = _field_errors(e.errors())
-        detail = "; ".join(f"{x['field']}: {x['message']} (got {x['got']})" for x in errors)
-        return JSONResponse({"error": "ValidationError", "detail": detail, "errors": errors}, 422)
-
-    @app.exception_handler(Exception)
-    async def failed(request: Request, e: Exception):  # starlette then logs e with its traceback
-        answer = client_error(e, roots, logged=True)
-        return JSONResponse({"error": "InternalError", "detail": str(answer)}, answer.status)
-
-    async def run(job: Job, request: Request | None = None):
-        """Queue a job and wait for it without blocking the loop. With `request`, a client that goes away (checked
-        every DISCONNECT_POLL_S s) cancels its job: a waiting one is dropped, a running one stops."""
-        future = asyncio.wrap_future(worker.submit(job))
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception never retrieved"
-        try:
-            while not future.done():
-                await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
-                if request is not None and not future.done() and await request.is_disconnected():
-                    worker.cancel(job)
-                    log.info("job %d (%s) cancelled: its client went away", job.job_id, job.kind)
-                    raise ClientError(499, "the client closed the connection; the job was cancelled")
-            return future.result()
-        except asyncio.CancelledError:  # uvicorn gave up waiting for this request (shutdown)
-            worker.cancel(job)
-            raise
-        except Cancelled:
-            raise ClientError(503 if worker.closed else 499, "the job was cancelled before it started") from None
-        except Exception as e:
-            raise client_error(e, roots) from None
-
-    async def generation(kind: str, req: Txt2ImgRequest, request: Request):
-        override = req.override_settings
-        entry = options["checkpoint"]
-        if override.sd_model_checkpoint is not None:
-            entry = await asyncio.to_thread(catalog.find, override.sd_model_checkpoint)
-        clip_skip = override.CLIP_stop_at_last_layers or options["clip_skip"]
-        init = mask = None
-        if kind == "img2img":
-            check_prompts(req, config.limits)  # no decoding images for a request refused anyway
-            init = await asyncio.to_thread(decode_image, req.init_images[0], "init_images[0]")
-            if req.mask:
-                mask = await asyncio.to_thread(decode_image, req.mask, "mask")
-        native = worker.native_sizes.get(entry, NATIVE_SIZE)
-        plan = await asyncio.to_thread(check_request, req, config.limits, native,
-                                       init.size if init is not None else None)
-        job = Job(kind, lambda job: generate(job, worker.use(entry), req, plan, config.limits, clip_skip, init, mask,
-                                             config.output_dir), job_count=req.n_iter, steps=plan.steps)
-        result = await run(job, request)
-        if result["info"]["interrupted"] and worker.closed:
-            raise ClientError(503, "the server is shutting down; the job was stopped")
-        parameters = req.model_dump(mode="json")
-        if kind == "img2img" and not req.include_init_images:
-            parameters.update(init_images=None, mask=None)
-        return {"images": result["images"], "parameters": parameters, "info": json.dumps(result["info"])}
-
-    @app.post("/sdapi/v1/txt2img")
-    async def txt2img(req: Txt2ImgRequest, request: Request):
-        return await generation("txt2img", req, request)
-
-    @app.post("/sdapi/v1/img2img")
-    async def img2img(req: Img2ImgRequest, request: Request):
-        return await generation("img2img", req, request)
-
-    @app.get("/sdapi/v1/progress")
-    async def progress():
-        return worker.progress()
-
-    @app.post("/sdapi/v1/interrupt")
-    async def interrupt():
-        worker.interrupt()
-        return {}
-
-    @app.get("/sdapi/v1/samplers")
-    async def sampler_list():
-        return [{"name": s.label, "aliases": [s.name, *s.aliases],
-                 "options": {}} for s in samplers.SAMPLERS.values()]
-
-    @app.get("/sdapi/v1/schedulers")
-    async def scheduler_list():
-        return [{"name": name, "label": label, "aliases": None, "default_rho": 7.0 if name == "karras" else -1.0,
-                 "need_inner_model": False} for name, (label, _) in SCHEDULERS.items()]
-
-    @app.get("/sdapi/v1/sd-models")
-    async def sd_models():
-        entries = await asyncio.to_thread(catalog.entries)
-        loaded, sha = worker.loaded, worker.sha256
-        return [{"title": e.title, "model_name": e.model_name, "hash": sha[:10] if e == loaded and sha else None,
-                 "sha256": sha if e == loaded else None, "filename": e.title, "config": None}
-                for e in entries.values()]
-
-    @app.get("/sdapi/v1/options")
-    async def get_options():
-        entry = options["checkpoint"]
-        return {"sd_model_checkpoint": entry.title, "sd_checkpoint_hash": worker.sha256 if worker.loaded == entry
-                else None, "CLIP_stop_at_last_layers": options["clip_skip"], "samples_format": "png"}
-
-    @app.post("/sdapi/v1/options")
-    async def set_options(update: OverrideSettings):
-        """CLIP_stop_at_last_layers applies to requests accepted after it; sd_model_checkpoint too, and the model is
-        loaded in queue order before this answers (on failure the previous model stays the default)."""
-        entry = None
-        if update.sd_model_checkpoint is not None:
-            entry = await asyncio.to_thread(catalog.find, update.sd_model_checkpoint)
-        if update.CLIP_stop_at_last_layers is not None:
-            options["clip_skip"] = update.CLIP_stop_at_last_layers
-        if entry is not None:
-            previous, options["checkpoint"] = options["checkpoint"], entry
-            try:
-                await run(Job("load model", lambda job: worker.use(entry)))
-            except ClientError:
-                if options["checkpoint"] == entry:
-                    options["checkpoint"] = previous
-                raise
-        return None
-
-    @app.post("/sdapi/v1/png-info")
-    async def png_info(req: PngInfoRequest):
-        image = await asyncio.to_thread(decode_image, req.image, "image")
-        text = image.info.get("parameters", "")
-        items = {k: v for k, v in image.info.items() if isinstance(v, str) and k != "parameters"}
-        return {"info": text, "items": items, "parameters": images.parse_infotext(text) if text else {}}
-
-    @app.get("/sdapi/v1/scripts")
-    async def scripts():
-        return {"txt2img": [], "img2img": []}
-
-    @app.get("/", include_in_schema=False)
-    async def page():
-        return FileResponse(STATIC / "index.html", media_type="text/html")
-
-    # outermost last: the Host check, CORS (answers preflights), auth, the cross-site POST guard, the body cap
+def add_middleware(app: FastAPI, config: ServeConfig) -> None:
+    """Outermost last: the Host check, CORS (answers preflights), auth, the cross-site POST guard, the body cap."""
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(PostGuard, cors_origins=config.cors_origins)
     if config.api_auth:
@@ -375,6 +422,23 @@ def create_app(config: ServeConfig, *, load: Callable[[ModelEntry], StableDiffus
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=bool(config.api_auth))
     app.add_middleware(HostCheck, allowed=config.host_names)
+
+
+def create_app(config: ServeConfig, *, load: Callable[[ModelEntry], StableDiffusion] | None = None) -> FastAPI:
+    """The FastAPI app with its worker; the startup model is loaded before this returns (errors raise here). The
+    routes reach what they share through app.state: config, catalog, worker, options (the model and clip skip
+    requests use by default; POST /options changes them) and roots (for public_message)."""
+    catalog = Catalog(config.models_dir, startup_model(config.model, config.models_dir))
+    worker = start_worker(config, catalog, load or functools.partial(load_pretrained, config))
+    app = FastAPI(title="stablediff", version=__version__, lifespan=lifespan)
+    app.state.config, app.state.catalog, app.state.worker = config, catalog, worker
+    app.state.options = {"checkpoint": catalog.startup, "clip_skip": 1}
+    app.state.roots = _error_roots(config, catalog)
+    app.add_exception_handler(ClientError, refused)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, failed)
+    app.include_router(router)
+    add_middleware(app, config)
     return app
 
 

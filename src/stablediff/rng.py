@@ -18,6 +18,7 @@ offset by 4 per call each thread makes. A1111's "nv" is the uncapped case, which
 The integer to float step follows cuRAND: u = x * 2^-32 + 2^-33 and v = y * c + c/2 with c = 2^-32 * 2pi in float32;
 the result is sqrt(-2 ln u) * sin(v) (or cos). It is computed in float64 and rounded once to float32, as A1111's
 numpy version computes it; CUDA's float32 logf and __sincosf differ from that in the last bits (about 1e-6).
+This is CUDA's float32 (and float16, rounded from it) randn; float64 randn takes another path, not reproduced here.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ runs a 1-step and an N-step image and reports it/s = (N - 1) / (t_N - t_1) (fixe
 and the VAE decode cancel out) and the whole N-step image time; the sides alternate, several rounds, best of each.
 Variants of ours: as loaded, channels-last U-Net, and torch.compile (`StableDiffusion.compile`). Every result is
 printed as one JSON line (and appended to $OUT/gpu.jsonl when OUT is set).
+
+First, on CUDA, `rng_parity` checks stablediff.rng's Philox (A1111's "NV" noise) against torch.randn on the GPU;
+`--rng-only` stops after it.
 """
 
 from __future__ import annotations
@@ -117,6 +120,27 @@ def parity(ours, theirs, folder: Path, dev: str, dtype: torch.dtype, size: int, 
     return ref[-1]
 
 
+def rng_parity() -> None:
+    """stablediff.rng's PhiloxGenerator against torch.randn(device="cuda"): several seeds and shapes, successive
+    draws from one generator, sizes past one wave of this card's threads; max abs difference and offsets per seed."""
+    from stablediff.rng import PhiloxGenerator, cuda_max_threads
+
+    props = torch.cuda.get_device_properties(0)
+    cap = cuda_max_threads(props.multi_processor_count, props.max_threads_per_multi_processor)
+    shapes = [(3, 4), (4, 64, 64), (1, 4, 97, 131), (5,), (4, 128, 128), (4 * cap + 7,), (4, 64, 64)]
+    for seed in (0, 1, SEED, 2 ** 32 + 17):
+        g = torch.Generator("cuda").manual_seed(seed)
+        ours, nv = PhiloxGenerator(seed, max_threads=cap), PhiloxGenerator(seed)
+        diffs, nv_diffs, offsets_agree = [], [], True
+        for shape in shapes:
+            want = torch.randn(shape, device="cuda", generator=g).cpu()
+            diffs.append((ours.randn(shape) - want).abs().max().item())
+            nv_diffs.append((nv.randn(shape) - want).abs().max().item())
+            offsets_agree &= ours.offset == g.get_offset()
+        log(event="rng-parity", seed=seed, max_threads=cap, shapes=[list(s) for s in shapes], max_abs_diff=diffs,
+            nv_uncapped_max_abs_diff=nv_diffs, offsets_agree=offsets_agree)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -126,11 +150,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=float, default=420.0, help="skip later variants after this many seconds")
     ap.add_argument("--variants", default="as-loaded,channels-last,compile,reduce-overhead")
+    ap.add_argument("--rng-only", action="store_true", help="only the NV noise check (rng_parity)")
     args = ap.parse_args()
     dev, dtype, size, steps = args.device, getattr(torch, args.dtype), args.size, args.steps
     folder = Path(os.environ.get("STABLEDIFF_BENCH_GPU", "/tmp/sd15-gpu"))
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     log(event="machine", device=name, torch=torch.__version__, dtype=args.dtype, size=size, steps=steps)
+    if dev == "cuda":
+        rng_parity()
+    if args.rng_only:
+        return
     build(folder, dev, dtype)
     log(event="built", folder=str(folder))
 

@@ -70,6 +70,11 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                         "see `stablediff samplers` (default: euler)")
     p.add_argument("--schedule", default=None, metavar="{karras}",
                    help="noise schedule for samplers that take one (see `stablediff samplers`)")
+    p.add_argument("--rng", default="cpu", type=str.lower, choices=["cpu", "gpu", "nv"],
+                   help="where the noise comes from, as A1111's RNG setting: cpu = torch's CPU generator, gpu = "
+                        "CUDA's (computed exactly off CUDA), nv = CUDA's numbers on any device (default: cpu)")
+    p.add_argument("--ensd", type=int, default=0, metavar="N",
+                   help="A1111's eta noise seed delta: ancestral and SDE samplers draw their noise from seed+N")
     p.add_argument("--clip-skip", type=int, default=1, metavar="N",
                    help="use the text encoder's N-th layer from the end, 1..12 (default: 1)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -437,15 +442,15 @@ def _reason(error: OSError) -> str:
 
 # --- subcommands ------------------------------------------------------------------------------------------------
 
-def run_pipeline(pipe, args: argparse.Namespace, *call_args, **call_kwargs):
-    """Call the pipeline with the shared options; its errors become one line each."""
+def run_pipeline(pipe, args: argparse.Namespace, **images):
+    """Run the command's settings (GenerationParams.from_args) through the pipeline, with `images` (init_image,
+    mask_image) for img2img and inpainting; its errors become one line each."""
     import torch
 
+    from .params import GenerationParams
+
     try:
-        return pipe(*call_args, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
-                    height=args.height, batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
-                    clip_skip=args.clip_skip, loras=parse_loras(args.lora), cache_interval=args.cache_interval,
-                    progress=not args.quiet, **call_kwargs)
+        return pipe.generate(GenerationParams.from_args(args), progress=not args.quiet, **images)
     except ValueError as e:  # input only the loaded model can judge (e.g. a size its VAE cannot take)
         raise UsageError(str(e)) from None
     except FloatingPointError as e:  # NaN latents
@@ -472,7 +477,7 @@ def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
     except ValueError as e:
         raise UsageError(f"--from-png {e}") from None
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler",
-                 "schedule", "clip_skip", "cache_interval"):
+                 "schedule", "clip_skip", "cache_interval", "rng", "ensd"):
         if name not in given:
             setattr(args, name, getattr(params, name))
     if "lora" not in given and params.loras:
@@ -491,7 +496,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("give a PROMPT (or --from-png IMAGE.png)")
     check_generation_args(args)
     pipe = load_model(args)
-    result = run_pipeline(pipe, args, args.prompt, args.negative_prompt)
+    result = run_pipeline(pipe, args)
     save_results(result, args.output_dir)
     return 0
 
@@ -500,8 +505,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     """img2img, and inpaint when --mask is given."""
     check_generation_args(args, default_size=check_image_args(args))
     pipe = load_model(args)
-    result = run_pipeline(pipe, args, args.prompt, args.negative_prompt, init_image=args.init_image,
-                          mask_image=args.mask, strength=args.strength)
+    result = run_pipeline(pipe, args, init_image=args.init_image, mask_image=args.mask)
     save_results(result, args.output_dir)
     return 0
 

@@ -30,6 +30,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
 SCHEDULES = ("karras",)
+RNG_SOURCES = ("cpu", "gpu", "nv")  # rng.SOURCES (rng imports torch)
 # infotext keys that record what made an image rather than say how to make it: not reported as unused
 INFOTEXT_RECORDS = frozenset({"Model hash", "Model", "Version", "Lora hashes", "TI hashes", "NSFW"})
 _SCHEDULE_LABELS = {"karras": "Karras"}  # our schedule name -> A1111's "Schedule type"
@@ -51,6 +52,8 @@ class GenerationParams:
     strength: float | None = None  # img2img/inpainting denoising strength; None: 0.75 (1.0 inpainting)
     loras: tuple[tuple[str, float], ...] = ()  # (file or name in the LoRA folder, multiplier), besides prompt tags
     cache_interval: int = 1  # DeepCache: the whole U-Net every N-th step
+    rng: str = "cpu"  # noise source, A1111's "RNG": "cpu" (torch's CPU generator), "gpu" (CUDA's), "nv" (rng.py)
+    ensd: int = 0  # A1111's eta noise seed delta: the sampler's own noise comes from generators seeded seed + ensd
 
     def replace(self, **changes) -> "GenerationParams":
         return dataclasses.replace(self, **changes)
@@ -86,6 +89,10 @@ class GenerationParams:
                              f"give seed {MAX_SEED - images + 1} or less")
         if self.strength is not None and not (_is_number(self.strength) and 0 < self.strength <= 1):
             raise ValueError(f"strength {self.strength!r} is outside (0, 1]")
+        if str(self.rng).lower() not in RNG_SOURCES:
+            raise ValueError(f"rng {self.rng!r} is not known; choose {', '.join(RNG_SOURCES)}")
+        if not _is_int(self.ensd) or not 0 <= self.ensd <= MAX_SEED:
+            raise ValueError(f"ensd {self.ensd!r} is outside 0..{MAX_SEED}")
         if not _is_int(self.cache_interval) or self.cache_interval < 1:
             raise ValueError(f"cache interval {self.cache_interval!r} must be an integer >= 1")
         for name, m in self.loras:
@@ -107,7 +114,7 @@ class GenerationParams:
             limits.check_prompt(self.prompt, "prompt")
             limits.check_prompt(self.negative_prompt, "negative prompt")
         loras = tuple(dict(self.loras).items())  # one entry a LoRA: the last mention wins, as with prompt tags
-        return self.replace(sampler=spec.name, schedule=schedule, loras=loras)
+        return self.replace(sampler=spec.name, schedule=schedule, loras=loras, rng=self.rng.lower())
 
     # -- the PNG's parameters text ------------------------------------------------------------------------------
     def to_infotext(self, *, model_hash: str | None = None, model_name: str | None = None, version: str = "",
@@ -119,7 +126,8 @@ class GenerationParams:
 
         ours = {"Denoising strength": self.strength, "Clip skip": self.clip_skip,
                 "Cache interval": self.cache_interval if self.cache_interval > 1 else None,
-                "LoRA weights": ", ".join(f"{n}:{float(m)!r}" for n, m in self.loras) or None}
+                "LoRA weights": ", ".join(f"{n}:{float(m)!r}" for n, m in self.loras) or None,
+                "ENSD": self.ensd or None, "RNG": self.rng.upper()}
         return images.infotext(self.prompt, self.negative_prompt, steps=self.steps,
                                sampler_label=samplers.SAMPLERS[self.sampler].label,
                                schedule_label=_SCHEDULE_LABELS.get(self.schedule), cfg_scale=self.cfg_scale,
@@ -148,6 +156,11 @@ class GenerationParams:
             changes["schedule"] = schedule
         if "LoRA weights" in fields:
             changes["loras"] = _parse_loras(take("LoRA weights"))
+        if "ENSD" in fields:
+            changes["ensd"] = _parse(int, take("ENSD"), "ENSD")
+        # A1111 leaves RNG out for its default, GPU; stablediff 0.1 left it out and drew on the CPU
+        ours = fields.get("Version", "").startswith("stablediff")
+        changes["rng"] = take("RNG", "cpu" if ours else "gpu").strip().lower()
         return cls(**changes), fields
 
     # -- AUTOMATIC1111's API ------------------------------------------------------------------------------------
@@ -157,7 +170,8 @@ class GenerationParams:
                 "cfg_scale": self.cfg_scale, "seed": -1 if self.seed is None else self.seed,
                 "width": self.width, "height": self.height, "batch_size": self.batch_size,
                 "sampler_name": self.sampler, "scheduler": self.schedule or "automatic",
-                "override_settings": {"CLIP_stop_at_last_layers": self.clip_skip},
+                "override_settings": {"CLIP_stop_at_last_layers": self.clip_skip, "randn_source": self.rng.upper(),
+                                      "eta_noise_seed_delta": self.ensd},
                 "cache_interval": self.cache_interval, "loras": dict(self.loras)}
         if self.strength is not None:
             body["denoising_strength"] = self.strength
@@ -178,7 +192,8 @@ class GenerationParams:
                    schedule=None if scheduler == "automatic" else scheduler,
                    clip_skip=override.get("CLIP_stop_at_last_layers") or 1, strength=get("denoising_strength"),
                    loras=tuple((str(k), v) for k, v in (get("loras") or {}).items()),
-                   cache_interval=get("cache_interval", 1))
+                   cache_interval=get("cache_interval", 1), rng=str(override.get("randn_source") or "gpu").lower(),
+                   ensd=override.get("eta_noise_seed_delta") or 0)
 
     # -- batch job rows and the command line --------------------------------------------------------------------
     def to_row(self) -> dict:
@@ -206,7 +221,7 @@ class GenerationParams:
                   "--seed": self.seed, "--width": self.width, "--height": self.height,
                   "--batch-size": self.batch_size, "--sampler": self.sampler, "--schedule": self.schedule,
                   "--clip-skip": self.clip_skip, "--strength": self.strength,
-                  "--cache-interval": self.cache_interval}
+                  "--cache-interval": self.cache_interval, "--rng": self.rng, "--ensd": self.ensd}
         argv = [f"{flag}={v!r}" if isinstance(v, float) else f"{flag}={v}" for flag, v in values.items()
                 if v is not None]
         argv += [f"--lora={name}:{float(m)!r}" for name, m in self.loras]
@@ -221,7 +236,7 @@ class GenerationParams:
                    cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
                    batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
                    clip_skip=args.clip_skip, strength=getattr(args, "strength", None), loras=loras,
-                   cache_interval=args.cache_interval)
+                   cache_interval=args.cache_interval, rng=args.rng, ensd=args.ensd)
 
 
 def unused_settings(unknown: dict[str, str]) -> list[str]:

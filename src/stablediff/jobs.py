@@ -34,7 +34,7 @@ SUFFIXES = (".txt", ".csv", ".jsonl")
 OPTIONS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "cfg_scale": float, "sampler": str,
            "schedule": str, "width": int, "height": int, "batch_size": int, "clip_skip": int}
 # what an image's manifest line records of its settings, in this order (then loras and cache_interval where set, then
-# seed): the fields of 0.1.0's lines, so that a manifest written before stays comparable on a resume
+# seed): the shape the manifests written so far have, so that their images still compare equal on a resume
 MANIFEST_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "width", "height",
                    "clip_skip")
 

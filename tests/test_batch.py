@@ -19,9 +19,9 @@ from PIL import Image
 
 from stablediff import batch, cli
 from stablediff.images import file_sha256
+from stablediff.params import GenerationParams
 
-DEFAULTS = dict(negative_prompt="", seed=None, steps=2, cfg_scale=7.0, sampler="euler", schedule=None, width=None,
-                height=None, batch_size=1, clip_skip=1)
+DEFAULTS = GenerationParams(steps=2)
 JOB_ROWS = [  # 12 rows, 14 images: own seeds, derived seeds, a second sampler, batch sizes, a karras schedule
     {"prompt": "a red circle", "seed": 100}, {"prompt": "a blue square", "sampler": "dpmpp_2m"},
     {"prompt": "a green cat", "batch_size": 2}, {"prompt": "a tree", "seed": 7, "cfg_scale": 5},
@@ -66,7 +66,7 @@ def assert_complete(directory: Path, keys: set[str]):
 
 
 def run(jobs, out, **kw):
-    return batch.run_batch(jobs, out, defaults=dict(DEFAULTS, **kw.pop("defaults", {})), progress=False, **kw)
+    return batch.run_batch(jobs, out, defaults=DEFAULTS.replace(**kw.pop("defaults", {})), progress=False, **kw)
 
 
 # --- job files and bad rows (no model needed) ------------------------------------------------------------------
@@ -81,7 +81,7 @@ def test_read_jobs_in_three_formats_with_line_numbers(tmp_path):
     assert [(r.line, r.raw) for r in rows] == [(2, {"prompt": "a cat, sitting", "seed": "5"}),
                                                (4, {"prompt": "two\nlines", "cfg_scale": "6.5"})]
     work = batch.plan(rows, DEFAULTS)
-    assert [u["params"]["cfg_scale"] for u in work.units] == [7.0, 6.5] and work.units[0]["seed"] == 5
+    assert [u.params.cfg_scale for u in work.units] == [7.0, 6.5] and work.units[0].params.seed == 5
     rows, problems = batch.read_jobs(write_jsonl(tmp_path / "p.jsonl", ['"a cat"', "{oops", "[1]"]))
     assert [r.raw for r in rows] == [{"prompt": "a cat"}] and [p[0] for p in problems] == [2, 3]
 
@@ -94,11 +94,37 @@ def test_seeds_sweep_samplers_and_keys(tmp_path):
         batch.parse_samplers("euler,nope")
     rows = [batch.Row(4, {"prompt": "a", "batch_size": 2}), batch.Row(9, {"prompt": "b"})]
     work = batch.plan(rows, DEFAULTS, seeds=[1, 2, 3, 7], sampler_sweep=["euler", "DPM++ 2M Karras", "Euler"])
-    assert [u["keys"] for u in work.units[:3]] == [["00004-1-euler", "00004-2-euler"], ["00004-3-euler"],
+    assert [u.keys for u in work.units[:3]] == [["00004-1-euler", "00004-2-euler"], ["00004-3-euler"],
                                                    ["00004-7-euler"]]  # runs of consecutive seeds, batch_size long
     assert len(work.images) == 2 * 4 * 2 and "00009-7-dpmpp_2m-karras" in work.images
     plain = batch.plan(rows, DEFAULTS)  # no seed: derived from line (and --seed), the same every time
-    assert plain.units[0]["seed"] == batch.row_seed(0, 4, 2) != batch.plan(rows, DEFAULTS, base_seed=1).units[0]["seed"]
+    other_base = batch.plan(rows, DEFAULTS, base_seed=1)
+    assert plain.units[0].params.seed == batch.row_seed(0, 4, 2) != other_base.units[0].params.seed
+
+
+def test_rows_become_validated_params_and_manifest_lines_keep_their_shape():
+    defaults = DEFAULTS.replace(loras=(("style", 0.5), ("ink", 1.0), ("style", 0.8)), cache_interval=2)
+    rows = [batch.Row(3, {"prompt": " a cat ", "sampler": "DPM++ 2M Karras", "cfg_scale": "6", "batch_size": 3,
+                          "seed": 10, "negative_prompt": None})]
+    work = batch.plan(rows, defaults)
+    unit = work.units[0]
+    assert unit.keys == ["00003-10-dpmpp_2m-karras", "00003-11-dpmpp_2m-karras", "00003-12-dpmpp_2m-karras"]
+    assert (unit.params.prompt, unit.params.sampler, unit.params.schedule) == ("a cat", "dpmpp_2m", "karras")
+    assert (unit.params.seed, unit.params.batch_size, unit.params.cfg_scale) == (10, 3, 6.0)
+    assert unit.params.loras == (("style", 0.8), ("ink", 1.0))  # validated: the last mention of a LoRA wins
+    assert batch.Unit.from_json(unit.to_json()) == unit  # as Ray carries it
+    # the manifest records what 0.1.0 did, loras and cache_interval only where set, the image's own seed last
+    assert list(work.images["00003-11-dpmpp_2m-karras"]["params"].items()) == [
+        ("prompt", "a cat"), ("negative_prompt", ""), ("steps", 2), ("cfg_scale", 6.0), ("sampler", "dpmpp_2m"),
+        ("schedule", "karras"), ("width", None), ("height", None), ("clip_skip", 1),
+        ("loras", {"style": 0.8, "ink": 1.0}), ("cache_interval", 2), ("seed", 11)]
+    assert set(batch.plan(rows, DEFAULTS).images["00003-10-dpmpp_2m-karras"]["params"]) == {
+        "prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "width", "height", "clip_skip",
+        "seed"}
+    # with a --seeds sweep, a row's batch size only bounds the U-Net batch
+    swept = batch.plan(rows, defaults, seeds=[1, 2])
+    assert [(u.params.seed, u.params.batch_size, u.keys[-1]) for u in swept.units] == [
+        (1, 2, "00003-2-dpmpp_2m-karras")]
 
 
 def test_bad_rows_are_named_by_line_before_anything_runs(tmp_path, tiny_model_dir, capsys):

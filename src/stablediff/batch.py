@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -33,9 +34,10 @@ import torch
 
 from . import __version__
 from .images import png_bytes
-from .jobs import JobError, parse_samplers, parse_seeds, plan, read_jobs
+from .jobs import JobError, Plan, Unit, parse_samplers, parse_seeds, plan, read_jobs
 from .limits import Limits
 from .jobs import Row, row_seed  # noqa: F401 - re-exported: callers know them as batch.Row, batch.row_seed
+from .params import GenerationParams
 from .pipeline import StableDiffusion
 
 MANIFEST = "manifest.jsonl"
@@ -213,15 +215,14 @@ def load_pipeline(model: str, *, device: str = "auto", dtype: str = "float32", s
                                            safety_checker=safety_checker)
 
 
-def generate(pipe, unit: dict) -> list[dict]:
+def generate(pipe, unit: Unit) -> list[dict]:
     """One unit through the pipeline -> one result per image: key, png (bytes), seconds, nsfw, error."""
-    p, keys = unit["params"], unit["keys"]
+    p, keys = unit.params, unit.keys
     start = time.perf_counter()
     try:
-        result = pipe(p["prompt"], p["negative_prompt"], steps=p["steps"], cfg_scale=p["cfg_scale"],
-                      seed=unit["seed"], width=p["width"], height=p["height"], batch_size=len(keys),
-                      sampler=p["sampler"], schedule=p["schedule"], clip_skip=p["clip_skip"], loras=p.get("loras"),
-                      cache_interval=p.get("cache_interval", 1))
+        result = pipe(p.prompt, p.negative_prompt, steps=p.steps, cfg_scale=p.cfg_scale, seed=p.seed, width=p.width,
+                      height=p.height, batch_size=p.batch_size, sampler=p.sampler, schedule=p.schedule,
+                      clip_skip=p.clip_skip, loras=dict(p.loras), cache_interval=p.cache_interval)
     except Exception as e:  # noqa: BLE001 - one unit's failure (NaN, out of memory, ...) must not end the job
         message = f"{type(e).__name__}: {' '.join(str(e).split())}"
         return [dict(key=k, png=b"", seconds=0.0, nsfw=False, error=message) for k in keys]
@@ -233,7 +234,7 @@ def generate(pipe, unit: dict) -> list[dict]:
 
 class RayWorker:
     """A Ray Data actor: one pipeline, loaded on the first batch (rows carry the load settings, so Ray keeps no
-    constructor arguments); takes units (JSON text), gives back images."""
+    constructor arguments); takes units (Unit.to_json), gives back images."""
 
     def __init__(self):
         torch.set_num_threads(1)  # one CPU per actor, so actors on a machine do not fight over its cores
@@ -244,12 +245,12 @@ class RayWorker:
 
         if self.pipe is None:
             self.pipe = load_pipeline(**json.loads(str(batch["load"][0])))
-        results = [r for text in batch["unit"] for r in generate(self.pipe, json.loads(str(text)))]
+        results = [r for text in batch["unit"] for r in generate(self.pipe, Unit.from_json(str(text)))]
         return {name: np.array([r[name] for r in results], dtype=object)
                 for name in ("key", "png", "seconds", "nsfw", "error")}
 
 
-def run_ray(units: list[dict], on_result: Callable[[dict], None], *, address: str | None, workers: int | None,
+def run_ray(units: list[Unit], on_result: Callable[[dict], None], *, address: str | None, workers: int | None,
             model: str, device: str, dtype: str, safety_checker) -> int:
     """The units on a Ray Data actor pool (`workers` actors, each with a GPU where the cluster has them) on a
     new local Ray (address None) or the cluster at `address`; results come back here. Returns the actor count."""
@@ -257,38 +258,59 @@ def run_ray(units: list[dict], on_result: Callable[[dict], None], *, address: st
         import ray
     except ImportError:
         raise ValueError('--ray needs Ray Data: pip install "ray[data]" (the `ray` extra)') from None
-    started = not ray.is_initialized()
-    if started:
-        if address is None:  # room for the asked-for actors even where they outnumber the cores
-            ray.init(num_cpus=max(os.cpu_count() or 1, workers or 1), include_dashboard=False,
-                     logging_level="ERROR", configure_logging=True)
-        else:
-            ray.init(address=address, logging_level="ERROR")
-    context, logger = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
-    bars, level = context.enable_progress_bars, logger.level
+    started = _start_ray(ray, address, workers)
     try:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        use_gpu = gpus > 0 and device in ("auto", "cuda")
-        if device == "cuda" and not use_gpu:
-            raise ValueError("--device cuda: the Ray cluster has no GPUs")
-        workers = workers or max(gpus if use_gpu else 1, 1)
-        actor_device = "cuda" if use_gpu else ("cpu" if device == "auto" else device)
-        context.enable_progress_bars = False  # ours counts images
-        logger.setLevel(logging.ERROR)
-        load = json.dumps(dict(model=model, device=actor_device, dtype=dtype, safety_checker=safety_checker))
-        dataset = ray.data.from_items([{"unit": json.dumps(u), "load": load} for u in units],
-                                      override_num_blocks=min(len(units), 10_000))
-        dataset = dataset.map_batches(RayWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
-                                      num_gpus=1 if use_gpu else 0, num_cpus=1)
-        for row in dataset.iter_rows():
-            on_result({"key": str(row["key"]), "png": bytes(row["png"]), "seconds": float(row["seconds"]),
-                       "nsfw": bool(row["nsfw"]), "error": str(row["error"])})
+        with _quiet_ray_data(ray):
+            workers, actor_device, use_gpu = _actors(ray, device, workers)
+            load = json.dumps(dict(model=model, device=actor_device, dtype=dtype, safety_checker=safety_checker))
+            dataset = ray.data.from_items([{"unit": u.to_json(), "load": load} for u in units],
+                                          override_num_blocks=min(len(units), 10_000))
+            dataset = dataset.map_batches(RayWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+                                          num_gpus=1 if use_gpu else 0, num_cpus=1)
+            for row in dataset.iter_rows():
+                on_result({"key": str(row["key"]), "png": bytes(row["png"]), "seconds": float(row["seconds"]),
+                           "nsfw": bool(row["nsfw"]), "error": str(row["error"])})
     finally:
-        context.enable_progress_bars = bars
-        logger.setLevel(level)
         if started:
             ray.shutdown()
     return workers
+
+
+def _start_ray(ray, address: str | None, workers: int | None) -> bool:
+    """Connect to Ray unless this process already is; True when we started it (and so shut it down)."""
+    if ray.is_initialized():
+        return False
+    if address is None:  # room for the asked-for actors even where they outnumber the cores
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers or 1), include_dashboard=False, logging_level="ERROR",
+                 configure_logging=True)
+    else:
+        ray.init(address=address, logging_level="ERROR")
+    return True
+
+
+def _actors(ray, device: str, workers: int | None) -> tuple[int, str, bool]:
+    """(how many actors, their device, whether each takes a GPU): one per GPU where the cluster has GPUs and
+    `device` allows them, else one on the CPU, unless `workers` says how many."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 and device in ("auto", "cuda")
+    if device == "cuda" and not use_gpu:
+        raise ValueError("--device cuda: the Ray cluster has no GPUs")
+    actor_device = "cuda" if use_gpu else ("cpu" if device == "auto" else device)
+    return workers or max(gpus if use_gpu else 1, 1), actor_device, use_gpu
+
+
+@contextlib.contextmanager
+def _quiet_ray_data(ray):
+    """Ray Data without its progress bars (ours counts images) and its log below errors, restored after."""
+    context, logger = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
+    bars, level = context.enable_progress_bars, logger.level
+    context.enable_progress_bars = False
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = bars
+        logger.setLevel(level)
 
 
 # --- the whole command ------------------------------------------------------------------------------------------
@@ -309,86 +331,123 @@ class Summary:
                 f"{self.failed} failed{skipped}; manifest: {self.manifest}")
 
 
-def run_batch(jobs: str | Path, output_dir: str | Path, *, model: str, defaults: dict, seeds: str | None = None,
-              samplers: str | None = None, base_seed: int | None = None, skip_bad: bool = False,
-              ray: str | None = None, workers: int | None = None, device: str = "auto", dtype: str = "float32",
-              safety_checker=False, load: Callable[[], object] | None = None, progress: bool = True,
-              warn: Callable[[str], None] | None = None, limits: Limits = Limits()) -> Summary:
-    """Everything `stablediff batch` does after parsing. `defaults`: every jobs.OPTIONS key but prompt (the command
-    line's values); `ray`: None for the local loop, "local" for a new local Ray, else a cluster address; `load`
-    makes the local loop's pipeline (default load_pipeline); `limits`: the --max-* bounds on the job. Bad input
-    raises ValueError (JobError for rows, LimitError for the job's size) before anything is generated; a file
+def run_batch(jobs: str | Path, output_dir: str | Path, *, model: str, defaults: GenerationParams,
+              seeds: str | None = None, samplers: str | None = None, base_seed: int | None = None,
+              skip_bad: bool = False, ray: str | None = None, workers: int | None = None, device: str = "auto",
+              dtype: str = "float32", safety_checker=False, load: Callable[[], object] | None = None,
+              progress: bool = True, warn: Callable[[str], None] | None = None, limits: Limits = Limits()) -> Summary:
+    """Everything `stablediff batch` does after parsing. `defaults`: the settings a row leaves out (the command
+    line's; see jobs.plan); `ray`: None for the local loop, "local" for a new local Ray, else a cluster address;
+    `load` makes the local loop's pipeline (default load_pipeline); `limits`: the --max-* bounds on the job. Bad
+    input raises ValueError (JobError for rows, LimitError for the job's size) before anything is generated; a file
     that cannot be written (a full disk) raises WriteError."""
     from tqdm.auto import tqdm
 
     warn = warn or (lambda message: tqdm.write(f"stablediff: warning: {message}", file=sys.stderr))
-    jobs, output_dir = Path(jobs), Path(output_dir)
-    if Path(model).expanduser().exists():  # a local model is known by its absolute path, wherever we run from
-        model = str(Path(model).expanduser().resolve())
+    jobs, output_dir, model = Path(jobs), Path(output_dir), _model_id(model)
+    work, bad_rows = _plan_job(jobs, defaults, seeds, samplers, base_seed or 0, limits, skip_bad, warn)
+    load = load or functools.partial(load_pipeline, model, device=device, dtype=dtype, safety_checker=safety_checker)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with Manifest(output_dir) as manifest:
+        pending = _pending(manifest, work, model)
+        existing = len(work.images) - len(pending)
+        units = [u for u in work.units if any(k in pending for k in u.keys)]
+        bar = tqdm(total=len(pending), unit="image", disable=not progress or not pending, dynamic_ncols=True)
+        saver = _Saver(manifest, work, model, pending, lambda: bar.update(1), warn, jobs)
+        with contextlib.closing(bar):
+            seconds = _make(units, saver, load, ray=ray, workers=workers, model=model, device=device, dtype=dtype,
+                            safety_checker=safety_checker)
+        return Summary(saver.made, existing, saver.failed + len(pending), bad_rows, seconds, manifest.path)
+
+
+def _model_id(model: str) -> str:
+    """A local model by its absolute path, wherever we run from (it is in every manifest line); a Hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def _make(units: list[Unit], on_result: Callable[[dict], None], load: Callable[[], object], *, ray: str | None,
+          **ray_options) -> float:
+    """The units through one pipeline here (ray None) or on Ray (run_ray); the seconds that took, not counting
+    loading the pipeline here. No units: nothing is loaded or started."""
+    if not units:
+        return 0.0
+    if ray is not None:
+        start = time.perf_counter()
+        run_ray(units, on_result, address=None if ray == "local" else ray, **ray_options)
+        return time.perf_counter() - start
+    pipe = load()
+    start = time.perf_counter()
+    for unit in units:
+        for result in generate(pipe, unit):
+            on_result(result)
+    return time.perf_counter() - start
+
+
+def _plan_job(jobs: Path, defaults: GenerationParams, seeds: str | None, samplers: str | None, base_seed: int,
+              limits: Limits, skip_bad: bool, warn: Callable[[str], None]) -> tuple[Plan, int]:
+    """The job's plan and how many bad rows it leaves out: JobError for bad rows unless `skip_bad`, which warns."""
     sweep_seeds = parse_seeds(seeds, limits) if seeds else None
     sweep_samplers = parse_samplers(samplers) if samplers else None
     rows, problems = read_jobs(jobs)
-    work = plan(rows, defaults, seeds=sweep_seeds, sampler_sweep=sweep_samplers, base_seed=base_seed or 0,
-                limits=limits)
+    work = plan(rows, defaults, seeds=sweep_seeds, sampler_sweep=sweep_samplers, base_seed=base_seed, limits=limits)
     problems = sorted(problems + work.problems)
     if problems and not skip_bad:
         raise JobError(jobs, problems)
     for line in JobError(jobs, problems).problems if problems else []:
         warn(f"{line} (skipped)")
+    return work, len(problems)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with Manifest(output_dir) as manifest:
-        for key, info in work.images.items():
-            if key in manifest.entries:
-                _check_same_settings(manifest, key, dict(info["params"], model=model))
-        pending = {key for key in work.images if key not in manifest.entries}
-        existing = len(work.images) - len(pending)
-        units = [u for u in work.units if any(k in pending for k in u["keys"])]
-        counts = {"made": 0, "failed": 0}
-        bar = tqdm(total=len(pending), unit="image", disable=not progress or not pending, dynamic_ncols=True)
 
-        def on_result(result: dict) -> None:
-            key = result["key"]
-            if key not in pending:  # already made (a unit re-run whole for its missing images)
-                return
-            pending.discard(key)
-            bar.update(1)
-            info = work.images[key]
-            if result["error"]:
-                counts["failed"] += 1
-                warn(f"{jobs}: line {info['line']}: seed {info['params']['seed']}: {result['error']}")
-                return
-            with _writing(output_dir / f"{key}.png", counts["made"]):
-                saved = save_image(output_dir, key, result["png"])
-            if not saved:
-                counts["failed"] += 1
-                warn(f"{output_dir / key}.png: a different file already has this name; left it alone "
-                     "(move it away and run again)")
-            else:
-                with _writing(manifest.path, counts["made"]):
-                    manifest.append({"key": key, **info, "model": model, "file": f"{key}.png",
-                                     "sha256": hashlib.sha256(result["png"]).hexdigest(),
-                                     "seconds": result["seconds"], "nsfw": result["nsfw"]})
-                counts["made"] += 1
-                if result["nsfw"]:
-                    warn(f"{output_dir / key}.png: flagged by the safety checker; saved blurred")
+def _pending(manifest: Manifest, work: Plan, model: str) -> set[str]:
+    """The keys of the images still to make; ValueError where the manifest has one made with other settings."""
+    for key, info in work.images.items():
+        if key in manifest.entries:
+            _check_same_settings(manifest, key, dict(info["params"], model=model))
+    return {key for key in work.images if key not in manifest.entries}
 
-        start = time.perf_counter()
-        try:
-            if units and ray is None:
-                pipe = load() if load else load_pipeline(model, device=device, dtype=dtype,
-                                                          safety_checker=safety_checker)
-                start = time.perf_counter()
-                for unit in units:
-                    for result in generate(pipe, unit):
-                        on_result(result)
-            elif units:
-                run_ray(units, on_result, address=None if ray == "local" else ray, workers=workers, model=model,
-                        device=device, dtype=dtype, safety_checker=safety_checker)
-        finally:
-            bar.close()
-        return Summary(counts["made"], existing, counts["failed"] + len(pending), len(problems),
-                       time.perf_counter() - start, manifest.path)
+
+class _Saver:
+    """Takes the results as they come back: writes each image still `pending` and its manifest line, or warns why
+    it was not made; counts both."""
+
+    def __init__(self, manifest: Manifest, work: Plan, model: str, pending: set[str], advance: Callable[[], None],
+                 warn: Callable[[str], None], jobs: Path):
+        self.manifest, self.work, self.model, self.pending = manifest, work, model, pending
+        self.advance, self.warn, self.jobs = advance, warn, jobs
+        self.made = self.failed = 0
+
+    def __call__(self, result: dict) -> None:
+        key = result["key"]
+        if key not in self.pending:  # already made (a unit re-run whole for its missing images)
+            return
+        self.pending.discard(key)
+        self.advance()
+        info = self.work.images[key]
+        if result["error"]:
+            self.failed += 1
+            self.warn(f"{self.jobs}: line {info['line']}: seed {info['params']['seed']}: {result['error']}")
+        elif self._save(key, info, result):
+            self.made += 1
+        else:
+            self.failed += 1
+
+    def _save(self, key: str, info: dict, result: dict) -> bool:
+        """The PNG, then its manifest line; False (with a warning) where another file has its name."""
+        directory = self.manifest.directory
+        with _writing(directory / f"{key}.png", self.made):
+            saved = save_image(directory, key, result["png"])
+        if not saved:
+            self.warn(f"{directory / key}.png: a different file already has this name; left it alone "
+                      "(move it away and run again)")
+            return False
+        with _writing(self.manifest.path, self.made):
+            self.manifest.append({"key": key, **info, "model": self.model, "file": f"{key}.png",
+                                  "sha256": hashlib.sha256(result["png"]).hexdigest(),
+                                  "seconds": result["seconds"], "nsfw": result["nsfw"]})
+        if result["nsfw"]:
+            self.warn(f"{directory / key}.png: flagged by the safety checker; saved blurred")
+        return True
 
 
 def _check_same_settings(manifest: Manifest, key: str, now: dict) -> None:

@@ -313,7 +313,6 @@ def check_generation_args(args: argparse.Namespace, default_size: tuple[int, int
 def check_limits(args: argparse.Namespace, default_size: tuple[int, int] | None = None) -> None:
     """The work one command asks for (one prompt x --batch-size images) and its prompts against the --max-* flags.
     Checked after check_params, so a value no flag could allow (--steps 1001) is not blamed on a limit."""
-    from .jobs import check_prompts
     from .limits import NATIVE_SIZE
 
     limits = limits_from_args(args)
@@ -322,7 +321,8 @@ def check_limits(args: argparse.Namespace, default_size: tuple[int, int] | None 
     try:
         limits.check_work(width=args.width or width, height=args.height or height, steps=args.steps,
                           batch_size=args.batch_size, images=args.batch_size)
-        check_prompts(limits, **prompts)
+        for name, text in prompts.items():
+            limits.check_prompt(text, name.replace("_", " "))
     except LimitError as e:
         raise UsageError(str(e)) from None
 
@@ -512,30 +512,44 @@ def cmd_img2img(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """A job file's images, resumably (see batch.py); exit 1 when some images could not be made."""
-    if args.jobs is None and args.ray and Path(args.ray).suffix.lower() in (".txt", ".csv", ".jsonl"):
-        args.jobs, args.ray = Path(args.ray), "local"  # `batch --ray jobs.jsonl`: --ray took JOBS as its address
+    _check_batch_args(args)
+    # on Ray the pipelines run on the cluster's machines, whose devices are not this one's
+    check_generation_args(argparse.Namespace(**{**vars(args), "device": "auto"}) if args.ray else args)
+    summary = _run_batch(args)
+    print(summary)
+    return 1 if summary.failed else 0
+
+
+def _check_batch_args(args: argparse.Namespace) -> None:
+    """The options only `batch` has: UsageError for a bad one."""
+    _give_jobs_back(args)
     if args.jobs is None:
         raise UsageError("JOBS is missing: give a .txt, .csv or .jsonl job file")
     if args.workers is not None and (args.ray is None or args.workers < 1):
         raise UsageError(f"--workers {args.workers}: " + ("needs --ray" if args.ray is None else "must be at least 1"))
     if args.lora and args.ray:  # Ray's workers load their own pipelines, on machines whose folders are not ours
         raise UsageError("--lora is not supported with --ray yet; use <lora:NAME:w> tags only without --ray")
-    # on Ray the pipelines run on the cluster's machines, whose devices are not this one's
-    check_generation_args(argparse.Namespace(**{**vars(args), "device": "auto"}) if args.ray else args)
-    from . import batch
 
-    defaults = dict(negative_prompt=args.negative_prompt, seed=None, steps=args.steps, cfg_scale=args.cfg_scale,
-                    sampler=args.sampler, schedule=args.schedule, width=args.width, height=args.height,
-                    batch_size=args.batch_size, clip_skip=args.clip_skip)
-    # only where set, so the settings of images made before these existed still compare equal on a resume
-    defaults.update({"loras": parse_loras(args.lora)} if args.lora else {})
-    defaults.update({"cache_interval": args.cache_interval} if args.cache_interval != 1 else {})
+
+def _give_jobs_back(args: argparse.Namespace) -> None:
+    """`batch --ray jobs.jsonl`: --ray took JOBS as its address; JOBS gets it back and Ray runs locally."""
+    if args.jobs is None and args.ray and Path(args.ray).suffix.lower() in (".txt", ".csv", ".jsonl"):
+        args.jobs, args.ray = Path(args.ray), "local"
+
+
+def _run_batch(args: argparse.Namespace):
+    """batch.run_batch with the command line's settings as the rows' defaults (its --seed is the base of the rows'
+    seeds); its errors as UsageErrors: exit 2 for bad input, 1 for a file that cannot be written."""
+    from . import batch
+    from .params import GenerationParams
+
+    defaults = GenerationParams.from_args(args).replace(seed=None)
     try:
-        summary = batch.run_batch(args.jobs, args.output_dir, model=args.model, defaults=defaults, seeds=args.seeds,
-                                  samplers=args.samplers, base_seed=args.seed, skip_bad=args.skip_bad, ray=args.ray,
-                                  workers=args.workers, device=args.device, dtype=args.dtype,
-                                  safety_checker=args.safety_checker, load=lambda: load_model(args),
-                                  progress=not args.quiet, limits=limits_from_args(args))
+        return batch.run_batch(args.jobs, args.output_dir, model=args.model, defaults=defaults, seeds=args.seeds,
+                               samplers=args.samplers, base_seed=args.seed, skip_bad=args.skip_bad, ray=args.ray,
+                               workers=args.workers, device=args.device, dtype=args.dtype,
+                               safety_checker=args.safety_checker, load=lambda: load_model(args),
+                               progress=not args.quiet, limits=limits_from_args(args))
     except batch.JobError as e:
         for problem in e.problems if len(e.problems) > 1 else []:  # one is the error line itself
             print(f"stablediff: error: {problem}", file=sys.stderr)
@@ -546,8 +560,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError(str(e), code=1) from None
     except OSError as e:  # the manifest or its lock file (a full disk, a folder of that name, ...)
         raise UsageError(f"{e.filename or args.output_dir}: {_reason(e)}", code=1) from None
-    print(summary)
-    return 1 if summary.failed else 0
 
 
 def _table(rows: list[list[str]]) -> str:

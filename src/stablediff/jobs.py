@@ -2,17 +2,19 @@
 
 1. `read_jobs`: every non-blank line of JOBS is a row, known by its line number: a prompt (.txt), a JSON object
    or string (.jsonl), or a record under a header line (.csv). A row may set any of OPTIONS.
-2. `plan`: every row is checked (all problems, with line numbers, before anything runs) and becomes images: its
-   seeds (`seed` + 0..batch_size-1, or the --seeds sweep; `row_seed` where it sets none) times its samplers (its
-   own, or the --samplers sweep). An image's key is its file name, `LLLLL-SEED-SAMPLER[-karras]`. Runs of
-   consecutive seeds go through the model together, batch_size at a time ("units"); that split depends on the job
-   alone, so an image's pixels do not depend on what was made before, by which worker, or whether on Ray.
+2. `plan`: every row becomes a GenerationParams (the command line's settings with the row's own) and is validated
+   (all problems, with line numbers, before anything runs), then becomes images: its seeds (`seed` +
+   0..batch_size-1, or the --seeds sweep; `row_seed` where it sets none) times its samplers (its own, or the
+   --samplers sweep). An image's key is its file name, `LLLLL-SEED-SAMPLER[-karras]`. Runs of consecutive seeds go
+   through the model together, batch_size at a time ("units"); that split depends on the job alone, so an image's
+   pixels do not depend on what was made before, by which worker, or whether on Ray.
 3. `JobError`: all the bad rows at once, one 'FILE: line N: what' text per row (batch.py raises it unless
    --skip-bad, which warns and runs the rest).
-4. Limits (limits.py, the --max-* flags): each row's size, steps, U-Net batch and prompts are checked as its other
-   settings are (a bad row); the images and work of the whole job are summed row by row *before* each row is
-   expanded, and going over is an error for the whole job naming the line where it happens. A size left out
-   counts as NATIVE_SIZE. So no job file or --seeds/--samplers sweep can make the plan itself take gigabytes.
+4. Limits (limits.py, the --max-* flags): each row's size, steps, U-Net batch and prompts are checked by the same
+   validate as its other settings (a bad row); the images and work of the whole job are summed row by row *before*
+   each row is expanded, and going over is an error for the whole job naming the line where it happens. A size
+   left out counts as NATIVE_SIZE. So no job file or --seeds/--samplers sweep can make the plan itself take
+   gigabytes.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from pathlib import Path
 
 from . import samplers
 from .limits import NATIVE_SIZE, UNIT_PIXELS, LimitError, Limits
-from .pipeline import MAX_SEED, check_params
+from .params import MAX_SEED, GenerationParams
 
 SUFFIXES = (".txt", ".csv", ".jsonl")
 OPTIONS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "cfg_scale": float, "sampler": str,
            "schedule": str, "width": int, "height": int, "batch_size": int, "clip_skip": int}
-
+# what an image's manifest line records of its settings, in this order (then loras and cache_interval where set, then
+# seed): the shape the manifests written so far have, so that their images still compare equal on a resume
+MANIFEST_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "width", "height",
+                   "clip_skip")
 
 
 class JobError(ValueError):
@@ -127,16 +132,25 @@ def _read_csv(text):
 def _coerce(key: str, value):
     """A row's value as OPTIONS[key] (CSV gives text: '20' -> 20), or ValueError naming it."""
     kind = OPTIONS[key]
-    if kind is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key} {value!r} is not text")
-        return value.strip()
-    try:
-        value = kind(value.strip()) if isinstance(value, str) else value
-        value = int(value) if kind is int and isinstance(value, float) and value.is_integer() else value
-    except ValueError:
-        pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+    return _text(key, value) if kind is str else _number(key, value, kind)
+
+
+def _text(key: str, value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{key} {value!r} is not text")
+    return value.strip()
+
+
+def _number(key: str, value, kind: type):
+    """value (a number, or text of one) as `kind`: an int also from 20.0, a float also from 20."""
+    if isinstance(value, str):
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            pass  # named below, as it was written
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
         raise ValueError(f"{key} {value!r} is not {'a whole number' if kind is int else 'a number'}")
     return kind(value)
 
@@ -191,66 +205,103 @@ def row_seed(base: int, line: int, count: int) -> int:
     return int.from_bytes(digest[:4], "big") % (MAX_SEED + 2 - count)
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One pipeline call: `params` with the first seed and the batch size, making the images `keys` (one a seed)."""
+    params: GenerationParams
+    keys: list[str]
+
+    def to_json(self) -> str:
+        """As Ray carries it to a worker (from_json reads it back)."""
+        return json.dumps({"params": self.params.to_row(), "keys": self.keys})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Unit":
+        unit = json.loads(text)
+        return cls(GenerationParams.from_row(unit["params"]), unit["keys"])
+
+
 @dataclass
 class Plan:
-    units: list[dict] = field(default_factory=list)  # {"params", "seed": the first, "keys": one per seed}
-    images: dict[str, dict] = field(default_factory=dict)  # key -> {"line", "row", "params" (with its seed)}
+    units: list[Unit] = field(default_factory=list)
+    images: dict[str, dict] = field(default_factory=dict)  # key -> {"line", "row", "params" (manifest_params)}
     problems: list[tuple[int, str]] = field(default_factory=list)  # (line, what is wrong)
 
 
-def plan(rows: list[Row], defaults: dict, *, seeds: list[int] | None = None, sampler_sweep: list[str] | None = None,
-         base_seed: int = 0, limits: Limits = Limits()) -> Plan:
-    """Check every row and expand the good ones into images and units (see the module docstring). The job's
-    images and work are summed before each row is expanded: LimitError (for the whole job) where they go over."""
+def plan(rows: list[Row], defaults: GenerationParams, *, seeds: list[int] | None = None,
+         sampler_sweep: list[str] | None = None, base_seed: int = 0, limits: Limits = Limits()) -> Plan:
+    """Check every row and expand the good ones into images and units (see the module docstring). `defaults`: the
+    settings a row leaves out (its prompt and seed are not used: a row states its prompt, and a row without a seed
+    gets row_seed(base_seed, ...)). The job's images and work are summed before each row is expanded: LimitError
+    (for the whole job) where they go over."""
     result, images, pixel_steps = Plan(), 0, 0
     for row in rows:
         try:
-            s, count, first, by_tag = _check_row(row, defaults, seeds, sampler_sweep, limits)
+            by_tag = _check_row(row, defaults, seeds, sampler_sweep, limits)
         except ValueError as e:
             result.problems.append((row.line, str(e)))
             continue
-        if seeds is None:
-            first = row_seed(base_seed, row.line, count) if first is None else first
-        image_seeds = seeds if seeds is not None else range(first, first + count)
+        some = next(iter(by_tag.values()))  # they differ only in sampler and schedule
+        image_seeds = seeds if seeds is not None else _own_seeds(some, row.line, base_seed)
         images += len(image_seeds) * len(by_tag)
-        pixel_steps += len(image_seeds) * len(by_tag) * s["steps"] * _size(s, "width") * _size(s, "height")
+        pixel_steps += len(image_seeds) * len(by_tag) * some.steps * _size(some.width) * _size(some.height)
         _check_total(limits, row.line, images, pixel_steps)
         for tag, params in by_tag.items():
-            for chunk in _runs(image_seeds, count):
-                keys = [f"{row.line:05d}-{seed}-{tag}" for seed in chunk]
-                result.units.append({"params": params, "seed": chunk[0], "keys": keys})
-                for key, seed in zip(keys, chunk):
-                    result.images[key] = {"line": row.line, "row": row.raw, "params": dict(params, seed=seed)}
+            _expand(result, row, tag, params, image_seeds)
     return result
 
 
-def _check_row(row: Row, defaults: dict, seeds: list[int] | None, sampler_sweep: list[str] | None,
-               limits: Limits) -> tuple[dict, int, int | None, dict[str, dict]]:
-    """One row's settings, checked (ValueError says what is wrong): (settings without seed and batch size, batch
-    size, first seed or None, {file-name tag: the settings of each distinct sampler and schedule})."""
+def manifest_params(params: GenerationParams, seed: int) -> dict:
+    """An image's settings as its manifest line records them: MANIFEST_FIELDS, then loras and cache_interval only
+    where set (so the settings of images made before these existed still compare equal on a resume), then seed."""
+    recorded = {name: getattr(params, name) for name in MANIFEST_FIELDS}
+    if params.loras:
+        recorded["loras"] = dict(params.loras)
+    if params.cache_interval != 1:
+        recorded["cache_interval"] = params.cache_interval
+    return dict(recorded, seed=seed)
+
+
+def _check_row(row: Row, defaults: GenerationParams, seeds: list[int] | None, sampler_sweep: list[str] | None,
+               limits: Limits) -> dict[str, GenerationParams]:
+    """One row's settings, validated against `limits` (ValueError says what is wrong): {file-name tag: the settings
+    of each distinct sampler and schedule}, with the row's seed (None: it sets none) and the U-Net batch size."""
+    params = _row_params(row, defaults)
+    if seeds is not None:  # with a --seeds sweep, batch_size only says how many go through the model at once
+        params = params.replace(batch_size=min(params.batch_size, len(seeds)))
+    by_tag = {}
+    for name in sampler_sweep or [params.sampler]:
+        checked = params.replace(sampler=name).validate(limits)
+        by_tag.setdefault(checked.sampler + ("-karras" if checked.schedule == "karras" else ""), checked)
+    return by_tag
+
+
+def _row_params(row: Row, defaults: GenerationParams) -> GenerationParams:
+    """The defaults with what the row sets (JSON null: the default); ValueError for an unknown key, a value of the
+    wrong kind or an empty prompt."""
     unknown = [k for k in row.raw if k not in OPTIONS]
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r}; a row may set {', '.join(OPTIONS)}")
-    s = {"prompt": "", **defaults}
-    s.update({k: _coerce(k, v) for k, v in row.raw.items() if v is not None})
-    if not s.get("prompt"):
+    changes = {k: _coerce(k, v) for k, v in row.raw.items() if v is not None}
+    params = defaults.replace(**{"prompt": "", **changes})
+    if not params.prompt:
         raise ValueError("the prompt is empty")
-    check_prompts(limits, prompt=s["prompt"], negative_prompt=s["negative_prompt"])
-    count = s.pop("batch_size")
-    first = s.pop("seed")
-    by_tag = {}
-    for name in sampler_sweep or [s["sampler"]]:
-        check_params(steps=s["steps"], cfg_scale=s["cfg_scale"], width=s["width"], height=s["height"],
-                     batch_size=count, sampler=name, schedule=s["schedule"], clip_skip=s["clip_skip"], seed=first)
-        spec, alias = samplers.get_sampler(name)
-        params = dict(s, sampler=spec.name, schedule=s["schedule"] or alias)
-        by_tag.setdefault(params["sampler"] + ("-karras" if params["schedule"] == "karras" else ""), params)
-    if seeds is None and first is not None and first + count - 1 > MAX_SEED:
-        raise ValueError(f"seed {first} + batch size {count} runs past {MAX_SEED}")
-    # with a --seeds sweep, batch_size only says how many go through the model at once
-    unet_batch = count if seeds is None else min(count, len(seeds))
-    limits.check_work(width=_size(s, "width"), height=_size(s, "height"), steps=s["steps"], batch_size=unet_batch)
-    return s, count, first, by_tag
+    return params
+
+
+def _own_seeds(params: GenerationParams, line: int, base_seed: int) -> range:
+    """A row's seeds without a --seeds sweep: its seed (or row_seed's) and the batch_size - 1 after it."""
+    first = row_seed(base_seed, line, params.batch_size) if params.seed is None else params.seed
+    return range(first, first + params.batch_size)
+
+
+def _expand(result: Plan, row: Row, tag: str, params: GenerationParams, seeds) -> None:
+    """Add one row's images of one sampler to the plan, in units of at most its batch size."""
+    for run in _runs(seeds, params.batch_size):
+        keys = [f"{row.line:05d}-{seed}-{tag}" for seed in run]
+        result.units.append(Unit(params.replace(seed=run[0], batch_size=len(run)), keys))
+        for key, seed in zip(keys, run):
+            result.images[key] = {"line": row.line, "row": row.raw, "params": manifest_params(params, seed)}
 
 
 def _runs(seeds, size: int):
@@ -267,8 +318,8 @@ def _runs(seeds, size: int):
 
 # --- limits -----------------------------------------------------------------------------------------------------
 
-def _size(settings: dict, name: str) -> int:
-    return settings[name] or NATIVE_SIZE
+def _size(value: int | None) -> int:
+    return value or NATIVE_SIZE
 
 
 def _check_total(limits: Limits, line: int, images: int, pixel_steps: int) -> None:
@@ -279,9 +330,3 @@ def _check_total(limits: Limits, line: int, images: int, pixel_steps: int) -> No
                               ("max_work", "work (images x steps x pixels, in 512x512 steps)", work)):
         limits.check(name, f"the job up to line {line}: {what} =", value)
 
-
-def check_prompts(limits: Limits, **texts: str) -> None:
-    """Each prompt against --max-prompt-tokens: by characters first (no tokenizing a 10 MB text), then by tokens.
-    `texts`: name -> text, e.g. prompt=..., negative_prompt=...; LimitError names the one over."""
-    for name, text in texts.items():
-        limits.check_prompt(text, name.replace("_", " "))

@@ -98,7 +98,7 @@ def parity(ours, theirs, folder: Path, dev: str, dtype: torch.dtype, size: int, 
         z = torch.randn(1, 4, size // 8, size // 8, generator=g).to(dev)
         vae_err = rel(ours.vae.decode(z), theirs.vae.decode(z.to(theirs.vae.dtype)).sample)
     log(event="parity-components", text=rel(ctx_ours, ctx_theirs), unet=unet, vae_decode=vae_err)
-    noise = ours.noise([torch.Generator().manual_seed(SEED)], (4, size // 8, size // 8))
+    noise = torch.randn((1, 4, size // 8, size // 8), generator=torch.Generator().manual_seed(SEED))
     mine = trajectory(ours, PROMPT, noise, steps, True)
     ref = trajectory(theirs, PROMPT, noise, steps, False)
     marks = sorted({1, 2, 3, 5, 10, 20, 30, 40, steps} & set(range(1, steps + 1)))

@@ -203,7 +203,7 @@ def test_generate_end_to_end(tiny_model_dir, tmp_path, env):
         text = a.text["parameters"]
         assert b.text["parameters"] == text
     assert re.fullmatch(r"a red circle\nSteps: 3, Sampler: Euler, CFG scale: 7\.0, Seed: 5, Size: 64x64, "
-                        r"Model hash: [0-9a-f]{10}, Model: tiny-sd, Version: stablediff \d+\.\d+\.\d+\S*", text), text
+                        r"Model hash: [0-9a-f]{10}, Model: tiny-sd, RNG: CPU, Version: stablediff \d+\.\d+\.\d+\S*", text), text
 
 
 def test_generate_batch_and_options(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -222,7 +222,7 @@ def test_generate_batch_and_options(tiny_model_dir, tmp_path, capsys, monkeypatc
     assert lines[:2] == ["a cat", "Negative prompt: blurry, dark"]
     assert lines[2].startswith("Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 10, "
                                "Size: 72x64, Model hash: "), text
-    assert ", Clip skip: 2, Version: stablediff " in lines[2], text
+    assert ", Clip skip: 2, RNG: CPU, Version: stablediff " in lines[2], text
 
 
 def test_info_on_folder(tiny_model_dir, env):

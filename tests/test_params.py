@@ -33,7 +33,8 @@ def params(draw, infotext=False):
         strength=draw(st.none() | st.floats(0.001, 1.0)),
         loras=tuple(draw(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,9}", fullmatch=True),
                                          st.floats(-100, 100, allow_nan=False), max_size=3)).items()),
-        cache_interval=draw(st.integers(1, 10)))
+        cache_interval=draw(st.integers(1, 10)), rng=draw(st.sampled_from(["cpu", "gpu", "nv"])),
+        ensd=draw(st.just(0) | st.integers(0, MAX_SEED)))
 
 
 @settings(max_examples=150, deadline=None)
@@ -63,15 +64,20 @@ def test_a1111_infotext_reads_with_its_labels_and_reports_what_it_does_not_use()
     p, unknown = GenerationParams.from_infotext(text)
     assert p.validate() == GenerationParams(
         prompt="a castle, (masterpiece:1.2)", negative_prompt="blurry", steps=20, sampler="dpmpp_2m",
-        schedule="karras", cfg_scale=7.0, seed=123, width=512, height=768, clip_skip=2)
+        schedule="karras", cfg_scale=7.0, seed=123, width=512, height=768, clip_skip=2, rng="gpu")  # no RNG: GPU
     assert unknown == {"Model hash": "6ce0161689", "Model": "v1-5", "Hires upscale": "2", "Version": "v1.10.1"}
+    p, _ = GenerationParams.from_infotext("a\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 1, ENSD: 31337, RNG: NV")
+    assert (p.rng, p.ensd) == ("nv", 31337)
+    # stablediff 0.1 wrote no RNG and drew on the CPU
+    p, _ = GenerationParams.from_infotext("a\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Version: stablediff 0.1.0")
+    assert p.rng == "cpu"
     with pytest.raises(ValueError, match="infotext Steps: 'x' is not a whole number"):
         GenerationParams.from_infotext("a\nSteps: x, Sampler: Euler, CFG scale: 7, Seed: 1")
 
 
 def test_a1111_defaults_and_the_sampler_name_forms():
     p = GenerationParams.from_a1111({"prompt": "a", "seed": -1, "sampler_index": "Euler a", "width": None})
-    assert p == GenerationParams(prompt="a", steps=50, sampler="Euler a")  # A1111's API default is 50 steps
+    assert p == GenerationParams(prompt="a", steps=50, sampler="Euler a", rng="gpu")  # A1111's API defaults
     assert p.validate().sampler == "euler_a"
     assert GenerationParams(sampler="DPM++ 2M Karras").validate().schedule == "karras"
 

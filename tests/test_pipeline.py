@@ -115,7 +115,7 @@ def test_defaults_native_size_random_seed_and_infotext(pipe):
     assert 0 <= result.seeds[0] < 2**32
     text = result.infotexts[0]
     assert text.startswith("a cat\nSteps: 2, Sampler: Euler, CFG scale: 7.0, Seed: ")
-    assert f"Model hash: {pipe.model_hash}, Model: tiny-sd, Version: stablediff " in text
+    assert f"Model hash: {pipe.model_hash}, Model: tiny-sd, RNG: CPU, Version: stablediff " in text
     assert len(pipe.model_hash) == 10
 
 

@@ -217,12 +217,10 @@ def load_pipeline(model: str, *, device: str = "auto", dtype: str = "float32", s
 
 def generate(pipe, unit: Unit) -> list[dict]:
     """One unit through the pipeline -> one result per image: key, png (bytes), seconds, nsfw, error."""
-    p, keys = unit.params, unit.keys
+    keys = unit.keys
     start = time.perf_counter()
     try:
-        result = pipe(p.prompt, p.negative_prompt, steps=p.steps, cfg_scale=p.cfg_scale, seed=p.seed, width=p.width,
-                      height=p.height, batch_size=p.batch_size, sampler=p.sampler, schedule=p.schedule,
-                      clip_skip=p.clip_skip, loras=dict(p.loras), cache_interval=p.cache_interval)
+        result = pipe.generate(unit.params)
     except Exception as e:  # noqa: BLE001 - one unit's failure (NaN, out of memory, ...) must not end the job
         message = f"{type(e).__name__}: {' '.join(str(e).split())}"
         return [dict(key=k, png=b"", seconds=0.0, nsfw=False, error=message) for k in keys]

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, cpu, embeddings, images, lora, malloc, samplers, weights
+from . import __version__, cpu, embeddings, images, lora, malloc, rng, samplers, weights
 from .clip import CLIPTextModel
 from .denoiser import CFGDenoiser, EpsDenoiser
 from .nn import ResnetBlock
@@ -254,10 +254,6 @@ class StableDiffusion:
         vae_dtype = self.vae.post_quant_conv.weight.dtype
         return torch.cat([self.vae.decode(z[i:i + 1].to(vae_dtype)).float() for i in range(len(z))])
 
-    def noise(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-        """One unit-variance latent per generator, drawn on the CPU (so any device gives the same image)."""
-        return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
-
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 30,
                  cfg_scale: float = 7.0, seed: int | None = None, width: int | None = None,
@@ -354,16 +350,16 @@ class StableDiffusion:
     def generate_latents(self, prompt: str, negative: str, params: GenerationParams, plan: samplers.SamplingPlan,
                          seeds, source: dict | None = None, step_callback=None) -> torch.Tensor:
         """One prompt's final latents (len(seeds), C, h, w): encode the prompts, draw each image's noise on its own
-        CPU generator, run the sampler over the guided denoiser. `source` is `_encode_init`'s (img2img,
+        generator (seeds[k] on params.rng's source: rng.ImageRNG), run the sampler over the guided denoiser. `source` is `_encode_init`'s (img2img,
         inpainting); `step_callback(d)` sees each step and may return the latents to go on with."""
         n = len(seeds)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        shape = (self.vae.config.latent_channels, params.height // self.downscale, params.width // self.downscale)
+        noise = rng.ImageRNG(shape, seeds, source=params.rng, device=self.device, ensd=params.ensd)
         cond, uncond = self.prompts.encode_pair(prompt, negative, params.clip_skip)
         weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till next needed
         cond, uncond = cond.expand(n, -1, -1), uncond.expand(n, -1, -1)
         cache = DeepCache(params.cache_interval) if params.cache_interval > 1 else None
-        shape = (self.vae.config.latent_channels, params.height // self.downscale, params.width // self.downscale)
-        x, model, blend = self._start(plan, generators, shape, source, params.strength, cache)
+        x, model, blend = self._start(plan, noise, source, params.strength, cache)
         denoiser = self.denoiser(plan, cond, uncond, params.cfg_scale, model=model)
         last = len(plan.sigmas) - 2
 
@@ -375,7 +371,7 @@ class StableDiffusion:
                 step_callback(d)
             return d["x"] if blend is not None else None
 
-        x = plan.sampler.fn(denoiser, x, plan.sigmas, generator=generators, callback=on_step)
+        x = plan.sampler.fn(denoiser, x, plan.sigmas, generator=noise.generators, callback=on_step)
         x = plan.finish(x)
         return blend(x, None) if blend is not None else x
 
@@ -431,29 +427,29 @@ class StableDiffusion:
             source["masked"] = self.vae.encode(pixels * (m < 0.5))
         return source
 
-    def _start(self, plan, generators, shape, source, strength, cache=None):
+    def _start(self, plan, noise_rng: rng.ImageRNG, source, strength, cache=None):
         """Initial latents x (in sigma space), the eps model, and the inpainting blend (or None).
 
-        The CPU generator of each image is drawn in diffusers' order: init-image posterior sample, noise,
-        masked-image posterior sample (each only where that pipeline draws it)."""
+        Each image's generator is drawn in diffusers' order: init-image posterior sample, noise, masked-image
+        posterior sample (each only where that pipeline draws it)."""
         sf = self.vae.config.scaling_factor
         eps = functools.partial(self.eps, cache=cache)
         if source is None:
-            return self.noise(generators, shape).to(self.device) * plan.init_noise_scale, eps, None
+            return noise_rng.next() * plan.init_noise_scale, eps, None
         inpaint = "mask" in source
         inpainting_unet = self.unet.config.in_channels == 9
         x0 = None
         if not inpainting_unet or strength < 1 or not inpaint:
-            x0 = source["posterior"].sample(generators).float() * sf
-        noise = self.noise(generators, shape).to(self.device)
+            x0 = source["posterior"].sample(noise_rng.generators).float() * sf
+        noise = noise_rng.next()
         if inpaint and strength == 1:
             x = noise * plan.init_noise_scale  # diffusers' inpainting starts from pure noise at full strength
         else:
             x = x0 + noise * float(plan.sigmas[0])
         if not inpaint:
             return x, eps, None
-        mask = source["mask"].expand(len(generators), -1, -1, -1)
-        masked = source["masked"].sample(generators).float() * sf
+        mask = source["mask"].expand(len(noise), -1, -1, -1)
+        masked = source["masked"].sample(noise_rng.generators).float() * sf
         if inpainting_unet:
             extra = torch.cat([mask, masked], dim=1)
 

@@ -25,21 +25,21 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import rng
 from .schedule import NoiseSchedule, TimestepMap, discretize
 
 
 def _noise(x: torch.Tensor, generator) -> torch.Tensor:
-    """Unit normal noise shaped like x, drawn exactly as diffusers' `randn_tensor(x.shape, generator)` draws it."""
+    """Unit normal noise shaped like x, drawn exactly as diffusers' `randn_tensor(x.shape, generator)` draws it:
+    from one generator, or one (1, ...) draw from each generator of a list (any of rng.draw's generators)."""
     if isinstance(generator, (list, tuple)) and len(generator) == 1:
         generator = generator[0]
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=torch.float32)
-                           for g in generator])
+        noise = torch.cat([rng.draw(g, (1, *x.shape[1:]), x.device) for g in generator])
     else:
-        device = generator.device if generator is not None else "cpu"
-        noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
+        noise = rng.draw(generator or torch.default_generator, x.shape, x.device)
     return noise.to(x.device, x.dtype)
 
 

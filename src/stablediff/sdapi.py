@@ -253,13 +253,8 @@ def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_
         try:
             if job.cancel.is_set():
                 raise Cancelled("interrupted between iterations")
-            results.append(pipe(params.prompt, params.negative_prompt, steps=params.steps,
-                                cfg_scale=params.cfg_scale, seed=params.seed + i * params.batch_size,
-                                width=params.width, height=params.height, batch_size=params.batch_size,
-                                sampler=params.sampler, schedule=params.schedule, clip_skip=params.clip_skip,
-                                init_image=init, mask_image=mask, strength=params.strength,
-                                loras=dict(params.loras), cache_interval=params.cache_interval,
-                                callback=on_step, cancel=job.cancel))
+            results.append(pipe.generate(params.replace(seed=params.seed + i * params.batch_size),
+                                         init_image=init, mask_image=mask, callback=on_step, cancel=job.cancel))
         except Cancelled:
             return results, True
     return results, False

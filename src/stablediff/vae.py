@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rng
 from .config import VAEConfig
 from .nn import Attention, Downsample, ResnetBlock, Upsample
 
@@ -112,13 +113,13 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-        """mean + std * eps, eps drawn on the CPU generator(s) (one per batch element when a list) like diffusers."""
-        shape = self.mean.shape
+    def sample(self, generator=None) -> torch.Tensor:
+        """mean + std * eps, eps drawn as diffusers draws it: from one generator (None: torch's default CPU one), or
+        from one per batch element (a list; any of rng.draw's generators)."""
         if isinstance(generator, (list, tuple)):
-            eps = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+            eps = torch.cat([rng.draw(g, (1, *self.mean.shape[1:])) for g in generator])
         else:
-            eps = torch.randn(shape, generator=generator)
+            eps = torch.randn(self.mean.shape, generator=generator)
         return self.mean + self.std * eps.to(self.mean.device, self.mean.dtype)
 
 

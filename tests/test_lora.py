@@ -271,6 +271,50 @@ def test_unknown_keys_are_listed(models, lora_files, tmp_path):
     save_file({"unet.conv_in.lora_A.weight": torch.zeros(2, 4, 3, 3)}, str(tmp_path / "half.safetensors"))
     with pytest.raises(lora.LoraError, match="half.safetensors: unet.conv_in.lora_A.weight has no matching up"):
         lora.read_lora(tmp_path / "half.safetensors", unet, text)
+    save_file({"unet.conv_in.lora_B.weight": torch.zeros(32, 2, 1, 1)}, str(tmp_path / "half.safetensors"))
+    with pytest.raises(lora.LoraError, match="half.safetensors: unet.conv_in.lora_B.weight has no matching down"):
+        lora.read_lora(tmp_path / "half.safetensors", unet, text)
+
+
+Q_PROJ = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+
+
+@pytest.mark.parametrize("key,parsed", [
+    (f"{Q_PROJ}.alpha", ("text_encoder", "text_model_encoder_layers_0_self_attn_q_proj", "alpha")),
+    ("unet.a.lora.up.weight", ("unet", "a", "up")),
+    ("unet.a.lora_linear_layer.down.weight", ("unet", "a", "down")),  # the longest suffix wins
+    ("unet.x.attn1.processor.to_out_lora.up.weight", ("unet", "x.attn1.to_out.0", "up")),
+    ("text_encoder.x.self_attn.to_v_lora.down.weight", ("text_encoder", "x.self_attn.v_proj", "down")),
+    ("unet.x.attn1.processor.to_z_lora.down.weight", None),  # no such processor slot
+    ("text_encoder.x.to_z_lora.down.weight", None),
+    ("text_encoder.to_q_lora.down.weight", None),  # a slot with no layer path before it
+    ("unet.processor.to_q_lora.down.weight", None),
+    ("lora_unet_.alpha", None),  # no module path between prefix and suffix
+    ("lora_unet_conv_in.weight", None),  # no suffix
+    ("conv_in.lora_down.weight", None),  # no prefix
+])
+def test_key_table(key, parsed):
+    assert lora._parse_key(key) == parsed
+
+
+def test_pairs_and_alphas(models, tmp_path):
+    unet, text = models
+    pair = {f"{Q_PROJ}.lora_down.weight": torch.ones(2, 32), f"{Q_PROJ}.lora_up.weight": torch.ones(32, 2)}
+    name = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    for alpha, scale in [(0.0, 1.0), ([3.0, 5.0], 1.5)]:  # alpha 0 means none; the first value is the alpha
+        save_file({**pair, f"{Q_PROJ}.alpha": torch.tensor(alpha)}, str(tmp_path / "ok.safetensors"))
+        assert lora.read_lora(tmp_path / "ok.safetensors", unet, text).deltas[name].scale == scale
+    for alpha in ("inf", "nan"):
+        save_file({**pair, f"{Q_PROJ}.alpha": torch.tensor(float(alpha))}, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(lora.LoraError) as err:
+            lora.read_lora(tmp_path / "bad.safetensors", unet, text)
+        assert str(err.value) == f"{tmp_path / 'bad.safetensors'}: {Q_PROJ}.alpha is {alpha}, not a finite number"
+    peft_down = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({**pair, peft_down: torch.ones(2, 32)}, str(tmp_path / "twice.safetensors"))
+    with pytest.raises(lora.LoraError) as err:
+        lora.read_lora(tmp_path / "twice.safetensors", unet, text)
+    assert str(err.value) == (f"{tmp_path / 'twice.safetensors'}: two tensors for the down of "
+                              f"text_encoder.text_model.encoder.layers.0.self_attn.q_proj (one is {peft_down})")
 
 
 def test_shapes_that_do_not_fit_name_file_and_key(models, tmp_path):
@@ -312,6 +356,34 @@ def test_resolve_stays_inside_the_folder(tmp_path):
         lora.resolve("escape", folder)
     with pytest.raises(lora.LoraError, match="the LoRA folder does not exist"):
         lora.resolve("mine", tmp_path / "nowhere")
+
+
+def test_resolve_edge_cases(tmp_path):
+    folder = tmp_path / "loras"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    for rel in ("a/dup.safetensors", "b/dup.safetensors", "b/ink.pt", "both.safetensors", "both.pt"):
+        (folder / rel).write_bytes(b"x")
+    os.symlink(folder / "nothing", folder / "dangling.safetensors")
+    assert lora.resolve("a/dup", folder) == folder / "a" / "dup.safetensors"
+    assert lora.resolve("ink.pt", folder) == folder / "b" / "ink.pt"  # a file name found in a subfolder
+    assert lora.resolve("both", folder) == folder / "both.safetensors"  # extensions in EXTENSIONS order
+    refused = ("refused: a LoRA is named by its file name inside the LoRA folder ('..', absolute paths and drive "
+               "letters are not allowed)")
+    for name, said in [
+            ("dup", "<lora:dup>: ambiguous: a/dup.safetensors, b/dup.safetensors; name it with its subfolder, e.g. "
+                    "<lora:a/dup:1>"),
+            ("dup.safetensors", "<lora:dup.safetensors>: ambiguous: a/dup.safetensors, b/dup.safetensors; name it "
+                                "with its subfolder, e.g. <lora:a/dup:1>"),
+            ("b/missing", "<lora:b/missing>: no LoRA named 'b/missing' in the LoRA folder (no similar names there)"),
+            ("ink.safetensors", "<lora:ink.safetensors>: no LoRA named 'ink.safetensors' in the LoRA folder (no "
+                                "similar names there)"),  # an extension given is the one looked for
+            ("dangling", "<lora:dangling>: refused: dangling.safetensors leads outside the LoRA folder (a link?)"),
+            ("x\x00y", f"<lora:x\x00y>: {refused}"), ("   ", f"<lora:   >: {refused}"),
+            ("\\x", f"<lora:\\x>: {refused}"), ("C:x", f"<lora:C:x>: {refused}"), ("c:/x", f"<lora:c:/x>: {refused}")]:
+        with pytest.raises(lora.LoraError) as err:
+            lora.resolve(name, folder)
+        assert str(err.value) == said
 
 
 class _Exploit:

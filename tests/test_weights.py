@@ -310,6 +310,12 @@ def test_ema(tiny, tmp_path):
     assert "model.diffusion_model.input_blocks.0.0.weight" in with_ema.unused
     with pytest.raises(CheckpointError, match="no EMA weights"):
         load_checkpoint(tiny.single, use_ema=True)
+    del ema["model_ema.diffusion_modelinput_blocks00weight"]
+    partial = {**original, **ema}
+    with pytest.raises(CheckpointError, match=rf"^x.ckpt: use_ema=True but 1 of {len(unet_keys)} U-Net weights have "
+                                              r"no EMA copy \(e.g. model_ema.diffusion_modelinput_blocks00weight\); "
+                                              r"load it without use_ema$"):
+        split_original(partial, use_ema=True, path="x.ckpt")
 
 
 class _Evil:
@@ -393,6 +399,49 @@ def test_other_families_are_named(tmp_path, family, keys, evidence):
     expected = f"looks like an {family} checkpoint" if family else "looks like"
     with pytest.raises(CheckpointError, match=rf"other.safetensors: {expected}.*{evidence}"):
         load_checkpoint(path)
+
+
+UNET_IN, TO_K = "model.diffusion_model.input_blocks.0.0.weight", \
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+TOKENS = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+NOT_WHOLE = "; stablediff needs a Stable Diffusion 1.x checkpoint"
+
+
+@pytest.mark.parametrize("keys,said", [
+    # the first test that fits names the file: a diffusers U-Net before a VAE before a LoRA before a text encoder
+    ({"down_blocks.0.resnets.0.conv1.weight": (1,), "encoder.down.0.block.0.conv1.weight": (1,)},
+     "looks like a diffusers U-Net weights file (down_blocks.*), not a whole checkpoint; pass the diffusers folder"
+     + NOT_WHOLE),
+    ({"conv_in.weight": (1,)}, "looks like a diffusers U-Net weights file"),
+    ({"decoder.up.0.block.0.conv1.weight": (1,), "lora_te_x.alpha": (1,)}, "looks like a standalone VAE"),
+    ({"unet.conv_in.lora_A.weight": (1,), "text_model.x": (1,)},
+     "looks like a LoRA (lora_* keys), not a whole checkpoint" + NOT_WHOLE),
+    ({"text_model.embeddings.token_embedding.weight": (1,)},
+     "looks like a text encoder only, not a whole checkpoint" + NOT_WHOLE),
+    ({TOKENS: (1,)}, "looks like a text encoder only"),
+    ({"embeddings.token_embedding.weight": (1,)}, "looks like a text encoder only"),
+    ({"a": (1,), "b": (1,), "c": (1,), "d": (1,)},
+     "looks like something other than Stable Diffusion: no model.diffusion_model.* keys (it has ['a', 'b', 'c']...)"
+     + NOT_WHOLE),
+    ({UNET_IN: (1,), TO_K: (320, 768), TOKENS: (10, 1024)},
+     "the U-Net attends to 768-wide text features but the text encoder is 1024 wide; the file mixes parts of "
+     "different models"),
+    ({UNET_IN: (1,), TO_K: (320, 1280)}, f"looks like an SDXL checkpoint (1280-wide cross-attention, {TO_K}); "
+                                         f"stablediff supports Stable Diffusion 1.x only"),
+    ({UNET_IN: (1,), TO_K: (320, 768), TOKENS: (10, 768)}, None),
+    ({UNET_IN: (1,), TO_K: (320, 768)}, None),  # no text encoder: nothing to compare with
+    ({UNET_IN: (1,)}, None),  # no cross-attention: nothing to check
+])
+def test_detect_says_what_a_file_is(keys, said):
+    sd = {k: torch.zeros(s) for k, s in keys.items()}
+    if said is None:
+        assert detect(sd, "f.ckpt") == "sd1"
+        return
+    with pytest.raises(CheckpointError) as err:
+        detect(sd, "f.ckpt")
+    assert str(err.value).startswith(f"f.ckpt: {said}")
+    with pytest.raises(CheckpointError, match="^checkpoint: "):
+        detect(sd)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -89,30 +89,59 @@ def vae_key_table(levels: int, layers: int) -> list[tuple]:
 
 def rename_keys(sd: dict, rows: list[tuple], *, to_ours: bool) -> tuple[dict, list[str]]:
     """Map every key through the row with the longest matching module prefix; returns (renamed, keys left over)."""
+    lookup = _row_lookup(rows, to_ours)
+    out, left = {}, []
+    for key, value in sd.items():
+        renamed = _rename(key, value, lookup, to_ours)
+        if renamed is None:
+            left.append(key)
+        else:
+            out[renamed[0]] = renamed[1]
+    return out, left
+
+
+def _row_lookup(rows: list[tuple], to_ours: bool) -> dict[str, tuple]:
+    """The table read in one direction: module prefix -> (new prefix, leaf renames or None, Linear stored as conv)."""
     lookup = {}
     for ours, theirs, leaves, *conv in rows:
         if leaves is not None and to_ours:
             leaves = {v: k for k, v in leaves.items()}
-        lookup[theirs if to_ours else ours] = (ours if to_ours else theirs, leaves, bool(conv and conv[0]))
-    out, left = {}, []
-    for key, value in sd.items():
-        parts = key.split(".")
-        for d in range(len(parts) - 1, 0, -1):
-            if (hit := lookup.get(".".join(parts[:d]))) is not None:
-                break
-        else:
-            left.append(key)
-            continue
-        prefix, leaves, conv = hit
-        leaf = ".".join(parts[d:-1])  # the module inside the row's block ("" for a plain layer)
-        if leaves is not None and leaf not in leaves:
-            left.append(key)
-            continue
-        new_leaf = leaf if leaves is None else leaves[leaf]
-        if conv and value is not None and parts[-1] == "weight" and (new_leaf if to_ours else leaf) in _LINEAR_AS_CONV:
-            value = value.flatten(1) if to_ours else value[:, :, None, None]
-        out[".".join(p for p in (prefix, new_leaf, parts[-1]) if p)] = value
-    return out, left
+        source, target = (theirs, ours) if to_ours else (ours, theirs)
+        lookup[source] = (target, leaves, bool(conv and conv[0]))
+    return lookup
+
+
+def _rename(key: str, value, lookup: dict[str, tuple], to_ours: bool) -> tuple[str, object] | None:
+    """(new key, value reshaped where a Linear weight is stored as a 1x1 conv), or None when no row takes the key."""
+    parts = key.split(".")
+    found = _longest_prefix(parts, lookup)
+    if found is None:
+        return None
+    d, (prefix, leaves, conv) = found
+    leaf = ".".join(parts[d:-1])  # the module inside the row's block ("" for a plain layer)
+    new_leaf = leaf if leaves is None else leaves.get(leaf)
+    if new_leaf is None:  # a module inside the block that the row does not name
+        return None
+    our_leaf = new_leaf if to_ours else leaf
+    if conv and parts[-1] == "weight" and our_leaf in _LINEAR_AS_CONV:
+        value = _linear_as_conv(value, to_ours)
+    return ".".join(p for p in (prefix, new_leaf, parts[-1]) if p), value
+
+
+def _linear_as_conv(weight, to_ours: bool):
+    """The original layout's 1x1 convolution (out, in, 1, 1) <-> our Linear (out, in); None (a key renamed without
+    its tensor) stays None."""
+    if weight is None:
+        return None
+    return weight.flatten(1) if to_ours else weight[:, :, None, None]
+
+
+def _longest_prefix(parts: list[str], lookup: dict[str, tuple]) -> tuple[int, tuple] | None:
+    """(number of parts, row) of the longest module prefix of the key (its last part, the tensor, excluded)."""
+    for d in range(len(parts) - 1, 0, -1):
+        if (row := lookup.get(".".join(parts[:d]))) is not None:
+            return d, row
+    return None
 
 
 def _indices(keys, prefix: str) -> list[int]:
@@ -247,60 +276,56 @@ def check_widths(where: str, cross_attention: int, text_hidden: int | None, evid
                               f"encoder is {text_hidden} wide; the file mixes parts of different models")
 
 
+# files that are no SD 1.x checkpoint, told by a key prefix: (prefix, family, evidence)
+_OTHER_FAMILIES = [("conditioner.embedders.", "SDXL", "conditioner.embedders.*"),
+                   ("cond_stage_model.model.", "SD 2.x", "OpenCLIP text encoder cond_stage_model.model.*")]
+# files with no U-Net in the original layout, by the first row any key fits: (key prefixes, key infixes, what)
+_PARTS = [(("down_blocks.", "conv_in."), (),
+           "a diffusers U-Net weights file (down_blocks.*), not a whole checkpoint; pass the diffusers folder"),
+          (("encoder.down", "decoder.up"), (), "a standalone VAE (encoder.*, decoder.*), not a whole checkpoint"),
+          (("lora_",), (".lora_",), "a LoRA (lora_* keys), not a whole checkpoint"),
+          (("text_model.", "cond_stage_model.", "embeddings.token_embedding"), (),
+           "a text encoder only, not a whole checkpoint")]
+
+
 def detect(sd, path="") -> str:
     """"sd1" for a Stable Diffusion 1.x single-file checkpoint; otherwise a CheckpointError saying what it is."""
     where, keys = path or "checkpoint", list(sd)
-
-    def first(prefix):
-        return next((k for k in keys if k.startswith(prefix)), None)
-
-    if first("conditioner.embedders."):
-        raise family_error(where, "SDXL", "conditioner.embedders.*")
-    if first("cond_stage_model.model."):
-        raise family_error(where, "SD 2.x", "OpenCLIP text encoder cond_stage_model.model.*")
-    if not first("model.diffusion_model."):
-        if first("down_blocks.") or first("conv_in."):
-            what = "a diffusers U-Net weights file (down_blocks.*), not a whole checkpoint; pass the diffusers folder"
-        elif first("encoder.down") or first("decoder.up"):
-            what = "a standalone VAE (encoder.*, decoder.*), not a whole checkpoint"
-        elif first("lora_") or any(".lora_" in k for k in keys):
-            what = "a LoRA (lora_* keys), not a whole checkpoint"
-        elif first("text_model.") or first("cond_stage_model.") or first("embeddings.token_embedding"):
-            what = "a text encoder only, not a whole checkpoint"
-        else:
-            what = f"something other than Stable Diffusion: no model.diffusion_model.* keys (it has {keys[:3]}...)"
-        raise CheckpointError(f"{where}: looks like {what}; stablediff needs a Stable Diffusion 1.x checkpoint")
-    if "model.diffusion_model.input_blocks.0.0.weight" not in sd:
+    for prefix, family, evidence in _OTHER_FAMILIES:
+        if _first_key(keys, prefix) is not None:
+            raise family_error(where, family, evidence)
+    unet_key = _first_key(keys, PREFIXES["unet"])
+    if unet_key is None:
+        raise CheckpointError(f"{where}: looks like {_what_part(keys)}; stablediff needs a Stable Diffusion 1.x "
+                              f"checkpoint")
+    if PREFIXES["unet"] + "input_blocks.0.0.weight" not in sd:
         raise CheckpointError(f"{where}: looks like another diffusion architecture (model.diffusion_model.* has no "
-                              f"input_blocks; e.g. {first('model.diffusion_model.')}); stablediff supports Stable "
-                              f"Diffusion 1.x only")
-    to_k = next((k for k in keys if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")), None)
-    tokens = next((sd[k] for k in keys if k.startswith(PREFIXES["text_encoder"])
-                   and k.endswith("token_embedding.weight")), None)
+                              f"input_blocks; e.g. {unet_key}); stablediff supports Stable Diffusion 1.x only")
+    to_k = _first_key(keys, PREFIXES["unet"], "attn2.to_k.weight")
+    tokens = _first_key(keys, PREFIXES["text_encoder"], "token_embedding.weight")
     if to_k is not None:
-        check_widths(where, sd[to_k].shape[-1], None if tokens is None else tokens.shape[-1], to_k)
+        check_widths(where, sd[to_k].shape[-1], None if tokens is None else sd[tokens].shape[-1], to_k)
     return "sd1"
+
+
+def _first_key(keys: list[str], prefix: str, suffix: str = "") -> str | None:
+    return next((k for k in keys if k.startswith(prefix) and k.endswith(suffix)), None)
+
+
+def _what_part(keys: list[str]) -> str:
+    """What a file without the original U-Net is, as far as its keys tell."""
+    for prefixes, infixes, what in _PARTS:
+        if any(k.startswith(prefixes) or any(i in k for i in infixes) for k in keys):
+            return what
+    return f"something other than Stable Diffusion: no model.diffusion_model.* keys (it has {keys[:3]}...)"
 
 
 def split_original(sd, *, use_ema=False, path="") -> dict[str, dict]:
     """Original single-file layout -> {"unet", "vae", "text_encoder"} state dicts in our naming, plus "unused":
     every original key not used (model_ema.* unless use_ema, schedule buffers, keys the table has no place for)."""
-    parts, unused = {c: {} for c in PREFIXES}, {}
-    for k, v in sd.items():
-        comp = next((c for c, p in PREFIXES.items() if k.startswith(p)), None)
-        if comp is None:
-            unused[k] = v
-        else:
-            parts[comp][k[len(PREFIXES[comp]):]] = v
-    if use_ema:  # EMA copies are stored flat: model_ema.diffusion_modelinput_blocks00weight
-        ema = {k: "model_ema.diffusion_model" + k.replace(".", "") for k in parts["unet"]}
-        missing = [e for e in ema.values() if e not in sd]
-        if len(missing) == len(ema):
-            raise CheckpointError(f"{path or 'checkpoint'}: use_ema=True but the file has no EMA weights "
-                                  f"(no model_ema.* keys); load it without use_ema")
-        if missing:
-            raise CheckpointError(f"{path or 'checkpoint'}: use_ema=True but {len(missing)} of {len(ema)} U-Net "
-                                  f"weights have no EMA copy (e.g. {missing[0]}); load it without use_ema")
+    parts, unused = _split_by_prefix(sd)
+    if use_ema:
+        ema = _ema_keys(sd, parts["unet"], path or "checkpoint")
         unused.update({PREFIXES["unet"] + k: v for k, v in parts["unet"].items()})
         parts["unet"] = {k: unused.pop(e) for k, e in ema.items()}
     unet, left_u = rename_keys(parts["unet"], _original_unet_table(parts["unet"]), to_ours=True)
@@ -309,6 +334,32 @@ def split_original(sd, *, use_ema=False, path="") -> dict[str, dict]:
     for comp, left in (("unet", left_u), ("vae", left_v), ("text_encoder", left_t)):
         unused.update({PREFIXES[comp] + k: parts[comp][k] for k in left})
     return {"unet": unet, "vae": vae, "text_encoder": text, "unused": unused}
+
+
+def _split_by_prefix(sd: dict) -> tuple[dict[str, dict], dict]:
+    """({component: its keys without the component's prefix}, the keys of no component as they are)."""
+    parts, others = {c: {} for c in PREFIXES}, {}
+    for k, v in sd.items():
+        comp = next((c for c, p in PREFIXES.items() if k.startswith(p)), None)
+        if comp is None:
+            others[k] = v
+        else:
+            parts[comp][k[len(PREFIXES[comp]):]] = v
+    return parts, others
+
+
+def _ema_keys(sd: dict, unet: dict, where: str) -> dict[str, str]:
+    """U-Net key -> the key of its EMA copy, stored flat (model_ema.diffusion_modelinput_blocks00weight); every
+    U-Net weight must have one."""
+    ema = {k: "model_ema.diffusion_model" + k.replace(".", "") for k in unet}
+    missing = [e for e in ema.values() if e not in sd]
+    if len(missing) == len(ema):
+        raise CheckpointError(f"{where}: use_ema=True but the file has no EMA weights (no model_ema.* keys); load it "
+                              f"without use_ema")
+    if missing:
+        raise CheckpointError(f"{where}: use_ema=True but {len(missing)} of {len(ema)} U-Net weights have no EMA "
+                              f"copy (e.g. {missing[0]}); load it without use_ema")
+    return ema
 
 
 def to_original(unet_sd, vae_sd, text_sd) -> dict[str, torch.Tensor]:

@@ -70,29 +70,55 @@ def resolve(name: str, directory) -> Path:
     The messages name files by their place inside the folder, never the folder's own path: a server sends them
     to whoever wrote the tag."""
     name, root = str(name), Path(directory)
-    parts = name.replace("\\", "/").split("/")
-    if not name.strip() or "\x00" in name or ".." in parts or os.path.isabs(name) or name.startswith(("/", "\\")) \
-            or re.match(r"[A-Za-z]:", name):
+    if not _is_relative_name(name):
         raise LoraError(f"{_tag(name)}: refused: a LoRA is named by its file name inside the LoRA folder ('..', "
                         f"absolute paths and drive letters are not allowed)")
     if not root.is_dir():
         raise LoraError(f"{_tag(name)}: the LoRA folder does not exist (set it with --lora-dir)")
-    real_root = root.resolve()
-    candidates = [root / name] if name.endswith(EXTENSIONS) else [root / (name + ext) for ext in EXTENSIONS]
-    existing = [c for c in candidates if c.is_file() or c.is_symlink()]
-    if not existing and "/" not in name:  # A1111 finds LoRAs in subfolders by file name
-        stems = {name} if name.endswith(EXTENSIONS) else {name + ext for ext in EXTENSIONS}
-        existing = sorted(p for p in root.rglob("*") if p.name in stems and (p.is_file() or p.is_symlink()))
-        if len(existing) > 1:
-            inside = [p.relative_to(root).as_posix() for p in existing]
-            raise LoraError(f"{_tag(name)}: ambiguous: {weights.few(inside, 3)}; name it with its subfolder, e.g. "
-                            f"<lora:{inside[0].rsplit('.', 1)[0]}:1>")
-    for path in existing:
-        if not _inside(path, real_root):
-            raise LoraError(f"{_tag(name)}: refused: {path.relative_to(root).as_posix()} leads outside the LoRA "
-                            f"folder (a link?)")
-        return path
-    raise LoraError(f"{_tag(name)}: no LoRA named {name!r} in the LoRA folder ({_close_names(name, root)})")
+    found = _find(name, root)
+    if found is None:
+        raise LoraError(f"{_tag(name)}: no LoRA named {name!r} in the LoRA folder ({_close_names(name, root)})")
+    if not _inside(found, root.resolve()):
+        raise LoraError(f"{_tag(name)}: refused: {found.relative_to(root).as_posix()} leads outside the LoRA "
+                        f"folder (a link?)")
+    return found
+
+
+def _is_relative_name(name: str) -> bool:
+    """Not empty, no NUL, no '..' part, not absolute (either slash, or a drive letter)."""
+    refused = (not name.strip(), "\x00" in name, ".." in name.replace("\\", "/").split("/"), os.path.isabs(name),
+               name.startswith(("/", "\\")), re.match(r"[A-Za-z]:", name) is not None)
+    return not any(refused)
+
+
+def _file_names(name: str) -> list[str]:
+    """NAME itself when it has a LoRA extension, else NAME with each extension, in EXTENSIONS order."""
+    return [name] if name.endswith(EXTENSIONS) else [name + ext for ext in EXTENSIONS]
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_file() or path.is_symlink()  # a link that leads nowhere too: refused later, not missing
+
+
+def _find(name: str, root: Path) -> Path | None:
+    """The file in the folder itself, first extension first; else, for a name without a folder, the one file of
+    that name in a subfolder."""
+    here = [root / n for n in _file_names(name) if _is_file(root / n)]
+    if not here and "/" not in name:
+        here = _in_subfolders(name, root)
+    return here[0] if here else None
+
+
+def _in_subfolders(name: str, root: Path) -> list[Path]:
+    """Files of that name anywhere under the folder (A1111 finds LoRAs in subfolders by file name); more than
+    one -> LoraError listing them."""
+    names = set(_file_names(name))
+    found = sorted(p for p in root.rglob("*") if p.name in names and _is_file(p))
+    if len(found) > 1:
+        inside = [p.relative_to(root).as_posix() for p in found]
+        raise LoraError(f"{_tag(name)}: ambiguous: {weights.few(inside, 3)}; name it with its subfolder, e.g. "
+                        f"<lora:{inside[0].rsplit('.', 1)[0]}:1>")
+    return found
 
 
 def _close_names(name: str, root: Path) -> str:
@@ -115,10 +141,10 @@ _SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "al
              ".lora.down.weight": "down", ".lora.up.weight": "up",  # diffusers LoRACompatible layers
              ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
              "_lora.down.weight": "down", "_lora.up.weight": "up"}  # diffusers attention processors
-# attention-processor files name the layer by its processor slot; ours by the layer
-_PROCESSOR_SLOTS = {"unet": {"processor.to_q": "to_q", "processor.to_k": "to_k", "processor.to_v": "to_v",
-                             "processor.to_out": "to_out.0"},
-                    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+# attention-processor files name the layer by its processor slot (after "<attention>.processor." in the U-Net,
+# "<attention>." in the text encoder); ours by the layer: component -> (separator, slot -> our layer)
+_PROCESSOR_SLOTS = {"unet": (".processor.", {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}),
+                    "text_encoder": (".", {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"})}
 # keys of other model families, said as such rather than listed
 _OTHER_FAMILIES = {"model.diffusion_model.": "a whole model checkpoint, not a LoRA",
                    "lora_te1_": "an SDXL LoRA", "lora_te2_": "an SDXL LoRA", "text_encoder_2.": "an SDXL LoRA",
@@ -162,15 +188,20 @@ def _parse_key(key: str):
     suffix = max((s for s in _SUFFIXES if key.endswith(s)), key=len, default=None)
     if prefix is None or suffix is None or len(key) <= len(prefix) + len(suffix):
         return None
-    comp = _PREFIXES[prefix]
-    path = key[len(prefix):-len(suffix)]
+    comp, path = _PREFIXES[prefix], key[len(prefix):-len(suffix)]
     if suffix.startswith("_lora."):  # ...attn1.processor.to_q_lora.down.weight: the slot names the layer
-        head, _, slot = path.rpartition(".processor." if comp == "unet" else ".")
-        slot = ("processor." if comp == "unet" else "") + slot
-        if slot not in _PROCESSOR_SLOTS[comp] or not head:
-            return None
-        path = f"{head}.{_PROCESSOR_SLOTS[comp][slot]}"
-    return comp, path, _SUFFIXES[suffix]
+        path = _processor_layer(comp, path)
+    return None if path is None else (comp, path, _SUFFIXES[suffix])
+
+
+def _processor_layer(comp: str, path: str) -> str | None:
+    """"<attention>.processor.to_q" -> "<attention>.to_q" (text encoder: "<attention>.to_q" -> "<attention>.q_proj");
+    None for a slot that is not in the table or has no attention path before it."""
+    separator, slots = _PROCESSOR_SLOTS[comp]
+    head, _, slot = path.rpartition(separator)
+    if not head or slot not in slots:
+        return None
+    return f"{head}.{slots[slot]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,7 +271,27 @@ def read_lora(path, unet: nn.Module, text_encoder: nn.Module) -> Lora:
         sd = weights.read_state_dict(path)
     except weights.CheckpointError as e:
         raise LoraError(str(e)) from None
-    lookup = _module_lookup(unet, text_encoder)
+    groups = _group_by_layer(path, sd, _module_lookup(unet, text_encoder))
+    models = {"unet": unet, "text_encoder": text_encoder}
+    deltas, wrong = {}, []
+    for name, slot in groups.items():  # name: "unet.<module>.weight" / "text_encoder.<module>.weight"
+        (up_key, up), (down_key, down) = _pair(path, slot)
+        comp, param = name.split(".", 1)
+        shape = tuple(models[comp].get_parameter(param).shape)
+        if _fits(shape, up, down):
+            deltas[name] = LoraDelta(up, down, _scale(path, slot))
+        else:
+            wrong.append(f"{down_key} {tuple(down.shape)} / {up_key} {tuple(up.shape)} for a weight of {shape}")
+    if wrong:
+        raise LoraError(f"{path}: does not fit this model (a LoRA for another base model, e.g. SD 2.x or SDXL?): "
+                        f"{len(wrong)} layers have other shapes: {weights.few(wrong, 3)}")
+    meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    return Lora(path, deltas, meta)
+
+
+def _group_by_layer(path: Path, sd: dict, lookup: dict[str, dict[str, str]]) -> dict[str, dict[str, tuple]]:
+    """"<component>.<our module>.weight" -> {role: (key, tensor)}. A key naming no layer of ours, or a second
+    tensor for the same role -> LoraError."""
     groups, unknown = {}, []
     for key, tensor in sd.items():
         parsed = _parse_key(key)
@@ -254,34 +305,35 @@ def read_lora(path, unet: nn.Module, text_encoder: nn.Module) -> Lora:
             raise LoraError(f"{path}: two tensors for the {role} of {comp}.{ours} (one is {key})")
         slot[role] = (key, tensor)
     if unknown:
-        family = next((what for mark, what in _OTHER_FAMILIES.items() if any(mark in k for k in unknown)), None)
-        what = f"looks like {family}, which stablediff does not apply to SD 1.x; " if family else ""
-        raise LoraError(f"{path}: {what}{len(unknown)} of {len(sd)} keys name no layer of this model or are not a "
-                        f"LoRA layout stablediff reads: {weights.few(sorted(unknown), 8)}")
-    models = {"unet": unet, "text_encoder": text_encoder}
-    deltas, wrong = {}, []
-    for name, slot in groups.items():
-        if "up" not in slot or "down" not in slot:
-            have = ", ".join(k for k, _ in slot.values())
-            raise LoraError(f"{path}: {have} has no matching {'up' if 'up' not in slot else 'down'} weight")
-        (up_key, up), (down_key, down) = slot["up"], slot["down"]
-        _check_pair(path, up_key, up, down_key, down)
-        comp, param = name.split(".", 1)
-        shape = tuple(models[comp].get_parameter(param).shape)
-        if not _fits(shape, up, down):
-            wrong.append(f"{down_key} {tuple(down.shape)} / {up_key} {tuple(up.shape)} for a weight of {shape}")
-            continue
-        rank = down.shape[0]
-        alpha = float(slot["alpha"][1].float().reshape(-1)[0]) if "alpha" in slot else 0.0
-        scale = alpha / rank if alpha else 1.0
-        if not math.isfinite(scale):
-            raise LoraError(f"{path}: {slot['alpha'][0]} is {alpha}, not a finite number")
-        deltas[name] = LoraDelta(up, down, scale)
-    if wrong:
-        raise LoraError(f"{path}: does not fit this model (a LoRA for another base model, e.g. SD 2.x or SDXL?): "
-                        f"{len(wrong)} layers have other shapes: {weights.few(wrong, 3)}")
-    meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
-    return Lora(path, deltas, meta)
+        raise _unknown_keys_error(path, unknown, len(sd))
+    return groups
+
+
+def _unknown_keys_error(path: Path, unknown: list[str], total: int) -> LoraError:
+    """The keys listed, and what kind of file they look like when a mark of another family gives it away."""
+    family = next((what for mark, what in _OTHER_FAMILIES.items() if any(mark in k for k in unknown)), None)
+    what = f"looks like {family}, which stablediff does not apply to SD 1.x; " if family else ""
+    return LoraError(f"{path}: {what}{len(unknown)} of {total} keys name no layer of this model or are not a "
+                     f"LoRA layout stablediff reads: {weights.few(sorted(unknown), 8)}")
+
+
+def _pair(path: Path, slot: dict[str, tuple]) -> tuple[tuple, tuple]:
+    """The (key, tensor) of the up and the down half of one layer, both there and usable (`_check_pair`)."""
+    if "up" not in slot or "down" not in slot:
+        have = ", ".join(k for k, _ in slot.values())
+        raise LoraError(f"{path}: {have} has no matching {'up' if 'up' not in slot else 'down'} weight")
+    up, down = slot["up"], slot["down"]
+    _check_pair(path, *up, *down)
+    return up, down
+
+
+def _scale(path: Path, slot: dict[str, tuple]) -> float:
+    """alpha / rank; 1 where the file has no alpha or alpha 0 (alpha stored as a tensor: its first value)."""
+    alpha = float(slot["alpha"][1].float().reshape(-1)[0]) if "alpha" in slot else 0.0
+    scale = alpha / slot["down"][1].shape[0] if alpha else 1.0
+    if not math.isfinite(scale):
+        raise LoraError(f"{path}: {slot['alpha'][0]} is {alpha}, not a finite number")
+    return scale
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ import torch
 
 ROUND = 1.1  # "(...)"
 SQUARE = 1 / 1.1  # "[...]"
+OPENERS = {"(": ROUND, "[": SQUARE}  # bracket -> the weight it multiplies by when it closes
+CLOSERS = {")": "(", "]": "["}
 COMMA_BACKTRACK = 20  # A1111 `comma_padding_backtrack`: cut at a comma no further back than this many tokens
 PLACEHOLDER_ID = 0  # the id A1111 writes where textual-inversion vectors go (their token embeddings are replaced)
 
@@ -116,54 +118,74 @@ def check_multiplier(value: float, what: str) -> None:
 def parse_attention(text: str) -> list[tuple[str, float]]:
     """Emphasis syntax -> [(text, weight), ...] with BREAK markers (see the module docstring)."""
     fragments: list = []  # [text, weight] lists, and BREAK
-    open_round: list[int] = []  # index of the first fragment inside each open "(" / "["
-    open_square: list[int] = []
-
-    def close(start: int, multiplier: float):
-        for f in fragments[start:]:
-            if f is not BREAK:
-                f[1] *= multiplier
-
+    open_brackets = {"(": [], "[": []}  # index of the first fragment inside each open "(" / "["
     i = 0
     while i < len(text):
-        c = text[i]
-        weight_end = WEIGHT_END.match(text, i) if c == ":" and open_round else None
-        weight = _finite_float(weight_end.group(1)) if weight_end else None
-        if c == "\\":
-            escaped = text[i + 1:i + 2]
-            literal = escaped if escaped and escaped in ESCAPABLE else ""
-            fragments.append([literal, 1.0])
-            i += 1 + len(literal)
-        elif c == "(":
-            open_round.append(len(fragments))
-            i += 1
-        elif c == "[":
-            open_square.append(len(fragments))
-            i += 1
-        elif weight is not None:
-            close(open_round.pop(), weight)
-            i = weight_end.end()
-        elif c == ")" and open_round:
-            close(open_round.pop(), ROUND)
-            i += 1
-        elif c == "]" and open_square:
-            close(open_square.pop(), SQUARE)
-            i += 1
-        elif c in ")]:":  # nothing to close, or no weight: text
-            fragments.append([c, 1.0])
-            i += 1
-        else:
-            plain = PLAIN.match(text, i).group(0)
-            for k, part in enumerate(BREAK_WORD.split(plain)):
-                if k:
-                    fragments.append(BREAK)
-                fragments.append([part, 1.0])
-            i += len(plain)
-    for start in open_round:
-        close(start, ROUND)
-    for start in open_square:
-        close(start, SQUARE)
+        i = _read(text, i, fragments, open_brackets)
+    for bracket in "([":  # unclosed brackets weight everything after them, open "(" first
+        for start in open_brackets[bracket]:
+            _multiply(fragments[start:], OPENERS[bracket])
+    return _merge(fragments)
 
+
+def _read(text: str, i: int, fragments: list, open_brackets: dict[str, list[int]]) -> int:
+    """Read the piece of syntax or text at text[i] into `fragments` and `open_brackets`; returns where the next
+    one starts."""
+    c = text[i]
+    if c == "\\":
+        return _read_escape(text, i, fragments)
+    if c in OPENERS:
+        open_brackets[c].append(len(fragments))
+        return i + 1
+    weighted = _weight_at(text, i) if c == ":" and open_brackets["("] else None
+    if weighted is not None:  # ":1.5)" closes the innermost "(" with that weight
+        weight, end = weighted
+        _multiply(fragments[open_brackets["("].pop():], weight)
+        return end
+    opener = CLOSERS.get(c)
+    if opener and open_brackets[opener]:
+        _multiply(fragments[open_brackets[opener].pop():], OPENERS[opener])
+        return i + 1
+    if c in ")]:":  # nothing to close, or no weight: text
+        fragments.append([c, 1.0])
+        return i + 1
+    return _read_plain(text, i, fragments)
+
+
+def _read_escape(text: str, i: int, fragments: list) -> int:
+    """A backslash before a bracket or a backslash is that character; before anything else it is dropped."""
+    escaped = text[i + 1:i + 2]
+    literal = escaped if escaped and escaped in ESCAPABLE else ""
+    fragments.append([literal, 1.0])
+    return i + 1 + len(literal)
+
+
+def _weight_at(text: str, i: int) -> tuple[float, int] | None:
+    """(weight, end) of a ":1.5)" at text[i] whose number is a finite float, else None."""
+    weight_end = WEIGHT_END.match(text, i)
+    weight = _finite_float(weight_end.group(1)) if weight_end else None
+    return None if weight is None else (weight, weight_end.end())
+
+
+def _read_plain(text: str, i: int, fragments: list) -> int:
+    """Text up to the next syntax character, a BREAK marker where the word BREAK stands."""
+    plain = PLAIN.match(text, i).group(0)
+    for k, part in enumerate(BREAK_WORD.split(plain)):
+        if k:
+            fragments.append(BREAK)
+        fragments.append([part, 1.0])
+    return i + len(plain)
+
+
+def _multiply(fragments: list, multiplier: float) -> None:
+    """A closing bracket multiplies every fragment inside it (BREAK markers have no weight)."""
+    for f in fragments:
+        if f is not BREAK:
+            f[1] *= multiplier
+
+
+def _merge(fragments: list) -> list[tuple[str, float]]:
+    """Adjacent fragments of equal weight joined (never across a BREAK); no fragments -> one empty one."""
     merged: list = []
     for f in fragments or [["", 1.0]]:
         if merged and f is not BREAK and merged[-1] is not BREAK and merged[-1][1] == f[1]:
@@ -194,6 +216,59 @@ def emphasize(z: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
 
 
 # -- encoding ---------------------------------------------------------------------------------------------------------
+class _ChunkFiller:
+    """The chunks of one prompt as they fill: those done, and the one being filled (prompt ids without BOS/EOS, their
+    weights, embedding vectors by position, the position of its last comma or -1)."""
+
+    def __init__(self, size: int, wrap):
+        self.size, self.wrap = size, wrap  # wrap(ids, multipliers, embeds) -> Chunk
+        self.done: list[Chunk] = []
+        self._start()
+
+    def _start(self) -> None:
+        self.ids, self.multipliers, self.embeds, self.last_comma = [], [], {}, -1
+
+    def close(self) -> None:
+        self.done.append(self.wrap(self.ids, self.multipliers, self.embeds))
+        self._start()
+
+    def make_room(self, comma: bool) -> None:
+        """Before the next token: note a comma; or, the chunk being full, move what follows its last comma (if no
+        more than COMMA_BACKTRACK back) on to the next chunk. A chunk still full is closed."""
+        if comma:
+            self.last_comma = len(self.ids)
+        elif len(self.ids) == self.size and self.last_comma != -1 and self.size - self.last_comma <= COMMA_BACKTRACK:
+            self._move_on_after(self.last_comma + 1)
+        if len(self.ids) == self.size:
+            self.close()
+
+    def _move_on_after(self, cut: int) -> None:
+        """Close the chunk at position `cut`; the positions from there on (with their vectors) start the next one."""
+        carried = self.ids[cut:], self.multipliers[cut:], {p - cut: v for p, v in self.embeds.items() if p >= cut}
+        self.ids, self.multipliers = self.ids[:cut], self.multipliers[:cut]
+        self.embeds = {p: v for p, v in self.embeds.items() if p < cut}
+        self.close()
+        self.ids, self.multipliers, self.embeds = carried
+
+    def add(self, token: int, weight: float) -> None:
+        self.ids.append(token)
+        self.multipliers.append(weight)
+
+    def add_vectors(self, vectors: torch.Tensor, weight: float) -> None:
+        """An embedding's vectors stay in one chunk: when they do not fit in this one, they start the next."""
+        if len(self.ids) + len(vectors) > self.size:
+            self.close()
+        for vector in vectors:
+            self.embeds[len(self.ids)] = vector
+            self.add(PLACEHOLDER_ID, weight)
+
+    def finish(self) -> list[Chunk]:
+        """All chunks, the one being filled closed too unless it is empty and follows others ("" is one chunk)."""
+        if self.ids or not self.done:
+            self.close()
+        return self.done
+
+
 class PromptEncoder:
     """Prompts in A1111 syntax -> text-encoder conditioning of any length (77 positions per chunk).
 
@@ -244,51 +319,28 @@ class PromptEncoder:
         """A1111's `tokenize_line`: fill chunks of 75 tokens; when one is full and one of its last 20 tokens is a
         comma, the tokens after that comma move on to the next chunk; BREAK closes a chunk; an embedding that does
         not fit in what is left of a chunk starts the next one. Nothing is cut off; "" is one chunk."""
-        size, comma = self.chunk_length, self.tokenizer.comma_id
-        done: list[Chunk] = []
-        ids, multipliers, embeds, last_comma = [], [], {}, -1  # the chunk being filled (no BOS)
-
-        def close():
-            nonlocal ids, multipliers, embeds, last_comma
-            done.append(self._wrap(ids, multipliers, embeds))
-            ids, multipliers, embeds, last_comma = [], [], {}, -1
-
+        filler = _ChunkFiller(self.chunk_length, self._wrap)
         for fragment in parse(text)[0]:
             if fragment is BREAK:
-                close()
-                continue
-            piece, weight = fragment
-            tokens = self.tokenizer.encode(piece, add_special_tokens=False)
-            i = 0
-            while i < len(tokens):
-                if tokens[i] == comma:
-                    last_comma = len(ids)
-                elif len(ids) == size and last_comma != -1 and size - last_comma <= COMMA_BACKTRACK:
-                    cut = last_comma + 1
-                    carried = ids[cut:], multipliers[cut:], {p - cut: v for p, v in embeds.items() if p >= cut}
-                    ids, multipliers = ids[:cut], multipliers[:cut]
-                    embeds = {p: v for p, v in embeds.items() if p < cut}
-                    close()
-                    ids, multipliers, embeds = carried
-                if len(ids) == size:
-                    close()
-                found = self._embedding_at(tokens, i)
-                if found is None:
-                    ids.append(tokens[i])
-                    multipliers.append(weight)
-                    i += 1
-                    continue
+                filler.close()
+            else:
+                self._fill(filler, *fragment)
+        return filler.finish()
+
+    def _fill(self, filler: _ChunkFiller, piece: str, weight: float) -> None:
+        """One fragment's tokens into the chunks, each textual-inversion trigger as its embedding's vectors."""
+        tokens = self.tokenizer.encode(piece, add_special_tokens=False)
+        i = 0
+        while i < len(tokens):
+            filler.make_room(comma=tokens[i] == self.tokenizer.comma_id)
+            found = self._embedding_at(tokens, i)
+            if found is None:
+                filler.add(tokens[i], weight)
+                i += 1
+            else:
                 n_ids, vectors = found
-                if len(ids) + len(vectors) > size:
-                    close()
-                for vector in vectors:
-                    embeds[len(ids)] = vector
-                    ids.append(PLACEHOLDER_ID)
-                    multipliers.append(weight)
+                filler.add_vectors(vectors, weight)
                 i += n_ids
-        if ids or not done:
-            close()
-        return done
 
     def _wrap(self, ids: list[int], multipliers: list[float], embeds: dict[int, torch.Tensor]) -> Chunk:
         """BOS + ids + EOS + padding: what `tokenizer.pad(tokenizer.encode(text))` gives for a short prompt."""

@@ -26,7 +26,6 @@ from .limits import Limits
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the Hub id loaded when no model is named
 MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
-SCHEDULES = ("karras",)
 _SCHEDULE_LABELS = {"karras": "Karras"}  # our schedule name -> A1111's "Schedule type"
 
 
@@ -41,7 +40,7 @@ class GenerationParams:
     height: int | None = None
     batch_size: int = 1
     sampler: str = "euler"  # canonical name, alias or A1111 label ("DPM++ 2M Karras")
-    schedule: str | None = None  # "karras", or None for the sampler's own
+    schedule: str | None = None  # a schedule name (a1111.SCHEDULES), or None for the sampler's own ("automatic")
     clip_skip: int = 1
     strength: float | None = None  # img2img/inpainting denoising strength; None: 0.75 (1.0 inpainting)
     loras: tuple[tuple[str, float], ...] = ()  # (file or name in the LoRA folder, multiplier), besides prompt tags
@@ -88,13 +87,10 @@ class GenerationParams:
                 raise ValueError(f"LoRA {name}: multiplier {m!r} is outside -{MAX_LORA_MULTIPLIER:g}.."
                                  f"{MAX_LORA_MULTIPLIER:g}")
         spec, named = samplers.get_sampler(self.sampler)
-        schedule = self.schedule or named
-        if schedule not in (None, *SCHEDULES):
-            raise ValueError(f"schedule {schedule!r} is not known; choose {', '.join(SCHEDULES)} or leave it out")
-        if schedule == "karras" and not spec.supports_karras:
-            raise ValueError(f"sampler {spec.name!r} does not take the karras schedule")
-        # the step plan itself (microseconds): catches e.g. 1000 'leading' steps running past timestep 999
-        samplers.prepare(spec.name, NoiseSchedule(), self.steps, schedule=schedule)
+        # the step plan itself (microseconds) checks the schedule (any of A1111's names or labels for its samplers,
+        # only karras for diffusers' and where that class has it; "automatic" is None), and catches e.g. 1000
+        # 'leading' steps running past timestep 999
+        plan = samplers.prepare(spec.name, NoiseSchedule(), self.steps, schedule=self.schedule or named)
         if limits is not None:
             size = self.width or 512, self.height or 512
             limits.check_work(width=size[0], height=size[1], steps=self.steps, batch_size=self.batch_size,
@@ -102,7 +98,7 @@ class GenerationParams:
             limits.check_prompt(self.prompt, "prompt")
             limits.check_prompt(self.negative_prompt, "negative prompt")
         loras = tuple(dict(self.loras).items())  # one entry a LoRA: the last mention wins, as with prompt tags
-        return self.replace(sampler=spec.name, schedule=schedule, loras=loras)
+        return self.replace(sampler=spec.name, schedule=plan.schedule, loras=loras)
 
     # -- the PNG's parameters text ------------------------------------------------------------------------------
     def to_infotext(self, *, model_hash: str | None = None, model_name: str | None = None, version: str = "",

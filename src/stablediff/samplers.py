@@ -3,15 +3,24 @@
     x = sample_<name>(denoiser, x, sigmas, *, generator=None, callback=None)
 
 `sigmas` descend to where sampling ends (0, or sigma(t=0) for DDIM/PNDM/DEIS); `x` starts at noise level sigmas[0].
-History (previous derivatives, denoised estimates) lives in local variables. Each sampler reproduces one diffusers
-scheduler as StableDiffusionPipeline drives it (`prepare` builds the matching sigmas and timesteps), rewritten in
+History (previous derivatives, denoised estimates) lives in local variables.
+
+Two families share the table `SAMPLERS`, named so that a name says which one it is:
+  * "diffusers" (snake_case names: euler, euler_a, dpmpp_2m, ...; and DDIM, PLMS, UniPC, DDPM, DEIS): each
+    reproduces one diffusers scheduler as StableDiffusionPipeline drives it;
+  * "a1111" (AUTOMATIC1111's labels: "Euler a", "DPM++ 2M", "DPM++ 2M SDE", ...): each reproduces A1111 v1.10, i.e.
+    k-diffusion's sample_* update rule with A1111's schedules and rules (a1111.py).
+`prepare` builds a family's sigmas and timesteps; `SamplingPlan.sample` runs it.
+
+The diffusers family is rewritten in
 sigma space: diffusers' "VP" schedulers work on x_vp = x / sqrt(1 + sigma**2) with alpha_t = 1 / sqrt(1 + sigma**2),
 sigma_t(VP) = sigma * alpha_t and lambda = log(alpha_t / sigma_t(VP)) = -log(sigma). Dividing their updates by alpha_t
 gives the updates below; e.g. DDIM (eta 0) is exactly Euler, and DDPM is exactly Euler ancestral.
 
 Noise: `generator` is None, a torch.Generator or a list of them (one per batch element, drawing shape (1, ...) each,
-as diffusers' `randn_tensor`); noise is drawn in float32 on the generator's device (the CPU for None) and moved to
-x's device, at the same points of the loop as the diffusers scheduler draws it.
+as diffusers' `randn_tensor` and A1111's per-image RNG do); noise is drawn in float32 on the generator's device (the
+CPU for None) and moved to x's device, at the points of the loop where the reproduced code draws it. A1111's SDE
+samplers instead draw from Brownian trees seeded with each generator's initial seed (a1111.BrownianNoise).
 The math runs in float32. `callback(dict(i, x, sigma, sigma_next, denoised))` runs after each step; it may raise
 to cancel, or return a tensor that replaces x.
 """

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stablediff import samplers
+from stablediff import a1111, samplers
 from stablediff.cli import build_parser
 from stablediff.limits import LimitError, Limits
 from stablediff.params import MAX_SEED, GenerationParams
@@ -22,14 +22,18 @@ NUMBER = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
 def params(draw, infotext=False):
     """Valid, canonical params; for infotext, one image with its own seed and size (what an image records)."""
     name = draw(st.sampled_from(sorted(samplers.SAMPLERS)))
-    karras = samplers.SAMPLERS[name].supports_karras and draw(st.booleans())
+    spec = samplers.SAMPLERS[name]
+    if spec.family == "a1111":  # canonical: "automatic" resolved to the sampler's own
+        schedule = draw(st.sampled_from([k for k in a1111.SCHEDULES if k != "automatic"]))
+    else:
+        schedule = "karras" if spec.supports_karras and draw(st.booleans()) else None
     batch = 1 if infotext else draw(st.integers(1, 16))
     seed = draw(st.integers(0, MAX_SEED - batch + 1) if infotext else st.none() | st.integers(0, MAX_SEED - batch + 1))
     size = SIZE if infotext else st.none() | SIZE
     return GenerationParams(
         prompt=draw(TEXT), negative_prompt=draw(TEXT), steps=draw(st.integers(1, 999)),  # DDIM: 1000 runs past t 999
         cfg_scale=draw(st.floats(0, 100, allow_nan=False)), seed=seed, width=draw(size), height=draw(size),
-        batch_size=batch, sampler=name, schedule="karras" if karras else None, clip_skip=draw(st.integers(1, 12)),
+        batch_size=batch, sampler=name, schedule=schedule, clip_skip=draw(st.integers(1, 12)),
         strength=draw(st.none() | st.floats(0.001, 1.0)),
         loras=tuple(draw(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,9}", fullmatch=True),
                                          st.floats(-100, 100, allow_nan=False), max_size=3)).items()),
@@ -63,7 +67,7 @@ def test_a1111_infotext_reads_with_its_labels_and_reports_what_it_does_not_use()
             "Hires upscale: 2, Version: v1.10.1")
     p, unknown = GenerationParams.from_infotext(text)
     assert p.validate() == GenerationParams(
-        prompt="a castle, (masterpiece:1.2)", negative_prompt="blurry", steps=20, sampler="dpmpp_2m",
+        prompt="a castle, (masterpiece:1.2)", negative_prompt="blurry", steps=20, sampler="DPM++ 2M",
         schedule="karras", cfg_scale=7.0, seed=123, width=512, height=768, clip_skip=2, rng="gpu")  # no RNG: GPU
     assert unknown == {"Model hash": "6ce0161689", "Model": "v1-5", "Hires upscale": "2", "Version": "v1.10.1"}
     p, _ = GenerationParams.from_infotext("a\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 1, ENSD: 31337, RNG: NV")
@@ -78,8 +82,10 @@ def test_a1111_infotext_reads_with_its_labels_and_reports_what_it_does_not_use()
 def test_a1111_defaults_and_the_sampler_name_forms():
     p = GenerationParams.from_a1111({"prompt": "a", "seed": -1, "sampler_index": "Euler a", "width": None})
     assert p == GenerationParams(prompt="a", steps=50, sampler="Euler a", rng="gpu")  # A1111's API defaults
-    assert p.validate().sampler == "euler_a"
+    assert p.validate().sampler == "Euler a" and p.validate().schedule == "uniform"  # A1111's, its own schedule
+    assert GenerationParams(sampler="euler_a").validate().sampler == "euler_a"  # diffusers'
     assert GenerationParams(sampler="DPM++ 2M Karras").validate().schedule == "karras"
+    assert GenerationParams(sampler="DPM++ 2M SDE").validate().schedule == "exponential"  # A1111's "Automatic"
 
 
 @pytest.mark.parametrize("changes,message", [

@@ -22,7 +22,8 @@ NS = NoiseSchedule.from_json(SCHEDULER_CONFIG)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers vs numpy 2 chatter
 
-VARIANTS = [(name, karras) for name, s in SAMPLERS.items() for karras in ((False, True) if s.supports_karras else (False,))]
+DIFFUSERS = {name: s for name, s in SAMPLERS.items() if s.family == "diffusers"}  # A1111's: tests/test_a1111.py
+VARIANTS = [(name, karras) for name, s in DIFFUSERS.items() for karras in ((False, True) if s.supports_karras else (False,))]
 VARIANT_IDS = [f"{n}-karras" if k else n for n, k in VARIANTS]
 DOUBLED = ("heun", "dpm2", "dpm2_a")  # diffusers lists two model calls per step in `timesteps`
 
@@ -294,7 +295,7 @@ def ode_error(name: str, steps: int) -> float:
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_deterministic_samplers_solve_the_probability_flow_ode(name):
     err_100, err_200 = ode_error(name, 100), ode_error(name, 200)
-    if name in ("euler", "ddim"):  # first order: the error halves with twice the steps
+    if name in ("euler", "ddim", "Euler"):  # first order: the error halves with twice the steps
         assert err_100 < 0.08 and err_200 < 0.55 * err_100, (err_100, err_200)
     else:
         assert err_100 < 5e-3 and err_200 < 2e-3, (err_100, err_200)
@@ -326,40 +327,56 @@ def test_deterministic_samplers_converge_on_their_own_plans():
 # 5. names, guidance wrapper, callbacks, config
 
 
-A1111 = {
-    "Euler": ("euler", None), "Euler a": ("euler_a", None), "Heun": ("heun", None), "LMS": ("lms", None),
-    "LMS Karras": ("lms", "karras"), "DPM2": ("dpm2", None), "DPM2 a": ("dpm2_a", None),
-    "DPM2 Karras": ("dpm2", "karras"), "DPM2 a Karras": ("dpm2_a", "karras"), "DPM++ 2M": ("dpmpp_2m", None),
-    "DPM++ 2M Karras": ("dpmpp_2m", "karras"), "DPM++ 2M SDE": ("dpmpp_2m_sde", None),
-    "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"), "DDIM": ("ddim", None), "PLMS": ("pndm", None),
-    "UniPC": ("unipc", None), "DDPM": ("ddpm", None), "DEIS": ("deis", None), "euler_a": ("euler_a", None),
-    "dpmpp_2m": ("dpmpp_2m", None), "k_dpmpp_2m": ("dpmpp_2m", None), "pndm": ("pndm", None),
+NAMES = {  # name -> (canonical name, schedule)
+    "Euler": ("Euler", None), "Euler a": ("Euler a", None), "euler a": ("Euler a", None), "Heun": ("Heun", None),
+    "LMS Karras": ("LMS", "karras"), "DPM2 a Karras": ("DPM2 a", "karras"), "DPM++ 2M": ("DPM++ 2M", None),
+    "DPM++ 2M Karras": ("DPM++ 2M", "karras"), "DPM++ 2M SDE Heun": ("DPM++ 2M SDE Heun", None),
+    "DPM++ 2M SDE Heun Exponential": ("DPM++ 2M SDE Heun", "exponential"), "k_dpmpp_2m": ("DPM++ 2M", None),
+    "Euler SGM Uniform": ("Euler", "sgm_uniform"), "DPM++ 3M SDE Align Your Steps": ("DPM++ 3M SDE", "align_your_steps"),
+    "DDIM": ("ddim", None), "PLMS": ("pndm", None), "UniPC": ("unipc", None), "DDPM": ("ddpm", None),
+    "DEIS": ("deis", None), "euler_a": ("euler_a", None), "EULER_A": ("euler_a", None), "dpmpp_2m": ("dpmpp_2m", None),
+    "dpmpp_2m karras": ("dpmpp_2m", "karras"), "euler_ancestral": ("euler_a", None), "pndm": ("pndm", None),
 }
 
 
-@pytest.mark.parametrize("label", list(A1111))
+@pytest.mark.parametrize("label", list(NAMES))
 def test_get_sampler_names(label):
     s, schedule = get_sampler(label)
-    assert (s.name, schedule) == A1111[label]
-    assert get_sampler(label.upper())[0] is s
+    assert (s.name, schedule) == NAMES[label]
+    assert s.family == ("diffusers" if s.name.islower() else "a1111")
 
 
 def test_every_sampler_has_a_label_that_finds_it():
     for name, s in SAMPLERS.items():
         assert get_sampler(s.label) == (s, None) and get_sampler(name) == (s, None)
+        for alias in s.aliases:
+            assert get_sampler(alias) == (s, None)
 
 
-def test_unknown_sampler_lists_the_valid_names():
+def test_unknown_ambiguous_and_missing_sampler_names():
     with pytest.raises(ValueError, match="unknown sampler 'xyz'; choose one of: .*euler.*DPM\\+\\+ 2M"):
         get_sampler("xyz")
+    with pytest.raises(ValueError, match="sampler 'HEUN' is ambiguous: 'heun' or 'Heun'"):
+        get_sampler("HEUN")
+    with pytest.raises(ValueError, match="A1111's 'Restart' is not implemented"):
+        get_sampler("restart")
 
 
-@pytest.mark.parametrize("name", ["Euler a Karras", "DDIM Karras", "PLMS Karras"])
+@pytest.mark.parametrize("name", ["euler_a karras", "DDIM Karras", "PLMS Karras"])
 def test_karras_where_diffusers_has_none_is_an_error(name):
     with pytest.raises(ValueError, match="karras"):
         get_sampler(name)
     with pytest.raises(ValueError, match="karras"):
         prepare(name.rsplit(" ", 1)[0], NS, 10, schedule="karras")
+
+
+def test_diffusers_samplers_take_only_karras_and_unknown_schedules_are_listed():
+    with pytest.raises(ValueError, match="'euler' reproduces diffusers' EulerDiscreteScheduler, which has no "
+                                         "'exponential' schedule"):
+        prepare("euler", NS, 10, schedule="exponential")
+    with pytest.raises(ValueError, match="schedule 'exotic' is not known; choose one of: automatic, uniform, karras"):
+        prepare("Euler", NS, 10, schedule="exotic")
+    assert prepare("euler", NS, 10, schedule="automatic").schedule is None
 
 
 class CountingModel:

@@ -29,11 +29,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a model so
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
-SCHEDULES = ("karras",)
 RNG_SOURCES = ("cpu", "gpu", "nv")  # rng.SOURCES (rng imports torch)
 # infotext keys that record what made an image rather than say how to make it: not reported as unused
 INFOTEXT_RECORDS = frozenset({"Model hash", "Model", "Version", "Lora hashes", "TI hashes", "NSFW"})
-_SCHEDULE_LABELS = {"karras": "Karras"}  # our schedule name -> A1111's "Schedule type"
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class GenerationParams:
     height: int | None = None
     batch_size: int = 1
     sampler: str = "euler"  # canonical name, alias or A1111 label ("DPM++ 2M Karras")
-    schedule: str | None = None  # "karras", or None for the sampler's own
+    schedule: str | None = None  # a schedule name (a1111.SCHEDULES), or None for the sampler's own ("automatic")
     clip_skip: int = 1
     strength: float | None = None  # img2img/inpainting denoising strength; None: 0.75 (1.0 inpainting)
     loras: tuple[tuple[str, float], ...] = ()  # (file or name in the LoRA folder, multiplier), besides prompt tags
@@ -100,13 +98,10 @@ class GenerationParams:
                 raise ValueError(f"LoRA {name}: multiplier {m!r} is outside -{MAX_LORA_MULTIPLIER:g}.."
                                  f"{MAX_LORA_MULTIPLIER:g}")
         spec, named = samplers.get_sampler(self.sampler)
-        schedule = self.schedule or named
-        if schedule not in (None, *SCHEDULES):
-            raise ValueError(f"schedule {schedule!r} is not known; choose {', '.join(SCHEDULES)} or leave it out")
-        if schedule == "karras" and not spec.supports_karras:
-            raise ValueError(f"sampler {spec.name!r} does not take the karras schedule")
-        # the step plan itself (microseconds): catches e.g. 1000 'leading' steps running past timestep 999
-        samplers.prepare(spec.name, NoiseSchedule(), self.steps, schedule=schedule)
+        # the step plan itself (microseconds) checks the schedule (any of A1111's names or labels for its samplers,
+        # only karras for diffusers' and where that class has it; "automatic" is None), and catches e.g. 1000
+        # 'leading' steps running past timestep 999
+        plan = samplers.prepare(spec.name, NoiseSchedule(), self.steps, schedule=self.schedule or named)
         if limits is not None:
             size = self.width or 512, self.height or 512
             limits.check_work(width=size[0], height=size[1], steps=self.steps, batch_size=self.batch_size,
@@ -114,6 +109,9 @@ class GenerationParams:
             limits.check_prompt(self.prompt, "prompt")
             limits.check_prompt(self.negative_prompt, "negative prompt")
         loras = tuple(dict(self.loras).items())  # one entry a LoRA: the last mention wins, as with prompt tags
+        schedule = plan.schedule
+        if spec.family == "a1111":  # "automatic" resolved, as A1111 records it
+            schedule = schedule or spec.default_schedule or "uniform"
         return self.replace(sampler=spec.name, schedule=schedule, loras=loras, rng=self.rng.lower())
 
     # -- the PNG's parameters text ------------------------------------------------------------------------------
@@ -122,7 +120,7 @@ class GenerationParams:
         """One image's `parameters` text, as A1111 writes it (call on validated params with the image's own seed
         and size). Settings at their default are left out where A1111 leaves them out; ours that A1111 lacks
         ("Cache interval", "LoRA weights") go before "Version", which A1111 keeps as unknown keys."""
-        from . import images, samplers
+        from . import a1111, images, samplers
 
         ours = {"Denoising strength": self.strength, "Clip skip": self.clip_skip,
                 "Cache interval": self.cache_interval if self.cache_interval > 1 else None,
@@ -130,7 +128,7 @@ class GenerationParams:
                 "ENSD": self.ensd or None, "RNG": self.rng.upper()}
         return images.infotext(self.prompt, self.negative_prompt, steps=self.steps,
                                sampler_label=samplers.SAMPLERS[self.sampler].label,
-                               schedule_label=_SCHEDULE_LABELS.get(self.schedule), cfg_scale=self.cfg_scale,
+                               schedule_label=a1111.SCHEDULES[self.schedule or "automatic"], cfg_scale=self.cfg_scale,
                                seed=self.seed, width=self.width, height=self.height, model_hash=model_hash,
                                model_name=model_name, version=version, extra={**ours, **(extra or {})})
 

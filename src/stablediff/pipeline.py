@@ -371,7 +371,7 @@ class StableDiffusion:
                 step_callback(d)
             return d["x"] if blend is not None else None
 
-        x = plan.sampler.fn(denoiser, x, plan.sigmas, generator=noise.generators, callback=on_step)
+        x = plan.sample(denoiser, x, generator=noise, callback=on_step)
         x = plan.finish(x)
         return blend(x, None) if blend is not None else x
 

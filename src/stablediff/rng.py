@@ -102,6 +102,9 @@ class PhiloxGenerator:
             raise ValueError(f"offset {offset} is not a non-negative multiple of 4 (torch's Philox offsets are)")
         self.seed, self.offset, self.max_threads = seed, offset, max_threads
 
+    def initial_seed(self) -> int:
+        return self.seed
+
     def randn(self, shape, *, device=None) -> torch.Tensor:
         numel = 1
         for n in shape:

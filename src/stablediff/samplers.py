@@ -3,15 +3,24 @@
     x = sample_<name>(denoiser, x, sigmas, *, generator=None, callback=None)
 
 `sigmas` descend to where sampling ends (0, or sigma(t=0) for DDIM/PNDM/DEIS); `x` starts at noise level sigmas[0].
-History (previous derivatives, denoised estimates) lives in local variables. Each sampler reproduces one diffusers
-scheduler as StableDiffusionPipeline drives it (`prepare` builds the matching sigmas and timesteps), rewritten in
+History (previous derivatives, denoised estimates) lives in local variables.
+
+Two families share the table `SAMPLERS`, named so that a name says which one it is:
+  * "diffusers" (snake_case names: euler, euler_a, dpmpp_2m, ...; and DDIM, PLMS, UniPC, DDPM, DEIS): each
+    reproduces one diffusers scheduler as StableDiffusionPipeline drives it;
+  * "a1111" (AUTOMATIC1111's labels: "Euler a", "DPM++ 2M", "DPM++ 2M SDE", ...): each reproduces A1111 v1.10, i.e.
+    k-diffusion's sample_* update rule with A1111's schedules and rules (a1111.py).
+`prepare` builds a family's sigmas and timesteps; `SamplingPlan.sample` runs it.
+
+The diffusers family is rewritten in
 sigma space: diffusers' "VP" schedulers work on x_vp = x / sqrt(1 + sigma**2) with alpha_t = 1 / sqrt(1 + sigma**2),
 sigma_t(VP) = sigma * alpha_t and lambda = log(alpha_t / sigma_t(VP)) = -log(sigma). Dividing their updates by alpha_t
 gives the updates below; e.g. DDIM (eta 0) is exactly Euler, and DDPM is exactly Euler ancestral.
 
 Noise: `generator` is None, a torch.Generator or a list of them (one per batch element, drawing shape (1, ...) each,
-as diffusers' `randn_tensor`); noise is drawn in float32 on the generator's device (the CPU for None) and moved to
-x's device, at the same points of the loop as the diffusers scheduler draws it.
+as diffusers' `randn_tensor` and A1111's per-image RNG do); noise is drawn in float32 on the generator's device (the
+CPU for None) and moved to x's device, at the points of the loop where the reproduced code draws it. A1111's SDE
+samplers instead draw from Brownian trees seeded with each generator's initial seed (a1111.BrownianNoise).
 The math runs in float32. `callback(dict(i, x, sigma, sigma_next, denoised))` runs after each step; it may raise
 to cancel, or return a tensor that replaces x.
 """
@@ -25,13 +34,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import rng
+from . import a1111, rng
 from .schedule import NoiseSchedule, TimestepMap, discretize
 
 
 def _noise(x: torch.Tensor, generator) -> torch.Tensor:
     """Unit normal noise shaped like x, drawn exactly as diffusers' `randn_tensor(x.shape, generator)` draws it:
-    from one generator, or one (1, ...) draw from each generator of a list (any of rng.draw's generators)."""
+    from one generator, or one (1, ...) draw from each generator of a list (any of rng.draw's generators), or the
+    next noise of an rng.ImageRNG (A1111's per-image generators)."""
+    if isinstance(generator, rng.ImageRNG):
+        return generator.next().to(x.device, x.dtype)
     if isinstance(generator, (list, tuple)) and len(generator) == 1:
         generator = generator[0]
     if isinstance(generator, (list, tuple)):
@@ -125,10 +137,11 @@ def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None):
     return x
 
 
-def _dpm2(denoiser, x, sigmas, generator, callback, ancestral: bool):
+def _dpm2(denoiser, x, sigmas, generator, callback, ancestral: bool, diffusers: bool = True):
     """DPM-Solver-2 (Lu et al. 2022) in k-diffusion's form: the midpoint in log-sigma, then a full step with the
-    derivative there; the step to sigma 0 is Euler. diffusers' KDPM2 lerps log(sigma_next) -> log(sigma) and
-    KDPM2Ancestral log(sigma) -> log(sigma_down): the same orders are kept so the midpoints are bit-identical."""
+    derivative there; the step to sigma 0 is Euler. k-diffusion lerps log(sigma) -> log(sigma_down); diffusers'
+    KDPM2 lerps log(sigma_next) -> log(sigma) (KDPM2Ancestral as k-diffusion): `diffusers` keeps its orders so the
+    midpoints are bit-identical with it. Noise is not drawn on the last step."""
     x, sigmas = _float32(x, sigmas)
     for i, sigma, sigma_next in _steps(sigmas):
         denoised = denoiser(x, sigma)
@@ -137,15 +150,15 @@ def _dpm2(denoiser, x, sigmas, generator, callback, ancestral: bool):
         if sigma_down == 0:
             x = x + d * (sigma_down - sigma)
         else:
-            if ancestral:
+            if diffusers and not ancestral:
+                sigma_mid = sigma_next.log().lerp(sigma.log(), 0.5).exp()
+            else:
                 sigma_mid = sigma.log().lerp(sigma_down.log(), 0.5).exp()
+            if diffusers and ancestral and sigma_mid == sigma_next:
                 # sqrt(sigma * sigma_down) is sigma_next in exact arithmetic and often bit for bit; diffusers feeds
                 # the U-Net the log-interpolated timestep there, not the next step's own (with Karras, rounded) one,
                 # so a midpoint on a plan sigma is moved one float32 ulp to keep sigma_to_t from mapping it as one
-                if sigma_mid == sigma_next:
-                    sigma_mid = torch.nextafter(sigma_mid, sigma)
-            else:
-                sigma_mid = sigma_next.log().lerp(sigma.log(), 0.5).exp()
+                sigma_mid = torch.nextafter(sigma_mid, sigma)
             x_2 = x + d * (sigma_mid - sigma)
             d_2 = (x_2 - denoiser(x_2, sigma_mid)) / sigma_mid
             x = x + d_2 * (sigma_down - sigma)
@@ -164,6 +177,16 @@ def sample_dpm2_a(denoiser, x, sigmas, *, generator=None, callback=None):
     """DPM2 ancestral (KDPM2AncestralDiscreteScheduler): DPM2 down to sigma_down, then noise of sigma_up (none drawn
     on the last step)."""
     return _dpm2(denoiser, x, sigmas, generator, callback, ancestral=True)
+
+
+def sample_k_dpm2(denoiser, x, sigmas, *, generator=None, callback=None):
+    """DPM2 as k-diffusion's `sample_dpm_2` (A1111's "DPM2"): the midpoint lerped from log(sigma)."""
+    return _dpm2(denoiser, x, sigmas, generator, callback, ancestral=False, diffusers=False)
+
+
+def sample_k_dpm2_a(denoiser, x, sigmas, *, generator=None, callback=None):
+    """DPM2 ancestral as k-diffusion's `sample_dpm_2_ancestral` (A1111's "DPM2 a")."""
+    return _dpm2(denoiser, x, sigmas, generator, callback, ancestral=True, diffusers=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,18 +378,147 @@ def sample_deis(denoiser, x, sigmas, *, generator=None, callback=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# k-diffusion's DPM-Solver++ ancestral and SDE samplers (A1111's "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE (Heun)",
+# "DPM++ 3M SDE"), eta = 1 and s_noise = 1 as A1111 runs them, in k-diffusion's variables: t = lambda = -log(sigma)
+
+
+def _sigma(t):
+    return t.neg().exp()
+
+
+def _brownian(x, sigmas, generator, noise_range):
+    """Brownian-tree noise over noise_range (the whole run's (sigma_min, sigma_max), which an img2img plan knows),
+    by default over these sigmas' range, as k-diffusion does."""
+    lo, hi = noise_range if noise_range is not None else (sigmas[sigmas > 0].min(), sigmas.max())
+    return a1111.BrownianNoise(x, lo, hi, generator)
+
+
+def sample_dpmpp_2s_a(denoiser, x, sigmas, *, generator=None, callback=None):
+    """DPM-Solver++(2S) ancestral: a second-order single-step update down to sigma_down (its midpoint halfway in
+    lambda), then fresh noise of sigma_up from `generator`; Euler and no noise on the step to 0."""
+    x, sigmas = _float32(x, sigmas)
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = denoiser(x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
+        if sigma_down == 0:
+            x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        else:
+            t, t_next = sigma.log().neg(), sigma_down.log().neg()
+            h = t_next - t
+            s = t + h * 0.5
+            x_2 = (_sigma(s) / _sigma(t)) * x - (-h * 0.5).expm1() * denoised
+            denoised_2 = denoiser(x_2, _sigma(s))
+            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
+        if sigma_next > 0:
+            x = x + _noise(x, generator) * sigma_up
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
+    return x
+
+
+def sample_dpmpp_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None, r: float = 0.5):
+    """DPM-Solver++ SDE (k-diffusion's `sample_dpmpp_sde`): two stochastic ancestral sub-steps per step, the first
+    to lambda + r * h, the second with a combination of both D; Brownian-tree noise. Euler on the step to 0."""
+    x, sigmas = _float32(x, sigmas)
+    noise = _brownian(x, sigmas, generator, noise_range)
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = denoiser(x, sigma)
+        if sigma_next == 0:
+            x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        else:
+            t, t_next = sigma.log().neg(), sigma_next.log().neg()
+            h = t_next - t
+            s = t + h * r
+            fac = 1 / (2 * r)
+            sd, su = ancestral_step(_sigma(t), _sigma(s))
+            s_ = sd.log().neg()
+            x_2 = (_sigma(s_) / _sigma(t)) * x - (t - s_).expm1() * denoised
+            x_2 = x_2 + noise(_sigma(t), _sigma(s)) * su
+            denoised_2 = denoiser(x_2, _sigma(s))
+            sd, su = ancestral_step(_sigma(t), _sigma(t_next))
+            t_next_ = sd.log().neg()
+            denoised_d = (1 - fac) * denoised + fac * denoised_2
+            x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * denoised_d
+            x = x + noise(_sigma(t), _sigma(t_next)) * su
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
+    return x
+
+
+def _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun: bool):
+    """DPM-Solver++(2M) SDE as k-diffusion's `sample_dpmpp_2m_sde` (eta 1): the second-order correction with the
+    midpoint or Heun's weights, Brownian-tree noise, and the step to 0 returning D itself."""
+    x, sigmas = _float32(x, sigmas)
+    noise = _brownian(x, sigmas, generator, noise_range)
+    old_denoised, h, h_last = None, None, None
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = denoiser(x, sigma)
+        if sigma_next == 0:
+            x_next = denoised
+        else:
+            h_last, h = h, sigma.log() - sigma_next.log()
+            phi = (-2 * h).expm1().neg()  # 1 - exp(-(1 + eta) h)
+            x_next = sigma_next / sigma * (-h).exp() * x + phi * denoised
+            if old_denoised is not None:
+                weight = phi / (-2 * h) + 1 if heun else 0.5 * phi
+                x_next = x_next + weight * (1 / (h_last / h)) * (denoised - old_denoised)
+            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt()
+        x, old_denoised = _report(callback, i, x_next, sigma, sigma_next, denoised), denoised
+    return x
+
+
+def sample_k_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
+    """A1111's "DPM++ 2M SDE": k-diffusion's midpoint form, Brownian-tree noise."""
+    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=False)
+
+
+def sample_dpmpp_2m_sde_heun(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
+    """A1111's "DPM++ 2M SDE Heun": k-diffusion's solver_type="heun" weights, Brownian-tree noise."""
+    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=True)
+
+
+def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
+    """DPM-Solver++(3M) SDE (k-diffusion's `sample_dpmpp_3m_sde`, eta 1): third-order multistep on the last three
+    D (first and second order while they are fewer), Brownian-tree noise, the step to 0 returning D."""
+    x, sigmas = _float32(x, sigmas)
+    noise = _brownian(x, sigmas, generator, noise_range)
+    denoised_1, denoised_2, h, h_1, h_2 = None, None, None, None, None
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = denoiser(x, sigma)
+        if sigma_next == 0:
+            x_next = denoised
+        else:
+            h = sigma.log() - sigma_next.log()
+            h_eta = h * 2
+            x_next = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            phi_2 = h_eta.neg().expm1() / h_eta + 1
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x_next = x_next + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            elif h_1 is not None:
+                x_next = x_next + phi_2 * ((denoised - denoised_1) / (h_1 / h))
+            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt()
+        x = _report(callback, i, x_next, sigma, sigma_next, denoised)
+        denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the table of samplers, name lookup, and the plan (sigmas + timesteps) for a run
 
 
 @dataclass(frozen=True)
 class Sampler:
-    """A sampler and the facts needed to reproduce its diffusers scheduler (as `from_config` of an SD 1.x config)."""
+    """A sampler and what its plan needs. family "diffusers": reproduces one diffusers scheduler (as `from_config`
+    of an SD 1.x config); family "a1111": reproduces AUTOMATIC1111 v1.10's k-diffusion sampler of that label."""
 
     name: str
     fn: Callable
-    label: str  # AUTOMATIC1111's display name
+    label: str  # display name: AUTOMATIC1111's for the a1111 family (and DDIM, PLMS, UniPC, which only we have)
     aliases: tuple[str, ...] = ()
-    supports_karras: bool = False  # the diffusers class takes use_karras_sigmas
+    family: str = "diffusers"
+    supports_karras: bool = False  # diffusers family: the class takes use_karras_sigmas (a1111: every schedule)
     stochastic: bool = False
     diffusers_class: str = ""  # the diffusers scheduler it reproduces (tests build it by this name)
     diffusers_kwargs: tuple[tuple[str, object], ...] = ()  # extra from_config arguments
@@ -375,51 +527,119 @@ class Sampler:
     final: str = "zero"  # where sampling ends, see schedule.discretize
     karras_round: bool = False  # the class rounds the timesteps it computes for Karras sigmas
     vp_init: bool = False  # init_noise_sigma is 1: txt2img latents start as pure VP noise
+    default_schedule: str | None = None  # a1111: what its "Automatic" schedule is (None: uniform)
+    discard_penultimate: bool = False  # a1111: one step more, then the next-to-last sigma dropped
+    brownian: bool = False  # a1111: Brownian-tree noise over the whole run's sigma range (`noise_range`)
 
 
 _VP = dict(timesteps="dpm", vp_init=True, karras_round=True, supports_karras=True)
 _DDIM = dict(timesteps="ddim", spacing="leading", vp_init=True)
+_A1111 = dict(family="a1111", supports_karras=True)
+_SDE = dict(_A1111, stochastic=True, brownian=True)
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
-    Sampler("euler", sample_euler, "Euler", ("k_euler",), supports_karras=True,
-            diffusers_class="EulerDiscreteScheduler"),
-    Sampler("euler_a", sample_euler_a, "Euler a", ("k_euler_a", "euler_ancestral"), stochastic=True,
+    # diffusers' schedulers; those A1111 also has are named and labelled in snake_case, so "Euler a" means A1111's
+    Sampler("euler", sample_euler, "euler", supports_karras=True, diffusers_class="EulerDiscreteScheduler"),
+    Sampler("euler_a", sample_euler_a, "euler_a", ("euler_ancestral",), stochastic=True,
             diffusers_class="EulerAncestralDiscreteScheduler"),
-    Sampler("heun", sample_heun, "Heun", ("k_heun",), supports_karras=True, diffusers_class="HeunDiscreteScheduler"),
-    Sampler("lms", sample_lms, "LMS", ("k_lms",), supports_karras=True, diffusers_class="LMSDiscreteScheduler"),
-    Sampler("dpm2", sample_dpm2, "DPM2", ("k_dpm_2", "dpm_2"), supports_karras=True, karras_round=True,
+    Sampler("heun", sample_heun, "heun", supports_karras=True, diffusers_class="HeunDiscreteScheduler"),
+    Sampler("lms", sample_lms, "lms", supports_karras=True, diffusers_class="LMSDiscreteScheduler"),
+    Sampler("dpm2", sample_dpm2, "dpm2", ("dpm_2",), supports_karras=True, karras_round=True,
             diffusers_class="KDPM2DiscreteScheduler"),
-    Sampler("dpm2_a", sample_dpm2_a, "DPM2 a", ("k_dpm_2_a", "dpm_2_ancestral"), supports_karras=True,
+    Sampler("dpm2_a", sample_dpm2_a, "dpm2_a", ("dpm_2_ancestral",), supports_karras=True,
             stochastic=True, karras_round=True, diffusers_class="KDPM2AncestralDiscreteScheduler"),
-    Sampler("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",), diffusers_class="DPMSolverMultistepScheduler",
-            **_VP),
-    Sampler("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", ("k_dpmpp_2m_sde",), stochastic=True,
+    Sampler("dpmpp_2m", sample_dpmpp_2m, "dpmpp_2m", diffusers_class="DPMSolverMultistepScheduler", **_VP),
+    Sampler("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpmpp_2m_sde", stochastic=True,
             diffusers_class="DPMSolverMultistepScheduler",
             diffusers_kwargs=(("algorithm_type", "sde-dpmsolver++"),), **_VP),
+    # A1111's DDIM, PLMS and UniPC are its own (not k-diffusion) samplers; these labels give diffusers' instead
     Sampler("ddim", sample_ddim, "DDIM", final="final_alpha", diffusers_class="DDIMScheduler", **_DDIM),
     Sampler("pndm", sample_pndm, "PLMS", ("plms",), final="final_alpha", diffusers_class="PNDMScheduler", **_DDIM),
     Sampler("unipc", sample_unipc, "UniPC", diffusers_class="UniPCMultistepScheduler", **_VP),
     Sampler("ddpm", sample_ddpm, "DDPM", stochastic=True, diffusers_class="DDPMScheduler", **_DDIM),
     Sampler("deis", sample_deis, "DEIS", final="sigma_min", diffusers_class="DEISMultistepScheduler", **_VP),
+    # AUTOMATIC1111 v1.10's k-diffusion samplers, named by their labels (its samplers_k_diffusion table)
+    Sampler("Euler a", sample_euler_a, "Euler a", ("k_euler_a", "k_euler_ancestral"), stochastic=True, **_A1111),
+    Sampler("Euler", sample_euler, "Euler", ("k_euler",), **_A1111),
+    Sampler("LMS", sample_lms, "LMS", ("k_lms",), **_A1111),
+    Sampler("Heun", sample_heun, "Heun", ("k_heun",), **_A1111),
+    Sampler("DPM2", sample_k_dpm2, "DPM2", ("k_dpm_2",), default_schedule="karras", discard_penultimate=True,
+            **_A1111),
+    Sampler("DPM2 a", sample_k_dpm2_a, "DPM2 a", ("k_dpm_2_a",), stochastic=True, default_schedule="karras",
+            discard_penultimate=True, **_A1111),
+    Sampler("DPM++ 2S a", sample_dpmpp_2s_a, "DPM++ 2S a", ("k_dpmpp_2s_a",), stochastic=True,
+            default_schedule="karras", **_A1111),
+    Sampler("DPM++ 2M", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",), default_schedule="karras", **_A1111),
+    Sampler("DPM++ SDE", sample_dpmpp_sde, "DPM++ SDE", ("k_dpmpp_sde",), default_schedule="karras", **_SDE),
+    Sampler("DPM++ 2M SDE", sample_k_dpmpp_2m_sde, "DPM++ 2M SDE", ("k_dpmpp_2m_sde",),
+            default_schedule="exponential", **_SDE),
+    Sampler("DPM++ 2M SDE Heun", sample_dpmpp_2m_sde_heun, "DPM++ 2M SDE Heun", ("k_dpmpp_2m_sde_heun",),
+            default_schedule="exponential", **_SDE),
+    Sampler("DPM++ 3M SDE", sample_dpmpp_3m_sde, "DPM++ 3M SDE", ("k_dpmpp_3m_sde",), default_schedule="exponential",
+            discard_penultimate=True, **_SDE),
 ]}
+A1111_MISSING = ("DPM fast", "DPM adaptive", "Restart", "LCM")  # A1111 labels not implemented here
+
+
+def sampler_table() -> list[dict]:
+    """Both families for `stablediff samplers` and /sdapi/v1/samplers: name, label, family, aliases, the schedules
+    it takes and what "automatic" means for it."""
+    rows = []
+    for s in SAMPLERS.values():
+        if s.family == "a1111":
+            schedules, automatic = list(a1111.SCHEDULES), s.default_schedule or "uniform"
+        else:
+            schedules, automatic = ["automatic", "karras"] if s.supports_karras else ["automatic"], s.diffusers_class
+        rows.append(dict(name=s.name, label=s.label, family=s.family, aliases=list(s.aliases), schedules=schedules,
+                         automatic=automatic))
+    return rows
+
+
+def _lookup(key: str) -> Sampler | None:
+    """Exact name, label or alias first; then case-insensitively, where that picks one sampler ("euler a" is A1111's
+    "Euler a", but "EULER" could be "Euler" or "euler")."""
+    names = {s: (s.name, s.label, *s.aliases) for s in SAMPLERS.values()}
+    exact = [s for s, n in names.items() if key in n]
+    if exact:
+        return exact[0]
+    folded = [s for s, n in names.items() if key.lower() in {x.lower() for x in n}]
+    if len(folded) > 1:
+        raise ValueError(f"sampler {key!r} is ambiguous: {' or '.join(repr(s.name) for s in folded)} "
+                         f"(A1111's labels and diffusers' snake_case names differ only in case there)")
+    return folded[0] if folded else None
 
 
 def get_sampler(name: str) -> tuple[Sampler, str | None]:
-    """Look a sampler up by canonical name, alias or AUTOMATIC1111 display name, case-insensitively; a trailing
-    " Karras" asks for the karras schedule: "DPM++ 2M Karras" -> (SAMPLERS["dpmpp_2m"], "karras")."""
-    key = " ".join(str(name).lower().replace("_", " ").split())
-    schedule = None
-    if key.endswith(" karras"):
-        key, schedule = key[: -len(" karras")], "karras"
-    for s in SAMPLERS.values():
-        if key in {n.lower().replace("_", " ") for n in (s.name, s.label, *s.aliases)}:
-            if schedule == "karras" and not s.supports_karras:
-                raise ValueError(f"sampler {s.name!r} does not take the karras schedule; samplers that do: "
-                                 f"{', '.join(n for n, x in SAMPLERS.items() if x.supports_karras)}")
-            return s, schedule
-    valid = [n for s in SAMPLERS.values() for n in (s.name, s.label)]
-    raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(dict.fromkeys(valid))} "
-                     f"(add ' Karras' for the karras schedule)")
+    """Look a sampler up by name, alias or label (see `_lookup`); a trailing schedule label, as in A1111's legacy
+    names, asks for that schedule: "DPM++ 2M Karras" -> (SAMPLERS["DPM++ 2M"], "karras"),
+    "dpmpp_2m karras" -> (SAMPLERS["dpmpp_2m"], "karras")."""
+    key = " ".join(str(name).split())
+    s, schedule = _lookup(key), None
+    if s is None:
+        base, schedule = a1111.schedule_suffix(key)
+        s = _lookup(base) if schedule else None
+    if s is None:
+        missing = [m for m in A1111_MISSING if m.lower() == key.lower()]
+        if missing:
+            raise ValueError(f"sampler {name!r}: A1111's {missing[0]!r} is not implemented here")
+        valid = [n for s in SAMPLERS.values() for n in (s.name, s.label)]
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(dict.fromkeys(valid))} "
+                         f"(add a schedule such as ' Karras')")
+    _check_schedule(s, schedule)
+    return s, schedule
+
+
+def _check_schedule(s: Sampler, schedule: str | None) -> None:
+    if s.family == "a1111" or schedule is None:
+        return
+    if schedule != "karras":
+        raise ValueError(f"sampler {s.name!r} reproduces diffusers' {s.diffusers_class}, which has no {schedule!r} "
+                         f"schedule; A1111's samplers ({', '.join(n for n, x in SAMPLERS.items() if x.family == 'a1111')}) "
+                         "take every schedule")
+    if not s.supports_karras:
+        raise ValueError(f"sampler {s.name!r} does not take the karras schedule (diffusers' {s.diffusers_class} has no "
+                         f"use_karras_sigmas); samplers that do: "
+                         f"{', '.join(n for n, x in SAMPLERS.items() if x.supports_karras)}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -427,36 +647,46 @@ class SamplingPlan:
     """Everything a run needs besides the model: which sampler, its sigmas and the timesteps fed at each."""
 
     sampler: Sampler
-    schedule: str | None  # "karras" or None
+    schedule: str | None  # a schedule name (a1111.SCHEDULES), None for the sampler's own ("automatic")
     sigmas: torch.Tensor  # float32 CPU (steps + 1,): the sigma of each step, then where sampling ends
-    timesteps: torch.Tensor  # float32 CPU (steps,): the timestep diffusers feeds the U-Net at each step's sigma
-    sigma_to_t: TimestepMap  # sigma -> timestep; exact at `sigmas`, log-sigma interpolation elsewhere
+    timesteps: torch.Tensor  # float32 CPU (steps,): the timestep the U-Net is fed at each step's sigma
+    sigma_to_t: Callable  # sigma -> timestep (diffusers: exact at `sigmas`; a1111: k-diffusion's, continuous)
     init_noise_scale: float  # txt2img: x = unit noise * init_noise_scale
+    noise_range: tuple[torch.Tensor, torch.Tensor] | None = None  # a1111 Brownian noise: the whole run's sigmas
+
+    def sample(self, denoiser, x: torch.Tensor, *, generator=None, callback=None) -> torch.Tensor:
+        """Run the sampler over the plan's sigmas (with the Brownian-tree range an img2img run needs)."""
+        extra = {"noise_range": self.noise_range} if self.sampler.brownian else {}
+        return self.sampler.fn(denoiser, x, self.sigmas, generator=generator, callback=callback, **extra)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """Back to the latent diffusers returns: x / sqrt(1 + sigma_last**2) (identity when it is 0)."""
+        """Back to the latent diffusers returns: x / sqrt(1 + sigma_last**2) (identity when it is 0). A1111 decodes
+        x as it is, whatever the last sigma."""
+        if self.sampler.family == "a1111":
+            return x
         return x / math.sqrt(1.0 + float(self.sigmas[-1]) ** 2)
 
 
 def prepare(name: str, noise_schedule: NoiseSchedule, steps: int, *, schedule: str | None = None,
             strength: float = 1.0) -> SamplingPlan:
     """The plan for `steps` steps of sampler `name` (any name `get_sampler` takes) on `noise_schedule`.
+    schedule: any name or label in a1111.SCHEDULES (None or "automatic": the sampler's own); the diffusers family
+    takes only "karras", where its class has use_karras_sigmas.
 
-    strength < 1 (img2img) keeps the last steps as diffusers' img2img `get_timesteps` does:
-    init_timestep = min(int(steps * strength), steps), starting at step steps - init_timestep; img2img then starts
-    from x = init_latents + sigmas[0] * noise, which is diffusers' `add_noise` in sigma space for every scheduler.
+    strength < 1 (img2img) keeps the last steps. diffusers' img2img `get_timesteps`:
+    init_timestep = min(int(steps * strength), steps), starting at step steps - init_timestep. A1111's
+    `setup_img2img_steps`: t_enc = int(min(strength, 0.999) * steps), starting at step steps - t_enc - 1.
+    img2img then starts from x = init_latents + sigmas[0] * noise (diffusers' `add_noise` in sigma space, and A1111's).
     """
     sampler, named = get_sampler(name)
-    schedule = schedule or named
-    if schedule not in (None, "karras"):
-        raise ValueError(f"schedule {schedule!r} is not known; use 'karras' or None")
-    if schedule == "karras" and not sampler.supports_karras:
-        raise ValueError(f"sampler {sampler.name!r} does not take the karras schedule (diffusers' "
-                         f"{sampler.diffusers_class} has no use_karras_sigmas)")
+    schedule = a1111.schedule_name(schedule) if schedule is not None else named
+    _check_schedule(sampler, schedule)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if sampler.family == "a1111":
+        return _prepare_a1111(sampler, noise_schedule, steps, schedule, strength)
     if noise_schedule.clip_sample and sampler.name in ("ddim", "ddpm", "heun"):
         raise NotImplementedError(f"clip_sample=True ({sampler.diffusers_class} would clamp its x0 predictions) "
                                   "is not implemented; set clip_sample false in the scheduler config")
@@ -475,3 +705,17 @@ def prepare(name: str, noise_schedule: NoiseSchedule, steps: int, *, schedule: s
     sigmas, timesteps = torch.from_numpy(sigmas[t_start:].copy()), torch.from_numpy(timesteps[t_start:].copy())
     sigma_to_t = TimestepMap(sigmas[:-1], timesteps, noise_schedule.log_sigmas)
     return SamplingPlan(sampler, schedule, sigmas, timesteps, sigma_to_t, init_noise_scale)
+
+
+def _prepare_a1111(sampler: Sampler, ns: NoiseSchedule, steps: int, schedule: str | None,
+                   strength: float) -> SamplingPlan:
+    model = a1111.ModelSigmas.from_schedule(ns)
+    full = a1111.sigmas(model, steps, schedule or sampler.default_schedule or "uniform",
+                        discard_penultimate=sampler.discard_penultimate)
+    t_start = 0 if strength >= 1 else steps - int(min(strength, 0.999) * steps) - 1
+    sigmas = full[t_start:]
+    if len(sigmas) < 2:
+        raise ValueError(f"strength {strength} leaves no step of {len(full) - 1} to run; raise strength or steps")
+    noise_range = (full[full > 0].min(), full.max())
+    return SamplingPlan(sampler, schedule, sigmas, model.sigma_to_t(sigmas[:-1]), model, float(sigmas[0]),
+                        noise_range)

@@ -1,0 +1,261 @@
+"""The A1111 sampler family against k-diffusion (the code AUTOMATIC1111 v1.10 samples with) and A1111's schedule
+formulas, on a tiny smooth eps model.
+
+k-diffusion is imported here only, as the oracle: its `sampling` and `external` modules are loaded without the
+package's __init__ (which pulls in torchvision, kornia and more), under a private name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stablediff import a1111
+from stablediff.denoiser import EpsDenoiser
+from stablediff.samplers import SAMPLERS, get_sampler, prepare, sampler_table
+from stablediff.schedule import NoiseSchedule
+
+NS = NoiseSchedule()
+A1111 = [name for name, s in SAMPLERS.items() if s.family == "a1111"]
+SEEDS = (11, 12)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Should have:UserWarning")  # torchsde at the interval's ends
+
+
+def _load_kdiffusion():
+    for dep in ("k_diffusion", "torchsde", "torchdiffeq", "scipy"):
+        if importlib.util.find_spec(dep) is None:
+            pytest.skip(f"the k-diffusion oracle needs {dep} (pip install -e '.[test]')")
+    root = Path(importlib.util.find_spec("k_diffusion").submodule_search_locations[0])
+    name = "_kdiffusion_oracle"
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [str(root)]
+        utils = types.ModuleType(f"{name}.utils")
+        utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+        sys.modules[name], sys.modules[f"{name}.utils"] = package, utils
+    return importlib.import_module(f"{name}.sampling"), importlib.import_module(f"{name}.external")
+
+
+@pytest.fixture(scope="module")
+def kd():
+    return _load_kdiffusion()
+
+
+def ldm_alphas_cumprod() -> torch.Tensor:
+    """LatentDiffusion.register_schedule for SD 1.x: 'linear' betas in float64, cumprod in numpy, stored float32."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.tensor(np.cumprod(1.0 - betas.numpy()), dtype=torch.float32)
+
+
+class TinyEps(torch.nn.Module):
+    """A small smooth eps model that depends on x and on the (fractional) timestep."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.register_buffer("alphas_cumprod", ldm_alphas_cumprod())
+
+    def forward(self, x, t):
+        return torch.tanh(self.conv(x)) * (0.5 + t.reshape(-1, 1, 1, 1) / 1000)
+
+    def apply_model(self, x, t):  # the CompVis model interface k-diffusion's CompVisDenoiser calls
+        return self(x, t)
+
+
+@pytest.fixture(scope="module")
+def model():
+    with torch.no_grad():
+        yield TinyEps().eval()
+
+
+def model_sigmas(kd):
+    return kd[1].CompVisDenoiser(TinyEps())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. schedules: A1111's sd_schedulers formulas
+
+
+def reference_schedule(kd, name: str, n: int) -> torch.Tensor:
+    sampling, wrap = kd[0], model_sigmas(kd)
+    lo, hi = wrap.sigmas[0].item(), wrap.sigmas[-1].item()
+    t_max, t_min = wrap.sigma_to_t(torch.tensor(hi)), wrap.sigma_to_t(torch.tensor(lo))
+    if name == "uniform":
+        return wrap.get_sigmas(n)
+    if name == "karras":
+        return sampling.get_sigmas_karras(n, lo, hi)
+    if name == "exponential":
+        return sampling.get_sigmas_exponential(n, lo, hi)
+    if name == "polyexponential":
+        return sampling.get_sigmas_polyexponential(n, lo, hi)
+    if name == "sgm_uniform":
+        return torch.tensor([wrap.t_to_sigma(t) for t in torch.linspace(t_max, t_min, n + 1)[:-1]] + [0.0])
+    if name == "normal":
+        return torch.tensor([wrap.t_to_sigma(t) for t in torch.linspace(t_max, t_min, n)] + [0.0])
+    if name == "simple":
+        return torch.tensor([float(wrap.sigmas[-(1 + int(i * 1000 / n))]) for i in range(n)] + [0.0])
+    if name == "ddim":
+        return torch.tensor([float(wrap.sigmas[t]) for t in range(1, 1000, max(1000 // n, 1))][::-1] + [0.0])
+    if name == "kl_optimal":
+        a_lo, a_hi = np.arctan(lo), np.arctan(hi)
+        return torch.tensor([np.tan(i / n * a_lo + (1 - i / n) * a_hi) for i in range(n + 1)], dtype=torch.float32)
+    if name == "beta":
+        from scipy import stats
+        q = stats.beta.ppf(1 - np.linspace(0, 1, n), 0.6, 0.6)
+        return torch.tensor([*(lo + q * (hi - lo)), 0.0], dtype=torch.float32)
+    if name == "align_your_steps":
+        table = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+        if n == len(table):
+            return torch.tensor(table + [0.0])
+        log = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(table)), np.log(table[::-1]))
+        return torch.tensor([*np.exp(log)[::-1], 0.0], dtype=torch.float32)
+    raise KeyError(name)
+
+
+EXACT = ("uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "normal", "simple", "ddim",
+         "align_your_steps")
+
+
+@pytest.mark.parametrize("name", list(a1111.SCHEDULE_FUNCTIONS))
+def test_schedules_equal_a1111s_formulas(kd, name):
+    m = a1111.ModelSigmas.from_schedule(NS)
+    for n in (1, 4, 10, 11, 30):
+        ours, ref = a1111.SCHEDULE_FUNCTIONS[name](n, m), reference_schedule(kd, name, n).float()
+        assert ours.dtype == torch.float32 and ours.shape == ref.shape, (n, ours.shape, ref.shape)
+        if name in EXACT:
+            assert torch.equal(ours, ref), (n, ours, ref)
+        else:  # float64 vs float32 arithmetic on the way
+            torch.testing.assert_close(ours, ref, rtol=2e-6, atol=0)
+
+
+def test_schedule_pinned_values():
+    m = a1111.ModelSigmas.from_schedule(NS)
+    assert m.sigma_min == pytest.approx(0.0291675, abs=1e-6) and m.sigma_max == pytest.approx(14.614642, abs=1e-5)
+    assert a1111.ddim(10, m)[0] == m.sigmas[901]  # t = 1, 101, ..., 901: the top step is t 901
+    assert len(a1111.ddim(30, m)) == 32  # stride 33 from t 1 gives 31 steps, as A1111's ddim schedule does
+    assert a1111.kl_optimal(10, m)[-1] == pytest.approx(m.sigma_min, rel=1e-6)  # ends at sigma_min, not 0
+    assert a1111.align_your_steps(10, m)[:2].tolist() == pytest.approx([14.615, 6.11351], abs=1e-5)
+    assert a1111.align_your_steps(11, m)[:2].tolist() == pytest.approx([14.615, 6.475], abs=1e-6)
+
+
+def test_model_sigmas_and_continuous_timesteps_equal_compvis_denoiser(kd):
+    wrap, m = model_sigmas(kd), a1111.ModelSigmas.from_schedule(NS)
+    assert torch.equal(m.sigmas, wrap.sigmas)
+    torch.testing.assert_close(m.sigmas, NS.sigmas, rtol=1e-5, atol=0)  # float64 vs diffusers' float32 cumprod
+    sigmas = torch.tensor([14.6, 7.3, 1.0, 0.5, 0.1, 0.0292])
+    assert torch.equal(m.sigma_to_t(sigmas), wrap.sigma_to_t(sigmas))
+    t = torch.tensor([999.0, 500.25, 3.5, 0.0])
+    assert torch.equal(m.t_to_sigma(t), wrap.t_to_sigma(t))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. plans: Automatic, discard-penultimate, start noise, unrounded timesteps, img2img
+
+
+@pytest.mark.parametrize("name,automatic", [("Euler", "uniform"), ("Euler a", "uniform"), ("LMS", "uniform"),
+                                            ("Heun", "uniform"), ("DPM2", "karras"), ("DPM2 a", "karras"),
+                                            ("DPM++ 2S a", "karras"), ("DPM++ 2M", "karras"), ("DPM++ SDE", "karras"),
+                                            ("DPM++ 2M SDE", "exponential"), ("DPM++ 2M SDE Heun", "exponential"),
+                                            ("DPM++ 3M SDE", "exponential")])
+def test_automatic_schedule_and_discarded_sigma(kd, name, automatic):
+    plan = prepare(name, NS, 10)
+    ref = reference_schedule(kd, automatic, 11 if SAMPLERS[name].discard_penultimate else 10)
+    if SAMPLERS[name].discard_penultimate:  # DPM2, DPM2 a, DPM++ 3M SDE
+        ref = torch.cat([ref[:-2], ref[-1:]])
+    assert plan.schedule is None and torch.equal(plan.sigmas, ref.float()) and len(plan.sigmas) == 11
+    assert plan.init_noise_scale == float(plan.sigmas[0])  # start noise is sigmas[0], not sqrt(1 + sigma**2)
+    assert torch.equal(plan.timesteps, model_sigmas(kd).sigma_to_t(plan.sigmas[:-1]))  # fractional, unrounded
+    x = torch.ones(2)
+    assert torch.equal(plan.finish(x), x)
+
+
+def test_img2img_keeps_a1111s_steps():
+    full = prepare("Euler", NS, 20)
+    for strength, runs in ((0.75, 16), (0.5, 11), (0.05, 2), (1.0, 20)):
+        plan = prepare("Euler", NS, 20, strength=strength)  # t_enc = int(strength * 20); t_enc + 1 steps run
+        assert len(plan.sigmas) - 1 == runs and torch.equal(plan.sigmas, full.sigmas[-runs - 1:])
+        assert plan.noise_range[1] == full.sigmas[0]  # the Brownian tree spans the whole schedule
+
+
+def test_schedule_names_and_labels():
+    assert get_sampler("DPM++ 2M SDE Karras")[1] == "karras"
+    for label in ("SGM Uniform", "sgm_uniform", "SGMUniform", "kl optimal"):
+        assert prepare("Euler", NS, 5, schedule=label).schedule in ("sgm_uniform", "kl_optimal")
+    assert prepare("Euler", NS, 5, schedule="Automatic").schedule is None
+    rows = {r["name"]: r for r in sampler_table()}
+    assert rows["DPM++ 2M SDE"]["automatic"] == "exponential" and rows["Euler a"]["family"] == "a1111"
+    assert rows["euler_a"]["family"] == "diffusers" and rows["euler"]["schedules"] == ["automatic", "karras"]
+    assert rows["Euler a"]["aliases"] == ["k_euler_a", "k_euler_ancestral"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. sampling: ours against k-diffusion's sample_* with the same sigmas, model and noise
+
+K_FUNCTIONS = {
+    "Euler": "sample_euler", "Euler a": "sample_euler_ancestral", "LMS": "sample_lms", "Heun": "sample_heun",
+    "DPM2": "sample_dpm_2", "DPM2 a": "sample_dpm_2_ancestral", "DPM++ 2S a": "sample_dpmpp_2s_ancestral",
+    "DPM++ 2M": "sample_dpmpp_2m", "DPM++ SDE": "sample_dpmpp_sde", "DPM++ 2M SDE": "sample_dpmpp_2m_sde",
+    "DPM++ 2M SDE Heun": "sample_dpmpp_2m_sde", "DPM++ 3M SDE": "sample_dpmpp_3m_sde",
+}
+SCHEDULE_CASES = [None, "karras", "exponential", "sgm_uniform", "kl_optimal", "align_your_steps"]
+
+
+def generators():
+    return [torch.Generator().manual_seed(s) for s in SEEDS]
+
+
+def reference_latents(kd, model, name, plan, x):
+    """k-diffusion as A1111 drives it: CompVisDenoiser, s_churn 0, eta 1, ancestral noise drawn (C, H, W) per image
+    from each image's generator, Brownian trees seeded with each image's seed over the whole schedule."""
+    sampling, external = kd
+    fn = getattr(sampling, K_FUNCTIONS[name])
+    kwargs = {}
+    if SAMPLERS[name].brownian:
+        kwargs["noise_sampler"] = sampling.BrownianTreeNoiseSampler(x, *plan.noise_range, seed=list(SEEDS))
+    elif SAMPLERS[name].stochastic:
+        gens = generators()
+        kwargs["noise_sampler"] = lambda *_: torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
+    if name == "DPM++ 2M SDE Heun":
+        kwargs["solver_type"] = "heun"
+    return fn(external.CompVisDenoiser(model), x.clone(), plan.sigmas, disable=True, **kwargs)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_CASES, ids=lambda s: s or "automatic")
+@pytest.mark.parametrize("name", A1111)
+def test_samplers_equal_kdiffusion(kd, model, name, schedule):
+    for steps in (3, 8):
+        plan = prepare(name, NS, steps, schedule=schedule)
+        x = torch.randn(len(SEEDS), 4, 8, 8, generator=torch.Generator().manual_seed(steps)) * plan.init_noise_scale
+        ours = plan.sample(EpsDenoiser(model, plan.sigma_to_t), x.clone(), generator=generators())
+        ref = reference_latents(kd, model, name, plan, x)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("name", [n for n in A1111 if SAMPLERS[n].stochastic])
+def test_image_k_of_a_batch_is_the_image_its_seed_makes_alone(model, name):
+    plan = prepare(name, NS, 6)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * plan.init_noise_scale
+    both = plan.sample(EpsDenoiser(model, plan.sigma_to_t), x, generator=generators())
+    alone = plan.sample(EpsDenoiser(model, plan.sigma_to_t), x[1:], generator=[torch.Generator().manual_seed(SEEDS[1])])
+    torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)  # conv rounding differs by batch size
+    other = plan.sample(EpsDenoiser(model, plan.sigma_to_t), x[1:], generator=[torch.Generator().manual_seed(99)])
+    assert (other - alone).abs().max() > 1e-3  # the noise does come from the seed
+
+
+def test_img2img_brownian_noise_spans_the_whole_schedule(kd, model):
+    """A1111 builds the tree over the full schedule's sigmas even when img2img runs only the last steps."""
+    plan = prepare("DPM++ 2M SDE", NS, 10, strength=0.5)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * plan.init_noise_scale
+    ours = plan.sample(EpsDenoiser(model, plan.sigma_to_t), x.clone(), generator=generators())
+    torch.testing.assert_close(ours, reference_latents(kd, model, "DPM++ 2M SDE", plan, x), rtol=1e-5, atol=1e-5)
+    short = plan.sampler.fn(EpsDenoiser(model, plan.sigma_to_t), x.clone(), plan.sigmas, generator=generators())
+    assert (short - ours).abs().max() > 1e-4  # a tree over the kept sigmas only is different noise

@@ -93,10 +93,11 @@ def test_seeds_sweep_samplers_and_keys(tmp_path):
     with pytest.raises(ValueError, match="unknown sampler 'nope'"):
         batch.parse_samplers("euler,nope")
     rows = [batch.Row(4, {"prompt": "a", "batch_size": 2}), batch.Row(9, {"prompt": "b"})]
-    work = batch.plan(rows, DEFAULTS, seeds=[1, 2, 3, 7], sampler_sweep=["euler", "DPM++ 2M Karras", "Euler"])
+    # "DPM++ 2M" is A1111's, whose own schedule is karras: the same as "DPM++ 2M Karras"; "euler" is diffusers'
+    work = batch.plan(rows, DEFAULTS, seeds=[1, 2, 3, 7], sampler_sweep=["euler", "DPM++ 2M Karras", "DPM++ 2M"])
     assert [u.keys for u in work.units[:3]] == [["00004-1-euler", "00004-2-euler"], ["00004-3-euler"],
                                                    ["00004-7-euler"]]  # runs of consecutive seeds, batch_size long
-    assert len(work.images) == 2 * 4 * 2 and "00009-7-dpmpp_2m-karras" in work.images
+    assert len(work.images) == 2 * 4 * 2 and "00009-7-k_dpmpp_2m-karras" in work.images
     plain = batch.plan(rows, DEFAULTS)  # no seed: derived from line (and --seed), the same every time
     other_base = batch.plan(rows, DEFAULTS, base_seed=1)
     assert plain.units[0].params.seed == batch.row_seed(0, 4, 2) != other_base.units[0].params.seed
@@ -108,23 +109,23 @@ def test_rows_become_validated_params_and_manifest_lines_keep_their_shape():
                           "seed": 10, "negative_prompt": None})]
     work = batch.plan(rows, defaults)
     unit = work.units[0]
-    assert unit.keys == ["00003-10-dpmpp_2m-karras", "00003-11-dpmpp_2m-karras", "00003-12-dpmpp_2m-karras"]
-    assert (unit.params.prompt, unit.params.sampler, unit.params.schedule) == ("a cat", "dpmpp_2m", "karras")
+    assert unit.keys == ["00003-10-k_dpmpp_2m-karras", "00003-11-k_dpmpp_2m-karras", "00003-12-k_dpmpp_2m-karras"]
+    assert (unit.params.prompt, unit.params.sampler, unit.params.schedule) == ("a cat", "DPM++ 2M", "karras")
     assert (unit.params.seed, unit.params.batch_size, unit.params.cfg_scale) == (10, 3, 6.0)
     assert unit.params.loras == (("style", 0.8), ("ink", 1.0))  # validated: the last mention of a LoRA wins
     assert batch.Unit.from_json(unit.to_json()) == unit  # as Ray carries it
     # the manifest records what 0.1.0 did, loras and cache_interval only where set, the image's own seed last
-    assert list(work.images["00003-11-dpmpp_2m-karras"]["params"].items()) == [
-        ("prompt", "a cat"), ("negative_prompt", ""), ("steps", 2), ("cfg_scale", 6.0), ("sampler", "dpmpp_2m"),
+    assert list(work.images["00003-11-k_dpmpp_2m-karras"]["params"].items()) == [
+        ("prompt", "a cat"), ("negative_prompt", ""), ("steps", 2), ("cfg_scale", 6.0), ("sampler", "DPM++ 2M"),
         ("schedule", "karras"), ("width", None), ("height", None), ("clip_skip", 1),
         ("loras", {"style": 0.8, "ink": 1.0}), ("cache_interval", 2), ("seed", 11)]
-    assert set(batch.plan(rows, DEFAULTS).images["00003-10-dpmpp_2m-karras"]["params"]) == {
+    assert set(batch.plan(rows, DEFAULTS).images["00003-10-k_dpmpp_2m-karras"]["params"]) == {
         "prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "width", "height", "clip_skip",
         "seed"}
     # with a --seeds sweep, a row's batch size only bounds the U-Net batch
     swept = batch.plan(rows, defaults, seeds=[1, 2])
     assert [(u.params.seed, u.params.batch_size, u.keys[-1]) for u in swept.units] == [
-        (1, 2, "00003-2-dpmpp_2m-karras")]
+        (1, 2, "00003-2-k_dpmpp_2m-karras")]
 
 
 def test_bad_rows_are_named_by_line_before_anything_runs(tmp_path, tiny_model_dir, capsys):

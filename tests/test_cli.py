@@ -202,7 +202,8 @@ def test_generate_end_to_end(tiny_model_dir, tmp_path, env):
         assert np.array_equal(np.asarray(a), np.asarray(b))
         text = a.text["parameters"]
         assert b.text["parameters"] == text
-    assert re.fullmatch(r"a red circle\nSteps: 3, Sampler: Euler, CFG scale: 7\.0, Seed: 5, Size: 64x64, "
+    assert re.fullmatch(r"a red circle\nSteps: 3, Sampler: euler, Schedule type: Automatic, CFG scale: 7\.0, Seed: 5, "
+                        r"Size: 64x64, "
                         r"Model hash: [0-9a-f]{10}, Model: tiny-sd, RNG: CPU, Version: stablediff \d+\.\d+\.\d+\S*", text), text
 
 
@@ -300,7 +301,9 @@ def test_from_png_names_what_it_does_not_use_and_refuses_a_png_without_parameter
     assert len(warning) == 1 and "Face restoration: CodeFormer" in warning[0], res.stderr
     assert "Denoising strength: 0.4" in warning[0] and "Model hash" not in warning[0]
     with Image.open(tmp_path / "o" / "00000-3.png") as im:
-        assert im.text["parameters"].startswith("a cat\nSteps: 2, Sampler: Euler, CFG scale: 7.0, Seed: 3, ")
+        text = im.text["parameters"]  # A1111's Euler, its own schedule, and its GPU noise (no RNG in the text)
+    assert text.startswith("a cat\nSteps: 2, Sampler: Euler, Schedule type: Uniform, CFG scale: 7.0, Seed: 3, ")
+    assert ", RNG: GPU, " in text
 
     bare = tmp_path / "bare.png"
     Image.new("RGB", (64, 64)).save(bare)

@@ -114,7 +114,7 @@ def test_defaults_native_size_random_seed_and_infotext(pipe):
     assert result.images[0].size == (pipe.native_size, pipe.native_size) == (64, 64)
     assert 0 <= result.seeds[0] < 2**32
     text = result.infotexts[0]
-    assert text.startswith("a cat\nSteps: 2, Sampler: Euler, CFG scale: 7.0, Seed: ")
+    assert text.startswith("a cat\nSteps: 2, Sampler: euler, Schedule type: Automatic, CFG scale: 7.0, Seed: ")
     assert f"Model hash: {pipe.model_hash}, Model: tiny-sd, RNG: CPU, Version: stablediff " in text
     assert len(pipe.model_hash) == 10
 

@@ -19,4 +19,4 @@ def test_readme_starts_with_install_and_test_commands():
 def test_ci_runs_the_readme_test_command():
     _, test = readme_commands()
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
-    assert ci[-1] == test
+    assert test in ci  # its other lines run what the default run leaves out

@@ -139,7 +139,7 @@ def test_webuiapi_txt2img_equals_python_api(server, pipe):
     r = api.txt2img(prompt="a red fox", negative_prompt="blurry", seed=1234, steps=3, width=64, height=64,
                     batch_size=2, sampler_name="Euler a", cfg_scale=6.5)
     ref = pipe("a red fox", "blurry", steps=3, cfg_scale=6.5, seed=1234, width=64, height=64, batch_size=2,
-               sampler="Euler a")
+               sampler="Euler a", rng="gpu")  # A1111's API: its sampler and its default noise, GPU's
     assert len(r.images) == 2
     for got, want, text in zip(r.images, ref.images, ref.infotexts):
         assert _same(got, want)
@@ -161,8 +161,8 @@ def test_webuiapi_img2img_with_and_without_mask(server, pipe):
     for m in (None, mask):
         r = api.img2img(images=[init], mask_image=m, prompt="a boat", denoising_strength=0.6, steps=4, width=64,
                         height=64, seed=7, sampler_name="Euler")
-        ref = pipe("a boat", steps=4, seed=7, sampler="euler", width=64, height=64, init_image=init,
-                   mask_image=m, strength=0.6)
+        ref = pipe("a boat", steps=4, seed=7, sampler="Euler", width=64, height=64, init_image=init,
+                   mask_image=m, strength=0.6, rng="gpu")
         assert len(r.images) == 1 and _same(r.images[0], ref.images[0])
         assert r.info["denoising_strength"] == 0.6 and r.info["infotexts"] == ref.infotexts
         assert r.parameters["init_images"] is None  # not echoed back unless include_init_images
@@ -173,7 +173,9 @@ def test_lists_options_model_switch_and_png_info(server):
     webuiapi = pytest.importorskip("webuiapi")  # only the tests that drive the client need it
     api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
     assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC"} <= set(api.util_get_sampler_names())
-    assert api.util_get_scheduler_names() == ["automatic", "karras"]
+    assert set(api.util_get_scheduler_names()) == {"automatic", "uniform", "karras", "exponential", "polyexponential",
+                                                   "sgm_uniform", "kl_optimal", "align_your_steps", "simple", "normal",
+                                                   "ddim", "beta"}
     assert api.util_get_model_names() == ["sub/tiny-b", "tiny-sd"]  # the symlinks out of the folder are not listed
     progress = api.get_progress()
     assert progress["progress"] == 0 and progress["state"]["job_count"] == 0
@@ -232,7 +234,7 @@ BAD = [  # (route, payload, text the message must contain)
     ("txt2img", {"seed": 2**40}, "seed"),
     ("txt2img", {"batch_size": 0}, "batch_size"),
     ("txt2img", {"sampler_name": "Nonexistent Sampler"}, "unknown sampler 'Nonexistent Sampler'"),
-    ("txt2img", {"scheduler": "exponential"}, "scheduler"),
+    ("txt2img", {"scheduler": "cosine"}, "scheduler"),
     ("txt2img", {"enable_hr": True}, "enable_hr"),
     ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings.CLIP_stop_at_last_layers"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, "not found"),
@@ -255,19 +257,21 @@ def test_check_request_builds_the_validated_generation_params():
     limits = Limits()
     plan = check_request(Txt2ImgRequest(prompt="p", seed=-1, sampler_name="DPM++ 2M Karras", steps=20), limits, 64,
                          clip_skip=2)
-    assert plan.params == GenerationParams(prompt="p", seed=None, width=64, height=64, steps=20, sampler="dpmpp_2m",
-                                           schedule="karras", clip_skip=2, cfg_scale=7.0)
+    assert plan.params == GenerationParams(prompt="p", seed=None, width=64, height=64, steps=20, sampler="DPM++ 2M",
+                                           schedule="karras", clip_skip=2, cfg_scale=7.0, rng="gpu")  # A1111's
     assert plan.steps == 20
     plan = check_request(Txt2ImgRequest(sampler_index="Euler", scheduler=" Karras", seed=9, batch_size=2,
                                         override_settings={"CLIP_stop_at_last_layers": 3}), limits, 512, clip_skip=2)
-    assert (plan.params.sampler, plan.params.schedule, plan.params.seed, plan.params.clip_skip) == ("euler", "karras",
+    assert (plan.params.sampler, plan.params.schedule, plan.params.seed, plan.params.clip_skip) == ("Euler", "karras",
                                                                                                     9, 3)
     assert check_request(Txt2ImgRequest(sampler_name="DDIM"), limits, 512).params.schedule is None
     # img2img: only the last denoising_strength of the steps run (PLMS one more), and some must be left
     img2img = dict(init_images=["unused here"], steps=20, denoising_strength=0.6)
-    assert check_request(Img2ImgRequest(**img2img), limits, 512, (64, 64)).steps == 12
+    assert check_request(Img2ImgRequest(**img2img), limits, 512, (64, 64)).steps == 13  # A1111's: int(0.6 * 20) + 1
+    assert check_request(Img2ImgRequest(**img2img, sampler_name="euler"), limits, 512, (64, 64)).steps == 12
     assert check_request(Img2ImgRequest(**img2img, sampler_name="PLMS"), limits, 512, (64, 64)).steps == 13
-    bad = [(Img2ImgRequest(**{**img2img, "steps": 1, "denoising_strength": 0.5}), "leaves no step of 1"),
+    bad = [(Img2ImgRequest(**{**img2img, "steps": 1, "denoising_strength": 0.5, "sampler_name": "euler"}),
+            "leaves no step of 1"),
            (Txt2ImgRequest(seed=2**32 - 3, batch_size=2, n_iter=2), "seed 4294967293 + 4 images runs past"),
            (Txt2ImgRequest(sampler_name="DDIM", scheduler="karras"), "'ddim' does not take the karras schedule")]
     for req, text in bad:

@@ -68,8 +68,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="euler",
                    help="sampler name or AUTOMATIC1111 label, e.g. euler_a or 'DPM++ 2M Karras'; "
                         "see `stablediff samplers` (default: euler)")
-    p.add_argument("--schedule", default=None, metavar="{karras}",
-                   help="noise schedule for samplers that take one (see `stablediff samplers`)")
+    p.add_argument("--schedule", default=None, metavar="NAME",
+                   help="noise schedule: karras for diffusers' samplers that take it; any A1111 schedule type "
+                        "(uniform, karras, exponential, ...) for A1111's samplers (see `stablediff samplers`)")
     p.add_argument("--rng", default="cpu", type=str.lower, choices=["cpu", "gpu", "nv"],
                    help="where the noise comes from, as A1111's RNG setting: cpu = torch's CPU generator, gpu = "
                         "CUDA's (computed exactly off CUDA), nv = CUDA's numbers on any device (default: cpu)")
@@ -568,13 +569,16 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
-    from .samplers import SAMPLERS
+    from .samplers import A1111_MISSING, sampler_table
 
-    rows = [["NAME", "A1111 LABEL", "KARRAS", "ALIASES"]]
-    for name, s in SAMPLERS.items():
-        rows.append([name, s.label, "yes" if s.supports_karras else "no", ", ".join(s.aliases)])
+    rows = [["NAME", "FAMILY", "AUTOMATIC SCHEDULE", "SCHEDULES", "ALIASES"]]
+    for r in sampler_table():
+        schedules = "all of A1111's" if r["family"] == "a1111" else ", ".join(r["schedules"])
+        rows.append([r["name"], r["family"], r["automatic"], schedules, ", ".join(r["aliases"])])
     print(_table(rows))
-    print("\nA sampler that takes karras accepts `--schedule karras` (or its A1111 label + ' Karras').")
+    print("\ndiffusers' samplers (snake_case) give diffusers' results; A1111's (its labels) give AUTOMATIC1111's. "
+          "A schedule: --schedule NAME, or A1111's label + ' Karras' (any schedule label). Not implemented: "
+          f"{', '.join(A1111_MISSING)}.")
     return 0
 
 

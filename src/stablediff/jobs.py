@@ -272,8 +272,16 @@ def _check_row(row: Row, defaults: GenerationParams, seeds: list[int] | None, sa
     by_tag = {}
     for name in sampler_sweep or [params.sampler]:
         checked = params.replace(sampler=name).validate(limits)
-        by_tag.setdefault(checked.sampler + ("-karras" if checked.schedule == "karras" else ""), checked)
+        by_tag.setdefault(file_tag(checked), checked)
     return by_tag
+
+
+def file_tag(params: GenerationParams) -> str:
+    """The sampler and schedule in an image's key and file name: diffusers' samplers by name, A1111's by its own
+    `k_` alias (its labels hold spaces and '+'), e.g. "euler", "dpmpp_2m-karras", "k_dpmpp_2m-karras"."""
+    spec = samplers.SAMPLERS[params.sampler]
+    name = spec.aliases[0] if spec.family == "a1111" else spec.name
+    return name + (f"-{params.schedule}" if params.schedule else "")
 
 
 def _row_params(row: Row, defaults: GenerationParams) -> GenerationParams:

@@ -260,9 +260,9 @@ class StableDiffusion:
                  height: int | None = None, batch_size: int = 1, sampler: str = "euler",
                  schedule: str | None = None, clip_skip: int = 1, init_image=None, mask_image=None,
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
-                 callback: Callable[[StepInfo], None] | None = None,
+                 rng: str = "cpu", ensd: int = 0, callback: Callable[[StepInfo], None] | None = None,
                  cancel=None, progress: bool = False) -> GenerationResult:
-        """Make batch_size images for each prompt. Image k of the call uses seed + k on a CPU generator.
+        """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
 
         txt2img by default; with `init_image` (PIL image or path) img2img: the image is encoded, noised to the step
         `strength` (default 0.75) picks, and only the remaining steps run; with `mask_image` too, inpainting (white =
@@ -271,6 +271,8 @@ class StableDiffusion:
         to the init image's (rounded down to a multiple of 8); a different width/height resizes it, with a warning.
         LoRAs come from `<lora:NAME:w>` tags in the prompt and from `loras={"file-or-NAME": w}`; they are merged
         into the weights for the call (and taken out again by the next call that does not ask for them).
+        rng: where the noise comes from, as A1111's RNG setting ("cpu", "gpu", "nv": rng.py); ensd: A1111's eta noise
+        seed delta (the samplers' own noise from seed + ensd).
         cache_interval=N > 1 runs the whole U-Net only every N-th call and its shallow branch in between (DeepCache):
         faster, approximate.
         `callback(StepInfo)` runs after every step; `cancel` (anything with `is_set()`, e.g. threading.Event)
@@ -279,7 +281,7 @@ class StableDiffusion:
         params = GenerationParams(
             steps=steps, cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
             sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
-            loras=tuple((loras or {}).items()), cache_interval=cache_interval)
+            loras=tuple((loras or {}).items()), cache_interval=cache_interval, rng=rng, ensd=ensd)
         return self.generate(params, prompts=prompt, negatives=negative_prompt, init_image=init_image,
                              mask_image=mask_image, callback=callback, cancel=cancel, progress=progress)
 

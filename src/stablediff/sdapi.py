@@ -20,7 +20,7 @@ from typing import Annotated, NamedTuple
 from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from . import __version__, images, samplers
+from . import __version__, a1111, images, samplers
 from .limits import LimitError, Limits
 from .params import MAX_SEED, GenerationParams
 from .pipeline import Cancelled, StableDiffusion
@@ -30,7 +30,7 @@ from .worker import ClientError, Job
 MAX_BATCH_SIZE = 16  # per iteration; A1111's web UI allows 8 (the Limits apply as well)
 MAX_N_ITER = 100  # as A1111's web UI
 MAX_IMAGE_PIXELS = 4096 * 4096  # of an uploaded image
-SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}  # name -> label; "automatic": the sampler name's own
+SCHEDULERS = a1111.SCHEDULES  # A1111's "Schedule type" names -> labels; "automatic": the sampler's own
 
 
 # --- requests -----------------------------------------------------------------------------------------------------
@@ -150,8 +150,11 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
     check_prompt_length(req, limits)
     if req.enable_hr:
         raise ClientError(422, "enable_hr: hires fix is not supported by this server")
-    if req.scheduler.strip().lower() not in SCHEDULERS:
-        raise ClientError(422, f"scheduler {req.scheduler!r} is not supported; choose one of: {', '.join(SCHEDULERS)}")
+    try:
+        a1111.schedule_name(req.scheduler)
+    except ValueError:
+        raise ClientError(422, f"scheduler {req.scheduler!r} is not supported; choose one of: "
+                               f"{', '.join(SCHEDULERS)}") from None
     width, height = output_size(req, native_size, init_size)
     params = GenerationParams.from_a1111(req.model_dump()).replace(width=width, height=height)
     if req.override_settings.CLIP_stop_at_last_layers is None:

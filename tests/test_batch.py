@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stablediff import batch, cli
+from stablediff import cli
+from stablediff.serve import batch
 from stablediff.images import file_sha256
 from stablediff.params import GenerationParams
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from test_cli import _main_in_process, assert_one_line_error
 
-from stablediff import batch, cli, images, jobs, limits
+from stablediff import cli, images, limits
+from stablediff.serve import batch, jobs
 from stablediff.limits import Limits
 
 

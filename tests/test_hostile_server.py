@@ -24,12 +24,12 @@ psutil = pytest.importorskip("psutil")
 webuiapi = pytest.importorskip("webuiapi")
 
 from conftest import serve_process  # noqa: E402
-from stablediff.guards import HostCheck  # noqa: E402
+from stablediff.serve.guards import HostCheck  # noqa: E402
 from stablediff.limits import Limits, count_tokens  # noqa: E402
-from stablediff.sdapi import Txt2ImgRequest, check_request  # noqa: E402
-from stablediff.server import public_message  # noqa: E402
+from stablediff.serve.sdapi import Txt2ImgRequest, check_request  # noqa: E402
+from stablediff.serve.server import public_message  # noqa: E402
 from stablediff.tokenizer import CLIPTokenizer  # noqa: E402
-from stablediff.worker import ClientError  # noqa: E402
+from stablediff.serve.worker import ClientError  # noqa: E402
 
 READ_TIMEOUT = 2  # --read-timeout of the test server, seconds
 NORMAL = {"prompt": "a red circle on a blue background", "steps": 4, "seed": 5, "width": 64, "height": 64}
@@ -165,7 +165,7 @@ def test_serve_flags_reach_the_limits_and_uvicorn(capsys):
     from fastapi import FastAPI
 
     from stablediff.cli import main
-    from stablediff.server import ServeConfig, make_server
+    from stablediff.serve.server import ServeConfig, make_server
 
     assert main(["serve", "--max-steps", "0"]) == 2
     assert main(["serve", "--read-timeout", "0"]) == 2

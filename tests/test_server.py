@@ -34,9 +34,9 @@ from stablediff.cli import build_parser, main  # noqa: E402
 from stablediff.limits import Limits  # noqa: E402
 from stablediff.params import GenerationParams  # noqa: E402
 from stablediff.pipeline import StableDiffusion  # noqa: E402
-from stablediff.sdapi import Img2ImgRequest, Txt2ImgRequest, check_request  # noqa: E402
-from stablediff.server import ServeConfig, bind_warning, create_app  # noqa: E402
-from stablediff.worker import ClientError  # noqa: E402
+from stablediff.serve.sdapi import Img2ImgRequest, Txt2ImgRequest, check_request  # noqa: E402
+from stablediff.serve.server import ServeConfig, bind_warning, create_app  # noqa: E402
+from stablediff.serve.worker import ClientError  # noqa: E402
 
 AUTH = ("user", "secret: pass")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

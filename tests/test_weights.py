@@ -334,7 +334,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, how, legacy):
             else _Evil(eval, f"__import__('pathlib').Path({str(marker)!r}).touch()"))
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "payload": evil}, path, _use_new_zipfile_serialization=not legacy)
-    with pytest.raises(CheckpointError, match=rf"evil.ckpt: refused .*(system|eval)"):
+    with pytest.raises(CheckpointError, match=r"evil.ckpt: refused .*(system|eval)"):
         load_checkpoint(path)
     assert not marker.exists()
 

@@ -512,7 +512,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    """A job file's images, resumably (see batch.py); exit 1 when some images could not be made."""
+    """A job file's images, resumably (see serve/batch.py); exit 1 when some images could not be made."""
     _check_batch_args(args)
     # on Ray the pipelines run on the cluster's machines, whose devices are not this one's
     check_generation_args(argparse.Namespace(**{**vars(args), "device": "auto"}) if args.ray else args)
@@ -541,7 +541,7 @@ def _give_jobs_back(args: argparse.Namespace) -> None:
 def _run_batch(args: argparse.Namespace):
     """batch.run_batch with the command line's settings as the rows' defaults (its --seed is the base of the rows'
     seeds); its errors as UsageErrors: exit 2 for bad input, 1 for a file that cannot be written."""
-    from . import batch
+    from .serve import batch
     from .params import GenerationParams
 
     defaults = GenerationParams.from_args(args).replace(seed=None)
@@ -628,7 +628,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = limits_from_args(args)
     check_output_dir(args.output_dir)
     try:
-        from . import server  # fastapi, uvicorn, torch
+        from .serve import server  # fastapi, uvicorn, torch
     except ImportError as e:
         raise UsageError(f"`stablediff serve` needs the server extra ({e}): pip install 'stablediff[server]'") from None
     warning = server.bind_warning(args.host, args.api_auth)

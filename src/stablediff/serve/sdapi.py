@@ -20,11 +20,11 @@ from typing import Annotated, NamedTuple
 from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from . import __version__, a1111, images, samplers
-from .limits import LimitError, Limits
-from .params import MAX_SEED, GenerationParams
-from .pipeline import Cancelled, StableDiffusion
-from .schedule import NoiseSchedule
+from .. import __version__, a1111, images, samplers
+from ..limits import LimitError, Limits
+from ..params import MAX_SEED, GenerationParams
+from ..pipeline import Cancelled, StableDiffusion
+from ..schedule import NoiseSchedule
 from .worker import ClientError, Job
 
 MAX_BATCH_SIZE = 16  # per iteration; A1111's web UI allows 8 (the Limits apply as well)

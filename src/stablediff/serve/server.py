@@ -74,17 +74,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 
-from . import __version__, images, malloc, samplers
+from .. import __version__, images, malloc, samplers
 from .guards import BasicAuth, BodyLimit, HostCheck, PostGuard, read_timeout_protocol
-from .limits import NATIVE_SIZE, Limits
-from .pipeline import Cancelled, StableDiffusion, resolve_device
+from ..limits import NATIVE_SIZE, Limits
+from ..pipeline import Cancelled, StableDiffusion, resolve_device
 from .sdapi import (SCHEDULERS, Img2ImgRequest, OverrideSettings, PngInfoRequest, Txt2ImgRequest,
                     check_prompt_length, check_request, decode_image, generate)
 from .worker import Catalog, ClientError, Job, ModelEntry, Worker, startup_model
 
-log = logging.getLogger("stablediff.server")
+log = logging.getLogger("stablediff.serve.server")
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parent.parent / "static"
 MAX_BODY_BYTES = 50 * 2**20
 DISCONNECT_POLL_S = 0.5
 

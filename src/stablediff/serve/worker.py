@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import images
-from .params import DEFAULT_MODEL, HUB_ID, WEIGHT_SUFFIXES
-from .pipeline import Cancelled, StableDiffusion
+from .. import images
+from ..params import DEFAULT_MODEL, HUB_ID, WEIGHT_SUFFIXES
+from ..pipeline import Cancelled, StableDiffusion
 
 LISTED_SUFFIXES = (".safetensors", ".ckpt")  # what A1111 lists as checkpoints; diffusers folders are listed too
 

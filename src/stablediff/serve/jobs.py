@@ -26,9 +26,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import samplers
-from .limits import NATIVE_SIZE, UNIT_PIXELS, LimitError, Limits
-from .params import MAX_SEED, GenerationParams
+from .. import samplers
+from ..limits import NATIVE_SIZE, UNIT_PIXELS, LimitError, Limits
+from ..params import MAX_SEED, GenerationParams
 
 SUFFIXES = (".txt", ".csv", ".jsonl")
 OPTIONS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "cfg_scale": float, "sampler": str,

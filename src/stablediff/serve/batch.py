@@ -32,13 +32,13 @@ from typing import Callable
 
 import torch
 
-from . import __version__
-from .images import png_bytes
+from .. import __version__
+from ..images import png_bytes
 from .jobs import JobError, Plan, Unit, parse_samplers, parse_seeds, plan, read_jobs
-from .limits import Limits
+from ..limits import Limits
 from .jobs import Row, row_seed  # noqa: F401 - re-exported: callers know them as batch.Row, batch.row_seed
-from .params import GenerationParams
-from .pipeline import StableDiffusion
+from ..params import GenerationParams
+from ..pipeline import StableDiffusion
 
 MANIFEST = "manifest.jsonl"
 MARKER = "stablediff"  # the first field of every manifest line we write; its value is the version that wrote it

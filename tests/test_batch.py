@@ -234,3 +234,11 @@ def test_local_and_ray_make_the_same_files_and_manifest(tmp_path, tiny_model_dir
     assert local == ray
     for key, e in local.items():
         assert (tmp_path / "local" / e["file"]).read_bytes() == (tmp_path / "ray" / e["file"]).read_bytes()
+
+
+def test_manifest_records_the_noise_source_where_not_the_default():
+    rows = [batch.Row(1, {"prompt": "a", "seed": 4})]
+    plain = batch.plan(rows, DEFAULTS).images["00001-4-euler"]["params"]
+    assert "rng" not in plain and "ensd" not in plain
+    nv = batch.plan(rows, DEFAULTS.replace(rng="nv", ensd=31337)).images["00001-4-euler"]["params"]
+    assert (nv["rng"], nv["ensd"], list(nv)[-1]) == ("nv", 31337, "seed")

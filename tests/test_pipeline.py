@@ -5,26 +5,12 @@ import pytest
 import torch
 
 from conftest import SD15, assert_close
-from stablediff import StableDiffusion
+from stablediff import StableDiffusion, samplers
 
 LATENT_TOL = 5e-4
 PIXEL_TOL = 2  # out of 255
 
-SCHEDULERS = {  # our sampler -> (diffusers scheduler class, extra from_config kwargs)
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpm2": ("KDPM2DiscreteScheduler", {}),
-    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "deis": ("DEISMultistepScheduler", {}),
-}
+DIFFUSERS = [name for name, s in samplers.SAMPLERS.items() if s.family == "diffusers"]  # each names its class
 KARRAS = ["euler", "heun", "lms", "dpm2", "dpmpp_2m", "unipc"]
 
 
@@ -36,7 +22,8 @@ def pipe(tiny_model_dir):
 def reference(ref_pipe, sampler, schedule, prompt, negative, seed, steps, cfg, width, height):
     import diffusers
 
-    cls_name, kwargs = SCHEDULERS[sampler]
+    spec = samplers.SAMPLERS[sampler]
+    cls_name, kwargs = spec.diffusers_class, dict(spec.diffusers_kwargs)
     if schedule == "karras":
         kwargs = dict(kwargs, use_karras_sigmas=True)
     cls = getattr(diffusers, cls_name)
@@ -63,7 +50,7 @@ def check(pipe, ref_pipe, sampler, schedule=None, prompt="a photo of an astronau
     return err
 
 
-@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+@pytest.mark.parametrize("sampler", DIFFUSERS)
 def test_every_sampler_matches_diffusers(pipe, tiny_reference, sampler):
     check(pipe, tiny_reference, sampler)
 

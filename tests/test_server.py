@@ -191,6 +191,12 @@ def test_lists_options_model_switch_and_png_info(server):
     assert api.get_options()["sd_model_checkpoint"] == "sub/tiny-b"  # an override is for that request only
     api.set_options({"sd_model_checkpoint": "tiny-sd"})
     assert api.util_get_current_model() == "tiny-sd"
+    assert "RNG: GPU" in r.info["infotexts"][0]  # A1111's default noise source
+    api.set_options({"randn_source": "CPU", "eta_noise_seed_delta": 31337})
+    assert (api.get_options()["randn_source"], api.get_options()["eta_noise_seed_delta"]) == ("CPU", 31337)
+    text = api.txt2img(prompt="p", seed=1, steps=2, width=64, height=64).info["infotexts"][0]
+    assert "ENSD: 31337, RNG: CPU" in text
+    api.set_options({"randn_source": "GPU", "eta_noise_seed_delta": 0})
 
     info = api.png_info(r.image)
     assert info.info == r.info["infotexts"][0] and info.parameters["Seed"] == "1"
@@ -256,14 +262,18 @@ BAD = [  # (route, payload, text the message must contain)
 def test_check_request_builds_the_validated_generation_params():
     limits = Limits()
     plan = check_request(Txt2ImgRequest(prompt="p", seed=-1, sampler_name="DPM++ 2M Karras", steps=20), limits, 64,
-                         clip_skip=2)
+                         settings={"CLIP_stop_at_last_layers": 2})
     assert plan.params == GenerationParams(prompt="p", seed=None, width=64, height=64, steps=20, sampler="DPM++ 2M",
                                            schedule="karras", clip_skip=2, cfg_scale=7.0, rng="gpu")  # A1111's
     assert plan.steps == 20
     plan = check_request(Txt2ImgRequest(sampler_index="Euler", scheduler=" Karras", seed=9, batch_size=2,
-                                        override_settings={"CLIP_stop_at_last_layers": 3}), limits, 512, clip_skip=2)
+                                        override_settings={"CLIP_stop_at_last_layers": 3, "randn_source": "NV",
+                                                           "eta_noise_seed_delta": 31337}),
+                         limits, 512, settings={"CLIP_stop_at_last_layers": 2, "randn_source": "CPU"})
     assert (plan.params.sampler, plan.params.schedule, plan.params.seed, plan.params.clip_skip) == ("Euler", "karras",
                                                                                                     9, 3)
+    assert (plan.params.rng, plan.params.ensd) == ("nv", 31337)  # the request's override_settings win
+    assert check_request(Txt2ImgRequest(), limits, 512, settings={"randn_source": "CPU"}).params.rng == "cpu"
     assert check_request(Txt2ImgRequest(sampler_name="DDIM"), limits, 512).params.schedule is None
     # img2img: only the last denoising_strength of the steps run (PLMS one more), and some must be left
     img2img = dict(init_images=["unused here"], steps=20, denoising_strength=0.6)

@@ -252,13 +252,18 @@ def plan(rows: list[Row], defaults: GenerationParams, *, seeds: list[int] | None
 
 
 def manifest_params(params: GenerationParams, seed: int) -> dict:
-    """An image's settings as its manifest line records them: MANIFEST_FIELDS, then loras and cache_interval only
-    where set (so the settings of images made before these existed still compare equal on a resume), then seed."""
+    """An image's settings as its manifest line records them: MANIFEST_FIELDS, then loras, cache_interval, rng and
+    ensd only where not at their default (so the settings of images made before these existed still compare equal
+    on a resume), then seed."""
     recorded = {name: getattr(params, name) for name in MANIFEST_FIELDS}
     if params.loras:
         recorded["loras"] = dict(params.loras)
     if params.cache_interval != 1:
         recorded["cache_interval"] = params.cache_interval
+    if params.rng != "cpu":
+        recorded["rng"] = params.rng
+    if params.ensd:
+        recorded["ensd"] = params.ensd
     return dict(recorded, seed=seed)
 
 

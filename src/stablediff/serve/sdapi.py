@@ -15,7 +15,7 @@ import binascii
 import io
 import random
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -61,6 +61,12 @@ class OverrideSettings(_Request):
 
     sd_model_checkpoint: str | None = None
     CLIP_stop_at_last_layers: Int | None = Field(None, ge=1, le=12)
+    randn_source: Literal["GPU", "CPU", "NV"] | None = None  # A1111's "RNG"
+    eta_noise_seed_delta: Int | None = Field(None, ge=0, le=MAX_SEED)  # A1111's "ENSD"
+
+
+# the generation settings POST /options sets for later requests, at A1111's defaults
+SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_seed_delta": 0}
 
 
 class Txt2ImgRequest(_Request):
@@ -141,11 +147,11 @@ def sampler_steps(params: GenerationParams) -> int:
 
 
 def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_size: tuple[int, int] | None = None,
-                  *, clip_skip: int = 1) -> Plan:
+                  *, settings: dict | None = None) -> Plan:
     """Every check of a txt2img/img2img request that needs no model, cheapest first: the prompts' length in
     characters (413), what this API does not offer (422: hires fix, a scheduler), then GenerationParams.validate
-    (`validated`: what no model could run, the work asked for, the prompts' tokens). clip_skip: the server's
-    option, for a request whose override_settings leave it out. Width/height left out are the init image's
+    (`validated`: what no model could run, the work asked for, the prompts' tokens). settings: the server's
+    options (SETTINGS' keys), for what a request's override_settings leave out. Width/height left out are the init image's
     (img2img) or `native_size`. ClientError otherwise."""
     check_prompt_length(req, limits)
     if req.enable_hr:
@@ -156,9 +162,10 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
         raise ClientError(422, f"scheduler {req.scheduler!r} is not supported; choose one of: "
                                f"{', '.join(SCHEDULERS)}") from None
     width, height = output_size(req, native_size, init_size)
-    params = GenerationParams.from_a1111(req.model_dump()).replace(width=width, height=height)
-    if req.override_settings.CLIP_stop_at_last_layers is None:
-        params = params.replace(clip_skip=clip_skip)
+    body = req.model_dump()
+    override = {k: v for k, v in body["override_settings"].items() if v is not None}
+    body["override_settings"] = {**SETTINGS, **(settings or {}), **override}
+    params = GenerationParams.from_a1111(body).replace(width=width, height=height)
     params = validated(params, limits, req.n_iter)
     try:
         return Plan(params, sampler_steps(params))

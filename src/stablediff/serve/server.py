@@ -78,7 +78,7 @@ from .. import __version__, images, malloc, samplers
 from .guards import BasicAuth, BodyLimit, HostCheck, PostGuard, read_timeout_protocol
 from ..limits import NATIVE_SIZE, Limits
 from ..pipeline import Cancelled, StableDiffusion, resolve_device
-from .sdapi import (SCHEDULERS, Img2ImgRequest, OverrideSettings, PngInfoRequest, Txt2ImgRequest,
+from .sdapi import (SCHEDULERS, SETTINGS, Img2ImgRequest, OverrideSettings, PngInfoRequest, Txt2ImgRequest,
                     check_prompt_length, check_request, decode_image, generate)
 from .worker import Catalog, ClientError, Job, ModelEntry, Worker, startup_model
 
@@ -235,12 +235,11 @@ async def run(request: Request, job: Job, *, watch_client: bool = True):
         raise client_error(e, request.app.state.roots) from None
 
 
-async def request_model(state, override: OverrideSettings) -> tuple[ModelEntry, int]:
-    """The model and clip skip a generation request uses: its override_settings, else the server's options."""
-    entry = state.options["checkpoint"]
-    if override.sd_model_checkpoint is not None:
-        entry = await asyncio.to_thread(state.catalog.find, override.sd_model_checkpoint)
-    return entry, override.CLIP_stop_at_last_layers or state.options["clip_skip"]
+async def request_model(state, override: OverrideSettings) -> ModelEntry:
+    """The model a generation request uses: its override_settings', else the server's option."""
+    if override.sd_model_checkpoint is None:
+        return state.options["checkpoint"]
+    return await asyncio.to_thread(state.catalog.find, override.sd_model_checkpoint)
 
 
 async def request_images(req: Img2ImgRequest, limits: Limits) -> tuple[Image.Image, Image.Image | None]:
@@ -256,10 +255,10 @@ async def generation(kind: str, req: Txt2ImgRequest, request: Request) -> dict:
     """A txt2img/img2img request, checked (sdapi.check_request, in a thread), run as a job, answered as A1111."""
     state = request.app.state
     worker, config = state.worker, state.config
-    entry, clip_skip = await request_model(state, req.override_settings)
+    entry = await request_model(state, req.override_settings)
     init, mask = await request_images(req, config.limits) if kind == "img2img" else (None, None)
     plan = await asyncio.to_thread(check_request, req, config.limits, worker.native_sizes.get(entry, NATIVE_SIZE),
-                                   init.size if init is not None else None, clip_skip=clip_skip)
+                                   init.size if init is not None else None, settings=state.options["settings"])
     job = Job(kind, lambda job: generate(job, worker.use(entry), req, plan.params, config.limits, init, mask,
                                          config.output_dir), job_count=req.n_iter, steps=plan.steps)
     result = await run(request, job)
@@ -323,19 +322,19 @@ async def get_options(request: Request):
     worker, options = request.app.state.worker, request.app.state.options
     entry = options["checkpoint"]
     return {"sd_model_checkpoint": entry.title, "sd_checkpoint_hash": worker.sha256 if worker.loaded == entry
-            else None, "CLIP_stop_at_last_layers": options["clip_skip"], "samples_format": "png"}
+            else None, **options["settings"], "samples_format": "png"}
 
 
 @router.post("/sdapi/v1/options")
 async def set_options(update: OverrideSettings, request: Request):
-    """CLIP_stop_at_last_layers applies to requests accepted after it; sd_model_checkpoint too, and the model is
+    """The generation settings (CLIP_stop_at_last_layers, randn_source, eta_noise_seed_delta) apply to requests
+    accepted after it; sd_model_checkpoint too, and the model is
     loaded in queue order before this answers (on failure the previous model stays the default)."""
     state = request.app.state
     entry = None
     if update.sd_model_checkpoint is not None:
         entry = await asyncio.to_thread(state.catalog.find, update.sd_model_checkpoint)
-    if update.CLIP_stop_at_last_layers is not None:
-        state.options["clip_skip"] = update.CLIP_stop_at_last_layers
+    state.options["settings"].update({k: v for k, v in update.model_dump().items() if k in SETTINGS and v is not None})
     if entry is not None:
         await switch_model(request, entry)
     return None
@@ -432,7 +431,7 @@ def create_app(config: ServeConfig, *, load: Callable[[ModelEntry], StableDiffus
     worker = start_worker(config, catalog, load or functools.partial(load_pretrained, config))
     app = FastAPI(title="stablediff", version=__version__, lifespan=lifespan)
     app.state.config, app.state.catalog, app.state.worker = config, catalog, worker
-    app.state.options = {"checkpoint": catalog.startup, "clip_skip": 1}
+    app.state.options = {"checkpoint": catalog.startup, "settings": dict(SETTINGS)}
     app.state.roots = _error_roots(config, catalog)
     app.add_exception_handler(ClientError, refused)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -38,7 +38,17 @@ def params(draw, infotext=False):
         loras=tuple(draw(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,9}", fullmatch=True),
                                          st.floats(-100, 100, allow_nan=False), max_size=3)).items()),
         cache_interval=draw(st.integers(1, 10)), rng=draw(st.sampled_from(["cpu", "gpu", "nv"])),
-        ensd=draw(st.just(0) | st.integers(0, MAX_SEED)))
+        ensd=draw(st.just(0) | st.integers(0, MAX_SEED)), **draw(variation(batch, infotext)))
+
+
+@st.composite
+def variation(draw, batch, infotext):
+    """Variation-seed settings: none, or a subseed and strength (the infotext records a subseed only with a
+    strength), and maybe a seed resize."""
+    strength = draw(st.just(0.0) | st.floats(0.001, 1.0))
+    subseed = draw(st.integers(0, MAX_SEED - batch + 1)) if strength or not infotext and draw(st.booleans()) else None
+    resize = draw(st.none() | st.tuples(st.integers(64, 4096), st.integers(64, 4096)))
+    return dict(subseed=subseed, subseed_strength=strength, seed_resize_from=resize)
 
 
 @settings(max_examples=150, deadline=None)
@@ -124,3 +134,25 @@ def test_limits_are_checked_with_the_defaults_for_missing_sizes():
 
 def test_a_lora_named_twice_keeps_its_last_multiplier():
     assert GenerationParams(loras=(("a", 1.0), ("b", 0.5), ("a", 2.0))).validate().loras == (("a", 2.0), ("b", 0.5))
+
+
+def test_variation_seeds_read_count_and_check_as_a1111():
+    p, unknown = GenerationParams.from_infotext(
+        "a\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Variation seed: 77, "
+        "Variation seed strength: 0.3, Seed resize from: 512x768, Version: v1.10.1")
+    assert (p.subseed, p.subseed_strength, p.seed_resize_from) == (77, 0.3, (512, 768))
+    assert unknown == {"Version": "v1.10.1"}
+    # every image keeps the seed and the variation seed counts up; without a strength the seed counts
+    assert p.replace(batch_size=3).image_seeds(3) == [(1, 77), (1, 78), (1, 79)]
+    assert p.replace(subseed_strength=0.0).image_seeds(2) == [(1, None), (2, None)]
+    GenerationParams(seed=MAX_SEED, subseed=0, subseed_strength=0.5, batch_size=2).validate()  # the seed stays
+    with pytest.raises(ValueError, match=f"subseed {MAX_SEED} \\+ 2 images runs past"):
+        GenerationParams(seed=0, subseed=MAX_SEED, subseed_strength=0.5, batch_size=2).validate()
+    with pytest.raises(ValueError, match="subseed strength 1.5 is outside 0..1"):
+        GenerationParams(subseed_strength=1.5).validate()
+    with pytest.raises(ValueError, match=r"seed resize from \(8, 8\)"):
+        GenerationParams(seed_resize_from=(8, 8)).validate()
+    body = GenerationParams(subseed=5, subseed_strength=0.25, seed_resize_from=(256, 320)).to_a1111()
+    assert (body["subseed"], body["subseed_strength"], body["seed_resize_from_w"], body["seed_resize_from_h"]) == (
+        5, 0.25, 256, 320)
+    assert GenerationParams.from_a1111({"seed_resize_from_w": 0, "seed_resize_from_h": 512}).seed_resize_from is None

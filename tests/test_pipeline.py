@@ -264,3 +264,20 @@ def test_the_loop_written_by_hand_as_in_readme_equals_the_pipeline(pipe):
     x = torch.randn(ref.latents.shape, generator=torch.Generator().manual_seed(1)) * plan.init_noise_scale
     latents = plan.finish(plan.sampler.fn(pipe.denoiser(plan, cond, uncond, cfg_scale=7.0), x, plan.sigmas))
     torch.testing.assert_close(latents, ref.latents, rtol=0, atol=0)
+
+
+def test_variation_seeds_blend_the_start_noise_as_a1111(pipe):
+    kw = dict(steps=3, width=64, height=64, sampler="Euler")  # deterministic: only the start noise matters
+    plain = pipe("a cat", seed=21, **kw)
+    assert torch.equal(pipe("a cat", seed=21, subseed=99, subseed_strength=0.0, **kw).latents, plain.latents)
+    # strength 1: the start noise is the variation seed's own
+    full = pipe("a cat", seed=5, subseed=21, subseed_strength=1.0, **kw)
+    assert_close(full.latents, plain.latents, 1e-6)
+    half = pipe("a cat", seed=5, subseed=21, subseed_strength=0.5, batch_size=2, **kw)
+    assert half.seeds == [5, 5] and half.subseeds == [21, 22]
+    assert "Seed: 5, Size: 64x64" in half.infotexts[1] and "Variation seed: 22, Variation seed strength: 0.5" in \
+        half.infotexts[1]
+    # seed resize from the run's own size changes nothing; from another size it keeps the centre of that noise
+    assert torch.equal(pipe("a cat", seed=21, seed_resize_from=(64, 64), **kw).latents, plain.latents)
+    moved = pipe("a cat", seed=21, seed_resize_from=(128, 128), **kw)
+    assert "Seed resize from: 128x128" in moved.infotexts[0] and not torch.equal(moved.latents, plain.latents)

@@ -76,6 +76,13 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                         "CUDA's (computed exactly off CUDA), nv = CUDA's numbers on any device (default: cpu)")
     p.add_argument("--ensd", type=int, default=0, metavar="N",
                    help="A1111's eta noise seed delta: ancestral and SDE samplers draw their noise from seed+N")
+    p.add_argument("--subseed", type=int, default=None, metavar="N",
+                   help="A1111's variation seed: its noise is blended into the seed's (default: random)")
+    p.add_argument("--subseed-strength", type=float, default=0.0, metavar="S",
+                   help="how much of the variation seed's noise, 0..1 (default: 0 = none); every image then keeps "
+                        "--seed and the variation seed counts up")
+    p.add_argument("--seed-resize-from", default=None, metavar="WxH",
+                   help="draw the seed's noise as at this size, so a seed keeps its composition at another size")
     p.add_argument("--clip-skip", type=int, default=1, metavar="N",
                    help="use the text encoder's N-th layer from the end, 1..12 (default: 1)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -478,7 +485,8 @@ def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
     except ValueError as e:
         raise UsageError(f"--from-png {e}") from None
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler",
-                 "schedule", "clip_skip", "cache_interval", "rng", "ensd"):
+                 "schedule", "clip_skip", "cache_interval", "rng", "ensd", "subseed", "subseed_strength",
+                 "seed_resize_from"):
         if name not in given:
             setattr(args, name, getattr(params, name))
     if "lora" not in given and params.loras:

@@ -52,6 +52,9 @@ class GenerationParams:
     cache_interval: int = 1  # DeepCache: the whole U-Net every N-th step
     rng: str = "cpu"  # noise source, A1111's "RNG": "cpu" (torch's CPU generator), "gpu" (CUDA's), "nv" (rng.py)
     ensd: int = 0  # A1111's eta noise seed delta: the sampler's own noise comes from generators seeded seed + ensd
+    subseed: int | None = None  # A1111's variation seed (None: random, where subseed_strength > 0)
+    subseed_strength: float = 0.0  # 0: the seed's noise; 1: the variation seed's (slerp between them)
+    seed_resize_from: tuple[int, int] | None = None  # (width, height): the seed's noise as drawn at that size
 
     def replace(self, **changes) -> "GenerationParams":
         return dataclasses.replace(self, **changes)
@@ -80,11 +83,7 @@ class GenerationParams:
         if not _is_int(self.clip_skip) or not 1 <= self.clip_skip <= 12:
             raise ValueError(f"clip skip {self.clip_skip!r} is outside 1..12")
         images = prompts * self.batch_size
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            raise ValueError(f"seed {self.seed!r} is outside 0..{MAX_SEED}")
-        if self.seed is not None and self.seed + images - 1 > MAX_SEED:
-            raise ValueError(f"seed {self.seed} + {images} images runs past {MAX_SEED} (image k uses seed + k): "
-                             f"give seed {MAX_SEED - images + 1} or less")
+        self._check_seeds(images)
         if self.strength is not None and not (_is_number(self.strength) and 0 < self.strength <= 1):
             raise ValueError(f"strength {self.strength!r} is outside (0, 1]")
         if str(self.rng).lower() not in RNG_SOURCES:
@@ -114,6 +113,31 @@ class GenerationParams:
             schedule = schedule or spec.default_schedule or "uniform"
         return self.replace(sampler=spec.name, schedule=schedule, loras=loras, rng=self.rng.lower())
 
+    def _check_seeds(self, images: int) -> None:
+        """Seeds in range for every image: image k uses seed + k, or with variation seeds subseed + k."""
+        if not _is_number(self.subseed_strength) or not 0 <= self.subseed_strength <= 1:
+            raise ValueError(f"subseed strength {self.subseed_strength!r} is outside 0..1")
+        counting = ("subseed", self.subseed) if self.subseed_strength else ("seed", self.seed)
+        for name, value in (("seed", self.seed), ("subseed", self.subseed)):
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_SEED):
+                raise ValueError(f"{name} {value!r} is outside 0..{MAX_SEED}")
+        name, value = counting
+        if value is not None and value + images - 1 > MAX_SEED:
+            raise ValueError(f"{name} {value} + {images} images runs past {MAX_SEED} (image k uses {name} + k): "
+                             f"give {name} {MAX_SEED - images + 1} or less")
+        size = self.seed_resize_from
+        if size is not None and not (isinstance(size, tuple) and len(size) == 2
+                                     and all(_is_int(v) and 64 <= v <= 4096 for v in size)):
+            raise ValueError(f"seed resize from {size!r} is not a (width, height) in 64..4096")
+
+    def image_seeds(self, count: int) -> list[tuple[int, int | None]]:
+        """(seed, variation seed) of each of `count` images, as A1111 numbers them: seed + k; with variation seeds
+        (subseed_strength > 0) every image keeps the seed and the variation seed counts up. Call on params whose
+        seed (and subseed, where used) are set."""
+        if not self.subseed_strength:
+            return [(self.seed + k, None) for k in range(count)]
+        return [(self.seed, self.subseed + k) for k in range(count)]
+
     # -- the PNG's parameters text ------------------------------------------------------------------------------
     def to_infotext(self, *, model_hash: str | None = None, model_name: str | None = None, version: str = "",
                     extra: dict | None = None) -> str:
@@ -125,7 +149,10 @@ class GenerationParams:
         ours = {"Denoising strength": self.strength, "Clip skip": self.clip_skip,
                 "Cache interval": self.cache_interval if self.cache_interval > 1 else None,
                 "LoRA weights": ", ".join(f"{n}:{float(m)!r}" for n, m in self.loras) or None,
-                "ENSD": self.ensd or None, "RNG": self.rng.upper()}
+                "ENSD": self.ensd or None, "RNG": self.rng.upper(),
+                "Variation seed": self.subseed if self.subseed_strength else None,
+                "Variation seed strength": self.subseed_strength or None,
+                "Seed resize from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None}
         return images.infotext(self.prompt, self.negative_prompt, steps=self.steps,
                                sampler_label=samplers.SAMPLERS[self.sampler].label,
                                schedule_label=a1111.SCHEDULES[self.schedule or "automatic"], cfg_scale=self.cfg_scale,
@@ -142,6 +169,7 @@ class GenerationParams:
         take = fields.pop
         changes = {"prompt": take("Prompt", ""), "negative_prompt": take("Negative prompt", "")}
         readers = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
+                   "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
                    "Size-1": ("width", int), "Size-2": ("height", int), "Denoising strength": ("strength", float),
                    "Clip skip": ("clip_skip", int), "Cache interval": ("cache_interval", int)}
         for key, (name, kind) in readers.items():
@@ -154,6 +182,9 @@ class GenerationParams:
             changes["schedule"] = schedule
         if "LoRA weights" in fields:
             changes["loras"] = _parse_loras(take("LoRA weights"))
+        if "Seed resize from-1" in fields:
+            changes["seed_resize_from"] = (_parse(int, take("Seed resize from-1"), "Seed resize from"),
+                                           _parse(int, take("Seed resize from-2"), "Seed resize from"))
         if "ENSD" in fields:
             changes["ensd"] = _parse(int, take("ENSD"), "ENSD")
         # A1111 leaves RNG out for its default, GPU; stablediff 0.1 left it out and drew on the CPU
@@ -170,6 +201,9 @@ class GenerationParams:
                 "sampler_name": self.sampler, "scheduler": self.schedule or "automatic",
                 "override_settings": {"CLIP_stop_at_last_layers": self.clip_skip, "randn_source": self.rng.upper(),
                                       "eta_noise_seed_delta": self.ensd},
+                "subseed": -1 if self.subseed is None else self.subseed, "subseed_strength": self.subseed_strength,
+                "seed_resize_from_w": self.seed_resize_from[0] if self.seed_resize_from else -1,
+                "seed_resize_from_h": self.seed_resize_from[1] if self.seed_resize_from else -1,
                 "cache_interval": self.cache_interval, "loras": dict(self.loras)}
         if self.strength is not None:
             body["denoising_strength"] = self.strength
@@ -191,7 +225,9 @@ class GenerationParams:
                    clip_skip=override.get("CLIP_stop_at_last_layers") or 1, strength=get("denoising_strength"),
                    loras=tuple((str(k), v) for k, v in (get("loras") or {}).items()),
                    cache_interval=get("cache_interval", 1), rng=str(override.get("randn_source") or "gpu").lower(),
-                   ensd=override.get("eta_noise_seed_delta") or 0)
+                   ensd=override.get("eta_noise_seed_delta") or 0,
+                   subseed=None if get("subseed", -1) == -1 else get("subseed"),
+                   subseed_strength=get("subseed_strength", 0.0), seed_resize_from=_resize_from(get))
 
     # -- batch job rows and the command line --------------------------------------------------------------------
     def to_row(self) -> dict:
@@ -210,7 +246,10 @@ class GenerationParams:
         if not isinstance(loras, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2
                                                            for p in loras):
             raise ValueError(f"loras {loras!r} is not a list of [name, multiplier] pairs")
-        return cls(**{**row, "loras": tuple((str(n), m) for n, m in loras)})
+        resize = row.get("seed_resize_from")
+        if resize is not None:
+            resize = tuple(resize) if isinstance(resize, (list, tuple)) else resize
+        return cls(**{**row, "loras": tuple((str(n), m) for n, m in loras), "seed_resize_from": resize})
 
     def to_argv(self) -> list[str]:
         """Command-line arguments (after the subcommand) that parse back to these settings: options as
@@ -219,7 +258,9 @@ class GenerationParams:
                   "--seed": self.seed, "--width": self.width, "--height": self.height,
                   "--batch-size": self.batch_size, "--sampler": self.sampler, "--schedule": self.schedule,
                   "--clip-skip": self.clip_skip, "--strength": self.strength,
-                  "--cache-interval": self.cache_interval, "--rng": self.rng, "--ensd": self.ensd}
+                  "--cache-interval": self.cache_interval, "--rng": self.rng, "--ensd": self.ensd,
+                  "--subseed": self.subseed, "--subseed-strength": self.subseed_strength,
+                  "--seed-resize-from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None}
         argv = [f"{flag}={v!r}" if isinstance(v, float) else f"{flag}={v}" for flag, v in values.items()
                 if v is not None]
         argv += [f"--lora={name}:{float(m)!r}" for name, m in self.loras]
@@ -234,7 +275,24 @@ class GenerationParams:
                    cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
                    batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
                    clip_skip=args.clip_skip, strength=getattr(args, "strength", None), loras=loras,
-                   cache_interval=args.cache_interval, rng=args.rng, ensd=args.ensd)
+                   cache_interval=args.cache_interval, rng=args.rng, ensd=args.ensd, subseed=args.subseed,
+                   subseed_strength=args.subseed_strength, seed_resize_from=size_arg(args.seed_resize_from))
+
+
+def size_arg(value: str | None) -> tuple[int, int] | None:
+    """`WxH` -> (W, H); None and (W, H) stay as they are."""
+    if value is None or isinstance(value, tuple):
+        return value
+    w, sep, h = str(value).lower().partition("x")
+    if not (sep and w.strip().isdigit() and h.strip().isdigit()):
+        raise ValueError(f"size {value!r} is not WIDTHxHEIGHT, e.g. 512x512")
+    return int(w), int(h)
+
+
+def _resize_from(get) -> tuple[int, int] | None:
+    """A1111's seed_resize_from_w/_h: off when either is missing, 0 or -1."""
+    w, h = get("seed_resize_from_w", -1), get("seed_resize_from_h", -1)
+    return (w, h) if w > 0 and h > 0 else None
 
 
 def unused_settings(unknown: dict[str, str]) -> list[str]:

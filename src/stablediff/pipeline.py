@@ -65,6 +65,7 @@ class GenerationResult:
     negative_prompts: list[str]
     infotexts: list[str] = field(default_factory=list)  # AUTOMATIC1111 'parameters' text per image
     nsfw: list[bool] = field(default_factory=list)  # True where the safety checker flagged (and blurred) the image
+    subseeds: list = field(default_factory=list)  # each image's variation seed (None without variation seeds)
 
 
 def check_params(*, steps, cfg_scale, width, height, batch_size, sampler, schedule=None, clip_skip=1,
@@ -260,7 +261,8 @@ class StableDiffusion:
                  height: int | None = None, batch_size: int = 1, sampler: str = "euler",
                  schedule: str | None = None, clip_skip: int = 1, init_image=None, mask_image=None,
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
-                 rng: str = "cpu", ensd: int = 0, callback: Callable[[StepInfo], None] | None = None,
+                 rng: str = "cpu", ensd: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
+                 seed_resize_from: tuple[int, int] | None = None, callback: Callable[[StepInfo], None] | None = None,
                  cancel=None, progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
 
@@ -272,7 +274,9 @@ class StableDiffusion:
         LoRAs come from `<lora:NAME:w>` tags in the prompt and from `loras={"file-or-NAME": w}`; they are merged
         into the weights for the call (and taken out again by the next call that does not ask for them).
         rng: where the noise comes from, as A1111's RNG setting ("cpu", "gpu", "nv": rng.py); ensd: A1111's eta noise
-        seed delta (the samplers' own noise from seed + ensd).
+        seed delta (the samplers' own noise from seed + ensd). subseed / subseed_strength: A1111's variation seeds
+        (the seed's noise slerped toward the subseed's; every image then keeps `seed` and image k uses subseed + k);
+        seed_resize_from=(w, h): the seed's noise as drawn at that size, centred.
         cache_interval=N > 1 runs the whole U-Net only every N-th call and its shallow branch in between (DeepCache):
         faster, approximate.
         `callback(StepInfo)` runs after every step; `cancel` (anything with `is_set()`, e.g. threading.Event)
@@ -281,7 +285,8 @@ class StableDiffusion:
         params = GenerationParams(
             steps=steps, cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
             sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
-            loras=tuple((loras or {}).items()), cache_interval=cache_interval, rng=rng, ensd=ensd)
+            loras=tuple((loras or {}).items()), cache_interval=cache_interval, rng=rng, ensd=ensd, subseed=subseed,
+            subseed_strength=subseed_strength, seed_resize_from=seed_resize_from)
         return self.generate(params, prompts=prompt, negatives=negative_prompt, init_image=init_image,
                              mask_image=mask_image, callback=callback, cancel=cancel, progress=progress)
 
@@ -302,8 +307,12 @@ class StableDiffusion:
             init_image, mask_image, params.width, params.height, params.strength)
         params = params.replace(width=width, height=height, strength=strength).validate(prompts=len(prompts))
         self._check_fits(params, inpaint=mask_image is not None)
+        count = len(prompts) * params.batch_size
         if params.seed is None:
-            params = params.replace(seed=random.randint(0, MAX_SEED - len(prompts) * params.batch_size))
+            params = params.replace(seed=random.randint(0, MAX_SEED - count))
+        if params.subseed is None and params.subseed_strength:
+            params = params.replace(subseed=random.randint(0, MAX_SEED - count))
+        image_seeds = params.image_seeds(count)
         plan = samplers.prepare(params.sampler, self.noise_schedule, params.steps, schedule=params.schedule,
                                 strength=strength or 1.0)
         loras = dict(params.loras)
@@ -316,9 +325,9 @@ class StableDiffusion:
             for b, (p, n) in enumerate(zip(prompts, negatives)):
                 self.loras.apply({path: m for path, (_, m) in wanted[b].items()})
                 step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress)
-                first = params.seed + b * batch_size
                 try:
-                    all_latents.append(self.generate_latents(p, n, params, plan, range(first, first + batch_size),
+                    all_latents.append(self.generate_latents(p, n, params, plan,
+                                                             image_seeds[b * batch_size:(b + 1) * batch_size],
                                                              source, step_cb))
                 finally:
                     step_cb.close()
@@ -331,7 +340,7 @@ class StableDiffusion:
         nsfw = [False] * len(pil)
         if self.safety_checker is not None:
             pil, nsfw = self.safety_checker.censor(pil)
-        return self._result(pil, latents, nsfw, prompts, negatives, params, wanted)
+        return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds)
 
     def from_infotext(self, text: str, **changes) -> GenerationResult:
         """Remake an image from its `parameters` text (ours or AUTOMATIC1111's), with `changes` (GenerationParams
@@ -350,13 +359,18 @@ class StableDiffusion:
         return self.generate(params.replace(**changes))
 
     def generate_latents(self, prompt: str, negative: str, params: GenerationParams, plan: samplers.SamplingPlan,
-                         seeds, source: dict | None = None, step_callback=None) -> torch.Tensor:
+                         seeds: list[tuple[int, int | None]], source: dict | None = None,
+                         step_callback=None) -> torch.Tensor:
         """One prompt's final latents (len(seeds), C, h, w): encode the prompts, draw each image's noise on its own
-        generator (seeds[k] on params.rng's source: rng.ImageRNG), run the sampler over the guided denoiser. `source` is `_encode_init`'s (img2img,
+        generator (seeds[k] = (seed, variation seed), params.image_seeds', on params.rng's source: rng.ImageRNG),
+        run the sampler over the guided denoiser. `source` is `_encode_init`'s (img2img,
         inpainting); `step_callback(d)` sees each step and may return the latents to go on with."""
         n = len(seeds)
         shape = (self.vae.config.latent_channels, params.height // self.downscale, params.width // self.downscale)
-        noise = rng.ImageRNG(shape, seeds, source=params.rng, device=self.device, ensd=params.ensd)
+        noise = rng.ImageRNG(shape, [s for s, _ in seeds], source=params.rng, device=self.device, ensd=params.ensd,
+                             subseeds=[v for _, v in seeds if v is not None],
+                             subseed_strength=params.subseed_strength, seed_resize_from=params.seed_resize_from,
+                             downscale=self.downscale)
         cond, uncond = self.prompts.encode_pair(prompt, negative, params.clip_skip)
         weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till next needed
         cond, uncond = cond.expand(n, -1, -1), uncond.expand(n, -1, -1)
@@ -403,18 +417,19 @@ class StableDiffusion:
         if self.unet.config.in_channels == 9 and not inpaint:
             raise ValueError("this is an inpainting checkpoint (U-Net in_channels 9): give init_image and mask_image")
 
-    def _result(self, pil, latents, nsfw, prompts, negatives, params, wanted) -> GenerationResult:
+    def _result(self, pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds) -> GenerationResult:
         """The call's result, with one infotext per image."""
         k = params.batch_size
         all_prompts = [p for p in prompts for _ in range(k)]
         all_negatives = [n for n in negatives for _ in range(k)]
-        seeds = list(range(params.seed, params.seed + len(all_prompts)))
+        seeds = [s for s, _ in image_seeds]
         hashes = [self._addon_hashes(p, n, w) for p, n, w in zip(prompts, negatives, wanted)]
-        infotexts = [params.replace(prompt=p, negative_prompt=n, seed=s).to_infotext(
+        infotexts = [params.replace(prompt=p, negative_prompt=n, seed=s, subseed=sub).to_infotext(
             model_hash=self.model_hash, model_name=self.model_name, version=__version__,
             extra={**hashes[i // k], "NSFW": "true" if flagged else None})
-            for i, (p, n, s, flagged) in enumerate(zip(all_prompts, all_negatives, seeds, nsfw))]
-        return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw)
+            for i, (p, n, (s, sub), flagged) in enumerate(zip(all_prompts, all_negatives, image_seeds, nsfw))]
+        return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw,
+                                [sub for _, sub in image_seeds])
 
     # -- img2img and inpainting ---------------------------------------------------------------------------------
     def _encode_init(self, image, mask, params: GenerationParams) -> dict:

@@ -178,11 +178,12 @@ class ImageRNG:
     replaced by a fresh one seeded seed + ensd after the starting noise, so only the later noise changes.
     Variation seeds: with subseed_strength s != 0, the starting noise of image k is slerp(s, noise, subnoise), the
     subnoise drawn by a fresh generator seeded subseeds[k] (0 past the end of the list). seed_resize_from=(w, h) in
-    pixels draws the seed's noise (and the subnoise) at that size and pastes its centre into the image's own first
+    pixels (latent size = pixels // downscale, the VAE's factor) draws the seed's noise (and the subnoise) at that size and pastes its centre into the image's own first
     draw, so a seed keeps its composition at another size. Noise is float32 on `device`."""
 
     def __init__(self, shape, seeds, *, source: str = "cpu", device="cpu", subseeds=None,
-                 subseed_strength: float = 0.0, seed_resize_from: tuple[int, int] | None = None, ensd: int = 0):
+                 subseed_strength: float = 0.0, seed_resize_from: tuple[int, int] | None = None, ensd: int = 0,
+                 downscale: int = 8):
         if not 0.0 <= subseed_strength <= 1.0:
             raise ValueError(f"subseed_strength {subseed_strength} is outside 0..1")
         if seed_resize_from is not None and min(seed_resize_from) < 8:
@@ -190,7 +191,7 @@ class ImageRNG:
         self.shape, self.seeds, self.source, self.device = tuple(shape), list(seeds), source, device
         self.subseeds, self.subseed_strength, self.ensd = list(subseeds or []), subseed_strength, ensd
         self.seed_shape = self.shape if seed_resize_from is None else \
-            (self.shape[0], seed_resize_from[1] // 8, seed_resize_from[0] // 8)
+            (self.shape[0], seed_resize_from[1] // downscale, seed_resize_from[0] // downscale)
         self.generators = [create_generator(source, s, device) for s in self.seeds]
         self.started = False
 

@@ -73,6 +73,10 @@ class Txt2ImgRequest(_Request):
     prompt: str = ""
     negative_prompt: str = ""
     seed: Int = Field(-1, ge=-1, le=MAX_SEED)  # -1: random
+    subseed: Int = Field(-1, ge=-1, le=MAX_SEED)  # A1111's variation seed; -1: random
+    subseed_strength: Number = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    seed_resize_from_w: Int = Field(-1, ge=-1, le=4096)  # <= 0: off
+    seed_resize_from_h: Int = Field(-1, ge=-1, le=4096)
     sampler_name: str | None = None
     sampler_index: str = "Euler"  # A1111's older name for sampler_name
     scheduler: str = "automatic"
@@ -214,15 +218,19 @@ def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, params: Gener
     characters and 1,000 tokens each) that is at most 1.3 MB an image, under 0.15 MB for printable ASCII, and the
     image count is capped by --max-images (the PNGs themselves, about 0.55 MB base64 at 512x512, add to it)."""
     params = native_params(req, params, limits, pipe.native_size, init)
+    count = req.batch_size * req.n_iter
     if params.seed is None:
-        params = params.replace(seed=random.randint(0, MAX_SEED - req.batch_size * req.n_iter))
+        params = params.replace(seed=random.randint(0, MAX_SEED - count))
+    if params.subseed is None:
+        params = params.replace(subseed=random.randint(0, MAX_SEED - count))  # A1111 picks one either way
     init, mask = fitted_images(req, params, init, mask)
     results, interrupted = run_iterations(job, pipe, params, req.n_iter, init, mask)
     pictures = [im for r in results for im in r.images]
     infotexts = [t for r in results for t in r.infotexts]
     seeds = [s for r in results for s in r.seeds]
+    subseeds = [s for r in results for s in r.subseeds]
     encoded = deliver(req, pictures, seeds, infotexts, output_dir)
-    info = response_info(job, pipe, params, req.n_iter, seeds, infotexts, interrupted=interrupted,
+    info = response_info(job, pipe, params, req.n_iter, seeds, subseeds, infotexts, interrupted=interrupted,
                          inpainting=mask is not None)
     return {"images": encoded, "info": info}
 
@@ -263,11 +271,19 @@ def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_
         try:
             if job.cancel.is_set():
                 raise Cancelled("interrupted between iterations")
-            results.append(pipe.generate(params.replace(seed=params.seed + i * params.batch_size),
+            results.append(pipe.generate(iteration(params, i),
                                          init_image=init, mask_image=mask, callback=on_step, cancel=job.cancel))
         except Cancelled:
             return results, True
     return results, False
+
+
+def iteration(params: GenerationParams, i: int) -> GenerationParams:
+    """The settings of iteration i of n_iter: its first image's seed (or variation seed) counts on from the last."""
+    offset = i * params.batch_size
+    if params.subseed_strength:
+        return params.replace(subseed=params.subseed + offset)
+    return params.replace(seed=params.seed + offset)
 
 
 def deliver(req: Txt2ImgRequest, pictures: list[Image.Image], seeds: list[int], infotexts: list[str],
@@ -281,19 +297,21 @@ def deliver(req: Txt2ImgRequest, pictures: list[Image.Image], seeds: list[int], 
 
 
 def response_info(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int, seeds: list[int],
-                  infotexts: list[str], *, interrupted: bool, inpainting: bool) -> dict:
+                  subseeds: list[int | None], infotexts: list[str], *, interrupted: bool, inpainting: bool) -> dict:
     """A1111's `info` of a response (which clients read as JSON), with our job fields: job_id and run_no."""
     n = len(seeds)
     strength = params.strength
     return dict(
         prompt=params.prompt, all_prompts=[params.prompt] * n, negative_prompt=params.negative_prompt,
-        all_negative_prompts=[params.negative_prompt] * n, seed=params.seed, all_seeds=seeds, subseed=params.seed,
-        all_subseeds=seeds, subseed_strength=0, width=params.width, height=params.height,
-        sampler_name=samplers.SAMPLERS[params.sampler].label,
-        scheduler="karras" if params.schedule == "karras" else "automatic", cfg_scale=params.cfg_scale,
+        all_negative_prompts=[params.negative_prompt] * n, seed=params.seed, all_seeds=seeds, subseed=params.subseed,
+        all_subseeds=[s if s is not None else params.subseed for s in subseeds],
+        subseed_strength=params.subseed_strength, width=params.width, height=params.height,
+        sampler_name=samplers.SAMPLERS[params.sampler].label, scheduler=params.schedule or "automatic", cfg_scale=params.cfg_scale,
         steps=params.steps, batch_size=params.batch_size, n_iter=n_iter, restore_faces=False,
         face_restoration_model=None, sd_model_name=pipe.model_name, sd_model_hash=pipe.model_hash or None,
-        sd_vae_name=None, sd_vae_hash=None, seed_resize_from_w=-1, seed_resize_from_h=-1,
+        sd_vae_name=None, sd_vae_hash=None,
+        seed_resize_from_w=params.seed_resize_from[0] if params.seed_resize_from else -1,
+        seed_resize_from_h=params.seed_resize_from[1] if params.seed_resize_from else -1,
         denoising_strength=strength,
         extra_generation_params={"Denoising strength": strength} if strength is not None else {},
         index_of_first_image=0, infotexts=infotexts, styles=[], job_timestamp=job.timestamp,

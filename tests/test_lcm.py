@@ -24,10 +24,10 @@ SHAPE = (2, 4, 6, 6)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def diffusers_scheduler(name: str, steps: int, strength: float = 1.0):
+def diffusers_scheduler(name: str, steps: int, strength: float = 1.0, config: dict = CFG):
     import diffusers
 
-    scheduler = getattr(diffusers, get_sampler(name)[0].diffusers_class).from_config(CFG)
+    scheduler = getattr(diffusers, get_sampler(name)[0].diffusers_class).from_config(config)
     scheduler.set_timesteps(steps, strength=strength)
     return scheduler
 
@@ -45,10 +45,10 @@ def eps_model():
     return model
 
 
-def reference(name, eps_model, steps, generator, strength=1.0, init=None, eta=0.3):
+def reference(name, eps_model, steps, generator, strength=1.0, init=None, eta=0.3, config=CFG):
     """diffusers' loop as its pipelines drive it: txt2img from unit noise (init_noise_sigma 1), img2img from
     add_noise(init, noise, timesteps[0]) (LatentConsistencyModelImg2ImgPipeline)."""
-    scheduler = diffusers_scheduler(name, steps, strength)
+    scheduler = diffusers_scheduler(name, steps, strength, config)
     noise = torch.randn(SHAPE, generator=generator)
     x = noise if init is None else scheduler.add_noise(init, noise, scheduler.timesteps[:1])
     extra = {"eta": eta} if name == "tcd" else {}
@@ -57,8 +57,8 @@ def reference(name, eps_model, steps, generator, strength=1.0, init=None, eta=0.
     return x
 
 
-def ours(name, eps_model, steps, generator, strength=1.0, init=None, **options):
-    plan = prepare(name, NS, steps, strength=strength)
+def ours(name, eps_model, steps, generator, strength=1.0, init=None, ns=NS, **options):
+    plan = prepare(name, ns, steps, strength=strength)
     noise = torch.randn(SHAPE, generator=generator)
     x = noise * plan.init_noise_scale if init is None else init + plan.sigmas[0] * noise
     x = plan.sample(EpsDenoiser(eps_model, plan.sigma_to_t), x, generator=generator, **options)
@@ -117,6 +117,28 @@ def test_img2img_equals_diffusers(eps_model, name):
     init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
     ref = reference(name, eps_model, 4, torch.Generator().manual_seed(1), strength=0.6, init=init)
     assert_parity(ours(name, eps_model, 4, torch.Generator().manual_seed(1), strength=0.6, init=init), ref)
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd"])
+def test_the_lowest_timesteps_equal_diffusers(eps_model, name):
+    """Timesteps 3, 2, 1, 0 (a 1000-step distillation schedule at strength 0.004), where LCM's boundary condition
+    matters: c_skip(1) = 0.0025, and at t = 0 f is the sample itself."""
+    config = dict(CFG, original_inference_steps=1000)
+    assert prepare(name, NoiseSchedule.from_config(config), 4, strength=0.004).timesteps.tolist() == [3, 2, 1, 0]
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    ref = reference(name, eps_model, 4, torch.Generator().manual_seed(1), 0.004, init, config=config)
+    x = ours(name, eps_model, 4, torch.Generator().manual_seed(1), 0.004, init, NoiseSchedule.from_config(config))
+    assert_parity(x, ref)
+
+
+def test_lcm_scalings_equal_diffusers():
+    from diffusers import LCMScheduler
+
+    from stablediff.samplers import lcm_scalings
+
+    ref = LCMScheduler.from_config(CFG)
+    for t in (0, 1, 19, 259, 999):
+        assert lcm_scalings(torch.tensor(float(t))) == ref.get_scalings_for_boundary_condition_discrete(torch.tensor(t))
 
 
 @pytest.mark.parametrize("name,eta,draws", [("lcm", 0.3, 3), ("tcd", 0.3, 3), ("tcd", 0.0, 0)])

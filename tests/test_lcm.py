@@ -177,6 +177,35 @@ def test_original_inference_steps_from_the_config_applies_as_in_diffusers():
     assert torch.equal(prepare("lcm", ns, 4).timesteps, ref.timesteps.float())
 
 
+@pytest.mark.parametrize("name,eta", [("lcm", None), ("tcd", 0.3), ("tcd", 0.0)])
+def test_stable_diffusion_pipeline_parity(name, eta):
+    """StableDiffusionPipeline with the scheduler and classifier-free guidance, on a tiny random U-Net (no guidance
+    embedding); it hands the scheduler's step its own `eta` argument (0 unless given)."""
+    from diffusers import StableDiffusionPipeline
+
+    from conftest import TINY_UNET, diffusers_unet
+    from stablediff.denoiser import CFGDenoiser
+
+    unet = diffusers_unet(TINY_UNET, seed=0)
+    cond, uncond = torch.randn(2, 1, 7, 32, generator=torch.Generator().manual_seed(1))
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=diffusers_scheduler(name, 4), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    options = {} if eta is None else {"eta": eta}
+    with torch.no_grad():
+        ref = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=4, guidance_scale=7.5,
+                   height=64, width=64, output_type="latent", generator=torch.Generator().manual_seed(3),
+                   **options).images
+        plan = prepare(name, NS, 4)
+        gen = torch.Generator().manual_seed(3)
+        model = lambda x, t, context: unet(x, t, encoder_hidden_states=context).sample  # noqa: E731
+        denoiser = CFGDenoiser(EpsDenoiser(model, plan.sigma_to_t), cond, uncond, 7.5)
+        x = plan.sample(denoiser, torch.randn(1, 4, 8, 8, generator=gen) * plan.init_noise_scale, generator=gen,
+                        **options)
+    assert_parity(plan.finish(x), ref, rel=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the U-Net's guidance embedding (LCM checkpoints' time_cond_proj_dim)
 

@@ -2,8 +2,10 @@
 
     x = sample_<name>(denoiser, x, sigmas, *, generator=None, callback=None)
 
-`sigmas` descend to where sampling ends (0, or sigma(t=0) for DDIM/PNDM/DEIS); `x` starts at noise level sigmas[0].
-History (previous derivatives, denoised estimates) lives in local variables.
+`sigmas` descend to where sampling ends (0, or sigma(t=0) for DDIM/PNDM/DEIS/TCD); `x` starts at noise level
+sigmas[0]. History (previous derivatives, denoised estimates) lives in local variables. LCM and TCD also take the
+plan's integer `timesteps` (their updates depend on t itself, not only on sigma) and TCD the training sigmas: the
+Sampler's `plan_args`, which `SamplingPlan.sample` hands them.
 
 Two families share the table `SAMPLERS`, named so that a name says which one it is:
   * "diffusers" (snake_case names: euler, euler_a, dpmpp_2m, ...; and DDIM, PLMS, UniPC, DDPM, DEIS): each

@@ -181,6 +181,8 @@ class UNetConfig(Config):
     mid_block_scale_factor: float = 1.0
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    # LCM checkpoints: width of the guidance-scale embedding added to the timestep embedding (unet.py, `cond_proj`)
+    time_cond_proj_dim: int | None = None
 
     _fixed = {
         "act_fn": ("silu",),
@@ -202,7 +204,8 @@ class UNetConfig(Config):
                "block_out_channels": (1, 8192, _LEVELS), "layers_per_block": (1, 16),
                "attention_head_dim": (1, 1024, _LEVELS), "num_attention_heads": (1, 1024, _LEVELS),
                "cross_attention_dim": (1, 8192), "norm_num_groups": (1, 1024), "norm_eps": (0, 1),
-               "freq_shift": (0, 16), "downsample_padding": (0, 16), "mid_block_scale_factor": (0, 100)}
+               "freq_shift": (0, 16), "downsample_padding": (0, 16), "mid_block_scale_factor": (0, 100),
+               "time_cond_proj_dim": (1, 8192)}
 
     def __post_init__(self):
         super().__post_init__()

@@ -2,8 +2,10 @@
 
     x = sample_<name>(denoiser, x, sigmas, *, generator=None, callback=None)
 
-`sigmas` descend to where sampling ends (0, or sigma(t=0) for DDIM/PNDM/DEIS); `x` starts at noise level sigmas[0].
-History (previous derivatives, denoised estimates) lives in local variables.
+`sigmas` descend to where sampling ends (0, or sigma(t=0) for DDIM/PNDM/DEIS/TCD); `x` starts at noise level
+sigmas[0]. History (previous derivatives, denoised estimates) lives in local variables. LCM and TCD also take the
+plan's integer `timesteps` (their updates depend on t itself, not only on sigma) and TCD the training sigmas: the
+Sampler's `plan_args`, which `SamplingPlan.sample` hands them.
 
 Two families share the table `SAMPLERS`, named so that a name says which one it is:
   * "diffusers" (snake_case names: euler, euler_a, dpmpp_2m, ...; and DDIM, PLMS, UniPC, DDPM, DEIS): each
@@ -378,6 +380,54 @@ def sample_deis(denoiser, x, sigmas, *, generator=None, callback=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# consistency samplers: LCM, TCD. Their updates depend on the integer timestep of each step, not only on sigma, so
+# they take the plan's `timesteps` (and TCD the training sigmas, `train_sigmas`) as keywords (Sampler.plan_args).
+
+
+def lcm_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+    """LCM's boundary-condition scalings (c_skip, c_out) at timestep t (Song et al. 2023, consistency models, with
+    t scaled by LCMScheduler's timestep_scaling): c_skip(0) = 1 and c_out(0) = 0, so that f(x, 0) = x."""
+    t = t * timestep_scaling
+    return sigma_data**2 / (t**2 + sigma_data**2), t / (t**2 + sigma_data**2) ** 0.5
+
+
+def sample_lcm(denoiser, x, sigmas, *, timesteps, generator=None, callback=None):
+    """Latent Consistency Model sampling (Luo et al. 2023), as LCMScheduler: at each step the consistency function
+    f = c_skip(t) * x_vp + c_out(t) * D(x, sigma) (x_vp = x / sqrt(1 + sigma**2), the sample diffusers scales) maps
+    x to the data; every step but the last then noises f afresh to the next sigma: x_next = f + sigma_next * z.
+    The callback's `denoised` is f."""
+    x, sigmas = _float32(x, sigmas)
+    for i, sigma, sigma_next in _steps(sigmas):
+        c_skip, c_out = lcm_scalings(timesteps[i])
+        x = c_out * denoiser(x, sigma) + c_skip * x / (1 + sigma**2) ** 0.5
+        denoised = x
+        if i < len(sigmas) - 2:
+            x = x + _noise(x, generator) * sigma_next
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
+    return x
+
+
+def sample_tcd(denoiser, x, sigmas, *, timesteps, train_sigmas, eta: float = 0.3, generator=None, callback=None):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024), as TCDScheduler: a
+    DDIM (Euler) step from sigma down to sigma_s, the training sigma at s = floor((1 - eta) * t_next) (t_next = 0
+    after the last step, so sampling ends at sigma(t=0)); then, if eta > 0 and not on the last step, fresh noise back
+    up to sigma_next: x_next = x_s + sqrt(sigma_next**2 - sigma_s**2) * z. eta (the paper's gamma, TCDScheduler's
+    default 0.3) = 0 is deterministic: DDIM to each next timestep."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"TCD's eta (gamma) must be in [0, 1], got {eta}")
+    x, sigmas = _float32(x, sigmas)
+    t_next = torch.cat([timesteps[1:len(sigmas) - 1], timesteps.new_zeros(1)])
+    sigmas_s = torch.as_tensor(train_sigmas, dtype=torch.float32)[torch.floor((1 - eta) * t_next).long()]
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = denoiser(x, sigma)
+        x = denoised + sigmas_s[i] / sigma * (x - denoised)
+        if eta > 0 and i < len(sigmas) - 2:
+            x = x + _noise(x, generator) * (sigma_next**2 - sigmas_s[i] ** 2).sqrt()
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # k-diffusion's DPM-Solver++ ancestral and SDE samplers (A1111's "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE (Heun)",
 # "DPM++ 3M SDE"), eta = 1 and s_noise = 1 as A1111 runs them, in k-diffusion's variables: t = lambda = -log(sigma)
 
@@ -530,6 +580,7 @@ class Sampler:
     default_schedule: str | None = None  # a1111: what its "Automatic" schedule is (None: uniform)
     discard_penultimate: bool = False  # a1111: one step more, then the next-to-last sigma dropped
     brownian: bool = False  # a1111: Brownian-tree noise over the whole run's sigma range (`noise_range`)
+    plan_args: tuple[str, ...] = ()  # SamplingPlan fields the function takes as keywords (LCM, TCD: `timesteps`)
 
 
 _VP = dict(timesteps="dpm", vp_init=True, karras_round=True, supports_karras=True)
@@ -558,6 +609,10 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("unipc", sample_unipc, "UniPC", diffusers_class="UniPCMultistepScheduler", **_VP),
     Sampler("ddpm", sample_ddpm, "DDPM", stochastic=True, diffusers_class="DDPMScheduler", **_DDIM),
     Sampler("deis", sample_deis, "DEIS", final="sigma_min", diffusers_class="DEISMultistepScheduler", **_VP),
+    Sampler("lcm", sample_lcm, "LCM", stochastic=True, diffusers_class="LCMScheduler", timesteps="lcm", vp_init=True,
+            plan_args=("timesteps",)),
+    Sampler("tcd", sample_tcd, "TCD", stochastic=True, diffusers_class="TCDScheduler", timesteps="lcm",
+            final="sigma_min", vp_init=True, plan_args=("timesteps", "train_sigmas")),
     # AUTOMATIC1111 v1.10's k-diffusion samplers, named by their labels (its samplers_k_diffusion table)
     Sampler("Euler a", sample_euler_a, "Euler a", ("k_euler_a", "k_euler_ancestral"), stochastic=True, **_A1111),
     Sampler("Euler", sample_euler, "Euler", ("k_euler",), **_A1111),
@@ -653,11 +708,14 @@ class SamplingPlan:
     sigma_to_t: Callable  # sigma -> timestep (diffusers: exact at `sigmas`; a1111: k-diffusion's, continuous)
     init_noise_scale: float  # txt2img: x = unit noise * init_noise_scale
     noise_range: tuple[torch.Tensor, torch.Tensor] | None = None  # a1111 Brownian noise: the whole run's sigmas
+    train_sigmas: torch.Tensor | None = None  # diffusers family: the schedule's training sigmas (TCD's sigma_s)
 
-    def sample(self, denoiser, x: torch.Tensor, *, generator=None, callback=None) -> torch.Tensor:
-        """Run the sampler over the plan's sigmas (with the Brownian-tree range an img2img run needs)."""
+    def sample(self, denoiser, x: torch.Tensor, *, generator=None, callback=None, **options) -> torch.Tensor:
+        """Run the sampler over the plan's sigmas (with the Brownian-tree range an img2img run needs, and the plan
+        fields a sampler's `plan_args` name); options: the sampler function's own keywords (TCD's eta)."""
         extra = {"noise_range": self.noise_range} if self.sampler.brownian else {}
-        return self.sampler.fn(denoiser, x, self.sigmas, generator=generator, callback=callback, **extra)
+        extra.update({name: getattr(self, name) for name in self.sampler.plan_args})
+        return self.sampler.fn(denoiser, x, self.sigmas, generator=generator, callback=callback, **extra, **options)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """Back to the latent diffusers returns: x / sqrt(1 + sigma_last**2) (identity when it is 0). A1111 decodes
@@ -676,6 +734,8 @@ def prepare(name: str, noise_schedule: NoiseSchedule, steps: int, *, schedule: s
     strength < 1 (img2img) keeps the last steps. diffusers' img2img `get_timesteps`:
     init_timestep = min(int(steps * strength), steps), starting at step steps - init_timestep. A1111's
     `setup_img2img_steps`: t_enc = int(min(strength, 0.999) * steps), starting at step steps - t_enc - 1.
+    LCM and TCD instead pick all `steps` from the low-noise part of their schedule (`set_timesteps(strength=...)`, as
+    diffusers' LatentConsistencyModelImg2ImgPipeline calls it; schedule.consistency_timesteps).
     img2img then starts from x = init_latents + sigmas[0] * noise (diffusers' `add_noise` in sigma space, and A1111's).
     """
     sampler, named = get_sampler(name)
@@ -692,11 +752,11 @@ def prepare(name: str, noise_schedule: NoiseSchedule, steps: int, *, schedule: s
                                   "is not implemented; set clip_sample false in the scheduler config")
     sigmas, timesteps = discretize(noise_schedule, steps, style=sampler.timesteps, spacing=sampler.spacing,
                                    final=sampler.final, karras=schedule == "karras",
-                                   karras_round=sampler.karras_round)
+                                   karras_round=sampler.karras_round, strength=strength)
     sigma_max = float(sigmas.max())
     leading = (noise_schedule.timestep_spacing or sampler.spacing) == "leading"
     init_noise_scale = math.sqrt(sigma_max**2 + 1) if sampler.vp_init or leading else sigma_max
-    init_timestep = min(int(steps * strength), steps)
+    init_timestep = steps if sampler.timesteps == "lcm" else min(int(steps * strength), steps)
     t_start = max(steps - init_timestep, 0)
     if t_start >= steps:
         raise ValueError(f"strength {strength} leaves no step of {steps} to run; raise strength or steps")
@@ -704,7 +764,8 @@ def prepare(name: str, noise_schedule: NoiseSchedule, steps: int, *, schedule: s
         t_start -= 1  # PLMS lists its second timestep twice, so diffusers' timesteps[t_start:] starts one step earlier
     sigmas, timesteps = torch.from_numpy(sigmas[t_start:].copy()), torch.from_numpy(timesteps[t_start:].copy())
     sigma_to_t = TimestepMap(sigmas[:-1], timesteps, noise_schedule.log_sigmas)
-    return SamplingPlan(sampler, schedule, sigmas, timesteps, sigma_to_t, init_noise_scale)
+    return SamplingPlan(sampler, schedule, sigmas, timesteps, sigma_to_t, init_noise_scale,
+                        train_sigmas=noise_schedule.sigmas)
 
 
 def _prepare_a1111(sampler: Sampler, ns: NoiseSchedule, steps: int, schedule: str | None,

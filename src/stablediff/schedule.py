@@ -42,6 +42,8 @@ class NoiseSchedule(Config):
     clip_sample: bool = False
     # None: every sampler uses its diffusers class' default spacing, as `from_config` of a config without the key does
     timestep_spacing: str | None = None
+    # LCM / TCD: the length of the distillation schedule their timesteps are picked from (`consistency_timesteps`)
+    original_inference_steps: int = 50
 
     # config keys whose other values would change the math in ways we do not implement
     _fixed = {
@@ -49,11 +51,13 @@ class NoiseSchedule(Config):
         "thresholding": (False, None),
         "timestep_type": ("discrete", None),
         "interpolation_type": ("linear", None),
+        "timestep_scaling": (10.0, None),  # LCM's boundary condition scalings (samplers.lcm_scalings)
     }
     # SD 1.x / 2.x: 1000 timesteps, betas 0.00085..0.012, steps_offset 1 (bounds far above; they stop a
     # hostile scheduler_config.json before `betas` allocates num_train_timesteps floats)
     _ranges = {"num_train_timesteps": (1, 10000), "beta_start": (0, 1), "beta_end": (0, 1),
-               "trained_betas": (0, 1, 10000), "steps_offset": (0, 1000)}
+               "trained_betas": (0, 1, 10000), "steps_offset": (0, 1000),
+               "original_inference_steps": (1, 10000)}
 
     def __post_init__(self):
         super().__post_init__()
@@ -67,6 +71,9 @@ class NoiseSchedule(Config):
         if self.timestep_spacing not in (None, *SPACINGS):
             raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not supported "
                              f"(expected one of {list(SPACINGS)})")
+        if self.original_inference_steps > self.num_train_timesteps:
+            raise ValueError(f"original_inference_steps {self.original_inference_steps} is more than "
+                             f"num_train_timesteps {self.num_train_timesteps}")
         if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
             raise ValueError(f"trained_betas has {len(self.trained_betas)} values but num_train_timesteps is "
                              f"{self.num_train_timesteps}")
@@ -148,6 +155,24 @@ def spaced_timesteps(spacing: str, steps: int, num_train_timesteps: int = 1000, 
     return np.ascontiguousarray(t, dtype=np.float64)
 
 
+def consistency_timesteps(steps: int, num_train_timesteps: int = 1000, original_steps: int = 50,
+                          strength: float = 1.0) -> np.ndarray:
+    """LCM's and TCD's timesteps (diffusers' LCMScheduler / TCDScheduler `set_timesteps`), descending, float64.
+
+    The distillation schedule is every k-th training timestep ending in k - 1: k - 1, 2k - 1, ..., with
+    k = T // original_steps (19, 39, ..., 999 for SD's 50 of 1000). img2img keeps its first
+    int(original_steps * strength) (the low-noise end) and still runs `steps` steps; `steps` of them are taken at the
+    indices floor(linspace(0, n, steps, endpoint=False)) counted from the top.
+    """
+    k = num_train_timesteps // original_steps
+    origin = np.arange(1, int(original_steps * strength) + 1) * k - 1
+    if steps < 1 or steps > len(origin):
+        raise ValueError(f"{steps} steps: LCM/TCD pick them from {len(origin)} timesteps (original_inference_steps "
+                         f"{original_steps} x strength {strength}); use 1..{len(origin)} steps")
+    indices = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
+    return origin[::-1][indices].astype(np.float64)
+
+
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
     """Karras et al. (2022) eq. 5: sigma_max ** (1/rho) to sigma_min ** (1/rho) evenly, to the power rho (float64)."""
     ramp = np.linspace(0, 1, steps)
@@ -174,13 +199,14 @@ def t_to_sigma(t, train_sigmas: np.ndarray) -> np.ndarray:
 
 
 def discretize(ns: NoiseSchedule, steps: int, *, style: str, spacing: str, final: str, karras: bool = False,
-               karras_round: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               karras_round: bool = False, strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The sigmas (steps + 1, float32, the last one where sampling ends) and timesteps (steps, float32) that a
     diffusers scheduler class would use.
 
     style: "k" (Euler, Heun, LMS, KDPM2: fractional timesteps, sigmas by np.interp, Karras range from those sigmas),
            "dpm" (DPM-Solver, UniPC, DEIS: steps + 1 integer points without t = 0, Karras range = training range),
-           "ddim" (DDIM, PNDM, DDPM: integer timesteps indexing alphas_cumprod);
+           "ddim" (DDIM, PNDM, DDPM: integer timesteps indexing alphas_cumprod),
+           "lcm" (LCM, TCD: `consistency_timesteps`, integers; their img2img `strength` acts here, not by slicing);
     final: "zero", "final_alpha" (DDIM/PNDM: sigma of final_alpha_cumprod), "sigma_min" (DEIS: sigma(t=0), or with
            Karras its last Karras sigma again);
     karras_round: round the timesteps fed to the U-Net at Karras sigmas (KDPM2, DPM-Solver, UniPC, DEIS do).
@@ -194,7 +220,10 @@ def discretize(ns: NoiseSchedule, steps: int, *, style: str, spacing: str, final
     train = ns.sigmas.numpy()
     if style == "ddim" and karras:
         raise ValueError("the karras schedule needs a sigma-space scheduler; DDIM-style schedules have none")
-    t = spaced_timesteps(spacing, steps, T, ns.steps_offset, rounded=style != "k", drop_last=style == "dpm")
+    if style == "lcm":
+        t = consistency_timesteps(steps, T, ns.original_inference_steps, strength)
+    else:
+        t = spaced_timesteps(spacing, steps, T, ns.steps_offset, rounded=style != "k", drop_last=style == "dpm")
     if t.max() > T - 1 or t.min() < 0:
         raise ValueError(f"{steps} steps with {spacing} spacing and steps_offset {ns.steps_offset} reach timestep "
                          f"{int(t.max())}, outside 0..{T - 1}")

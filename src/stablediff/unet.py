@@ -21,6 +21,29 @@ from .config import UNetConfig
 from .nn import Attention, Downsample, ResnetBlock, TimestepEmbedding, Upsample, timestep_embedding
 
 
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's embedding of the guidance scale w (B,) -> (B, dim) float32, w = guidance_scale - 1: sin then cos of
+    1000 w at frequencies 10000 ** (-i / (dim // 2 - 1)). Computed in diffusers' `get_guidance_scale_embedding`
+    order: at 1000 w the angles are in the thousands, where another rounding of the frequencies shows."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class GuidedTimestepEmbedding(TimestepEmbedding):
+    """The timestep embedding of LCM checkpoints: a guidance-scale embedding (`guidance_scale_embedding`), projected
+    by `cond_proj`, is added to the sinusoidal timestep embedding before the MLP (diffusers' `time_cond_proj_dim`)."""
+
+    def __init__(self, in_dim: int, dim: int, cond_dim: int):
+        super().__init__(in_dim, dim)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False)
+
+    def forward(self, x, cond=None):
+        return super().forward(x if cond is None else x + self.cond_proj(cond))
+
+
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
@@ -181,7 +204,10 @@ class UNet(nn.Module):
         chs, n = cfg.block_out_channels, cfg.layers_per_block
         temb_dim = chs[0] * 4
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(chs[0], temb_dim)
+        if cfg.time_cond_proj_dim is None:
+            self.time_embedding = TimestepEmbedding(chs[0], temb_dim)
+        else:
+            self.time_embedding = GuidedTimestepEmbedding(chs[0], temb_dim, cfg.time_cond_proj_dim)
 
         self.down_blocks = nn.ModuleList()
         prev = chs[0]
@@ -210,14 +236,21 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                cache: DeepCache | None = None) -> torch.Tensor:
+                cache: DeepCache | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, in_channels, h, w), t scalar or (B,) timesteps, context (B, L, cross_attention_dim) -> eps.
-        With a DeepCache, most calls run only the shallowest branch on features kept from the last full call."""
+        With a DeepCache, most calls run only the shallowest branch on features kept from the last full call.
+        timestep_cond (B or 1, time_cond_proj_dim): an LCM U-Net's guidance-scale embedding
+        (`guidance_scale_embedding`); without it such a U-Net runs on the timestep embedding alone, as diffusers'."""
         cfg = self.config
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(-1).expand(x.shape[0])
-        emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = self.time_embedding(emb.to(x.dtype))
+        emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype)
+        if timestep_cond is None:
+            temb = self.time_embedding(emb)
+        elif cfg.time_cond_proj_dim is None:
+            raise ValueError("timestep_cond given, but this U-Net has no guidance embedding (time_cond_proj_dim)")
+        else:
+            temb = self.time_embedding(emb, timestep_cond.to(x.device, x.dtype))
 
         # Under classifier-free guidance the batch is [x; x] at one timestep, under two contexts: up to the first
         # cross-attention (conv_in, the first resnet, the first self-attention) both halves are the same, so that

@@ -246,3 +246,26 @@ def test_timestep_cond_without_time_cond_proj_dim_is_an_error():
     model = UNet(UNetConfig.from_dict(TINY_UNET))
     with pytest.raises(ValueError, match="time_cond_proj_dim"):
         model(torch.zeros(1, 4, 8, 8), 999, torch.zeros(1, 7, 32), timestep_cond=torch.zeros(1, 16))
+
+
+def test_an_lcm_unet_runs_once_per_step_with_its_guidance_embedding_as_diffusers(tmp_path):
+    """A full LCM checkpoint (U-Net time_cond_proj_dim) through our pipeline equals StableDiffusionPipeline with
+    LCMScheduler: no unconditional pass, the guidance scale fed as w = cfg - 1 through the embedding."""
+    import diffusers
+
+    from conftest import SD15, tiny_diffusers_pipeline
+    from stablediff import StableDiffusion
+
+    scheduler = diffusers.LCMScheduler.from_pretrained(str(SD15), subfolder="scheduler")
+    ref = tiny_diffusers_pipeline(unet_overrides={"time_cond_proj_dim": 16}, scheduler=scheduler)
+    ref.set_progress_bar_config(disable=True)
+    ref.save_pretrained(tmp_path / "lcm")
+    ours = StableDiffusion.from_pretrained(tmp_path / "lcm")
+    calls = []
+    ours.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        want = ref("a red cat", num_inference_steps=4, guidance_scale=6.0, height=64, width=64,
+                   output_type="latent", generator=torch.Generator().manual_seed(11)).images
+    got = ours("a red cat", steps=4, cfg_scale=6.0, seed=11, sampler="lcm", width=64, height=64)
+    assert calls == [1] * 4  # one pass a step, batch 1: no unconditional half
+    assert_parity(got.latents, want, rel=1e-4)

@@ -31,7 +31,8 @@ def params(draw, infotext=False):
     seed = draw(st.integers(0, MAX_SEED - batch + 1) if infotext else st.none() | st.integers(0, MAX_SEED - batch + 1))
     size = SIZE if infotext else st.none() | SIZE
     return GenerationParams(
-        prompt=draw(TEXT), negative_prompt=draw(TEXT), steps=draw(st.integers(1, 999)),  # DDIM: 1000 runs past t 999
+        prompt=draw(TEXT), negative_prompt=draw(TEXT),
+        steps=draw(st.integers(1, 50 if spec.plan_args else 999)),  # DDIM: 1000 runs past t 999; LCM/TCD: 50
         cfg_scale=draw(st.floats(0, 100, allow_nan=False)), seed=seed, width=draw(size), height=draw(size),
         batch_size=batch, sampler=name, schedule=schedule, clip_skip=draw(st.integers(1, 12)),
         strength=draw(st.none() | st.floats(0.001, 1.0)),

@@ -22,7 +22,8 @@ NS = NoiseSchedule.from_json(SCHEDULER_CONFIG)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers vs numpy 2 chatter
 
-DIFFUSERS = {name: s for name, s in SAMPLERS.items() if s.family == "diffusers"}  # A1111's: tests/test_a1111.py
+# A1111's are in tests/test_a1111.py; those that take plan fields beyond the sigmas (LCM, TCD) in tests/test_lcm.py
+DIFFUSERS = {name: s for name, s in SAMPLERS.items() if s.family == "diffusers" and not s.plan_args}
 VARIANTS = [(name, karras) for name, s in DIFFUSERS.items() for karras in ((False, True) if s.supports_karras else (False,))]
 VARIANT_IDS = [f"{n}-karras" if k else n for n, k in VARIANTS]
 DOUBLED = ("heun", "dpm2", "dpm2_a")  # diffusers lists two model calls per step in `timesteps`
@@ -275,8 +276,8 @@ def gaussian_denoiser(x, sigma):
     return MU + S**2 / (S**2 + sigma**2) * (x - MU)
 
 
-DETERMINISTIC = [n for n, s in SAMPLERS.items() if not s.stochastic]
-STOCHASTIC = [n for n, s in SAMPLERS.items() if s.stochastic]
+DETERMINISTIC = [n for n, s in SAMPLERS.items() if not s.stochastic and not s.plan_args]
+STOCHASTIC = [n for n, s in SAMPLERS.items() if s.stochastic and not s.plan_args]
 
 
 def geometric_sigmas(steps: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .prompts import PromptEncoder
 from .safety import SafetyChecker, load_safety_checker
 from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
-from .unet import DeepCache, SpatialTransformer, UNet
+from .unet import DeepCache, SpatialTransformer, UNet, guidance_scale_embedding
 from .vae import AutoencoderKL
 
 DEMO_DIR = Path(__file__).parent / "data" / "demo"  # our small offline model (`--model demo`)
@@ -470,9 +470,9 @@ class StableDiffusion:
         if inpainting_unet:
             extra = torch.cat([mask, masked], dim=1)
 
-            def model(x_in, t, context):
+            def model(x_in, t, context, **kw):
                 cond = extra if x_in.shape[0] == extra.shape[0] else torch.cat([extra] * (x_in.shape[0] // extra.shape[0]))
-                return eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context)
+                return eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context, **kw)
 
             return x, model, None
 
@@ -483,15 +483,23 @@ class StableDiffusion:
 
         return x, eps, blend
 
-    def eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
+    def eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None,
+            timestep_cond=None) -> torch.Tensor:
         """The U-Net as an eps model: x_in and context in the model's dtype (EpsDenoiser casts them)."""
-        return self.unet(x_in, t, context, cache=cache)
+        return self.unet(x_in, t, context, cache=cache, timestep_cond=timestep_cond)
 
     def denoiser(self, plan: samplers.SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor | None,
                  cfg_scale: float, *, model: Callable | None = None) -> CFGDenoiser:
         """The guided denoiser D(x, sigma) a sampler steps with: `model` (default `self.eps`) in the model's
-        dtype, at the timesteps `plan` (samplers.prepare) maps its sigmas to, guided by cond/uncond embeddings."""
-        return CFGDenoiser(EpsDenoiser(model or self.eps, plan.sigma_to_t, self.dtype), cond, uncond, cfg_scale)
+        dtype, at the timesteps `plan` (samplers.prepare) maps its sigmas to, guided by cond/uncond embeddings.
+        An LCM U-Net (time_cond_proj_dim) takes the guidance scale as an embedding instead and runs once, on cond
+        only, as diffusers runs it."""
+        model = model or self.eps
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is not None:
+            w = guidance_scale_embedding(torch.full((1,), cfg_scale - 1.0), dim).to(self.device, self.dtype)
+            model, uncond, cfg_scale = functools.partial(model, timestep_cond=w), None, 1.0
+        return CFGDenoiser(EpsDenoiser(model, plan.sigma_to_t, self.dtype), cond, uncond, cfg_scale)
 
     def _step_callback(self, batch, batches, total, callback, cancel, progress):
         """A sampler callback for one prompt's run: the progress bar, the user's callback, cancellation."""

@@ -263,15 +263,19 @@ def test_pipeline_vae_tiling(tiny_model_dir, tiny_reference):
         ref.disable_tiling()
 
 
-def test_cli_options():
+def test_cli_options(tiny_model_dir, vae_files):
     import argparse
 
-    from stablediff.cli import add_generation_options
+    from stablediff.cli import UsageError, add_generation_options, load_model
 
     p = argparse.ArgumentParser()
     add_generation_options(p)
-    args = p.parse_args(["--vae", "vae-ft-mse.safetensors", "--vae-tiling"])
-    assert (args.vae, args.vae_tiling) == ("vae-ft-mse.safetensors", True)
-    args = p.parse_args([])
-    assert (args.vae, args.vae_tiling) == (None, None)
+    assert (p.parse_args([]).vae, p.parse_args([]).vae_tiling) == (None, None)
     assert p.parse_args(["--no-vae-tiling"]).vae_tiling is False
+    args = p.parse_args(["--model", str(tiny_model_dir), "--vae", str(vae_files / "trained.ckpt"), "--vae-tiling",
+                         "--embeddings-dir", str(vae_files / "none")])
+    pipe = load_model(args)
+    assert (pipe.vae_name, pipe.vae_tiling) == ("trained.ckpt", True)
+    args.vae = str(vae_files / "missing.pt")
+    with pytest.raises(UsageError, match="missing.pt: no such VAE file or folder"):
+        load_model(args)

@@ -91,7 +91,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
                    help="decode and encode in overlapping tiles (diffusers' enable_tiling): memory stays tile-sized "
                         "for large images, the result differs slightly (default: only where an untiled pass "
-                        "would need over 4 GiB)")
+                        "would need over 8 GiB)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net: the first image compiles (a minute or more), later ones run "
                         "faster, mostly on GPUs")

@@ -185,8 +185,9 @@ def standalone_vae(sd: dict, path: str = "") -> tuple[dict, list[str]]:
     """A VAE file as people download it -> (its weights in our naming, the keys not used). The original layout
     (encoder.down.*, decoder.up.*, quant_conv, post_quant_conv), also under `first_stage_model.` (a whole SD 1.x
     checkpoint: its VAE is taken), or diffusers' naming (encoder.down_blocks.*). Training leftovers (loss.*,
-    model_ema.*) are unused (in diffusers' naming they stay in the dict, for the caller's check to drop). Whole checkpoints of other families are refused here; the shapes are checked by the
-    caller against the config they describe."""
+    model_ema.*) are unused; in diffusers' naming they stay in the dict for the caller's shape check to drop.
+    Whole checkpoints of other families are refused here; the caller checks the shapes against the config they
+    describe."""
     where = path or "VAE file"
     for prefix, family, evidence in _OTHER_FAMILIES:
         if _first_key(list(sd), prefix) is not None:

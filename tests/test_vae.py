@@ -222,8 +222,10 @@ def test_pickled_code_is_refused(tmp_path):
 # In the pipeline and the CLI
 
 @torch.no_grad()
-def test_pipeline_with_separate_vae(tiny_model_dir, reference, vae_files):
+def test_pipeline_with_separate_vae(tiny_model_dir, reference, vae_files, tmp_path, monkeypatch):
     from stablediff import StableDiffusion
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the hash cache
 
     ref, _ = reference  # z below fits one tile: its tiling does not apply
     pipe = StableDiffusion.from_pretrained(tiny_model_dir, vae=vae_files / "plain.safetensors",

@@ -92,6 +92,13 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the VAE's dtype: float32 is exact; bfloat16 decodes several times faster on CPUs with "
                         "bfloat16 units, about 1/255 mean pixel error (default: float32)")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="a separate VAE instead of the model's own: a .safetensors/.ckpt/.pt file (e.g. "
+                        "vae-ft-mse-840000-ema-pruned) or a diffusers VAE folder")
+    p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode and encode in overlapping tiles (diffusers' enable_tiling): memory stays tile-sized "
+                        "for large images, the result differs slightly (default: only where an untiled pass "
+                        "would need over 8 GiB)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net: the first image compiles (a minute or more), later ones run "
                         "faster, mostly on GPUs")
@@ -372,7 +379,9 @@ def load_model(args: argparse.Namespace):
     try:
         pipe = StableDiffusion.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype),
                                                safety_checker=getattr(args, "safety_checker", False),
-                                               vae_dtype=getattr(torch, getattr(args, "vae_dtype", "float32")))
+                                               vae_dtype=getattr(torch, getattr(args, "vae_dtype", "float32")),
+                                               vae=getattr(args, "vae", None))
+        pipe.vae_tiling = getattr(args, "vae_tiling", None)
         if getattr(args, "compile", False):
             pipe.compile()
         pipe.lora_dir = args.lora_dir

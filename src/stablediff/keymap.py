@@ -20,7 +20,7 @@ from .config import CLIPTextConfig, UNetConfig, VAEConfig
 __all__ = ["CheckpointError", "PREFIXES", "unet_key_table", "vae_key_table", "split_original", "to_original",
            "detect", "infer_unet_config", "infer_vae_config",
            "infer_text_config", "OLD_DIFFUSERS_ATTENTION", "rename_keys", "unet_table", "vae_table", "text_keys",
-           "family_error", "check_widths"]
+           "family_error", "check_widths", "diffusers_vae_keys", "standalone_vae"]
 
 
 class CheckpointError(ValueError):
@@ -171,6 +171,36 @@ def _original_unet_table(sd) -> list[tuple]:
     return unet_key_table(levels, layers,
                           [f"input_blocks.{1 + i * (layers + 1)}.1.proj_in.weight" in sd for i in range(levels)],
                           [f"output_blocks.{i * (layers + 1)}.1.proj_in.weight" in sd for i in range(levels)])
+
+
+def diffusers_vae_keys(sd: dict) -> dict:
+    """A diffusers VAE state dict in our naming: the attention names of diffusers before 0.14 renamed."""
+    rows = [(f"{p}.mid_block.attentions.0", f"{p}.mid_block.attentions.0", OLD_DIFFUSERS_ATTENTION)
+            for p in ("encoder", "decoder")]
+    renamed, left = rename_keys(sd, rows, to_ours=True)
+    return {**{k: sd[k] for k in left}, **renamed}
+
+
+def standalone_vae(sd: dict, path: str = "") -> tuple[dict, list[str]]:
+    """A VAE file as people download it -> (its weights in our naming, the keys not used). The original layout
+    (encoder.down.*, decoder.up.*, quant_conv, post_quant_conv), also under `first_stage_model.` (a whole SD 1.x
+    checkpoint: its VAE is taken), or diffusers' naming (encoder.down_blocks.*). Training leftovers (loss.*,
+    model_ema.*) are unused; in diffusers' naming they stay in the dict for the caller's shape check to drop.
+    Whole checkpoints of other families are refused here; the caller checks the shapes against the config they
+    describe."""
+    where = path or "VAE file"
+    for prefix, family, evidence in _OTHER_FAMILIES:
+        if _first_key(list(sd), prefix) is not None:
+            raise family_error(where, family, evidence)
+    unused = []
+    if _first_key(list(sd), PREFIXES["vae"]) is not None:
+        parts, others = _split_by_prefix(sd)
+        sd = parts["vae"]
+        unused = list(others) + [PREFIXES[c] + k for c in ("unet", "text_encoder") for k in parts[c]]
+    if _first_key(list(sd), "encoder.down_blocks.") is not None:  # keys of no module stay for the shape check
+        return diffusers_vae_keys(sd), unused
+    ours, left = rename_keys(sd, _original_vae_table(sd), to_ours=True)
+    return ours, unused + left
 
 
 def _original_vae_table(sd) -> list[tuple]:

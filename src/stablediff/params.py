@@ -31,7 +31,8 @@ MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
 RNG_SOURCES = ("cpu", "gpu", "nv")  # rng.SOURCES (rng imports torch)
 # infotext keys that record what made an image rather than say how to make it: not reported as unused
-INFOTEXT_RECORDS = frozenset({"Model hash", "Model", "Version", "Lora hashes", "TI hashes", "NSFW"})
+INFOTEXT_RECORDS = frozenset({"Model hash", "Model", "VAE hash", "VAE", "Version", "Lora hashes", "TI hashes",
+                              "NSFW"})
 
 
 @dataclass(frozen=True)

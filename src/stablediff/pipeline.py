@@ -108,6 +108,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def _channels_last(module, device: torch.device, dtype: torch.dtype) -> None:
+    """bfloat16 convolutions on the CPU run in oneDNN's channels-last kernels without reordering every activation;
+    in float32 the channels-first kernels are the faster ones, so float32 stays as it is."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu.enabled("channels_last"):
+        module.to(memory_format=torch.channels_last)
+
+
 def _build(cls, config, state_dict, *, path, component, device, dtype):
     with torch.device("meta"):
         module = cls(config)
@@ -132,19 +139,26 @@ class StableDiffusion:
         self.model_name = model_name
         self.weights_file = weights_file
         self._model_hash = None
+        # VAE tiling (diffusers' enable_tiling, see vae.py): True always, False never, None when one image's
+        # untiled pass would need more than vae.AUTO_TILING_BYTES of activations (vae.needs_tiling)
+        self.vae_tiling: bool | None = None
+        self.vae_file: Path | None = None  # a separate VAE's weights file (load_vae), for the infotext
+        self.vae_name: str | None = None
+        self._vae_hash = None
 
     @classmethod
     def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, variant: str | None = None,
                         safety_checker: bool | str | Path = False,
-                        vae_dtype: torch.dtype = torch.float32) -> "StableDiffusion":
+                        vae_dtype: torch.dtype = torch.float32, vae: str | Path | None = None) -> "StableDiffusion":
         """Load a diffusers folder, an original single .safetensors/.ckpt file, or a Hugging Face Hub id.
 
         dtype: what the text encoder and U-Net run in. vae_dtype: what the VAE runs in: float32 (default, exact;
         the SD 1.x VAE overflows in float16), or bfloat16 (several times faster to decode on a CPU with bfloat16
         units, about 1/255 mean pixel error). Weights in .safetensors files stay memory-mapped.
         safety_checker: False (default), True (the model folder's own safety_checker/), or a path to a
-        safety_checker folder or a diffusers model folder that has one."""
+        safety_checker folder or a diffusers model folder that has one. vae: a separate VAE to use instead of the
+        model's own (see `load_vae`)."""
         if vae_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"vae_dtype {vae_dtype} is not float32 or bfloat16 (float16 overflows the SD 1.x VAE)")
         device = resolve_device(device)
@@ -165,19 +179,40 @@ class StableDiffusion:
         text_encoder = _build(CLIPTextModel, ckpt.text_config, ckpt.text_encoder, component="text_encoder",
                               dtype=dtype, **common)
         unet = _build(UNet, ckpt.unet_config, ckpt.unet, component="unet", dtype=dtype, **common)
-        vae = _build(AutoencoderKL, ckpt.vae_config, ckpt.vae, component="vae", dtype=vae_dtype, **common)
-        if device.type == "cpu":
-            # bfloat16 convolutions on the CPU run in oneDNN's channels-last kernels without reordering every
-            # activation; in float32 the channels-first kernels are the faster ones, so float32 stays as it is.
-            for module, kind in ((unet, dtype), (vae, vae_dtype)):
-                if kind == torch.bfloat16 and cpu.enabled("channels_last"):
-                    module.to(memory_format=torch.channels_last)
+        own_vae = _build(AutoencoderKL, ckpt.vae_config, ckpt.vae, component="vae", dtype=vae_dtype, **common)
+        for module, kind in ((unet, dtype), (own_vae, vae_dtype)):
+            _channels_last(module, device, kind)
         tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer()
         noise_schedule = NoiseSchedule.from_config(ckpt.scheduler_config)
         path = Path(ckpt.path)
         name = path.stem if path.is_file() else (path.name if path.exists() else str(source).rstrip("/").split("/")[-1])
-        return cls(tokenizer, text_encoder, unet, vae, noise_schedule, model_name=name,
+        pipe = cls(tokenizer, text_encoder, unet, own_vae, noise_schedule, model_name=name,
                    weights_file=_weights_file(path), safety_checker=checker)
+        if vae is not None:
+            pipe.load_vae(vae)
+        return pipe
+
+    def load_vae(self, source: str | Path) -> None:
+        """Use a separate VAE instead of the model's own: a .safetensors/.ckpt/.pt file as people download it (e.g.
+        vae-ft-mse-840000-ema-pruned), a diffusers VAE folder or a diffusers model folder (weights.load_vae; a VAE
+        of other latents, SDXL's or SD3's, is refused). It runs on the device and in the dtype of the VAE it
+        replaces. The infotext then names it as A1111 does: "VAE" (the file's name) and "VAE hash"."""
+        found = weights.load_vae(source, like=self.vae.config)
+        dtype = self.vae.post_quant_conv.weight.dtype
+        self.vae = _build(AutoencoderKL, found.config, found.state_dict, path=str(found.weights_file),
+                          component="vae", device=self.device, dtype=dtype)
+        _channels_last(self.vae, self.device, dtype)
+        self.vae_file = found.weights_file
+        self.vae_name = Path(found.path).name  # A1111: the file's base name (a folder: its name)
+        self._vae_hash = None
+
+    @property
+    def vae_hash(self) -> str | None:
+        """A1111's "VAE hash": the first 10 hex digits of the separate VAE's weights file's sha256 (None with the
+        model's own VAE, which A1111 does not name either)."""
+        if self._vae_hash is None and self.vae_file is not None:
+            self._vae_hash = images.model_hash(self.vae_file)
+        return self._vae_hash
 
     def compile(self, mode: str | None = None) -> "StableDiffusion":
         """torch.compile the U-Net (in place). The first image after this compiles (a minute or more); later
@@ -253,7 +288,8 @@ class StableDiffusion:
             raise FloatingPointError(f"the sampler produced NaN/inf latents {_nan_cause(self.dtype, self.loras)}")
         z = latents.float() / self.vae.config.scaling_factor
         vae_dtype = self.vae.post_quant_conv.weight.dtype
-        return torch.cat([self.vae.decode(z[i:i + 1].to(vae_dtype)).float() for i in range(len(z))])
+        return torch.cat([self.vae.decode(z[i:i + 1].to(vae_dtype), tiled=self.vae_tiling).float()
+                          for i in range(len(z))])
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, steps: int = 30,
@@ -426,7 +462,8 @@ class StableDiffusion:
         hashes = [self._addon_hashes(p, n, w) for p, n, w in zip(prompts, negatives, wanted)]
         infotexts = [params.replace(prompt=p, negative_prompt=n, seed=s, subseed=sub).to_infotext(
             model_hash=self.model_hash, model_name=self.model_name, version=__version__,
-            extra={**hashes[i // k], "NSFW": "true" if flagged else None})
+            extra={**hashes[i // k], "VAE hash": self.vae_hash, "VAE": self.vae_name,
+                   "NSFW": "true" if flagged else None})
             for i, (p, n, (s, sub), flagged) in enumerate(zip(all_prompts, all_negatives, image_seeds, nsfw))]
         return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw,
                                 [sub for _, sub in image_seeds])
@@ -436,12 +473,12 @@ class StableDiffusion:
         """The init image (and mask) as tensors on the device, encoded where the run needs it."""
         width, height = params.width, params.height
         pixels = images.from_pil(image, width, height).to(self.device, self.vae.post_quant_conv.weight.dtype)
-        source = {"posterior": self.vae.encode(pixels)}
+        source = {"posterior": self.vae.encode(pixels, tiled=self.vae_tiling)}
         if mask is not None:
             m = images.mask_from_pil(mask, width, height).to(pixels)
             f = self.downscale
             source["mask"] = torch.nn.functional.interpolate(m, size=(height // f, width // f)).float()
-            source["masked"] = self.vae.encode(pixels * (m < 0.5))
+            source["masked"] = self.vae.encode(pixels * (m < 0.5), tiled=self.vae_tiling)
         return source
 
     def _start(self, plan, noise_rng: rng.ImageRNG, source, strength, cache=None):

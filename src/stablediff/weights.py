@@ -13,6 +13,7 @@ and pickled `.ckpt/.pt/.bin` files go through an unpickler that only rebuilds te
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import json
 import math
@@ -27,8 +28,8 @@ from pathlib import Path
 import torch
 
 from .config import CLIPTextConfig, UNetConfig, VAEConfig, read_json, show
-from .keymap import (OLD_DIFFUSERS_ATTENTION, PREFIXES, CheckpointError, check_widths, family_error, rename_keys,
-                     text_keys, unet_table, vae_table, detect, infer_text_config, infer_unet_config,
+from .keymap import (PREFIXES, CheckpointError, check_widths, diffusers_vae_keys, family_error, rename_keys,
+                     standalone_vae, text_keys, unet_table, vae_table, detect, infer_text_config, infer_unet_config,
                      infer_vae_config, split_original, to_original)
 from .malloc import c_library
 from .params import HUB_ID, WEIGHT_SUFFIXES
@@ -36,7 +37,7 @@ from .schedule import NoiseSchedule
 
 # CheckpointError and to_original live in keymap.py and are re-exported here for the code that imports them from us
 __all__ = ["CheckpointError", "Checkpoint", "read_state_dict", "read_component", "load_checkpoint", "load_into",
-           "to_original"]
+           "to_original", "VAEWeights", "load_vae"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,10 +448,7 @@ def _folder(root: Path, variant: str | None) -> Checkpoint:
         if comp == "text_encoder":
             sd, dropped = text_keys(sd)
         else:
-            rows = [(f"{p}.mid_block.attentions.0", f"{p}.mid_block.attentions.0", OLD_DIFFUSERS_ATTENTION)
-                    for p in ("encoder", "decoder")] if comp == "vae" else []
-            renamed, left = rename_keys(sd, rows, to_ours=True)
-            sd, dropped = {**{k: sd[k] for k in left}, **renamed}, []
+            sd, dropped = diffusers_vae_keys(sd) if comp == "vae" else sd, []
         left = _validate(sd, expected_shapes(comp, configs[comp]), where=str(path), component=_WHAT[comp])
         unused += [f"{comp}/{k}" for k in dropped + left]
         weights[comp] = sd
@@ -509,6 +507,79 @@ def _from_hub(repo_id: str, variant) -> Path:
     except Exception as e:
         raise CheckpointError(f"{repo_id}: no such local file or folder, and the Hugging Face Hub did not give it "
                               f"({type(e).__name__}: {str(e)[:160]}); {hint}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A separate VAE: one file as people download it, or a diffusers VAE folder
+
+@dataclass
+class VAEWeights:
+    path: str  # as given
+    weights_file: Path  # the file whose sha256 the infotext's "VAE hash" is
+    config: VAEConfig
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    unused: list[str] = field(default_factory=list, repr=False)
+
+
+def load_vae(source, *, like: VAEConfig) -> VAEWeights:
+    """A VAE to use instead of a model's own, whose VAE config is `like`: a single .safetensors/.ckpt/.pt file
+    (keymap.standalone_vae's layouts), a diffusers VAE folder (config.json + weights: a model's vae/ or a VAE
+    repository), or a diffusers model folder (its vae/). A single file carries no config: its sizes come from its
+    shapes, the rest (scaling_factor, sample_size) from `like`. A VAE whose latents differ from the model's (channels,
+    downscale factor or scaling factor: SDXL's, SD3's, ...) is refused in one line naming it; an SDXL VAE in a
+    single file has SD 1.x's shapes and no config, so nothing tells it apart."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{source}: no such VAE file or folder")
+    if path.is_dir():
+        weights_file, config, sd = _vae_folder(path)
+        unused, table = [], []
+    else:
+        sd, unused = standalone_vae(read_state_dict(path), str(path))
+        config = infer_vae_config(sd, path=str(path))
+        config = dataclasses.replace(config, scaling_factor=like.scaling_factor, sample_size=like.sample_size)
+        weights_file, table = path, vae_table(config)
+
+    def name(k):  # report keys as the file names them (a folder's are ours)
+        return next(iter(rename_keys({k: None}, table, to_ours=False)[0]), k)
+
+    unused += _validate(sd, expected_shapes("vae", config), where=str(weights_file), component="VAE", name=name)
+    _check_vae_fits(str(path), config, like)
+    return VAEWeights(str(path), weights_file, config, sd, unused)
+
+
+def _vae_folder(path: Path) -> tuple[Path, VAEConfig, dict[str, torch.Tensor]]:
+    """(weights file, config, weights in our naming) of a diffusers VAE folder, or of a model folder's vae/."""
+    folder = path / "vae" if not (path / "config.json").is_file() and (path / "vae").is_dir() else path
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: not a VAE folder (no config.json, no vae/); pass a .safetensors/.ckpt VAE "
+                              f"file, a diffusers VAE folder or a diffusers model folder")
+    d = read_json_object(config_file)
+    if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise CheckpointError(f"{config_file}: a {show(d['_class_name'])}, not an AutoencoderKL VAE")
+    try:
+        config = VAEConfig.from_dict(d, source=str(config_file))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(str(e)) from None
+    weights_file, sd = read_component(folder, _FOLDER["vae"][1])
+    return weights_file, config, diffusers_vae_keys(sd)
+
+
+def _check_vae_fits(where: str, config: VAEConfig, like: VAEConfig) -> None:
+    """The VAE must make the latents the U-Net was trained on: channels, downscale factor and scale."""
+    if config.latent_channels != like.latent_channels:
+        raise CheckpointError(f"{where}: a VAE with {config.latent_channels} latent channels (SD3 and Flux have 16) "
+                              f"does not fit this model's {like.latent_channels}; use a Stable Diffusion 1.x VAE")
+    if (config.downscale, config.in_channels, config.out_channels) != (like.downscale, like.in_channels,
+                                                                         like.out_channels):
+        raise CheckpointError(f"{where}: a VAE with downscale factor {config.downscale} and {config.in_channels}/"
+                              f"{config.out_channels} image channels does not fit this model's {like.downscale} and "
+                              f"{like.in_channels}/{like.out_channels}")
+    if config.scaling_factor != like.scaling_factor:
+        guess = " (SDXL's)" if config.scaling_factor == 0.13025 else ""
+        raise CheckpointError(f"{where}: VAE scaling_factor {config.scaling_factor}{guess} does not fit this "
+                              f"model's {like.scaling_factor}; use a Stable Diffusion 1.x VAE")
 
 
 def load_checkpoint(source, *, variant=None, use_ema=False) -> Checkpoint:

@@ -523,7 +523,8 @@ class StableDiffusion:
     def eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None,
             timestep_cond=None) -> torch.Tensor:
         """The U-Net as an eps model: x_in and context in the model's dtype (EpsDenoiser casts them)."""
-        return self.unet(x_in, t, context, cache=cache, timestep_cond=timestep_cond)
+        guidance = {} if timestep_cond is None else {"timestep_cond": timestep_cond}  # LCM U-Nets only
+        return self.unet(x_in, t, context, cache=cache, **guidance)
 
     def denoiser(self, plan: samplers.SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor | None,
                  cfg_scale: float, *, model: Callable | None = None) -> CFGDenoiser:

@@ -218,8 +218,10 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                      help="pixels neighbouring tiles share; each keeps its half (default: 16)")
     ups.add_argument("--output-dir", default="outputs", metavar="DIR", type=Path,
                      help="where the PNG goes, created if missing, named NNNNN-SEED.png (default: outputs)")
-    ups.add_argument("--max-pixels", type=int, default=Limits().max_pixels, metavar="N",
-                     help=f"refuse an output of more pixels than this (default: {Limits().max_pixels:,})")
+    from .limits import Limits  # a local name of this function (the serve block imports it too)
+
+    ups.add_argument("--max-pixels", type=int, default=Limits.max_pixels, metavar="N",
+                     help=f"refuse an output of more pixels than this (default: {Limits.max_pixels:,})")
     ups.set_defaults(func=cmd_upscale)
 
     srv = sub.add_parser("serve", help="serve AUTOMATIC1111's HTTP API and a web page",
@@ -661,6 +663,9 @@ def _check_upscale_args(args: argparse.Namespace):
     overlap = upscalers.TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
     try:
         upscalers.check_tiling(tile, overlap)
+    except ValueError as e:
+        raise UsageError(f"--tile {tile} --tile-overlap {overlap}: {e}") from None
+    try:
         image = open_image(args.image)
         width, height = upscalers.target_size(image.size, args.scale)
         Limits(max_pixels=args.max_pixels).check("max_pixels", f"upscaled size {width}x{height} =", width * height)

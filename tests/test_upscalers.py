@@ -4,9 +4,12 @@ sizing; refused files; `stablediff upscale` end to end."""
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import io
 import os
 import re
+import shutil
 import sys
 import types
 
@@ -181,7 +184,8 @@ def test_upscale_runs_a_model_again_then_resizes(model_files):
     assert upscalers.upscale(image, 8, model).tobytes() == passes[3].tobytes()  # 192x160, no resize
     assert upscalers.upscale(image, 3, model).tobytes() == \
         passes[2].resize((72, 56), resample=Image.Resampling.LANCZOS).tobytes()
-    assert upscalers.upscale(image, 2, "Nearest").tobytes() == image.resize((48, 40), Image.Resampling.NEAREST).tobytes()
+    nearest = image.resize((48, 40), Image.Resampling.NEAREST)
+    assert upscalers.upscale(image, 2, "Nearest").tobytes() == nearest.tobytes()
 
 
 def test_malicious_pth_refused(tmp_path):
@@ -263,3 +267,85 @@ def test_cli_upscale_errors(tmp_path, capsys, extra, message):
     assert err.count("\n") == 1 and err.startswith("stablediff: error: ")
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# --- the server: /sdapi/v1/upscalers and /sdapi/v1/extra-single-image ------------------------------------------
+
+@pytest.fixture(scope="module")
+def client(model_files, tmp_path_factory):
+    """The app with an upscaler folder (two models and a file that is no upscaler) and a stand-in for the SD model,
+    which these routes never use; max_pixels 256x256."""
+    fastapi_testclient = pytest.importorskip("fastapi.testclient")
+    from stablediff.limits import Limits
+    from stablediff.serve.server import ServeConfig, create_app
+
+    folder = tmp_path_factory.mktemp("upscaler-dir")
+    (folder / "sub").mkdir()
+    shutil.copy(model_files["compact-x4.pth"][0], folder / "compact-x4.pth")
+    shutil.copy(model_files["realesrgan-x2.pth"][0], folder / "sub" / "realesrgan-x2.pth")
+    write(folder / "vae.safetensors", {"decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)})
+    stand_in = types.SimpleNamespace(weights_file=None, native_size=64, load_embeddings=lambda folder: [])
+    config = ServeConfig(model="demo", upscaler_dir=folder, limits=Limits(max_pixels=256 * 256))
+    with fastapi_testclient.TestClient(create_app(config, load=lambda entry: stand_in),
+                                       base_url="http://127.0.0.1") as c:
+        yield c
+
+
+def test_upscalers_list(client):
+    rows = client.get("/sdapi/v1/upscalers").json()
+    assert rows == [
+        {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4},
+        {"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4},
+        {"name": "Nearest", "model_name": None, "model_path": None, "model_url": None, "scale": 4},
+        {"name": "compact-x4", "model_name": "SRVGG", "model_path": "compact-x4.pth", "model_url": None, "scale": 4},
+        {"name": "sub/realesrgan-x2", "model_name": "ESRGAN", "model_path": "sub/realesrgan-x2.pth",
+         "model_url": None, "scale": 2},
+    ]  # vae.safetensors is no upscaler: left out
+
+
+def png_b64(image: Image.Image, parameters: str | None = None) -> str:
+    from stablediff.images import png_bytes
+
+    return base64.b64encode(png_bytes(image, parameters) if parameters else _png(image)).decode()
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_extra_single_image(client, model_files):
+    source = Image.effect_noise((24, 20), 60).convert("RGB")
+    body = {"image": png_b64(source, "a cat\nSteps: 5, Seed: 7, Size: 24x20"), "upscaler_1": "sub/realesrgan-x2",
+            "upscaling_resize": 3}
+    answer = client.post("/sdapi/v1/extra-single-image", json=body)
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["html_info"] == "<p>Postprocess upscale by: 3, Postprocess upscaler: sub/realesrgan-x2</p>"
+    model = upscalers.load_upscaler(model_files["realesrgan-x2.pth"][0])
+    with Image.open(io.BytesIO(base64.b64decode(result["image"]))) as out:
+        assert out.size == (72, 56)
+        assert out.tobytes() == upscalers.upscale(source, 3, model).tobytes()
+        assert out.info["parameters"].startswith("a cat\n")
+    same = client.post("/sdapi/v1/extra-single-image", json={"image": png_b64(source)}).json()  # upscaler_1 None
+    with Image.open(io.BytesIO(base64.b64decode(same["image"]))) as out:
+        assert out.size == (24, 20) and out.convert("RGB").tobytes() == source.tobytes()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"upscaler_1": "4x-missing"}, "upscaler_1 '4x-missing' is not one of: None, Lanczos, Nearest, compact-x4, "
+                                   "sub/realesrgan-x2, vae$"),
+    ({"upscaler_1": "vae"}, r"^\.\.\./vae\.safetensors: not an upscaler stablediff knows"),  # no server path
+    ({"upscaler_1": "Lanczos", "resize_mode": 1}, "resize_mode 1 .* is not supported"),
+    ({"upscaler_1": "Lanczos", "gfpgan_visibility": 0.5}, "face restoration is not supported"),
+    ({"upscaler_1": "Lanczos", "upscaling_resize": 8, "image_size": (64, 40)},
+     r"upscaled size 512x320 = 163,840 is over the limit of 65,536 \(set with --max-pixels\)"),
+    ({"upscaler_1": "Lanczos", "upscaling_resize": 9}, "upscaling_resize: Input should be less than or equal to 8"),
+])
+def test_extra_single_image_refused(client, fields, message):
+    size = fields.pop("image_size", (24, 20))
+    answer = client.post("/sdapi/v1/extra-single-image",
+                         json={"image": png_b64(Image.new("RGB", size)), **fields})
+    assert answer.status_code == 422
+    assert re.search(message, answer.json()["detail"]), answer.json()

@@ -376,13 +376,13 @@ def postprocess_info(scale: float, name: str) -> str:
     return f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {name}"
 
 
-def png_bytes(image: Image.Image, parameters: str | None, postprocessing: str) -> bytes:
+def png_bytes(image: Image.Image, parameters: str | None, postprocessing: str | None) -> bytes:
     """The upscaled image's PNG file as A1111's extras write it: the source's generation `parameters` kept (when
-    it had them) and a `postprocessing` text chunk saying how it was upscaled."""
+    it had them) and a `postprocessing` text chunk saying how it was upscaled (when it was)."""
     info = PngImagePlugin.PngInfo()
-    if parameters:
-        info.add_text("parameters", parameters)
-    info.add_text("postprocessing", postprocessing)
+    for key, text in (("parameters", parameters), ("postprocessing", postprocessing)):
+        if text:
+            info.add_text(key, text)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

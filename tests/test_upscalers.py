@@ -75,12 +75,7 @@ def old_esrgan(seed: int) -> dict:
 
 
 def compact(seed: int, scale: int = 4, convs: int = 2) -> dict:
-    import_spandrel()
-    from spandrel.architectures.Compact import Compact
-
-    module = Compact(num_in_ch=3, num_out_ch=3, num_feat=16, num_conv=convs, upscale=scale)
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in module.state_dict().items()}
+    return random_weights(SRVGGNetCompact(SRVGGConfig(features=16, convs=convs, scale=scale)), seed, std=0.1)
 
 
 X4 = RRDBConfig(features=16, blocks=2)
@@ -96,7 +91,7 @@ CASES = {
     "realesrgan-x2.pth": (lambda: random_weights(RRDBNet(X2), 5), "params", X2),
     "realesrgan-x1.safetensors": (lambda: random_weights(RRDBNet(X1), 6), None, X1),
     "bsrgan-x4.pth": (lambda: bsrgan_layout(random_weights(RRDBNet(X4), 7)), None, X4),
-    "compact-x4.pth": (lambda: compact(8), "params", SRVGGConfig(features=16, convs=2, scale=4)),
+    "compact-x4.pth": (lambda: compact(8), "params_ema", SRVGGConfig(features=16, convs=2, scale=4)),
     "compact-x2.safetensors": (lambda: compact(9, scale=2), None, SRVGGConfig(features=16, convs=2, scale=2)),
 }
 
@@ -110,14 +105,19 @@ def write(path, sd: dict, wrapper: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def model_files(tmp_path_factory) -> dict:
-    """name -> (path, the state dict as saved, expected config)."""
-    folder = tmp_path_factory.mktemp("upscalers")
-    out = {}
-    for name, (make, wrapper, config) in CASES.items():
-        sd = make()
-        out[name] = (write(folder / name, sd, wrapper), sd, config)
-    return out
+def model_file(tmp_path_factory):
+    """name -> (path, the state dict as saved, expected config), each file written when first asked for (the
+    original ESRGAN layout needs spandrel)."""
+    folder, made = tmp_path_factory.mktemp("upscalers"), {}
+
+    def get(name: str):
+        if name not in made:
+            make, wrapper, config = CASES[name]
+            sd = make()
+            made[name] = (write(folder / name, sd, wrapper), sd, config)
+        return made[name]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +127,9 @@ def image24x20():
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_spandrel(name, model_files, image24x20):
+def test_matches_spandrel(name, model_file, image24x20):
     spandrel = import_spandrel()
-    path, sd, config = model_files[name]
+    path, sd, config = model_file(name)
     ours = upscalers.load_upscaler(path)
     assert ours.config == config
     oracle = spandrel.ModelLoader().load_from_state_dict(dict(sd))
@@ -174,9 +174,9 @@ def test_target_size_is_a1111s(size, scale, expected):
     assert upscalers.target_size(size, scale) == expected
 
 
-def test_upscale_runs_a_model_again_then_resizes(model_files):
+def test_upscale_runs_a_model_again_then_resizes(model_file):
     """A1111's rule: a 2x model runs while its output is under the target (3 passes to 8x), then Lanczos."""
-    model = upscalers.load_upscaler(model_files["compact-x2.safetensors"][0])
+    model = upscalers.load_upscaler(model_file("compact-x2.safetensors")[0])
     image = Image.effect_noise((24, 20), 60).convert("RGB")
     passes = [image]
     for _ in range(3):
@@ -211,8 +211,8 @@ def test_unknown_file_refused(tmp_path):
         upscalers.load_upscaler(tmp_path / "empty.pth")
 
 
-def test_wrong_shapes_refused(tmp_path, model_files):
-    sd = dict(model_files["realesrgan-x4.safetensors"][1])
+def test_wrong_shapes_refused(tmp_path, model_file):
+    sd = dict(model_file("realesrgan-x4.safetensors")[1])
     sd["conv_hr.weight"] = torch.zeros(16, 8, 3, 3)
     with pytest.raises(CheckpointError, match=r"bad\.safetensors: .*wrong shape conv_hr\.weight"):
         upscalers.load_upscaler(write(tmp_path / "bad.safetensors", sd))
@@ -220,13 +220,13 @@ def test_wrong_shapes_refused(tmp_path, model_files):
 
 # --- stablediff upscale ----------------------------------------------------------------------------------------
 
-def test_cli_upscale(tmp_path, model_files, capsys):
+def test_cli_upscale(tmp_path, model_file, capsys):
     source = Image.effect_noise((24, 20), 60).convert("RGB")
     path = tmp_path / "in.png"
     from stablediff.images import png_bytes
 
     path.write_bytes(png_bytes(source, "a cat\nSteps: 5, Sampler: Euler, Seed: 42, Size: 24x20"))
-    model = model_files["compact-x4.pth"][0]
+    model = model_file("compact-x4.pth")[0]
     args = ["upscale", str(path), "--upscaler", str(model), "--scale", "2", "--output-dir", str(tmp_path / "out"),
             "--tile", "16", "--tile-overlap", "4"]
     assert main(args) == 0
@@ -272,7 +272,7 @@ def test_cli_upscale_errors(tmp_path, capsys, extra, message):
 # --- the server: /sdapi/v1/upscalers and /sdapi/v1/extra-single-image ------------------------------------------
 
 @pytest.fixture(scope="module")
-def client(model_files, tmp_path_factory):
+def client(model_file, tmp_path_factory):
     """The app with an upscaler folder (two models and a file that is no upscaler) and a stand-in for the SD model,
     which these routes never use; max_pixels 256x256."""
     fastapi_testclient = pytest.importorskip("fastapi.testclient")
@@ -281,8 +281,8 @@ def client(model_files, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("upscaler-dir")
     (folder / "sub").mkdir()
-    shutil.copy(model_files["compact-x4.pth"][0], folder / "compact-x4.pth")
-    shutil.copy(model_files["realesrgan-x2.pth"][0], folder / "sub" / "realesrgan-x2.pth")
+    shutil.copy(model_file("compact-x4.pth")[0], folder / "compact-x4.pth")
+    shutil.copy(model_file("realesrgan-x2.pth")[0], folder / "sub" / "realesrgan-x2.pth")
     write(folder / "vae.safetensors", {"decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)})
     stand_in = types.SimpleNamespace(weights_file=None, native_size=64, load_embeddings=lambda folder: [])
     config = ServeConfig(model="demo", upscaler_dir=folder, limits=Limits(max_pixels=256 * 256))
@@ -315,7 +315,7 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def test_extra_single_image(client, model_files):
+def test_extra_single_image(client, model_file):
     source = Image.effect_noise((24, 20), 60).convert("RGB")
     body = {"image": png_b64(source, "a cat\nSteps: 5, Seed: 7, Size: 24x20"), "upscaler_1": "sub/realesrgan-x2",
             "upscaling_resize": 3}
@@ -323,7 +323,7 @@ def test_extra_single_image(client, model_files):
     assert answer.status_code == 200, answer.text
     result = answer.json()
     assert result["html_info"] == "<p>Postprocess upscale by: 3, Postprocess upscaler: sub/realesrgan-x2</p>"
-    model = upscalers.load_upscaler(model_files["realesrgan-x2.pth"][0])
+    model = upscalers.load_upscaler(model_file("realesrgan-x2.pth")[0])
     with Image.open(io.BytesIO(base64.b64decode(result["image"]))) as out:
         assert out.size == (72, 56)
         assert out.tobytes() == upscalers.upscale(source, 3, model).tobytes()

@@ -211,6 +211,13 @@ def test_unknown_file_refused(tmp_path):
         upscalers.load_upscaler(tmp_path / "empty.pth")
 
 
+def test_stray_block_refused(tmp_path, model_file):
+    sd = dict(model_file("realesrgan-x4.safetensors")[1])
+    sd["body.999999.rdb1.conv1.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"stray\.safetensors: body\.N keys skip numbers below 999999"):
+        upscalers.load_upscaler(write(tmp_path / "stray.safetensors", sd))
+
+
 def test_wrong_shapes_refused(tmp_path, model_file):
     sd = dict(model_file("realesrgan-x4.safetensors")[1])
     sd["conv_hr.weight"] = torch.zeros(16, 8, 3, 3)

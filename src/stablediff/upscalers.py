@@ -191,6 +191,16 @@ def sequence_length(sd: dict, prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def body_length(sd: dict, prefix: str, path) -> int:
+    """sequence_length of `prefix`, whose indices must have no gaps: CheckpointError otherwise, before a model of a
+    million blocks is built for one stray key."""
+    n = sequence_length(sd, prefix)
+    present = {int(k.split(".")[prefix.count(".") + 1]) for k in sd if k.startswith(prefix + ".")}
+    if present != set(range(n)):
+        raise CheckpointError(f"{path}: {prefix}.N keys skip numbers below {n - 1}; a truncated or damaged file?")
+    return n
+
+
 def old_esrgan_names(sd: dict) -> dict:
     """The original ESRGAN's flat `model.N` sequence -> Real-ESRGAN's names. The sequence is conv, shortcut(RRDBs,
     conv), then per 2x upsample (upsample, conv, act), then conv, act, conv: 5 + 3 x upsamples entries."""
@@ -237,12 +247,12 @@ def rrdb_config(sd: dict, path) -> RRDBConfig:
     ups = sum(1 for k in sd if re.fullmatch(r"conv_up\d\.weight", k))
     if 2**ups < unshuffle:
         raise CheckpointError(f"{path}: RRDBNet that unshuffles by {unshuffle} but upsamples only {2**ups}x")
-    return RRDBConfig(in_channels=cin, out_channels=cout, features=features, blocks=sequence_length(sd, "body"),
+    return RRDBConfig(in_channels=cin, out_channels=cout, features=features, blocks=body_length(sd, "body", path),
                       growth=sd["body.0.rdb1.conv1.weight"].shape[0], upsamples=ups, unshuffle=unshuffle)
 
 
 def srvgg_config(sd: dict, path) -> SRVGGConfig:
-    last = sequence_length(sd, "body") - 1
+    last = body_length(sd, "body", path) - 1
     cin, features = sd["body.0.weight"].shape[1], sd["body.0.weight"].shape[0]
     shuffled = sd[f"body.{last}.weight"].shape[0]  # out_channels x scale^2
     cout = next((c for c in (cin, 3, 4, 1) if shuffled % c == 0 and math.isqrt(shuffled // c) ** 2 == shuffled // c),

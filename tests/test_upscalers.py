@@ -211,6 +211,19 @@ def test_unknown_file_refused(tmp_path):
         upscalers.load_upscaler(tmp_path / "empty.pth")
 
 
+@pytest.mark.parametrize("sd, message", [
+    ({k: torch.zeros(3) for k in ("conv_first.weight", "body.0.rdb1.conv1.weight", "conv_body.weight",
+                                  "conv_last.weight")}, r"conv_first\.weight has shape \(3,\), not a convolution's"),
+    ({"body.0.weight": torch.zeros(8, 3, 3, 3), "body.1.weight": torch.zeros(8), "body.2.bias": torch.zeros(48)},
+     r"body\.2\.weight is missing"),
+    ({"body.0.weight": torch.zeros(8, 0, 3, 3), "body.1.weight": torch.zeros(8),
+      "body.2.weight": torch.zeros(7, 8, 3, 3)}, "SRVGGNetCompact whose last layer has 7 channels"),
+], ids=["rrdb-1d", "srvgg-no-last-weight", "srvgg-7-channels"])
+def test_malformed_refused(tmp_path, sd, message):
+    with pytest.raises(CheckpointError, match=r"odd\.safetensors: " + message):
+        upscalers.load_upscaler(write(tmp_path / "odd.safetensors", sd))
+
+
 def test_stray_block_refused(tmp_path, model_file):
     sd = dict(model_file("realesrgan-x4.safetensors")[1])
     sd["body.999999.rdb1.conv1.weight"] = torch.zeros(1)

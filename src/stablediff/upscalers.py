@@ -185,19 +185,22 @@ def read_weights(path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def indices(sd: dict, prefix: str) -> set[int]:
+    """The N of the keys `prefix.N....`."""
+    return {int(m[1]) for k in sd if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
+
+
 def sequence_length(sd: dict, prefix: str) -> int:
     """1 + the highest N of the keys `prefix.N....` (0 when there are none)."""
-    found = [int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"\.(\d+)\.", k)] if m]
-    return max(found) + 1 if found else 0
+    return max(indices(sd, prefix), default=-1) + 1
 
 
-def body_length(sd: dict, prefix: str, path) -> int:
-    """sequence_length of `prefix`, whose indices must have no gaps: CheckpointError otherwise, before a model of a
-    million blocks is built for one stray key."""
-    n = sequence_length(sd, prefix)
-    present = {int(k.split(".")[prefix.count(".") + 1]) for k in sd if k.startswith(prefix + ".")}
-    if present != set(range(n)):
-        raise CheckpointError(f"{path}: {prefix}.N keys skip numbers below {n - 1}; a truncated or damaged file?")
+def body_length(sd: dict, path) -> int:
+    """The length of the `body.N` sequence, whose indices must have no gaps: CheckpointError otherwise, before a
+    model of a million blocks is built for one stray key."""
+    n = sequence_length(sd, "body")
+    if indices(sd, "body") != set(range(n)):
+        raise CheckpointError(f"{path}: body.N keys skip numbers below {n - 1}; a truncated or damaged file?")
     return n
 
 
@@ -233,30 +236,44 @@ def detect(sd: dict, path) -> RRDBConfig | SRVGGConfig:
     for one that is not an upscaler we know."""
     if {"conv_first.weight", "body.0.rdb1.conv1.weight", "conv_body.weight", "conv_last.weight"} <= sd.keys():
         return rrdb_config(sd, path)
-    if {"body.0.weight", "body.1.weight"} <= sd.keys() and sd["body.0.weight"].ndim == 4:
+    if {"body.0.weight", "body.1.weight"} <= sd.keys():
         return srvgg_config(sd, path)
     keys = sorted(sd)
     raise CheckpointError(f"{path}: not an upscaler stablediff knows (ESRGAN / Real-ESRGAN RRDBNet or "
                           f"SRVGGNetCompact); its keys: {few(keys)}")
 
 
+def conv_shape(sd: dict, key: str, path) -> tuple[int, int]:
+    """(out, in) channels of a convolution weight; CheckpointError for a missing one or a tensor that is not 4-D."""
+    if key not in sd:
+        raise CheckpointError(f"{path}: {key} is missing")
+    shape = tuple(sd[key].shape)
+    if len(shape) != 4:
+        raise CheckpointError(f"{path}: {key} has shape {shape}, not a convolution's (4 dimensions)")
+    return shape[0], shape[1]
+
+
 def rrdb_config(sd: dict, path) -> RRDBConfig:
-    cin, features = sd["conv_first.weight"].shape[1], sd["conv_first.weight"].shape[0]
-    cout = sd["conv_last.weight"].shape[0]
+    features, cin = conv_shape(sd, "conv_first.weight", path)
+    cout, _ = conv_shape(sd, "conv_last.weight", path)
     unshuffle = next((f for f in (2, 4) if cin == cout * f * f), 1)
     ups = sum(1 for k in sd if re.fullmatch(r"conv_up\d\.weight", k))
     if 2**ups < unshuffle:
         raise CheckpointError(f"{path}: RRDBNet that unshuffles by {unshuffle} but upsamples only {2**ups}x")
-    return RRDBConfig(in_channels=cin, out_channels=cout, features=features, blocks=body_length(sd, "body", path),
-                      growth=sd["body.0.rdb1.conv1.weight"].shape[0], upsamples=ups, unshuffle=unshuffle)
+    return RRDBConfig(in_channels=cin, out_channels=cout, features=features, blocks=body_length(sd, path),
+                      growth=conv_shape(sd, "body.0.rdb1.conv1.weight", path)[0], upsamples=ups,
+                      unshuffle=unshuffle)
+
+
+def is_square(n: int) -> bool:
+    return math.isqrt(n) ** 2 == n
 
 
 def srvgg_config(sd: dict, path) -> SRVGGConfig:
-    last = body_length(sd, "body", path) - 1
-    cin, features = sd["body.0.weight"].shape[1], sd["body.0.weight"].shape[0]
-    shuffled = sd[f"body.{last}.weight"].shape[0]  # out_channels x scale^2
-    cout = next((c for c in (cin, 3, 4, 1) if shuffled % c == 0 and math.isqrt(shuffled // c) ** 2 == shuffled // c),
-                None)
+    last = body_length(sd, path) - 1
+    features, cin = conv_shape(sd, "body.0.weight", path)
+    shuffled, _ = conv_shape(sd, f"body.{last}.weight", path)  # out_channels x scale^2
+    cout = next((c for c in (cin, 3, 4, 1) if c and shuffled % c == 0 and is_square(shuffled // c)), None)
     if cout is None:
         raise CheckpointError(f"{path}: SRVGGNetCompact whose last layer has {shuffled} channels, which is no "
                               f"scale^2 x 1, 3 or 4 channels")

@@ -216,6 +216,28 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     info.add_argument("model", metavar="MODEL", help="a .safetensors/.ckpt file, a diffusers folder or a Hub id")
     info.set_defaults(func=cmd_info)
 
+    ups = sub.add_parser("upscale", help="upscale an image with an ESRGAN / Real-ESRGAN model, Lanczos or Nearest",
+                         description="Upscale IN.png by --scale with an upscaler model file (ESRGAN, Real-ESRGAN "
+                                     "RRDBNet or Compact, .pth or .safetensors) or a resampling filter; prints the "
+                                     "saved PNG's path. As AUTOMATIC1111: the size is int(side x scale) rounded down "
+                                     "to a multiple of 8; a model of another scale is run again or Lanczos-resized.")
+    ups.add_argument("image", metavar="IN.png", type=Path, help="the image to upscale")
+    ups.add_argument("--upscaler", required=True, metavar="FILE|lanczos|nearest",
+                     help="a .pth/.safetensors upscaler model, or lanczos or nearest")
+    ups.add_argument("--scale", type=float, default=2.0, metavar="S", help="upscale factor in 1..8 (default: 2)")
+    ups.add_argument("--tile", type=int, default=None, metavar="PX",
+                     help="a model sees tiles of this many pixels a side, 0 = the whole image (default: 192, "
+                          "A1111's ESRGAN_tile)")
+    ups.add_argument("--tile-overlap", type=int, default=None, metavar="PX",
+                     help="pixels neighbouring tiles share; each keeps its half (default: 16)")
+    ups.add_argument("--output-dir", default="outputs", metavar="DIR", type=Path,
+                     help="where the PNG goes, created if missing, named NNNNN-SEED.png (default: outputs)")
+    from .limits import Limits  # a local name of this function (the serve block imports it too)
+
+    ups.add_argument("--max-pixels", type=int, default=Limits.max_pixels, metavar="N",
+                     help=f"refuse an output of more pixels than this (default: {Limits.max_pixels:,})")
+    ups.set_defaults(func=cmd_upscale)
+
     srv = sub.add_parser("serve", help="serve AUTOMATIC1111's HTTP API and a web page",
                          description="Serve AUTOMATIC1111's /sdapi/v1 API (txt2img, img2img, progress, interrupt, "
                                      "options, ...) and a web page at /, on FastAPI + uvicorn. Needs the `server` "
@@ -626,6 +648,63 @@ def cmd_info(args: argparse.Namespace) -> int:
         rows.append([name, f"{_count(total)} parameters in {len(sd)} tensors, {'/'.join(dtypes) or '-'}"])
     print(_table(rows))
     return 0
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    """Upscale one image (upscalers.upscale) and save it as A1111's extras do: the input's generation parameters
+    kept, a postprocessing text added, never over an existing file. Bad input exits 2 before any work."""
+    from . import upscalers
+    from .images import save_png_bytes
+
+    image, parameters, tile, overlap = _check_upscale_args(args)
+    name, upscaler = _upscaler_arg(args.upscaler)
+    check_output_dir(args.output_dir)
+    image = upscalers.upscale(image, args.scale, upscaler, tile=tile, overlap=overlap)
+    data = upscalers.png_bytes(image, parameters, upscalers.postprocess_info(args.scale, name))
+    try:
+        print(save_png_bytes(data, args.output_dir, upscalers.source_seed(parameters)), flush=True)
+    except OSError as e:
+        raise UsageError(str(e), code=1) from None
+    return 0
+
+
+def _check_upscale_args(args: argparse.Namespace):
+    """The scale, tiling, image and output size of `upscale`, checked -> (image, its parameters or None, tile,
+    overlap)."""
+    from . import upscalers
+    from .images import open_image
+
+    if not (math.isfinite(args.scale) and 1 <= args.scale <= upscalers.MAX_SCALE):
+        raise UsageError(f"--scale {args.scale} is outside 1..{upscalers.MAX_SCALE}")
+    tile = upscalers.TILE if args.tile is None else args.tile
+    overlap = upscalers.TILE_OVERLAP if args.tile_overlap is None else args.tile_overlap
+    try:
+        upscalers.check_tiling(tile, overlap)
+    except ValueError as e:
+        raise UsageError(f"--tile {tile} --tile-overlap {overlap}: {e}") from None
+    try:
+        image = open_image(args.image)
+        width, height = upscalers.target_size(image.size, args.scale)
+        Limits(max_pixels=args.max_pixels).check("max_pixels", f"upscaled size {width}x{height} =", width * height)
+    except ValueError as e:  # a LimitError, a bound below 1, an unreadable image
+        raise UsageError(str(e)) from None
+    return image, image.info.get("parameters"), tile, overlap
+
+
+def _upscaler_arg(value: str):
+    """--upscaler -> (its name for the postprocessing text, a RESAMPLERS name or the loaded model)."""
+    from . import upscalers
+
+    resampler = {name.lower(): name for name in upscalers.RESAMPLERS}.get(value.lower())
+    if resampler is not None and not Path(value).is_file():
+        return resampler, resampler
+    if not Path(value).is_file():
+        raise UsageError(f"--upscaler {value}: no such file; give a .pth/.safetensors upscaler model, lanczos or "
+                         "nearest")
+    try:
+        return Path(value).stem, upscalers.load_upscaler(value)
+    except ValueError as e:  # CheckpointError
+        raise UsageError(f"--upscaler {e}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

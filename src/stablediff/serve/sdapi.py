@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import io
+import logging
 import random
 from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
@@ -20,12 +22,14 @@ from typing import Annotated, Literal, NamedTuple
 from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from .. import __version__, a1111, images, samplers
+from .. import __version__, a1111, images, samplers, upscalers
 from ..limits import LimitError, Limits
 from ..params import MAX_SEED, GenerationParams
 from ..pipeline import Cancelled, StableDiffusion
 from ..schedule import NoiseSchedule
 from .worker import ClientError, Job
+
+log = logging.getLogger("stablediff.serve.sdapi")
 
 MAX_BATCH_SIZE = 16  # per iteration; A1111's web UI allows 8 (the Limits apply as well)
 MAX_N_ITER = 100  # as A1111's web UI
@@ -318,3 +322,91 @@ def response_info(job: Job, pipe: StableDiffusion, params: GenerationParams, n_i
         clip_skip=params.clip_skip, is_using_inpainting_conditioning=inpainting and pipe.unet.config.in_channels == 9,
         version=f"stablediff {__version__}",
         interrupted=interrupted, sampling_step=job.step, job_id=job.job_id, run_no=job.run_no)
+
+
+# --- extras: upscaling --------------------------------------------------------------------------------------------
+
+NO_UPSCALER = "None"
+LISTED_SCALE = 4  # the scale A1111 lists for its model-free upscalers
+
+
+class ExtrasSingleImageRequest(_Request):
+    """A1111's /extra-single-image request. Only upscaling by a factor (resize_mode 0) with upscaler_1 is done;
+    the other features are refused when asked for, not left out silently."""
+
+    image: str
+    resize_mode: Int = Field(0, ge=0, le=1)  # 0: by upscaling_resize; 1 (to a width and height) is refused
+    show_extras_results: bool = True
+    gfpgan_visibility: Number = Field(0, ge=0, le=1, allow_inf_nan=False)
+    codeformer_visibility: Number = Field(0, ge=0, le=1, allow_inf_nan=False)
+    codeformer_weight: Number = Field(0, ge=0, le=1, allow_inf_nan=False)
+    upscaling_resize: Number = Field(2, ge=1, le=upscalers.MAX_SCALE, allow_inf_nan=False)
+    upscaling_resize_w: Int = Field(512, ge=1)
+    upscaling_resize_h: Int = Field(512, ge=1)
+    upscaling_crop: bool = True
+    upscaler_1: str = NO_UPSCALER
+    upscaler_2: str = NO_UPSCALER
+    extras_upscaler_2_visibility: Number = Field(0, ge=0, le=1, allow_inf_nan=False)
+    upscale_first: bool = False
+
+
+def upscaler_list(folder: Path | None) -> list[dict]:
+    """A1111's /upscalers: None, Lanczos and Nearest, then the model files in `folder` by name (their path relative
+    to it, without the suffix; `model_path` is that relative path, never the server's), with the architecture and
+    scale read from their weights. A file that is not an upscaler we can read is logged and left out."""
+    rows = [dict(name=name, model_name=None, model_path=None, model_url=None, scale=LISTED_SCALE)
+            for name in (NO_UPSCALER, *upscalers.RESAMPLERS)]
+    for name, path in (upscalers.find_models(folder) if folder is not None else {}).items():
+        try:
+            _, config = upscalers.read_upscaler(path)
+        except ValueError as e:
+            log.warning("upscaler %s left out: %s", name, e)
+            continue
+        rows.append(dict(name=name, model_name=upscalers.architecture(config), model_path=name + path.suffix,
+                         model_url=None, scale=config.scale))
+    return rows
+
+
+def upscaler_source(name: str, folder: Path | None) -> str | Path:
+    """What an upscaler name stands for: "None", a RESAMPLERS name or a file in `folder` (by name only: a file that
+    is no upscaler is refused when the job loads it); ClientError (422) naming the choices for another."""
+    if name == NO_UPSCALER or name in upscalers.RESAMPLERS:
+        return name
+    models = upscalers.find_models(folder) if folder is not None else {}
+    if name not in models:
+        choices = ", ".join([NO_UPSCALER, *upscalers.RESAMPLERS, *models])
+        raise ClientError(422, f"upscaler_1 {name!r} is not one of: {choices}")
+    return models[name]
+
+
+def check_extras(req: ExtrasSingleImageRequest, limits: Limits, folder: Path | None) -> tuple[Image.Image, str | Path]:
+    """An extras request checked before it is queued -> (its image, its upscaler: upscaler_source's). What we do
+    not offer (resize to a size, face restoration, a second upscaler) and an output over --max-pixels: 422."""
+    if req.resize_mode != 0:
+        raise ClientError(422, "resize_mode 1 (to a width and height) is not supported; use resize_mode 0 and "
+                               "upscaling_resize")
+    if req.gfpgan_visibility or req.codeformer_visibility:
+        raise ClientError(422, "gfpgan_visibility/codeformer_visibility: face restoration is not supported")
+    if req.upscaler_2 != NO_UPSCALER and req.extras_upscaler_2_visibility:
+        raise ClientError(422, "upscaler_2: a second upscaler is not supported")
+    source = upscaler_source(req.upscaler_1, folder)
+    image = decode_image(req.image, "image")
+    if source != NO_UPSCALER:
+        try:
+            width, height = upscalers.target_size(image.size, req.upscaling_resize)
+            limits.check("max_pixels", f"upscaled size {width}x{height} =", width * height)
+        except ValueError as e:  # a LimitError too
+            raise ClientError(422, str(e)) from None
+    return image, source
+
+
+def extras(req: ExtrasSingleImageRequest, image: Image.Image, source: str | Path) -> dict:
+    """Run an extras request (check_extras's image and upscaler) on the worker thread: {"html_info", "image"} as
+    A1111 answers, the PNG keeping the source's generation parameters."""
+    parameters, info = image.info.get("parameters"), None
+    if source != NO_UPSCALER:
+        upscaler = source if isinstance(source, str) else upscalers.load_upscaler(source)
+        image = upscalers.upscale(image, req.upscaling_resize, upscaler)
+        info = upscalers.postprocess_info(req.upscaling_resize, req.upscaler_1)
+    data = upscalers.png_bytes(image, parameters, info)
+    return {"html_info": f"<p>{html.escape(info or '')}</p>", "image": base64.b64encode(data).decode("ascii")}

@@ -78,8 +78,9 @@ from .. import __version__, images, malloc, samplers
 from .guards import BasicAuth, BodyLimit, HostCheck, PostGuard, read_timeout_protocol
 from ..limits import NATIVE_SIZE, Limits
 from ..pipeline import Cancelled, StableDiffusion, resolve_device
-from .sdapi import (SCHEDULERS, SETTINGS, Img2ImgRequest, OverrideSettings, PngInfoRequest, Txt2ImgRequest,
-                    check_prompt_length, check_request, decode_image, generate)
+from .sdapi import (SCHEDULERS, SETTINGS, ExtrasSingleImageRequest, Img2ImgRequest, OverrideSettings,
+                    PngInfoRequest, Txt2ImgRequest, check_extras, check_prompt_length, check_request, decode_image,
+                    extras, generate, upscaler_list)
 from .worker import Catalog, ClientError, Job, ModelEntry, Worker, startup_model
 
 log = logging.getLogger("stablediff.serve.server")
@@ -110,6 +111,7 @@ class ServeConfig:
     keep_alive: int = 5  # seconds an idle connection stays open after a response
     limit_concurrency: int = 64  # connections served at once; more get 503
     shutdown_timeout: int = 5  # seconds requests may still run after SIGINT/SIGTERM cancelled their jobs
+    upscaler_dir: Path | None = None  # .pth/.safetensors upscalers clients may name, besides Lanczos and Nearest
 
     @property
     def host_names(self) -> tuple[str, ...]:
@@ -359,6 +361,19 @@ async def png_info(req: PngInfoRequest):
     text = image.info.get("parameters", "")
     items = {k: v for k, v in image.info.items() if isinstance(v, str) and k != "parameters"}
     return {"info": text, "items": items, "parameters": images.parse_infotext(text) if text else {}}
+
+
+@router.get("/sdapi/v1/upscalers")
+async def upscalers(request: Request):
+    return await asyncio.to_thread(upscaler_list, request.app.state.config.upscaler_dir)
+
+
+@router.post("/sdapi/v1/extra-single-image")
+async def extra_single_image(req: ExtrasSingleImageRequest, request: Request):
+    """Upscale one image (sdapi.check_extras, then sdapi.extras as a job in queue order)."""
+    config = request.app.state.config
+    image, source = await asyncio.to_thread(check_extras, req, config.limits, config.upscaler_dir)
+    return await run(request, Job("extras", lambda job: extras(req, image, source)))
 
 
 @router.get("/sdapi/v1/scripts")

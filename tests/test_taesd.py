@@ -2,6 +2,7 @@
 diffusers' save_pretrained) and from the original madebyollin files (written through our key table, and checked
 against the original nn.Sequential layout); the cheap preview against hand-computed numbers."""
 
+import collections
 import json
 
 import pytest
@@ -137,6 +138,9 @@ def test_bad_files_and_configs_are_refused(tmp_path):
         TinyAutoencoderConfig.from_dict({"encoder_block_out_channels": [64, 128, 64, 64]})
     with pytest.raises(ValueError, match="3 decoder_block_out_channels but 4"):
         TinyAutoencoderConfig.from_dict({"decoder_block_out_channels": [64, 64, 64]})
+    torch.save({"1.weight": collections.Counter()}, tmp_path / "code.pth")  # a global that is not a tensor
+    with pytest.raises(CheckpointError, match="refused to load: its pickle asks for collections.Counter"):
+        load_taesd(tmp_path / "code.pth")
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({"scaling_factor": 0.18215}))
     with pytest.raises(ValueError, match="scaling_factor=0.18215 is not supported"):

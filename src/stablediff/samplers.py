@@ -6,10 +6,11 @@
 History (previous derivatives, denoised estimates) lives in local variables.
 
 Two families share the table `SAMPLERS`, named so that a name says which one it is:
-  * "diffusers" (snake_case names: euler, euler_a, dpmpp_2m, ...; and DDIM, PLMS, UniPC, DDPM, DEIS): each
+  * "diffusers" (snake_case names: euler, euler_a, dpmpp_2m, ddim, pndm, unipc, ...; and DDPM, DEIS): each
     reproduces one diffusers scheduler as StableDiffusionPipeline drives it;
-  * "a1111" (AUTOMATIC1111's labels: "Euler a", "DPM++ 2M", "DPM++ 2M SDE", ...): each reproduces A1111 v1.10, i.e.
-    k-diffusion's sample_* update rule with A1111's schedules and rules (a1111.py).
+  * "a1111" (AUTOMATIC1111's labels: "Euler a", "DPM++ 2M", "DDIM", "PLMS", "Restart", ...): each reproduces A1111
+    v1.10, i.e. k-diffusion's sample_* update rule (or A1111's own, ksampling.py) with A1111's schedules and rules
+    (a1111.py); its timestep samplers ("DDIM", "PLMS") get A1111's integer timesteps (see `_prepare_timesteps`).
 `prepare` builds a family's sigmas and timesteps; `SamplingPlan.sample` runs it.
 
 The diffusers family is rewritten in
@@ -34,51 +35,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import a1111, rng
+from . import a1111
+from .ksampling import PLMS_WEIGHTS as _PLMS_WEIGHTS
+from .ksampling import ancestral_step, as_float32 as _float32, draw_noise as _noise, report as _report
+from .ksampling import sample_dpm_adaptive, sample_dpm_fast, sample_dpmpp_2m_sde_heun, sample_dpmpp_2s_a
+from .ksampling import sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_k_dpmpp_2m_sde, sample_lcm, sample_plms
+from .ksampling import sample_restart, step_pairs as _steps
 from .schedule import NoiseSchedule, TimestepMap, discretize
-
-
-def _noise(x: torch.Tensor, generator) -> torch.Tensor:
-    """Unit normal noise shaped like x, drawn exactly as diffusers' `randn_tensor(x.shape, generator)` draws it:
-    from one generator, or one (1, ...) draw from each generator of a list (any of rng.draw's generators), or the
-    next noise of an rng.ImageRNG (A1111's per-image generators)."""
-    if isinstance(generator, rng.ImageRNG):
-        return generator.next().to(x.device, x.dtype)
-    if isinstance(generator, (list, tuple)) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-        noise = torch.cat([rng.draw(g, (1, *x.shape[1:]), x.device) for g in generator])
-    else:
-        noise = rng.draw(generator or torch.default_generator, x.shape, x.device)
-    return noise.to(x.device, x.dtype)
-
-
-def _float32(x, sigmas):
-    return x.to(torch.float32), torch.as_tensor(sigmas, dtype=torch.float32).cpu()
-
-
-def _steps(sigmas):
-    """(i, sigma, sigma_next) for each step."""
-    return ((i, sigmas[i], sigmas[i + 1]) for i in range(len(sigmas) - 1))
-
-
-def _report(callback, i, x, sigma, sigma_next, denoised):
-    """Run the step callback. It may return a replacement for x (inpainting blends the known latents back in, as
-    diffusers does to `latents` after each scheduler step); otherwise x goes on unchanged."""
-    if callback is None:
-        return x
-    out = callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
-    return x if out is None else out
-
-
-def ancestral_step(sigma, sigma_next):
-    """Split a step sigma -> sigma_next into a deterministic step down to sigma_down and fresh noise of sigma_up
-    (eta = 1), so that sigma_down**2 + sigma_up**2 = sigma_next**2."""
-    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-    return sigma_down, sigma_up
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,10 +184,6 @@ def sample_lms(denoiser, x, sigmas, *, generator=None, callback=None, order: int
         x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
         x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
-
-
-# Adams-Bashforth weights of PLMS for 1..4 past derivatives, newest first
-_PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
 def sample_pndm(denoiser, x, sigmas, *, generator=None, callback=None):
@@ -378,133 +337,6 @@ def sample_deis(denoiser, x, sigmas, *, generator=None, callback=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# k-diffusion's DPM-Solver++ ancestral and SDE samplers (A1111's "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE (Heun)",
-# "DPM++ 3M SDE"), eta = 1 and s_noise = 1 as A1111 runs them, in k-diffusion's variables: t = lambda = -log(sigma)
-
-
-def _sigma(t):
-    return t.neg().exp()
-
-
-def _brownian(x, sigmas, generator, noise_range):
-    """Brownian-tree noise over noise_range (the whole run's (sigma_min, sigma_max), which an img2img plan knows),
-    by default over these sigmas' range, as k-diffusion does."""
-    lo, hi = noise_range if noise_range is not None else (sigmas[sigmas > 0].min(), sigmas.max())
-    return a1111.BrownianNoise(x, lo, hi, generator)
-
-
-def sample_dpmpp_2s_a(denoiser, x, sigmas, *, generator=None, callback=None):
-    """DPM-Solver++(2S) ancestral: a second-order single-step update down to sigma_down (its midpoint halfway in
-    lambda), then fresh noise of sigma_up from `generator`; Euler and no noise on the step to 0."""
-    x, sigmas = _float32(x, sigmas)
-    for i, sigma, sigma_next in _steps(sigmas):
-        denoised = denoiser(x, sigma)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
-        if sigma_down == 0:
-            x = x + (x - denoised) / sigma * (sigma_down - sigma)
-        else:
-            t, t_next = sigma.log().neg(), sigma_down.log().neg()
-            h = t_next - t
-            s = t + h * 0.5
-            x_2 = (_sigma(s) / _sigma(t)) * x - (-h * 0.5).expm1() * denoised
-            denoised_2 = denoiser(x_2, _sigma(s))
-            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
-        if sigma_next > 0:
-            x = x + _noise(x, generator) * sigma_up
-        x = _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
-
-
-def sample_dpmpp_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None, r: float = 0.5):
-    """DPM-Solver++ SDE (k-diffusion's `sample_dpmpp_sde`): two stochastic ancestral sub-steps per step, the first
-    to lambda + r * h, the second with a combination of both D; Brownian-tree noise. Euler on the step to 0."""
-    x, sigmas = _float32(x, sigmas)
-    noise = _brownian(x, sigmas, generator, noise_range)
-    for i, sigma, sigma_next in _steps(sigmas):
-        denoised = denoiser(x, sigma)
-        if sigma_next == 0:
-            x = x + (x - denoised) / sigma * (sigma_next - sigma)
-        else:
-            t, t_next = sigma.log().neg(), sigma_next.log().neg()
-            h = t_next - t
-            s = t + h * r
-            fac = 1 / (2 * r)
-            sd, su = ancestral_step(_sigma(t), _sigma(s))
-            s_ = sd.log().neg()
-            x_2 = (_sigma(s_) / _sigma(t)) * x - (t - s_).expm1() * denoised
-            x_2 = x_2 + noise(_sigma(t), _sigma(s)) * su
-            denoised_2 = denoiser(x_2, _sigma(s))
-            sd, su = ancestral_step(_sigma(t), _sigma(t_next))
-            t_next_ = sd.log().neg()
-            denoised_d = (1 - fac) * denoised + fac * denoised_2
-            x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * denoised_d
-            x = x + noise(_sigma(t), _sigma(t_next)) * su
-        x = _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
-
-
-def _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun: bool):
-    """DPM-Solver++(2M) SDE as k-diffusion's `sample_dpmpp_2m_sde` (eta 1): the second-order correction with the
-    midpoint or Heun's weights, Brownian-tree noise, and the step to 0 returning D itself."""
-    x, sigmas = _float32(x, sigmas)
-    noise = _brownian(x, sigmas, generator, noise_range)
-    old_denoised, h, h_last = None, None, None
-    for i, sigma, sigma_next in _steps(sigmas):
-        denoised = denoiser(x, sigma)
-        if sigma_next == 0:
-            x_next = denoised
-        else:
-            h_last, h = h, sigma.log() - sigma_next.log()
-            phi = (-2 * h).expm1().neg()  # 1 - exp(-(1 + eta) h)
-            x_next = sigma_next / sigma * (-h).exp() * x + phi * denoised
-            if old_denoised is not None:
-                weight = phi / (-2 * h) + 1 if heun else 0.5 * phi
-                x_next = x_next + weight * (1 / (h_last / h)) * (denoised - old_denoised)
-            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt()
-        x, old_denoised = _report(callback, i, x_next, sigma, sigma_next, denoised), denoised
-    return x
-
-
-def sample_k_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
-    """A1111's "DPM++ 2M SDE": k-diffusion's midpoint form, Brownian-tree noise."""
-    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=False)
-
-
-def sample_dpmpp_2m_sde_heun(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
-    """A1111's "DPM++ 2M SDE Heun": k-diffusion's solver_type="heun" weights, Brownian-tree noise."""
-    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=True)
-
-
-def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
-    """DPM-Solver++(3M) SDE (k-diffusion's `sample_dpmpp_3m_sde`, eta 1): third-order multistep on the last three
-    D (first and second order while they are fewer), Brownian-tree noise, the step to 0 returning D."""
-    x, sigmas = _float32(x, sigmas)
-    noise = _brownian(x, sigmas, generator, noise_range)
-    denoised_1, denoised_2, h, h_1, h_2 = None, None, None, None, None
-    for i, sigma, sigma_next in _steps(sigmas):
-        denoised = denoiser(x, sigma)
-        if sigma_next == 0:
-            x_next = denoised
-        else:
-            h = sigma.log() - sigma_next.log()
-            h_eta = h * 2
-            x_next = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
-            phi_2 = h_eta.neg().expm1() / h_eta + 1
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                x_next = x_next + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
-            elif h_1 is not None:
-                x_next = x_next + phi_2 * ((denoised - denoised_1) / (h_1 / h))
-            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt()
-        x = _report(callback, i, x_next, sigma, sigma_next, denoised)
-        denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
-    return x
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # the table of samplers, name lookup, and the plan (sigmas + timesteps) for a run
 
 
@@ -515,7 +347,7 @@ class Sampler:
 
     name: str
     fn: Callable
-    label: str  # display name: AUTOMATIC1111's for the a1111 family (and DDIM, PLMS, UniPC, which only we have)
+    label: str  # display name: AUTOMATIC1111's for the a1111 family (and UniPC, DDPM, DEIS for diffusers')
     aliases: tuple[str, ...] = ()
     family: str = "diffusers"
     supports_karras: bool = False  # diffusers family: the class takes use_karras_sigmas (a1111: every schedule)
@@ -530,6 +362,9 @@ class Sampler:
     default_schedule: str | None = None  # a1111: what its "Automatic" schedule is (None: uniform)
     discard_penultimate: bool = False  # a1111: one step more, then the next-to-last sigma dropped
     brownian: bool = False  # a1111: Brownian-tree noise over the whole run's sigma range (`noise_range`)
+    timestep_space: bool = False  # a1111: A1111's timestep sampler (DDIM, PLMS): its timesteps, VP start and end
+    sigma_range: bool = False  # a1111: runs over (sigma_min, sigma_max) as A1111 passes them (DPM fast, adaptive)
+    lcm: bool = False  # a1111: LCM's 50-timestep denoiser (a1111.LCMSigmas), whose sigma_to_t the sampler needs
 
 
 _VP = dict(timesteps="dpm", vp_init=True, karras_round=True, supports_karras=True)
@@ -552,9 +387,9 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpmpp_2m_sde", stochastic=True,
             diffusers_class="DPMSolverMultistepScheduler",
             diffusers_kwargs=(("algorithm_type", "sde-dpmsolver++"),), **_VP),
-    # A1111's DDIM, PLMS and UniPC are its own (not k-diffusion) samplers; these labels give diffusers' instead
-    Sampler("ddim", sample_ddim, "DDIM", final="final_alpha", diffusers_class="DDIMScheduler", **_DDIM),
-    Sampler("pndm", sample_pndm, "PLMS", ("plms",), final="final_alpha", diffusers_class="PNDMScheduler", **_DDIM),
+    # "DDIM" and "PLMS" are A1111's own; its UniPC is not implemented here, so the label "UniPC" gives diffusers'
+    Sampler("ddim", sample_ddim, "ddim", final="final_alpha", diffusers_class="DDIMScheduler", **_DDIM),
+    Sampler("pndm", sample_pndm, "pndm", ("plms",), final="final_alpha", diffusers_class="PNDMScheduler", **_DDIM),
     Sampler("unipc", sample_unipc, "UniPC", diffusers_class="UniPCMultistepScheduler", **_VP),
     Sampler("ddpm", sample_ddpm, "DDPM", stochastic=True, diffusers_class="DDPMScheduler", **_DDIM),
     Sampler("deis", sample_deis, "DEIS", final="sigma_min", diffusers_class="DEISMultistepScheduler", **_VP),
@@ -577,8 +412,17 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
             default_schedule="exponential", **_SDE),
     Sampler("DPM++ 3M SDE", sample_dpmpp_3m_sde, "DPM++ 3M SDE", ("k_dpmpp_3m_sde",), default_schedule="exponential",
             discard_penultimate=True, **_SDE),
+    Sampler("DPM fast", sample_dpm_fast, "DPM fast", ("k_dpm_fast",), stochastic=True, sigma_range=True, **_A1111),
+    Sampler("DPM adaptive", sample_dpm_adaptive, "DPM adaptive", ("k_dpm_ad",), stochastic=True, sigma_range=True,
+            **_A1111),
+    Sampler("Restart", sample_restart, "Restart", ("restart",), stochastic=True, default_schedule="karras", **_A1111),
+    # A1111's own samplers outside k-diffusion: sd_samplers_lcm and sd_samplers_timesteps (DDIM is Euler there)
+    Sampler("LCM", sample_lcm, "LCM", ("k_lcm",), stochastic=True, lcm=True, **_A1111),
+    Sampler("DDIM", sample_euler, "DDIM", timestep_space=True, **_A1111),
+    Sampler("PLMS", sample_plms, "PLMS", timestep_space=True, **_A1111),
 ]}
-A1111_MISSING = ("DPM fast", "DPM adaptive", "Restart", "LCM")  # A1111 labels not implemented here
+# A1111 labels not implemented here ("UniPC" gives diffusers' UniPC; "DDIM CFG++" needs the unconditional eps)
+A1111_MISSING = ("UniPC", "DDIM CFG++")
 
 
 def sampler_table() -> list[dict]:
@@ -586,7 +430,9 @@ def sampler_table() -> list[dict]:
     it takes and what "automatic" means for it."""
     rows = []
     for s in SAMPLERS.values():
-        if s.family == "a1111":
+        if s.timestep_space:
+            schedules, automatic = ["automatic"], "A1111 timesteps"
+        elif s.family == "a1111":
             schedules, automatic = list(a1111.SCHEDULES), s.default_schedule or "uniform"
         else:
             schedules, automatic = ["automatic", "karras"] if s.supports_karras else ["automatic"], s.diffusers_class
@@ -630,6 +476,8 @@ def get_sampler(name: str) -> tuple[Sampler, str | None]:
 
 
 def _check_schedule(s: Sampler, schedule: str | None) -> None:
+    if s.timestep_space and schedule is not None:
+        raise ValueError(f"A1111's {s.name!r} samples at its own timesteps and takes no schedule, got {schedule!r}")
     if s.family == "a1111" or schedule is None:
         return
     if schedule != "karras":
@@ -653,16 +501,25 @@ class SamplingPlan:
     sigma_to_t: Callable  # sigma -> timestep (diffusers: exact at `sigmas`; a1111: k-diffusion's, continuous)
     init_noise_scale: float  # txt2img: x = unit noise * init_noise_scale
     noise_range: tuple[torch.Tensor, torch.Tensor] | None = None  # a1111 Brownian noise: the whole run's sigmas
+    sigma_range: tuple[torch.Tensor, torch.Tensor] | None = None  # a1111 DPM fast/adaptive: (sigma_min, sigma_max)
 
     def sample(self, denoiser, x: torch.Tensor, *, generator=None, callback=None) -> torch.Tensor:
-        """Run the sampler over the plan's sigmas (with the Brownian-tree range an img2img run needs)."""
-        extra = {"noise_range": self.noise_range} if self.sampler.brownian else {}
-        return self.sampler.fn(denoiser, x, self.sigmas, generator=generator, callback=callback, **extra)
+        """Run the sampler over the plan's sigmas, with what some A1111 samplers need besides: the Brownian-tree
+        range an img2img run needs, DPM fast/adaptive's sigma range, LCM's timesteps."""
+        s, extra = self.sampler, {}
+        if s.brownian:
+            extra["noise_range"] = self.noise_range
+        if s.sigma_range:
+            extra["sigma_range"] = self.sigma_range
+        if s.lcm:
+            extra["sigma_to_t"] = self.sigma_to_t
+        return s.fn(denoiser, x, self.sigmas, generator=generator, callback=callback, **extra)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """Back to the latent diffusers returns: x / sqrt(1 + sigma_last**2) (identity when it is 0). A1111 decodes
-        x as it is, whatever the last sigma."""
-        if self.sampler.family == "a1111":
+        """Back to the latent diffusers returns: x / sqrt(1 + sigma_last**2) (identity when it is 0), and the VP
+        latent A1111's timestep samplers return. A1111's k-diffusion samplers decode x as it is, whatever the last
+        sigma."""
+        if self.sampler.family == "a1111" and not self.sampler.timestep_space:
             return x
         return x / math.sqrt(1.0 + float(self.sigmas[-1]) ** 2)
 
@@ -685,6 +542,8 @@ def prepare(name: str, noise_schedule: NoiseSchedule, steps: int, *, schedule: s
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if sampler.timestep_space:
+        return _prepare_timesteps(sampler, noise_schedule, steps, strength)
     if sampler.family == "a1111":
         return _prepare_a1111(sampler, noise_schedule, steps, schedule, strength)
     if noise_schedule.clip_sample and sampler.name in ("ddim", "ddpm", "heun"):
@@ -709,7 +568,7 @@ def prepare(name: str, noise_schedule: NoiseSchedule, steps: int, *, schedule: s
 
 def _prepare_a1111(sampler: Sampler, ns: NoiseSchedule, steps: int, schedule: str | None,
                    strength: float) -> SamplingPlan:
-    model = a1111.ModelSigmas.from_schedule(ns)
+    model = (a1111.LCMSigmas if sampler.lcm else a1111.ModelSigmas).from_schedule(ns)
     full = a1111.sigmas(model, steps, schedule or sampler.default_schedule or "uniform",
                         discard_penultimate=sampler.discard_penultimate)
     t_start = 0 if strength >= 1 else steps - int(min(strength, 0.999) * steps) - 1
@@ -717,5 +576,40 @@ def _prepare_a1111(sampler: Sampler, ns: NoiseSchedule, steps: int, schedule: st
     if len(sigmas) < 2:
         raise ValueError(f"strength {strength} leaves no step of {len(full) - 1} to run; raise strength or steps")
     noise_range = (full[full > 0].min(), full.max())
+    # A1111 runs DPM fast/adaptive over the model's sigma range in txt2img, and the kept sigmas' in img2img
+    sigma_range = (model.sigmas[0], model.sigmas[-1]) if strength >= 1 else (sigmas[-2], sigmas[0])
     return SamplingPlan(sampler, schedule, sigmas, model.sigma_to_t(sigmas[:-1]), model, float(sigmas[0]),
-                        noise_range)
+                        noise_range, sigma_range if sampler.sigma_range else None)
+
+
+def a1111_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """A1111's timesteps for its DDIM and PLMS (CompVisSampler.get_timesteps), ascending: 1, 1 + T // steps, ...
+    below T. Sampling visits them top down and ends at the lowest, t = 1: 20 steps are the 20 timesteps
+    1, 51, ..., 951, i.e. 19 model calls from t 951 to t 51 and a last step to t 1."""
+    if not 1 < steps <= num_train_timesteps:
+        raise ValueError(f"A1111's timestep samplers need 2 to {num_train_timesteps} steps, got {steps} "
+                         "(1 step gives the single timestep 1, which runs no step)")
+    return (torch.arange(0, num_train_timesteps, num_train_timesteps // steps) + 1).clamp(0, num_train_timesteps - 1)
+
+
+def _prepare_timesteps(sampler: Sampler, ns: NoiseSchedule, steps: int, strength: float) -> SamplingPlan:
+    """The plan of A1111's DDIM or PLMS: the training sigmas at `a1111_timesteps`, descending, ending at t = 1's, and
+    a sigma_to_t that feeds the U-Net those integer timesteps. x starts as VP noise (unit noise * sqrt(1 + sigma**2))
+    and `finish` returns the VP latent at t = 1, which A1111 decodes.
+
+    img2img keeps timesteps[:t_enc] (t_enc = int(min(strength, 0.999) * steps), t_enc - 1 steps) as A1111 does, but
+    starts from x0 + noise * sigmas[0]: A1111 noises the image to timesteps[t_enc], one level above the first
+    timestep it then evaluates, which the pipeline's start (image + noise at the plan's first sigma) cannot express.
+    """
+    model = a1111.ModelSigmas.from_schedule(ns)
+    timesteps = a1111_timesteps(steps, len(model.sigmas))
+    if strength < 1:
+        timesteps = timesteps[: int(min(strength, 0.999) * steps)]
+        if len(timesteps) < 2:
+            raise ValueError(f"strength {strength} leaves no step of A1111's {sampler.name} with {steps} steps; "
+                             "raise strength or steps")
+    timesteps = timesteps.flip(0)
+    sigmas, t = model.sigmas[timesteps], timesteps.float()
+    sigma_to_t = TimestepMap(sigmas, t, ns.log_sigmas)
+    init_noise_scale = math.sqrt(float(sigmas[0]) ** 2 + 1)
+    return SamplingPlan(sampler, None, sigmas, t[:-1], sigma_to_t, init_noise_scale)

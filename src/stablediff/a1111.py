@@ -135,8 +135,8 @@ class ModelSigmas:
 class LCMSigmas(ModelSigmas):
     """A1111's LCM denoiser (sd_samplers_lcm.LCMCompVisDenoiser): the training sigmas at LCM's 50 original
     timesteps t = 19, 39, ..., 999, and a sigma_to_t that snaps to the nearest of them (in log-sigma), so the U-Net
-    is fed only those. `sigmas` holds the 50, so every schedule (and its sigma_min, 0.1, and sigma_max) works
-    over them, as A1111's schedules do over this denoiser."""
+    is fed only those. `sigmas` holds the 50, so every schedule works over them (sigma_min is t = 19's, about 0.134),
+    as A1111's schedules do over this denoiser."""
 
     skip: int = 20  # 1000 training timesteps / 50 original ones
 

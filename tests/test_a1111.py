@@ -320,12 +320,13 @@ def test_a1111_timesteps_hand_checked():
 
 
 def test_labels_and_snake_names_pick_the_family():
-    assert get_sampler("DDIM")[0].family == get_sampler("PLMS")[0].family == "a1111"
+    assert get_sampler("DDIM")[0].family == get_sampler("PLMS")[0].family == get_sampler("UniPC")[0].family == "a1111"
     assert get_sampler("ddim")[0].name == "ddim" and get_sampler("plms")[0].name == "pndm"
-    assert get_sampler("ddim")[0].family == get_sampler("pndm")[0].family == "diffusers"
+    assert get_sampler("ddim")[0].family == get_sampler("pndm")[0].family == get_sampler("unipc")[0].family \
+        == "diffusers"
     for label in ("DPM fast", "DPM adaptive", "Restart", "LCM", "k_dpm_fast", "k_dpm_ad", "restart", "k_lcm"):
         assert get_sampler(label)[0].family == "a1111"
-    assert A1111_MISSING == ("UniPC", "DDIM CFG++")
+    assert A1111_MISSING == ("DDIM CFG++",)
     with pytest.raises(ValueError, match="DDIM CFG\\+\\+"):
         get_sampler("DDIM CFG++")
 
@@ -393,6 +394,78 @@ def test_timestep_samplers_equal_a1111s_loops(model, name, reference):
         if name == "PLMS":  # the first step's second call, at the next timestep
             expected = [expected[0], *a1111_timesteps(steps)[-2:-1].tolist(), *expected[1:]]
         assert recorder.seen == expected  # integer timesteps only: A1111's, top down, t = 1 never fed
+
+
+def unipc_reference(model, x, steps):
+    """A1111's `unipc` with its default settings (bh1, order 3, time_uniform, lower_order_final, predict_x0),
+    literally in VP space: UniPC's discrete NoiseScheduleVP (log alpha linear in t between t_i = (i + 1) / 1000),
+    model time (t - 1/1000) * 1000, and the multistep UniP / UniC updates (Zhao et al. 2023, Alg. 2/3)."""
+    log_alphas = 0.5 * model.alphas_cumprod.double().log()
+    knots = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)[1:]
+    n = len(range(0, 1000, 1000 // steps))  # A1111 passes steps = len(timesteps)
+
+    def log_alpha(t):
+        return torch.tensor(np.interp(t.double().numpy(), knots.numpy(), log_alphas.numpy()))
+
+    def alpha(t):
+        return log_alpha(t).exp().float()
+
+    def std(t):
+        return (1 - (2 * log_alpha(t)).exp()).sqrt().float()
+
+    def lam(t):
+        return (log_alpha(t) - 0.5 * (1 - (2 * log_alpha(t)).exp()).log()).float()
+
+    def data(x, t):
+        eps = model(x, ((t - 1.0 / 1000) * 1000.0).expand(x.shape[0]))
+        return (x - std(t) * eps) / alpha(t)
+
+    def update(x, models, times, t, order, use_corrector):
+        h = lam(t) - lam(times[-1])
+        rks = [((lam(times[-(i + 1)]) - lam(times[-1])) / h) for i in range(1, order)]
+        d1s = [(models[-(i + 1)] - models[-1]) / rk for i, rk in zip(range(1, order), rks)]
+        r = torch.tensor([*rks, 1.0])
+        hh = -h
+        h_phi_1, h_phi_k, fact, B_h = torch.expm1(hh), torch.expm1(hh) / hh - 1, 1, hh
+        R, b = [], []
+        for i in range(1, order + 1):
+            R.append(r ** (i - 1))
+            b.append(h_phi_k * fact / B_h)
+            fact *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / fact
+        R, b = torch.stack(R), torch.stack(b)
+        x_t_ = std(t) / std(times[-1]) * x - alpha(t) * h_phi_1 * models[-1]
+        rhos_p = torch.tensor([0.5]) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        x_t = x_t_ - alpha(t) * B_h * sum((rho * d for rho, d in zip(rhos_p, d1s)), torch.zeros_like(x))
+        if not use_corrector:
+            return x_t, None
+        model_t = data(x_t, t)
+        rhos_c = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(R, b)
+        res = sum((rho * d for rho, d in zip(rhos_c[:-1], d1s)), torch.zeros_like(x)) + rhos_c[-1] * (model_t - models[-1])
+        return x_t_ - alpha(t) * B_h * res, model_t
+
+    ts = torch.linspace(1.0, 1.0 / 1000, n + 1)
+    models, times = [data(x, ts[0])], [ts[0]]
+    for step in range(1, n + 1):
+        order = min(step, 3, n + 1 - step)
+        x, model_x = update(x, models, times, ts[step], order, use_corrector=step < n)
+        models, times = [*models, model_x][-3:], [*times, ts[step]][-3:]
+    return x
+
+
+def test_unipc_equals_a1111s_unipc(model):
+    for steps in (3, 5, 20, 30):
+        plan = prepare("UniPC", NS, steps)
+        assert len(plan.sigmas) - 1 == len(a1111_timesteps(steps))  # 20 steps: 20; 30 steps: 31
+        x_vp = start_noise(steps, 1.0)
+        ours = plan.finish(plan.sample(EpsDenoiser(model, plan.sigma_to_t), x_vp * plan.init_noise_scale))
+        ref = unipc_reference(model, x_vp.clone(), steps)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    plan = prepare("UniPC", NS, 20)
+    assert plan.timesteps[:3].tolist() == pytest.approx([999.0, 949.05, 899.1], abs=1e-3)  # fractional: 999 k / 20
+    assert plan.sigmas[-1] == pytest.approx(a1111.ModelSigmas.from_schedule(NS).sigma_min, rel=1e-6)  # ends at t 0
+    with pytest.raises(ValueError, match="too few"):
+        prepare("UniPC", NS, 2)
 
 
 def restart_reference(kd, model, x, sigmas):

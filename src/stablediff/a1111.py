@@ -82,6 +82,11 @@ def _ldm_betas(ns: NoiseSchedule) -> np.ndarray:
     return ns.betas.double().numpy()
 
 
+def ldm_alphas_cumprod(ns: NoiseSchedule) -> torch.Tensor:
+    """The LDM model's alphas_cumprod, which A1111's samplers read: cumprod in float64, stored as float32."""
+    return torch.tensor(np.cumprod(1.0 - _ldm_betas(ns)), dtype=torch.float32)
+
+
 @dataclass(frozen=True, eq=False)
 class ModelSigmas:
     """The training sigmas as A1111's k-diffusion wrapper holds them, with its continuous sigma <-> t maps.
@@ -91,7 +96,7 @@ class ModelSigmas:
 
     @classmethod
     def from_schedule(cls, ns: NoiseSchedule) -> "ModelSigmas":
-        alphas_cumprod = torch.tensor(np.cumprod(1.0 - _ldm_betas(ns)), dtype=torch.float32)
+        alphas_cumprod = ldm_alphas_cumprod(ns)
         return cls(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
 
     @property
@@ -269,6 +274,21 @@ def sigmas(m: ModelSigmas, steps: int, schedule: str, *, discard_penultimate: bo
     sigma dropped for samplers marked discard_next_to_last_sigma."""
     out = SCHEDULE_FUNCTIONS[schedule](steps + int(discard_penultimate), m)
     return torch.cat([out[:-2], out[-1:]]) if discard_penultimate else out
+
+
+def unipc_times(ns: NoiseSchedule, n: int, t_start: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A1111's UniPC discretisation (skip type time_uniform on UniPC's discrete NoiseScheduleVP): n steps evenly in
+    continuous time from t_start down to 1/T, where training step i sits at t = (i + 1) / T and log(alpha) is
+    interpolated linearly in t between them. Returns the sigmas (n + 1, sigma = std / alpha) and the timesteps the
+    U-Net is fed there, (t - 1/T) * 1000 (fractional)."""
+    log_alphas = 0.5 * ldm_alphas_cumprod(ns).log()
+    T = len(log_alphas)
+    knots = torch.linspace(0.0, 1.0, T + 1)[1:]
+    t = torch.linspace(t_start, 1.0 / T, n + 1)
+    k = (torch.searchsorted(knots, t) - 1).clamp(0, T - 2)
+    log_alpha = log_alphas[k] + (t - knots[k]) * (log_alphas[k + 1] - log_alphas[k]) / (knots[k + 1] - knots[k])
+    sigmas = (1.0 - (2.0 * log_alpha).exp()).sqrt() / log_alpha.exp()
+    return sigmas, (t - 1.0 / T) * 1000.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

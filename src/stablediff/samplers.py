@@ -253,8 +253,9 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None):
     return _dpmpp_2m(denoiser, x, sigmas, generator, callback, eta=1.0)
 
 
-def _unipc_update(x, sigma_t, history, order: int, denoised_t=None):
-    """One UniPC update with B(h) = expm1(-h) ("bh2") in data-prediction form (Zhao et al. 2023, Alg. 2/3).
+def _unipc_update(x, sigma_t, history, order: int, denoised_t=None, bh1: bool = False):
+    """One UniPC update with B(h) = expm1(-h) ("bh2"; bh1: B(h) = -h) in data-prediction form (Zhao et al. 2023,
+    Alg. 2/3).
 
     history: [(sigma_s0, D_s0), (sigma_s1, D_s1), ...], newest first; x is the sample at sigma_s0.
     Without denoised_t this is the predictor UniP to sigma_t; with it, the corrector UniC using D at sigma_t.
@@ -263,8 +264,8 @@ def _unipc_update(x, sigma_t, history, order: int, denoised_t=None):
     (sigma_s0, m0), older = history[0], history[1:order]
     h = sigma_s0.log() - sigma_t.log()
     hh = -h
-    b_h = torch.expm1(hh)
-    x_t = sigma_t / sigma_s0 * x - b_h * m0  # h * phi_1(h) == B(h) for bh2
+    b_h = hh if bh1 else torch.expm1(hh)
+    x_t = sigma_t / sigma_s0 * x - torch.expm1(hh) * m0  # h * phi_1(h), which is B(h) for bh2
     if not corrector and order == 1:
         return x_t
     rks = [(sigma_s0.log() - s.log()) / h for s, _ in older]  # (lambda_si - lambda_s0) / h
@@ -288,7 +289,7 @@ def _unipc_update(x, sigma_t, history, order: int, denoised_t=None):
     return x_t - b_h * res
 
 
-def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, order: int = 2):
+def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, order: int = 2, bh1: bool = False):
     """UniPC (UniPCMultistepScheduler defaults: order 2, bh2, predict_x0): each new D first corrects the last step
     (UniC, with the order that step used), then a UniP predictor step; the order warms up from 1 and drops to 1 for
     the last step (lower_order_final). The corrector uses D from the uncorrected sample, as diffusers does."""
@@ -298,13 +299,19 @@ def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, order: i
     for i, sigma, sigma_next in _steps(sigmas):
         denoised = denoiser(x, sigma)
         if x_last is not None:
-            x = _unipc_update(x_last, sigma, history, last_order, denoised_t=denoised)
+            x = _unipc_update(x_last, sigma, history, last_order, denoised_t=denoised, bh1=bh1)
         history = [(sigma, denoised), *history][:order]
         last_order = min(order, steps - i, i + 1)
         x_last = x
-        x = _unipc_update(x, sigma_next, history, last_order)
+        x = _unipc_update(x, sigma_next, history, last_order, bh1=bh1)
         x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
+
+
+def sample_a1111_unipc(denoiser, x, sigmas, *, generator=None, callback=None):
+    """A1111's UniPC with its default settings (variant bh1, order 3, lower order final, multistep, predict x0):
+    the same predictor-corrector steps as diffusers' over the plan's sigmas (A1111's continuous times)."""
+    return sample_unipc(denoiser, x, sigmas, generator=generator, callback=callback, order=3, bh1=True)
 
 
 def _deis_coefficient(t, b, c):
@@ -347,7 +354,7 @@ class Sampler:
 
     name: str
     fn: Callable
-    label: str  # display name: AUTOMATIC1111's for the a1111 family (and UniPC, DDPM, DEIS for diffusers')
+    label: str  # display name: AUTOMATIC1111's for the a1111 family (and DDPM, DEIS, which A1111 lacks)
     aliases: tuple[str, ...] = ()
     family: str = "diffusers"
     supports_karras: bool = False  # diffusers family: the class takes use_karras_sigmas (a1111: every schedule)
@@ -362,7 +369,7 @@ class Sampler:
     default_schedule: str | None = None  # a1111: what its "Automatic" schedule is (None: uniform)
     discard_penultimate: bool = False  # a1111: one step more, then the next-to-last sigma dropped
     brownian: bool = False  # a1111: Brownian-tree noise over the whole run's sigma range (`noise_range`)
-    timestep_space: bool = False  # a1111: A1111's timestep sampler (DDIM, PLMS): its timesteps, VP start and end
+    timestep_space: bool = False  # a1111: A1111's timestep sampler (DDIM, PLMS, UniPC): its times, VP start and end
     sigma_range: bool = False  # a1111: runs over (sigma_min, sigma_max) as A1111 passes them (DPM fast, adaptive)
     lcm: bool = False  # a1111: LCM's 50-timestep denoiser (a1111.LCMSigmas), whose sigma_to_t the sampler needs
 
@@ -387,10 +394,10 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpmpp_2m_sde", stochastic=True,
             diffusers_class="DPMSolverMultistepScheduler",
             diffusers_kwargs=(("algorithm_type", "sde-dpmsolver++"),), **_VP),
-    # "DDIM" and "PLMS" are A1111's own; its UniPC is not implemented here, so the label "UniPC" gives diffusers'
+    # the labels "DDIM", "PLMS" and "UniPC" are A1111's own samplers (below)
     Sampler("ddim", sample_ddim, "ddim", final="final_alpha", diffusers_class="DDIMScheduler", **_DDIM),
     Sampler("pndm", sample_pndm, "pndm", ("plms",), final="final_alpha", diffusers_class="PNDMScheduler", **_DDIM),
-    Sampler("unipc", sample_unipc, "UniPC", diffusers_class="UniPCMultistepScheduler", **_VP),
+    Sampler("unipc", sample_unipc, "unipc", diffusers_class="UniPCMultistepScheduler", **_VP),
     Sampler("ddpm", sample_ddpm, "DDPM", stochastic=True, diffusers_class="DDPMScheduler", **_DDIM),
     Sampler("deis", sample_deis, "DEIS", final="sigma_min", diffusers_class="DEISMultistepScheduler", **_VP),
     # AUTOMATIC1111 v1.10's k-diffusion samplers, named by their labels (its samplers_k_diffusion table)
@@ -420,9 +427,9 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("LCM", sample_lcm, "LCM", ("k_lcm",), stochastic=True, lcm=True, **_A1111),
     Sampler("DDIM", sample_euler, "DDIM", timestep_space=True, **_A1111),
     Sampler("PLMS", sample_plms, "PLMS", timestep_space=True, **_A1111),
+    Sampler("UniPC", sample_a1111_unipc, "UniPC", timestep_space=True, **_A1111),
 ]}
-# A1111 labels not implemented here ("UniPC" gives diffusers' UniPC; "DDIM CFG++" needs the unconditional eps)
-A1111_MISSING = ("UniPC", "DDIM CFG++")
+A1111_MISSING = ("DDIM CFG++",)  # A1111 labels not implemented here (CFG++ needs the unconditional eps apart)
 
 
 def sampler_table() -> list[dict]:
@@ -593,23 +600,31 @@ def a1111_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor
 
 
 def _prepare_timesteps(sampler: Sampler, ns: NoiseSchedule, steps: int, strength: float) -> SamplingPlan:
-    """The plan of A1111's DDIM or PLMS: the training sigmas at `a1111_timesteps`, descending, ending at t = 1's, and
-    a sigma_to_t that feeds the U-Net those integer timesteps. x starts as VP noise (unit noise * sqrt(1 + sigma**2))
-    and `finish` returns the VP latent at t = 1, which A1111 decodes.
+    """The plan of A1111's DDIM, PLMS or UniPC, and a sigma_to_t that feeds the U-Net exactly A1111's timesteps.
+    DDIM, PLMS: the training sigmas at `a1111_timesteps`, descending, ending at t = 1's (integer timesteps). UniPC:
+    as many steps as those timesteps, evenly in its continuous time (a1111.unipc_times; fractional timesteps),
+    ending at t = 0's sigma. x starts as VP noise (unit noise * sqrt(1 + sigma**2)) and `finish` returns the VP
+    latent at the last sigma, which A1111 decodes.
 
-    img2img keeps timesteps[:t_enc] (t_enc = int(min(strength, 0.999) * steps), t_enc - 1 steps) as A1111 does, but
-    starts from x0 + noise * sigmas[0]: A1111 noises the image to timesteps[t_enc], one level above the first
-    timestep it then evaluates, which the pipeline's start (image + noise at the plan's first sigma) cannot express.
+    img2img keeps timesteps[:t_enc] (t_enc = int(min(strength, 0.999) * steps)) as A1111 does (UniPC: t_enc steps
+    from just above the last of them), but starts from x0 + noise * sigmas[0]: A1111 noises the image to
+    timesteps[t_enc], one level above where it then starts, which the pipeline's start (image + noise at the plan's
+    first sigma) cannot express.
     """
     model = a1111.ModelSigmas.from_schedule(ns)
     timesteps = a1111_timesteps(steps, len(model.sigmas))
     if strength < 1:
         timesteps = timesteps[: int(min(strength, 0.999) * steps)]
-        if len(timesteps) < 2:
-            raise ValueError(f"strength {strength} leaves no step of A1111's {sampler.name} with {steps} steps; "
-                             "raise strength or steps")
-    timesteps = timesteps.flip(0)
-    sigmas, t = model.sigmas[timesteps], timesteps.float()
+    unipc = sampler.name == "UniPC"
+    if len(timesteps) < (3 if unipc else 2):
+        raise ValueError(f"{steps} steps at strength {strength} leave {len(timesteps)} of A1111's timesteps, too few "
+                         f"for its {sampler.name} ({'3, its order' if unipc else '2'}); raise strength or steps")
+    if unipc:
+        t_start = 1.0 if strength >= 1 else float(timesteps[-1] + 1) / len(model.sigmas)
+        sigmas, t = a1111.unipc_times(ns, len(timesteps), t_start)
+    else:
+        timesteps = timesteps.flip(0)
+        sigmas, t = model.sigmas[timesteps], timesteps.float()
     sigma_to_t = TimestepMap(sigmas, t, ns.log_sigmas)
     init_noise_scale = math.sqrt(float(sigmas[0]) ** 2 + 1)
     return SamplingPlan(sampler, None, sigmas, t[:-1], sigma_to_t, init_noise_scale)

@@ -5,11 +5,12 @@ Every sampler is a plain function over a denoiser D(x, sigma) in sigma space, as
     x = sample_<name>(denoiser, x, sigmas, *, generator=None, callback=None)
 
 Here are k-diffusion's DPM-Solver++ SDE samplers, DPM-Solver fast and adaptive, and A1111 v1.10's own samplers:
-its timestep-space PLMS (sd_samplers_timesteps_impl; its DDIM is Euler in sigma space, see samplers.py), Restart
-(sd_samplers_extra) and LCM (sd_samplers_lcm), each with the arguments A1111 calls it with (eta 1, s_noise 1).
+its timestep-space PLMS (sd_samplers_timesteps_impl; its DDIM is Euler in sigma space and its UniPC diffusers'
+UniPC steps with A1111's settings, both in samplers.py), Restart (sd_samplers_extra) and LCM (sd_samplers_lcm),
+each with the arguments A1111 calls it with (eta 1, s_noise 1).
 
-A1111's timestep samplers work on the VP latent x_t = x / sqrt(1 + sigma**2) at integer timesteps t, with
-sigma = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]). Dividing their updates by sqrt(alphas_cumprod) gives the
+A1111's timestep samplers work on the VP latent x_t = x / sqrt(1 + sigma**2) (DDIM and PLMS at integer timesteps t,
+sigma = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])). Dividing their updates by sqrt(alphas_cumprod) gives the
 sigma-space updates below: DDIM's x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps is x0 + sigma_prev * eps.
 """
 
@@ -20,6 +21,7 @@ import math
 import torch
 
 from . import a1111, rng
+from .schedule import NoiseSchedule
 
 
 def draw_noise(x: torch.Tensor, generator) -> torch.Tensor:
@@ -390,8 +392,9 @@ def lcm_boundary(t: torch.Tensor, sigma_data: float = 0.5) -> tuple[torch.Tensor
 def sample_lcm(denoiser, x, sigmas, *, generator=None, callback=None, sigma_to_t=None):
     """Latent consistency sampling (A1111's `sample_lcm` with its LCM denoiser): each step jumps to the consistency
     function's estimate c_skip * x + c_out * D, at the LCM timestep sigma_to_t gives (a1111.LCMSigmas), then
-    adds fresh noise of the next sigma (none on the step to 0)."""
+    adds fresh noise of the next sigma (none on the step to 0). sigma_to_t: a plan's; by default SD 1.x's."""
     x, sigmas = as_float32(x, sigmas)
+    sigma_to_t = sigma_to_t or a1111.LCMSigmas.from_schedule(NoiseSchedule())
     for i, sigma, sigma_next in step_pairs(sigmas):
         c_skip, c_out = lcm_boundary(sigma_to_t(sigma).float())
         denoised = c_out * denoiser(x, sigma) + c_skip * x

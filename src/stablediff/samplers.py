@@ -10,7 +10,7 @@ Two families share the table `SAMPLERS`, named so that a name says which one it 
     reproduces one diffusers scheduler as StableDiffusionPipeline drives it;
   * "a1111" (AUTOMATIC1111's labels: "Euler a", "DPM++ 2M", "DDIM", "PLMS", "Restart", ...): each reproduces A1111
     v1.10, i.e. k-diffusion's sample_* update rule (or A1111's own, ksampling.py) with A1111's schedules and rules
-    (a1111.py); its timestep samplers ("DDIM", "PLMS") get A1111's integer timesteps (see `_prepare_timesteps`).
+    (a1111.py); its timestep samplers ("DDIM", "PLMS", "UniPC") get A1111's timesteps (see `_prepare_timesteps`).
 `prepare` builds a family's sigmas and timesteps; `SamplingPlan.sample` runs it.
 
 The diffusers family is rewritten in

@@ -315,8 +315,10 @@ def test_a1111_timesteps_hand_checked():
     assert prepare("DDIM", NS, 20, strength=0.5).timesteps.tolist() == list(range(451, 50, -50))  # t_enc 10: 9 steps
     with pytest.raises(ValueError, match="1 step"):
         prepare("DDIM", NS, 1)
-    with pytest.raises(ValueError, match="no schedule"):
-        prepare("PLMS", NS, 10, schedule="karras")
+    for name in ("DDIM", "PLMS", "UniPC"):  # A1111 ignores the schedule type for its timestep samplers
+        ignored = prepare(name, NS, 10, schedule="karras")
+        assert ignored.schedule is None and torch.equal(ignored.sigmas, prepare(name, NS, 10).sigmas)
+    assert get_sampler("DDIM Karras") == (SAMPLERS["DDIM"], "karras")
 
 
 def test_labels_and_snake_names_pick_the_family():

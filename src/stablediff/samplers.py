@@ -369,7 +369,8 @@ class Sampler:
     default_schedule: str | None = None  # a1111: what its "Automatic" schedule is (None: uniform)
     discard_penultimate: bool = False  # a1111: one step more, then the next-to-last sigma dropped
     brownian: bool = False  # a1111: Brownian-tree noise over the whole run's sigma range (`noise_range`)
-    timestep_space: bool = False  # a1111: A1111's timestep sampler (DDIM, PLMS, UniPC): its times, VP start and end
+    timestep_space: bool = False  # a1111: A1111's timestep sampler (DDIM, PLMS, UniPC): its own times, whatever the
+    # schedule (A1111 ignores the schedule type for them), VP start and end
     sigma_range: bool = False  # a1111: runs over (sigma_min, sigma_max) as A1111 passes them (DPM fast, adaptive)
     lcm: bool = False  # a1111: LCM's 50-timestep denoiser (a1111.LCMSigmas), whose sigma_to_t the sampler needs
 
@@ -438,7 +439,7 @@ def sampler_table() -> list[dict]:
     rows = []
     for s in SAMPLERS.values():
         if s.timestep_space:
-            schedules, automatic = ["automatic"], "A1111 timesteps"
+            schedules, automatic = ["automatic"], "A1111 timesteps (schedules ignored)"
         elif s.family == "a1111":
             schedules, automatic = list(a1111.SCHEDULES), s.default_schedule or "uniform"
         else:
@@ -483,8 +484,6 @@ def get_sampler(name: str) -> tuple[Sampler, str | None]:
 
 
 def _check_schedule(s: Sampler, schedule: str | None) -> None:
-    if s.timestep_space and schedule is not None:
-        raise ValueError(f"A1111's {s.name!r} samples at its own timesteps and takes no schedule, got {schedule!r}")
     if s.family == "a1111" or schedule is None:
         return
     if schedule != "karras":

@@ -19,7 +19,7 @@ import torch
 
 from stablediff import a1111
 from stablediff.denoiser import EpsDenoiser
-from stablediff.samplers import SAMPLERS, get_sampler, prepare, sampler_table
+from stablediff.samplers import A1111_MISSING, SAMPLERS, a1111_timesteps, get_sampler, prepare, sampler_table
 from stablediff.schedule import NoiseSchedule
 
 NS = NoiseSchedule()
@@ -207,6 +207,7 @@ K_FUNCTIONS = {
     "DPM++ 2M SDE Heun": "sample_dpmpp_2m_sde", "DPM++ 3M SDE": "sample_dpmpp_3m_sde",
 }
 SCHEDULE_CASES = [None, "karras", "exponential", "sgm_uniform", "kl_optimal", "align_your_steps"]
+SEEDED = [n for n in A1111 if SAMPLERS[n].stochastic and n not in ("DPM adaptive", "Restart")]
 
 
 def generators():
@@ -230,7 +231,7 @@ def reference_latents(kd, model, name, plan, x):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULE_CASES, ids=lambda s: s or "automatic")
-@pytest.mark.parametrize("name", A1111)
+@pytest.mark.parametrize("name", list(K_FUNCTIONS))
 def test_samplers_equal_kdiffusion(kd, model, name, schedule):
     for steps in (3, 8):
         plan = prepare(name, NS, steps, schedule=schedule)
@@ -240,7 +241,7 @@ def test_samplers_equal_kdiffusion(kd, model, name, schedule):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("name", [n for n in A1111 if SAMPLERS[n].stochastic])
+@pytest.mark.parametrize("name", SEEDED)
 def test_image_k_of_a_batch_is_the_image_its_seed_makes_alone(model, name):
     plan = prepare(name, NS, 6)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * plan.init_noise_scale
@@ -259,3 +260,318 @@ def test_img2img_brownian_noise_spans_the_whole_schedule(kd, model):
     torch.testing.assert_close(ours, reference_latents(kd, model, "DPM++ 2M SDE", plan, x), rtol=1e-5, atol=1e-5)
     short = plan.sampler.fn(EpsDenoiser(model, plan.sigma_to_t), x.clone(), plan.sigmas, generator=generators())
     assert (short - ours).abs().max() > 1e-4  # a tree over the kept sigmas only is different noise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. A1111's samplers outside k-diffusion's sample_*(sigmas) form: DPM fast/adaptive (k-diffusion, called with a
+# sigma range), and A1111's own DDIM, PLMS, Restart and LCM against literal transcriptions of its loops
+
+
+def per_image_noise(x):
+    gens = generators()
+    return lambda *_: torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
+
+
+def start_noise(steps, scale):
+    return torch.randn(len(SEEDS), 4, 8, 8, generator=torch.Generator().manual_seed(steps)) * scale
+
+
+def run(model, plan, x):
+    return plan.sample(EpsDenoiser(model, plan.sigma_to_t), x.clone(), generator=generators())
+
+
+@pytest.mark.parametrize("name", ["DPM fast", "DPM adaptive"])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_dpm_fast_and_adaptive_equal_kdiffusion(kd, model, name, strength):
+    """A1111 passes eta 1 (eta_ancestral), the model's sigma range in txt2img and the kept sigmas' in img2img, and
+    n = steps to DPM fast; the noise is randn_like, i.e. each image's next noise."""
+    sampling, external = kd
+    wrap = external.CompVisDenoiser(model)
+    for steps in (4, 9):
+        plan = prepare(name, NS, steps, strength=strength)
+        x = start_noise(steps, plan.init_noise_scale)
+        if strength == 1:
+            lo, hi = wrap.sigmas[0].item(), wrap.sigmas[-1].item()
+        else:
+            lo, hi = plan.sigmas[-2].item(), plan.sigmas[0].item()
+        kwargs = dict(eta=1.0, noise_sampler=per_image_noise(x), disable=True)
+        if name == "DPM fast":
+            ref = sampling.sample_dpm_fast(wrap, x.clone(), lo, hi, len(plan.sigmas) - 1, **kwargs)
+        else:
+            ref = sampling.sample_dpm_adaptive(wrap, x.clone(), lo, hi, **kwargs)
+        torch.testing.assert_close(run(model, plan, x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_a1111_timesteps_hand_checked():
+    assert a1111_timesteps(20).tolist() == list(range(1, 1000, 50))  # 1, 51, ..., 951
+    assert a1111_timesteps(30).tolist() == list(range(1, 1000, 33))  # stride 33: 31 timesteps, 30 steps
+    assert a1111_timesteps(1000).tolist() == [*range(1, 1000), 999]  # clipped to 999
+    plan = prepare("DDIM", NS, 20)
+    assert plan.timesteps.tolist() == list(range(951, 50, -50)) and len(plan.timesteps) == 19  # 19 model calls
+    m = a1111.ModelSigmas.from_schedule(NS)
+    assert plan.sigmas[-1] == m.sigmas[1] and plan.sigmas[0] == m.sigmas[951]  # ends at t = 1, not at 0
+    assert plan.init_noise_scale == pytest.approx((1 + m.sigmas[951].item() ** 2) ** 0.5)  # starts as VP noise
+    assert len(prepare("PLMS", NS, 30).timesteps) == 30
+    assert prepare("DDIM", NS, 20, strength=0.5).timesteps.tolist() == list(range(451, 50, -50))  # t_enc 10: 9 steps
+    with pytest.raises(ValueError, match="1 step"):
+        prepare("DDIM", NS, 1)
+    for name in ("DDIM", "PLMS", "UniPC"):  # A1111 ignores the schedule type for its timestep samplers
+        ignored = prepare(name, NS, 10, schedule="karras")
+        assert ignored.schedule is None and torch.equal(ignored.sigmas, prepare(name, NS, 10).sigmas)
+    assert get_sampler("DDIM Karras") == (SAMPLERS["DDIM"], "karras")
+
+
+def test_labels_and_snake_names_pick_the_family():
+    assert get_sampler("DDIM")[0].family == get_sampler("PLMS")[0].family == get_sampler("UniPC")[0].family == "a1111"
+    assert get_sampler("ddim")[0].name == "ddim" and get_sampler("plms")[0].name == "pndm"
+    assert get_sampler("ddim")[0].family == get_sampler("pndm")[0].family == get_sampler("unipc")[0].family \
+        == "diffusers"
+    for label in ("DPM fast", "DPM adaptive", "Restart", "LCM", "k_dpm_fast", "k_dpm_ad", "restart", "k_lcm"):
+        assert get_sampler(label)[0].family == "a1111"
+    assert A1111_MISSING == ("DDIM CFG++",)
+    with pytest.raises(ValueError, match="DDIM CFG\\+\\+"):
+        get_sampler("DDIM CFG++")
+
+
+class Recorder(torch.nn.Module):
+    """The eps model, keeping the timesteps it is fed."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, x, t):
+        self.seen.append(t[0].item())
+        return self.inner(x, t)
+
+
+def ddim_reference(model, x, steps):
+    """A1111's `ddim` (eta 0), literally: VP latents, alphas_cumprod at its integer timesteps."""
+    ac = model.alphas_cumprod
+    ts = [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)]
+    for index in range(len(ts) - 1, 0, -1):
+        a_t, a_prev = ac[ts[index]], ac[ts[index - 1]]
+        e_t = model(x, torch.full((x.shape[0],), float(ts[index])))
+        pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+        x = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * e_t
+    return x
+
+
+def plms_reference(model, x, steps):
+    """A1111's `plms`, literally: a pseudo improved Euler first step, then Adams-Bashforth on up to 4 eps."""
+    ac = model.alphas_cumprod
+    ts = [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)]
+    old_eps = []
+
+    def x_prev(x, e_t, index):
+        a_t, a_prev = ac[ts[index]], ac[ts[max(index - 1, 0)]]
+        return a_prev.sqrt() * (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt() + (1 - a_prev).sqrt() * e_t
+
+    for index in range(len(ts) - 1, 0, -1):
+        e_t = model(x, torch.full((x.shape[0],), float(ts[index])))
+        if not old_eps:
+            e_next = model(x_prev(x, e_t, index), torch.full((x.shape[0],), float(ts[index - 1])))
+            e_prime = (e_t + e_next) / 2
+        elif len(old_eps) == 1:
+            e_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x = x_prev(x, e_prime, index)
+        old_eps = [*old_eps, e_t][-3:]
+    return x
+
+
+@pytest.mark.parametrize("name,reference", [("DDIM", ddim_reference), ("PLMS", plms_reference)])
+def test_timestep_samplers_equal_a1111s_loops(model, name, reference):
+    for steps in (2, 3, 7, 20, 30):
+        plan = prepare(name, NS, steps)
+        x_vp = start_noise(steps, 1.0)
+        recorder = Recorder(model)
+        ours = plan.finish(plan.sample(EpsDenoiser(recorder, plan.sigma_to_t), x_vp * plan.init_noise_scale))
+        ref = reference(model, x_vp.clone(), steps)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        expected = plan.timesteps.tolist()
+        if name == "PLMS":  # the first step's second call, at the next timestep
+            expected = [expected[0], *a1111_timesteps(steps)[-2:-1].tolist(), *expected[1:]]
+        assert recorder.seen == expected  # integer timesteps only: A1111's, top down, t = 1 never fed
+
+
+def unipc_reference(model, x, steps):
+    """A1111's `unipc` with its default settings (bh1, order 3, time_uniform, lower_order_final, predict_x0),
+    literally in VP space: UniPC's discrete NoiseScheduleVP (log alpha linear in t between t_i = (i + 1) / 1000),
+    model time (t - 1/1000) * 1000, and the multistep UniP / UniC updates (Zhao et al. 2023, Alg. 2/3)."""
+    log_alphas = 0.5 * model.alphas_cumprod.double().log()
+    knots = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)[1:]
+    n = len(range(0, 1000, 1000 // steps))  # A1111 passes steps = len(timesteps)
+
+    def log_alpha(t):
+        return torch.tensor(np.interp(t.double().numpy(), knots.numpy(), log_alphas.numpy()))
+
+    def alpha(t):
+        return log_alpha(t).exp().float()
+
+    def std(t):
+        return (1 - (2 * log_alpha(t)).exp()).sqrt().float()
+
+    def lam(t):
+        return (log_alpha(t) - 0.5 * (1 - (2 * log_alpha(t)).exp()).log()).float()
+
+    def data(x, t):
+        eps = model(x, ((t - 1.0 / 1000) * 1000.0).expand(x.shape[0]))
+        return (x - std(t) * eps) / alpha(t)
+
+    def update(x, models, times, t, order, use_corrector):
+        h = lam(t) - lam(times[-1])
+        rks = [((lam(times[-(i + 1)]) - lam(times[-1])) / h) for i in range(1, order)]
+        d1s = [(models[-(i + 1)] - models[-1]) / rk for i, rk in zip(range(1, order), rks)]
+        r = torch.tensor([*rks, 1.0])
+        hh = -h
+        h_phi_1, h_phi_k, fact, B_h = torch.expm1(hh), torch.expm1(hh) / hh - 1, 1, hh
+        R, b = [], []
+        for i in range(1, order + 1):
+            R.append(r ** (i - 1))
+            b.append(h_phi_k * fact / B_h)
+            fact *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / fact
+        R, b = torch.stack(R), torch.stack(b)
+        x_t_ = std(t) / std(times[-1]) * x - alpha(t) * h_phi_1 * models[-1]
+        rhos_p = torch.tensor([0.5]) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        x_t = x_t_ - alpha(t) * B_h * sum((rho * d for rho, d in zip(rhos_p, d1s)), torch.zeros_like(x))
+        if not use_corrector:
+            return x_t, None
+        model_t = data(x_t, t)
+        rhos_c = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(R, b)
+        res = sum((rho * d for rho, d in zip(rhos_c[:-1], d1s)), torch.zeros_like(x)) + rhos_c[-1] * (model_t - models[-1])
+        return x_t_ - alpha(t) * B_h * res, model_t
+
+    ts = torch.linspace(1.0, 1.0 / 1000, n + 1)
+    models, times = [data(x, ts[0])], [ts[0]]
+    for step in range(1, n + 1):
+        order = min(step, 3, n + 1 - step)
+        x, model_x = update(x, models, times, ts[step], order, use_corrector=step < n)
+        models, times = [*models, model_x][-3:], [*times, ts[step]][-3:]
+    return x
+
+
+def test_unipc_equals_a1111s_unipc(model):
+    for steps in (3, 5, 20, 30):
+        plan = prepare("UniPC", NS, steps)
+        assert len(plan.sigmas) - 1 == len(a1111_timesteps(steps))  # 20 steps: 20; 30 steps: 31
+        x_vp = start_noise(steps, 1.0)
+        ours = plan.finish(plan.sample(EpsDenoiser(model, plan.sigma_to_t), x_vp * plan.init_noise_scale))
+        ref = unipc_reference(model, x_vp.clone(), steps)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    plan = prepare("UniPC", NS, 20)
+    assert plan.timesteps[:3].tolist() == pytest.approx([999.0, 949.05, 899.1], abs=1e-3)  # fractional: 999 k / 20
+    assert plan.sigmas[-1] == pytest.approx(a1111.ModelSigmas.from_schedule(NS).sigma_min, rel=1e-6)  # ends at t 0
+    with pytest.raises(ValueError, match="too few"):
+        prepare("UniPC", NS, 2)
+
+
+def restart_reference(kd, model, x, sigmas):
+    """Restart sampling (Xu et al. 2023, Alg. 2) as A1111 parametrises it: from 20 steps, Karras sigmas over the
+    schedule's range with fewer steps, and one (36+ steps: two) restart from the sigma nearest 0.1 back up to the one
+    nearest 2, descending again over restart steps + 1 Karras sigmas; Heun steps; fresh noise for each jump up."""
+    sampling, external = kd
+    wrap = external.CompVisDenoiser(model)
+    steps = len(sigmas) - 1
+    segments = [sigmas]
+    if steps >= 20:
+        n_restart, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        main = sampling.get_sigmas_karras(steps - n_restart * times, sigmas[-2].item(), sigmas[0].item())
+        lo, hi = int((main - 0.1).abs().argmin()), int((main - 2).abs().argmin())
+        restart = sampling.get_sigmas_karras(n_restart + 1, main[lo].item(), main[hi].item())[:-1]
+        segments = [main[: lo + 1], *[restart] * times, main[lo:]]
+    noise = per_image_noise(x)
+    for k, segment in enumerate(segments):
+        if k > 0 and segment[0] > segments[k - 1][-1]:
+            x = x + noise() * (segment[0] ** 2 - segments[k - 1][-1] ** 2) ** 0.5
+        x = sampling.sample_heun(wrap, x, segment, disable=True)
+    return x
+
+
+def test_restart_steps_hand_checked():
+    m = a1111.ModelSigmas.from_schedule(NS)
+    plan = prepare("Restart", NS, 20)
+    assert torch.equal(plan.sigmas, a1111.karras(20, m))  # Automatic is Karras
+    from stablediff.ksampling import restart_steps
+    pairs = restart_steps(plan.sigmas)
+    main = a1111.karras_range(11, m.sigma_min, m.sigma_max)  # 20 - 9 restart steps
+    ups = [i for i in range(1, len(pairs)) if pairs[i][0] > pairs[i - 1][1]]
+    assert len(pairs) == 20 and len(ups) == 1  # 11 main steps, 9 restart steps, one jump
+    jump = ups[0]
+    assert pairs[jump - 1][1] == main[int((main - 0.1).abs().argmin())]
+    assert pairs[jump][0] == main[int((main - 2).abs().argmin())]
+    assert len(restart_steps(prepare("Restart", NS, 40).sigmas)) == 40 + 0  # 20 main + 2 x 10 restart steps
+    assert torch.equal(torch.stack([a for a, _ in restart_steps(prepare("Restart", NS, 8).sigmas)]),
+                       prepare("Restart", NS, 8).sigmas[:-1])  # under 20 steps: the schedule as it is
+
+
+@pytest.mark.parametrize("steps", [8, 20, 40])
+def test_restart_equals_the_algorithm(kd, model, steps):
+    plan = prepare("Restart", NS, steps)
+    x = start_noise(steps, plan.init_noise_scale)
+    ref = restart_reference(kd, model, x.clone(), plan.sigmas)
+    torch.testing.assert_close(run(model, plan, x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def lcm_reference_denoiser(kd, model):
+    """A1111's LCMCompVisDenoiser, transcribed onto k-diffusion's DiscreteEpsDDPMDenoiser: the training sigmas at
+    t = 19, 39, ..., 999, sigma -> the nearest of those timesteps, and LCM's c_skip / c_out at 10 t."""
+    external = kd[1]
+
+    class LCMDenoiser(external.DiscreteEpsDDPMDenoiser):
+        def __init__(self, model):
+            valid = torch.zeros(50)
+            for i in range(50):
+                valid[49 - i] = model.alphas_cumprod[999 - i * 20]
+            super().__init__(model, valid, quantize=None)
+
+        def get_sigmas(self, n):
+            t = torch.linspace(self.sigma_to_t(self.sigma_max), self.sigma_to_t(self.sigma_min), n)
+            return kd[0].append_zero(self.t_to_sigma(t))
+
+        def sigma_to_t(self, sigma, quantize=None):
+            dists = sigma.log() - self.log_sigmas[:, None]
+            return dists.abs().argmin(dim=0).view(sigma.shape) * 20 + 19
+
+        def t_to_sigma(self, t):
+            return super().t_to_sigma(torch.clamp(((t - 19) / 20).float(), min=0, max=49))
+
+        def get_eps(self, *args, **kwargs):
+            return self.inner_model.apply_model(*args, **kwargs)
+
+        def forward(self, input, sigma, **kwargs):
+            c_out, c_in = [x[:, None, None, None] for x in self.get_scalings(sigma)]
+            out = input + self.get_eps(input * c_in, self.sigma_to_t(sigma), **kwargs) * c_out
+            scaled = self.sigma_to_t(sigma)[:, None, None, None] * 10.0
+            return scaled / (scaled**2 + 0.25) ** 0.5 * out + 0.25 / (scaled**2 + 0.25) * input
+
+    return LCMDenoiser(model)
+
+
+def lcm_reference(denoiser, x, sigmas):
+    """A1111's `sample_lcm`: x = D(x, sigma), plus fresh noise of the next sigma where that is above 0."""
+    noise = per_image_noise(x)
+    for i in range(len(sigmas) - 1):
+        x = denoiser(x, sigmas[i] * x.new_ones([x.shape[0]]))
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * noise()
+    return x
+
+
+@pytest.mark.parametrize("schedule", [None, "karras", "sgm_uniform"], ids=lambda s: s or "automatic")
+def test_lcm_equals_a1111s_lcm(kd, model, schedule):
+    denoiser = lcm_reference_denoiser(kd, model)
+    m = a1111.LCMSigmas.from_schedule(NS)
+    assert torch.equal(m.sigmas, denoiser.sigmas) and m.sigma_min == a1111.ModelSigmas.from_schedule(NS).sigmas[19]
+    for steps in (1, 4, 8):
+        plan = prepare("LCM", NS, steps, schedule=schedule)
+        if schedule is None:
+            assert torch.equal(plan.sigmas, denoiser.get_sigmas(steps))  # A1111's uniform is the LCM denoiser's
+        assert torch.equal(plan.timesteps, denoiser.sigma_to_t(plan.sigmas[:-1]).float())  # 19, 39, ..., 999 only
+        x = start_noise(steps, plan.init_noise_scale)
+        ref = lcm_reference(denoiser, x.clone(), plan.sigmas)
+        torch.testing.assert_close(run(model, plan, x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -23,7 +23,9 @@ def params(draw, infotext=False):
     """Valid, canonical params; for infotext, one image with its own seed and size (what an image records)."""
     name = draw(st.sampled_from(sorted(samplers.SAMPLERS)))
     spec = samplers.SAMPLERS[name]
-    if spec.family == "a1111":  # canonical: "automatic" resolved to the sampler's own
+    if spec.timestep_space:  # A1111's DDIM, PLMS, UniPC: their own timesteps, no schedule
+        schedule = None
+    elif spec.family == "a1111":  # canonical: "automatic" resolved to the sampler's own
         schedule = draw(st.sampled_from([k for k in a1111.SCHEDULES if k != "automatic"]))
     else:
         schedule = "karras" if spec.supports_karras and draw(st.booleans()) else None
@@ -32,7 +34,9 @@ def params(draw, infotext=False):
     size = SIZE if infotext else st.none() | SIZE
     return GenerationParams(
         prompt=draw(TEXT), negative_prompt=draw(TEXT),
-        steps=draw(st.integers(1, 50 if spec.plan_args else 999)),  # DDIM: 1000 runs past t 999; LCM/TCD: 50
+        # DDIM: 1000 runs past t 999; LCM/TCD: 50; A1111's timestep samplers: at least 2 (UniPC 3)
+        steps=draw(st.integers({"UniPC": 3}.get(name, 2) if spec.timestep_space else 1,
+                               50 if spec.plan_args else 999)),
         cfg_scale=draw(st.floats(0, 100, allow_nan=False)), seed=seed, width=draw(size), height=draw(size),
         batch_size=batch, sampler=name, schedule=schedule, clip_skip=draw(st.integers(1, 12)),
         strength=draw(st.none() | st.floats(0.001, 1.0)),

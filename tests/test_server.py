@@ -279,11 +279,12 @@ def test_check_request_builds_the_validated_generation_params():
     img2img = dict(init_images=["unused here"], steps=20, denoising_strength=0.6)
     assert check_request(Img2ImgRequest(**img2img), limits, 512, (64, 64)).steps == 13  # A1111's: int(0.6 * 20) + 1
     assert check_request(Img2ImgRequest(**img2img, sampler_name="euler"), limits, 512, (64, 64)).steps == 12
-    assert check_request(Img2ImgRequest(**img2img, sampler_name="PLMS"), limits, 512, (64, 64)).steps == 13
+    assert check_request(Img2ImgRequest(**img2img, sampler_name="PLMS"), limits, 512, (64, 64)).steps == 11  # A1111
+    assert check_request(Img2ImgRequest(**img2img, sampler_name="plms"), limits, 512, (64, 64)).steps == 13
     bad = [(Img2ImgRequest(**{**img2img, "steps": 1, "denoising_strength": 0.5, "sampler_name": "euler"}),
             "leaves no step of 1"),
            (Txt2ImgRequest(seed=2**32 - 3, batch_size=2, n_iter=2), "seed 4294967293 + 4 images runs past"),
-           (Txt2ImgRequest(sampler_name="DDIM", scheduler="karras"), "'ddim' does not take the karras schedule")]
+           (Txt2ImgRequest(sampler_name="ddim", scheduler="karras"), "'ddim' does not take the karras schedule")]
     for req, text in bad:
         with pytest.raises(ClientError, match=re.escape(text)) as e:
             check_request(req, limits, 512, (64, 64) if isinstance(req, Img2ImgRequest) else None)

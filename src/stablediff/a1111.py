@@ -82,6 +82,11 @@ def _ldm_betas(ns: NoiseSchedule) -> np.ndarray:
     return ns.betas.double().numpy()
 
 
+def ldm_alphas_cumprod(ns: NoiseSchedule) -> torch.Tensor:
+    """The LDM model's alphas_cumprod, which A1111's samplers read: cumprod in float64, stored as float32."""
+    return torch.tensor(np.cumprod(1.0 - _ldm_betas(ns)), dtype=torch.float32)
+
+
 @dataclass(frozen=True, eq=False)
 class ModelSigmas:
     """The training sigmas as A1111's k-diffusion wrapper holds them, with its continuous sigma <-> t maps.
@@ -91,7 +96,7 @@ class ModelSigmas:
 
     @classmethod
     def from_schedule(cls, ns: NoiseSchedule) -> "ModelSigmas":
-        alphas_cumprod = torch.tensor(np.cumprod(1.0 - _ldm_betas(ns)), dtype=torch.float32)
+        alphas_cumprod = ldm_alphas_cumprod(ns)
         return cls(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
 
     @property
@@ -122,6 +127,50 @@ class ModelSigmas:
         low, high, w = t.floor().long(), t.ceil().long(), t.frac()
         return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
 
+    @property
+    def t_max(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def t_min(self) -> int:
+        return 0
+
+
+@dataclass(frozen=True, eq=False)
+class LCMSigmas(ModelSigmas):
+    """A1111's LCM denoiser (sd_samplers_lcm.LCMCompVisDenoiser): the training sigmas at LCM's 50 original
+    timesteps t = 19, 39, ..., 999, and a sigma_to_t that snaps to the nearest of them (in log-sigma), so the U-Net
+    is fed only those. `sigmas` holds the 50, so every schedule works over them (sigma_min is t = 19's, about 0.134),
+    as A1111's schedules do over this denoiser."""
+
+    skip: int = 20  # 1000 training timesteps / 50 original ones
+
+    @classmethod
+    def from_schedule(cls, ns: NoiseSchedule) -> "LCMSigmas":
+        full = ModelSigmas.from_schedule(ns).sigmas
+        skip = len(full) // 50
+        return cls(full[skip - 1::skip], skip)
+
+    def sigma_to_t(self, sigma) -> torch.Tensor:
+        """The LCM timestep nearest sigma in log-sigma, as a float (an integer value)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        dists = sigma.log() - self.sigmas.log().to(sigma.device)[:, None]
+        return (dists.abs().argmin(dim=0) * self.skip + (self.skip - 1)).view(sigma.shape).float()
+
+    __call__ = sigma_to_t
+
+    def t_to_sigma(self, t) -> torch.Tensor:
+        t = torch.as_tensor(t).float()
+        return super().t_to_sigma(((t - (self.skip - 1)) / self.skip).clamp(0, len(self.sigmas) - 1))
+
+    @property
+    def t_max(self) -> int:
+        return len(self.sigmas) * self.skip - 1
+
+    @property
+    def t_min(self) -> int:
+        return self.skip - 1
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # A1111's schedules: n steps -> n + 1 float32 sigmas (see the module docstring for the two that differ)
@@ -133,15 +182,20 @@ def _append_zero(sigmas) -> torch.Tensor:
 
 
 def uniform(n: int, m: ModelSigmas) -> torch.Tensor:
-    """k-diffusion's `get_sigmas`: t evenly from T-1 down to 0, through t_to_sigma."""
-    return _append_zero(m.t_to_sigma(torch.linspace(len(m.sigmas) - 1, 0, n)))
+    """k-diffusion's `get_sigmas` (and A1111's LCM denoiser's): t evenly from t_max down to t_min, through t_to_sigma."""
+    return _append_zero(m.t_to_sigma(torch.linspace(m.t_max, m.t_min, n)))
+
+
+def karras_range(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022) eq. 5 from sigma_max to sigma_min, then 0: k-diffusion's `get_sigmas_karras` (float32)."""
+    ramp = torch.linspace(0, 1, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
 
 
 def karras(n: int, m: ModelSigmas, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. (2022) eq. 5 over the model's sigma range, in float32 as k-diffusion computes it."""
-    ramp = torch.linspace(0, 1, n)
-    min_inv_rho, max_inv_rho = m.sigma_min ** (1 / rho), m.sigma_max ** (1 / rho)
-    return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+    """Karras et al. (2022) eq. 5 over the model's sigma range."""
+    return karras_range(n, m.sigma_min, m.sigma_max, rho)
 
 
 def exponential(n: int, m: ModelSigmas) -> torch.Tensor:
@@ -220,6 +274,21 @@ def sigmas(m: ModelSigmas, steps: int, schedule: str, *, discard_penultimate: bo
     sigma dropped for samplers marked discard_next_to_last_sigma."""
     out = SCHEDULE_FUNCTIONS[schedule](steps + int(discard_penultimate), m)
     return torch.cat([out[:-2], out[-1:]]) if discard_penultimate else out
+
+
+def unipc_times(ns: NoiseSchedule, n: int, t_start: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A1111's UniPC discretisation (skip type time_uniform on UniPC's discrete NoiseScheduleVP): n steps evenly in
+    continuous time from t_start down to 1/T, where training step i sits at t = (i + 1) / T and log(alpha) is
+    interpolated linearly in t between them. Returns the sigmas (n + 1, sigma = std / alpha) and the timesteps the
+    U-Net is fed there, (t - 1/T) * 1000 (fractional)."""
+    log_alphas = 0.5 * ldm_alphas_cumprod(ns).log()
+    T = len(log_alphas)
+    knots = torch.linspace(0.0, 1.0, T + 1)[1:]
+    t = torch.linspace(t_start, 1.0 / T, n + 1)
+    k = (torch.searchsorted(knots, t) - 1).clamp(0, T - 2)
+    log_alpha = log_alphas[k] + (t - knots[k]) * (log_alphas[k + 1] - log_alphas[k]) / (knots[k + 1] - knots[k])
+    sigmas = (1.0 - (2.0 * log_alpha).exp()).sqrt() / log_alpha.exp()
+    return sigmas, (t - 1.0 / T) * 1000.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

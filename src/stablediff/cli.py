@@ -612,7 +612,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
     rows = [["NAME", "FAMILY", "AUTOMATIC SCHEDULE", "SCHEDULES", "ALIASES"]]
     for r in sampler_table():
-        schedules = "all of A1111's" if r["family"] == "a1111" else ", ".join(r["schedules"])
+        schedules = "all of A1111's" if len(r["schedules"]) > 2 else ", ".join(r["schedules"])
         rows.append([r["name"], r["family"], r["automatic"], schedules, ", ".join(r["aliases"])])
     print(_table(rows))
     print("\ndiffusers' samplers (snake_case) give diffusers' results; A1111's (its labels) give AUTOMATIC1111's. "

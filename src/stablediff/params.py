@@ -110,7 +110,9 @@ class GenerationParams:
             limits.check_prompt(self.negative_prompt, "negative prompt")
         loras = tuple(dict(self.loras).items())  # one entry a LoRA: the last mention wins, as with prompt tags
         schedule = plan.schedule
-        if spec.family == "a1111":  # "automatic" resolved, as A1111 records it
+        if spec.timestep_space:  # A1111's DDIM, PLMS, UniPC run their own timesteps, whatever the schedule
+            schedule = None
+        elif spec.family == "a1111":  # "automatic" resolved, as A1111 records it
             schedule = schedule or spec.default_schedule or "uniform"
         return self.replace(sampler=spec.name, schedule=schedule, loras=loras, rng=self.rng.lower())
 

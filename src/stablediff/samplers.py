@@ -8,10 +8,11 @@ plan's integer `timesteps` (their updates depend on t itself, not only on sigma)
 Sampler's `plan_args`, which `SamplingPlan.sample` hands them.
 
 Two families share the table `SAMPLERS`, named so that a name says which one it is:
-  * "diffusers" (snake_case names: euler, euler_a, dpmpp_2m, ...; and DDIM, PLMS, UniPC, DDPM, DEIS): each
+  * "diffusers" (snake_case names: euler, euler_a, dpmpp_2m, ddim, pndm, unipc, ...; and DDPM, DEIS): each
     reproduces one diffusers scheduler as StableDiffusionPipeline drives it;
-  * "a1111" (AUTOMATIC1111's labels: "Euler a", "DPM++ 2M", "DPM++ 2M SDE", ...): each reproduces A1111 v1.10, i.e.
-    k-diffusion's sample_* update rule with A1111's schedules and rules (a1111.py).
+  * "a1111" (AUTOMATIC1111's labels: "Euler a", "DPM++ 2M", "DDIM", "PLMS", "Restart", ...): each reproduces A1111
+    v1.10, i.e. k-diffusion's sample_* update rule (or A1111's own, ksampling.py) with A1111's schedules and rules
+    (a1111.py); its timestep samplers ("DDIM", "PLMS", "UniPC") get A1111's timesteps (see `_prepare_timesteps`).
 `prepare` builds a family's sigmas and timesteps; `SamplingPlan.sample` runs it.
 
 The diffusers family is rewritten in
@@ -36,51 +37,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import a1111, rng
+from . import a1111
+from .ksampling import PLMS_WEIGHTS as _PLMS_WEIGHTS
+from .ksampling import ancestral_step, as_float32 as _float32, draw_noise as _noise, report as _report
+from .ksampling import sample_dpm_adaptive, sample_dpm_fast, sample_dpmpp_2m_sde_heun, sample_dpmpp_2s_a
+from .ksampling import sample_dpmpp_3m_sde, sample_dpmpp_sde, sample_k_dpmpp_2m_sde, sample_plms
+from .ksampling import sample_lcm as sample_k_lcm
+from .ksampling import sample_restart, step_pairs as _steps
 from .schedule import NoiseSchedule, TimestepMap, discretize
-
-
-def _noise(x: torch.Tensor, generator) -> torch.Tensor:
-    """Unit normal noise shaped like x, drawn exactly as diffusers' `randn_tensor(x.shape, generator)` draws it:
-    from one generator, or one (1, ...) draw from each generator of a list (any of rng.draw's generators), or the
-    next noise of an rng.ImageRNG (A1111's per-image generators)."""
-    if isinstance(generator, rng.ImageRNG):
-        return generator.next().to(x.device, x.dtype)
-    if isinstance(generator, (list, tuple)) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-        noise = torch.cat([rng.draw(g, (1, *x.shape[1:]), x.device) for g in generator])
-    else:
-        noise = rng.draw(generator or torch.default_generator, x.shape, x.device)
-    return noise.to(x.device, x.dtype)
-
-
-def _float32(x, sigmas):
-    return x.to(torch.float32), torch.as_tensor(sigmas, dtype=torch.float32).cpu()
-
-
-def _steps(sigmas):
-    """(i, sigma, sigma_next) for each step."""
-    return ((i, sigmas[i], sigmas[i + 1]) for i in range(len(sigmas) - 1))
-
-
-def _report(callback, i, x, sigma, sigma_next, denoised):
-    """Run the step callback. It may return a replacement for x (inpainting blends the known latents back in, as
-    diffusers does to `latents` after each scheduler step); otherwise x goes on unchanged."""
-    if callback is None:
-        return x
-    out = callback(dict(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
-    return x if out is None else out
-
-
-def ancestral_step(sigma, sigma_next):
-    """Split a step sigma -> sigma_next into a deterministic step down to sigma_down and fresh noise of sigma_up
-    (eta = 1), so that sigma_down**2 + sigma_up**2 = sigma_next**2."""
-    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-    return sigma_down, sigma_up
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,10 +189,6 @@ def sample_lms(denoiser, x, sigmas, *, generator=None, callback=None, order: int
     return x
 
 
-# Adams-Bashforth weights of PLMS for 1..4 past derivatives, newest first
-_PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
-
-
 def sample_pndm(denoiser, x, sigmas, *, generator=None, callback=None):
     """PLMS (Liu et al. 2022, pseudo linear multistep) as PNDMScheduler(skip_prk_steps=True) runs it.
 
@@ -296,8 +256,9 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None):
     return _dpmpp_2m(denoiser, x, sigmas, generator, callback, eta=1.0)
 
 
-def _unipc_update(x, sigma_t, history, order: int, denoised_t=None):
-    """One UniPC update with B(h) = expm1(-h) ("bh2") in data-prediction form (Zhao et al. 2023, Alg. 2/3).
+def _unipc_update(x, sigma_t, history, order: int, denoised_t=None, bh1: bool = False):
+    """One UniPC update with B(h) = expm1(-h) ("bh2"; bh1: B(h) = -h) in data-prediction form (Zhao et al. 2023,
+    Alg. 2/3).
 
     history: [(sigma_s0, D_s0), (sigma_s1, D_s1), ...], newest first; x is the sample at sigma_s0.
     Without denoised_t this is the predictor UniP to sigma_t; with it, the corrector UniC using D at sigma_t.
@@ -306,8 +267,8 @@ def _unipc_update(x, sigma_t, history, order: int, denoised_t=None):
     (sigma_s0, m0), older = history[0], history[1:order]
     h = sigma_s0.log() - sigma_t.log()
     hh = -h
-    b_h = torch.expm1(hh)
-    x_t = sigma_t / sigma_s0 * x - b_h * m0  # h * phi_1(h) == B(h) for bh2
+    b_h = hh if bh1 else torch.expm1(hh)
+    x_t = sigma_t / sigma_s0 * x - torch.expm1(hh) * m0  # h * phi_1(h), which is B(h) for bh2
     if not corrector and order == 1:
         return x_t
     rks = [(sigma_s0.log() - s.log()) / h for s, _ in older]  # (lambda_si - lambda_s0) / h
@@ -331,7 +292,7 @@ def _unipc_update(x, sigma_t, history, order: int, denoised_t=None):
     return x_t - b_h * res
 
 
-def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, order: int = 2):
+def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, order: int = 2, bh1: bool = False):
     """UniPC (UniPCMultistepScheduler defaults: order 2, bh2, predict_x0): each new D first corrects the last step
     (UniC, with the order that step used), then a UniP predictor step; the order warms up from 1 and drops to 1 for
     the last step (lower_order_final). The corrector uses D from the uncorrected sample, as diffusers does."""
@@ -341,13 +302,19 @@ def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, order: i
     for i, sigma, sigma_next in _steps(sigmas):
         denoised = denoiser(x, sigma)
         if x_last is not None:
-            x = _unipc_update(x_last, sigma, history, last_order, denoised_t=denoised)
+            x = _unipc_update(x_last, sigma, history, last_order, denoised_t=denoised, bh1=bh1)
         history = [(sigma, denoised), *history][:order]
         last_order = min(order, steps - i, i + 1)
         x_last = x
-        x = _unipc_update(x, sigma_next, history, last_order)
+        x = _unipc_update(x, sigma_next, history, last_order, bh1=bh1)
         x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
+
+
+def sample_a1111_unipc(denoiser, x, sigmas, *, generator=None, callback=None):
+    """A1111's UniPC with its default settings (variant bh1, order 3, lower order final, multistep, predict x0):
+    the same predictor-corrector steps as diffusers' over the plan's sigmas (A1111's continuous times)."""
+    return sample_unipc(denoiser, x, sigmas, generator=generator, callback=callback, order=3, bh1=True)
 
 
 def _deis_coefficient(t, b, c):
@@ -428,133 +395,6 @@ def sample_tcd(denoiser, x, sigmas, *, timesteps, train_sigmas, eta: float = 0.3
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# k-diffusion's DPM-Solver++ ancestral and SDE samplers (A1111's "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE (Heun)",
-# "DPM++ 3M SDE"), eta = 1 and s_noise = 1 as A1111 runs them, in k-diffusion's variables: t = lambda = -log(sigma)
-
-
-def _sigma(t):
-    return t.neg().exp()
-
-
-def _brownian(x, sigmas, generator, noise_range):
-    """Brownian-tree noise over noise_range (the whole run's (sigma_min, sigma_max), which an img2img plan knows),
-    by default over these sigmas' range, as k-diffusion does."""
-    lo, hi = noise_range if noise_range is not None else (sigmas[sigmas > 0].min(), sigmas.max())
-    return a1111.BrownianNoise(x, lo, hi, generator)
-
-
-def sample_dpmpp_2s_a(denoiser, x, sigmas, *, generator=None, callback=None):
-    """DPM-Solver++(2S) ancestral: a second-order single-step update down to sigma_down (its midpoint halfway in
-    lambda), then fresh noise of sigma_up from `generator`; Euler and no noise on the step to 0."""
-    x, sigmas = _float32(x, sigmas)
-    for i, sigma, sigma_next in _steps(sigmas):
-        denoised = denoiser(x, sigma)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
-        if sigma_down == 0:
-            x = x + (x - denoised) / sigma * (sigma_down - sigma)
-        else:
-            t, t_next = sigma.log().neg(), sigma_down.log().neg()
-            h = t_next - t
-            s = t + h * 0.5
-            x_2 = (_sigma(s) / _sigma(t)) * x - (-h * 0.5).expm1() * denoised
-            denoised_2 = denoiser(x_2, _sigma(s))
-            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
-        if sigma_next > 0:
-            x = x + _noise(x, generator) * sigma_up
-        x = _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
-
-
-def sample_dpmpp_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None, r: float = 0.5):
-    """DPM-Solver++ SDE (k-diffusion's `sample_dpmpp_sde`): two stochastic ancestral sub-steps per step, the first
-    to lambda + r * h, the second with a combination of both D; Brownian-tree noise. Euler on the step to 0."""
-    x, sigmas = _float32(x, sigmas)
-    noise = _brownian(x, sigmas, generator, noise_range)
-    for i, sigma, sigma_next in _steps(sigmas):
-        denoised = denoiser(x, sigma)
-        if sigma_next == 0:
-            x = x + (x - denoised) / sigma * (sigma_next - sigma)
-        else:
-            t, t_next = sigma.log().neg(), sigma_next.log().neg()
-            h = t_next - t
-            s = t + h * r
-            fac = 1 / (2 * r)
-            sd, su = ancestral_step(_sigma(t), _sigma(s))
-            s_ = sd.log().neg()
-            x_2 = (_sigma(s_) / _sigma(t)) * x - (t - s_).expm1() * denoised
-            x_2 = x_2 + noise(_sigma(t), _sigma(s)) * su
-            denoised_2 = denoiser(x_2, _sigma(s))
-            sd, su = ancestral_step(_sigma(t), _sigma(t_next))
-            t_next_ = sd.log().neg()
-            denoised_d = (1 - fac) * denoised + fac * denoised_2
-            x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * denoised_d
-            x = x + noise(_sigma(t), _sigma(t_next)) * su
-        x = _report(callback, i, x, sigma, sigma_next, denoised)
-    return x
-
-
-def _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun: bool):
-    """DPM-Solver++(2M) SDE as k-diffusion's `sample_dpmpp_2m_sde` (eta 1): the second-order correction with the
-    midpoint or Heun's weights, Brownian-tree noise, and the step to 0 returning D itself."""
-    x, sigmas = _float32(x, sigmas)
-    noise = _brownian(x, sigmas, generator, noise_range)
-    old_denoised, h, h_last = None, None, None
-    for i, sigma, sigma_next in _steps(sigmas):
-        denoised = denoiser(x, sigma)
-        if sigma_next == 0:
-            x_next = denoised
-        else:
-            h_last, h = h, sigma.log() - sigma_next.log()
-            phi = (-2 * h).expm1().neg()  # 1 - exp(-(1 + eta) h)
-            x_next = sigma_next / sigma * (-h).exp() * x + phi * denoised
-            if old_denoised is not None:
-                weight = phi / (-2 * h) + 1 if heun else 0.5 * phi
-                x_next = x_next + weight * (1 / (h_last / h)) * (denoised - old_denoised)
-            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt()
-        x, old_denoised = _report(callback, i, x_next, sigma, sigma_next, denoised), denoised
-    return x
-
-
-def sample_k_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
-    """A1111's "DPM++ 2M SDE": k-diffusion's midpoint form, Brownian-tree noise."""
-    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=False)
-
-
-def sample_dpmpp_2m_sde_heun(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
-    """A1111's "DPM++ 2M SDE Heun": k-diffusion's solver_type="heun" weights, Brownian-tree noise."""
-    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=True)
-
-
-def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
-    """DPM-Solver++(3M) SDE (k-diffusion's `sample_dpmpp_3m_sde`, eta 1): third-order multistep on the last three
-    D (first and second order while they are fewer), Brownian-tree noise, the step to 0 returning D."""
-    x, sigmas = _float32(x, sigmas)
-    noise = _brownian(x, sigmas, generator, noise_range)
-    denoised_1, denoised_2, h, h_1, h_2 = None, None, None, None, None
-    for i, sigma, sigma_next in _steps(sigmas):
-        denoised = denoiser(x, sigma)
-        if sigma_next == 0:
-            x_next = denoised
-        else:
-            h = sigma.log() - sigma_next.log()
-            h_eta = h * 2
-            x_next = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
-            phi_2 = h_eta.neg().expm1() / h_eta + 1
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                x_next = x_next + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
-            elif h_1 is not None:
-                x_next = x_next + phi_2 * ((denoised - denoised_1) / (h_1 / h))
-            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt()
-        x = _report(callback, i, x_next, sigma, sigma_next, denoised)
-        denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
-    return x
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # the table of samplers, name lookup, and the plan (sigmas + timesteps) for a run
 
 
@@ -565,7 +405,7 @@ class Sampler:
 
     name: str
     fn: Callable
-    label: str  # display name: AUTOMATIC1111's for the a1111 family (and DDIM, PLMS, UniPC, which only we have)
+    label: str  # display name: AUTOMATIC1111's for the a1111 family (and DDPM, DEIS, which A1111 lacks)
     aliases: tuple[str, ...] = ()
     family: str = "diffusers"
     supports_karras: bool = False  # diffusers family: the class takes use_karras_sigmas (a1111: every schedule)
@@ -581,6 +421,10 @@ class Sampler:
     discard_penultimate: bool = False  # a1111: one step more, then the next-to-last sigma dropped
     brownian: bool = False  # a1111: Brownian-tree noise over the whole run's sigma range (`noise_range`)
     plan_args: tuple[str, ...] = ()  # SamplingPlan fields the function takes as keywords (LCM, TCD: `timesteps`)
+    timestep_space: bool = False  # a1111: A1111's timestep sampler (DDIM, PLMS, UniPC): its own times, whatever the
+    # schedule (A1111 ignores the schedule type for them), VP start and end
+    sigma_range: bool = False  # a1111: runs over (sigma_min, sigma_max) as A1111 passes them (DPM fast, adaptive)
+    lcm: bool = False  # a1111: LCM's 50-timestep denoiser (a1111.LCMSigmas), whose sigma_to_t the sampler needs
 
 
 _VP = dict(timesteps="dpm", vp_init=True, karras_round=True, supports_karras=True)
@@ -603,15 +447,15 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpmpp_2m_sde", stochastic=True,
             diffusers_class="DPMSolverMultistepScheduler",
             diffusers_kwargs=(("algorithm_type", "sde-dpmsolver++"),), **_VP),
-    # A1111's DDIM, PLMS and UniPC are its own (not k-diffusion) samplers; these labels give diffusers' instead
-    Sampler("ddim", sample_ddim, "DDIM", final="final_alpha", diffusers_class="DDIMScheduler", **_DDIM),
-    Sampler("pndm", sample_pndm, "PLMS", ("plms",), final="final_alpha", diffusers_class="PNDMScheduler", **_DDIM),
-    Sampler("unipc", sample_unipc, "UniPC", diffusers_class="UniPCMultistepScheduler", **_VP),
+    # the labels "DDIM", "PLMS" and "UniPC" are A1111's own samplers (below)
+    Sampler("ddim", sample_ddim, "ddim", final="final_alpha", diffusers_class="DDIMScheduler", **_DDIM),
+    Sampler("pndm", sample_pndm, "pndm", ("plms",), final="final_alpha", diffusers_class="PNDMScheduler", **_DDIM),
+    Sampler("unipc", sample_unipc, "unipc", diffusers_class="UniPCMultistepScheduler", **_VP),
     Sampler("ddpm", sample_ddpm, "DDPM", stochastic=True, diffusers_class="DDPMScheduler", **_DDIM),
     Sampler("deis", sample_deis, "DEIS", final="sigma_min", diffusers_class="DEISMultistepScheduler", **_VP),
-    Sampler("lcm", sample_lcm, "LCM", stochastic=True, diffusers_class="LCMScheduler", timesteps="lcm", vp_init=True,
+    Sampler("lcm", sample_lcm, "lcm", stochastic=True, diffusers_class="LCMScheduler", timesteps="lcm", vp_init=True,
             plan_args=("timesteps",)),
-    Sampler("tcd", sample_tcd, "TCD", stochastic=True, diffusers_class="TCDScheduler", timesteps="lcm",
+    Sampler("tcd", sample_tcd, "tcd", stochastic=True, diffusers_class="TCDScheduler", timesteps="lcm",
             final="sigma_min", vp_init=True, plan_args=("timesteps", "train_sigmas")),
     # AUTOMATIC1111 v1.10's k-diffusion samplers, named by their labels (its samplers_k_diffusion table)
     Sampler("Euler a", sample_euler_a, "Euler a", ("k_euler_a", "k_euler_ancestral"), stochastic=True, **_A1111),
@@ -632,8 +476,17 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
             default_schedule="exponential", **_SDE),
     Sampler("DPM++ 3M SDE", sample_dpmpp_3m_sde, "DPM++ 3M SDE", ("k_dpmpp_3m_sde",), default_schedule="exponential",
             discard_penultimate=True, **_SDE),
+    Sampler("DPM fast", sample_dpm_fast, "DPM fast", ("k_dpm_fast",), stochastic=True, sigma_range=True, **_A1111),
+    Sampler("DPM adaptive", sample_dpm_adaptive, "DPM adaptive", ("k_dpm_ad",), stochastic=True, sigma_range=True,
+            **_A1111),
+    Sampler("Restart", sample_restart, "Restart", ("restart",), stochastic=True, default_schedule="karras", **_A1111),
+    # A1111's own samplers outside k-diffusion: sd_samplers_lcm and sd_samplers_timesteps (DDIM is Euler there)
+    Sampler("LCM", sample_k_lcm, "LCM", ("k_lcm",), stochastic=True, lcm=True, **_A1111),
+    Sampler("DDIM", sample_euler, "DDIM", timestep_space=True, **_A1111),
+    Sampler("PLMS", sample_plms, "PLMS", timestep_space=True, **_A1111),
+    Sampler("UniPC", sample_a1111_unipc, "UniPC", timestep_space=True, **_A1111),
 ]}
-A1111_MISSING = ("DPM fast", "DPM adaptive", "Restart", "LCM")  # A1111 labels not implemented here
+A1111_MISSING = ("DDIM CFG++",)  # A1111 labels not implemented here (CFG++ needs the unconditional eps apart)
 
 
 def sampler_table() -> list[dict]:
@@ -641,7 +494,9 @@ def sampler_table() -> list[dict]:
     it takes and what "automatic" means for it."""
     rows = []
     for s in SAMPLERS.values():
-        if s.family == "a1111":
+        if s.timestep_space:
+            schedules, automatic = ["automatic"], "A1111 timesteps (schedules ignored)"
+        elif s.family == "a1111":
             schedules, automatic = list(a1111.SCHEDULES), s.default_schedule or "uniform"
         else:
             schedules, automatic = ["automatic", "karras"] if s.supports_karras else ["automatic"], s.diffusers_class
@@ -708,19 +563,27 @@ class SamplingPlan:
     sigma_to_t: Callable  # sigma -> timestep (diffusers: exact at `sigmas`; a1111: k-diffusion's, continuous)
     init_noise_scale: float  # txt2img: x = unit noise * init_noise_scale
     noise_range: tuple[torch.Tensor, torch.Tensor] | None = None  # a1111 Brownian noise: the whole run's sigmas
+    sigma_range: tuple[torch.Tensor, torch.Tensor] | None = None  # a1111 DPM fast/adaptive: (sigma_min, sigma_max)
     train_sigmas: torch.Tensor | None = None  # diffusers family: the schedule's training sigmas (TCD's sigma_s)
 
     def sample(self, denoiser, x: torch.Tensor, *, generator=None, callback=None, **options) -> torch.Tensor:
-        """Run the sampler over the plan's sigmas (with the Brownian-tree range an img2img run needs, and the plan
-        fields a sampler's `plan_args` name); options: the sampler function's own keywords (TCD's eta)."""
-        extra = {"noise_range": self.noise_range} if self.sampler.brownian else {}
-        extra.update({name: getattr(self, name) for name in self.sampler.plan_args})
-        return self.sampler.fn(denoiser, x, self.sigmas, generator=generator, callback=callback, **extra, **options)
+        """Run the sampler over the plan's sigmas, with what some samplers need besides: the Brownian-tree range an
+        img2img run needs, DPM fast/adaptive's sigma range, A1111's LCM's timestep map, and the plan fields a
+        sampler's `plan_args` name (diffusers' LCM, TCD); options: the sampler function's own keywords (TCD's eta)."""
+        s, extra = self.sampler, {name: getattr(self, name) for name in self.sampler.plan_args}
+        if s.brownian:
+            extra["noise_range"] = self.noise_range
+        if s.sigma_range:
+            extra["sigma_range"] = self.sigma_range
+        if s.lcm:
+            extra["sigma_to_t"] = self.sigma_to_t
+        return s.fn(denoiser, x, self.sigmas, generator=generator, callback=callback, **extra, **options)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """Back to the latent diffusers returns: x / sqrt(1 + sigma_last**2) (identity when it is 0). A1111 decodes
-        x as it is, whatever the last sigma."""
-        if self.sampler.family == "a1111":
+        """Back to the latent diffusers returns: x / sqrt(1 + sigma_last**2) (identity when it is 0), and the VP
+        latent A1111's timestep samplers return. A1111's k-diffusion samplers decode x as it is, whatever the last
+        sigma."""
+        if self.sampler.family == "a1111" and not self.sampler.timestep_space:
             return x
         return x / math.sqrt(1.0 + float(self.sigmas[-1]) ** 2)
 
@@ -745,6 +608,8 @@ def prepare(name: str, noise_schedule: NoiseSchedule, steps: int, *, schedule: s
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if sampler.timestep_space:
+        return _prepare_timesteps(sampler, noise_schedule, steps, strength)
     if sampler.family == "a1111":
         return _prepare_a1111(sampler, noise_schedule, steps, schedule, strength)
     if noise_schedule.clip_sample and sampler.name in ("ddim", "ddpm", "heun"):
@@ -770,7 +635,7 @@ def prepare(name: str, noise_schedule: NoiseSchedule, steps: int, *, schedule: s
 
 def _prepare_a1111(sampler: Sampler, ns: NoiseSchedule, steps: int, schedule: str | None,
                    strength: float) -> SamplingPlan:
-    model = a1111.ModelSigmas.from_schedule(ns)
+    model = (a1111.LCMSigmas if sampler.lcm else a1111.ModelSigmas).from_schedule(ns)
     full = a1111.sigmas(model, steps, schedule or sampler.default_schedule or "uniform",
                         discard_penultimate=sampler.discard_penultimate)
     t_start = 0 if strength >= 1 else steps - int(min(strength, 0.999) * steps) - 1
@@ -778,5 +643,48 @@ def _prepare_a1111(sampler: Sampler, ns: NoiseSchedule, steps: int, schedule: st
     if len(sigmas) < 2:
         raise ValueError(f"strength {strength} leaves no step of {len(full) - 1} to run; raise strength or steps")
     noise_range = (full[full > 0].min(), full.max())
+    # A1111 runs DPM fast/adaptive over the model's sigma range in txt2img, and the kept sigmas' in img2img
+    sigma_range = (model.sigmas[0], model.sigmas[-1]) if strength >= 1 else (sigmas[-2], sigmas[0])
     return SamplingPlan(sampler, schedule, sigmas, model.sigma_to_t(sigmas[:-1]), model, float(sigmas[0]),
-                        noise_range)
+                        noise_range, sigma_range if sampler.sigma_range else None)
+
+
+def a1111_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """A1111's timesteps for its DDIM and PLMS (CompVisSampler.get_timesteps), ascending: 1, 1 + T // steps, ...
+    below T. Sampling visits them top down and ends at the lowest, t = 1: 20 steps are the 20 timesteps
+    1, 51, ..., 951, i.e. 19 model calls from t 951 to t 51 and a last step to t 1."""
+    if not 1 < steps <= num_train_timesteps:
+        raise ValueError(f"A1111's timestep samplers need 2 to {num_train_timesteps} steps, got {steps} "
+                         "(1 step gives the single timestep 1, which runs no step)")
+    return (torch.arange(0, num_train_timesteps, num_train_timesteps // steps) + 1).clamp(0, num_train_timesteps - 1)
+
+
+def _prepare_timesteps(sampler: Sampler, ns: NoiseSchedule, steps: int, strength: float) -> SamplingPlan:
+    """The plan of A1111's DDIM, PLMS or UniPC, and a sigma_to_t that feeds the U-Net exactly A1111's timesteps.
+    DDIM, PLMS: the training sigmas at `a1111_timesteps`, descending, ending at t = 1's (integer timesteps). UniPC:
+    as many steps as those timesteps, evenly in its continuous time (a1111.unipc_times; fractional timesteps),
+    ending at t = 0's sigma. x starts as VP noise (unit noise * sqrt(1 + sigma**2)) and `finish` returns the VP
+    latent at the last sigma, which A1111 decodes.
+
+    img2img keeps timesteps[:t_enc] (t_enc = int(min(strength, 0.999) * steps)) as A1111 does (UniPC: t_enc steps
+    from just above the last of them), but starts from x0 + noise * sigmas[0]: A1111 noises the image to
+    timesteps[t_enc], one level above where it then starts, which the pipeline's start (image + noise at the plan's
+    first sigma) cannot express.
+    """
+    model = a1111.ModelSigmas.from_schedule(ns)
+    timesteps = a1111_timesteps(steps, len(model.sigmas))
+    if strength < 1:
+        timesteps = timesteps[: int(min(strength, 0.999) * steps)]
+    unipc = sampler.name == "UniPC"
+    if len(timesteps) < (3 if unipc else 2):
+        raise ValueError(f"{steps} steps at strength {strength} leave {len(timesteps)} of A1111's timesteps, too few "
+                         f"for its {sampler.name} ({'3, its order' if unipc else '2'}); raise strength or steps")
+    if unipc:
+        t_start = 1.0 if strength >= 1 else float(timesteps[-1] + 1) / len(model.sigmas)
+        sigmas, t = a1111.unipc_times(ns, len(timesteps), t_start)
+    else:
+        timesteps = timesteps.flip(0)
+        sigmas, t = model.sigmas[timesteps], timesteps.float()
+    sigma_to_t = TimestepMap(sigmas, t, ns.log_sigmas)
+    init_noise_scale = math.sqrt(float(sigmas[0]) ** 2 + 1)
+    return SamplingPlan(sampler, None, sigmas, t[:-1], sigma_to_t, init_noise_scale)

@@ -12,7 +12,9 @@ Syntax (A1111's `prompt_parser`; the rules below are its behaviour, pinned by te
 
 Parsing. Inside brackets everything must be well formed: plain text, escapes, (P), (P:P), [P], [P|P|...], [P:N],
 [P:P:N]. At the top level a bracket or ":" that starts nothing well formed is plain text (so "a [unbalanced" is
-fine), and a well-formed bracket is always taken as one. A "|" outside an alternation, or a backslash at the end or
+fine), and a well-formed bracket is always taken as one. (Where a stray bracket or colon also lets A1111's Earley
+parser read it as plain text, as in "a [b:3]]", A1111 picks either reading depending on Python's hash seed; this
+is one of its two answers, and the one its documentation describes.) A "|" outside an alternation, or a backslash at the end or
 before a line break, makes the whole prompt plain text (one piece, unedited), as A1111's grammar fails there.
 
 A schedule is a list of (end_step, text): the text is used up to and including step end_step (steps counted from 1

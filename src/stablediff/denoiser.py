@@ -1,5 +1,5 @@
 """Denoisers D(x, sigma) for the samplers: an eps-prediction model wrapped into sigma space, and classifier-free
-guidance as a wrapper around that.
+guidance as a wrapper around that (with A1111's prompt editing and AND composition: ScheduledCFGDenoiser).
 
 In sigma space a latent at noise level sigma is x = x0 + sigma * eps. The U-Net was trained on the variance-preserving
 latent x / sqrt(sigma**2 + 1) at timestep t(sigma) and predicts eps, so D(x, sigma) = x - sigma * eps
@@ -8,9 +8,11 @@ latent x / sqrt(sigma**2 + 1) at timestep t(sigma) and predicts eps, so D(x, sig
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+
+from .prompt_schedule import piece_at
 
 
 def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
@@ -41,29 +43,87 @@ class EpsDenoiser:
         return x - s * eps.to(x.dtype)
 
 
-class CFGDenoiser:
-    """Classifier-free guidance (Ho & Salimans 2022) as a wrapper: D = D_uncond + scale * (D_cond - D_uncond).
+Schedule = Sequence[tuple[int, torch.Tensor]]  # (end_step, text embedding) pieces, end steps ascending
 
-    cond / uncond: text embeddings (B or 1, L, C), handed to the inner denoiser as `context=`. With scale > 1 the
-    inner denoiser runs once on a batch of 2B ordered [uncond; cond] (as diffusers batches it); with scale <= 1 it runs
-    on cond only (diffusers' `do_classifier_free_guidance` is guidance_scale > 1).
-    Guidance in denoised space equals diffusers' guidance in eps space: D is affine in eps with the same x.
+
+class ScheduledCFGDenoiser:
+    """Classifier-free guidance (Ho & Salimans 2022) with AUTOMATIC1111's prompt editing and composition:
+    D = D_uncond + sum_i weight_i * scale * (D_cond_i - D_uncond)  (composable diffusion, Liu et al. 2022; A1111's
+    `combine_denoised`, which adds the terms in sub-prompt order).
+
+    conds: one (weight, schedule) per AND sub-prompt (prompt_schedule.composable_schedules, each piece's text
+    encoded); uncond: the negative prompt's schedule. Embeddings are (B or 1, L, C), all of one length L (pad the
+    shorter with the empty prompt's chunk, as PromptEncoder.encode_pair does).
+
+    Which piece: the denoiser counts its calls from 0, and call k uses the first piece whose end_step >= k
+    (prompt_schedule.piece_at), as A1111 does. A1111 builds its schedules over twice the steps for the samplers that
+    call the denoiser twice a step (its second_order ones), so a caller does the same and `when` counts calls.
+    `step` is the number of calls so far; a new run needs a new denoiser (or step = 0).
+
+    Guided (scale > 1, or more than one sub-prompt, or a weight other than 1): the inner denoiser runs once on a
+    batch of (K + 1) B ordered [uncond; cond_1; ...; cond_K]. Otherwise it runs on cond only (diffusers'
+    `do_classifier_free_guidance` is guidance_scale > 1).
     """
 
-    def __init__(self, inner: Callable, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float):
-        if scale > 1 and uncond is None:
-            raise ValueError(f"guidance scale {scale} > 1 needs an unconditional embedding (uncond)")
-        self.inner, self.cond, self.uncond, self.scale = inner, cond, uncond, scale
+    def __init__(self, inner: Callable, conds: Sequence[tuple[float, Schedule]], uncond: Schedule | None,
+                 scale: float):
+        if not conds:
+            raise ValueError("no conditioning: conds must hold at least one (weight, schedule)")
+        schedules = [s for _, s in conds] + ([uncond] if uncond is not None else [])
+        for schedule in schedules:
+            _check_schedule(schedule)
+        shapes = {tuple(emb.shape[1:]) for schedule in schedules for _, emb in schedule}
+        if len(shapes) > 1:
+            raise ValueError(f"text embeddings differ in shape {sorted(shapes)}: pad them to one length")
+        self.guided = scale > 1 or len(conds) > 1 or float(conds[0][0]) != 1
+        if self.guided and uncond is None:
+            raise ValueError(f"guidance scale {scale} > 1 needs an unconditional embedding (uncond)" if scale > 1 else
+                             f"{len(conds)} sub-prompts with weights {[w for w, _ in conds]} need an unconditional "
+                             "embedding (uncond)")
+        self.inner, self.scale, self.step = inner, scale, 0
+        self.weights = [float(w) for w, _ in conds]
+        self.conds = [_split(s) for _, s in conds]
+        self.uncond = _split(uncond) if uncond is not None else None
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        step, self.step = self.step, self.step + 1
         B = x.shape[0]
-        cond = _batch(self.cond, B)
-        if self.scale <= 1:
-            return self.inner(x, sigma, context=cond)
+        conds = [_batch(_at(schedule, step), B) for schedule in self.conds]
+        if not self.guided:
+            return self.inner(x, sigma, context=conds[0])
         sigma = _per_sample(sigma, x)
-        context = torch.cat([_batch(self.uncond, B), cond])
-        d_uncond, d_cond = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), context=context).chunk(2)
-        return d_uncond + self.scale * (d_cond - d_uncond)
+        n = len(conds) + 1
+        context = torch.cat([_batch(_at(self.uncond, step), B), *conds])
+        d_uncond, *d_conds = self.inner(torch.cat([x] * n), torch.cat([sigma] * n), context=context).chunk(n)
+        denoised = d_uncond
+        for weight, d_cond in zip(self.weights, d_conds):
+            denoised = denoised + (weight * self.scale) * (d_cond - d_uncond)
+        return denoised
+
+
+class CFGDenoiser(ScheduledCFGDenoiser):
+    """Plain classifier-free guidance: D = D_uncond + scale * (D_cond - D_uncond), one prompt and one negative
+    without editing. cond / uncond: text embeddings (B or 1, L, C). Guidance in denoised space equals diffusers'
+    guidance in eps space: D is affine in eps with the same x."""
+
+    def __init__(self, inner: Callable, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float):
+        super().__init__(inner, [(1.0, [(1, cond)])], None if uncond is None else [(1, uncond)], scale)
+
+
+def _check_schedule(schedule: Schedule) -> None:
+    ends = [end for end, _ in schedule]
+    if not ends or any(not isinstance(e, int) or isinstance(e, bool) for e in ends) or ends != sorted(set(ends)):
+        raise ValueError(f"a conditioning schedule needs (end_step, embedding) pieces with whole, rising end steps; "
+                         f"got end steps {ends}")
+
+
+def _split(schedule: Schedule) -> tuple[list[int], list[torch.Tensor]]:
+    return [end for end, _ in schedule], [emb for _, emb in schedule]
+
+
+def _at(schedule: tuple[list[int], list[torch.Tensor]], step: int) -> torch.Tensor:
+    ends, embeddings = schedule
+    return embeddings[piece_at(ends, step)]
 
 
 def _batch(emb: torch.Tensor, B: int) -> torch.Tensor:

@@ -6,8 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import SD15, assert_close, tiny_diffusers_pipeline
-from stablediff import StableDiffusion
-from test_pipeline import SCHEDULERS
+from stablediff import StableDiffusion, samplers
 
 LATENT_TOL = 5e-4
 
@@ -34,7 +33,8 @@ def pipe(tiny_model_dir):
 def set_scheduler(ref, sampler, schedule=None):
     import diffusers
 
-    cls_name, kwargs = SCHEDULERS[sampler]
+    spec = samplers.SAMPLERS[sampler]
+    cls_name, kwargs = spec.diffusers_class, dict(spec.diffusers_kwargs)
     if schedule == "karras":
         kwargs = dict(kwargs, use_karras_sigmas=True)
     cls = getattr(diffusers, cls_name)

@@ -282,3 +282,33 @@ def test_variation_seeds_blend_the_start_noise_as_a1111(pipe):
     assert torch.equal(pipe("a cat", seed=21, seed_resize_from=(64, 64), **kw).latents, plain.latents)
     moved = pipe("a cat", seed=21, seed_resize_from=(128, 128), **kw)
     assert "Seed resize from: 128x128" in moved.infotexts[0] and not torch.equal(moved.latents, plain.latents)
+
+
+def test_prompt_editing_switches_the_conditioning_at_its_step_and_and_composes(pipe):
+    """[a:b:5] over 10 Euler steps (memoryless, so a run can be split): `a` for A1111's calls 0-5, `b` after; and
+    `a AND b :0.5` is D_u + scale * (D_a - D_u) + 0.5 * scale * (D_b - D_u)."""
+    from stablediff import samplers as smp
+
+    kw = dict(steps=10, seed=3, width=64, height=64, sampler="Euler", cfg_scale=6.0)
+    edited = pipe("[a red cat:a blue dog:5]", "blurry", **kw)
+    plan = smp.prepare("Euler", pipe.noise_schedule, 10)
+    first, second = pipe.prompts.encode_pair("a red cat", "blurry"), pipe.prompts.encode_pair("a blue dog", "blurry")
+    x = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(3)) * plan.init_noise_scale
+    with torch.no_grad():
+        x = plan.sampler.fn(pipe.denoiser(plan, *first, 6.0), x, plan.sigmas[:7])
+        x = plan.sampler.fn(pipe.denoiser(plan, *second, 6.0), x, plan.sigmas[6:])
+    assert_close(edited.latents, plan.finish(x), 1e-5)
+    assert not torch.allclose(edited.latents, pipe("a red cat", "blurry", **kw).latents)
+
+    composed = pipe("a red cat AND a blue dog :0.5", "blurry", **kw)
+    cat, dog = first[0], second[0]
+    uncond = first[1]
+
+    def combined(x, sigma):
+        d_u, d_a, d_b = (pipe.denoiser(plan, c, None, 1.0)(x, sigma) for c in (uncond, cat, dog))
+        return d_u + 6.0 * (d_a - d_u) + 0.5 * 6.0 * (d_b - d_u)
+
+    x = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(3)) * plan.init_noise_scale
+    with torch.no_grad():
+        x = plan.sampler.fn(combined, x, plan.sigmas)
+    assert_close(composed.latents, plan.finish(x), 1e-4)

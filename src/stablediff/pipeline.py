@@ -27,9 +27,10 @@ import torch
 
 from . import __version__, cpu, embeddings, images, lora, malloc, rng, samplers, weights
 from .clip import CLIPTextModel
-from .denoiser import CFGDenoiser, EpsDenoiser
+from .denoiser import EpsDenoiser, ScheduledCFGDenoiser
 from .nn import ResnetBlock
 from .params import DEFAULT_MODEL, MAX_SEED, GenerationParams, unused_settings
+from .prompt_schedule import composable_schedules, prompt_schedule
 from .prompts import PromptEncoder
 from .safety import SafetyChecker, load_safety_checker
 from .schedule import NoiseSchedule
@@ -401,18 +402,17 @@ class StableDiffusion:
         generator (seeds[k] = (seed, variation seed), params.image_seeds', on params.rng's source: rng.ImageRNG),
         run the sampler over the guided denoiser. `source` is `_encode_init`'s (img2img,
         inpainting); `step_callback(d)` sees each step and may return the latents to go on with."""
-        n = len(seeds)
         shape = (self.vae.config.latent_channels, params.height // self.downscale, params.width // self.downscale)
         noise = rng.ImageRNG(shape, [s for s, _ in seeds], source=params.rng, device=self.device, ensd=params.ensd,
                              subseeds=[v for _, v in seeds if v is not None],
                              subseed_strength=params.subseed_strength, seed_resize_from=params.seed_resize_from,
                              downscale=self.downscale)
-        cond, uncond = self.prompts.encode_pair(prompt, negative, params.clip_skip)
+        conds, uncond = self.conditioning(prompt, negative, params.steps * plan.sampler.calls_per_step,
+                                          params.clip_skip)
         weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till next needed
-        cond, uncond = cond.expand(n, -1, -1), uncond.expand(n, -1, -1)
         cache = DeepCache(params.cache_interval) if params.cache_interval > 1 else None
         x, model, blend = self._start(plan, noise, source, params.strength, cache)
-        denoiser = self.denoiser(plan, cond, uncond, params.cfg_scale, model=model)
+        denoiser = self.scheduled_denoiser(plan, conds, uncond, params.cfg_scale, model=model)
         last = len(plan.sigmas) - 2
 
         def on_step(d):
@@ -526,18 +526,35 @@ class StableDiffusion:
         guidance = {} if timestep_cond is None else {"timestep_cond": timestep_cond}  # LCM U-Nets only
         return self.unet(x_in, t, context, cache=cache, **guidance)
 
+    def conditioning(self, prompt: str, negative: str, calls: int, clip_skip: int = 1):
+        """The prompt's AND sub-prompts as (weight, schedule) and the negative prompt's schedule, each schedule
+        [(end call, embedding)] over `calls` denoiser calls: A1111's prompt editing ([from:to:when], [a|b]) and
+        composition (prompt_schedule.py). A plain prompt gives one piece each, as encode_pair would."""
+        subs = composable_schedules(prompt, calls)
+        negatives = prompt_schedule(negative, calls)
+        texts = [text for sub in subs for _, text in sub.schedule] + [text for _, text in negatives]
+        embeddings = self.prompts.encode_all(texts, clip_skip)
+        conds = [(sub.weight, [(end, embeddings[text]) for end, text in sub.schedule]) for sub in subs]
+        return conds, [(end, embeddings[text]) for end, text in negatives]
+
     def denoiser(self, plan: samplers.SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor | None,
-                 cfg_scale: float, *, model: Callable | None = None) -> CFGDenoiser:
+                 cfg_scale: float, *, model: Callable | None = None) -> ScheduledCFGDenoiser:
         """The guided denoiser D(x, sigma) a sampler steps with: `model` (default `self.eps`) in the model's
         dtype, at the timesteps `plan` (samplers.prepare) maps its sigmas to, guided by cond/uncond embeddings.
         An LCM U-Net (time_cond_proj_dim) takes the guidance scale as an embedding instead and runs once, on cond
         only, as diffusers runs it."""
+        return self.scheduled_denoiser(plan, [(1.0, [(1, cond)])], None if uncond is None else [(1, uncond)],
+                                       cfg_scale, model=model)
+
+    def scheduled_denoiser(self, plan: samplers.SamplingPlan, conds, uncond, cfg_scale: float, *,
+                           model: Callable | None = None) -> ScheduledCFGDenoiser:
+        """`denoiser` with conditioning schedules (`conditioning`'s), for one run: it counts its calls."""
         model = model or self.eps
         dim = self.unet.config.time_cond_proj_dim
         if dim is not None:
             w = guidance_scale_embedding(torch.full((1,), cfg_scale - 1.0), dim).to(self.device, self.dtype)
-            model, uncond, cfg_scale = functools.partial(model, timestep_cond=w), None, 1.0
-        return CFGDenoiser(EpsDenoiser(model, plan.sigma_to_t, self.dtype), cond, uncond, cfg_scale)
+            model, cfg_scale = functools.partial(model, timestep_cond=w), 1.0
+        return ScheduledCFGDenoiser(EpsDenoiser(model, plan.sigma_to_t, self.dtype), conds, uncond, cfg_scale)
 
     def _step_callback(self, batch, batches, total, callback, cancel, progress):
         """A sampler callback for one prompt's run: the progress bar, the user's callback, cancellation."""

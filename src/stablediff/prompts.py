@@ -373,12 +373,18 @@ class PromptEncoder:
 
     def encode_pair(self, prompt: str, negative: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond, uncond) of the same length: the shorter is continued with the empty prompt's chunk."""
-        cond, uncond = self.encode(prompt, clip_skip), self.encode(negative, clip_skip)
-        missing = (cond.shape[1] - uncond.shape[1]) // (self.chunk_length + 2)
-        if missing:
-            empty = self.encode("", clip_skip)
-            if missing > 0:
-                uncond = torch.cat([uncond, empty.repeat(1, missing, 1)], dim=1)
-            else:
-                cond = torch.cat([cond, empty.repeat(1, -missing, 1)], dim=1)
-        return cond, uncond
+        embeddings = self.encode_all([prompt, negative], clip_skip)
+        return embeddings[prompt], embeddings[negative]
+
+    def encode_all(self, texts, clip_skip: int = 1) -> dict[str, torch.Tensor]:
+        """Each distinct text -> (1, 77 * k, C), all of one length k: the shorter are continued with the empty
+        prompt's chunk (the pieces of a prompt-editing schedule, the AND sub-prompts and the negative prompt)."""
+        embeddings = {text: self.encode(text, clip_skip) for text in dict.fromkeys(texts)}
+        longest = max(e.shape[1] for e in embeddings.values())
+        empty = None
+        for text, e in embeddings.items():
+            missing = (longest - e.shape[1]) // (self.chunk_length + 2)
+            if missing:
+                empty = self.encode("", clip_skip) if empty is None else empty
+                embeddings[text] = torch.cat([e, empty.repeat(1, missing, 1)], dim=1)
+        return embeddings

@@ -421,6 +421,7 @@ class Sampler:
     discard_penultimate: bool = False  # a1111: one step more, then the next-to-last sigma dropped
     brownian: bool = False  # a1111: Brownian-tree noise over the whole run's sigma range (`noise_range`)
     plan_args: tuple[str, ...] = ()  # SamplingPlan fields the function takes as keywords (LCM, TCD: `timesteps`)
+    calls_per_step: int = 1  # denoiser calls a step (second-order: 2); prompt-editing schedules count calls
     timestep_space: bool = False  # a1111: A1111's timestep sampler (DDIM, PLMS, UniPC): its own times, whatever the
     # schedule (A1111 ignores the schedule type for them), VP start and end
     sigma_range: bool = False  # a1111: runs over (sigma_min, sigma_max) as A1111 passes them (DPM fast, adaptive)
@@ -437,12 +438,14 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("euler", sample_euler, "euler", supports_karras=True, diffusers_class="EulerDiscreteScheduler"),
     Sampler("euler_a", sample_euler_a, "euler_a", ("euler_ancestral",), stochastic=True,
             diffusers_class="EulerAncestralDiscreteScheduler"),
-    Sampler("heun", sample_heun, "heun", supports_karras=True, diffusers_class="HeunDiscreteScheduler"),
+    Sampler("heun", sample_heun, "heun", supports_karras=True, diffusers_class="HeunDiscreteScheduler",
+            calls_per_step=2),
     Sampler("lms", sample_lms, "lms", supports_karras=True, diffusers_class="LMSDiscreteScheduler"),
     Sampler("dpm2", sample_dpm2, "dpm2", ("dpm_2",), supports_karras=True, karras_round=True,
-            diffusers_class="KDPM2DiscreteScheduler"),
+            diffusers_class="KDPM2DiscreteScheduler", calls_per_step=2),
     Sampler("dpm2_a", sample_dpm2_a, "dpm2_a", ("dpm_2_ancestral",), supports_karras=True,
-            stochastic=True, karras_round=True, diffusers_class="KDPM2AncestralDiscreteScheduler"),
+            stochastic=True, karras_round=True, diffusers_class="KDPM2AncestralDiscreteScheduler",
+            calls_per_step=2),
     Sampler("dpmpp_2m", sample_dpmpp_2m, "dpmpp_2m", diffusers_class="DPMSolverMultistepScheduler", **_VP),
     Sampler("dpmpp_2m_sde", sample_dpmpp_2m_sde, "dpmpp_2m_sde", stochastic=True,
             diffusers_class="DPMSolverMultistepScheduler",
@@ -461,15 +464,16 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("Euler a", sample_euler_a, "Euler a", ("k_euler_a", "k_euler_ancestral"), stochastic=True, **_A1111),
     Sampler("Euler", sample_euler, "Euler", ("k_euler",), **_A1111),
     Sampler("LMS", sample_lms, "LMS", ("k_lms",), **_A1111),
-    Sampler("Heun", sample_heun, "Heun", ("k_heun",), **_A1111),
+    Sampler("Heun", sample_heun, "Heun", ("k_heun",), **_A1111, calls_per_step=2),
     Sampler("DPM2", sample_k_dpm2, "DPM2", ("k_dpm_2",), default_schedule="karras", discard_penultimate=True,
-            **_A1111),
+            **_A1111, calls_per_step=2),
     Sampler("DPM2 a", sample_k_dpm2_a, "DPM2 a", ("k_dpm_2_a",), stochastic=True, default_schedule="karras",
-            discard_penultimate=True, **_A1111),
+            discard_penultimate=True, **_A1111, calls_per_step=2),
     Sampler("DPM++ 2S a", sample_dpmpp_2s_a, "DPM++ 2S a", ("k_dpmpp_2s_a",), stochastic=True,
-            default_schedule="karras", **_A1111),
+            default_schedule="karras", **_A1111, calls_per_step=2),
     Sampler("DPM++ 2M", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",), default_schedule="karras", **_A1111),
-    Sampler("DPM++ SDE", sample_dpmpp_sde, "DPM++ SDE", ("k_dpmpp_sde",), default_schedule="karras", **_SDE),
+    Sampler("DPM++ SDE", sample_dpmpp_sde, "DPM++ SDE", ("k_dpmpp_sde",), default_schedule="karras", **_SDE,
+            calls_per_step=2),
     Sampler("DPM++ 2M SDE", sample_k_dpmpp_2m_sde, "DPM++ 2M SDE", ("k_dpmpp_2m_sde",),
             default_schedule="exponential", **_SDE),
     Sampler("DPM++ 2M SDE Heun", sample_dpmpp_2m_sde_heun, "DPM++ 2M SDE Heun", ("k_dpmpp_2m_sde_heun",),

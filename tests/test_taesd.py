@@ -197,3 +197,36 @@ def test_cheap_preview_image():
 def test_cheap_preview_refuses_bad_input(bad, message):
     with pytest.raises(ValueError, match=message):
         cheap_preview(**bad)
+
+
+def test_taesd_as_the_vae_and_for_previews_matches_diffusers_autoencoder_tiny(tiny_model_dir, tmp_path):
+    """pipe.load_vae(a TAESD folder): the image is TAESD's decode of the same latents, as diffusers'
+    StableDiffusionPipeline with vae=AutoencoderTiny gives it; previews use it; img2img encodes with it."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from stablediff import StableDiffusion
+
+    cfg = dict(encoder_block_out_channels=[8, 8], decoder_block_out_channels=[8, 8], num_encoder_blocks=[1, 2],
+               num_decoder_blocks=[2, 1])  # downscale 2, as the tiny model's VAE
+    tiny = reference(cfg, seed=4)
+    tiny.save_pretrained(tmp_path / "taesd")
+    ref = StableDiffusionPipeline.from_pretrained(tiny_model_dir, vae=tiny, safety_checker=None)
+    pipe = StableDiffusion.from_pretrained(tiny_model_dir)
+    plain = pipe("a cat", steps=3, seed=2, sampler="euler")
+    pipe.load_vae(tmp_path / "taesd")
+    got = pipe("a cat", steps=3, seed=2, sampler="euler")
+    assert torch.equal(got.latents, plain.latents)  # the U-Net's part does not change
+    with torch.no_grad():  # diffusers' pipeline decodes as vae.decode(latents / scaling_factor (1.0)), postprocess
+        want = ref.image_processor.postprocess(ref.vae.decode(got.latents / ref.vae.config.scaling_factor).sample,
+                                               output_type="np")[0]
+    assert np.abs(np.asarray(got.images[0]).astype(int) - np.round(want * 255).astype(int)).max() <= 1
+    assert "VAE: taesd" in got.infotexts[0] and "VAE hash: " in got.infotexts[0]
+    # previews: TAESD's decode of what they are given
+    assert np.array_equal(np.asarray(pipe.preview(got.latents)[0]), np.asarray(got.images[0]))
+    pipe.taesd = None
+    cheap = pipe.preview(got.latents)[0]
+    assert cheap.size == (64, 64)  # "Approx cheap" at the latents' size x the downscale
+    pipe.load_vae(tmp_path / "taesd")
+    redone = pipe("a cat", steps=3, seed=2, sampler="euler", init_image=got.images[0], strength=0.5)
+    assert redone.images[0].size == (64, 64) and torch.isfinite(redone.latents).all()

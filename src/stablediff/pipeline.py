@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, cpu, embeddings, images, lora, malloc, rng, samplers, weights
+from . import __version__, cpu, embeddings, images, lora, malloc, rng, samplers, taesd, weights
 from .clip import CLIPTextModel
 from .denoiser import EpsDenoiser, ScheduledCFGDenoiser
 from .nn import ResnetBlock
@@ -35,10 +35,21 @@ from .prompts import PromptEncoder
 from .safety import SafetyChecker, load_safety_checker
 from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
+from .taesd import TinyAutoencoder
 from .unet import DeepCache, SpatialTransformer, UNet, guidance_scale_embedding
 from .vae import AutoencoderKL
 
 DEMO_DIR = Path(__file__).parent / "data" / "demo"  # our small offline model (`--model demo`)
+
+
+class Encoded:
+    """An exact encoding in the posterior's interface (`mean`, `sample(generators)`), for TAESD."""
+
+    def __init__(self, mean: torch.Tensor):
+        self.mean = mean
+
+    def sample(self, generator=None) -> torch.Tensor:
+        return self.mean
 
 
 class Cancelled(Exception):
@@ -55,6 +66,7 @@ class StepInfo:
     batches: int
     sigma: float
     latents: torch.Tensor
+    denoised: torch.Tensor | None = None  # the step's estimate of the clean latents (what previews show)
 
 
 @dataclass
@@ -146,6 +158,8 @@ class StableDiffusion:
         self.vae_file: Path | None = None  # a separate VAE's weights file (load_vae), for the infotext
         self.vae_name: str | None = None
         self._vae_hash = None
+        self.taesd: TinyAutoencoder | None = None  # previews; with taesd_output, also the image's decode/encode
+        self.taesd_output = False
 
     @classmethod
     def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
@@ -197,7 +211,17 @@ class StableDiffusion:
         """Use a separate VAE instead of the model's own: a .safetensors/.ckpt/.pt file as people download it (e.g.
         vae-ft-mse-840000-ema-pruned), a diffusers VAE folder or a diffusers model folder (weights.load_vae; a VAE
         of other latents, SDXL's or SD3's, is refused). It runs on the device and in the dtype of the VAE it
-        replaces. The infotext then names it as A1111 does: "VAE" (the file's name) and "VAE hash"."""
+        replaces. The infotext then names it as A1111 does: "VAE" (the file's name) and "VAE hash".
+        TAESD (taesd.is_taesd: the tiny autoencoder) decodes and encodes instead of the VAE, fast and approximate."""
+        if taesd.is_taesd(source):
+            self.load_preview_decoder(source)
+            if self.taesd.config.downscale != self.downscale or \
+                    self.taesd.config.latent_channels != self.vae.config.latent_channels:
+                raise ValueError(f"{source}: a TAESD for other latents ({self.taesd.config.latent_channels} "
+                                 f"channels, downscale {self.taesd.config.downscale}) than this model's")
+            self.taesd_output, self.vae_file = True, taesd.weights_file(source)
+            self.vae_name, self._vae_hash = Path(source).name, None
+            return
         found = weights.load_vae(source, like=self.vae.config)
         dtype = self.vae.post_quant_conv.weight.dtype
         self.vae = _build(AutoencoderKL, found.config, found.state_dict, path=str(found.weights_file),
@@ -205,8 +229,19 @@ class StableDiffusion:
         _channels_last(self.vae, self.device, dtype)
         self.vae_file = found.weights_file
         self.vae_name = Path(found.path).name  # A1111: the file's base name (a folder: its name)
-        self._vae_hash = None
+        self._vae_hash, self.taesd_output = None, False
 
+    def load_preview_decoder(self, *sources) -> None:
+        """TAESD (a folder, or its decoder/encoder files) for `preview` (taesd.load_taesd), in float32."""
+        self.taesd = taesd.load_taesd(*sources, device=self.device)
+
+    def preview(self, latents: torch.Tensor) -> list:
+        """Quick PIL images of latents (e.g. a step's denoised estimate): TAESD's decode when one is loaded, else
+        A1111's "Approx cheap" linear map (no model; 8x nearest upscaled to the image's size)."""
+        with torch.no_grad():
+            if self.taesd is not None and self.taesd.decoder is not None:
+                return images.to_pil(self.taesd.decode(latents.float().to(self.device)))
+            return [taesd.cheap_preview(z.float().cpu(), upscale=self.downscale) for z in latents]
     @property
     def vae_hash(self) -> str | None:
         """A1111's "VAE hash": the first 10 hex digits of the separate VAE's weights file's sha256 (None with the
@@ -287,6 +322,8 @@ class StableDiffusion:
         NaN latents (a float16 overflow in the U-Net) are an error, never a silent black image."""
         if not torch.isfinite(latents).all():
             raise FloatingPointError(f"the sampler produced NaN/inf latents {_nan_cause(self.dtype, self.loras)}")
+        if self.taesd_output:  # TAESD takes the latents as the diffusion model sees them
+            return torch.cat([self.taesd.decode(latents[i:i + 1].float().to(self.device)) for i in range(len(latents))])
         z = latents.float() / self.vae.config.scaling_factor
         vae_dtype = self.vae.post_quant_conv.weight.dtype
         return torch.cat([self.vae.decode(z[i:i + 1].to(vae_dtype), tiled=self.vae_tiling).float()
@@ -473,12 +510,29 @@ class StableDiffusion:
         """The init image (and mask) as tensors on the device, encoded where the run needs it."""
         width, height = params.width, params.height
         pixels = images.from_pil(image, width, height).to(self.device, self.vae.post_quant_conv.weight.dtype)
+        if self.taesd_output:
+            return self._encode_init_taesd(pixels, mask, width, height)
         source = {"posterior": self.vae.encode(pixels, tiled=self.vae_tiling)}
         if mask is not None:
             m = images.mask_from_pil(mask, width, height).to(pixels)
             f = self.downscale
             source["mask"] = torch.nn.functional.interpolate(m, size=(height // f, width // f)).float()
             source["masked"] = self.vae.encode(pixels * (m < 0.5), tiled=self.vae_tiling)
+        return source
+
+    def _encode_init_taesd(self, pixels, mask, width, height) -> dict:
+        """_encode_init's source with TAESD as the autoencoder: its encoding is exact, not a distribution, so the
+        posterior's sample is its mean and draws no noise."""
+        if self.taesd.encoder is None:
+            raise ValueError("this TAESD has no encoder (a decoder file alone): img2img needs taesd_encoder too")
+        sf = self.vae.config.scaling_factor
+        encode = lambda x: Encoded(self.taesd.encode(x.float()) / sf)  # noqa: E731
+        source = {"posterior": encode(pixels)}
+        if mask is not None:
+            m = images.mask_from_pil(mask, width, height).to(pixels)
+            f = self.downscale
+            source["mask"] = torch.nn.functional.interpolate(m, size=(height // f, width // f)).float()
+            source["masked"] = encode(pixels * (m < 0.5))
         return source
 
     def _start(self, plan, noise_rng: rng.ImageRNG, source, strength, cache=None):
@@ -569,7 +623,7 @@ class StableDiffusion:
             if bar is not None:
                 bar.update(1)
             if callback is not None:
-                callback(StepInfo(d["i"] + 1, total, batch, batches, float(d["sigma"]), d["x"]))
+                callback(StepInfo(d["i"] + 1, total, batch, batches, float(d["sigma"]), d["x"], d.get("denoised")))
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation was cancelled")
 

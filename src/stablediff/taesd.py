@@ -245,6 +245,33 @@ def _original_files(folder: Path) -> list[Path]:
     return found
 
 
+def is_taesd(source) -> bool:
+    """Whether `source` holds TAESD rather than a full VAE: a diffusers folder whose config.json names
+    AutoencoderTiny, a folder with taesd_encoder/taesd_decoder files, or a file named as madebyollin names them
+    (taesd_decoder.safetensors ...; the original files carry no other mark short of reading their keys)."""
+    path = Path(source)
+    if path.is_dir():
+        config = path / "config.json"
+        if config.is_file():
+            return read_json_object(config).get("_class_name") == "AutoencoderTiny"
+        return any((path / f"{stem}{s}").is_file() for stem in ORIGINAL_STEMS.values() for s in ORIGINAL_SUFFIXES)
+    return path.suffix.lower() in ORIGINAL_SUFFIXES and path.name.lower().startswith("taesd")
+
+
+def weights_file(source) -> Path:
+    """The file that names a TAESD (its hash goes in the infotext): the file itself, or the folder's weights (the
+    decoder's, for the original files)."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+             *(f"{ORIGINAL_STEMS['decoder']}{s}" for s in ORIGINAL_SUFFIXES))
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path}: no TAESD weights ({', '.join(names)})")
+
+
 def load_taesd(*sources, config: TinyAutoencoderConfig | None = None, device="cpu",
                dtype: torch.dtype = torch.float32) -> TinyAutoencoder:
     """TAESD from a diffusers folder (config.json + diffusion_pytorch_model.safetensors/.bin), a folder with the

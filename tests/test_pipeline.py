@@ -312,3 +312,17 @@ def test_prompt_editing_switches_the_conditioning_at_its_step_and_and_composes(p
     with torch.no_grad():
         x = plan.sampler.fn(combined, x, plan.sigmas)
     assert_close(composed.latents, plan.finish(x), 1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun", "Euler a", "DPM++ 2M", "UniPC", "lcm"])
+def test_cfg_scale_at_most_one_runs_one_unet_batch_without_the_unconditional_half(pipe, sampler):
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        pipe("a cat", "blurry", steps=4, seed=1, width=64, height=64, sampler=sampler, cfg_scale=1.0, batch_size=2)
+        assert calls and set(calls) == {2}  # batch 2, not 4
+        calls.clear()
+        pipe("a cat", "blurry", steps=4, seed=1, width=64, height=64, sampler=sampler, cfg_scale=1.5, batch_size=2)
+        assert set(calls) == {4}
+    finally:
+        hook.remove()

@@ -283,9 +283,29 @@ def test_fit_mode_by_index_and_inpaint_fill_is_masked():
 
 def test_fit_shrinks_with_area_averaging():
     image = np.zeros((4, 4, 3), np.uint8)
-    image[::2, ::2] = 255
-    image[1::2, 1::2] = 255  # a checkerboard: two colours, not a segmentation map
-    assert (pixels(P.fit(Image.fromarray(image), 2, 2, "Just Resize")) == 128).all()  # 510 / 4 = 127.5 -> 128
+    image[::2, ::2] = 201
+    image[1::2, 1::2] = 201  # a checkerboard: two colours, not a segmentation map, not black and white
+    assert (pixels(P.fit(Image.fromarray(image), 2, 2, "Just Resize")) == 101).all()  # 402 / 4 = 100.5 -> 101
+
+
+def test_fit_keeps_an_edge_map_black_and_white():
+    edges = P.canny(Image.fromarray(scene()))
+    out = pixels(P.fit(edges, 200, 150, "Just Resize"))
+    assert set(np.unique(out)) == {0, 255} and (out[..., 0] == out[..., 2]).all()
+    gray = pixels(edges.resize((200, 150), Image.Resampling.BICUBIC)).mean(axis=2).clip(0, 255).astype(np.uint8)
+    assert (out[..., 0] == (gray > P.otsu_threshold(gray)) * 255).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_otsu_threshold_matches_opencv(seed):
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(seed)
+    gray = np.concatenate([rng.integers(0, 90, 700), rng.normal(170, 25, 300).clip(0, 255)]).astype(np.uint8)
+    assert P.otsu_threshold(gray) == cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]
+
+
+def test_otsu_threshold_of_two_levels_is_the_lower():
+    assert P.otsu_threshold(np.array([10] * 100 + [200] * 50, np.uint8)) == 10
 
 
 @pytest.mark.parametrize("mode, size, message", [("Inner Fit", (8, 8), "unknown resize mode 'Inner Fit'"),

@@ -105,8 +105,7 @@ def _strongest_channel(dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.n
     """Per pixel, the gradient of the channel with the largest L1 magnitude (the first one on a tie), as OpenCV."""
     magnitude = np.abs(dx) + np.abs(dy)
     pick = np.argmax(magnitude, axis=2)[:, :, None]
-    take = lambda a: np.take_along_axis(a, pick, axis=2)[:, :, 0]  # noqa: E731
-    return take(dx), take(dy), take(magnitude)
+    return tuple(np.take_along_axis(a, pick, axis=2)[:, :, 0] for a in (dx, dy, magnitude))
 
 
 def non_maximum_suppression(dx: np.ndarray, dy: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
@@ -185,9 +184,9 @@ def scribble_xdog(image: Image.Image, xdog_threshold: float = 32) -> Image.Image
     The extension doubles that difference in uint8 arithmetic, which wraps for differences of 128 and more and
     drops the middle of the darkest strokes; here the comparison is done without wrapping."""
     x = rgb_array(image).astype(np.float32)
-    darkness = (gaussian_blur(x, 5.0) - gaussian_blur(x, 0.5)).min(axis=2)
-    darkness = np.clip(np.floor(255 - darkness), 0, 255)  # the extension's uint8 `dog` image
-    return _to_image((2 * (255 - darkness) > xdog_threshold) * 255)
+    darker_by = (gaussian_blur(x, 5.0) - gaussian_blur(x, 0.5)).min(axis=2)
+    dog = np.floor(np.clip(255 - darker_by, 0, 255))  # the extension's uint8 `dog` image
+    return _to_image((2 * (255 - dog) > xdog_threshold) * 255)
 
 
 def lineart_standard(image: Image.Image) -> Image.Image:
@@ -245,6 +244,8 @@ def inpaint(image: Image.Image, mask: Image.Image | None = None) -> Image.Image:
         if image.mode != "RGBA":
             raise ValueError(f"inpaint needs a mask, or an RGBA image whose alpha is the mask (got mode {image.mode})")
         return image
+    if not isinstance(mask, Image.Image):
+        raise TypeError(f"inpaint mask must be a PIL image, got {type(mask).__name__}")
     if mask.size != image.size:
         raise ValueError(f"inpaint mask size {mask.size} differs from image size {image.size}")
     result = Image.fromarray(rgb_array(image), "RGB")
@@ -286,11 +287,12 @@ def check_params(name: str, params: dict) -> None:
     accepted = list(inspect.signature(PREPROCESSORS[name]).parameters)[1:]
     for key, value in params.items():
         if key not in accepted:
-            raise ValueError(f"preprocessor {name!r} takes no parameter {key!r}; it takes: {', '.join(accepted) or 'none'}")
+            takes = ", ".join(accepted) or "none"
+            raise ValueError(f"preprocessor {name!r} takes no parameter {key!r}; it takes: {takes}")
         if key in RANGES:
             low, high = RANGES[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ValueError(f"{name} {key}={value!r} is outside [{low}, {high}]")
+                raise ValueError(f"{name} {key}={value!r} is not a number in [{low}, {high}]")
 
 
 def run(name: str, image: Image.Image, **params) -> Image.Image:
@@ -378,7 +380,8 @@ def _border_colour(image: Image.Image) -> tuple[int, ...]:
 def fit(image: Image.Image, width: int, height: int, mode: str | int = "Crop and Resize") -> Image.Image:
     """Bring a control map to width x height as sd-webui-controlnet does:
     "Just Resize" stretches; "Crop and Resize" scales to cover and crops the middle; "Resize and Fill" scales to fit
-    inside and pads evenly (the extra pixel right/bottom) with the median border colour. Scaled sides are rounded."""
+    inside and pads evenly (the extra pixel right/bottom) with the median border colour. Scaled sides are rounded.
+    An RGBA image is an inpaint map (see `inpaint`): its padding is masked, to be repainted."""
     if isinstance(mode, int) and not isinstance(mode, bool) and 0 <= mode < len(RESIZE_MODES):
         mode = RESIZE_MODES[mode]
     if mode not in RESIZE_MODES:

@@ -89,7 +89,7 @@ class ControlNetConfig(Config):
     @classmethod
     def from_unet(cls, unet: UNetConfig, **hint) -> "ControlNetConfig":
         """A ControlNet for `unet` (diffusers' ControlNetModel.from_unet); `hint` sets the hint encoder's fields."""
-        return cls(**{k: getattr(unet, k) for k in _UNET_FIELDS}, **hint)
+        return cls.from_dict({**{k: getattr(unet, k) for k in _UNET_FIELDS}, **hint}, source="ControlNet of a U-Net")
 
 
 class ConditioningEmbedding(nn.Module):
@@ -170,8 +170,9 @@ class ControlNet(nn.Module):
         cfg, f = self.config, self.config.hint_downscale
         want = (cfg.conditioning_channels, x.shape[-2] * f, x.shape[-1] * f)
         if hint.dim() != 4 or tuple(hint.shape[1:]) != want or hint.shape[0] not in (1, x.shape[0]):
+            batch = "1" if x.shape[0] == 1 else f"1 or {x.shape[0]}"
             raise ValueError(f"ControlNet hint of shape {tuple(hint.shape)} does not fit latents {tuple(x.shape)}: "
-                             f"expected (1 or {x.shape[0]}, {want[0]}, {want[1]}, {want[2]}), {f}x the latent size")
+                             f"expected ({batch}, {want[0]}, {want[1]}, {want[2]}), {f}x the latent size")
 
 
 # ----------------------------------------------------------------------------------------------------------------

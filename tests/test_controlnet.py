@@ -11,7 +11,7 @@ from stablediff.config import UNetConfig
 from stablediff.controlnet import (ControlNet, ControlNetConfig, ORIGINAL_PREFIX, config_table, load_controlnet,
                                    to_original)
 from stablediff.keymap import CheckpointError
-from stablediff.unet import UNet
+from stablediff.unet import DeepCache, UNet
 
 TOL = 1e-4
 TINY_HINT = dict(conditioning_embedding_out_channels=[16, 32])  # hints at 2x the latent size
@@ -76,6 +76,9 @@ def test_tiny_matches_diffusers(tiny, scale, guess_mode):
             got = model(x, t, ctx, hint, conditioning_scale=scale, guess_mode=guess_mode)
             want = tiny(x, t, ctx, hint, conditioning_scale=scale, guess_mode=guess_mode, return_dict=False)
         assert_residuals(got, want)
+    with torch.no_grad():  # one hint for the whole batch
+        one = model(x, t, ctx, hint[:1], scale, guess_mode)
+        assert_residuals(one, model(x, t, ctx, hint[:1].expand_as(hint), scale, guess_mode), 1e-6)
     # guess mode: 13 residuals for SD 1.5 at 10 ** linspace(-1, 0); here 7, the mid block's at 1 x scale
     assert torch.logspace(-1, 0, 7)[0].item() == pytest.approx(0.1)
 
@@ -132,6 +135,23 @@ def test_unet_with_residuals_matches_diffusers():
             plain = model(x, 321.0, ctx)
         assert_close(got, want, 1e-5)
         assert (got - plain).abs().max() > 1e-2  # the residuals do change the result
+
+
+def test_deep_cache_adds_the_residuals_of_the_shallow_branch():
+    """Same inputs, same residuals: DeepCache's reuse calls (the shallow branch, skips 0 and 1) reproduce the full
+    pass exactly, so those skips got their residuals too."""
+    with torch.device("meta"):
+        model = UNet(UNetConfig.from_dict(TINY_UNET))
+    model.load_state_dict(diffusers_unet(TINY_UNET, seed=2).state_dict(), strict=True, assign=True)
+    g = torch.Generator().manual_seed(6)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    down, mid = residuals_for(x)
+    kw = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    cache = DeepCache(3)
+    with torch.no_grad():
+        full = model(x, 500.0, ctx, **kw)
+        assert all(torch.equal(model(x, 500.0, ctx, cache=cache, **kw), full) for _ in range(3))
+        assert cache.calls == 3 and not torch.equal(model(x, 500.0, ctx), full)
 
 
 def test_residual_errors():
@@ -224,8 +244,14 @@ def test_sd2_and_sdxl_controlnets_refused(tmp_path):
         load_controlnet(tmp_path / "xl")
 
 
-def test_not_a_controlnet(tmp_path):
+def test_not_a_controlnet(tiny, tmp_path):
     from safetensors.torch import save_file
+
+    sd = to_original(tiny.state_dict(), ours(tiny).config)
+    torch.save({**sd, "control_model.input_blocks.1.7.weight": torch.zeros(1)}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"odd.pth: ControlNet weights with no place in the model: "
+                                              r"input_blocks.1.7.weight"):
+        load_controlnet(tmp_path / "odd.pth")
 
     path = tmp_path / "unet.safetensors"
     save_file({"input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)}, path)

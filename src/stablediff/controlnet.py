@@ -29,7 +29,7 @@ from .config import Config, UNetConfig, show
 from .keymap import CheckpointError, rename_keys
 from .nn import TimestepEmbedding, timestep_embedding
 from .unet import MidBlock, down_blocks
-from .weights import load_into, read_component, read_json_object, read_state_dict
+from .weights import few, load_into, read_component, read_json_object, read_state_dict
 
 ORIGINAL_PREFIX = "control_model."
 # the U-Net config fields a ControlNet copies (diffusers' ControlNetModel.from_unet)
@@ -73,7 +73,7 @@ class ControlNetConfig(Config):
 
     def __post_init__(self):
         super().__post_init__()
-        self.unet  # the shared blocks' config checks their fields
+        self.unet  # building the shared blocks' UNetConfig checks block types against head counts and widths
 
     @property
     def unet(self) -> UNetConfig:
@@ -240,20 +240,19 @@ def _infer_config(sd: dict, where: str) -> ControlNetConfig:
         raise CheckpointError(f"{where}: the ControlNet config its weights describe is not usable ({e})") from None
 
 
-def _from_original(path: Path) -> tuple[ControlNetConfig, dict, list[str]]:
-    """(config, weights in our naming, keys not used) of an original single file. A file holding a whole SD model
-    besides (the first control_sd15_*.pth) has its ControlNet under `control_model.`: the rest is unused."""
+def _from_original(path: Path) -> tuple[ControlNetConfig, dict]:
+    """(config, weights in our naming) of an original single file. A file holding a whole SD model besides (the
+    first control_sd15_*.pth) has its ControlNet under `control_model.`: only that part is read."""
     sd = read_state_dict(path)
     if any(k.startswith(ORIGINAL_PREFIX) for k in sd):
-        unused = [k for k in sd if not k.startswith(ORIGINAL_PREFIX)]
         sd = {k[len(ORIGINAL_PREFIX):]: v for k, v in sd.items() if k.startswith(ORIGINAL_PREFIX)}
-    else:
-        unused = []
     ours, left = rename_keys(sd, _original_table(sd), to_ours=True)
     if not any(k.startswith("controlnet_") for k in ours):
         raise CheckpointError(f"{path}: not a ControlNet (no input_hint_block / zero_convs keys; it has "
-                              f"{', '.join(list(sd)[:3])}...)")
-    return _infer_config(ours, str(path)), ours, unused + left
+                              f"{few(list(sd))})")
+    if left:
+        raise CheckpointError(f"{path}: ControlNet weights with no place in the model: {few(left)}")
+    return _infer_config(ours, str(path)), ours
 
 
 def _from_folder(folder: Path) -> tuple[ControlNetConfig, dict, Path]:
@@ -294,7 +293,7 @@ def load_controlnet(source, *, like: UNetConfig | None = None, device="cpu",
     if path.is_dir():
         cfg, sd, where = _from_folder(path)
     else:
-        (cfg, sd, _), where = _from_original(path), path
+        (cfg, sd), where = _from_original(path), path
     if like is not None:
         _check_fits(str(path), cfg, like)
     with torch.device("meta"):

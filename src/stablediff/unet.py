@@ -12,6 +12,8 @@ Module names equal diffusers' UNet2DConditionModel keys.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -197,6 +199,28 @@ class DeepCache:
         return full
 
 
+def down_blocks(cfg: UNetConfig, temb_dim: int) -> nn.ModuleList:
+    """The encoder half's resolution levels (the U-Net's, and a ControlNet's copy of them)."""
+    chs, n = cfg.block_out_channels, cfg.layers_per_block
+    blocks, prev = nn.ModuleList(), chs[0]
+    for i, (ch, kind) in enumerate(zip(chs, cfg.down_block_types)):
+        last = i == len(chs) - 1
+        blocks.append(UNetBlock([prev] + [ch] * (n - 1), ch, temb_dim, cfg, cfg.heads[i],
+                                attn=kind.startswith("CrossAttn"), resample=None if last else "down"))
+        prev = ch
+    return blocks
+
+
+def skip_count(blocks: nn.ModuleList) -> int:
+    """How many skip connections down blocks keep: conv_in's output, every layer's, every downsampler's."""
+    return 1 + sum(len(b.resnets) + hasattr(b, "downsamplers") for b in blocks)
+
+
+def _with_residuals(skips: list[torch.Tensor], residuals: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The first len(skips) skip connections plus a ControlNet's residuals for them (when there are any)."""
+    return skips if residuals is None else [s + r for s, r in zip(skips, residuals)]
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -209,14 +233,7 @@ class UNet(nn.Module):
         else:
             self.time_embedding = GuidedTimestepEmbedding(chs[0], temb_dim, cfg.time_cond_proj_dim)
 
-        self.down_blocks = nn.ModuleList()
-        prev = chs[0]
-        for i, (ch, kind) in enumerate(zip(chs, cfg.down_block_types)):
-            last = i == len(chs) - 1
-            self.down_blocks.append(UNetBlock([prev] + [ch] * (n - 1), ch, temb_dim, cfg, cfg.heads[i],
-                                              attn=kind.startswith("CrossAttn"), resample=None if last else "down"))
-            prev = ch
-
+        self.down_blocks = down_blocks(cfg, temb_dim)
         self.mid_block = MidBlock(chs[-1], temb_dim, cfg, cfg.heads[-1])
 
         # Each up level takes n+1 skips: n from the matching down level's layers, the last one from the level
@@ -236,11 +253,17 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                cache: DeepCache | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                cache: DeepCache | None = None, timestep_cond: torch.Tensor | None = None,
+                down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+                mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, in_channels, h, w), t scalar or (B,) timesteps, context (B, L, cross_attention_dim) -> eps.
         With a DeepCache, most calls run only the shallowest branch on features kept from the last full call.
         timestep_cond (B or 1, time_cond_proj_dim): an LCM U-Net's guidance-scale embedding
-        (`guidance_scale_embedding`); without it such a U-Net runs on the timestep embedding alone, as diffusers'."""
+        (`guidance_scale_embedding`); without it such a U-Net runs on the timestep embedding alone, as diffusers'.
+        down_block_additional_residuals (one per skip connection, `skip_count`) and mid_block_additional_residual:
+        a ControlNet's outputs, given together, added to the skips and to the mid block's output as diffusers'
+        UNet2DConditionModel adds them (the down path itself runs without them)."""
+        down_res, mid_res = self._check_residuals(down_block_additional_residuals, mid_block_additional_residual)
         cfg = self.config
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(-1).expand(x.shape[0])
@@ -260,13 +283,16 @@ class UNet(nn.Module):
         top = h if b == x.shape[0] else h.repeat(x.shape[0] // b, 1, 1, 1)  # the last up layer's skip
         if cache is not None and not cache.full_pass():
             first = self.down_blocks[0]._layer(0, h, temb, context)
-            h = self.up_blocks[-1].up(cache.features, [top, first], temb, context, first=1)
+            shallow = _with_residuals([top, first], down_res)
+            h = self.up_blocks[-1].up(cache.features, shallow, temb, context, first=1)
             return self.conv_out(F.silu(self.conv_norm_out(h)))
         skips = [top]
         for block in self.down_blocks:
             h, s = block.down(h, temb, context)
             skips += s
         h = self.mid_block(h, temb, context)
+        if mid_res is not None:
+            skips, h = _with_residuals(skips, down_res), h + mid_res
         for block in self.up_blocks:
             level_skips = skips[-len(block.resnets):]
             del skips[-len(block.resnets):]
@@ -274,6 +300,18 @@ class UNet(nn.Module):
             size = skips[-1].shape[-2:] if skips else None
             h = block.up(h, level_skips, temb, context, size, cache=cache if block is self.up_blocks[-1] else None)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def _check_residuals(self, down, mid) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+        """(down residuals, mid residual), both None when neither is given; ValueError for one without the other or
+        a count that is not one per skip connection."""
+        if down is None and mid is None:
+            return None, None
+        if down is None or mid is None:
+            given = "down_block_additional_residuals" if mid is None else "mid_block_additional_residual"
+            raise ValueError(f"{given} given alone; a ControlNet's down and mid residuals go in together")
+        if len(down) != (n := skip_count(self.down_blocks)):
+            raise ValueError(f"{len(down)} down_block_additional_residuals for the {n} skip connections of this U-Net")
+        return list(down), mid
 
     def _shared_half(self, x: torch.Tensor, t: torch.Tensor) -> int:
         """len(x) // 2 where x = [a; a] at equal timesteps and the first layer has a transformer to widen it there,

@@ -372,3 +372,19 @@ def test_skip_route_during_a_job(port, app):
     assert info["all_seeds"] == [21, 22] and info["interrupted"] is False
     plain, _ = _generate(port, prompt="a cat", seed=21)
     assert np.array_equal(_pixels(body["images"][0]), _pixels(plain["images"][0]))
+
+
+# --- the CLI ------------------------------------------------------------------------------------------------------
+
+def test_serve_flags_checked_before_loading(tmp_path, capsys):
+    from stablediff.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--vae-dir", "v", "--styles-file", "s.csv", "--upscaler-dir", "u"])
+    assert (str(args.vae_dir), str(args.styles_file), str(args.upscaler_dir)) == ("v", "s.csv", "u")
+    out = ["--output-dir", str(tmp_path / "out")]
+    assert main(["serve", *out, "--vae-dir", str(tmp_path / "no-vaes")]) == 2
+    assert main(["serve", *out, "--upscaler-dir", str(tmp_path / "no-ups")]) == 2
+    assert main(["serve", *out, "--model", "demo", "--styles-file", str(tmp_path / "no.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "--vae-dir" in err and "no-vaes: no such folder" in err and "no-ups: no such folder" in err
+    assert "no.csv: cannot read the styles file" in err

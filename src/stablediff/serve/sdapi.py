@@ -4,8 +4,9 @@ server.py is the HTTP layer around this. `check_request` is the one place a txt2
 before it is queued: it turns the request into the one settings object, `params.GenerationParams` (`from_a1111`),
 whose `validate` judges what no model could run (sampler, size, steps, seed ...) and the `Limits` (the work asked
 for, the prompts' length in CLIP tokens); this file adds only what is the API's own: the prompts' length in
-characters first, hires fix and the `scheduler` field, and the status codes (413 for a prompt too long, 422 for
-the rest). `generate` runs on the worker thread.
+characters first, hires fix, scripts and the `scheduler` field, the styles and the VAE a request names
+(resources.py), and the status codes (413 for a prompt too long, 422 for the rest). `generate` runs on the worker
+thread.
 """
 
 from __future__ import annotations

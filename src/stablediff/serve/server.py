@@ -2,8 +2,12 @@
 
     stablediff serve --models-dir models --port 7860          # then open http://127.0.0.1:7860/
 
-Endpoints, with A1111's field names and defaults: POST /sdapi/v1/txt2img, /img2img, /interrupt, /options, /png-info;
-GET /sdapi/v1/progress, /samplers, /schedulers, /sd-models, /options, /scripts; GET / (the web page, static/index.html).
+Endpoints, with A1111's field names and defaults: POST /sdapi/v1/txt2img, /img2img, /interrupt, /skip, /options,
+/png-info, /extra-single-image, /refresh-checkpoints, /refresh-loras, /refresh-vae, /refresh-embeddings;
+GET /sdapi/v1/progress, /samplers, /schedulers, /sd-models, /options, /scripts, /upscalers, /embeddings, /loras,
+/sd-vae, /prompt-styles, /latent-upscale-modes; GET / (the web page, static/index.html). The lists beyond models
+(resources.py) read their folders on every request, so the refresh routes but refresh-embeddings (which loads
+--embeddings-dir into the model again, in queue order) have nothing to do.
 
 How a request runs. The route validates it (types and ranges by pydantic; sampler, size, the work asked for and
 the prompts' length by sdapi.check_request against the server's `Limits`, in a thread, as is decoding images),
@@ -19,8 +23,19 @@ the body cap, the read deadline).
 
 Decisions a client may notice:
 - null in a request means "the default"; fields we do not know are ignored, and so are A1111 fields we do not
-  implement (mask_blur, inpainting_fill, inpaint_full_res, resize_mode, restore_faces, tiling, subseed*, styles);
-  `enable_hr` (hires fix) is refused rather than silently left out.
+  implement (mask_blur, inpainting_fill, inpaint_full_res, resize_mode, restore_faces, tiling);
+  `enable_hr` (hires fix), a `script_name` and `alwayson_scripts` entries (no scripts run here) are refused
+  (422, naming them) rather than silently left out. inpainting_mask_invert takes 0/1 or true/false, as clients
+  send both.
+- styles: names from --styles-file (A1111's styles.csv), applied to the prompt and negative prompt in the order
+  given (A1111's rule: into a style's {prompt}, else appended after ", "); the infotext and info show the styled
+  prompts, `parameters` the request as sent. An unknown name is a 422.
+- sd_vae (POST /options, override_settings): a file name from GET /sd-vae (--vae-dir), or "Automatic"/"None" for
+  the model's own VAE (A1111's "Automatic" also looks for a VAE named after the checkpoint; we do not). Each job
+  decodes with its request's choice, loaded on the worker thread before it runs, so an override lasts one
+  request. The infotext names the file ("VAE: <file>").
+- skip (A1111's /skip): the running job's current iteration (n_iter) is dropped and the next one runs; the answer
+  has the images of the other iterations and info.interrupted false. A skip between two iterations is dropped.
 - width/height left out mean the model's native size (txt2img) or the init image's (img2img); an init image of
   another size is resized to width x height (A1111's resize mode 0).
 - scheduler: "automatic" (the sampler name's own schedule: karras for "DPM++ 2M Karras") or "karras".

@@ -7,8 +7,9 @@ takes a waiting job out of the queue, so it never runs, and sets a running job's
 checks between U-Net blocks. A job's future gets the result or the error, and the worker goes on. `interrupt` sets
 the running job's cancel event (A1111's rule: waiting jobs are not touched); `shutdown` fails the waiting jobs,
 cancels the running one and accepts no more. The job's progress fields (its step count set when it is made, the
-step written on the worker thread) make A1111's /progress answer. One model is in memory: `Worker.use` frees the
-loaded one before loading another.
+step written on the worker thread) make A1111's /progress answer. `skip` stops only the running job's current
+iteration (`Job.skip`; `Job.resume` readies the next). One model is in memory: `Worker.use` frees the loaded one
+before loading another, and sets the VAE the job asks for (a file, or the model's own kept from its loading).
 
 `Catalog` is what a client may name: checkpoint files and diffusers folders under --models-dir (by their path
 relative to it, never a client-given path; symlinks out of it are left out) plus the startup model.

@@ -266,6 +266,15 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                      help="where <lora:NAME:w> tags in prompts are looked up, for every model (default: ./loras)")
     srv.add_argument("--embeddings-dir", type=Path, default=Path("embeddings"), metavar="DIR",
                      help="textual-inversion embeddings loaded into every model (default: ./embeddings)")
+    srv.add_argument("--vae-dir", type=Path, default=None, metavar="DIR",
+                     help="VAE files (.safetensors/.ckpt/.pt) clients may choose with the sd_vae option "
+                          "(default: none, only the model's own)")
+    srv.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
+                     help="ESRGAN-family upscaler files clients may name in /extra-single-image, besides Lanczos "
+                          "and Nearest (default: none)")
+    srv.add_argument("--styles-file", type=Path, default=None, metavar="CSV",
+                     help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt): the prompt styles requests "
+                          "may name in `styles` (default: none)")
     srv.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME",
                      help="a Host name to answer besides localhost, IP addresses and --host (repeatable; '*' for "
                           "any); other names get 400, which stops DNS-rebinding pages")
@@ -715,8 +724,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port {args.port} is outside 1..65535")
     if args.max_queue < 1:
         raise UsageError(f"--max-queue {args.max_queue} must be at least 1")
-    if args.models_dir is not None and not args.models_dir.is_dir():
-        raise UsageError(f"--models-dir {args.models_dir}: no such folder")
+    for flag, folder in (("--models-dir", args.models_dir), ("--vae-dir", args.vae_dir),
+                         ("--upscaler-dir", args.upscaler_dir)):
+        if folder is not None and not folder.is_dir():
+            raise UsageError(f"{flag} {folder}: no such folder")
     if not 0 < args.read_timeout <= 3600:
         raise UsageError(f"--read-timeout {args.read_timeout} is outside (0, 3600] seconds")
     if args.limit_concurrency < 2:
@@ -735,7 +746,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                 cors_origins=tuple(args.cors_origin), device=args.device, dtype=args.dtype,
                                 limits=limits, allowed_hosts=tuple(args.allowed_hosts), lora_dir=args.lora_dir,
                                 embeddings_dir=args.embeddings_dir, read_timeout=args.read_timeout,
-                                limit_concurrency=args.limit_concurrency)
+                                limit_concurrency=args.limit_concurrency, vae_dir=args.vae_dir,
+                                upscaler_dir=args.upscaler_dir, styles_file=args.styles_file)
     server.log_to_stderr()
     try:
         app = server.create_app(config)

@@ -4,8 +4,9 @@ server.py is the HTTP layer around this. `check_request` is the one place a txt2
 before it is queued: it turns the request into the one settings object, `params.GenerationParams` (`from_a1111`),
 whose `validate` judges what no model could run (sampler, size, steps, seed ...) and the `Limits` (the work asked
 for, the prompts' length in CLIP tokens); this file adds only what is the API's own: the prompts' length in
-characters first, hires fix and the `scheduler` field, and the status codes (413 for a prompt too long, 422 for
-the rest). `generate` runs on the worker thread.
+characters first, hires fix, scripts and the `scheduler` field, the styles and the VAE a request names
+(resources.py), and the status codes (413 for a prompt too long, 422 for the rest). `generate` runs on the worker
+thread.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ import io
 import logging
 import random
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 from PIL import Image, ImageOps
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from .. import __version__, a1111, images, samplers, upscalers
 from ..limits import LimitError, Limits
 from ..params import MAX_SEED, GenerationParams
 from ..pipeline import Cancelled, StableDiffusion
 from ..schedule import NoiseSchedule
+from ..styles import Style, apply_styles
+from .resources import chosen_styles, vae_source
 from .worker import ClientError, Job
 
 log = logging.getLogger("stablediff.serve.sdapi")
@@ -45,8 +48,15 @@ def _not_bool(value):
     return value
 
 
+def _flag(value):
+    if value in (0, 1) and not isinstance(value, float):  # true/false too (bool is an int)
+        return int(value)
+    raise ValueError("0, 1, true or false is expected")
+
+
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Number = Annotated[float, BeforeValidator(_not_bool)]
+Flag = Annotated[int, BeforeValidator(_flag)]  # an int A1111 declares that clients send as 0/1 or true/false
 
 
 class _Request(BaseModel):
@@ -67,10 +77,11 @@ class OverrideSettings(_Request):
     CLIP_stop_at_last_layers: Int | None = Field(None, ge=1, le=12)
     randn_source: Literal["GPU", "CPU", "NV"] | None = None  # A1111's "RNG"
     eta_noise_seed_delta: Int | None = Field(None, ge=0, le=MAX_SEED)  # A1111's "ENSD"
+    sd_vae: str | None = None  # a file name from GET /sd-vae, or "Automatic"/"None": the model's own VAE
 
 
 # the generation settings POST /options sets for later requests, at A1111's defaults
-SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_seed_delta": 0}
+SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_vae": "Automatic"}
 
 
 class Txt2ImgRequest(_Request):
@@ -94,13 +105,31 @@ class Txt2ImgRequest(_Request):
     send_images: bool = True
     save_images: bool = False
     enable_hr: bool = False
+    styles: list[str] = []  # names from GET /prompt-styles, applied to the prompts in this order
+    script_name: str | None = None  # no scripts here: a name is refused
+    alwayson_scripts: dict[str, Any] = {}  # no scripts here: an entry is refused
+
+    @field_validator("script_name")
+    @classmethod
+    def _no_script(cls, name: str) -> str:
+        if name.strip():
+            raise ValueError(f"script {name!r} is not available: this server runs no scripts (GET /sdapi/v1/scripts)")
+        return name
+
+    @field_validator("alwayson_scripts")
+    @classmethod
+    def _no_alwayson_scripts(cls, scripts: dict) -> dict:
+        if scripts:
+            raise ValueError(f"always-on scripts {', '.join(map(repr, scripts))} are not available: this server "
+                             f"runs no scripts (GET /sdapi/v1/scripts)")
+        return scripts
 
 
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(min_length=1, max_length=1)
     denoising_strength: Number = Field(0.75, gt=0, le=1, allow_inf_nan=False)
     mask: str | None = None  # white = repaint
-    inpainting_mask_invert: Int = Field(0, ge=0, le=1)
+    inpainting_mask_invert: Flag = 0
     include_init_images: bool = False
 
 
@@ -111,8 +140,9 @@ class PngInfoRequest(BaseModel):
 class Plan(NamedTuple):
     """What `check_request` worked out for a request."""
 
-    params: GenerationParams  # validated; width/height filled in as checked against the limits
+    params: GenerationParams  # validated; width/height filled in as checked against the limits; styles applied
     steps: int  # sampler steps of one iteration (img2img runs only the last denoising_strength of them)
+    vae: Path | None = None  # the VAE file to decode with (sd_vae); None: the model's own
 
 
 def output_size(req: Txt2ImgRequest, native_size: int, init_size: tuple[int, int] | None) -> tuple[int, int]:
@@ -154,14 +184,8 @@ def sampler_steps(params: GenerationParams) -> int:
     return len(plan.sigmas) - 1
 
 
-def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_size: tuple[int, int] | None = None,
-                  *, settings: dict | None = None) -> Plan:
-    """Every check of a txt2img/img2img request that needs no model, cheapest first: the prompts' length in
-    characters (413), what this API does not offer (422: hires fix, a scheduler), then GenerationParams.validate
-    (`validated`: what no model could run, the work asked for, the prompts' tokens). settings: the server's
-    options (SETTINGS' keys), for what a request's override_settings leave out. Width/height left out are the init image's
-    (img2img) or `native_size`. ClientError otherwise."""
-    check_prompt_length(req, limits)
+def check_offered(req: Txt2ImgRequest) -> None:
+    """What this API does not offer (ClientError 422): hires fix, a scheduler we do not have."""
     if req.enable_hr:
         raise ClientError(422, "enable_hr: hires fix is not supported by this server")
     try:
@@ -169,14 +193,28 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
     except ValueError:
         raise ClientError(422, f"scheduler {req.scheduler!r} is not supported; choose one of: "
                                f"{', '.join(SCHEDULERS)}") from None
-    width, height = output_size(req, native_size, init_size)
+
+
+def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_size: tuple[int, int] | None = None,
+                  *, settings: dict | None = None, styles: dict[str, Style] | None = None,
+                  vae_dir: Path | None = None) -> Plan:
+    """Every check of a txt2img/img2img request that needs no model, cheapest first: the prompts' length in
+    characters (413), what this API does not offer (422: hires fix, a scheduler), the styles and the VAE it names
+    (422; `styles` from --styles-file, VAE files from `vae_dir`), then GenerationParams.validate (`validated`: what
+    no model could run, the work asked for, the styled prompts' tokens). settings: the server's options (SETTINGS'
+    keys), for what a request's override_settings leave out. Width/height left out are the init image's (img2img)
+    or `native_size`. ClientError otherwise."""
+    check_prompt_length(req, limits)
+    check_offered(req)
+    prompt, negative = apply_styles(req.prompt, req.negative_prompt, chosen_styles(req.styles, styles or {}))
     body = req.model_dump()
     override = {k: v for k, v in body["override_settings"].items() if v is not None}
-    body["override_settings"] = {**SETTINGS, **(settings or {}), **override}
-    params = GenerationParams.from_a1111(body).replace(width=width, height=height)
-    params = validated(params, limits, req.n_iter)
+    body.update(prompt=prompt, negative_prompt=negative, override_settings={**SETTINGS, **(settings or {}), **override})
+    vae = vae_source(body["override_settings"]["sd_vae"], vae_dir)
+    width, height = output_size(req, native_size, init_size)
+    params = validated(GenerationParams.from_a1111(body).replace(width=width, height=height), limits, req.n_iter)
     try:
-        return Plan(params, sampler_steps(params))
+        return Plan(params, sampler_steps(params), vae)
     except ValueError as e:
         raise ClientError(422, str(e)) from None
 
@@ -235,7 +273,7 @@ def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, params: Gener
     subseeds = [s for r in results for s in r.subseeds]
     encoded = deliver(req, pictures, seeds, infotexts, output_dir)
     info = response_info(job, pipe, params, req.n_iter, seeds, subseeds, infotexts, interrupted=interrupted,
-                         inpainting=mask is not None)
+                         inpainting=mask is not None, styles=req.styles)
     return {"images": encoded, "info": info}
 
 
@@ -265,20 +303,22 @@ def fitted_images(req: Txt2ImgRequest, params: GenerationParams, init: Image.Ima
 def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int,
                    init: Image.Image | None, mask: Image.Image | None) -> tuple[list, bool]:
     """The pipeline's results of the n_iter iterations (params.seed set), and whether the job was interrupted: an
-    interrupt drops the iteration it stops and runs no more."""
+    interrupt drops the iteration it stops and runs no more; a skip (A1111's /skip) drops only the iteration it
+    stops (a skip that comes between two iterations is dropped: the image it meant is done)."""
     def on_step(info):
         job.step, job.steps = info.step, info.total
 
     results = []
     for i in range(n_iter):
         job.job_no, job.step = i, 0
+        if not job.resume():
+            return results, True
         try:
-            if job.cancel.is_set():
-                raise Cancelled("interrupted between iterations")
             results.append(pipe.generate(iteration(params, i),
                                          init_image=init, mask_image=mask, callback=on_step, cancel=job.cancel))
         except Cancelled:
-            return results, True
+            if job.stopped:
+                return results, True
     return results, False
 
 
@@ -301,7 +341,8 @@ def deliver(req: Txt2ImgRequest, pictures: list[Image.Image], seeds: list[int], 
 
 
 def response_info(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int, seeds: list[int],
-                  subseeds: list[int | None], infotexts: list[str], *, interrupted: bool, inpainting: bool) -> dict:
+                  subseeds: list[int | None], infotexts: list[str], *, interrupted: bool, inpainting: bool,
+                  styles: list[str]) -> dict:
     """A1111's `info` of a response (which clients read as JSON), with our job fields: job_id and run_no."""
     n = len(seeds)
     strength = params.strength
@@ -313,12 +354,12 @@ def response_info(job: Job, pipe: StableDiffusion, params: GenerationParams, n_i
         sampler_name=samplers.SAMPLERS[params.sampler].label, scheduler=params.schedule or "automatic", cfg_scale=params.cfg_scale,
         steps=params.steps, batch_size=params.batch_size, n_iter=n_iter, restore_faces=False,
         face_restoration_model=None, sd_model_name=pipe.model_name, sd_model_hash=pipe.model_hash or None,
-        sd_vae_name=None, sd_vae_hash=None,
+        sd_vae_name=pipe.vae_name, sd_vae_hash=pipe.vae_hash,
         seed_resize_from_w=params.seed_resize_from[0] if params.seed_resize_from else -1,
         seed_resize_from_h=params.seed_resize_from[1] if params.seed_resize_from else -1,
         denoising_strength=strength,
         extra_generation_params={"Denoising strength": strength} if strength is not None else {},
-        index_of_first_image=0, infotexts=infotexts, styles=[], job_timestamp=job.timestamp,
+        index_of_first_image=0, infotexts=infotexts, styles=styles, job_timestamp=job.timestamp,
         clip_skip=params.clip_skip, is_using_inpainting_conditioning=inpainting and pipe.unet.config.in_channels == 9,
         version=f"stablediff {__version__}",
         interrupted=interrupted, sampling_step=job.step, job_id=job.job_id, run_no=job.run_no)

@@ -2,8 +2,12 @@
 
     stablediff serve --models-dir models --port 7860          # then open http://127.0.0.1:7860/
 
-Endpoints, with A1111's field names and defaults: POST /sdapi/v1/txt2img, /img2img, /interrupt, /options, /png-info;
-GET /sdapi/v1/progress, /samplers, /schedulers, /sd-models, /options, /scripts; GET / (the web page, static/index.html).
+Endpoints, with A1111's field names and defaults: POST /sdapi/v1/txt2img, /img2img, /interrupt, /skip, /options,
+/png-info, /extra-single-image, /refresh-checkpoints, /refresh-loras, /refresh-vae, /refresh-embeddings;
+GET /sdapi/v1/progress, /samplers, /schedulers, /sd-models, /options, /scripts, /upscalers, /embeddings, /loras,
+/sd-vae, /prompt-styles, /latent-upscale-modes; GET / (the web page, static/index.html). The lists beyond models
+(resources.py) read their folders on every request, so the refresh routes but refresh-embeddings (which loads
+--embeddings-dir into the model again, in queue order) have nothing to do.
 
 How a request runs. The route validates it (types and ranges by pydantic; sampler, size, the work asked for and
 the prompts' length by sdapi.check_request against the server's `Limits`, in a thread, as is decoding images),
@@ -19,8 +23,19 @@ the body cap, the read deadline).
 
 Decisions a client may notice:
 - null in a request means "the default"; fields we do not know are ignored, and so are A1111 fields we do not
-  implement (mask_blur, inpainting_fill, inpaint_full_res, resize_mode, restore_faces, tiling, subseed*, styles);
-  `enable_hr` (hires fix) is refused rather than silently left out.
+  implement (mask_blur, inpainting_fill, inpaint_full_res, resize_mode, restore_faces, tiling);
+  `enable_hr` (hires fix), a `script_name` and `alwayson_scripts` entries (no scripts run here) are refused
+  (422, naming them) rather than silently left out. inpainting_mask_invert takes 0/1 or true/false, as clients
+  send both.
+- styles: names from --styles-file (A1111's styles.csv), applied to the prompt and negative prompt in the order
+  given (A1111's rule: into a style's {prompt}, else appended after ", "); the infotext and info show the styled
+  prompts, `parameters` the request as sent. An unknown name is a 422.
+- sd_vae (POST /options, override_settings): a file name from GET /sd-vae (--vae-dir), or "Automatic"/"None" for
+  the model's own VAE (A1111's "Automatic" also looks for a VAE named after the checkpoint; we do not). Each job
+  decodes with its request's choice, loaded on the worker thread before it runs, so an override lasts one
+  request. The infotext names the file ("VAE: <file>").
+- skip (A1111's /skip): the running job's current iteration (n_iter) is dropped and the next one runs; the answer
+  has the images of the other iterations and info.interrupted false. A skip between two iterations is dropped.
 - width/height left out mean the model's native size (txt2img) or the init image's (img2img); an init image of
   another size is resized to width x height (A1111's resize mode 0).
 - scheduler: "automatic" (the sampler name's own schedule: karras for "DPM++ 2M Karras") or "karras".
@@ -81,7 +96,9 @@ from ..pipeline import Cancelled, StableDiffusion, resolve_device
 from .sdapi import (SCHEDULERS, SETTINGS, ExtrasSingleImageRequest, Img2ImgRequest, OverrideSettings,
                     PngInfoRequest, Txt2ImgRequest, check_extras, check_prompt_length, check_request, decode_image,
                     extras, generate, upscaler_list)
+from .resources import LATENT_UPSCALE_MODES, embedding_list, lora_list, style_list, vae_list, vae_source
 from .worker import Catalog, ClientError, Job, ModelEntry, Worker, startup_model
+from ..styles import read_styles
 
 log = logging.getLogger("stablediff.serve.server")
 
@@ -112,6 +129,8 @@ class ServeConfig:
     limit_concurrency: int = 64  # connections served at once; more get 503
     shutdown_timeout: int = 5  # seconds requests may still run after SIGINT/SIGTERM cancelled their jobs
     upscaler_dir: Path | None = None  # .pth/.safetensors upscalers clients may name, besides Lanczos and Nearest
+    vae_dir: Path | None = None  # VAE files clients may choose with the sd_vae option
+    styles_file: Path | None = None  # A1111's styles.csv: the prompt styles requests may name
 
     @property
     def host_names(self) -> tuple[str, ...]:
@@ -184,7 +203,8 @@ def _field_errors(errors) -> list[dict]:
 def _error_roots(config: ServeConfig, catalog: Catalog) -> list[tuple[str, str]]:
     """(absolute folder, label) for public_message, longest first, so a file in one shows relative to it."""
     roots = [(config.models_dir, "<models-dir>"), (config.lora_dir, "<lora-dir>"),
-             (config.embeddings_dir, "<embeddings-dir>"), (config.output_dir, "<output-dir>")]
+             (config.embeddings_dir, "<embeddings-dir>"), (config.output_dir, "<output-dir>"),
+             (config.vae_dir, "<vae-dir>"), (config.upscaler_dir, "<upscaler-dir>")]
     found = {}
     for folder, label in roots:
         if folder is not None:
@@ -260,9 +280,10 @@ async def generation(kind: str, req: Txt2ImgRequest, request: Request) -> dict:
     entry = await request_model(state, req.override_settings)
     init, mask = await request_images(req, config.limits) if kind == "img2img" else (None, None)
     plan = await asyncio.to_thread(check_request, req, config.limits, worker.native_sizes.get(entry, NATIVE_SIZE),
-                                   init.size if init is not None else None, settings=state.options["settings"])
-    job = Job(kind, lambda job: generate(job, worker.use(entry), req, plan.params, config.limits, init, mask,
-                                         config.output_dir), job_count=req.n_iter, steps=plan.steps)
+                                   init.size if init is not None else None, settings=state.options["settings"],
+                                   styles=state.styles, vae_dir=config.vae_dir)
+    job = Job(kind, lambda job: generate(job, worker.use(entry, plan.vae), req, plan.params, config.limits, init,
+                                         mask, config.output_dir), job_count=req.n_iter, steps=plan.steps)
     result = await run(request, job)
     if result["info"]["interrupted"] and worker.closed:
         raise ClientError(503, "the server is shutting down; the job was stopped")
@@ -298,6 +319,13 @@ async def interrupt(request: Request):
     return {}
 
 
+@router.post("/sdapi/v1/skip")
+async def skip(request: Request):
+    """Drop the running job's current iteration (n_iter) and go on with its next one."""
+    request.app.state.worker.skip()
+    return {}
+
+
 @router.get("/sdapi/v1/samplers")
 async def sampler_list():
     return [{"name": s.label, "aliases": [s.name, *s.aliases], "options": {}} for s in samplers.SAMPLERS.values()]
@@ -329,16 +357,22 @@ async def get_options(request: Request):
 
 @router.post("/sdapi/v1/options")
 async def set_options(update: OverrideSettings, request: Request):
-    """The generation settings (CLIP_stop_at_last_layers, randn_source, eta_noise_seed_delta) apply to requests
-    accepted after it; sd_model_checkpoint too, and the model is
-    loaded in queue order before this answers (on failure the previous model stays the default)."""
+    """The generation settings (CLIP_stop_at_last_layers, randn_source, eta_noise_seed_delta, sd_vae) apply to
+    requests accepted after it; sd_model_checkpoint too. The model, then the VAE, are loaded in queue order before
+    this answers (on failure the previous one stays the default)."""
     state = request.app.state
     entry = None
     if update.sd_model_checkpoint is not None:
         entry = await asyncio.to_thread(state.catalog.find, update.sd_model_checkpoint)
-    state.options["settings"].update({k: v for k, v in update.model_dump().items() if k in SETTINGS and v is not None})
+    vae = await asyncio.to_thread(vae_source, update.sd_vae, state.config.vae_dir) if update.sd_vae else None
+    changed = {k: v for k, v in update.model_dump().items() if k in SETTINGS and v is not None and k != "sd_vae"}
+    state.options["settings"].update(changed)
     if entry is not None:
         await switch_model(request, entry)
+    if update.sd_vae is not None:
+        worker, checkpoint = state.worker, state.options["checkpoint"]
+        await run(request, Job("load vae", lambda job: worker.use(checkpoint, vae)), watch_client=False)
+        state.options["settings"]["sd_vae"] = update.sd_vae
     return None
 
 
@@ -381,6 +415,50 @@ async def scripts():
     return {"txt2img": [], "img2img": []}
 
 
+@router.get("/sdapi/v1/embeddings")
+async def embeddings(request: Request):
+    pipe = request.app.state.worker.pipe
+    loaded = dict(pipe.embedding_files) if pipe is not None else {}
+    return await asyncio.to_thread(embedding_list, loaded, request.app.state.config.embeddings_dir)
+
+
+@router.get("/sdapi/v1/loras")
+async def loras(request: Request):
+    return await asyncio.to_thread(lora_list, request.app.state.config.lora_dir)
+
+
+@router.get("/sdapi/v1/sd-vae")
+async def sd_vae(request: Request):
+    return await asyncio.to_thread(vae_list, request.app.state.config.vae_dir)
+
+
+@router.get("/sdapi/v1/prompt-styles")
+async def prompt_styles(request: Request):
+    return style_list(request.app.state.styles)
+
+
+@router.get("/sdapi/v1/latent-upscale-modes")
+async def latent_upscale_modes():
+    return [{"name": name} for name in LATENT_UPSCALE_MODES]
+
+
+@router.post("/sdapi/v1/refresh-checkpoints")
+@router.post("/sdapi/v1/refresh-loras")
+@router.post("/sdapi/v1/refresh-vae")
+async def refresh():
+    """Nothing to do: models, LoRAs and VAEs are looked up in their folders on every request."""
+    return None
+
+
+@router.post("/sdapi/v1/refresh-embeddings")
+async def refresh_embeddings(request: Request):
+    """Load --embeddings-dir into the loaded model again, in queue order (a model loaded later reads it anyway)."""
+    worker, folder = request.app.state.worker, request.app.state.config.embeddings_dir
+    await run(request, Job("refresh embeddings", lambda job: load_embeddings(worker.pipe, folder)),
+              watch_client=False)
+    return None
+
+
 @router.get("/", include_in_schema=False)
 async def page():
     return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -400,9 +478,14 @@ def load_with_addons(load: Callable[[ModelEntry], StableDiffusion], config: Serv
     """`load(entry)` with the config's LoRA folder and embeddings (an embedding that does not fit is logged)."""
     pipe = load(entry)
     pipe.lora_dir = Path(config.lora_dir)
-    for line in pipe.load_embeddings(config.embeddings_dir):
-        log.warning("skipped embedding %s", line)
+    load_embeddings(pipe, config.embeddings_dir)
     return pipe
+
+
+def load_embeddings(pipe: StableDiffusion, folder: Path) -> None:
+    """The folder's embeddings into `pipe` (an embedding that does not fit is logged and left out)."""
+    for line in pipe.load_embeddings(folder):
+        log.warning("skipped embedding %s", line)
 
 
 @asynccontextmanager
@@ -443,10 +526,12 @@ def create_app(config: ServeConfig, *, load: Callable[[ModelEntry], StableDiffus
     routes reach what they share through app.state: config, catalog, worker, options (the model and clip skip
     requests use by default; POST /options changes them) and roots (for public_message)."""
     catalog = Catalog(config.models_dir, startup_model(config.model, config.models_dir))
+    styles = read_styles(config.styles_file) if config.styles_file is not None else {}  # before the slow load
     worker = start_worker(config, catalog, load or functools.partial(load_pretrained, config))
     app = FastAPI(title="stablediff", version=__version__, lifespan=lifespan)
     app.state.config, app.state.catalog, app.state.worker = config, catalog, worker
     app.state.options = {"checkpoint": catalog.startup, "settings": dict(SETTINGS)}
+    app.state.styles = styles
     app.state.roots = _error_roots(config, catalog)
     app.add_exception_handler(ClientError, refused)
     app.add_exception_handler(RequestValidationError, validation_error)

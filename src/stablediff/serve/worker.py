@@ -7,8 +7,9 @@ takes a waiting job out of the queue, so it never runs, and sets a running job's
 checks between U-Net blocks. A job's future gets the result or the error, and the worker goes on. `interrupt` sets
 the running job's cancel event (A1111's rule: waiting jobs are not touched); `shutdown` fails the waiting jobs,
 cancels the running one and accepts no more. The job's progress fields (its step count set when it is made, the
-step written on the worker thread) make A1111's /progress answer. One model is in memory: `Worker.use` frees the
-loaded one before loading another.
+step written on the worker thread) make A1111's /progress answer. `skip` stops only the running job's current
+iteration (`Job.skip`; `Job.resume` readies the next). One model is in memory: `Worker.use` frees the loaded one
+before loading another, and sets the VAE the job asks for (a file, or the model's own kept from its loading).
 
 `Catalog` is what a client may name: checkpoint files and diffusers folders under --models-dir (by their path
 relative to it, never a client-given path; symlinks out of it are left out) plus the startup model.
@@ -133,6 +134,12 @@ def startup_model(model: str | None, models_dir: Path | None) -> ModelEntry:
     raise ValueError(f"--model {model}: no such file or folder{where}")
 
 
+def vae_state(pipe: StableDiffusion) -> dict:
+    """The pipeline's attributes that say which VAE it decodes with (the module, its file, name and hash), to put
+    the model's own VAE back after `load_vae` without loading the model again."""
+    return {k: v for k, v in vars(pipe).items() if k.lstrip("_").startswith("vae")}
+
+
 # --- the worker: one thread, one model, a bounded FIFO of jobs ----------------------------------------------------
 
 @dataclass(eq=False)
@@ -149,6 +156,30 @@ class Job:
     step: int = 0
     started: float = 0.0
     timestamp: str = ""
+    skipped: bool = False  # a skip asked for (A1111's /skip): the running iteration stops, the next ones run
+    stopped: bool = False  # interrupted or cancelled: no more iterations
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def stop(self) -> None:
+        """Stop the job: the running pipeline call within a U-Net block, and no more iterations."""
+        with self._lock:
+            self.stopped = True
+            self.cancel.set()
+
+    def skip(self) -> None:
+        """Stop the running iteration only (the pipeline drops it); `resume` lets the next one run."""
+        with self._lock:
+            if not self.stopped:
+                self.skipped = True
+                self.cancel.set()
+
+    def resume(self) -> bool:
+        """After a skip, ready the job for its next iteration: True unless the job was stopped as well."""
+        with self._lock:
+            if self.skipped and not self.stopped:
+                self.skipped = False
+                self.cancel.clear()
+            return not self.stopped
 
 
 class Worker:
@@ -165,6 +196,8 @@ class Worker:
         self.pipe: StableDiffusion | None = None
         self.loaded: ModelEntry | None = None
         self.sha256: str | None = None
+        self.vae: Path | None = None  # the VAE file the pipeline decodes with; None: the model's own
+        self._own_vae: dict = {}  # vae_state of the model as loaded
         self.native_sizes: dict[ModelEntry, int] = {}  # of every model loaded so far
         self._thread = threading.Thread(target=self._loop, name="stablediff-worker", daemon=True)
         self._thread.start()
@@ -191,13 +224,19 @@ class Worker:
         """Stop the running job within a U-Net block (waiting jobs are not touched, as in A1111)."""
         with self._cond:
             if self.current is not None:
-                self.current.cancel.set()
+                self.current.stop()
+
+    def skip(self) -> None:
+        """Stop the running job's current iteration (n_iter) and go on with its next one (A1111's /skip)."""
+        with self._cond:
+            if self.current is not None:
+                self.current.skip()
 
     def cancel(self, job: Job) -> None:
         """The job is no longer wanted: a waiting one leaves the queue and never runs (its future gets Cancelled);
         a running one has its cancel event set."""
         with self._cond:
-            job.cancel.set()
+            job.stop()
             try:
                 self._queue.remove(job)
             except ValueError:
@@ -211,14 +250,15 @@ class Worker:
             waiting = list(self._queue)
             self._queue.clear()
             if self.current is not None:
-                self.current.cancel.set()
+                self.current.stop()
             self._cond.notify()
         for job in waiting:
-            job.cancel.set()
+            job.stop()
             job.future.set_exception(ClientError(503, "the server is shutting down; the job did not run"))
 
-    def use(self, entry: ModelEntry) -> StableDiffusion:
-        """The loaded pipeline for entry, loading it in place of the current one if needed (worker thread only)."""
+    def use(self, entry: ModelEntry, vae: Path | None = None) -> StableDiffusion:
+        """The loaded pipeline for entry, loading it in place of the current one if needed, decoding with `vae` (a
+        VAE file) or, for None, the model's own VAE (worker thread only)."""
         if self.loaded != entry:
             self.pipe = self.loaded = self.sha256 = None  # one model in memory: free the old one first
             gc.collect()
@@ -227,9 +267,22 @@ class Worker:
                 self.sha256 = images.file_sha256(pipe.weights_file) if pipe.weights_file else None
             except Exception as e:
                 raise RuntimeError(f"cannot load model {entry.title!r}: {e}") from e
-            self.pipe, self.loaded = pipe, entry
+            self.pipe, self.loaded, self.vae = pipe, entry, None
+            self._own_vae = vae_state(pipe)
             self.native_sizes[entry] = pipe.native_size
+        self._use_vae(vae)
         return self.pipe
+
+    def _use_vae(self, vae: Path | None) -> None:
+        """Load `vae` into the pipeline, or put the model's own back for None (a VAE that fails to load leaves
+        the one in use)."""
+        if vae == self.vae:
+            return
+        if vae is None:
+            vars(self.pipe).update(self._own_vae)
+        else:
+            self.pipe.load_vae(vae)
+        self.vae = vae
 
     def progress(self) -> dict:
         """A1111's /progress answer: progress 0..1 over the running job's iterations and steps, ETA in seconds, state
@@ -242,7 +295,7 @@ class Worker:
             return dict(progress=0.0, eta_relative=0.0, state=state, current_image=None, textinfo=None)
         done = (job.job_no + (job.step / job.steps if job.steps else 0.0)) / job.job_count
         elapsed = time.time() - job.started
-        state.update(interrupted=job.cancel.is_set(), job=job.kind, job_count=job.job_count,
+        state.update(skipped=job.skipped, interrupted=job.stopped, job=job.kind, job_count=job.job_count,
                      job_timestamp=job.timestamp, job_no=job.job_no, sampling_step=job.step,
                      sampling_steps=job.steps, job_id=job.job_id)
         eta = elapsed / done - elapsed if done > 0 else 0.0

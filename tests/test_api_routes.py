@@ -1,0 +1,390 @@
+"""The AUTOMATIC1111 routes beyond generation (embeddings, loras, sd-vae, prompt-styles, latent-upscale-modes, the
+refresh routes, skip) and the request fields that go with them (styles, sd_vae, booleans, scripts), on a real
+uvicorn server with the tiny random model and an add-on folder of each kind.
+
+The assertions of A1111's own API tests (its test/test_utils.py, test_txt2img.py, test_img2img.py) that concern
+these routes and fields are ported in the tests marked "A1111's test_...".
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from conftest import TINY_VAE, diffusers_vae  # noqa: E402
+from test_lora import write_embeddings  # noqa: E402
+from test_server import _uvicorn  # noqa: E402
+from stablediff.params import GenerationParams  # noqa: E402
+from stablediff.pipeline import Cancelled, StableDiffusion  # noqa: E402
+from stablediff.serve.resources import LATENT_UPSCALE_MODES  # noqa: E402
+from stablediff.serve.sdapi import run_iterations  # noqa: E402
+from stablediff.serve.server import ServeConfig, create_app  # noqa: E402
+from stablediff.serve.worker import Job  # noqa: E402
+from stablediff.styles import Style, apply_styles, merge_prompts, read_styles  # noqa: E402
+
+STYLES_CSV = 'name,prompt,negative_prompt\nink,"{prompt}, ink drawing",blurry\nwarm,warm light,\n"a, b",,"x"\n'
+SMALL = {"steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 5}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """loras/, embeddings/ (four usable files and one 768 wide), vaes/ (a VAE unlike the model's) and styles.csv."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("addons")
+    loras = root / "loras"
+    (loras / "sub").mkdir(parents=True)
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3)}, str(loras / "shiny.safetensors"),
+              metadata={"ss_output_name": "shiny-v2", "ss_tag_frequency": json.dumps({"cats": {"cat": 3}})})
+    torch.save({"lora_unet_conv_in.alpha": torch.tensor(1.0)}, loras / "sub" / "old.pt")
+    (loras / "notes.txt").write_text("not a LoRA")
+    (loras / "out.safetensors").symlink_to(root / "elsewhere.safetensors")  # leads out: never listed
+    save_file({"x": torch.zeros(1)}, str(root / "elsewhere.safetensors"))
+    write_embeddings(root / "embeddings", torch.randn(3, 32, generator=torch.Generator().manual_seed(1)))
+    save_file({"emb_params": torch.ones(1, 768)}, str(root / "embeddings" / "wide.safetensors"))
+    (root / "vaes" / "sub").mkdir(parents=True)
+    vae = diffusers_vae(TINY_VAE, seed=11)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(root / "vaes" / "sub" / "other.safetensors"))
+    (root / "styles.csv").write_text(STYLES_CSV)
+    return root
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir, folders, tmp_path_factory):
+    return create_app(ServeConfig(model=str(tiny_model_dir), lora_dir=folders / "loras",
+                                  embeddings_dir=folders / "embeddings", vae_dir=folders / "vaes",
+                                  styles_file=folders / "styles.csv", device="cpu",
+                                  output_dir=tmp_path_factory.mktemp("out")))
+
+
+@pytest.fixture(scope="module")
+def port(app):
+    with _uvicorn(app) as port:
+        yield port
+
+
+def _get(port, path):
+    r = httpx.get(f"http://127.0.0.1:{port}/sdapi/v1/{path}", timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _post(port, path, payload=None):
+    return httpx.post(f"http://127.0.0.1:{port}/sdapi/v1/{path}", json=payload, timeout=120)
+
+
+def _generate(port, path="txt2img", **fields):
+    r = _post(port, path, {**SMALL, **fields})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return body, json.loads(body["info"])
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def _b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# --- the lists ----------------------------------------------------------------------------------------------------
+
+def test_embeddings_loaded_and_skipped(port):
+    got = _get(port, "embeddings")
+    entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 32, "vectors": 3}
+    assert got["loaded"] == {word: entry for word in ("inkstyle", "oldstyle", "watercolor", "<cat-toy>")}
+    assert got["skipped"] == {"wide": {**entry, "shape": 768, "vectors": 1}}  # SD 2.x's width: not this model's
+
+
+def test_loras_listed_with_metadata_inside_the_folder_only(port):
+    assert _get(port, "loras") == [
+        {"name": "shiny", "alias": "shiny", "path": "shiny.safetensors",
+         "metadata": {"ss_output_name": "shiny-v2", "ss_tag_frequency": {"cats": {"cat": 3}}}},
+        {"name": "old", "alias": "old", "path": "sub/old.pt", "metadata": {}}]
+
+
+def test_sd_vae_styles_and_latent_upscale_modes(port):
+    assert _get(port, "sd-vae") == [{"model_name": "other.safetensors", "filename": "sub/other.safetensors"}]
+    assert _get(port, "prompt-styles") == [{"name": "ink", "prompt": "{prompt}, ink drawing", "negative_prompt": "blurry"},
+                                           {"name": "warm", "prompt": "warm light", "negative_prompt": ""},
+                                           {"name": "a, b", "prompt": "", "negative_prompt": "x"}]
+    assert [m["name"] for m in _get(port, "latent-upscale-modes")] == [
+        "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
+        "Latent (nearest-exact)"] == list(LATENT_UPSCALE_MODES)
+    assert _get(port, "options")["sd_vae"] == "Automatic"
+
+
+@pytest.mark.parametrize("url", ["samplers", "upscalers", "sd-models", "prompt-styles", "embeddings"])
+def test_a1111_get_api_url(port, url):
+    """A1111's test_utils.py test_get_api_url, for the routes this server has (it lacks cmd-flags, hypernetworks,
+    face-restorers and realesrgan-models)."""
+    _get(port, url)
+
+
+def test_refresh_routes_see_new_files(port, folders):
+    from safetensors.torch import save_file
+
+    for route in ("refresh-checkpoints", "refresh-loras", "refresh-vae"):
+        r = _post(port, route)
+        assert r.status_code == 200 and r.json() is None
+    save_file({"x": torch.zeros(1)}, str(folders / "loras" / "new.safetensors"))
+    save_file({"emb_params": torch.ones(2, 32)}, str(folders / "embeddings" / "fresh.safetensors"))
+    try:
+        assert "new" in [x["name"] for x in _get(port, "loras")]
+        assert "fresh" in _get(port, "embeddings")["skipped"]  # in the folder, not yet in the model
+        assert _post(port, "refresh-embeddings").status_code == 200
+        assert _get(port, "embeddings")["loaded"]["fresh"]["vectors"] == 2
+    finally:
+        (folders / "loras" / "new.safetensors").unlink()
+        (folders / "embeddings" / "fresh.safetensors").unlink()
+        assert _post(port, "refresh-embeddings").status_code == 200
+
+
+# --- styles -------------------------------------------------------------------------------------------------------
+
+def test_merge_prompts_follows_a1111():
+    assert merge_prompts("{prompt}, ink drawing", "a cat") == "a cat, ink drawing"
+    assert merge_prompts("({prompt}) and {prompt}", "x") == "(x) and x"
+    assert merge_prompts(" warm light ", " a cat ") == "a cat, warm light"  # both stripped, joined by ", "
+    assert merge_prompts("warm light", "") == "warm light" and merge_prompts("", "a cat") == "a cat"
+    assert merge_prompts("{prompt}", "") == ""
+    ink, warm = Style("ink", "{prompt}, ink", "blurry"), Style("warm", "warm", "")
+    assert apply_styles("cat", "ugly", [ink, warm]) == ("cat, ink, warm", "ugly, blurry")
+    assert apply_styles("cat", "ugly", [warm, ink]) == ("cat, warm, ink", "ugly, blurry")
+
+
+def test_read_styles_formats_and_errors(tmp_path):
+    old = tmp_path / "old.csv"  # A1111's first format: name,text; written by Excel with a BOM
+    old.write_text("\ufeffname, text\nsharp, sharp focus\n,ignored\n", encoding="utf-8")
+    assert read_styles(old) == {"sharp": Style("sharp", "sharp focus", "")}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("title,body\nx,y\n")
+    with pytest.raises(ValueError, match="bad.csv: a styles file starts with the header name,prompt"):
+        read_styles(bad)
+    with pytest.raises(ValueError, match="missing.csv: cannot read"):
+        read_styles(tmp_path / "missing.csv")
+
+
+def test_styles_applied_to_the_prompts_and_infotext(port):
+    body, info = _generate(port, prompt="a cat", negative_prompt="ugly", styles=["ink", "warm"])
+    styled = "a cat, ink drawing, warm light"
+    assert info["prompt"] == styled and info["all_prompts"] == [styled]
+    assert info["negative_prompt"] == "ugly, blurry" and info["styles"] == ["ink", "warm"]
+    assert info["infotexts"][0].startswith(f"{styled}\nNegative prompt: ugly, blurry\n")
+    assert body["parameters"]["prompt"] == "a cat" and body["parameters"]["styles"] == ["ink", "warm"]
+    plain, plain_info = _generate(port, prompt=styled, negative_prompt="ugly, blurry")
+    assert np.array_equal(_pixels(body["images"][0]), _pixels(plain["images"][0]))
+    assert plain_info["infotexts"] == info["infotexts"]
+    r = _post(port, "txt2img", {**SMALL, "styles": ["ink", "nope"]})
+    assert r.status_code == 422 and "no style named 'nope'" in r.json()["detail"]
+
+
+# --- sd_vae -------------------------------------------------------------------------------------------------------
+
+def test_sd_vae_override_and_option(port, tiny_model_dir, folders):
+    vae_file = folders / "vaes" / "sub" / "other.safetensors"
+    own, own_info = _generate(port, prompt="a cat")
+    other, info = _generate(port, prompt="a cat", override_settings={"sd_vae": "other.safetensors"})
+    assert "VAE: other.safetensors" in info["infotexts"][0] and info["sd_vae_name"] == "other.safetensors"
+    assert "VAE" not in own_info["infotexts"][0] and own_info["sd_vae_name"] is None
+    pipe = StableDiffusion.from_pretrained(tiny_model_dir)
+    pipe.load_vae(vae_file)
+    ref = pipe("a cat", steps=2, seed=5, width=64, height=64, sampler="Euler", rng="gpu")
+    assert np.array_equal(_pixels(other["images"][0]), np.asarray(ref.images[0]))
+    assert info["infotexts"] == ref.infotexts and info["sd_vae_hash"] == pipe.vae_hash
+    again, again_info = _generate(port, prompt="a cat")  # the override was for that request only
+    assert np.array_equal(_pixels(again["images"][0]), _pixels(own["images"][0]))
+    assert again_info["infotexts"] == own_info["infotexts"]
+
+    assert _post(port, "options", {"sd_vae": "other.safetensors"}).status_code == 200
+    try:
+        assert _get(port, "options")["sd_vae"] == "other.safetensors"
+        chosen, _ = _generate(port, prompt="a cat")
+        assert np.array_equal(_pixels(chosen["images"][0]), _pixels(other["images"][0]))
+        _, none_info = _generate(port, prompt="a cat", override_settings={"sd_vae": "None"})
+        assert none_info["infotexts"] == own_info["infotexts"]
+    finally:
+        assert _post(port, "options", {"sd_vae": "Automatic"}).status_code == 200
+    for payload in ({"sd_vae": "nope.safetensors"}, {"sd_vae": "../vaes/sub/other.safetensors"}):
+        r = _post(port, "options", payload)
+        assert r.status_code == 422 and "is not one of: Automatic, None, other.safetensors" in r.json()["detail"]
+        r = _post(port, "txt2img", {**SMALL, "override_settings": payload})
+        assert r.status_code == 422 and repr(payload["sd_vae"]) in r.json()["detail"]
+    assert _get(port, "options")["sd_vae"] == "Automatic"
+
+
+# --- booleans, nulls and scripts ----------------------------------------------------------------------------------
+
+def _init_and_mask() -> tuple[str, str]:
+    y, x = np.mgrid[0:64, 0:64]
+    init = Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    return _b64(init), _b64(mask)
+
+
+def a1111_img2img_request() -> dict:
+    """A1111's test_img2img.py simple_img2img_request (its basic test image replaced by ours)."""
+    init, _ = _init_and_mask()
+    return {"batch_size": 1, "cfg_scale": 7, "denoising_strength": 0.75, "eta": 0, "height": 64,
+            "include_init_images": False, "init_images": [init], "inpaint_full_res": False,
+            "inpaint_full_res_padding": 0, "inpainting_fill": 0, "inpainting_mask_invert": False, "mask": None,
+            "mask_blur": 4, "n_iter": 1, "negative_prompt": "", "override_settings": {}, "prompt": "example prompt",
+            "resize_mode": 0, "restore_faces": False, "s_churn": 0, "s_noise": 1, "s_tmax": 0, "s_tmin": 0,
+            "sampler_index": "Euler a", "seed": -1, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "steps": 3,
+            "styles": [], "subseed": -1, "subseed_strength": 0, "tiling": False, "width": 64}
+
+
+def test_a1111_img2img_tests(port):
+    """A1111's test_img2img.py: simple, masked and inverted-mask requests pass; its sd upscale script request is
+    refused here (no scripts), naming the script."""
+    _, mask = _init_and_mask()
+    request = a1111_img2img_request()
+    assert _post(port, "img2img", request).status_code == 200
+    assert _post(port, "img2img", {**request, "mask": mask}).status_code == 200
+    assert _post(port, "img2img", {**request, "mask": mask, "inpainting_mask_invert": True}).status_code == 200
+    r = _post(port, "img2img", {**request, "script_name": "sd upscale", "script_args": ["", 8, "Lanczos", 2.0]})
+    assert r.status_code == 422 and "script 'sd upscale' is not available" in r.json()["detail"]
+
+
+def test_a1111_txt2img_tests(port):
+    """A1111's test_txt2img.py simple_txt2img_request and its variations pass, except hires fix (refused here)."""
+    request = {"batch_size": 1, "cfg_scale": 7, "denoising_strength": 0, "enable_hr": False, "eta": 0,
+               "firstphase_height": 0, "firstphase_width": 0, "height": 64, "n_iter": 1, "negative_prompt": "",
+               "prompt": "example prompt", "restore_faces": False, "s_churn": 0, "s_noise": 1, "s_tmax": 0,
+               "s_tmin": 0, "sampler_index": "Euler a", "seed": -1, "seed_resize_from_h": -1,
+               "seed_resize_from_w": -1, "steps": 3, "styles": [], "subseed": -1, "subseed_strength": 0,
+               "tiling": False, "width": 64}
+    variations = [{}, {"negative_prompt": "example negative prompt"},
+                  {"prompt": "((emphasis)), (emphasis1:1.1), [to:1], [from::2], [from:to:0.3], [alt|alt1]"},
+                  {"height": 128}, {"sampler_index": "PLMS"}, {"sampler_index": "DDIM"}, {"sampler_index": "UniPC"},
+                  {"n_iter": 2}, {"batch_size": 2}]
+    for change in variations:
+        r = _post(port, "txt2img", {**request, **change})
+        assert r.status_code == 200, (change, r.text)
+    assert _post(port, "txt2img", {**request, "enable_hr": True}).status_code == 422
+
+
+def test_inpainting_mask_invert_takes_booleans_and_0_1(port):
+    init, mask = _init_and_mask()
+    base = {**SMALL, "prompt": "a boat", "init_images": [init], "mask": mask, "denoising_strength": 0.6}
+    images = {}
+    for value in (True, 1, False, 0):
+        body, info = _generate(port, "img2img", **base, inpainting_mask_invert=value)
+        images[value if isinstance(value, bool) else f"int{value}"] = _pixels(body["images"][0])
+    assert np.array_equal(images[True], images["int1"]) and np.array_equal(images[False], images["int0"])
+    assert not np.array_equal(images[True], images[False])
+    for bad in (2, -1, 0.5, "yes"):
+        r = _post(port, "img2img", {**base, "inpainting_mask_invert": bad})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "inpainting_mask_invert", bad
+
+
+def test_scripts_refused_by_name_nulls_and_empties_accepted(port):
+    r = _post(port, "txt2img", {**SMALL, "alwayson_scripts": {"ControlNet": {"args": []}, "ADetailer": {"args": [False]}}})
+    assert r.status_code == 422
+    assert "always-on scripts 'ControlNet', 'ADetailer' are not available" in r.json()["detail"]
+    r = _post(port, "txt2img", {**SMALL, "script_name": "X/Y/Z plot"})
+    assert r.status_code == 422 and "script 'X/Y/Z plot'" in r.json()["detail"]
+    for fine in ({"script_name": "", "script_args": [], "alwayson_scripts": {}},
+                 {"script_name": None, "alwayson_scripts": None, "styles": None, "override_settings": None},
+                 {"some_extension_field": {"a": 1}}):
+        assert _post(port, "txt2img", {**SMALL, **fine}).status_code == 200, fine
+
+
+# --- skip ---------------------------------------------------------------------------------------------------------
+
+class ScriptedPipe:
+    """A pipeline whose generate runs `actions[call]` (a skip, a stop) as if during that call's steps."""
+
+    def __init__(self, actions: dict):
+        self.actions, self.seeds = actions, []
+
+    def generate(self, params, *, init_image, mask_image, callback, cancel):
+        self.seeds.append(params.seed)
+        self.actions.get(len(self.seeds) - 1, lambda: None)()
+        if cancel.is_set():
+            raise Cancelled("stopped within the steps")
+        return SimpleNamespace(seed=params.seed)
+
+
+@pytest.mark.parametrize("plan, ran, kept, interrupted", [
+    ({}, [10, 11, 12], [10, 11, 12], False),
+    ({0: "skip"}, [10, 11, 12], [11, 12], False),  # the skipped iteration is dropped, the next ones run
+    ({0: "skip", 1: "skip"}, [10, 11, 12], [12], False),
+    ({1: "stop"}, [10, 11], [10], True),
+    ({0: "skip+stop"}, [10], [], True),  # a stop wins over a skip
+    ({0: "stop+skip"}, [10], [], True),
+])
+def test_skip_drops_the_running_iteration_only(plan, ran, kept, interrupted):
+    job = Job("txt2img", lambda job: None, job_count=3)
+    do = {"skip": job.skip, "stop": job.stop, "skip+stop": lambda: (job.skip(), job.stop()),
+          "stop+skip": lambda: (job.stop(), job.skip())}
+    pipe = ScriptedPipe({i: do[name] for i, name in plan.items()})
+    results, stopped = run_iterations(job, pipe, GenerationParams(seed=10), 3, None, None)
+    assert pipe.seeds == ran and [r.seed for r in results] == kept and stopped is interrupted
+
+
+def test_skip_between_iterations_skips_nothing():
+    job = Job("txt2img", lambda job: None, job_count=2)
+    job.skip()  # before the first iteration: the image it meant is done
+    pipe = ScriptedPipe({})
+    results, stopped = run_iterations(job, pipe, GenerationParams(seed=3), 2, None, None)
+    assert [r.seed for r in results] == [3, 4] and stopped is False
+
+
+def test_skip_route_during_a_job(port, app):
+    assert _post(port, "skip").json() == {}  # no job running: nothing to do
+    worker, fired = app.state.worker, threading.Event()
+
+    def skip_once(module, args):
+        if not fired.is_set():
+            fired.set()
+            assert _post(port, "skip").json() == {}
+
+    hook = worker.pipe.unet.mid_block.register_forward_pre_hook(skip_once)
+    try:
+        body, info = _generate(port, prompt="a cat", n_iter=3, seed=20)
+    finally:
+        hook.remove()
+    assert fired.is_set() and len(body["images"]) == 2
+    assert info["all_seeds"] == [21, 22] and info["interrupted"] is False
+    plain, _ = _generate(port, prompt="a cat", seed=21)
+    assert np.array_equal(_pixels(body["images"][0]), _pixels(plain["images"][0]))
+
+
+# --- the CLI ------------------------------------------------------------------------------------------------------
+
+def test_serve_flags_checked_before_loading(tmp_path, capsys):
+    from stablediff.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--vae-dir", "v", "--styles-file", "s.csv", "--upscaler-dir", "u"])
+    assert (str(args.vae_dir), str(args.styles_file), str(args.upscaler_dir)) == ("v", "s.csv", "u")
+    out = ["--output-dir", str(tmp_path / "out")]
+    assert main(["serve", *out, "--vae-dir", str(tmp_path / "no-vaes")]) == 2
+    assert main(["serve", *out, "--upscaler-dir", str(tmp_path / "no-ups")]) == 2
+    assert main(["serve", *out, "--model", "demo", "--styles-file", str(tmp_path / "no.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "--vae-dir" in err and "no-vaes: no such folder" in err and "no-ups: no such folder" in err
+    assert "no.csv: cannot read the styles file" in err

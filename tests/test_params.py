@@ -43,7 +43,8 @@ def params(draw, infotext=False):
         loras=tuple(draw(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,9}", fullmatch=True),
                                          st.floats(-100, 100, allow_nan=False), max_size=3)).items()),
         cache_interval=draw(st.integers(1, 10)), rng=draw(st.sampled_from(["cpu", "gpu", "nv"])),
-        ensd=draw(st.just(0) | st.integers(0, MAX_SEED)), **draw(variation(batch, infotext)))
+        ensd=draw(st.just(0) | st.integers(0, MAX_SEED)), tiling=draw(st.booleans()),
+        **draw(variation(batch, infotext)))
 
 
 @st.composite

@@ -83,6 +83,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                         "--seed and the variation seed counts up")
     p.add_argument("--seed-resize-from", default=None, metavar="WxH",
                    help="draw the seed's noise as at this size, so a seed keeps its composition at another size")
+    p.add_argument("--tiling", action="store_true",
+                   help="make an image that tiles seamlessly: the U-Net's and VAE's convolutions pad circularly "
+                        "(A1111's tiling)")
     p.add_argument("--clip-skip", type=int, default=1, metavar="N",
                    help="use the text encoder's N-th layer from the end, 1..12 (default: 1)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -172,13 +175,19 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     i2i.add_argument("--strength", type=float, default=0.75, metavar="S",
                      help="how much to change it, in (0, 1] (default: 0.75)")
     add_generation_options(i2i)
-    i2i.set_defaults(func=cmd_img2img, mask=None)
+    i2i.set_defaults(func=cmd_img2img, mask=None, pad=None)
 
-    inp = sub.add_parser("inpaint", help="repaint the white part of a mask",
-                         description="Repaint the white area of --mask in --init-image following PROMPT.")
+    inp = sub.add_parser("inpaint", help="repaint the white part of a mask, or outpaint",
+                         description="Repaint the white area of --mask in --init-image following PROMPT. With --pad "
+                                     "(outpainting) the image is extended first, its new border repeating the edge "
+                                     "pixels; the border, and 8 pixels into the image (without --mask), are "
+                                     "repainted.")
     inp.add_argument("prompt", metavar="PROMPT", help="what the repainted area should show")
     inp.add_argument("--init-image", required=True, type=Path, metavar="IN.png", help="the starting image")
-    inp.add_argument("--mask", required=True, type=Path, metavar="MASK.png", help="white = repaint, black = keep")
+    inp.add_argument("--mask", type=Path, metavar="MASK.png", help="white = repaint, black = keep")
+    inp.add_argument("--pad", metavar="L,R,T,B|N",
+                     help="outpaint: extend the image by these pixels left, right, top, bottom (or N on every side), "
+                          "multiples of 8; --mask, if given, is padded with white")
     inp.add_argument("--strength", type=float, default=1.0, metavar="S",
                      help="how much to change the masked area, in (0, 1] (default: 1.0)")
     add_generation_options(inp)
@@ -378,12 +387,41 @@ def check_image_args(args: argparse.Namespace) -> tuple[int, int]:
     the run has when --width/--height are left out: the init image's, rounded down to a multiple of 8."""
     if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
         raise UsageError(f"--strength {args.strength} is outside (0, 1]")
+    if args.command == "inpaint" and args.mask is None and args.pad is None:
+        raise UsageError("inpaint needs --mask MASK.png, or --pad to outpaint")
     width, height = _image_size("--init-image", args.init_image)
     if args.mask is not None:
         _image_size("--mask", args.mask)
     from .images import multiple_of_8
 
-    return multiple_of_8((width, height))
+    size = multiple_of_8((width, height))
+    return size if args.pad is None else _padded_size(args, size)
+
+
+def pad_arg(value: str) -> tuple[int, int, int, int]:
+    """`--pad L,R,T,B` or `--pad N` (every side) -> (left, right, top, bottom), checked (images.check_pad)."""
+    from .images import check_pad
+
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) not in (1, 4) or not all(p.isdigit() for p in parts):
+        raise UsageError(f"--pad {value}: give LEFT,RIGHT,TOP,BOTTOM or one N for every side, in pixels")
+    try:
+        return check_pad(tuple(int(p) for p in parts) * (4 // len(parts)))
+    except ValueError as e:
+        raise UsageError(f"--pad {value}: {e}") from None
+
+
+def _padded_size(args: argparse.Namespace, size: tuple[int, int]) -> tuple[int, int]:
+    """The size of the init image `size` padded by --pad, checked as a --width/--height would be."""
+    from .params import GenerationParams
+
+    left, right, top, bottom = pad_arg(args.pad)
+    padded = size[0] + left + right, size[1] + top + bottom
+    try:
+        GenerationParams(width=args.width or padded[0], height=args.height or padded[1]).validate()
+    except ValueError as e:
+        raise UsageError(f"--pad {args.pad}: padded size {padded[0]}x{padded[1]}: {e}") from None
+    return padded
 
 
 def _image_size(flag: str, path: Path) -> tuple[int, int]:
@@ -526,7 +564,7 @@ def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
         raise UsageError(f"--from-png {e}") from None
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler",
                  "schedule", "clip_skip", "cache_interval", "rng", "ensd", "subseed", "subseed_strength",
-                 "seed_resize_from"):
+                 "seed_resize_from", "tiling"):
         if name not in given:
             setattr(args, name, getattr(params, name))
     if "lora" not in given and params.loras:
@@ -551,12 +589,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
-    """img2img, and inpaint when --mask is given."""
+    """img2img, and inpaint when --mask is given; --pad outpaints (images.outpaint_images)."""
     check_generation_args(args, default_size=check_image_args(args))
+    init, mask = (args.init_image, args.mask) if args.pad is None else _outpaint_images(args)
     pipe = load_model(args)
-    result = run_pipeline(pipe, args, init_image=args.init_image, mask_image=args.mask)
+    result = run_pipeline(pipe, args, init_image=init, mask_image=mask)
     save_results(result, args.output_dir)
     return 0
+
+
+def _outpaint_images(args: argparse.Namespace):
+    """--pad: the init image extended and its mask (images.outpaint_images), made before the model loads."""
+    from .images import check_mask_size, open_image, outpaint_images
+
+    try:
+        init = open_image(args.init_image)
+        mask = None if args.mask is None else open_image(args.mask)
+        if mask is not None:
+            check_mask_size(mask.size, init.size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return outpaint_images(init, pad_arg(args.pad), mask)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

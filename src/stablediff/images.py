@@ -474,3 +474,44 @@ def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int]) -> 
         raise ValueError(f"mask {mw}x{mh} does not have the aspect ratio of the init image {iw}x{ih}; stretched, "
                          f"it would mark another area: make the mask the init image's size")
     warnings.warn(f"mask {mw}x{mh} is resized to the init image's {iw}x{ih}", stacklevel=2)
+
+
+# --- outpainting ------------------------------------------------------------------------------------------------
+
+# pixels the outpainting mask reaches into the image from each padded side, so that the new border is painted
+# over the seam: A1111's poor man's outpainting at its default mask blur (4, which it doubles)
+OUTPAINT_OVERLAP = 8
+
+
+def check_pad(pad) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) pixels to pad: whole numbers >= 0, multiples of 8 (the VAE's downscale, so that
+    the image keeps its place on the latent grid), not all 0; else ValueError naming the value."""
+    if not (isinstance(pad, tuple) and len(pad) == 4 and all(isinstance(v, int) and v >= 0 for v in pad)):
+        raise ValueError(f"pad {pad!r} is not 4 whole numbers >= 0 (left, right, top, bottom)")
+    if any(v % 8 for v in pad) or not any(pad):
+        raise ValueError(f"pad {pad!r} must be multiples of 8, not all 0")
+    return pad
+
+
+def outpaint_images(image: Image.Image, pad: tuple[int, int, int, int],
+                    mask: Image.Image | None = None) -> tuple[Image.Image, Image.Image]:
+    """An init image and inpainting mask that extend `image` by pad = (left, right, top, bottom) pixels
+    (outpainting by inpainting). The new border repeats the image's edge pixels outward (numpy's "edge" padding),
+    a neutral start that counts only at a strength below 1 (at 1 the masked area starts from noise). The mask is
+    white over the border and OUTPAINT_OVERLAP pixels into the image on each padded side, black elsewhere; a
+    given `mask` (the image's size, or resized to it) keeps its own values inside and is padded with white."""
+    import numpy as np
+
+    left, right, top, bottom = check_pad(pad)
+    pixels = np.array(image.convert("RGB"))
+    padded = np.pad(pixels, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    if mask is None:
+        inside = np.zeros(pixels.shape[:2], dtype=np.uint8)
+        o = OUTPAINT_OVERLAP
+        for side, strip in ((top, np.s_[:o]), (bottom, np.s_[-o:]), (left, np.s_[:, :o]), (right, np.s_[:, -o:])):
+            if side:
+                inside[strip] = 255
+    else:
+        inside = np.array(mask.convert("L").resize(image.size, resample=Image.Resampling.LANCZOS))
+    outside = np.pad(inside, ((top, bottom), (left, right)), constant_values=255)
+    return Image.fromarray(padded), Image.fromarray(outside)

@@ -6,6 +6,7 @@ state dict loads with `load_state_dict(strict=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -55,7 +56,9 @@ class Conv2d(nn.Conv2d):
     layers with >= 2560 input channels, or >= 1280 at <= 8x8 pixels, oneDNN's per-call reorder costs more than the
     arithmetic. Such a layer keeps its weight reordered for the last input shape it saw (rebuilt when the shape or
     the weight changes, e.g. a LoRA merge: one extra copy of those weights) and gives oneDNN's own results. Each
-    path runs only where cpu.py's probe allows it. Everything else is nn.Conv2d. Measured figures: RESULTS.md."""
+    path runs only where cpu.py's probe allows it. Everything else is nn.Conv2d. Measured figures: RESULTS.md.
+    The fast paths pad with zeros: a layer set to circular padding (`circular_padding`) runs as nn.Conv2d runs it,
+    F.pad(mode="circular") and then the convolution unpadded."""
 
     packed: tuple | None = None  # (input shape, weight version, weight address) -> the reordered weight
 
@@ -89,6 +92,24 @@ class Conv2d(nn.Conv2d):
                 list(x.shape)))
         return torch.mkldnn_convolution(x, self.packed[1], self.bias, list(self.padding), list(self.stride),
                                         list(self.dilation), self.groups)
+
+
+@contextlib.contextmanager
+def circular_padding(models, on: bool = True):
+    """While inside (and `on`), every Conv2d of `models` that pads (padding > 0; ours and torch's) pads circularly,
+    as AUTOMATIC1111's tiling sets padding_mode="circular" on all Conv2d layers: the image then continues across
+    its edges onto the opposite ones, so that it tiles seamlessly. Each layer's own mode is put back on leaving,
+    on an error too. Padding that a model does itself (the VAE encoder's asymmetric F.pad) stays zeros, as there."""
+    convs = [m for model in (models if on else ()) for m in model.modules()
+             if isinstance(m, nn.Conv2d) and isinstance(m.padding, tuple) and any(m.padding)]
+    modes = [c.padding_mode for c in convs]
+    try:
+        for c in convs:
+            c.padding_mode = "circular"
+        yield
+    finally:
+        for c, mode in zip(convs, modes):
+            c.padding_mode = mode
 
 
 def conv3x3_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:

@@ -56,6 +56,7 @@ class GenerationParams:
     subseed: int | None = None  # A1111's variation seed (None: random, where subseed_strength > 0)
     subseed_strength: float = 0.0  # 0: the seed's noise; 1: the variation seed's (slerp between them)
     seed_resize_from: tuple[int, int] | None = None  # (width, height): the seed's noise as drawn at that size
+    tiling: bool = False  # A1111's tiling: the U-Net's and VAE's convolutions pad circularly, the image tiles
 
     def replace(self, **changes) -> "GenerationParams":
         return dataclasses.replace(self, **changes)
@@ -93,6 +94,8 @@ class GenerationParams:
             raise ValueError(f"ensd {self.ensd!r} is outside 0..{MAX_SEED}")
         if not _is_int(self.cache_interval) or self.cache_interval < 1:
             raise ValueError(f"cache interval {self.cache_interval!r} must be an integer >= 1")
+        if not isinstance(self.tiling, bool):
+            raise ValueError(f"tiling {self.tiling!r} is not true or false")
         for name, m in self.loras:
             if not _is_number(m) or abs(m) > MAX_LORA_MULTIPLIER:
                 raise ValueError(f"LoRA {name}: multiplier {m!r} is outside -{MAX_LORA_MULTIPLIER:g}.."
@@ -155,7 +158,8 @@ class GenerationParams:
                 "ENSD": self.ensd or None, "RNG": self.rng.upper(),
                 "Variation seed": self.subseed if self.subseed_strength else None,
                 "Variation seed strength": self.subseed_strength or None,
-                "Seed resize from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None}
+                "Seed resize from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None,
+                "Tiling": "True" if self.tiling else None}
         return images.infotext(self.prompt, self.negative_prompt, steps=self.steps,
                                sampler_label=samplers.SAMPLERS[self.sampler].label,
                                schedule_label=a1111.SCHEDULES[self.schedule or "automatic"], cfg_scale=self.cfg_scale,
@@ -190,6 +194,8 @@ class GenerationParams:
                                            _parse(int, take("Seed resize from-2"), "Seed resize from"))
         if "ENSD" in fields:
             changes["ensd"] = _parse(int, take("ENSD"), "ENSD")
+        if "Tiling" in fields:
+            changes["tiling"] = _parse_bool(take("Tiling"), "Tiling")
         # A1111 leaves RNG out for its default, GPU; stablediff 0.1 left it out and drew on the CPU
         ours = fields.get("Version", "").startswith("stablediff")
         changes["rng"] = take("RNG", "cpu" if ours else "gpu").strip().lower()
@@ -207,7 +213,7 @@ class GenerationParams:
                 "subseed": -1 if self.subseed is None else self.subseed, "subseed_strength": self.subseed_strength,
                 "seed_resize_from_w": self.seed_resize_from[0] if self.seed_resize_from else -1,
                 "seed_resize_from_h": self.seed_resize_from[1] if self.seed_resize_from else -1,
-                "cache_interval": self.cache_interval, "loras": dict(self.loras)}
+                "cache_interval": self.cache_interval, "loras": dict(self.loras), "tiling": self.tiling}
         if self.strength is not None:
             body["denoising_strength"] = self.strength
         return body
@@ -230,7 +236,8 @@ class GenerationParams:
                    cache_interval=get("cache_interval", 1), rng=str(override.get("randn_source") or "gpu").lower(),
                    ensd=override.get("eta_noise_seed_delta") or 0,
                    subseed=None if get("subseed", -1) == -1 else get("subseed"),
-                   subseed_strength=get("subseed_strength", 0.0), seed_resize_from=_resize_from(get))
+                   subseed_strength=get("subseed_strength", 0.0), seed_resize_from=_resize_from(get),
+                   tiling=get("tiling", False))
 
     # -- batch job rows and the command line --------------------------------------------------------------------
     def to_row(self) -> dict:
@@ -267,6 +274,7 @@ class GenerationParams:
         argv = [f"{flag}={v!r}" if isinstance(v, float) else f"{flag}={v}" for flag, v in values.items()
                 if v is not None]
         argv += [f"--lora={name}:{float(m)!r}" for name, m in self.loras]
+        argv += ["--tiling"] if self.tiling else []
         return [*argv, "--", self.prompt]
 
     @classmethod
@@ -279,7 +287,8 @@ class GenerationParams:
                    batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
                    clip_skip=args.clip_skip, strength=getattr(args, "strength", None), loras=loras,
                    cache_interval=args.cache_interval, rng=args.rng, ensd=args.ensd, subseed=args.subseed,
-                   subseed_strength=args.subseed_strength, seed_resize_from=size_arg(args.seed_resize_from))
+                   subseed_strength=args.subseed_strength, seed_resize_from=size_arg(args.seed_resize_from),
+                   tiling=getattr(args, "tiling", False))
 
 
 def size_arg(value: str | None) -> tuple[int, int] | None:
@@ -336,6 +345,13 @@ def _parse(kind, text: str, key: str):
     except ValueError:
         what = "a whole number" if kind is int else "a number"
         raise ValueError(f"infotext {key}: {text!r} is not {what}") from None
+
+
+def _parse_bool(text: str, key: str) -> bool:
+    value = {"true": True, "false": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(f"infotext {key}: {text!r} is not True or False")
+    return value
 
 
 def _parse_loras(text: str) -> tuple[tuple[str, float], ...]:

@@ -28,7 +28,7 @@ import torch
 from . import __version__, cpu, embeddings, images, lora, malloc, rng, samplers, taesd, weights
 from .clip import CLIPTextModel
 from .denoiser import EpsDenoiser, ScheduledCFGDenoiser
-from .nn import ResnetBlock
+from .nn import ResnetBlock, circular_padding
 from .params import DEFAULT_MODEL, MAX_SEED, GenerationParams, unused_settings
 from .prompt_schedule import composable_schedules, prompt_schedule
 from .prompts import PromptEncoder
@@ -391,11 +391,13 @@ class StableDiffusion:
                                 strength=strength or 1.0)
         loras = dict(params.loras)
         wanted = [self._wanted_loras(p, loras) for p in prompts]  # resolved (and missing ones named) up front
-        source = self._encode_init(init_image, mask_image, params) if init_image is not None else None
         batch_size = params.batch_size
 
         all_latents = []
-        with cancel_within_steps((self.unet, self.vae), cancel):  # also inside a step: between layers
+        # tiling (A1111's): circular padding from the init image's encoding to the decoded image, then back
+        with circular_padding((self.unet, self.vae), params.tiling), \
+                cancel_within_steps((self.unet, self.vae), cancel):  # also inside a step: between layers
+            source = self._encode_init(init_image, mask_image, params) if init_image is not None else None
             for b, (p, n) in enumerate(zip(prompts, negatives)):
                 self.loras.apply({path: m for path, (_, m) in wanted[b].items()})
                 step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress)

@@ -278,7 +278,9 @@ def test_a1111_txt2img_tests(port):
                "seed_resize_from_w": -1, "steps": 3, "styles": [], "subseed": -1, "subseed_strength": 0,
                "tiling": False, "width": 64}
     variations = [{}, {"negative_prompt": "example negative prompt"},
-                  {"prompt": "((emphasis)), (emphasis1:1.1), [to:1], [from::2], [from:to:0.3], [alt|alt1]"},
+                  # A1111's prompt also has ((emphasis)), (emphasis1:1.1): on a random-weight text encoder the
+                  # emphasis' mean restore divides by about 0 (tests/test_prompts.py checks emphasis itself)
+                  {"prompt": "emphasis, emphasis1, [to:1], [from::2], [from:to:0.3], [alt|alt1]"},
                   {"height": 128}, {"sampler_index": "PLMS"}, {"sampler_index": "DDIM"}, {"sampler_index": "UniPC"},
                   {"n_iter": 2}, {"batch_size": 2}]
     for change in variations:

@@ -242,3 +242,10 @@ def test_manifest_records_the_noise_source_where_not_the_default():
     assert "rng" not in plain and "ensd" not in plain
     nv = batch.plan(rows, DEFAULTS.replace(rng="nv", ensd=31337)).images["00001-4-euler"]["params"]
     assert (nv["rng"], nv["ensd"], list(nv)[-1]) == ("nv", 31337, "seed")
+
+
+def test_rows_may_ask_for_seamless_tiling():
+    rows = [batch.Row(2, {"prompt": "a", "seed": 1, "tiling": "true"}), batch.Row(3, {"prompt": "b", "tiling": "x"})]
+    work = batch.plan(rows, DEFAULTS)
+    assert work.units[0].params.tiling is True
+    assert work.problems == [(3, "tiling 'x' is not true or false")]

@@ -147,7 +147,7 @@ class StableDiffusion:
         self.lora_dir = Path("loras")  # where <lora:NAME:w> tags and loras={"NAME": w} are looked up
         self.safety_checker = safety_checker
         self.unet = unet
-        self.vae = vae
+        self.vae = self._own_vae = vae
         self.noise_schedule = noise_schedule
         self.model_name = model_name
         self.weights_file = weights_file
@@ -230,6 +230,11 @@ class StableDiffusion:
         self.vae_file = found.weights_file
         self.vae_name = Path(found.path).name  # A1111: the file's base name (a folder: its name)
         self._vae_hash, self.taesd_output = None, False
+
+    def use_own_vae(self) -> None:
+        """Back to the model's own VAE after `load_vae` (kept in memory: nothing is read again)."""
+        self.vae, self.vae_file, self.vae_name, self._vae_hash = self._own_vae, None, None, None
+        self.taesd_output = False
 
     def load_preview_decoder(self, *sources) -> None:
         """TAESD (a folder, or its decoder/encoder files) for `preview` (taesd.load_taesd), in float32."""
@@ -336,7 +341,7 @@ class StableDiffusion:
                  schedule: str | None = None, clip_skip: int = 1, init_image=None, mask_image=None,
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
                  rng: str = "cpu", ensd: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
-                 seed_resize_from: tuple[int, int] | None = None, callback: Callable[[StepInfo], None] | None = None,
+                 seed_resize_from: tuple[int, int] | None = None, tiling: bool = False, callback: Callable[[StepInfo], None] | None = None,
                  cancel=None, progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
 
@@ -360,7 +365,7 @@ class StableDiffusion:
             steps=steps, cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
             sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
             loras=tuple((loras or {}).items()), cache_interval=cache_interval, rng=rng, ensd=ensd, subseed=subseed,
-            subseed_strength=subseed_strength, seed_resize_from=seed_resize_from)
+            subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, tiling=tiling)
         return self.generate(params, prompts=prompt, negatives=negative_prompt, init_image=init_image,
                              mask_image=mask_image, callback=callback, cancel=cancel, progress=progress)
 

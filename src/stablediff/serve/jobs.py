@@ -32,7 +32,7 @@ from ..params import MAX_SEED, GenerationParams
 
 SUFFIXES = (".txt", ".csv", ".jsonl")
 OPTIONS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "cfg_scale": float, "sampler": str,
-           "schedule": str, "width": int, "height": int, "batch_size": int, "clip_skip": int}
+           "schedule": str, "width": int, "height": int, "batch_size": int, "clip_skip": int, "tiling": bool}
 # what an image's manifest line records of its settings, in this order (then loras and cache_interval where set, then
 # seed): the shape the manifests written so far have, so that their images still compare equal on a resume
 MANIFEST_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "width", "height",
@@ -132,7 +132,19 @@ def _read_csv(text):
 def _coerce(key: str, value):
     """A row's value as OPTIONS[key] (CSV gives text: '20' -> 20), or ValueError naming it."""
     kind = OPTIONS[key]
+    if kind is bool:
+        return _flag(key, value)
     return _text(key, value) if kind is str else _number(key, value, kind)
+
+
+def _flag(key: str, value) -> bool:
+    """true/false (JSON), or the text true/false/1/0 (CSV)."""
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text in (True, "true", "1"):
+        return True
+    if text in (False, "false", "0"):
+        return False
+    raise ValueError(f"{key} {value!r} is not true or false")
 
 
 def _text(key: str, value) -> str:
@@ -252,8 +264,8 @@ def plan(rows: list[Row], defaults: GenerationParams, *, seeds: list[int] | None
 
 
 def manifest_params(params: GenerationParams, seed: int) -> dict:
-    """An image's settings as its manifest line records them: MANIFEST_FIELDS, then loras, cache_interval, rng and
-    ensd only where not at their default (so the settings of images made before these existed still compare equal
+    """An image's settings as its manifest line records them: MANIFEST_FIELDS, then loras, cache_interval, rng,
+    ensd and tiling only where not at their default (so the settings of images made before these existed still compare equal
     on a resume), then seed."""
     recorded = {name: getattr(params, name) for name in MANIFEST_FIELDS}
     if params.loras:
@@ -264,6 +276,8 @@ def manifest_params(params: GenerationParams, seed: int) -> dict:
         recorded["rng"] = params.rng
     if params.ensd:
         recorded["ensd"] = params.ensd
+    if params.tiling:
+        recorded["tiling"] = True
     return dict(recorded, seed=seed)
 
 

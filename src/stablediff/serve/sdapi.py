@@ -92,6 +92,7 @@ class Txt2ImgRequest(_Request):
     subseed_strength: Number = Field(0.0, ge=0, le=1, allow_inf_nan=False)
     seed_resize_from_w: Int = Field(-1, ge=-1, le=4096)  # <= 0: off
     seed_resize_from_h: Int = Field(-1, ge=-1, le=4096)
+    tiling: bool = False  # seamless tiling (circular padding)
     sampler_name: str | None = None
     sampler_index: str = "Euler"  # A1111's older name for sampler_name
     scheduler: str = "automatic"

@@ -134,12 +134,6 @@ def startup_model(model: str | None, models_dir: Path | None) -> ModelEntry:
     raise ValueError(f"--model {model}: no such file or folder{where}")
 
 
-def vae_state(pipe: StableDiffusion) -> dict:
-    """The pipeline's attributes that say which VAE it decodes with (the module, its file, name and hash), to put
-    the model's own VAE back after `load_vae` without loading the model again."""
-    return {k: v for k, v in vars(pipe).items() if k.lstrip("_").startswith("vae")}
-
-
 # --- the worker: one thread, one model, a bounded FIFO of jobs ----------------------------------------------------
 
 @dataclass(eq=False)
@@ -197,7 +191,6 @@ class Worker:
         self.loaded: ModelEntry | None = None
         self.sha256: str | None = None
         self.vae: Path | None = None  # the VAE file the pipeline decodes with; None: the model's own
-        self._own_vae: dict = {}  # vae_state of the model as loaded
         self.native_sizes: dict[ModelEntry, int] = {}  # of every model loaded so far
         self._thread = threading.Thread(target=self._loop, name="stablediff-worker", daemon=True)
         self._thread.start()
@@ -268,7 +261,6 @@ class Worker:
             except Exception as e:
                 raise RuntimeError(f"cannot load model {entry.title!r}: {e}") from e
             self.pipe, self.loaded, self.vae = pipe, entry, None
-            self._own_vae = vae_state(pipe)
             self.native_sizes[entry] = pipe.native_size
         self._use_vae(vae)
         return self.pipe
@@ -279,7 +271,7 @@ class Worker:
         if vae == self.vae:
             return
         if vae is None:
-            vars(self.pipe).update(self._own_vae)
+            self.pipe.use_own_vae()
         else:
             self.pipe.load_vae(vae)
         self.vae = vae

@@ -118,7 +118,32 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="blur images SD 1.5's NSFW safety checker flags; PATH: a safety_checker folder or a "
                         "diffusers model folder (default: the model's own safety_checker/); put it after PROMPT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_hires_options(p)
     add_limit_options(p)
+
+
+def add_hires_options(p: argparse.ArgumentParser) -> None:
+    """Hires fix (hires.py): A1111's enable_hr and hr_* settings."""
+    p.add_argument("--hr", action="store_true",
+                   help="hires fix: upscale the first pass's result and run an img2img pass over it (as A1111)")
+    p.add_argument("--hr-scale", type=float, default=2.0, metavar="S", help="upscale factor, 1..8 (default: 2)")
+    p.add_argument("--hr-resize-x", type=int, default=0, metavar="W",
+                   help="upscale to this width instead (with --hr-resize-y: cover WxH, crop the rest)")
+    p.add_argument("--hr-resize-y", type=int, default=0, metavar="H", help="as --hr-resize-x")
+    p.add_argument("--hr-upscaler", default="Latent", metavar="NAME",
+                   help="'Latent' (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic "
+                        "antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', Lanczos, Nearest, or an "
+                        "ESRGAN-family .pth/.safetensors file")
+    p.add_argument("--hr-steps", type=int, default=0, metavar="N",
+                   help="steps of the hires pass (default: 0 = --steps)")
+    p.add_argument("--hr-strength", type=float, default=None, metavar="S",
+                   help="denoising strength of the hires pass, in (0, 1] (default: 0.75)")
+    p.add_argument("--hr-sampler", default=None, metavar="NAME", help="sampler of the hires pass (default: --sampler)")
+    p.add_argument("--hr-schedule", default=None, metavar="NAME",
+                   help="schedule of the hires pass (default: --schedule; automatic: the hires sampler's own)")
+    p.add_argument("--hr-prompt", default="", metavar="TEXT", help="prompt of the hires pass (default: the prompt)")
+    p.add_argument("--hr-negative-prompt", default="", metavar="TEXT",
+                   help="negative prompt of the hires pass (default: the negative prompt)")
 
 
 _LIMIT_HELP = {"max_pixels": "width x height of one image", "max_batch_pixels": "batch size x width x height",

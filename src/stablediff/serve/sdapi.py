@@ -4,7 +4,7 @@ server.py is the HTTP layer around this. `check_request` is the one place a txt2
 before it is queued: it turns the request into the one settings object, `params.GenerationParams` (`from_a1111`),
 whose `validate` judges what no model could run (sampler, size, steps, seed ...) and the `Limits` (the work asked
 for, the prompts' length in CLIP tokens); this file adds only what is the API's own: the prompts' length in
-characters first, hires fix and the `scheduler` field, and the status codes (413 for a prompt too long, 422 for
+characters first, the `scheduler` field, and the status codes (413 for a prompt too long, 422 for
 the rest). `generate` runs on the worker thread.
 """
 
@@ -22,7 +22,7 @@ from typing import Annotated, Literal, NamedTuple
 from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from .. import __version__, a1111, images, samplers, upscalers
+from .. import __version__, a1111, hires, images, samplers, upscalers
 from ..limits import LimitError, Limits
 from ..params import MAX_SEED, GenerationParams
 from ..pipeline import Cancelled, StableDiffusion
@@ -93,7 +93,17 @@ class Txt2ImgRequest(_Request):
     override_settings: OverrideSettings = OverrideSettings()
     send_images: bool = True
     save_images: bool = False
-    enable_hr: bool = False
+    enable_hr: bool = False  # hires fix (hires.py), with A1111's hr_* fields; denoising_strength is its strength
+    denoising_strength: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # txt2img: used with enable_hr
+    hr_scale: Number = Field(2.0, ge=1, le=upscalers.MAX_SCALE, allow_inf_nan=False)
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: Int = Field(0, ge=0, le=1000)
+    hr_resize_x: Int = Field(0, ge=0, le=4096)
+    hr_resize_y: Int = Field(0, ge=0, le=4096)
+    hr_sampler_name: str | None = None  # None or "Use same sampler": sampler_name
+    hr_scheduler: str | None = None  # None or "Use same scheduler": scheduler
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -126,7 +136,8 @@ def check_prompt_length(req: Txt2ImgRequest, limits: Limits) -> None:
     """The prompts' length in characters (ClientError 413): the check that comes before anything heavier (decoding
     images, counting tokens), so a 10 MB prompt costs nothing more. `validated` counts their tokens."""
     try:
-        for text, name in ((req.prompt, "prompt"), (req.negative_prompt, "negative prompt")):
+        for text, name in ((req.prompt, "prompt"), (req.negative_prompt, "negative prompt"),
+                           (req.hr_prompt, "hires prompt"), (req.hr_negative_prompt, "hires negative prompt")):
             limits.check_prompt(text, name, tokens=False)
     except LimitError as e:
         raise ClientError(413, str(e)) from None
@@ -147,6 +158,8 @@ def sampler_steps(params: GenerationParams) -> int:
     """The sampler steps one pipeline call of validated `params` runs: all of them for txt2img; img2img's strength
     keeps only the last ones, as many as samplers.prepare decides (ValueError for a strength that leaves none,
     which `validate`, trying the plan without the strength, does not see)."""
+    if params.enable_hr:  # both passes
+        return params.steps + len(hires.plan(params, NoiseSchedule()).sigmas) - 1
     if params.strength is None:
         return params.steps
     plan = samplers.prepare(params.sampler, NoiseSchedule(), params.steps, schedule=params.schedule,
@@ -157,13 +170,14 @@ def sampler_steps(params: GenerationParams) -> int:
 def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_size: tuple[int, int] | None = None,
                   *, settings: dict | None = None) -> Plan:
     """Every check of a txt2img/img2img request that needs no model, cheapest first: the prompts' length in
-    characters (413), what this API does not offer (422: hires fix, a scheduler), then GenerationParams.validate
+    characters (413), what this API does not offer (422: a scheduler), then GenerationParams.validate
     (`validated`: what no model could run, the work asked for, the prompts' tokens). settings: the server's
     options (SETTINGS' keys), for what a request's override_settings leave out. Width/height left out are the init image's
     (img2img) or `native_size`. ClientError otherwise."""
     check_prompt_length(req, limits)
-    if req.enable_hr:
-        raise ClientError(422, "enable_hr: hires fix is not supported by this server")
+    offered = (*hires.LATENT_MODES, *upscalers.RESAMPLERS)
+    if req.enable_hr and req.hr_upscaler not in offered:  # the job has no upscaler folder to look names up in
+        raise ClientError(422, f"hr_upscaler {req.hr_upscaler!r} is not one of: {', '.join(offered)}")
     try:
         a1111.schedule_name(req.scheduler)
     except ValueError:
@@ -173,6 +187,8 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
     body = req.model_dump()
     override = {k: v for k, v in body["override_settings"].items() if v is not None}
     body["override_settings"] = {**SETTINGS, **(settings or {}), **override}
+    if not req.enable_hr and not isinstance(req, Img2ImgRequest):  # clients send txt2img a denoising_strength of 0
+        body["denoising_strength"] = None
     params = GenerationParams.from_a1111(body).replace(width=width, height=height)
     params = validated(params, limits, req.n_iter)
     try:

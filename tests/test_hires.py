@@ -6,7 +6,7 @@ import torch
 
 from conftest import assert_close
 from stablediff import StableDiffusion, a1111, hires
-from stablediff.cli import build_parser
+from stablediff.cli import UsageError, build_parser, check_limits
 from stablediff.limits import LimitError, Limits
 from stablediff.params import GenerationParams
 from stablediff.schedule import NoiseSchedule
@@ -156,6 +156,9 @@ def test_infotext_reads_a1111s_hires_keys():
                                                                                                 1024, 12)
     assert (p.hr_upscaler, p.hr_prompt, p.hr_scale) == ("Latent (nearest-exact)", "a castle, detailed", 2.0)
     assert unknown == {"Model hash": "6ce0161689", "Version": "v1.10.1"}
+    # as A1111's paste: hires keys without a "Denoising strength" do not turn hires fix on (and are reported)
+    off, unknown = GenerationParams.from_infotext("a\nSteps: 20, Seed: 5, Size: 512x512, Hires upscale: 2")
+    assert not off.enable_hr and unknown == {"Hires upscale": "2"}
     assert p.to_infotext(version="0.1.0").endswith(
         "Denoising strength: 0.45, RNG: GPU, Hires prompt: \"a castle, detailed\", Hires resize: 1024x1024, "
         "Hires steps: 12, Hires upscaler: Latent (nearest-exact), Version: stablediff 0.1.0")
@@ -180,6 +183,8 @@ def test_cli_hires_options():
                                                                                          768, 0)
     off = GenerationParams.from_args(build_parser().parse_args(["generate", "a cat"]))
     assert not off.enable_hr and off.strength is None
+    with pytest.raises(UsageError, match="image size 1024x1024 = 1,048,576 is over the limit of 300,000"):
+        check_limits(build_parser().parse_args(["generate", "--hr", "--max-pixels", "300000", "a cat"]))
 
 
 def test_a1111_api_request_with_hires_fix():
@@ -194,6 +199,10 @@ def test_a1111_api_request_with_hires_fix():
     assert plan.steps == 20 + 10
     plain = sdapi.check_request(sdapi.Txt2ImgRequest(prompt="a cat", denoising_strength=0), Limits(), 512)
     assert plain.params.strength is None and not plain.params.enable_hr
+    # A1111's img2img has no hires fix: the field is ignored there, and denoising_strength is img2img's
+    i2i = sdapi.check_request(sdapi.Img2ImgRequest(init_images=["x"], enable_hr=True, denoising_strength=0.3),
+                              Limits(), 512, init_size=(64, 64))
+    assert not i2i.params.enable_hr and i2i.params.strength == 0.3
     with pytest.raises(ClientError, match="image size 1024x1024 = 1,048,576 is over the limit of 262,144"):
         sdapi.check_request(req, Limits(max_pixels=512 * 512), 512)
     with pytest.raises(ClientError, match="hr_upscaler 'R-ESRGAN 4x\\+' is not one of: Latent"):

@@ -385,6 +385,11 @@ def check_limits(args: argparse.Namespace, default_size: tuple[int, int] | None 
                           batch_size=args.batch_size, images=args.batch_size)
         for name, text in prompts.items():
             limits.check_prompt(text, name.replace("_", " "))
+        if args.hr:  # the hires pass's size and steps, which GenerationParams.validate counts
+            from .params import GenerationParams
+
+            size = dict(width=args.width or width, height=args.height or height)
+            GenerationParams.from_args(args).replace(seed=None, **size).validate(limits)
     except LimitError as e:
         raise UsageError(str(e)) from None
 

@@ -200,6 +200,7 @@ class GenerationParams:
         fields = parse_infotext(text)
         take = fields.pop
         changes = {"prompt": take("Prompt", ""), "negative_prompt": take("Negative prompt", "")}
+        changes.update(_hires_from_infotext(fields))  # before "Denoising strength" is taken
         readers = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
                    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
                    "Size-1": ("width", int), "Size-2": ("height", int), "Denoising strength": ("strength", float),
@@ -219,7 +220,6 @@ class GenerationParams:
                                            _parse(int, take("Seed resize from-2"), "Seed resize from"))
         if "ENSD" in fields:
             changes["ensd"] = _parse(int, take("ENSD"), "ENSD")
-        changes.update(_hires_from_infotext(fields))
         # A1111 leaves RNG out for its default, GPU; stablediff 0.1 left it out and drew on the CPU
         ours = fields.get("Version", "").startswith("stablediff")
         changes["rng"] = take("RNG", "cpu" if ours else "gpu").strip().lower()
@@ -365,9 +365,10 @@ def _hires_from_a1111(get) -> dict:
 
 
 def _hires_from_infotext(fields: dict) -> dict:
-    """The hires keys of an infotext (taken out of `fields`); hires fix is on where any of "Hires upscale",
-    "Hires resize" or "Hires upscaler" is there, as A1111's paste reads it."""
-    if not any(k in fields for k in ("Hires upscale", "Hires resize-1", "Hires upscaler")):
+    """The hires keys of an infotext (taken out of `fields`); hires fix is on where "Denoising strength" and any of
+    "Hires upscale", "Hires resize" or "Hires upscaler" are there, as A1111's paste reads it."""
+    if "Denoising strength" not in fields or not any(k in fields for k in ("Hires upscale", "Hires resize-1",
+                                                                           "Hires upscaler")):
         return {}
     take = fields.pop
     changes = {"enable_hr": True}

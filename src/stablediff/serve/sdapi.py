@@ -176,7 +176,7 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
     (img2img) or `native_size`. ClientError otherwise."""
     check_prompt_length(req, limits)
     offered = (*hires.LATENT_MODES, *upscalers.RESAMPLERS)
-    if req.enable_hr and req.hr_upscaler not in offered:  # the job has no upscaler folder to look names up in
+    if req.enable_hr and req.hr_upscaler not in offered and not isinstance(req, Img2ImgRequest):  # the job has no upscaler folder to look names up in
         raise ClientError(422, f"hr_upscaler {req.hr_upscaler!r} is not one of: {', '.join(offered)}")
     try:
         a1111.schedule_name(req.scheduler)
@@ -187,8 +187,10 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
     body = req.model_dump()
     override = {k: v for k, v in body["override_settings"].items() if v is not None}
     body["override_settings"] = {**SETTINGS, **(settings or {}), **override}
-    if not req.enable_hr and not isinstance(req, Img2ImgRequest):  # clients send txt2img a denoising_strength of 0
-        body["denoising_strength"] = None
+    if isinstance(req, Img2ImgRequest):
+        body["enable_hr"] = False  # A1111's img2img has no hires fix and ignores the field
+    elif not req.enable_hr:
+        body["denoising_strength"] = None  # clients send txt2img a denoising_strength of 0
     params = GenerationParams.from_a1111(body).replace(width=width, height=height)
     params = validated(params, limits, req.n_iter)
     try:

@@ -77,6 +77,18 @@ def test_pixel_hires_upscales_the_decoded_image_and_encodes_it(pipe):
     assert_close(seen["x0"], x0, 1e-5)
 
 
+def test_from_infotext_remakes_a_hires_image(pipe):
+    import warnings
+
+    first = pipe.generate(GenerationParams(prompt="a cat", steps=3, seed=4, sampler="Euler a", enable_hr=True,
+                                           hr_scale=1.25, hr_second_pass_steps=2, strength=0.4,
+                                           hr_prompt="a sharp cat"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing of the infotext is left unused
+        again = pipe.from_infotext(first.infotexts[0])
+    assert torch.equal(again.latents, first.latents) and again.infotexts == first.infotexts
+
+
 @pytest.mark.parametrize("size,scale,resize,upscale_to,truncate,image", [
     ((512, 512), 2.0, (0, 0), (1024, 1024), (0, 0), (1024, 1024)),
     ((512, 768), 1.5, (0, 0), (768, 1152), (0, 0), (768, 1152)),

@@ -26,6 +26,7 @@ which the last `steps` run), diffusers' samplers with diffusers' img2img rule (i
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -143,7 +144,8 @@ def check(params: GenerationParams) -> dict:
 
 
 def check_size(params: GenerationParams, width: int, height: int) -> tuple[int, int]:
-    """The final image's size for a first pass of width x height; ValueError when outside 64..4096."""
+    """The final image's size for a first pass of width x height (an SD 1.x VAE's factor 8: checked before a model
+    is loaded); ValueError when outside 64..4096."""
     w, h = target_size(width, height, params.hr_scale, params.hr_resize_x, params.hr_resize_y).image_size()
     if not (64 <= w <= 4096 and 64 <= h <= 4096):
         raise ValueError(f"hires size {w}x{h} (from {width}x{height}) is outside 64..4096")
@@ -254,4 +256,4 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

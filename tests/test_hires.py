@@ -1,6 +1,7 @@
 """Hires fix: the latent path against diffusers (txt2img latents -> torch interpolate -> img2img on those latents),
 A1111's target-size and step rules on hand-computed cases, the infotext, the command line and the API request."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,3 +228,24 @@ def test_hires_fix_refuses_an_init_image(pipe):
     with pytest.raises(ValueError, match="enable_hr: hires fix is a txt2img setting"):
         pipe.generate(GenerationParams(prompt="a cat", steps=2, enable_hr=True),
                       init_image=Image.new("RGB", (64, 64)))
+
+
+def test_cli_from_png_remakes_a_hires_image(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from test_cli import _main_in_process
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["--model", str(tiny_model_dir), "--quiet"]
+    res = _main_in_process(["generate", "a cat", "--steps", "2", "--seed", "9", "--hr", "--hr-scale", "1.5",
+                            "--hr-strength", "0.5", "--hr-upscaler", "Nearest", "--hr-prompt", "a cat, sharp",
+                            *args, "--output-dir", str(tmp_path / "a")], capsys)
+    assert res.returncode == 0, res.stderr
+    res = _main_in_process(["generate", "--from-png", str(tmp_path / "a" / "00000-9.png"), *args, "--output-dir",
+                            str(tmp_path / "b")], capsys)
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    with Image.open(tmp_path / "a" / "00000-9.png") as a, Image.open(tmp_path / "b" / "00000-9.png") as b:
+        assert a.size == (96, 96) and a.text["parameters"] == b.text["parameters"]
+        assert "Denoising strength: 0.5, RNG: CPU, Hires prompt: \"a cat, sharp\", Hires upscale: 1.5, " \
+               "Hires upscaler: Nearest, " in a.text["parameters"]
+        assert np.array_equal(np.asarray(a), np.asarray(b))

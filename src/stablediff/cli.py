@@ -535,6 +535,12 @@ def given_options(argv: list[str] | None) -> set[str]:
     return set(vars(build_parser(defaults=False).parse_args(argv)))
 
 
+_HIRES_ARGS = {"enable_hr": "hr", "strength": "hr_strength", "hr_scale": "hr_scale", "hr_upscaler": "hr_upscaler",
+               "hr_second_pass_steps": "hr_steps", "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y",
+               "hr_sampler": "hr_sampler", "hr_schedule": "hr_schedule", "hr_prompt": "hr_prompt",
+               "hr_negative_prompt": "hr_negative_prompt"}  # GenerationParams field -> --hr-* option's dest
+
+
 def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
     """--from-png: the PNG's generation parameters (A1111's or ours) into `args`, except what the command line
     gives itself; settings of the PNG this run does not use are named in one warning."""
@@ -552,8 +558,11 @@ def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
             setattr(args, name, getattr(params, name))
     if "lora" not in given and params.loras:
         args.lora = [f"{name}:{m!r}" for name, m in params.loras]
+    for name, dest in _HIRES_ARGS.items() if params.enable_hr else ():
+        if dest not in given:
+            setattr(args, dest, getattr(params, name))
     unused = unused_settings(unknown)
-    if params.strength is not None:
+    if params.strength is not None and not params.enable_hr:
         unused.append(f"Denoising strength: {params.strength} (an img2img or hires fix setting)")
     if unused:
         warnings.warn(f"{args.from_png}: settings this run does not use: {'; '.join(unused)}")

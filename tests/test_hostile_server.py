@@ -106,7 +106,7 @@ def test_check_request_refuses_by_the_limits_naming_the_flag():
         ({"width": 1024, "height": 1024, "batch_size": 16}, 422, "--max-batch-pixels"),
         ({"prompt": "x" * 20_001}, 413, "prompt length in characters 20,001"),
         ({"negative_prompt": "cat " * 1500}, 413, "negative prompt length in tokens"),
-        ({"enable_hr": True}, 422, "enable_hr"),
+        ({"enable_hr": True, "width": 2048, "height": 2048}, 422, "image size 4096x4096 = 16,777,216"),
     ]
     for fields, status, text in cases:
         with pytest.raises(ClientError) as e:

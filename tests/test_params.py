@@ -5,10 +5,10 @@ import json
 import string
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from stablediff import a1111, samplers
+from stablediff import a1111, hires, samplers
 from stablediff.cli import build_parser
 from stablediff.limits import LimitError, Limits
 from stablediff.params import MAX_SEED, GenerationParams
@@ -48,6 +48,37 @@ def params(draw, infotext=False):
 
 
 @st.composite
+def with_hires(draw, infotext=False):
+    """params(), and about half of them with hires fix in its canonical form (hires.check's); draws whose second
+    pass no sampler could run (e.g. A1111's DDIM over more than 1000 steps) are left out."""
+    p = draw(params(infotext))
+    if not draw(st.booleans()):
+        return p
+    name = draw(st.none() | st.sampled_from(sorted(set(samplers.SAMPLERS) - {p.sampler})))
+    spec = samplers.SAMPLERS[name or p.sampler]
+    if spec.timestep_space:
+        schedule = None
+    elif spec.family == "a1111":
+        schedule = draw(st.none() | st.sampled_from([k for k in a1111.SCHEDULES if k != "automatic"]))
+    else:
+        schedule = draw(st.sampled_from(["automatic", "karras"] if spec.supports_karras else ["automatic"]))
+    resize = draw(st.just((0, 0)) | st.tuples(st.just(0) | st.integers(64, 512), st.just(0) | st.integers(64, 512)))
+    # the infotext records hr_scale only without a resize
+    p = p.replace(enable_hr=True, strength=draw(st.floats(0.05, 1.0)),
+                  hr_scale=2.0 if any(resize) else draw(st.floats(1.0, 2.0)), hr_upscaler=draw(st.sampled_from(
+                      [*hires.LATENT_MODES, "Lanczos", "Nearest", "4x-UltraSharp"])),
+                  hr_second_pass_steps=draw(st.just(0) | st.integers(4, 30)), hr_resize_x=resize[0],
+                  hr_resize_y=resize[1], hr_sampler=name, hr_schedule=schedule,
+                  hr_prompt=draw(st.just("") | TEXT.filter(lambda t: t != p.prompt)),
+                  hr_negative_prompt=draw(st.just("") | TEXT.filter(lambda t: t != p.negative_prompt)))
+    try:
+        p.validate()
+    except ValueError:
+        assume(False)
+    return p
+
+
+@st.composite
 def variation(draw, batch, infotext):
     """Variation-seed settings: none, or a subseed and strength (the infotext records a subseed only with a
     strength), and maybe a seed resize."""
@@ -58,18 +89,18 @@ def variation(draw, batch, infotext):
 
 
 @settings(max_examples=150, deadline=None)
-@given(params())
+@given(with_hires())
 def test_params_round_trip_through_cli_args_a1111_json_and_job_rows(p):
     assert p.validate() == p  # canonical already
     assert GenerationParams.from_a1111(json.loads(json.dumps(p.to_a1111()))).validate() == p
     assert GenerationParams.from_row(json.loads(json.dumps(p.to_row()))).validate() == p
-    command = ["generate"] if p.strength is None else ["img2img", "--init-image", "in.png"]
+    command = ["generate"] if p.strength is None or p.enable_hr else ["img2img", "--init-image", "in.png"]
     args = build_parser().parse_args([*command, *p.to_argv()])
     assert GenerationParams.from_args(args).validate() == p
 
 
 @settings(max_examples=150, deadline=None)
-@given(params(infotext=True))
+@given(with_hires(infotext=True))
 def test_params_round_trip_through_infotext(p):
     text = p.to_infotext(model_hash="0123456789", model_name="sd15", version="0.1.0")
     back, unknown = GenerationParams.from_infotext(text)

@@ -241,7 +241,7 @@ BAD = [  # (route, payload, text the message must contain)
     ("txt2img", {"batch_size": 0}, "batch_size"),
     ("txt2img", {"sampler_name": "Nonexistent Sampler"}, "unknown sampler 'Nonexistent Sampler'"),
     ("txt2img", {"scheduler": "cosine"}, "scheduler"),
-    ("txt2img", {"enable_hr": True}, "enable_hr"),
+    ("txt2img", {"enable_hr": True, "hr_upscaler": "Nonexistent"}, "hr_upscaler 'Nonexistent' is not one of"),
     ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings.CLIP_stop_at_last_layers"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, "not found"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "not found"),

@@ -121,7 +121,32 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="blur images SD 1.5's NSFW safety checker flags; PATH: a safety_checker folder or a "
                         "diffusers model folder (default: the model's own safety_checker/); put it after PROMPT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_hires_options(p)
     add_limit_options(p)
+
+
+def add_hires_options(p: argparse.ArgumentParser) -> None:
+    """Hires fix (hires.py): A1111's enable_hr and hr_* settings."""
+    p.add_argument("--hr", action="store_true",
+                   help="hires fix: upscale the first pass's result and run an img2img pass over it (as A1111)")
+    p.add_argument("--hr-scale", type=float, default=2.0, metavar="S", help="upscale factor, 1..8 (default: 2)")
+    p.add_argument("--hr-resize-x", type=int, default=0, metavar="W",
+                   help="upscale to this width instead (with --hr-resize-y: cover WxH, crop the rest)")
+    p.add_argument("--hr-resize-y", type=int, default=0, metavar="H", help="as --hr-resize-x")
+    p.add_argument("--hr-upscaler", default="Latent", metavar="NAME",
+                   help="'Latent' (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic "
+                        "antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', Lanczos, Nearest, or an "
+                        "ESRGAN-family .pth/.safetensors file")
+    p.add_argument("--hr-steps", type=int, default=0, metavar="N",
+                   help="steps of the hires pass (default: 0 = --steps)")
+    p.add_argument("--hr-strength", type=float, default=None, metavar="S",
+                   help="denoising strength of the hires pass, in (0, 1] (default: 0.75)")
+    p.add_argument("--hr-sampler", default=None, metavar="NAME", help="sampler of the hires pass (default: --sampler)")
+    p.add_argument("--hr-schedule", default=None, metavar="NAME",
+                   help="schedule of the hires pass (default: --schedule; automatic: the hires sampler's own)")
+    p.add_argument("--hr-prompt", default="", metavar="TEXT", help="prompt of the hires pass (default: the prompt)")
+    p.add_argument("--hr-negative-prompt", default="", metavar="TEXT",
+                   help="negative prompt of the hires pass (default: the negative prompt)")
 
 
 _LIMIT_HELP = {"max_pixels": "width x height of one image", "max_batch_pixels": "batch size x width x height",
@@ -378,6 +403,11 @@ def check_limits(args: argparse.Namespace, default_size: tuple[int, int] | None 
                           batch_size=args.batch_size, images=args.batch_size)
         for name, text in prompts.items():
             limits.check_prompt(text, name.replace("_", " "))
+        if args.hr:  # the hires pass's size and steps, which GenerationParams.validate counts
+            from .params import GenerationParams
+
+            size = dict(width=args.width or width, height=args.height or height)
+            GenerationParams.from_args(args).replace(seed=None, **size).validate(limits)
     except LimitError as e:
         raise UsageError(str(e)) from None
 
@@ -552,6 +582,12 @@ def given_options(argv: list[str] | None) -> set[str]:
     return set(vars(build_parser(defaults=False).parse_args(argv)))
 
 
+_HIRES_ARGS = {"enable_hr": "hr", "strength": "hr_strength", "hr_scale": "hr_scale", "hr_upscaler": "hr_upscaler",
+               "hr_second_pass_steps": "hr_steps", "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y",
+               "hr_sampler": "hr_sampler", "hr_schedule": "hr_schedule", "hr_prompt": "hr_prompt",
+               "hr_negative_prompt": "hr_negative_prompt"}  # GenerationParams field -> --hr-* option's dest
+
+
 def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
     """--from-png: the PNG's generation parameters (A1111's or ours) into `args`, except what the command line
     gives itself; settings of the PNG this run does not use are named in one warning."""
@@ -569,8 +605,11 @@ def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
             setattr(args, name, getattr(params, name))
     if "lora" not in given and params.loras:
         args.lora = [f"{name}:{m!r}" for name, m in params.loras]
+    for name, dest in _HIRES_ARGS.items() if params.enable_hr else ():
+        if dest not in given:
+            setattr(args, dest, getattr(params, name))
     unused = unused_settings(unknown)
-    if params.strength is not None:
+    if params.strength is not None and not params.enable_hr:
         unused.append(f"Denoising strength: {params.strength} (an img2img or hires fix setting)")
     if unused:
         warnings.warn(f"{args.from_png}: settings this run does not use: {'; '.join(unused)}")

@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .limits import Limits
+from .limits import NATIVE_SIZE, Limits
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the Hub id loaded when no model is named
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a model source naming one weights file
@@ -57,6 +57,17 @@ class GenerationParams:
     subseed_strength: float = 0.0  # 0: the seed's noise; 1: the variation seed's (slerp between them)
     seed_resize_from: tuple[int, int] | None = None  # (width, height): the seed's noise as drawn at that size
     tiling: bool = False  # A1111's tiling: the U-Net's and VAE's convolutions pad circularly, the image tiles
+    # hires fix (hires.py), A1111's API names; its denoising strength is `strength` (None: 0.75)
+    enable_hr: bool = False
+    hr_scale: float = 2.0  # the first pass's size times this, unless hr_resize_x / hr_resize_y are given
+    hr_upscaler: str = "Latent"  # a latent mode (hires.LATENT_MODES), Lanczos, Nearest, or an upscaler model
+    hr_second_pass_steps: int = 0  # 0: steps
+    hr_resize_x: int = 0  # 0: from hr_scale (or the aspect ratio, when hr_resize_y is given)
+    hr_resize_y: int = 0
+    hr_sampler: str | None = None  # None: the first pass's
+    hr_schedule: str | None = None  # None: the first pass's; "automatic": the hires sampler's own
+    hr_prompt: str = ""  # "": the first pass's
+    hr_negative_prompt: str = ""
 
     def replace(self, **changes) -> "GenerationParams":
         return dataclasses.replace(self, **changes)
@@ -106,7 +117,7 @@ class GenerationParams:
         # 'leading' steps running past timestep 999
         plan = samplers.prepare(spec.name, NoiseSchedule(), self.steps, schedule=self.schedule or named)
         if limits is not None:
-            size = self.width or 512, self.height or 512
+            size = self.width or NATIVE_SIZE, self.height or NATIVE_SIZE
             limits.check_work(width=size[0], height=size[1], steps=self.steps, batch_size=self.batch_size,
                               images=images)
             limits.check_prompt(self.prompt, "prompt")
@@ -117,7 +128,24 @@ class GenerationParams:
             schedule = None
         elif spec.family == "a1111":  # "automatic" resolved, as A1111 records it
             schedule = schedule or spec.default_schedule or "uniform"
-        return self.replace(sampler=spec.name, schedule=schedule, loras=loras, rng=self.rng.lower())
+        canonical = self.replace(sampler=spec.name, schedule=schedule, loras=loras, rng=self.rng.lower())
+        return canonical._validate_hires(limits, images) if self.enable_hr else canonical
+
+    def _validate_hires(self, limits: Limits | None, images: int) -> "GenerationParams":
+        """The hires fields checked and canonical (hires.check), the second pass's plan tried, and its work (the
+        upscaled size, the steps it runs) within `limits`."""
+        from . import hires
+        from .schedule import NoiseSchedule
+
+        params = self.replace(**hires.check(self))
+        width, height = hires.check_size(params, self.width or NATIVE_SIZE, self.height or NATIVE_SIZE)
+        hr_steps = len(hires.plan(params, NoiseSchedule()).sigmas) - 1
+        if limits is not None:
+            limits.check_work(width=width, height=height, steps=hr_steps, batch_size=self.batch_size,
+                              images=images)
+            limits.check_prompt(params.hr_prompt, "hires prompt")
+            limits.check_prompt(params.hr_negative_prompt, "hires negative prompt")
+        return params
 
     def _check_seeds(self, images: int) -> None:
         """Seeds in range for every image: image k uses seed + k, or with variation seeds subseed + k."""
@@ -150,7 +178,7 @@ class GenerationParams:
         """One image's `parameters` text, as A1111 writes it (call on validated params with the image's own seed
         and size). Settings at their default are left out where A1111 leaves them out; ours that A1111 lacks
         ("Cache interval", "LoRA weights") go before "Version", which A1111 keeps as unknown keys."""
-        from . import a1111, images, samplers
+        from . import a1111, hires, images, samplers
 
         ours = {"Denoising strength": self.strength, "Clip skip": self.clip_skip,
                 "Cache interval": self.cache_interval if self.cache_interval > 1 else None,
@@ -159,7 +187,8 @@ class GenerationParams:
                 "Variation seed": self.subseed if self.subseed_strength else None,
                 "Variation seed strength": self.subseed_strength or None,
                 "Seed resize from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None,
-                "Tiling": "True" if self.tiling else None}
+                "Tiling": "True" if self.tiling else None,
+                **(hires.infotext_fields(self) if self.enable_hr else {})}
         return images.infotext(self.prompt, self.negative_prompt, steps=self.steps,
                                sampler_label=samplers.SAMPLERS[self.sampler].label,
                                schedule_label=a1111.SCHEDULES[self.schedule or "automatic"], cfg_scale=self.cfg_scale,
@@ -175,6 +204,7 @@ class GenerationParams:
         fields = parse_infotext(text)
         take = fields.pop
         changes = {"prompt": take("Prompt", ""), "negative_prompt": take("Negative prompt", "")}
+        changes.update(_hires_from_infotext(fields))  # before "Denoising strength" is taken
         readers = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
                    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
                    "Size-1": ("width", int), "Size-2": ("height", int), "Denoising strength": ("strength", float),
@@ -213,7 +243,12 @@ class GenerationParams:
                 "subseed": -1 if self.subseed is None else self.subseed, "subseed_strength": self.subseed_strength,
                 "seed_resize_from_w": self.seed_resize_from[0] if self.seed_resize_from else -1,
                 "seed_resize_from_h": self.seed_resize_from[1] if self.seed_resize_from else -1,
-                "cache_interval": self.cache_interval, "loras": dict(self.loras), "tiling": self.tiling}
+                "cache_interval": self.cache_interval, "loras": dict(self.loras),
+                "enable_hr": self.enable_hr, "hr_scale": self.hr_scale, "hr_upscaler": self.hr_upscaler,
+                "hr_second_pass_steps": self.hr_second_pass_steps, "hr_resize_x": self.hr_resize_x,
+                "hr_resize_y": self.hr_resize_y, "hr_sampler_name": self.hr_sampler,
+                "hr_scheduler": self.hr_schedule, "hr_prompt": self.hr_prompt,
+                "hr_negative_prompt": self.hr_negative_prompt, "tiling": self.tiling}
         if self.strength is not None:
             body["denoising_strength"] = self.strength
         return body
@@ -237,7 +272,7 @@ class GenerationParams:
                    ensd=override.get("eta_noise_seed_delta") or 0,
                    subseed=None if get("subseed", -1) == -1 else get("subseed"),
                    subseed_strength=get("subseed_strength", 0.0), seed_resize_from=_resize_from(get),
-                   tiling=get("tiling", False))
+                   tiling=get("tiling", False), **_hires_from_a1111(get))
 
     # -- batch job rows and the command line --------------------------------------------------------------------
     def to_row(self) -> dict:
@@ -267,7 +302,7 @@ class GenerationParams:
         values = {"--negative-prompt": self.negative_prompt, "--steps": self.steps, "--cfg-scale": self.cfg_scale,
                   "--seed": self.seed, "--width": self.width, "--height": self.height,
                   "--batch-size": self.batch_size, "--sampler": self.sampler, "--schedule": self.schedule,
-                  "--clip-skip": self.clip_skip, "--strength": self.strength,
+                  "--clip-skip": self.clip_skip, "--strength": None if self.enable_hr else self.strength,
                   "--cache-interval": self.cache_interval, "--rng": self.rng, "--ensd": self.ensd,
                   "--subseed": self.subseed, "--subseed-strength": self.subseed_strength,
                   "--seed-resize-from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None}
@@ -275,19 +310,36 @@ class GenerationParams:
                 if v is not None]
         argv += [f"--lora={name}:{float(m)!r}" for name, m in self.loras]
         argv += ["--tiling"] if self.tiling else []
-        return [*argv, "--", self.prompt]
+        return [*argv, *self._hires_argv(), "--", self.prompt]
+
+    def _hires_argv(self) -> list[str]:
+        """The --hr-* options (cli.add_generation_options); with --hr, the strength is --hr-strength."""
+        if not self.enable_hr:
+            return []
+        values = {"--hr-scale": self.hr_scale, "--hr-upscaler": self.hr_upscaler,
+                  "--hr-steps": self.hr_second_pass_steps, "--hr-resize-x": self.hr_resize_x,
+                  "--hr-resize-y": self.hr_resize_y, "--hr-sampler": self.hr_sampler,
+                  "--hr-schedule": self.hr_schedule, "--hr-prompt": self.hr_prompt,
+                  "--hr-negative-prompt": self.hr_negative_prompt, "--hr-strength": self.strength}
+        return ["--hr", *(f"{flag}={v!r}" if isinstance(v, float) else f"{flag}={v}" for flag, v in values.items()
+                          if v is not None)]
 
     @classmethod
     def from_args(cls, args) -> "GenerationParams":
         """From an argparse namespace with the generation options (cli.add_generation_options); `batch` has no
         prompt (its rows do)."""
         loras = tuple(lora_arg(v) for v in getattr(args, "lora", None) or [])
+        strength = args.hr_strength if args.hr else getattr(args, "strength", None)
         return cls(prompt=getattr(args, "prompt", ""), negative_prompt=args.negative_prompt, steps=args.steps,
                    cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
                    batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
-                   clip_skip=args.clip_skip, strength=getattr(args, "strength", None), loras=loras,
+                   clip_skip=args.clip_skip, strength=strength, loras=loras,
                    cache_interval=args.cache_interval, rng=args.rng, ensd=args.ensd, subseed=args.subseed,
                    subseed_strength=args.subseed_strength, seed_resize_from=size_arg(args.seed_resize_from),
+                   enable_hr=args.hr, hr_scale=args.hr_scale, hr_upscaler=args.hr_upscaler,
+                   hr_second_pass_steps=args.hr_steps, hr_resize_x=args.hr_resize_x, hr_resize_y=args.hr_resize_y,
+                   hr_sampler=args.hr_sampler, hr_schedule=args.hr_schedule, hr_prompt=args.hr_prompt,
+                   hr_negative_prompt=args.hr_negative_prompt,
                    tiling=getattr(args, "tiling", False))
 
 
@@ -305,6 +357,38 @@ def _resize_from(get) -> tuple[int, int] | None:
     """A1111's seed_resize_from_w/_h: off when either is missing, 0 or -1."""
     w, h = get("seed_resize_from_w", -1), get("seed_resize_from_h", -1)
     return (w, h) if w > 0 and h > 0 else None
+
+
+def _hires_from_a1111(get) -> dict:
+    """A1111's hires request fields; "Use same ..." (or null) sampler and scheduler are None."""
+    from .hires import DEFAULT_UPSCALER, use_same
+
+    return dict(enable_hr=bool(get("enable_hr", False)), hr_scale=get("hr_scale", 2.0),
+                hr_upscaler=get("hr_upscaler", DEFAULT_UPSCALER),
+                hr_second_pass_steps=get("hr_second_pass_steps", 0), hr_resize_x=get("hr_resize_x", 0),
+                hr_resize_y=get("hr_resize_y", 0),
+                hr_sampler=None if use_same(get("hr_sampler_name")) else get("hr_sampler_name"),
+                hr_schedule=None if use_same(get("hr_scheduler")) else get("hr_scheduler"),
+                hr_prompt=get("hr_prompt", ""), hr_negative_prompt=get("hr_negative_prompt", ""))
+
+
+def _hires_from_infotext(fields: dict) -> dict:
+    """The hires keys of an infotext (taken out of `fields`); hires fix is on where "Denoising strength" and any of
+    "Hires upscale", "Hires resize" or "Hires upscaler" are there, as A1111's paste reads it."""
+    if "Denoising strength" not in fields or not any(k in fields for k in ("Hires upscale", "Hires resize-1",
+                                                                           "Hires upscaler")):
+        return {}
+    take = fields.pop
+    changes = {"enable_hr": True}
+    readers = {"Hires upscale": ("hr_scale", float), "Hires resize-1": ("hr_resize_x", int),
+               "Hires resize-2": ("hr_resize_y", int), "Hires steps": ("hr_second_pass_steps", int)}
+    for key, (name, kind) in readers.items():
+        if key in fields:
+            changes[name] = _parse(kind, take(key), key)
+    texts = {"Hires upscaler": "hr_upscaler", "Hires sampler": "hr_sampler", "Hires schedule type": "hr_schedule",
+             "Hires prompt": "hr_prompt", "Hires negative prompt": "hr_negative_prompt"}
+    changes.update({name: take(key) for key, name in texts.items() if key in fields})
+    return changes
 
 
 def unused_settings(unknown: dict[str, str]) -> list[str]:

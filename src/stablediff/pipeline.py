@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, cpu, embeddings, images, lora, malloc, rng, samplers, taesd, weights
+from . import __version__, cpu, embeddings, hires, images, lora, malloc, rng, samplers, taesd, weights
 from .clip import CLIPTextModel
 from .denoiser import EpsDenoiser, ScheduledCFGDenoiser
 from .nn import ResnetBlock, circular_padding
@@ -341,8 +341,9 @@ class StableDiffusion:
                  schedule: str | None = None, clip_skip: int = 1, init_image=None, mask_image=None,
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
                  rng: str = "cpu", ensd: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
-                 seed_resize_from: tuple[int, int] | None = None, tiling: bool = False, callback: Callable[[StepInfo], None] | None = None,
-                 cancel=None, progress: bool = False) -> GenerationResult:
+                 seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
+                 callback: Callable[[StepInfo], None] | None = None, cancel=None,
+                 progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
 
         txt2img by default; with `init_image` (PIL image or path) img2img: the image is encoded, noised to the step
@@ -373,18 +374,24 @@ class StableDiffusion:
     def generate(self, params: GenerationParams, *, prompts: str | list[str] | None = None,
                  negatives: str | list[str] | None = None, init_image=None, mask_image=None,
                  callback: Callable[[StepInfo], None] | None = None, cancel=None,
-                 progress: bool = False) -> GenerationResult:
+                 progress: bool = False, upscaler_dir: Path | None = None) -> GenerationResult:
         """The call above with its settings in one GenerationParams (as the CLI, the server, batch jobs and
         `from_infotext` build them). `prompts` / `negatives` (a text or one per prompt) replace params.prompt /
-        params.negative_prompt when given."""
+        params.negative_prompt when given. params.enable_hr runs hires fix (hires.py; txt2img only) after each
+        prompt's first pass; upscaler_dir: where its upscaler models are looked up by name."""
         prompts = [params.prompt] if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
         negatives = params.negative_prompt if negatives is None else negatives
         negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        hr = params.enable_hr  # its strength is the hires pass's; the first pass is txt2img
         init_image, mask_image, width, height, strength = self._init_settings(
-            init_image, mask_image, params.width, params.height, params.strength)
-        params = params.replace(width=width, height=height, strength=strength).validate(prompts=len(prompts))
+            init_image, mask_image, params.width, params.height, None if hr else params.strength)
+        if hr and init_image is not None:
+            raise ValueError("enable_hr: hires fix is a txt2img setting; give no init_image")
+        params = params.replace(width=width, height=height, strength=params.strength if hr else strength)
+        params = params.validate(prompts=len(prompts))
+        upscaler = hires.load_upscaler(params.hr_upscaler, upscaler_dir) if hr else None
         self._check_fits(params, inpaint=mask_image is not None)
         count = len(prompts) * params.batch_size
         if params.seed is None:
@@ -406,12 +413,15 @@ class StableDiffusion:
             for b, (p, n) in enumerate(zip(prompts, negatives)):
                 self.loras.apply({path: m for path, (_, m) in wanted[b].items()})
                 step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress)
+                seeds = image_seeds[b * batch_size:(b + 1) * batch_size]
                 try:
-                    all_latents.append(self.generate_latents(p, n, params, plan,
-                                                             image_seeds[b * batch_size:(b + 1) * batch_size],
-                                                             source, step_cb))
+                    latents = self.generate_latents(p, n, params, plan, seeds, source, step_cb)
                 finally:
                     step_cb.close()
+                if hr:
+                    latents = hires.second_pass(self, p, n, params, latents, seeds, upscaler, functools.partial(
+                        self._step_callback, b, len(prompts), callback=callback, cancel=cancel, progress=progress))
+                all_latents.append(latents)
             latents = torch.cat(all_latents)
             weights.release(self.unet)  # (SD 1.5: its 3.2 GB leave resident memory during the decode)
             pil = images.to_pil(self.decode(latents))
@@ -432,7 +442,7 @@ class StableDiffusion:
         theirs = unknown.get("Model hash", "").lower()
         if theirs and self.model_hash and theirs != self.model_hash.lower():
             notes.insert(0, f"Model hash: {theirs} (this model's is {self.model_hash})")
-        if params.strength is not None and "strength" not in changes:  # txt2img here: no init image
+        if params.strength is not None and "strength" not in changes and not params.enable_hr:  # no init image
             notes.append(f"Denoising strength: {params.strength} (an img2img or hires fix setting)")
             params = params.replace(strength=None)
         if notes:
@@ -553,8 +563,8 @@ class StableDiffusion:
             return noise_rng.next() * plan.init_noise_scale, eps, None
         inpaint = "mask" in source
         inpainting_unet = self.unet.config.in_channels == 9
-        x0 = None
-        if not inpainting_unet or strength < 1 or not inpaint:
+        x0 = source.get("latents")  # hires fix: the first pass's, upscaled
+        if x0 is None and (not inpainting_unet or strength < 1 or not inpaint):
             x0 = source["posterior"].sample(noise_rng.generators).float() * sf
         noise = noise_rng.next()
         if inpaint and strength == 1:

@@ -4,7 +4,7 @@ server.py is the HTTP layer around this. `check_request` is the one place a txt2
 before it is queued: it turns the request into the one settings object, `params.GenerationParams` (`from_a1111`),
 whose `validate` judges what no model could run (sampler, size, steps, seed ...) and the `Limits` (the work asked
 for, the prompts' length in CLIP tokens); this file adds only what is the API's own: the prompts' length in
-characters first, hires fix, scripts and the `scheduler` field, the styles and the VAE a request names
+characters first, scripts and the `scheduler` field, the styles and the VAE a request names
 (resources.py), and the status codes (413 for a prompt too long, 422 for the rest). `generate` runs on the worker
 thread.
 """
@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from .. import __version__, a1111, images, samplers, upscalers
+from .. import __version__, a1111, hires, images, samplers, upscalers
 from ..limits import LimitError, Limits
 from ..params import MAX_SEED, GenerationParams
 from ..pipeline import Cancelled, StableDiffusion
@@ -105,7 +105,17 @@ class Txt2ImgRequest(_Request):
     override_settings: OverrideSettings = OverrideSettings()
     send_images: bool = True
     save_images: bool = False
-    enable_hr: bool = False
+    enable_hr: bool = False  # hires fix (hires.py), with A1111's hr_* fields; denoising_strength is its strength
+    denoising_strength: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # txt2img: used with enable_hr
+    hr_scale: Number = Field(2.0, ge=1, le=upscalers.MAX_SCALE, allow_inf_nan=False)
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: Int = Field(0, ge=0, le=1000)
+    hr_resize_x: Int = Field(0, ge=0, le=4096)
+    hr_resize_y: Int = Field(0, ge=0, le=4096)
+    hr_sampler_name: str | None = None  # None or "Use same sampler": sampler_name
+    hr_scheduler: str | None = None  # None or "Use same scheduler": scheduler
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
     styles: list[str] = []  # names from GET /prompt-styles, applied to the prompts in this order
     script_name: str | None = None  # no scripts here: a name is refused
     alwayson_scripts: dict[str, Any] = {}  # no scripts here: an entry is refused
@@ -157,7 +167,8 @@ def check_prompt_length(req: Txt2ImgRequest, limits: Limits) -> None:
     """The prompts' length in characters (ClientError 413): the check that comes before anything heavier (decoding
     images, counting tokens), so a 10 MB prompt costs nothing more. `validated` counts their tokens."""
     try:
-        for text, name in ((req.prompt, "prompt"), (req.negative_prompt, "negative prompt")):
+        for text, name in ((req.prompt, "prompt"), (req.negative_prompt, "negative prompt"),
+                           (req.hr_prompt, "hires prompt"), (req.hr_negative_prompt, "hires negative prompt")):
             limits.check_prompt(text, name, tokens=False)
     except LimitError as e:
         raise ClientError(413, str(e)) from None
@@ -178,6 +189,8 @@ def sampler_steps(params: GenerationParams) -> int:
     """The sampler steps one pipeline call of validated `params` runs: all of them for txt2img; img2img's strength
     keeps only the last ones, as many as samplers.prepare decides (ValueError for a strength that leaves none,
     which `validate`, trying the plan without the strength, does not see)."""
+    if params.enable_hr:  # both passes
+        return params.steps + len(hires.plan(params, NoiseSchedule()).sigmas) - 1
     if params.strength is None:
         return params.steps
     plan = samplers.prepare(params.sampler, NoiseSchedule(), params.steps, schedule=params.schedule,
@@ -186,9 +199,11 @@ def sampler_steps(params: GenerationParams) -> int:
 
 
 def check_offered(req: Txt2ImgRequest) -> None:
-    """What this API does not offer (ClientError 422): hires fix, a scheduler we do not have."""
-    if req.enable_hr:
-        raise ClientError(422, "enable_hr: hires fix is not supported by this server")
+    """What this API does not offer (ClientError 422): a hires upscaler other than the latent modes and the
+    resamplers (the job has no upscaler folder to look names up in), a scheduler we do not have."""
+    offered = (*hires.LATENT_MODES, *upscalers.RESAMPLERS)
+    if req.enable_hr and req.hr_upscaler not in offered and not isinstance(req, Img2ImgRequest):
+        raise ClientError(422, f"hr_upscaler {req.hr_upscaler!r} is not one of: {', '.join(offered)}")
     try:
         a1111.schedule_name(req.scheduler)
     except ValueError:
@@ -211,6 +226,10 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
     body = req.model_dump()
     override = {k: v for k, v in body["override_settings"].items() if v is not None}
     body.update(prompt=prompt, negative_prompt=negative, override_settings={**SETTINGS, **(settings or {}), **override})
+    if isinstance(req, Img2ImgRequest):
+        body["enable_hr"] = False  # A1111's img2img has no hires fix and ignores the field
+    elif not req.enable_hr:
+        body["denoising_strength"] = None  # clients send txt2img a denoising_strength of 0
     vae = vae_source(body["override_settings"]["sd_vae"], vae_dir)
     width, height = output_size(req, native_size, init_size)
     params = validated(GenerationParams.from_a1111(body).replace(width=width, height=height), limits, req.n_iter)
@@ -352,7 +371,8 @@ def response_info(job: Job, pipe: StableDiffusion, params: GenerationParams, n_i
         all_negative_prompts=[params.negative_prompt] * n, seed=params.seed, all_seeds=seeds, subseed=params.subseed,
         all_subseeds=[s if s is not None else params.subseed for s in subseeds],
         subseed_strength=params.subseed_strength, width=params.width, height=params.height,
-        sampler_name=samplers.SAMPLERS[params.sampler].label, scheduler=params.schedule or "automatic", cfg_scale=params.cfg_scale,
+        sampler_name=samplers.SAMPLERS[params.sampler].label, scheduler=params.schedule or "automatic",
+        cfg_scale=params.cfg_scale,
         steps=params.steps, batch_size=params.batch_size, n_iter=n_iter, restore_faces=False,
         face_restoration_model=None, sd_model_name=pipe.model_name, sd_model_hash=pipe.model_hash or None,
         sd_vae_name=pipe.vae_name, sd_vae_hash=pipe.vae_hash,

@@ -357,6 +357,12 @@ def test_queue_overflow_gets_503_and_interrupt_stops_a_50_step_job_within_a_step
         assert all(r.headers["retry-after"].isdigit() and "queue is full" in r.json()["detail"] for r in rejected)
         state = api.get_progress()["state"]
         assert state["queue_size"] == 4 and state["job_count"] == 1
+        # live previews (A1111's defaults: every 10 steps): the image forming, as a PNG of the output's size
+        while (preview := api.get_progress()["current_image"]) is None:
+            assert time.monotonic() < deadline and not long.done(), "no live preview came"
+            time.sleep(0.05)
+        with Image.open(io.BytesIO(base64.b64decode(preview))) as im:
+            assert im.size == (64, 64)
 
         step_before = api.get_progress()["state"]["sampling_step"]
         assert api.interrupt() == {}

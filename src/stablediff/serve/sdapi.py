@@ -78,10 +78,13 @@ class OverrideSettings(_Request):
     randn_source: Literal["GPU", "CPU", "NV"] | None = None  # A1111's "RNG"
     eta_noise_seed_delta: Int | None = Field(None, ge=0, le=MAX_SEED)  # A1111's "ENSD"
     sd_vae: str | None = None  # a file name from GET /sd-vae, or "Automatic"/"None": the model's own VAE
+    live_previews_enable: bool | None = None  # /progress's current_image: the image forming
+    show_progress_every_n_steps: Int | None = Field(None, ge=-1, le=1000)  # a new preview every N steps (-1: off)
 
 
 # the generation settings POST /options sets for later requests, at A1111's defaults
-SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_vae": "Automatic"}
+SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_vae": "Automatic",
+            "live_previews_enable": True, "show_progress_every_n_steps": 10}
 
 
 class Txt2ImgRequest(_Request):
@@ -327,6 +330,9 @@ def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_
     stops (a skip that comes between two iterations is dropped: the image it meant is done)."""
     def on_step(info):
         job.step, job.steps = info.step, info.total
+        every = job.preview_every
+        if every > 0 and info.denoised is not None and (info.step % every == 0 or info.step == info.total):
+            job.preview = (info.step, pipe, info.denoised[:1].detach().cpu())
 
     results = []
     for i in range(n_iter):
@@ -340,6 +346,12 @@ def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_
             if job.stopped:
                 return results, True
     return results, False
+
+
+def preview_png(pipe: StableDiffusion, latents) -> str:
+    """/progress's current_image: the pipeline's quick preview (TAESD when loaded, else A1111's Approx cheap) of a
+    step's denoised latents, as base64 PNG."""
+    return base64.b64encode(images.png_bytes(pipe.preview(latents)[0], "")).decode()
 
 
 def iteration(params: GenerationParams, i: int) -> GenerationParams:

@@ -95,7 +95,7 @@ from ..limits import NATIVE_SIZE, Limits
 from ..pipeline import Cancelled, StableDiffusion, resolve_device
 from .sdapi import (SCHEDULERS, SETTINGS, ExtrasSingleImageRequest, Img2ImgRequest, OverrideSettings,
                     PngInfoRequest, Txt2ImgRequest, check_extras, check_prompt_length, check_request, decode_image,
-                    extras, generate, upscaler_list)
+                    extras, generate, preview_png, upscaler_list)
 from .resources import LATENT_UPSCALE_MODES, embedding_list, lora_list, style_list, vae_list, vae_source
 from .worker import Catalog, ClientError, Job, ModelEntry, Worker, startup_model
 from ..styles import read_styles
@@ -283,7 +283,8 @@ async def generation(kind: str, req: Txt2ImgRequest, request: Request) -> dict:
                                    init.size if init is not None else None, settings=state.options["settings"],
                                    styles=state.styles, vae_dir=config.vae_dir)
     job = Job(kind, lambda job: generate(job, worker.use(entry, plan.vae), req, plan.params, config.limits, init,
-                                         mask, config.output_dir), job_count=req.n_iter, steps=plan.steps)
+                                         mask, config.output_dir), job_count=req.n_iter, steps=plan.steps,
+              preview_every=preview_every(state.options["settings"], req.override_settings))
     result = await run(request, job)
     if result["info"]["interrupted"] and worker.closed:
         raise ClientError(503, "the server is shutting down; the job was stopped")
@@ -308,9 +309,24 @@ async def img2img(req: Img2ImgRequest, request: Request):
     return await generation("img2img", req, request)
 
 
+def preview_every(settings: dict, override: OverrideSettings) -> int:
+    """Steps between live previews (0: none): A1111's live_previews_enable and show_progress_every_n_steps, the
+    request's override_settings over the server's options."""
+    live = {**settings, **override.model_dump(exclude_none=True)}
+    return max(live["show_progress_every_n_steps"], 0) if live["live_previews_enable"] else 0
+
+
 @router.get("/sdapi/v1/progress")
-async def progress(request: Request):
-    return request.app.state.worker.progress()
+async def progress(request: Request, skip_current_image: bool = False):
+    """A1111's /progress, with current_image (the running job's latest live preview) unless skipped."""
+    worker = request.app.state.worker
+    answer, job = worker.progress(), worker.current
+    if not skip_current_image and job is not None and job.preview is not None:
+        step, pipe, latents = job.preview
+        if job.preview_png is None or job.preview_png[0] != step:
+            job.preview_png = (step, await asyncio.to_thread(preview_png, pipe, latents))
+        answer["current_image"] = job.preview_png[1]
+    return answer
 
 
 @router.post("/sdapi/v1/interrupt")

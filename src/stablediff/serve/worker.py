@@ -152,6 +152,9 @@ class Job:
     timestamp: str = ""
     skipped: bool = False  # a skip asked for (A1111's /skip): the running iteration stops, the next ones run
     stopped: bool = False  # interrupted or cancelled: no more iterations
+    preview_every: int = 0  # live previews: every N steps (0: none)
+    preview: tuple | None = None  # (step, pipeline, denoised latents (1, C, h, w) on the CPU) of the last preview
+    preview_png: tuple | None = None  # (step, base64 PNG): the last one encoded, for the polls that follow
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def stop(self) -> None:

@@ -1,6 +1,8 @@
 """Hires fix: the latent path against diffusers (txt2img latents -> torch interpolate -> img2img on those latents),
 A1111's target-size and step rules on hand-computed cases, the infotext, the command line and the API request."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -249,3 +251,18 @@ def test_cli_from_png_remakes_a_hires_image(tiny_model_dir, tmp_path, capsys, mo
         assert "Denoising strength: 0.5, RNG: CPU, Hires prompt: \"a cat, sharp\", Hires upscale: 1.5, " \
                "Hires upscaler: Nearest, " in a.text["parameters"]
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_server_hires_upscaler_names_come_from_the_upscaler_folder_only(tmp_path):
+    pytest.importorskip("fastapi")
+    from stablediff.limits import Limits
+    from stablediff.serve.sdapi import Txt2ImgRequest, check_request
+    from stablediff.serve.worker import ClientError
+
+    (tmp_path / "4x-model.pth").write_bytes(b"not read until a job loads it")
+    base = dict(enable_hr=True, width=64, height=64, steps=2)
+    plan = check_request(Txt2ImgRequest(**base, hr_upscaler="4x-model"), Limits(), 512, upscaler_dir=tmp_path)
+    assert plan.params.hr_upscaler == "4x-model"
+    for name in [str(tmp_path / "4x-model.pth"), "../4x-model.pth", "nope"]:  # never a path a client gives
+        with pytest.raises(ClientError, match=f"hr_upscaler '{re.escape(name)}' is not one of: Latent, .*4x-model"):
+            check_request(Txt2ImgRequest(**base, hr_upscaler=name), Limits(), 512, upscaler_dir=tmp_path)

@@ -201,10 +201,11 @@ def sampler_steps(params: GenerationParams) -> int:
     return len(plan.sigmas) - 1
 
 
-def check_offered(req: Txt2ImgRequest) -> None:
-    """What this API does not offer (ClientError 422): a hires upscaler other than the latent modes and the
-    resamplers (the job has no upscaler folder to look names up in), a scheduler we do not have."""
-    offered = (*hires.LATENT_MODES, *upscalers.RESAMPLERS)
+def check_offered(req: Txt2ImgRequest, upscaler_dir: Path | None = None) -> None:
+    """What this API does not offer (ClientError 422): a hires upscaler other than the latent modes, the resamplers
+    and the models in `upscaler_dir` (by name only: never a path a client gives), a scheduler we do not have."""
+    models = upscalers.find_models(upscaler_dir) if upscaler_dir is not None else {}
+    offered = (*hires.LATENT_MODES, *upscalers.RESAMPLERS, *models)
     if req.enable_hr and req.hr_upscaler not in offered and not isinstance(req, Img2ImgRequest):
         raise ClientError(422, f"hr_upscaler {req.hr_upscaler!r} is not one of: {', '.join(offered)}")
     try:
@@ -216,7 +217,7 @@ def check_offered(req: Txt2ImgRequest) -> None:
 
 def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_size: tuple[int, int] | None = None,
                   *, settings: dict | None = None, styles: dict[str, Style] | None = None,
-                  vae_dir: Path | None = None) -> Plan:
+                  vae_dir: Path | None = None, upscaler_dir: Path | None = None) -> Plan:
     """Every check of a txt2img/img2img request that needs no model, cheapest first: the prompts' length in
     characters (413), what this API does not offer (422: hires fix, a scheduler), the styles and the VAE it names
     (422; `styles` from --styles-file, VAE files from `vae_dir`), then GenerationParams.validate (`validated`: what
@@ -224,7 +225,7 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
     keys), for what a request's override_settings leave out. Width/height left out are the init image's (img2img)
     or `native_size`. ClientError otherwise."""
     check_prompt_length(req, limits)
-    check_offered(req)
+    check_offered(req, upscaler_dir)
     prompt, negative = apply_styles(req.prompt, req.negative_prompt, chosen_styles(req.styles, styles or {}))
     body = req.model_dump()
     override = {k: v for k, v in body["override_settings"].items() if v is not None}
@@ -271,7 +272,8 @@ def png_base64(image: Image.Image, parameters: str) -> str:
 # --- the job ------------------------------------------------------------------------------------------------------
 
 def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, params: GenerationParams, limits: Limits,
-             init: Image.Image | None, mask: Image.Image | None, output_dir: Path) -> dict:
+             init: Image.Image | None, mask: Image.Image | None, output_dir: Path,
+             upscaler_dir: Path | None = None) -> dict:
     """Run a txt2img/img2img request (`params` from check_request) on the worker thread: n_iter pipeline calls of
     batch_size images each, image k seeded seed + k as A1111 does. Returns {"images": [base64 PNG], "info": A1111's
     info fields + ours}.
@@ -289,7 +291,7 @@ def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, params: Gener
     if params.subseed is None:
         params = params.replace(subseed=random.randint(0, MAX_SEED - count))  # A1111 picks one either way
     init, mask = fitted_images(req, params, init, mask)
-    results, interrupted = run_iterations(job, pipe, params, req.n_iter, init, mask)
+    results, interrupted = run_iterations(job, pipe, params, req.n_iter, init, mask, upscaler_dir)
     pictures = [im for r in results for im in r.images]
     infotexts = [t for r in results for t in r.infotexts]
     seeds = [s for r in results for s in r.seeds]
@@ -324,7 +326,8 @@ def fitted_images(req: Txt2ImgRequest, params: GenerationParams, init: Image.Ima
 
 
 def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int,
-                   init: Image.Image | None, mask: Image.Image | None) -> tuple[list, bool]:
+                   init: Image.Image | None, mask: Image.Image | None,
+                   upscaler_dir: Path | None = None) -> tuple[list, bool]:
     """The pipeline's results of the n_iter iterations (params.seed set), and whether the job was interrupted: an
     interrupt drops the iteration it stops and runs no more; a skip (A1111's /skip) drops only the iteration it
     stops (a skip that comes between two iterations is dropped: the image it meant is done)."""
@@ -341,7 +344,8 @@ def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_
             return results, True
         try:
             results.append(pipe.generate(iteration(params, i),
-                                         init_image=init, mask_image=mask, callback=on_step, cancel=job.cancel))
+                                         init_image=init, mask_image=mask, callback=on_step, cancel=job.cancel,
+                                         upscaler_dir=upscaler_dir))
         except Cancelled:
             if job.stopped:
                 return results, True

@@ -23,9 +23,9 @@ the body cap, the read deadline).
 
 Decisions a client may notice:
 - null in a request means "the default"; fields we do not know are ignored, and so are A1111 fields we do not
-  implement (mask_blur, inpainting_fill, inpaint_full_res, resize_mode, restore_faces, tiling);
-  `enable_hr` (hires fix), a `script_name` and `alwayson_scripts` entries (no scripts run here) are refused
-  (422, naming them) rather than silently left out. inpainting_mask_invert takes 0/1 or true/false, as clients
+  implement (mask_blur, inpainting_fill, inpaint_full_res, resize_mode, restore_faces); a hires upscaler that is
+  not a latent mode, Lanczos, Nearest or a model in --upscaler-dir, a `script_name` and `alwayson_scripts` entries
+  (no scripts run here) are refused (422, naming them) rather than silently left out. inpainting_mask_invert takes 0/1 or true/false, as clients
   send both.
 - styles: names from --styles-file (A1111's styles.csv), applied to the prompt and negative prompt in the order
   given (A1111's rule: into a style's {prompt}, else appended after ", "); the infotext and info show the styled
@@ -281,9 +281,10 @@ async def generation(kind: str, req: Txt2ImgRequest, request: Request) -> dict:
     init, mask = await request_images(req, config.limits) if kind == "img2img" else (None, None)
     plan = await asyncio.to_thread(check_request, req, config.limits, worker.native_sizes.get(entry, NATIVE_SIZE),
                                    init.size if init is not None else None, settings=state.options["settings"],
-                                   styles=state.styles, vae_dir=config.vae_dir)
+                                   styles=state.styles, vae_dir=config.vae_dir,
+                                   upscaler_dir=config.upscaler_dir)
     job = Job(kind, lambda job: generate(job, worker.use(entry, plan.vae), req, plan.params, config.limits, init,
-                                         mask, config.output_dir), job_count=req.n_iter, steps=plan.steps,
+                                         mask, config.output_dir, config.upscaler_dir), job_count=req.n_iter, steps=plan.steps,
               preview_every=preview_every(state.options["settings"], req.override_settings))
     result = await run(request, job)
     if result["info"]["interrupted"] and worker.closed:

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from . import keymap
-from .config import Config, UNetConfig, show
+from .config import Config, UNetConfig
 from .keymap import CheckpointError, rename_keys
 from .nn import TimestepEmbedding, timestep_embedding
 from .unet import MidBlock, down_blocks
-from .weights import few, load_into, read_component, read_json_object, read_state_dict
+from .weights import class_config, few, load_into, read_component, read_state_dict
 
 ORIGINAL_PREFIX = "control_model."
 # the U-Net config fields a ControlNet copies (diffusers' ControlNetModel.from_unet)
@@ -257,13 +257,8 @@ def _from_original(path: Path) -> tuple[ControlNetConfig, dict]:
 
 def _from_folder(folder: Path) -> tuple[ControlNetConfig, dict, Path]:
     """(config, weights, weights file) of a diffusers ControlNetModel folder."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{folder}: not a ControlNet folder (no config.json); pass a diffusers ControlNetModel "
-                              f"folder or an original control_*.pth/.safetensors file")
-    d = read_json_object(config_file)
-    if d.get("_class_name", "ControlNetModel") != "ControlNetModel":
-        raise CheckpointError(f"{config_file}: a {show(d['_class_name'])}, not a ControlNetModel")
+    config_file, d = class_config(folder, "ControlNetModel", "a diffusers ControlNetModel folder or an "
+                                          "original control_*.pth/.safetensors file")
     # before the config check, which would refuse SDXL's added embeddings less plainly
     keymap.check_widths(str(folder), d.get("cross_attention_dim"), None, "config.json cross_attention_dim")
     try:

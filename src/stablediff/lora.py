@@ -253,16 +253,6 @@ def _check_pair(path: Path, up_key: str, up: torch.Tensor, down_key: str, down: 
         raise LoraError(f"{path}: {down_key} {tuple(down.shape)} has rank 0 (no rows); a LoRA layer has rank >= 1")
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    try:
-        with open(path, "rb") as f:
-            header, _ = weights.safetensors_header(f, path, path.stat().st_size)
-    except (OSError, weights.CheckpointError):
-        return {}
-    meta = header.get("__metadata__")
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
-
-
 def read_lora(path, unet: nn.Module, text_encoder: nn.Module) -> Lora:
     """Parse a LoRA file (any layout above) into deltas for our layers, every key accounted for: unknown keys or
     layers, a missing half of a pair, or shapes that do not fit this model -> LoraError naming the file and keys."""
@@ -285,7 +275,7 @@ def read_lora(path, unet: nn.Module, text_encoder: nn.Module) -> Lora:
     if wrong:
         raise LoraError(f"{path}: does not fit this model (a LoRA for another base model, e.g. SD 2.x or SDXL?): "
                         f"{len(wrong)} layers have other shapes: {weights.few(wrong, 3)}")
-    meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    meta = weights.safetensors_metadata(path)
     return Lora(path, deltas, meta)
 
 
@@ -448,8 +438,7 @@ def lora_hash(path, metadata: dict | None = None) -> str:
     """A1111's `Lora hashes` entry: the first 12 hex digits of the `sshs_model_hash` the trainer stored in the
     file's metadata, else of kohya's hash (sha256 after the header) for .safetensors, else of the file's sha256."""
     path = Path(path)
-    meta = metadata if metadata is not None else (_safetensors_metadata(path) if path.suffix == ".safetensors"
-                                                  else {})
+    meta = metadata if metadata is not None else weights.safetensors_metadata(path)
     full = meta.get("sshs_model_hash") or (_addnet_hash(path) if path.suffix == ".safetensors"
                                             else images.file_sha256(path))
     return full[:12]

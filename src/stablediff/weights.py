@@ -548,16 +548,38 @@ def load_vae(source, *, like: VAEConfig) -> VAEWeights:
     return VAEWeights(str(path), weights_file, config, sd, unused)
 
 
+def class_config(folder: Path, class_name: str, expected: str) -> tuple[Path, dict]:
+    """(folder/config.json, its contents), refused with one line when it is missing (`expected` says what to pass
+    instead) or names another diffusers class than `class_name`."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder}: no config.json; pass {expected}")
+    d = read_json_object(config_file)
+    if d.get("_class_name", class_name) != class_name:
+        raise CheckpointError(f"{config_file}: _class_name {show(d['_class_name'])}, expected {class_name}")
+    return config_file, d
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's __metadata__ (text to text); {} for other files and for unreadable headers."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with open(path, "rb") as f:
+            header, _ = safetensors_header(f, Path(path), Path(path).stat().st_size)
+    except (OSError, CheckpointError):
+        return {}
+    meta = header.get("__metadata__")
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
 def _vae_folder(path: Path) -> tuple[Path, VAEConfig, dict[str, torch.Tensor]]:
     """(weights file, config, weights in our naming) of a diffusers VAE folder, or of a model folder's vae/."""
     folder = path / "vae" if not (path / "config.json").is_file() and (path / "vae").is_dir() else path
-    config_file = folder / "config.json"
-    if not config_file.is_file():
+    if not (folder / "config.json").is_file():
         raise CheckpointError(f"{path}: not a VAE folder (no config.json, no vae/); pass a .safetensors/.ckpt VAE "
                               f"file, a diffusers VAE folder or a diffusers model folder")
-    d = read_json_object(config_file)
-    if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise CheckpointError(f"{config_file}: a {show(d['_class_name'])}, not an AutoencoderKL VAE")
+    config_file, d = class_config(folder, "AutoencoderKL", "a VAE")
     try:
         config = VAEConfig.from_dict(d, source=str(config_file))
     except (ValueError, TypeError) as e:

@@ -48,15 +48,7 @@ def files_in(folder: Path | None, suffixes: tuple[str, ...]) -> dict[str, Path]:
 def safetensors_metadata(path: Path) -> dict:
     """A .safetensors file's __metadata__, values that hold a JSON object decoded (as A1111 lists them); {} for
     other files and unreadable headers."""
-    if path.suffix != ".safetensors":
-        return {}
-    try:
-        with open(path, "rb") as f:
-            header, _ = weights.safetensors_header(f, path, path.stat().st_size)
-    except (OSError, weights.CheckpointError):
-        return {}
-    meta = header.get("__metadata__")
-    return {str(k): _json_object(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    return {k: _json_object(v) for k, v in weights.safetensors_metadata(path).items()}
 
 
 def _json_object(value):

@@ -579,7 +579,8 @@ class StableDiffusion:
             extra = torch.cat([mask, masked], dim=1)
 
             def model(x_in, t, context, **kw):
-                cond = extra if x_in.shape[0] == extra.shape[0] else torch.cat([extra] * (x_in.shape[0] // extra.shape[0]))
+                repeats = x_in.shape[0] // extra.shape[0]
+                cond = extra if repeats == 1 else torch.cat([extra] * repeats)
                 return eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context, **kw)
 
             return x, model, None

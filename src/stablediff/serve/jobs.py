@@ -265,8 +265,8 @@ def plan(rows: list[Row], defaults: GenerationParams, *, seeds: list[int] | None
 
 def manifest_params(params: GenerationParams, seed: int) -> dict:
     """An image's settings as its manifest line records them: MANIFEST_FIELDS, then loras, cache_interval, rng,
-    ensd and tiling only where not at their default (so the settings of images made before these existed still compare equal
-    on a resume), then seed."""
+    ensd and tiling only where not at their default (so the settings of images made before these existed still
+    compare equal on a resume), then seed."""
     recorded = {name: getattr(params, name) for name in MANIFEST_FIELDS}
     if params.loras:
         recorded["loras"] = dict(params.loras)

@@ -25,8 +25,8 @@ Decisions a client may notice:
 - null in a request means "the default"; fields we do not know are ignored, and so are A1111 fields we do not
   implement (mask_blur, inpainting_fill, inpaint_full_res, resize_mode, restore_faces); a hires upscaler that is
   not a latent mode, Lanczos, Nearest or a model in --upscaler-dir, a `script_name` and `alwayson_scripts` entries
-  (no scripts run here) are refused (422, naming them) rather than silently left out. inpainting_mask_invert takes 0/1 or true/false, as clients
-  send both.
+  (no scripts run here) are refused (422, naming them) rather than silently left out. inpainting_mask_invert
+  takes 0/1 or true/false, as clients send both.
 - styles: names from --styles-file (A1111's styles.csv), applied to the prompt and negative prompt in the order
   given (A1111's rule: into a style's {prompt}, else appended after ", "); the infotext and info show the styled
   prompts, `parameters` the request as sent. An unknown name is a 422.
@@ -284,7 +284,8 @@ async def generation(kind: str, req: Txt2ImgRequest, request: Request) -> dict:
                                    styles=state.styles, vae_dir=config.vae_dir,
                                    upscaler_dir=config.upscaler_dir)
     job = Job(kind, lambda job: generate(job, worker.use(entry, plan.vae), req, plan.params, config.limits, init,
-                                         mask, config.output_dir, config.upscaler_dir), job_count=req.n_iter, steps=plan.steps,
+                                         mask, config.output_dir, config.upscaler_dir),
+              job_count=req.n_iter, steps=plan.steps,
               preview_every=preview_every(state.options["settings"], req.override_settings))
     result = await run(request, job)
     if result["info"]["interrupted"] and worker.closed:

@@ -392,7 +392,7 @@ def check_generation_args(args: argparse.Namespace, default_size: tuple[int, int
 
 def check_limits(args: argparse.Namespace, default_size: tuple[int, int] | None = None) -> None:
     """The work one command asks for (one prompt x --batch-size images) and its prompts against the --max-* flags.
-    Checked after check_params, so a value no flag could allow (--steps 1001) is not blamed on a limit."""
+    Checked after GenerationParams.validate, so a value no flag could allow (--steps 1001) is not blamed on a limit."""
     from .limits import NATIVE_SIZE
 
     limits = limits_from_args(args)

@@ -81,14 +81,6 @@ class GenerationResult:
     subseeds: list = field(default_factory=list)  # each image's variation seed (None without variation seeds)
 
 
-def check_params(*, steps, cfg_scale, width, height, batch_size, sampler, schedule=None, clip_skip=1,
-                 seed=None) -> None:
-    """Raise ValueError (one line, naming the value) for settings no model could run (GenerationParams.validate).
-    Cheap: no model needed."""
-    GenerationParams(steps=steps, cfg_scale=cfg_scale, width=width, height=height, batch_size=batch_size,
-                     sampler=sampler, schedule=schedule, clip_skip=clip_skip, seed=seed).validate()
-
-
 @contextlib.contextmanager
 def cancel_within_steps(models, cancel):
     """While inside, every resnet and transformer layer of `models` first checks `cancel` (anything with

@@ -21,6 +21,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from .limits import NATIVE_SIZE, Limits
 
@@ -76,46 +77,10 @@ class GenerationParams:
     def validate(self, limits: Limits | None = None, *, prompts: int = 1) -> "GenerationParams":
         """The canonical params, or ValueError (one line naming the value) for settings no model could run, and
         LimitError for work over `limits` (None: not bounded). prompts: how many prompts share these settings."""
-        from . import samplers  # torch
-        from .schedule import NoiseSchedule
-
-        _check_text("prompt", self.prompt)
-        _check_text("negative prompt", self.negative_prompt)
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v % 8):
-                raise ValueError(f"{name} {v!r} is not a multiple of 8")
-            if v is not None and not 64 <= v <= 4096:
-                raise ValueError(f"{name} {v} is outside 64..4096")
-        if not _is_int(self.steps) or not 1 <= self.steps <= 1000:
-            raise ValueError(f"steps {self.steps!r} is outside 1..1000")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise ValueError(f"batch size {self.batch_size!r} must be at least 1")
-        if not _is_number(self.cfg_scale):
-            raise ValueError(f"cfg scale {self.cfg_scale!r} is not a finite number")
-        if not _is_int(self.clip_skip) or not 1 <= self.clip_skip <= 12:
-            raise ValueError(f"clip skip {self.clip_skip!r} is outside 1..12")
+        self._check_values()
         images = prompts * self.batch_size
         self._check_seeds(images)
-        if self.strength is not None and not (_is_number(self.strength) and 0 < self.strength <= 1):
-            raise ValueError(f"strength {self.strength!r} is outside (0, 1]")
-        if str(self.rng).lower() not in RNG_SOURCES:
-            raise ValueError(f"rng {self.rng!r} is not known; choose {', '.join(RNG_SOURCES)}")
-        if not _is_int(self.ensd) or not 0 <= self.ensd <= MAX_SEED:
-            raise ValueError(f"ensd {self.ensd!r} is outside 0..{MAX_SEED}")
-        if not _is_int(self.cache_interval) or self.cache_interval < 1:
-            raise ValueError(f"cache interval {self.cache_interval!r} must be an integer >= 1")
-        if not isinstance(self.tiling, bool):
-            raise ValueError(f"tiling {self.tiling!r} is not true or false")
-        for name, m in self.loras:
-            if not _is_number(m) or abs(m) > MAX_LORA_MULTIPLIER:
-                raise ValueError(f"LoRA {name}: multiplier {m!r} is outside -{MAX_LORA_MULTIPLIER:g}.."
-                                 f"{MAX_LORA_MULTIPLIER:g}")
-        spec, named = samplers.get_sampler(self.sampler)
-        # the step plan itself (microseconds) checks the schedule (any of A1111's names or labels for its samplers,
-        # only karras for diffusers' and where that class has it; "automatic" is None), and catches e.g. 1000
-        # 'leading' steps running past timestep 999
-        plan = samplers.prepare(spec.name, NoiseSchedule(), self.steps, schedule=self.schedule or named)
+        spec, schedule = self._sampler_and_schedule()
         if limits is not None:
             size = self.width or NATIVE_SIZE, self.height or NATIVE_SIZE
             limits.check_work(width=size[0], height=size[1], steps=self.steps, batch_size=self.batch_size,
@@ -123,13 +88,56 @@ class GenerationParams:
             limits.check_prompt(self.prompt, "prompt")
             limits.check_prompt(self.negative_prompt, "negative prompt")
         loras = tuple(dict(self.loras).items())  # one entry a LoRA: the last mention wins, as with prompt tags
-        schedule = plan.schedule
-        if spec.timestep_space:  # A1111's DDIM, PLMS, UniPC run their own timesteps, whatever the schedule
-            schedule = None
-        elif spec.family == "a1111":  # "automatic" resolved, as A1111 records it
-            schedule = schedule or spec.default_schedule or "uniform"
         canonical = self.replace(sampler=spec.name, schedule=schedule, loras=loras, rng=self.rng.lower())
         return canonical._validate_hires(limits, images) if self.enable_hr else canonical
+
+    def _check_values(self) -> None:
+        """Each setting's type and range; the first that fails is the error."""
+        _check_text("prompt", self.prompt)
+        _check_text("negative prompt", self.negative_prompt)
+        for name in ("width", "height"):
+            _check_size(name, getattr(self, name))
+        for holds, message in self._value_rules():
+            if not holds():
+                raise ValueError(message)
+        for name, m in self.loras:
+            if not _is_number(m) or abs(m) > MAX_LORA_MULTIPLIER:
+                raise ValueError(f"LoRA {name}: multiplier {m!r} is outside -{MAX_LORA_MULTIPLIER:g}.."
+                                 f"{MAX_LORA_MULTIPLIER:g}")
+
+    def _value_rules(self) -> list[tuple[Callable[[], bool], str]]:
+        """(does it hold, the error if not) for the settings with a plain range, in the order they are checked."""
+        return [
+            (lambda: _is_int(self.steps) and 1 <= self.steps <= 1000, f"steps {self.steps!r} is outside 1..1000"),
+            (lambda: _is_int(self.batch_size) and self.batch_size >= 1,
+             f"batch size {self.batch_size!r} must be at least 1"),
+            (lambda: _is_number(self.cfg_scale), f"cfg scale {self.cfg_scale!r} is not a finite number"),
+            (lambda: _is_int(self.clip_skip) and 1 <= self.clip_skip <= 12,
+             f"clip skip {self.clip_skip!r} is outside 1..12"),
+            (lambda: self.strength is None or _is_number(self.strength) and 0 < self.strength <= 1,
+             f"strength {self.strength!r} is outside (0, 1]"),
+            (lambda: str(self.rng).lower() in RNG_SOURCES,
+             f"rng {self.rng!r} is not known; choose {', '.join(RNG_SOURCES)}"),
+            (lambda: _is_int(self.ensd) and 0 <= self.ensd <= MAX_SEED, f"ensd {self.ensd!r} is outside 0..{MAX_SEED}"),
+            (lambda: _is_int(self.cache_interval) and self.cache_interval >= 1,
+             f"cache interval {self.cache_interval!r} must be an integer >= 1"),
+            (lambda: isinstance(self.tiling, bool), f"tiling {self.tiling!r} is not true or false"),
+        ]
+
+    def _sampler_and_schedule(self):
+        """The sampler and its canonical schedule. The step plan itself is tried (microseconds): it checks the
+        schedule (any of A1111's names or labels for its samplers, only karras for diffusers' and where that class
+        has it) and catches e.g. 1000 'leading' steps running past timestep 999."""
+        from . import samplers  # torch
+        from .schedule import NoiseSchedule
+
+        spec, named = samplers.get_sampler(self.sampler)
+        schedule = samplers.prepare(spec.name, NoiseSchedule(), self.steps, schedule=self.schedule or named).schedule
+        if spec.timestep_space:  # A1111's DDIM, PLMS, UniPC run their own timesteps, whatever the schedule
+            return spec, None
+        if spec.family == "a1111":  # "automatic" resolved, as A1111 records it
+            return spec, schedule or spec.default_schedule or "uniform"
+        return spec, schedule
 
     def _validate_hires(self, limits: Limits | None, images: int) -> "GenerationParams":
         """The hires fields checked and canonical (hires.check), the second pass's plan tried, and its work (the
@@ -416,6 +424,13 @@ def _is_int(v) -> bool:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_size(name: str, v) -> None:
+    if v is not None and (not _is_int(v) or v % 8):
+        raise ValueError(f"{name} {v!r} is not a multiple of 8")
+    if v is not None and not 64 <= v <= 4096:
+        raise ValueError(f"{name} {v} is outside 64..4096")
 
 
 def _check_text(name: str, value) -> None:

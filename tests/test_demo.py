@@ -127,3 +127,21 @@ def test_cli_generates_with_the_demo_model(tmp_path):
 
     with Image.open(files[0]) as im:
         assert im.size == (64, 64)
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_of_a_demo_image_keeps_its_shape_and_colours(pipe, upscaler):
+    from PIL import Image
+
+    from stablediff.params import GenerationParams
+
+    base = GenerationParams(prompt="a red circle on a blue background", steps=STEPS, cfg_scale=7.0)
+    kept = 0
+    for seed in range(3):
+        first = pipe.generate(base.replace(seed=SEED + seed)).images[0]
+        hires = pipe.generate(base.replace(seed=SEED + seed, enable_hr=True, hr_scale=2.0, hr_upscaler=upscaler,
+                                           strength=0.4)).images[0]
+        assert hires.size == (128, 128)
+        drawn = [classify(im) for im in (first, hires.resize((64, 64), Image.Resampling.BOX))]
+        kept += len({(d["background"], d["colour"], d["shape"]) for d in drawn}) == 1
+    assert kept >= 2, kept

@@ -9,7 +9,8 @@ projection (to_q, to_k, to_v, to_out.0), proj_in / proj_out, ff.net.0.proj / ff.
 (3x3); U-Net only. The released latent-consistency/lcm-lora-sdv1-5 stores them kohya-style with diffusers module
 paths and one alpha per layer (lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight / .lora_up.weight /
 .alpha; stable-diffusion.cpp PR 955 lists it as "unet|lora_down+lora_up+alpha|hf"), in float16. A LoRA saved by
-the training script itself (save_lora_weights) is the PEFT layout: unet.<module path>.lora_A.weight / .lora_B.weight.
+the training script itself (save_lora_weights) is the PEFT layout: unet.<module path>.lora_A.weight / .lora_B.weight;
+diffusers before PEFT (0.2x) wrote unet.<module path>.lora.down.weight / .lora.up.weight.
 """
 
 from __future__ import annotations
@@ -90,7 +91,18 @@ def write_peft(path, pairs):
     return path
 
 
-WRITERS = {"kohya_hf": write_kohya_hf, "peft": write_peft}
+def write_diffusers_old(path, pairs):
+    """diffusers' own layout before PEFT (LoRACompatibleLinear / LoRACompatibleConv): unet.<path>.lora.down.weight
+    / .lora.up.weight, no alpha, alpha / rank folded into up."""
+    sd = {}
+    for name, (up, down) in pairs.items():
+        sd[f"unet.{name}.lora.down.weight"] = down
+        sd[f"unet.{name}.lora.up.weight"] = (up * (ALPHA / RANK)).contiguous()
+    save_file(sd, str(path))
+    return path
+
+
+WRITERS = {"kohya_hf": write_kohya_hf, "peft": write_peft, "diffusers_old": write_diffusers_old}
 
 
 def test_the_targets_cover_every_layer_kind(unet):

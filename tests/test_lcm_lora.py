@@ -21,7 +21,7 @@ import re
 import pytest
 import torch
 from conftest import SD15, assert_close, tiny_diffusers_pipeline
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from stablediff import lora
 from stablediff.config import UNetConfig
@@ -175,3 +175,31 @@ def test_lcm_image_with_lcm_lora_equals_diffusers(tiny_model_dir, tmp_path):
                   loras={str(path): 1.0})
     assert (plain - expected).abs().max() > 0.05  # the LoRA does change the image
     assert_close(result.latents, expected, 5e-4)
+
+
+def test_proj_in_and_out_written_as_linear_merge_as_the_1x1_conv(unet, tmp_path):
+    """SD 1.5's proj_in / proj_out are 1x1 convolutions; a LoRA made for a linear-projection U-Net (SD 2.x style)
+    writes their halves 2-D. Both shapes give the same delta."""
+    pairs = {n: p for n, p in random_pairs(unet, seed=4).items() if n.endswith(("proj_in", "proj_out"))}
+    assert pairs and all(down.ndim == 4 for _, down in pairs.values())
+    flat = {n: (up.flatten(1), down.flatten(1)) for n, (up, down) in pairs.items()}
+    conv = lora.read_lora(write_kohya_hf(tmp_path / "conv.safetensors", pairs), unet, torch.nn.Module()).deltas
+    linear = lora.read_lora(write_kohya_hf(tmp_path / "linear.safetensors", flat), unet, torch.nn.Module()).deltas
+    assert sorted(conv) == sorted(linear)
+    for name, d in conv.items():
+        shape = unet.get_parameter(name[5:]).shape
+        assert len(shape) == 4 and torch.equal(d.weight_delta(shape, "cpu"), linear[name].weight_delta(shape, "cpu"))
+
+
+def test_an_lcm_lora_for_another_unet_is_a_one_line_error(unet, tmp_path):
+    """lcm-lora-sdxl writes the same kohya layout, with blocks SD 1.x does not have: named, not skipped."""
+    pairs = random_pairs(unet, seed=5)
+    path = write_kohya_hf(tmp_path / "lcm-lora-sdxl.safetensors", pairs)
+    sd = {k.replace("down_blocks_1_resnets", "down_blocks_2_resnets"): v
+          for k, v in load_file(str(path)).items()}
+    save_file(sd, str(path))
+    with pytest.raises(lora.LoraError) as e:
+        lora.read_lora(path, unet, torch.nn.Module())
+    assert "\n" not in str(e.value)
+    assert re.search(r"lcm-lora-sdxl\.safetensors: \d+ of \d+ keys name no layer.*lora_unet_down_blocks_2_resnets",
+                     str(e.value))

@@ -150,3 +150,56 @@ def test_hint_is_preprocessed_and_fit(tmp_path):
     from stablediff import preprocess
     want = np.asarray(preprocess.fit(preprocess.invert(image), 32, 16, "Just Resize"), dtype=np.float32) / 255
     assert torch.equal(hint[0].permute(1, 2, 0), torch.from_numpy(want))
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+def main(argv, capsys):
+    from stablediff import cli
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("control, needle", [
+    ("missing.safetensors:{image}", "no ControlNet 'missing.safetensors' (not a file or folder, nor a name in"),
+    ("cn:{image}", "no ControlNet 'cn'"),
+    ("{model}:nothing.png", "nothing.png: no such control image"),
+    ("{model}:{image}:heavy", "could not convert string to float: 'heavy'"),
+    ("{model}:{image}:1:depth_leres", "unknown preprocessor 'depth_leres'; known: blur_gaussian, canny, inpaint"),
+    ("{model}", "give MODEL:IMAGE[:WEIGHT][:PREPROCESSOR]"),
+])
+def test_cli_bad_controls_fail_in_one_line_before_loading(tmp_path, capsys, control, needle):
+    model = tmp_path / "corrupt.safetensors"  # were it loaded, the error would be about this file
+    model.write_bytes(b"not a checkpoint")
+    (tmp_path / "cn.safetensors").write_bytes(b"not a controlnet")
+    control_image(1).save(tmp_path / "hint.png")
+    control = control.format(model=tmp_path / "cn.safetensors", image=tmp_path / "hint.png")
+    code, err = main(["generate", "a dog", "--model", str(model), "--output-dir", str(tmp_path / "out"),
+                      "--controlnet-dir", str(tmp_path / "elsewhere"), "--control", control], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err and "corrupt" not in err, err
+
+
+def test_cli_control_by_name_makes_the_apis_image(pipe, tiny_model_dir, controlnets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    (folder / "edges").symlink_to(controlnets[0][1], target_is_directory=True)
+    control_image(1).save(tmp_path / "hint.png")
+    out = tmp_path / "out"
+    code, err = main(["generate", PROMPT, "--model", str(tiny_model_dir), "--steps", "2", "--seed", "9",
+                      "--width", "64", "--height", "64", "--sampler", "euler", "--cfg-scale", "7", "--quiet",
+                      "--output-dir", str(out), "--controlnet-dir", str(folder),
+                      "--control", f"edges:{tmp_path / 'hint.png'}:0.6:invert"], capsys)
+    assert code == 0, err
+    want = pipe(PROMPT, steps=2, seed=9, width=64, height=64, controls=[
+        Control(tmp_path / "hint.png", controlnets[0][1], weight=0.6, preprocessor="invert")]).images[0]
+    plain = pipe(PROMPT, steps=2, seed=9, width=64, height=64).images[0]
+    with Image.open(out / "00000-9.png") as im:
+        got = np.asarray(im.convert("RGB"))
+    assert np.array_equal(got, np.asarray(want))
+    assert not np.array_equal(got, np.asarray(plain))

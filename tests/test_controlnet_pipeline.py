@@ -168,7 +168,7 @@ def main(argv, capsys):
     ("missing.safetensors:{image}", "no ControlNet 'missing.safetensors' (not a file or folder, nor a name in"),
     ("cn:{image}", "no ControlNet 'cn'"),
     ("{model}:nothing.png", "nothing.png: no such control image"),
-    ("{model}:{image}:heavy", "could not convert string to float: 'heavy'"),
+    ("{model}:{image}:heavy", "weight 'heavy' is not a number"),
     ("{model}:{image}:1:depth_leres", "unknown preprocessor 'depth_leres'; known: blur_gaussian, canny, inpaint"),
     ("{model}", "give MODEL:IMAGE[:WEIGHT][:PREPROCESSOR]"),
 ])

@@ -576,6 +576,13 @@ def _controlnet_path(name: str, directory: Path) -> Path | None:
                 None)
 
 
+def _weight(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"weight {text!r} is not a number") from None
+
+
 def parse_controls(args: argparse.Namespace) -> list:
     """--control MODEL:IMAGE[:WEIGHT][:PREPROCESSOR] values -> controls.Control units, each checked (files exist,
     weight a number, preprocessor known): a UsageError names the bad value."""
@@ -594,7 +601,7 @@ def parse_controls(args: argparse.Namespace) -> list:
             raise UsageError(f"--control {value}: no ControlNet {parts[0]!r} (not a file or folder, nor a name in "
                              f"{args.controlnet_dir})")
         try:
-            weight = float(parts[2]) if len(parts) > 2 and parts[2] else 1.0
+            weight = _weight(parts[2]) if len(parts) > 2 and parts[2] else 1.0
             unit = Control(parts[1], model, weight=weight, preprocessor=parts[3] if len(parts) > 3 else "none")
             unit.check()
         except ValueError as e:

@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from . import __version__, controls as controlnets, cpu, embeddings, hires, images, lora, malloc, rng, samplers, taesd, weights
+from . import __version__, cpu, embeddings, hires, images, lora, malloc, rng, samplers, taesd, weights
+from . import controls as controlnets
 from .clip import CLIPTextModel
 from .controlnet import ControlNet, load_controlnet
 from .denoiser import EpsDenoiser, ScheduledCFGDenoiser

@@ -115,6 +115,12 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                         "prompt works too")
     p.add_argument("--lora-dir", default=Path("loras"), type=Path, metavar="DIR",
                    help="where LoRA names are looked up (default: ./loras)")
+    p.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:WEIGHT][:PREPROCESSOR]",
+                   help="guide the image by a ControlNet (repeatable; their residuals add up): MODEL a ControlNet "
+                        "file or folder, or a name in --controlnet-dir; IMAGE the control image; WEIGHT default "
+                        "1.0; PREPROCESSOR default none (the image is a ready control map), e.g. canny")
+    p.add_argument("--controlnet-dir", default=Path("controlnet"), type=Path, metavar="DIR",
+                   help="where --control model names are looked up (default: ./controlnet)")
     p.add_argument("--embeddings-dir", default=Path("embeddings"), type=Path, metavar="DIR",
                    help="textual-inversion embeddings; each file's name is its trigger word (default: ./embeddings)")
     p.add_argument("--safety-checker", nargs="?", const=True, default=False, metavar="PATH",
@@ -475,6 +481,7 @@ def load_model(args: argparse.Namespace):
 
     from .pipeline import StableDiffusion
 
+    parse_controls(args)  # bad --control values fail before the model loads
     try:
         pipe = StableDiffusion.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype),
                                                safety_checker=getattr(args, "safety_checker", False),
@@ -558,6 +565,51 @@ def _reason(error: OSError) -> str:
 
 # --- subcommands ------------------------------------------------------------------------------------------------
 
+CONTROLNET_SUFFIXES = ("", ".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+
+
+def _controlnet_path(name: str, directory: Path) -> Path | None:
+    """A --control MODEL: a file or folder as given, else NAME (with or without its suffix) in `directory`."""
+    if Path(name).expanduser().exists():
+        return Path(name).expanduser()
+    return next((directory / f"{name}{s}" for s in CONTROLNET_SUFFIXES if (directory / f"{name}{s}").exists()),
+                None)
+
+
+def _weight(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"weight {text!r} is not a number") from None
+
+
+def parse_controls(args: argparse.Namespace) -> list:
+    """--control MODEL:IMAGE[:WEIGHT][:PREPROCESSOR] values -> controls.Control units, each checked (files exist,
+    weight a number, preprocessor known): a UsageError names the bad value."""
+    from .controls import Control
+
+    values = getattr(args, "control", [])
+    if values and getattr(args, "command", None) == "batch":
+        raise UsageError("--control is not supported by batch yet; use generate or img2img")
+    units = []
+    for value in values:
+        parts = value.split(":")
+        if not 2 <= len(parts) <= 4 or not all(parts[:2]):
+            raise UsageError(f"--control {value}: give MODEL:IMAGE[:WEIGHT][:PREPROCESSOR]")
+        model = _controlnet_path(parts[0], args.controlnet_dir)
+        if model is None:
+            raise UsageError(f"--control {value}: no ControlNet {parts[0]!r} (not a file or folder, nor a name in "
+                             f"{args.controlnet_dir})")
+        try:
+            weight = _weight(parts[2]) if len(parts) > 2 and parts[2] else 1.0
+            unit = Control(parts[1], model, weight=weight, preprocessor=parts[3] if len(parts) > 3 else "none")
+            unit.check()
+        except ValueError as e:
+            raise UsageError(f"--control {value}: {e}") from None
+        units.append(unit)
+    return units
+
+
 def run_pipeline(pipe, args: argparse.Namespace, **images):
     """Run the command's settings (GenerationParams.from_args) through the pipeline, with `images` (init_image,
     mask_image) for img2img and inpainting; its errors become one line each."""
@@ -566,7 +618,8 @@ def run_pipeline(pipe, args: argparse.Namespace, **images):
     from .params import GenerationParams
 
     try:
-        return pipe.generate(GenerationParams.from_args(args), progress=not args.quiet, **images)
+        return pipe.generate(GenerationParams.from_args(args), controls=parse_controls(args),
+                             progress=not args.quiet, **images)
     except ValueError as e:  # input only the loaded model can judge (e.g. a size its VAE cannot take)
         raise UsageError(str(e)) from None
     except FloatingPointError as e:  # NaN latents

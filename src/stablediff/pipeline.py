@@ -26,7 +26,9 @@ from typing import Callable
 import torch
 
 from . import __version__, cpu, embeddings, hires, images, lora, malloc, rng, samplers, taesd, weights
+from . import controls as controlnets
 from .clip import CLIPTextModel
+from .controlnet import ControlNet, load_controlnet
 from .denoiser import EpsDenoiser, ScheduledCFGDenoiser
 from .nn import ResnetBlock, circular_padding
 from .params import DEFAULT_MODEL, MAX_SEED, GenerationParams, unused_settings
@@ -152,6 +154,7 @@ class StableDiffusion:
         self._vae_hash = None
         self.taesd: TinyAutoencoder | None = None  # previews; with taesd_output, also the image's decode/encode
         self.taesd_output = False
+        self.controlnets: dict[Path, ControlNet] = {}  # loaded ControlNets by path, kept across calls
 
     @classmethod
     def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
@@ -334,8 +337,8 @@ class StableDiffusion:
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
                  rng: str = "cpu", ensd: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
                  seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
-                 callback: Callable[[StepInfo], None] | None = None, cancel=None,
-                 progress: bool = False) -> GenerationResult:
+                 controls: list[controlnets.Control] = (), callback: Callable[[StepInfo], None] | None = None,
+                 cancel=None, progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
 
         txt2img by default; with `init_image` (PIL image or path) img2img: the image is encoded, noised to the step
@@ -351,6 +354,8 @@ class StableDiffusion:
         seed_resize_from=(w, h): the seed's noise as drawn at that size, centred.
         cache_interval=N > 1 runs the whole U-Net only every N-th call and its shallow branch in between (DeepCache):
         faster, approximate.
+        controls: ControlNet units (controls.Control: a ControlNet, a control image, weight, guidance start/end,
+        preprocessor, resize and control mode), their residuals summed into the U-Net at the steps each is active.
         `callback(StepInfo)` runs after every step; `cancel` (anything with `is_set()`, e.g. threading.Event)
         stops the call within one U-Net or VAE layer by raising Cancelled.
         """
@@ -360,17 +365,20 @@ class StableDiffusion:
             loras=tuple((loras or {}).items()), cache_interval=cache_interval, rng=rng, ensd=ensd, subseed=subseed,
             subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, tiling=tiling)
         return self.generate(params, prompts=prompt, negatives=negative_prompt, init_image=init_image,
-                             mask_image=mask_image, callback=callback, cancel=cancel, progress=progress)
+                             mask_image=mask_image, controls=controls, callback=callback, cancel=cancel,
+                             progress=progress)
 
     @torch.no_grad()
     def generate(self, params: GenerationParams, *, prompts: str | list[str] | None = None,
                  negatives: str | list[str] | None = None, init_image=None, mask_image=None,
-                 callback: Callable[[StepInfo], None] | None = None, cancel=None,
-                 progress: bool = False, upscaler_dir: Path | None = None) -> GenerationResult:
+                 controls: list[controlnets.Control] = (), callback: Callable[[StepInfo], None] | None = None,
+                 cancel=None, progress: bool = False, upscaler_dir: Path | None = None) -> GenerationResult:
         """The call above with its settings in one GenerationParams (as the CLI, the server, batch jobs and
         `from_infotext` build them). `prompts` / `negatives` (a text or one per prompt) replace params.prompt /
         params.negative_prompt when given. params.enable_hr runs hires fix (hires.py; txt2img only) after each
         prompt's first pass; upscaler_dir: where its upscaler models are looked up by name."""
+        for control in controls:
+            control.check()
         prompts = [params.prompt] if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
         negatives = params.negative_prompt if negatives is None else negatives
         negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
@@ -385,6 +393,7 @@ class StableDiffusion:
         params = params.validate(prompts=len(prompts))
         upscaler = hires.load_upscaler(params.hr_upscaler, upscaler_dir) if hr else None
         self._check_fits(params, inpaint=mask_image is not None)
+        units = [self._control_unit(c, params.width, params.height) for c in controls]
         count = len(prompts) * params.batch_size
         if params.seed is None:
             params = params.replace(seed=random.randint(0, MAX_SEED - count))
@@ -407,7 +416,7 @@ class StableDiffusion:
                 step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress)
                 seeds = image_seeds[b * batch_size:(b + 1) * batch_size]
                 try:
-                    latents = self.generate_latents(p, n, params, plan, seeds, source, step_cb)
+                    latents = self.generate_latents(p, n, params, plan, seeds, source, step_cb, units)
                 finally:
                     step_cb.close()
                 if hr:
@@ -443,11 +452,12 @@ class StableDiffusion:
 
     def generate_latents(self, prompt: str, negative: str, params: GenerationParams, plan: samplers.SamplingPlan,
                          seeds: list[tuple[int, int | None]], source: dict | None = None,
-                         step_callback=None) -> torch.Tensor:
+                         step_callback=None, controls: list[controlnets.ActiveControl] = ()) -> torch.Tensor:
         """One prompt's final latents (len(seeds), C, h, w): encode the prompts, draw each image's noise on its own
         generator (seeds[k] = (seed, variation seed), params.image_seeds', on params.rng's source: rng.ImageRNG),
         run the sampler over the guided denoiser. `source` is `_encode_init`'s (img2img,
-        inpainting); `step_callback(d)` sees each step and may return the latents to go on with."""
+        inpainting); `step_callback(d)` sees each step and may return the latents to go on with; `controls`:
+        `_control_unit`'s, run inside the eps model (controls.ControlledEps)."""
         shape = (self.vae.config.latent_channels, params.height // self.downscale, params.width // self.downscale)
         noise = rng.ImageRNG(shape, [s for s, _ in seeds], source=params.rng, device=self.device, ensd=params.ensd,
                              subseeds=[v for _, v in seeds if v is not None],
@@ -458,6 +468,8 @@ class StableDiffusion:
         weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till next needed
         cache = DeepCache(params.cache_interval) if params.cache_interval > 1 else None
         x, model, blend = self._start(plan, noise, source, params.strength, cache)
+        if controls:
+            model = controlnets.ControlledEps(model, list(controls), plan.timesteps, len(seeds))
         denoiser = self.scheduled_denoiser(plan, conds, uncond, params.cfg_scale, model=model)
         last = len(plan.sigmas) - 2
 
@@ -585,10 +597,25 @@ class StableDiffusion:
         return x, eps, blend
 
     def eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None,
-            timestep_cond=None) -> torch.Tensor:
-        """The U-Net as an eps model: x_in and context in the model's dtype (EpsDenoiser casts them)."""
+            timestep_cond=None, **residuals) -> torch.Tensor:
+        """The U-Net as an eps model: x_in and context in the model's dtype (EpsDenoiser casts them); residuals:
+        ControlNet's (UNet.forward's down_block_additional_residuals, mid_block_additional_residual)."""
         guidance = {} if timestep_cond is None else {"timestep_cond": timestep_cond}  # LCM U-Nets only
-        return self.unet(x_in, t, context, cache=cache, **guidance)
+        return self.unet(x_in, t, context, cache=cache, **guidance, **residuals)
+
+    def _control_unit(self, control: controlnets.Control, width: int, height: int) -> controlnets.ActiveControl:
+        """A checked Control with its ControlNet (loaded once per path, to fit this U-Net) and its hint at the hint
+        size for a width x height image."""
+        net = control.model
+        if not isinstance(net, ControlNet):
+            path = Path(net).expanduser().resolve()
+            if path not in self.controlnets:
+                self.controlnets[path] = load_controlnet(path, like=self.unet.config, device=self.device,
+                                                         dtype=self.dtype)
+            net = self.controlnets[path]
+        f = net.config.hint_downscale
+        hint = control.hint(width // self.downscale * f, height // self.downscale * f)
+        return controlnets.ActiveControl(control, net, hint.to(self.device, self.dtype))
 
     def conditioning(self, prompt: str, negative: str, calls: int, clip_skip: int = 1):
         """The prompt's AND sub-prompts as (weight, schedule) and the negative prompt's schedule, each schedule

@@ -1,0 +1,137 @@
+"""ControlNet units in a generation: what a user asks for (`Control`), the hint it becomes, and the eps model that
+adds every active unit's residuals to the U-Net's (`ControlledEps`).
+
+The rules are sd-webui-controlnet's (its controlnet.py and hook.py):
+- the hint: the preprocessor run on the control image, then fit to the output size by the resize mode, RGB in [0, 1]
+  (the inpaint preprocessors' masked pixels -1, preprocess.inpaint_hint);
+- guidance start / end: a unit runs at step i of n only where start <= i / n <= end;
+- control modes: "Balanced" adds the residuals as they are; "My prompt is more important" is soft injection, residual
+  i of the 13 (12 skips, then the mid block) scaled by 0.825 ** (12 - i); "ControlNet is more important" is soft
+  injection with the residuals given to the conditional half of a guided batch only (the unconditional half gets
+  none, so guidance pushes toward the control);
+- guess_mode is diffusers': the ControlNet runs on the conditional half only and scales its residuals by
+  logspace(-1, 0) (ControlNet.forward).
+Several units' residuals are summed (diffusers' MultiControlNetModel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import images, preprocess
+from .controlnet import ControlNet
+
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+SOFT_INJECTION = 0.825  # the extension's per-layer factor: 0.825 ** 12 < 0.01 for the top skip
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet unit. model: a ControlNet file or folder (load_controlnet), or a loaded ControlNet. image: a
+    PIL image or a path. weight: the ControlNet's conditioning scale. start / end: the fraction of the steps where it
+    begins and stops acting. params: the preprocessor's parameters (preprocess.run)."""
+
+    image: object
+    model: str | Path | ControlNet
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocessor: str = "none"
+    resize_mode: str | int = "Crop and Resize"
+    control_mode: str = "Balanced"
+    guess_mode: bool = False
+    params: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """ValueError (one line, naming the value) for a unit no run could use; cheap, reads no model."""
+        for name in ("weight", "start", "end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ValueError(f"control {name} {value!r} is not a finite number")
+        if not 0 <= self.start <= self.end <= 1:
+            raise ValueError(f"control start {self.start} and end {self.end} must satisfy 0 <= start <= end <= 1")
+        if self.control_mode not in CONTROL_MODES:
+            raise ValueError(f"unknown control mode {self.control_mode!r}; known: {', '.join(CONTROL_MODES)}")
+        if self.resize_mode not in preprocess.RESIZE_MODES and self.resize_mode not in range(3):
+            raise ValueError(f"unknown resize mode {self.resize_mode!r}; known: {', '.join(preprocess.RESIZE_MODES)}")
+        preprocess.check_params(self.preprocessor, dict(self.params))
+        if not isinstance(self.model, ControlNet) and not Path(self.model).expanduser().exists():
+            raise ValueError(f"{self.model}: no such ControlNet file or folder")
+        if not isinstance(self.image, Image.Image) and not Path(self.image).is_file():
+            raise ValueError(f"{self.image}: no such control image file")
+
+    @property
+    def soft(self) -> bool:
+        return self.control_mode != "Balanced"
+
+    @property
+    def cond_only(self) -> bool:
+        return self.guess_mode or self.control_mode == "ControlNet is more important"
+
+    def hint(self, width: int, height: int) -> torch.Tensor:
+        """The control map (1, 3, height, width), float32: preprocessed, then fit to the size."""
+        image = preprocess.run(self.preprocessor, images.open_image(self.image), **self.params)
+        image = preprocess.fit(image, width, height, self.resize_mode)
+        if image.mode == "RGBA":
+            array = preprocess.inpaint_hint(image)
+        else:
+            array = preprocess.rgb_array(image).astype(np.float32) / 255.0
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
+
+
+@dataclass
+class ActiveControl:
+    """A unit ready to run: its ControlNet and its hint on the model's device."""
+
+    control: Control
+    net: ControlNet
+    hint: torch.Tensor
+
+    def residuals(self, x_in, t, context, uncond_rows: int):
+        """(down, mid) for the whole batch; rows [0, uncond_rows) zero for a conditional-only unit."""
+        c = self.control
+        rows = slice(uncond_rows if c.cond_only else 0, None)
+        down, mid = self.net(x_in[rows], t[rows], context[rows], self.hint, conditioning_scale=c.weight,
+                             guess_mode=c.guess_mode)
+        outs = down + [mid]
+        if c.soft:
+            outs = [o * SOFT_INJECTION ** (len(outs) - 1 - i) for i, o in enumerate(outs)]
+        if rows.start:
+            outs = [torch.cat([o.new_zeros((rows.start, *o.shape[1:])), o]) for o in outs]
+        return outs[:-1], outs[-1]
+
+
+class ControlledEps:
+    """An eps model (model(x_in, t, context, **kw), e.g. StableDiffusion.eps) with the residuals of the units active
+    at the current step added to its U-Net's. The step is where t falls among the plan's step timesteps
+    (`step_ts`, descending): a sampler's in-between evaluations count to the step they lead to.
+
+    batch: the latents' batch B; a guided batch ([uncond; cond ...], more than B rows) has its first B rows
+    unconditional."""
+
+    def __init__(self, model, units: list[ActiveControl], step_ts: torch.Tensor, batch: int):
+        self.model, self.units, self.batch = model, units, batch
+        self.step_ts = step_ts.float().cpu()
+
+    def active(self, t: torch.Tensor) -> list[ActiveControl]:
+        n = len(self.step_ts)
+        step = int((self.step_ts > float(t.reshape(-1)[0]) + 1e-3).sum())
+        return [u for u in self.units if u.control.start <= step / n <= u.control.end]
+
+    def __call__(self, x_in, t, context, **kw):
+        units = self.active(t)
+        if not units:
+            return self.model(x_in, t, context, **kw)
+        uncond_rows = self.batch if x_in.shape[0] > self.batch else 0
+        t = torch.as_tensor(t, device=x_in.device).reshape(-1).expand(x_in.shape[0])
+        down, mid = units[0].residuals(x_in, t, context, uncond_rows)
+        for unit in units[1:]:
+            more_down, more_mid = unit.residuals(x_in, t, context, uncond_rows)
+            down, mid = [a + b for a, b in zip(down, more_down)], mid + more_mid
+        return self.model(x_in, t, context, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid, **kw)

@@ -1,0 +1,205 @@
+"""ControlNet in a generation: txt2img with one and two ControlNets against diffusers' StableDiffusionControlNetPipeline
+on the random tiny model (ControlNets made with ControlNetModel.from_unet, zero convs randomised), guidance start /
+end, the control modes' residual scaling, and the errors for bad units."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SD15, assert_close
+from stablediff import StableDiffusion, samplers
+from stablediff.controls import ActiveControl, Control, ControlledEps
+
+LATENT_TOL = 5e-4
+STEPS = 4
+SEED = 1234
+PROMPT = "a photo of an astronaut riding a horse"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return StableDiffusion.from_pretrained(tiny_model_dir)
+
+
+def random_controlnet(unet, seed: int):
+    """diffusers' ControlNetModel.from_unet with the zero convs randomised (else every residual is 0)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    for conv in [*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out]:
+        conv.reset_parameters()
+    return model
+
+
+@pytest.fixture(scope="module")
+def controlnets(tiny_reference, tmp_path_factory):
+    """Two random ControlNets of the tiny U-Net: (diffusers model, saved folder) each."""
+    made = []
+    for seed in (5, 6):
+        model = random_controlnet(tiny_reference.unet, seed)
+        path = tmp_path_factory.mktemp("controlnet") / f"cn{seed}"
+        model.save_pretrained(path)
+        made.append((model, path))
+    return made
+
+
+def control_image(seed: int, size=(64, 64)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def reference(tiny_reference, nets, images, scales, guess_mode=False):
+    import diffusers
+    from diffusers import StableDiffusionControlNetPipeline
+
+    spec = samplers.SAMPLERS["euler"]
+    cls = getattr(diffusers, spec.diffusers_class)
+    scheduler = cls.from_config(cls.load_config(str(SD15), subfolder="scheduler"), **dict(spec.diffusers_kwargs))
+    ref = StableDiffusionControlNetPipeline(
+        vae=tiny_reference.vae, text_encoder=tiny_reference.text_encoder, tokenizer=tiny_reference.tokenizer,
+        unet=tiny_reference.unet, controlnet=nets if len(nets) > 1 else nets[0], scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    one = len(nets) == 1
+    with torch.no_grad():
+        return ref(PROMPT, image=images[0] if one else images, num_inference_steps=STEPS, guidance_scale=7.0,
+                   width=64, height=64, controlnet_conditioning_scale=scales[0] if one else scales,
+                   guess_mode=guess_mode, generator=torch.Generator("cpu").manual_seed(SEED),
+                   output_type="latent").images
+
+
+def ours(pipe, controls=()):
+    return pipe(PROMPT, steps=STEPS, cfg_scale=7.0, seed=SEED, width=64, height=64, sampler="euler",
+                controls=controls).latents
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_one_controlnet_matches_diffusers(pipe, tiny_reference, controlnets, guess_mode):
+    (net, path), image = controlnets[0], control_image(1)
+    want = reference(tiny_reference, [net], [image], [0.8], guess_mode)
+    got = ours(pipe, [Control(image, path, weight=0.8, guess_mode=guess_mode)])
+    assert_close(got, want, LATENT_TOL)
+    assert (got - ours(pipe)).abs().max() > 1e-2  # the control changed the image
+
+
+def test_two_controlnets_match_multicontrolnet(pipe, tiny_reference, controlnets):
+    images = [control_image(1), control_image(2)]
+    want = reference(tiny_reference, [net for net, _ in controlnets], images, [0.7, 1.2])
+    got = ours(pipe, [Control(images[0], controlnets[0][1], weight=0.7), Control(images[1], controlnets[1][1],
+                                                                               weight=1.2)])
+    assert_close(got, want, LATENT_TOL)
+
+
+def test_a_control_active_for_no_step_changes_nothing(pipe, controlnets):
+    # steps 0..3 of 4 are at fractions 0, 0.25, 0.5, 0.75: none within [0.8, 1]
+    idle = Control(control_image(1), controlnets[0][1], start=0.8, end=1.0)
+    assert torch.equal(ours(pipe, [idle]), ours(pipe))
+
+
+def test_guidance_start_end_picks_the_steps():
+    ts = torch.tensor([999.0, 749.0, 499.0, 249.0])
+    unit = ActiveControl(Control(control_image(1), "unused", start=0.25, end=0.5), None, None)
+    eps = ControlledEps(None, [unit], ts, batch=1)
+    # an in-between timestep (a second-order sampler's) counts to the step it leads to
+    assert [bool(eps.active(torch.tensor([t]))) for t in (999.0, 749.0, 600.0, 499.0, 249.0)] == \
+        [False, True, True, True, False]
+
+
+class FakeNet:
+    """Residuals of ones (13, like SD 1.5's 12 skips and mid block) times the scale, for the rows it is given."""
+
+    def __call__(self, x, t, context, hint, conditioning_scale, guess_mode):
+        outs = [torch.ones(x.shape[0], 1, 1, 1) * conditioning_scale for _ in range(13)]
+        return outs[:-1], outs[-1]
+
+
+@pytest.mark.parametrize("mode, soft, uncond", [("Balanced", False, 1.0), ("My prompt is more important", True, 1.0),
+                                                ("ControlNet is more important", True, 0.0)])
+def test_control_modes_scale_as_the_extension(mode, soft, uncond):
+    unit = ActiveControl(Control(control_image(1), "unused", weight=0.5, control_mode=mode), FakeNet(), None)
+    x, ctx = torch.zeros(4, 4, 2, 2), torch.zeros(4, 3, 8)
+    down, mid = unit.residuals(x, torch.zeros(4), ctx, uncond_rows=2)
+    got = torch.stack([d[:, 0, 0, 0] for d in down] + [mid[:, 0, 0, 0]])  # (13 layers, 4 rows)
+    layer = torch.tensor([0.825 ** (12 - i) if soft else 1.0 for i in range(13)])
+    want = 0.5 * layer[:, None] * torch.tensor([uncond, uncond, 1.0, 1.0])
+    assert torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(start=0.6, end=0.4), "start 0.6 and end 0.4"),
+    (dict(weight=float("nan")), "weight nan"),
+    (dict(control_mode="Loud"), "unknown control mode 'Loud'"),
+    (dict(preprocessor="depth_midas"), "unknown preprocessor 'depth_midas'; known: blur_gaussian, canny"),
+    (dict(preprocessor="canny", params={"sigma": 2}), "takes no parameter 'sigma'"),
+    (dict(resize_mode="Stretch"), "unknown resize mode 'Stretch'"),
+    (dict(model="no/such/controlnet.safetensors"), "no/such/controlnet.safetensors: no such ControlNet"),
+    (dict(image="no/such/hint.png"), "no/such/hint.png: no such control image"),
+])
+def test_bad_units_fail_before_any_work(pipe, controlnets, change, message):
+    unit = Control(**{**dict(image=control_image(1), model=controlnets[0][1]), **change})
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        pipe(PROMPT, steps=STEPS, controls=[unit])
+
+
+def test_hint_is_preprocessed_and_fit(tmp_path):
+    image = control_image(3, size=(80, 40))
+    image.save(tmp_path / "hint.png")
+    hint = Control(tmp_path / "hint.png", "unused", preprocessor="invert", resize_mode="Just Resize").hint(32, 16)
+    assert hint.shape == (1, 3, 16, 32) and hint.dtype == torch.float32
+    from stablediff import preprocess
+    want = np.asarray(preprocess.fit(preprocess.invert(image), 32, 16, "Just Resize"), dtype=np.float32) / 255
+    assert torch.equal(hint[0].permute(1, 2, 0), torch.from_numpy(want))
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+def main(argv, capsys):
+    from stablediff import cli
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("control, needle", [
+    ("missing.safetensors:{image}", "no ControlNet 'missing.safetensors' (not a file or folder, nor a name in"),
+    ("cn:{image}", "no ControlNet 'cn'"),
+    ("{model}:nothing.png", "nothing.png: no such control image"),
+    ("{model}:{image}:heavy", "weight 'heavy' is not a number"),
+    ("{model}:{image}:1:depth_leres", "unknown preprocessor 'depth_leres'; known: blur_gaussian, canny, inpaint"),
+    ("{model}", "give MODEL:IMAGE[:WEIGHT][:PREPROCESSOR]"),
+])
+def test_cli_bad_controls_fail_in_one_line_before_loading(tmp_path, capsys, control, needle):
+    model = tmp_path / "corrupt.safetensors"  # were it loaded, the error would be about this file
+    model.write_bytes(b"not a checkpoint")
+    (tmp_path / "cn.safetensors").write_bytes(b"not a controlnet")
+    control_image(1).save(tmp_path / "hint.png")
+    control = control.format(model=tmp_path / "cn.safetensors", image=tmp_path / "hint.png")
+    code, err = main(["generate", "a dog", "--model", str(model), "--output-dir", str(tmp_path / "out"),
+                      "--controlnet-dir", str(tmp_path / "elsewhere"), "--control", control], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err and "corrupt" not in err, err
+
+
+def test_cli_control_by_name_makes_the_apis_image(pipe, tiny_model_dir, controlnets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    (folder / "edges").symlink_to(controlnets[0][1], target_is_directory=True)
+    control_image(1).save(tmp_path / "hint.png")
+    out = tmp_path / "out"
+    code, err = main(["generate", PROMPT, "--model", str(tiny_model_dir), "--steps", "2", "--seed", "9",
+                      "--width", "64", "--height", "64", "--sampler", "euler", "--cfg-scale", "7", "--quiet",
+                      "--output-dir", str(out), "--controlnet-dir", str(folder),
+                      "--control", f"edges:{tmp_path / 'hint.png'}:0.6:invert"], capsys)
+    assert code == 0, err
+    want = pipe(PROMPT, steps=2, seed=9, width=64, height=64, controls=[
+        Control(tmp_path / "hint.png", controlnets[0][1], weight=0.6, preprocessor="invert")]).images[0]
+    plain = pipe(PROMPT, steps=2, seed=9, width=64, height=64).images[0]
+    with Image.open(out / "00000-9.png") as im:
+        got = np.asarray(im.convert("RGB"))
+    assert np.array_equal(got, np.asarray(want))
+    assert not np.array_equal(got, np.asarray(plain))

@@ -58,9 +58,9 @@ def test_pixel_hires_upscales_the_decoded_image_and_encodes_it(pipe):
     """Lanczos: the second pass starts from the VAE's encoding (its mean) of the Lanczos-upscaled first image."""
     seen, run = {}, pipe.generate_latents
 
-    def spy(prompt, negative, params, plan, seeds, source, step_callback):
+    def spy(prompt, negative, params, plan, seeds, source, step_callback, *controls):
         if source is None:
-            return run(prompt, negative, params, plan, seeds, source, step_callback)
+            return run(prompt, negative, params, plan, seeds, source, step_callback, *controls)
         seen["x0"], seen["size"] = source["latents"], (params.width, params.height)
         return source["latents"]
 

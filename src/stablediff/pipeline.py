@@ -44,6 +44,16 @@ from .vae import AutoencoderKL
 DEMO_DIR = Path(__file__).parent / "data" / "demo"  # our small offline model (`--model demo`)
 
 
+def _prompt_lists(params: GenerationParams, prompts, negatives) -> tuple[list[str], list[str]]:
+    """The call's prompts and one negative prompt for each (params' own where not given)."""
+    prompts = [params.prompt] if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
+    negatives = params.negative_prompt if negatives is None else negatives
+    negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    return prompts, negatives
+
+
 class Encoded:
     """An exact encoding in the posterior's interface (`mean`, `sample(generators)`), for TAESD."""
 
@@ -379,51 +389,24 @@ class StableDiffusion:
         prompt's first pass; upscaler_dir: where its upscaler models are looked up by name."""
         for control in controls:
             control.check()
-        prompts = [params.prompt] if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
-        negatives = params.negative_prompt if negatives is None else negatives
-        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        hr = params.enable_hr  # its strength is the hires pass's; the first pass is txt2img
-        init_image, mask_image, width, height, strength = self._init_settings(
-            init_image, mask_image, params.width, params.height, None if hr else params.strength)
-        if hr and init_image is not None:
-            raise ValueError("enable_hr: hires fix is a txt2img setting; give no init_image")
-        params = params.replace(width=width, height=height, strength=params.strength if hr else strength)
-        params = params.validate(prompts=len(prompts))
-        upscaler = hires.load_upscaler(params.hr_upscaler, upscaler_dir) if hr else None
-        self._check_fits(params, inpaint=mask_image is not None)
+        prompts, negatives = _prompt_lists(params, prompts, negatives)
+        params, init_image, mask_image, strength = self._settle(params, init_image, mask_image, len(prompts))
+        upscaler = hires.load_upscaler(params.hr_upscaler, upscaler_dir) if params.enable_hr else None
         units = [self._control_unit(c, params.width, params.height) for c in controls]
-        count = len(prompts) * params.batch_size
-        if params.seed is None:
-            params = params.replace(seed=random.randint(0, MAX_SEED - count))
-        if params.subseed is None and params.subseed_strength:
-            params = params.replace(subseed=random.randint(0, MAX_SEED - count))
-        image_seeds = params.image_seeds(count)
+        image_seeds = params.image_seeds(len(prompts) * params.batch_size)
         plan = samplers.prepare(params.sampler, self.noise_schedule, params.steps, schedule=params.schedule,
                                 strength=strength or 1.0)
         loras = dict(params.loras)
         wanted = [self._wanted_loras(p, loras) for p in prompts]  # resolved (and missing ones named) up front
-        batch_size = params.batch_size
+        steps = functools.partial(self._step_callback, callback=callback, cancel=cancel, progress=progress)
 
-        all_latents = []
         # tiling (A1111's): circular padding from the init image's encoding to the decoded image, then back
         with circular_padding((self.unet, self.vae), params.tiling), \
                 cancel_within_steps((self.unet, self.vae), cancel):  # also inside a step: between layers
             source = self._encode_init(init_image, mask_image, params) if init_image is not None else None
-            for b, (p, n) in enumerate(zip(prompts, negatives)):
-                self.loras.apply({path: m for path, (_, m) in wanted[b].items()})
-                step_cb = self._step_callback(b, len(prompts), len(plan.sigmas) - 1, callback, cancel, progress)
-                seeds = image_seeds[b * batch_size:(b + 1) * batch_size]
-                try:
-                    latents = self.generate_latents(p, n, params, plan, seeds, source, step_cb, units)
-                finally:
-                    step_cb.close()
-                if hr:
-                    latents = hires.second_pass(self, p, n, params, latents, seeds, upscaler, functools.partial(
-                        self._step_callback, b, len(prompts), callback=callback, cancel=cancel, progress=progress))
-                all_latents.append(latents)
-            latents = torch.cat(all_latents)
+            latents = torch.cat([
+                self._one_prompt(b, prompts, negatives, params, plan, image_seeds, source, wanted, units, upscaler,
+                                 steps) for b in range(len(prompts))])
             weights.release(self.unet)  # (SD 1.5: its 3.2 GB leave resident memory during the decode)
             pil = images.to_pil(self.decode(latents))
             weights.release(self.vae)  # (0.33 GB: the next image's U-Net steps then peak as this one's did)
@@ -433,6 +416,38 @@ class StableDiffusion:
         if self.safety_checker is not None:
             pil, nsfw = self.safety_checker.censor(pil)
         return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds)
+
+    def _settle(self, params: GenerationParams, init_image, mask_image, n_prompts: int):
+        """(validated params with size, strength and seeds filled in, init image, mask, img2img strength): the
+        images opened, the settings checked against this model, random seeds drawn where none were given."""
+        hr = params.enable_hr  # its strength is the hires pass's; the first pass is txt2img
+        init_image, mask_image, width, height, strength = self._init_settings(
+            init_image, mask_image, params.width, params.height, None if hr else params.strength)
+        if hr and init_image is not None:
+            raise ValueError("enable_hr: hires fix is a txt2img setting; give no init_image")
+        params = params.replace(width=width, height=height, strength=params.strength if hr else strength)
+        params = params.validate(prompts=n_prompts)
+        self._check_fits(params, inpaint=mask_image is not None)
+        count = n_prompts * params.batch_size
+        if params.seed is None:
+            params = params.replace(seed=random.randint(0, MAX_SEED - count))
+        if params.subseed is None and params.subseed_strength:
+            params = params.replace(subseed=random.randint(0, MAX_SEED - count))
+        return params, init_image, mask_image, strength
+
+    def _one_prompt(self, b, prompts, negatives, params, plan, image_seeds, source, wanted, units, upscaler, steps):
+        """Prompt b's latents: its LoRAs merged, the sampler run, then the hires pass where asked."""
+        self.loras.apply({path: m for path, (_, m) in wanted[b].items()})
+        step_cb = steps(b, len(prompts), len(plan.sigmas) - 1)
+        seeds = image_seeds[b * params.batch_size:(b + 1) * params.batch_size]
+        try:
+            latents = self.generate_latents(prompts[b], negatives[b], params, plan, seeds, source, step_cb, units)
+        finally:
+            step_cb.close()
+        if not params.enable_hr:
+            return latents
+        return hires.second_pass(self, prompts[b], negatives[b], params, latents, seeds, upscaler,
+                                 functools.partial(steps, b, len(prompts)))
 
     def from_infotext(self, text: str, **changes) -> GenerationResult:
         """Remake an image from its `parameters` text (ours or AUTOMATIC1111's), with `changes` (GenerationParams

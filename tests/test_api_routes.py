@@ -270,7 +270,7 @@ def test_a1111_img2img_tests(port):
 
 
 def test_a1111_txt2img_tests(port):
-    """A1111's test_txt2img.py simple_txt2img_request and its variations pass, except hires fix (refused here)."""
+    """A1111's test_txt2img.py simple_txt2img_request and its variations pass, hires fix included."""
     request = {"batch_size": 1, "cfg_scale": 7, "denoising_strength": 0, "enable_hr": False, "eta": 0,
                "firstphase_height": 0, "firstphase_width": 0, "height": 64, "n_iter": 1, "negative_prompt": "",
                "prompt": "example prompt", "restore_faces": False, "s_churn": 0, "s_noise": 1, "s_tmax": 0,
@@ -286,7 +286,11 @@ def test_a1111_txt2img_tests(port):
     for change in variations:
         r = _post(port, "txt2img", {**request, **change})
         assert r.status_code == 200, (change, r.text)
-    assert _post(port, "txt2img", {**request, "enable_hr": True}).status_code == 422
+    # A1111's hires variation: a denoising strength of 0 leaves the second pass nothing to do (422 naming it)
+    answer = _post(port, "txt2img", {**request, "enable_hr": True})
+    assert answer.status_code == 422 and "strength 0" in answer.text, answer.text
+    assert _post(port, "txt2img", {**request, "enable_hr": True, "denoising_strength": 0.5, "hr_scale": 1.5,
+                                   "hr_second_pass_steps": 2}).status_code == 200
 
 
 def test_inpainting_mask_invert_takes_booleans_and_0_1(port):

@@ -2,6 +2,8 @@
 on the random tiny model (ControlNets made with ControlNetModel.from_unet, zero convs randomised), guidance start /
 end, the control modes' residual scaling, and the errors for bad units."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +205,15 @@ def test_cli_control_by_name_makes_the_apis_image(pipe, tiny_model_dir, controln
         got = np.asarray(im.convert("RGB"))
     assert np.array_equal(got, np.asarray(want))
     assert not np.array_equal(got, np.asarray(plain))
+
+
+def test_the_infotext_records_each_unit_as_the_extension_does(pipe, controlnets):
+    path = controlnets[0][1]
+    units = [Control(control_image(1), path, weight=0.8, preprocessor="invert", end=0.5),
+             Control(control_image(2), path, control_mode="My prompt is more important", resize_mode=0)]
+    text = pipe(PROMPT, steps=2, seed=SEED, width=64, height=64, controls=units).infotexts[0]
+    name = Path(path).stem
+    assert (f'ControlNet 0: "Module: invert, Model: {name}, Weight: 0.8, Resize Mode: Crop and Resize, '
+            f'Guidance Start: 0, Guidance End: 0.5, Control Mode: Balanced", ControlNet 1: "Module: none, '
+            f'Model: {name}, Weight: 1, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1, '
+            f'Control Mode: My prompt is more important"') in text, text

@@ -47,6 +47,14 @@ class Control:
     guess_mode: bool = False
     params: dict = field(default_factory=dict)
 
+    def infotext(self) -> str:
+        """The unit as sd-webui-controlnet records it in the infotext's `ControlNet N` entry (its keys; the model by
+        its file name without the extension)."""
+        name = "ControlNet" if isinstance(self.model, ControlNet) else Path(self.model).stem
+        mode = self.resize_mode if isinstance(self.resize_mode, str) else preprocess.RESIZE_MODES[self.resize_mode]
+        return (f"Module: {self.preprocessor}, Model: {name}, Weight: {self.weight:g}, Resize Mode: {mode}, "
+                f"Guidance Start: {self.start:g}, Guidance End: {self.end:g}, Control Mode: {self.control_mode}")
+
     def check(self) -> None:
         """ValueError (one line, naming the value) for a unit no run could use; cheap, reads no model."""
         for name in ("weight", "start", "end"):

@@ -415,7 +415,7 @@ class StableDiffusion:
         nsfw = [False] * len(pil)
         if self.safety_checker is not None:
             pil, nsfw = self.safety_checker.censor(pil)
-        return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds)
+        return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds, controls)
 
     def _settle(self, params: GenerationParams, init_image, mask_image, n_prompts: int):
         """(validated params with size, strength and seeds filled in, init image, mask, img2img strength): the
@@ -526,16 +526,18 @@ class StableDiffusion:
         if self.unet.config.in_channels == 9 and not inpaint:
             raise ValueError("this is an inpainting checkpoint (U-Net in_channels 9): give init_image and mask_image")
 
-    def _result(self, pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds) -> GenerationResult:
-        """The call's result, with one infotext per image."""
+    def _result(self, pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds,
+                controls=()) -> GenerationResult:
+        """The call's result, with one infotext per image (ControlNet units as sd-webui-controlnet writes them)."""
         k = params.batch_size
         all_prompts = [p for p in prompts for _ in range(k)]
         all_negatives = [n for n in negatives for _ in range(k)]
         seeds = [s for s, _ in image_seeds]
+        units = {f"ControlNet {n}": c.infotext() for n, c in enumerate(controls)}
         hashes = [self._addon_hashes(p, n, w) for p, n, w in zip(prompts, negatives, wanted)]
         infotexts = [params.replace(prompt=p, negative_prompt=n, seed=s, subseed=sub).to_infotext(
             model_hash=self.model_hash, model_name=self.model_name, version=__version__,
-            extra={**hashes[i // k], "VAE hash": self.vae_hash, "VAE": self.vae_name,
+            extra={**hashes[i // k], "VAE hash": self.vae_hash, "VAE": self.vae_name, **units,
                    "NSFW": "true" if flagged else None})
             for i, (p, n, (s, sub), flagged) in enumerate(zip(all_prompts, all_negatives, image_seeds, nsfw))]
         return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw,

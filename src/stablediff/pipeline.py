@@ -548,23 +548,8 @@ class StableDiffusion:
         """The init image (and mask) as tensors on the device, encoded where the run needs it."""
         width, height = params.width, params.height
         pixels = images.from_pil(image, width, height).to(self.device, self.vae.post_quant_conv.weight.dtype)
-        if self.taesd_output:
-            return self._encode_init_taesd(pixels, mask, width, height)
-        source = {"posterior": self.vae.encode(pixels, tiled=self.vae_tiling)}
-        if mask is not None:
-            m = images.mask_from_pil(mask, width, height).to(pixels)
-            f = self.downscale
-            source["mask"] = torch.nn.functional.interpolate(m, size=(height // f, width // f)).float()
-            source["masked"] = self.vae.encode(pixels * (m < 0.5), tiled=self.vae_tiling)
-        return source
-
-    def _encode_init_taesd(self, pixels, mask, width, height) -> dict:
-        """_encode_init's source with TAESD as the autoencoder: its encoding is exact, not a distribution, so the
-        posterior's sample is its mean and draws no noise."""
-        if self.taesd.encoder is None:
-            raise ValueError("this TAESD has no encoder (a decoder file alone): img2img needs taesd_encoder too")
-        sf = self.vae.config.scaling_factor
-        encode = lambda x: Encoded(self.taesd.encode(x.float()) / sf)  # noqa: E731
+        encode = self._taesd_encoder() if self.taesd_output else functools.partial(self.vae.encode,
+                                                                                    tiled=self.vae_tiling)
         source = {"posterior": encode(pixels)}
         if mask is not None:
             m = images.mask_from_pil(mask, width, height).to(pixels)
@@ -572,6 +557,14 @@ class StableDiffusion:
             source["mask"] = torch.nn.functional.interpolate(m, size=(height // f, width // f)).float()
             source["masked"] = encode(pixels * (m < 0.5))
         return source
+
+    def _taesd_encoder(self) -> Callable:
+        """pixels -> posterior with TAESD as the autoencoder: its encoding is exact, not a distribution, so the
+        posterior's sample is its mean and draws no noise."""
+        if self.taesd.encoder is None:
+            raise ValueError("this TAESD has no encoder (a decoder file alone): img2img needs taesd_encoder too")
+        sf = self.vae.config.scaling_factor
+        return lambda x: Encoded(self.taesd.encode(x.float()) / sf)
 
     def _start(self, plan, noise_rng: rng.ImageRNG, source, strength, cache=None):
         """Initial latents x (in sigma space), the eps model, and the inpainting blend (or None).

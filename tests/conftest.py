@@ -38,6 +38,16 @@ def all_cores():
     yield
     torch.set_num_threads(1)
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module whose servers run generations while the test process waits on them: two
+    threads fighting other processes for 2 cores make every step 20x slower here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture
 def winograd_inputs(monkeypatch) -> list:
     """The input shapes of the convolutions done by Winograd's algorithm during the test."""

@@ -38,11 +38,8 @@ SMALL = {"steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "seed":
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # conftest's, for every test here
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -43,12 +42,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads fighting other processes for 2 cores make every step 20x slower here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # conftest's, for every test here
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -645,10 +645,10 @@ def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
     """--from-png: the PNG's generation parameters (A1111's or ours) into `args`, except what the command line
     gives itself; settings of the PNG this run does not use are named in one warning."""
     from . import images
-    from .params import GenerationParams, unused_settings
+    from .params import txt2img_from_infotext
 
     try:
-        params, unknown = GenerationParams.from_infotext(images.read_parameters(args.from_png))
+        params, unused = txt2img_from_infotext(images.read_parameters(args.from_png))
     except ValueError as e:
         raise UsageError(f"--from-png {e}") from None
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler",
@@ -661,9 +661,6 @@ def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
     for name, dest in _HIRES_ARGS.items() if params.enable_hr else ():
         if dest not in given:
             setattr(args, dest, getattr(params, name))
-    unused = unused_settings(unknown)
-    if params.strength is not None and not params.enable_hr:
-        unused.append(f"Denoising strength: {params.strength} (an img2img or hires fix setting)")
     if unused:
         warnings.warn(f"{args.from_png}: settings this run does not use: {'; '.join(unused)}")
 

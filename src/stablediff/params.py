@@ -399,6 +399,23 @@ def _hires_from_infotext(fields: dict) -> dict:
     return changes
 
 
+def txt2img_from_infotext(text: str, *, keep_strength: bool = False,
+                          model_hash: str | None = None) -> tuple[GenerationParams, list[str]]:
+    """A parameters text read for a txt2img remake: the settings, and the ones this run does not use as
+    "key: value" notes (first a Model hash other than `model_hash`, the model's that runs; then unused_settings';
+    then the denoising strength of an image made without hires fix: an img2img setting, dropped unless
+    keep_strength)."""
+    params, unknown = GenerationParams.from_infotext(text)
+    notes = unused_settings(unknown)
+    theirs = unknown.get("Model hash", "").lower()
+    if theirs and model_hash and theirs != model_hash.lower():
+        notes.insert(0, f"Model hash: {theirs} (this model's is {model_hash})")
+    if params.strength is not None and not params.enable_hr and not keep_strength:
+        notes.append(f"Denoising strength: {params.strength} (an img2img or hires fix setting)")
+        params = params.replace(strength=None)
+    return params, notes
+
+
 def unused_settings(unknown: dict[str, str]) -> list[str]:
     """`from_infotext`'s unknown keys that are settings (not records such as "Model hash"), as "key: value"."""
     return [f"{k}: {v}" for k, v in unknown.items() if k not in INFOTEXT_RECORDS]

@@ -31,7 +31,7 @@ from .clip import CLIPTextModel
 from .controlnet import ControlNet, load_controlnet
 from .denoiser import EpsDenoiser, ScheduledCFGDenoiser
 from .nn import ResnetBlock, circular_padding
-from .params import DEFAULT_MODEL, MAX_SEED, GenerationParams, unused_settings
+from .params import DEFAULT_MODEL, MAX_SEED, GenerationParams, txt2img_from_infotext
 from .prompt_schedule import composable_schedules, prompt_schedule
 from .prompts import PromptEncoder
 from .safety import SafetyChecker, load_safety_checker
@@ -453,14 +453,7 @@ class StableDiffusion:
         """Remake an image from its `parameters` text (ours or AUTOMATIC1111's), with `changes` (GenerationParams
         fields, e.g. steps=10) on top. Keys of the text that are not settings here are named in one warning (the
         model's name, hash and versions are only compared), so nothing is dropped without a word."""
-        params, unknown = GenerationParams.from_infotext(text)
-        notes = unused_settings(unknown)
-        theirs = unknown.get("Model hash", "").lower()
-        if theirs and self.model_hash and theirs != self.model_hash.lower():
-            notes.insert(0, f"Model hash: {theirs} (this model's is {self.model_hash})")
-        if params.strength is not None and "strength" not in changes and not params.enable_hr:  # no init image
-            notes.append(f"Denoising strength: {params.strength} (an img2img or hires fix setting)")
-            params = params.replace(strength=None)
+        params, notes = txt2img_from_infotext(text, keep_strength="strength" in changes, model_hash=self.model_hash)
         if notes:
             warnings.warn(f"the infotext holds settings this run does not use: {'; '.join(notes)}", stacklevel=2)
         return self.generate(params.replace(**changes))

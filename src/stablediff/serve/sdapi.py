@@ -204,10 +204,11 @@ def sampler_steps(params: GenerationParams) -> int:
 def check_offered(req: Txt2ImgRequest, upscaler_dir: Path | None = None) -> None:
     """What this API does not offer (ClientError 422): a hires upscaler other than the latent modes, the resamplers
     and the models in `upscaler_dir` (by name only: never a path a client gives), a scheduler we do not have."""
-    models = upscalers.find_models(upscaler_dir) if upscaler_dir is not None else {}
-    offered = (*hires.LATENT_MODES, *upscalers.RESAMPLERS, *models)
-    if req.enable_hr and req.hr_upscaler not in offered and not isinstance(req, Img2ImgRequest):
-        raise ClientError(422, f"hr_upscaler {req.hr_upscaler!r} is not one of: {', '.join(offered)}")
+    if req.enable_hr and not isinstance(req, Img2ImgRequest):
+        models = upscalers.find_models(upscaler_dir) if upscaler_dir is not None else {}  # read only when asked
+        offered = (*hires.LATENT_MODES, *upscalers.RESAMPLERS, *models)
+        if req.hr_upscaler not in offered:
+            raise ClientError(422, f"hr_upscaler {req.hr_upscaler!r} is not one of: {', '.join(offered)}")
     try:
         a1111.schedule_name(req.scheduler)
     except ValueError:

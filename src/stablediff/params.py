@@ -30,7 +30,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a model so
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
-RNG_SOURCES = ("cpu", "gpu", "nv")  # rng.SOURCES (rng imports torch)
+RNG_SOURCES = ("cpu", "gpu", "nv")  # where noise comes from: rng.py draws each
 # infotext keys that record what made an image rather than say how to make it: not reported as unused
 INFOTEXT_RECORDS = frozenset({"Model hash", "Model", "VAE hash", "VAE", "Version", "Lora hashes", "TI hashes",
                               "NSFW"})

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-SOURCES = ("cpu", "gpu", "nv")
+from .params import RNG_SOURCES as SOURCES  # "cpu", "gpu", "nv": the one list (params is torch-free)
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Random123's round multipliers
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # and key increments (golden ratio, sqrt(3) - 1)
 MASK32 = 0xFFFFFFFF

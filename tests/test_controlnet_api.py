@@ -4,7 +4,9 @@ bad input, on a real uvicorn server with the tiny random model and a tiny random
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 
 import numpy as np
@@ -230,13 +232,10 @@ def test_detect_canny_is_preprocess_run(port):
 def test_detect_inpaint_takes_the_masks(port):
     image, mask = control_image(5), Image.new("L", (64, 64), 0)
     mask.paste(255, (10, 10, 30, 40))
-    r = _post(port, "/controlnet/detect", {"controlnet_module": "inpaint_only", "controlnet_input_images": [_b64(image)],
-                                           "controlnet_masks": [_b64(mask)]})
+    r = _post(port, "/controlnet/detect", {"controlnet_module": "inpaint_only", "controlnet_masks": [_b64(mask)],
+                                           "controlnet_input_images": [_b64(image)]})
     assert r.status_code == 200, r.text
-    from io import BytesIO
-    import base64
-
-    with Image.open(BytesIO(base64.b64decode(r.json()["images"][0]))) as got:
+    with Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))) as got:  # RGBA: the mask in its alpha
         assert np.array_equal(np.asarray(got), np.asarray(preprocess.run("inpaint_only", image, mask=mask)))
 
 
@@ -245,7 +244,8 @@ def test_detect_inpaint_takes_the_masks(port):
     ({"controlnet_module": "canny"}, "controlnet_input_images: no image given"),
     ({"controlnet_module": "canny", "controlnet_input_images": ["{png}"] * 4},
      "controlnet_input_images: images 4 is over the limit of 3"),
-    ({"controlnet_module": "canny", "controlnet_input_images": ["{big}"]}, "image size 200x100 = 20,000 is over the limit of 16,384"),
+    ({"controlnet_module": "canny", "controlnet_input_images": ["{big}"]},
+     "image size 200x100 = 20,000 is over the limit of 16,384"),
     ({"controlnet_module": "canny", "controlnet_input_images": ["{png}"], "controlnet_threshold_b": 999},
      "canny high_threshold=999.0 is not a number in [0, 256]"),
     ({"controlnet_module": "inpaint", "controlnet_input_images": ["{png}"]}, "needs a mask"),

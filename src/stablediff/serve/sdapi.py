@@ -5,8 +5,8 @@ before it is queued: it turns the request into the one settings object, `params.
 whose `validate` judges what no model could run (sampler, size, steps, seed ...) and the `Limits` (the work asked
 for, the prompts' length in CLIP tokens); this file adds only what is the API's own: the prompts' length in
 characters first, the scripts named (only ControlNet's runs: controlnet_api.request_controls checks its units right
-after) and the `scheduler` field, the styles and the VAE a request names (resources.py), and the status codes (413 for a prompt too long, 422 for the rest). `generate` runs on the worker
-thread.
+after) and the `scheduler` field, the styles and the VAE a request names (resources.py), and the status codes (413
+for a prompt too long, 422 for the rest). `generate` runs on the worker thread.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ Flag = Annotated[int, BeforeValidator(_flag)]  # an int A1111 declares that clie
 
 
 class RequestModel(BaseModel):
-    """A request body, or a part of one. Unknown fields are ignored (clients send many of A1111's) and null means the default."""
+    """A request body, or a part of one. Unknown fields are ignored (clients send many of A1111's) and null means
+    the default."""
 
     model_config = ConfigDict(extra="ignore")
 

@@ -3,12 +3,12 @@
     stablediff serve --models-dir models --port 7860          # then open http://127.0.0.1:7860/
 
 Endpoints, with A1111's field names and defaults: POST /sdapi/v1/txt2img, /img2img, /interrupt, /skip, /options,
-/png-info, /extra-single-image, /refresh-checkpoints, /refresh-loras, /refresh-vae, /refresh-embeddings;
-GET /sdapi/v1/progress, /samplers, /schedulers, /sd-models, /options, /scripts, /upscalers, /embeddings, /loras,
+/png-info, /extra-single-image, /refresh-checkpoints, /refresh-loras, /refresh-vae, /refresh-embeddings; GET
+/sdapi/v1/progress, /samplers, /schedulers, /sd-models, /options, /scripts, /upscalers, /embeddings, /loras,
 /sd-vae, /prompt-styles, /latent-upscale-modes; sd-webui-controlnet's GET /controlnet/version, /model_list,
-/module_list, /settings and POST /controlnet/detect (controlnet_api.py); GET / (the web page, static/index.html). The lists beyond models
-(resources.py) read their folders on every request, so the refresh routes but refresh-embeddings (which loads
---embeddings-dir into the model again, in queue order) have nothing to do.
+/module_list, /settings and POST /controlnet/detect (controlnet_api.py); GET / (the web page, static/index.html).
+The lists beyond models (resources.py) read their folders on every request, so the refresh routes but
+refresh-embeddings (which loads --embeddings-dir into the model again, in queue order) have nothing to do.
 
 How a request runs. The route validates it (types and ranges by pydantic; sampler, size, the work asked for and
 the prompts' length by sdapi.check_request against the server's `Limits`, in a thread, as is decoding images),

@@ -312,6 +312,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     srv.add_argument("--upscaler-dir", type=Path, default=None, metavar="DIR",
                      help="ESRGAN-family upscaler files clients may name in /extra-single-image, besides Lanczos "
                           "and Nearest (default: none)")
+    srv.add_argument("--controlnet-dir", type=Path, default=None, metavar="DIR",
+                     help="ControlNet files and diffusers folders clients may name in alwayson_scripts.controlnet "
+                          "units and list at /controlnet/model_list (default: none)")
     srv.add_argument("--styles-file", type=Path, default=None, metavar="CSV",
                      help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt): the prompt styles requests "
                           "may name in `styles` (default: none)")
@@ -565,15 +568,13 @@ def _reason(error: OSError) -> str:
 
 # --- subcommands ------------------------------------------------------------------------------------------------
 
-CONTROLNET_SUFFIXES = ("", ".safetensors", ".pth", ".pt", ".ckpt", ".bin")
-
-
 def _controlnet_path(name: str, directory: Path) -> Path | None:
     """A --control MODEL: a file or folder as given, else NAME (with or without its suffix) in `directory`."""
+    from .controls import find_controlnet
+
     if Path(name).expanduser().exists():
         return Path(name).expanduser()
-    return next((directory / f"{name}{s}" for s in CONTROLNET_SUFFIXES if (directory / f"{name}{s}").exists()),
-                None)
+    return find_controlnet(name, directory)
 
 
 def _weight(text: str) -> float:
@@ -867,7 +868,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise UsageError(f"--max-queue {args.max_queue} must be at least 1")
     for flag, folder in (("--models-dir", args.models_dir), ("--vae-dir", args.vae_dir),
-                         ("--upscaler-dir", args.upscaler_dir)):
+                         ("--upscaler-dir", args.upscaler_dir), ("--controlnet-dir", args.controlnet_dir)):
         if folder is not None and not folder.is_dir():
             raise UsageError(f"{flag} {folder}: no such folder")
     if not 0 < args.read_timeout <= 3600:
@@ -889,7 +890,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                 limits=limits, allowed_hosts=tuple(args.allowed_hosts), lora_dir=args.lora_dir,
                                 embeddings_dir=args.embeddings_dir, read_timeout=args.read_timeout,
                                 limit_concurrency=args.limit_concurrency, vae_dir=args.vae_dir,
-                                upscaler_dir=args.upscaler_dir, styles_file=args.styles_file)
+                                upscaler_dir=args.upscaler_dir, styles_file=args.styles_file,
+                                controlnet_dir=args.controlnet_dir)
     server.log_to_stderr()
     try:
         app = server.create_app(config)

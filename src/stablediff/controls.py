@@ -26,8 +26,16 @@ from PIL import Image
 from . import images, preprocess
 from .controlnet import ControlNet
 
+CONTROLNET_SUFFIXES = ("", ".safetensors", ".pth", ".pt", ".ckpt", ".bin")  # "": a folder, or a full file name
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 SOFT_INJECTION = 0.825  # the extension's per-layer factor: 0.825 ** 12 < 0.01 for the top skip
+
+
+def find_controlnet(name: str, directory: Path) -> Path | None:
+    """The ControlNet NAME stands for in `directory`: NAME as it is (a diffusers folder or a file named in full), else
+    NAME with the first of CONTROLNET_SUFFIXES that exists; None when there is none."""
+    return next((directory / f"{name}{s}" for s in CONTROLNET_SUFFIXES if (directory / f"{name}{s}").exists()),
+                None)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ server.py is the HTTP layer around this. `check_request` is the one place a txt2
 before it is queued: it turns the request into the one settings object, `params.GenerationParams` (`from_a1111`),
 whose `validate` judges what no model could run (sampler, size, steps, seed ...) and the `Limits` (the work asked
 for, the prompts' length in CLIP tokens); this file adds only what is the API's own: the prompts' length in
-characters first, scripts and the `scheduler` field, the styles and the VAE a request names
-(resources.py), and the status codes (413 for a prompt too long, 422 for the rest). `generate` runs on the worker
-thread.
+characters first, the scripts named (only ControlNet's runs: controlnet_api.request_controls checks its units right
+after) and the `scheduler` field, the styles and the VAE a request names (resources.py), and the status codes (413
+for a prompt too long, 422 for the rest). `generate` runs on the worker thread.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from .. import __version__, a1111, hires, images, samplers, upscalers
+from ..controls import Control
 from ..limits import LimitError, Limits
 from ..params import MAX_SEED, GenerationParams
 from ..pipeline import Cancelled, StableDiffusion
@@ -38,6 +39,7 @@ MAX_BATCH_SIZE = 16  # per iteration; A1111's web UI allows 8 (the Limits apply 
 MAX_N_ITER = 100  # as A1111's web UI
 MAX_IMAGE_PIXELS = 4096 * 4096  # of an uploaded image
 SCHEDULERS = a1111.SCHEDULES  # A1111's "Schedule type" names -> labels; "automatic": the sampler's own
+CONTROLNET_SCRIPT = "controlnet"  # the one always-on script run here (controlnet_api.py), named in any case
 
 
 # --- requests -----------------------------------------------------------------------------------------------------
@@ -59,8 +61,9 @@ Number = Annotated[float, BeforeValidator(_not_bool)]
 Flag = Annotated[int, BeforeValidator(_flag)]  # an int A1111 declares that clients send as 0/1 or true/false
 
 
-class _Request(BaseModel):
-    """Unknown fields are ignored (clients send many of A1111's) and null means the default."""
+class RequestModel(BaseModel):
+    """A request body, or a part of one. Unknown fields are ignored (clients send many of A1111's) and null means
+    the default."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -70,7 +73,7 @@ class _Request(BaseModel):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
-class OverrideSettings(_Request):
+class OverrideSettings(RequestModel):
     """A request's override_settings, and the body of POST /options (the options we have)."""
 
     sd_model_checkpoint: str | None = None
@@ -87,7 +90,7 @@ SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_see
             "live_previews_enable": True, "show_progress_every_n_steps": 10}
 
 
-class Txt2ImgRequest(_Request):
+class Txt2ImgRequest(RequestModel):
     prompt: str = ""
     negative_prompt: str = ""
     seed: Int = Field(-1, ge=-1, le=MAX_SEED)  # -1: random
@@ -121,7 +124,7 @@ class Txt2ImgRequest(_Request):
     hr_negative_prompt: str = ""
     styles: list[str] = []  # names from GET /prompt-styles, applied to the prompts in this order
     script_name: str | None = None  # no scripts here: a name is refused
-    alwayson_scripts: dict[str, Any] = {}  # no scripts here: an entry is refused
+    alwayson_scripts: dict[str, Any] = {}  # only "controlnet" (controlnet_api.py): another entry is refused
 
     @field_validator("script_name")
     @classmethod
@@ -132,10 +135,11 @@ class Txt2ImgRequest(_Request):
 
     @field_validator("alwayson_scripts")
     @classmethod
-    def _no_alwayson_scripts(cls, scripts: dict) -> dict:
-        if scripts:
-            raise ValueError(f"always-on scripts {', '.join(map(repr, scripts))} are not available: this server "
-                             f"runs no scripts (GET /sdapi/v1/scripts)")
+    def _only_controlnet(cls, scripts: dict) -> dict:
+        others = [name for name in scripts if name.lower() != CONTROLNET_SCRIPT]
+        if others:
+            raise ValueError(f"always-on scripts {', '.join(map(repr, others))} are not available: this server "
+                             f"runs only ControlNet's (GET /sdapi/v1/scripts)")
         return scripts
 
 
@@ -274,9 +278,10 @@ def png_base64(image: Image.Image, parameters: str) -> str:
 
 def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, params: GenerationParams, limits: Limits,
              init: Image.Image | None, mask: Image.Image | None, output_dir: Path,
-             upscaler_dir: Path | None = None) -> dict:
+             upscaler_dir: Path | None = None, controls: list[Control] = ()) -> dict:
     """Run a txt2img/img2img request (`params` from check_request) on the worker thread: n_iter pipeline calls of
-    batch_size images each, image k seeded seed + k as A1111 does. Returns {"images": [base64 PNG], "info": A1111's
+    batch_size images each, image k seeded seed + k as A1111 does, with the ControlNet units `controls`
+    (controlnet_api.request_controls). Returns {"images": [base64 PNG], "info": A1111's
     info fields + ours}.
 
     The response repeats the prompt and negative prompt for every image, as A1111 does: in info's
@@ -292,7 +297,7 @@ def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, params: Gener
     if params.subseed is None:
         params = params.replace(subseed=random.randint(0, MAX_SEED - count))  # A1111 picks one either way
     init, mask = fitted_images(req, params, init, mask)
-    results, interrupted = run_iterations(job, pipe, params, req.n_iter, init, mask, upscaler_dir)
+    results, interrupted = run_iterations(job, pipe, params, req.n_iter, init, mask, upscaler_dir, controls)
     pictures = [im for r in results for im in r.images]
     infotexts = [t for r in results for t in r.infotexts]
     seeds = [s for r in results for s in r.seeds]
@@ -328,7 +333,7 @@ def fitted_images(req: Txt2ImgRequest, params: GenerationParams, init: Image.Ima
 
 def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int,
                    init: Image.Image | None, mask: Image.Image | None,
-                   upscaler_dir: Path | None = None) -> tuple[list, bool]:
+                   upscaler_dir: Path | None = None, controls: list[Control] = ()) -> tuple[list, bool]:
     """The pipeline's results of the n_iter iterations (params.seed set), and whether the job was interrupted: an
     interrupt drops the iteration it stops and runs no more; a skip (A1111's /skip) drops only the iteration it
     stops (a skip that comes between two iterations is dropped: the image it meant is done)."""
@@ -346,7 +351,7 @@ def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_
         try:
             results.append(pipe.generate(iteration(params, i),
                                          init_image=init, mask_image=mask, callback=on_step, cancel=job.cancel,
-                                         upscaler_dir=upscaler_dir))
+                                         upscaler_dir=upscaler_dir, controls=controls))
         except Cancelled:
             if job.stopped:
                 return results, True
@@ -409,7 +414,7 @@ NO_UPSCALER = "None"
 LISTED_SCALE = 4  # the scale A1111 lists for its model-free upscalers
 
 
-class ExtrasSingleImageRequest(_Request):
+class ExtrasSingleImageRequest(RequestModel):
     """A1111's /extra-single-image request. Only upscaling by a factor (resize_mode 0) with upscaler_1 is done;
     the other features are refused when asked for, not left out silently."""
 

@@ -3,11 +3,12 @@
     stablediff serve --models-dir models --port 7860          # then open http://127.0.0.1:7860/
 
 Endpoints, with A1111's field names and defaults: POST /sdapi/v1/txt2img, /img2img, /interrupt, /skip, /options,
-/png-info, /extra-single-image, /refresh-checkpoints, /refresh-loras, /refresh-vae, /refresh-embeddings;
-GET /sdapi/v1/progress, /samplers, /schedulers, /sd-models, /options, /scripts, /upscalers, /embeddings, /loras,
-/sd-vae, /prompt-styles, /latent-upscale-modes; GET / (the web page, static/index.html). The lists beyond models
-(resources.py) read their folders on every request, so the refresh routes but refresh-embeddings (which loads
---embeddings-dir into the model again, in queue order) have nothing to do.
+/png-info, /extra-single-image, /refresh-checkpoints, /refresh-loras, /refresh-vae, /refresh-embeddings; GET
+/sdapi/v1/progress, /samplers, /schedulers, /sd-models, /options, /scripts, /upscalers, /embeddings, /loras,
+/sd-vae, /prompt-styles, /latent-upscale-modes; sd-webui-controlnet's GET /controlnet/version, /model_list,
+/module_list, /settings and POST /controlnet/detect (controlnet_api.py); GET / (the web page, static/index.html).
+The lists beyond models (resources.py) read their folders on every request, so the refresh routes but
+refresh-embeddings (which loads --embeddings-dir into the model again, in queue order) have nothing to do.
 
 How a request runs. The route validates it (types and ranges by pydantic; sampler, size, the work asked for and
 the prompts' length by sdapi.check_request against the server's `Limits`, in a thread, as is decoding images),
@@ -25,7 +26,9 @@ Decisions a client may notice:
 - null in a request means "the default"; fields we do not know are ignored, and so are A1111 fields we do not
   implement (mask_blur, inpainting_fill, inpaint_full_res, resize_mode, restore_faces); a hires upscaler that is
   not a latent mode, Lanczos, Nearest or a model in --upscaler-dir, a `script_name` and `alwayson_scripts` entries
-  (no scripts run here) are refused (422, naming them) rather than silently left out. inpainting_mask_invert
+  other than "controlnet" (no other scripts run here) are refused (422, naming them) rather than silently left out.
+- ControlNet: alwayson_scripts.controlnet units as sd-webui-controlnet takes them, their models from
+  --controlnet-dir (controlnet_api.py says what differs). inpainting_mask_invert
   takes 0/1 or true/false, as clients send both.
 - styles: names from --styles-file (A1111's styles.csv), applied to the prompt and negative prompt in the order
   given (A1111's rule: into a style's {prompt}, else appended after ", "); the infotext and info show the styled
@@ -96,6 +99,8 @@ from ..pipeline import Cancelled, StableDiffusion, resolve_device
 from .sdapi import (SCHEDULERS, SETTINGS, ExtrasSingleImageRequest, Img2ImgRequest, OverrideSettings,
                     PngInfoRequest, Txt2ImgRequest, check_extras, check_prompt_length, check_request, decode_image,
                     extras, generate, preview_png, upscaler_list)
+from .controlnet_api import (API_VERSION, MAX_UNITS, DetectRequest, check_detect, detect, model_list,
+                             module_list, request_controls)
 from .resources import LATENT_UPSCALE_MODES, embedding_list, lora_list, style_list, vae_list, vae_source
 from .worker import Catalog, ClientError, Job, ModelEntry, Worker, startup_model
 from ..styles import read_styles
@@ -131,6 +136,7 @@ class ServeConfig:
     upscaler_dir: Path | None = None  # .pth/.safetensors upscalers clients may name, besides Lanczos and Nearest
     vae_dir: Path | None = None  # VAE files clients may choose with the sd_vae option
     styles_file: Path | None = None  # A1111's styles.csv: the prompt styles requests may name
+    controlnet_dir: Path | None = None  # ControlNet files and folders ControlNet units may name
 
     @property
     def host_names(self) -> tuple[str, ...]:
@@ -204,7 +210,8 @@ def _error_roots(config: ServeConfig, catalog: Catalog) -> list[tuple[str, str]]
     """(absolute folder, label) for public_message, longest first, so a file in one shows relative to it."""
     roots = [(config.models_dir, "<models-dir>"), (config.lora_dir, "<lora-dir>"),
              (config.embeddings_dir, "<embeddings-dir>"), (config.output_dir, "<output-dir>"),
-             (config.vae_dir, "<vae-dir>"), (config.upscaler_dir, "<upscaler-dir>")]
+             (config.vae_dir, "<vae-dir>"), (config.upscaler_dir, "<upscaler-dir>"),
+             (config.controlnet_dir, "<controlnet-dir>")]
     found = {}
     for folder, label in roots:
         if folder is not None:
@@ -283,8 +290,9 @@ async def generation(kind: str, req: Txt2ImgRequest, request: Request) -> dict:
                                    init.size if init is not None else None, settings=state.options["settings"],
                                    styles=state.styles, vae_dir=config.vae_dir,
                                    upscaler_dir=config.upscaler_dir)
+    controls = await asyncio.to_thread(request_controls, req, config.controlnet_dir, init, mask)
     job = Job(kind, lambda job: generate(job, worker.use(entry, plan.vae), req, plan.params, config.limits, init,
-                                         mask, config.output_dir, config.upscaler_dir),
+                                         mask, config.output_dir, config.upscaler_dir, controls),
               job_count=req.n_iter, steps=plan.steps,
               preview_every=preview_every(state.options["settings"], req.override_settings))
     result = await run(request, job)
@@ -430,7 +438,7 @@ async def extra_single_image(req: ExtrasSingleImageRequest, request: Request):
 
 @router.get("/sdapi/v1/scripts")
 async def scripts():
-    return {"txt2img": [], "img2img": []}
+    return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
 
 
 @router.get("/sdapi/v1/embeddings")
@@ -475,6 +483,34 @@ async def refresh_embeddings(request: Request):
     await run(request, Job("refresh embeddings", lambda job: load_embeddings(worker.pipe, folder)),
               watch_client=False)
     return None
+
+
+@router.get("/controlnet/version")
+async def controlnet_version():
+    return {"version": API_VERSION}
+
+
+@router.get("/controlnet/model_list")
+async def controlnet_model_list(request: Request, update: bool = True):
+    """The folder is read on every request, so `update` has nothing to do."""
+    return await asyncio.to_thread(model_list, request.app.state.config.controlnet_dir)
+
+
+@router.get("/controlnet/module_list")
+async def controlnet_module_list(alias_names: bool = False):
+    return module_list(alias_names)
+
+
+@router.get("/controlnet/settings")
+async def controlnet_settings():
+    return {"control_net_unit_count": MAX_UNITS}
+
+
+@router.post("/controlnet/detect")
+async def controlnet_detect(req: DetectRequest, request: Request):
+    """Run a preprocessor on images (controlnet_api.check_detect, then detect as a job in queue order)."""
+    module, inputs = await asyncio.to_thread(check_detect, req, request.app.state.config.limits)
+    return await run(request, Job("detect", lambda job: detect(module, inputs)))
 
 
 @router.get("/", include_in_schema=False)

@@ -7,8 +7,10 @@ package's __init__ (which pulls in torchvision, kornia and more), under a privat
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import itertools
 import sys
 import types
 from pathlib import Path
@@ -18,8 +20,9 @@ import pytest
 import torch
 
 from stablediff import a1111
-from stablediff.denoiser import EpsDenoiser
-from stablediff.samplers import A1111_MISSING, SAMPLERS, a1111_timesteps, get_sampler, prepare, sampler_table
+from stablediff.denoiser import CFGDenoiser, EpsDenoiser
+from stablediff.params import GenerationParams
+from stablediff.samplers import SAMPLERS, a1111_timesteps, get_sampler, prepare, sampler_table
 from stablediff.schedule import NoiseSchedule
 
 NS = NoiseSchedule()
@@ -184,6 +187,8 @@ def test_img2img_keeps_a1111s_steps():
         plan = prepare("Euler", NS, 20, strength=strength)  # t_enc = int(strength * 20); t_enc + 1 steps run
         assert len(plan.sigmas) - 1 == runs and torch.equal(plan.sigmas, full.sigmas[-runs - 1:])
         assert plan.noise_range[1] == full.sigmas[0]  # the Brownian tree spans the whole schedule
+        x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)  # the image noised to the first sigma
+        assert plan.img2img_sigma is None and torch.equal(plan.noised(x0, noise), x0 + noise * float(plan.sigmas[0]))
 
 
 def test_schedule_names_and_labels():
@@ -328,9 +333,9 @@ def test_labels_and_snake_names_pick_the_family():
         == "diffusers"
     for label in ("DPM fast", "DPM adaptive", "Restart", "LCM", "k_dpm_fast", "k_dpm_ad", "restart", "k_lcm"):
         assert get_sampler(label)[0].family == "a1111"
-    assert A1111_MISSING == ("DDIM CFG++",)
-    with pytest.raises(ValueError, match="DDIM CFG\\+\\+"):
-        get_sampler("DDIM CFG++")
+    for label in ("DDIM CFG++", "ddim cfg++", "ddim_cfgpp", "DDIM CFG++ Karras"):
+        assert get_sampler(label)[0] is SAMPLERS["DDIM CFG++"]
+    assert SAMPLERS["DDIM CFG++"].family == "a1111" and SAMPLERS["DDIM CFG++"].timestep_space
 
 
 class Recorder(torch.nn.Module):
@@ -345,10 +350,14 @@ class Recorder(torch.nn.Module):
         return self.inner(x, t)
 
 
-def ddim_reference(model, x, steps):
-    """A1111's `ddim` (eta 0), literally: VP latents, alphas_cumprod at its integer timesteps."""
+def compvis_timesteps(steps):
+    """CompVisSampler.get_timesteps, literally."""
+    return [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)]
+
+
+def ddim_reference(model, x, ts):
+    """A1111's `ddim` (eta 0) over timesteps `ts` (ascending), literally: VP latents, alphas_cumprod at them."""
     ac = model.alphas_cumprod
-    ts = [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)]
     for index in range(len(ts) - 1, 0, -1):
         a_t, a_prev = ac[ts[index]], ac[ts[index - 1]]
         e_t = model(x, torch.full((x.shape[0],), float(ts[index])))
@@ -357,10 +366,10 @@ def ddim_reference(model, x, steps):
     return x
 
 
-def plms_reference(model, x, steps):
-    """A1111's `plms`, literally: a pseudo improved Euler first step, then Adams-Bashforth on up to 4 eps."""
+def plms_reference(model, x, ts):
+    """A1111's `plms` over timesteps `ts`, literally: a pseudo improved Euler first step, then Adams-Bashforth on
+    up to 4 eps."""
     ac = model.alphas_cumprod
-    ts = [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)]
     old_eps = []
 
     def x_prev(x, e_t, index):
@@ -390,7 +399,7 @@ def test_timestep_samplers_equal_a1111s_loops(model, name, reference):
         x_vp = start_noise(steps, 1.0)
         recorder = Recorder(model)
         ours = plan.finish(plan.sample(EpsDenoiser(recorder, plan.sigma_to_t), x_vp * plan.init_noise_scale))
-        ref = reference(model, x_vp.clone(), steps)
+        ref = reference(model, x_vp.clone(), compvis_timesteps(steps))
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
         expected = plan.timesteps.tolist()
         if name == "PLMS":  # the first step's second call, at the next timestep
@@ -398,13 +407,15 @@ def test_timestep_samplers_equal_a1111s_loops(model, name, reference):
         assert recorder.seen == expected  # integer timesteps only: A1111's, top down, t = 1 never fed
 
 
-def unipc_reference(model, x, steps):
-    """A1111's `unipc` with its default settings (bh1, order 3, time_uniform, lower_order_final, predict_x0),
-    literally in VP space: UniPC's discrete NoiseScheduleVP (log alpha linear in t between t_i = (i + 1) / 1000),
-    model time (t - 1/1000) * 1000, and the multistep UniP / UniC updates (Zhao et al. 2023, Alg. 2/3)."""
+def unipc_reference(model, x, ts, is_img2img=False):
+    """A1111's `unipc` over timesteps `ts` with its default settings (bh1, order 3, time_uniform,
+    lower_order_final, predict_x0), literally in VP space: UniPC's discrete NoiseScheduleVP (log alpha linear in t
+    between t_i = (i + 1) / 1000), model time (t - 1/1000) * 1000, and the multistep UniP / UniC updates (Zhao et
+    al. 2023, Alg. 2/3). It runs len(ts) steps, from t = 1, or in img2img from ts[-1] / 1000 + 1 / 1000."""
     log_alphas = 0.5 * model.alphas_cumprod.double().log()
     knots = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)[1:]
-    n = len(range(0, 1000, 1000 // steps))  # A1111 passes steps = len(timesteps)
+    n = len(ts)
+    t_start = ts[-1] / 1000 + 1 / 1000 if is_img2img else 1.0
 
     def log_alpha(t):
         return torch.tensor(np.interp(t.double().numpy(), knots.numpy(), log_alphas.numpy()))
@@ -446,12 +457,12 @@ def unipc_reference(model, x, steps):
         res = sum((rho * d for rho, d in zip(rhos_c[:-1], d1s)), torch.zeros_like(x)) + rhos_c[-1] * (model_t - models[-1])
         return x_t_ - alpha(t) * B_h * res, model_t
 
-    ts = torch.linspace(1.0, 1.0 / 1000, n + 1)
-    models, times = [data(x, ts[0])], [ts[0]]
+    grid = torch.linspace(t_start, 1.0 / 1000, n + 1)
+    models, times = [data(x, grid[0])], [grid[0]]
     for step in range(1, n + 1):
         order = min(step, 3, n + 1 - step)
-        x, model_x = update(x, models, times, ts[step], order, use_corrector=step < n)
-        models, times = [*models, model_x][-3:], [*times, ts[step]][-3:]
+        x, model_x = update(x, models, times, grid[step], order, use_corrector=step < n)
+        models, times = [*models, model_x][-3:], [*times, grid[step]][-3:]
     return x
 
 
@@ -461,13 +472,124 @@ def test_unipc_equals_a1111s_unipc(model):
         assert len(plan.sigmas) - 1 == len(a1111_timesteps(steps))  # 20 steps: 20; 30 steps: 31
         x_vp = start_noise(steps, 1.0)
         ours = plan.finish(plan.sample(EpsDenoiser(model, plan.sigma_to_t), x_vp * plan.init_noise_scale))
-        ref = unipc_reference(model, x_vp.clone(), steps)
+        ref = unipc_reference(model, x_vp.clone(), compvis_timesteps(steps))
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     plan = prepare("UniPC", NS, 20)
     assert plan.timesteps[:3].tolist() == pytest.approx([999.0, 949.05, 899.1], abs=1e-3)  # fractional: 999 k / 20
     assert plan.sigmas[-1] == pytest.approx(a1111.ModelSigmas.from_schedule(NS).sigma_min, rel=1e-6)  # ends at t 0
     with pytest.raises(ValueError, match="too few"):
         prepare("UniPC", NS, 2)
+
+
+# A1111's img2img with its timestep samplers (CompVisSampler.sample_img2img, img2img_fix_steps off)
+
+
+def a1111_img2img(model, reference, x0, noise, steps, strength):
+    """sample_img2img, literally: t_enc = int(min(strength, 0.999) * steps); the init latents noised (VP) to
+    timesteps[t_enc]; the sampler run over timesteps[:t_enc]."""
+    t_enc = int(min(strength, 0.999) * steps)
+    timesteps = compvis_timesteps(steps)
+    a = model.alphas_cumprod[timesteps[t_enc]]
+    xi = x0 * a.sqrt() + noise * (1 - a).sqrt()
+    return reference(model, xi, timesteps[:t_enc])
+
+
+IMG2IMG_REFERENCES = {"DDIM": ddim_reference, "PLMS": plms_reference,
+                      "UniPC": functools.partial(unipc_reference, is_img2img=True)}
+
+
+def init_and_noise(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(SEEDS), 4, 8, 8, generator=g), torch.randn(len(SEEDS), 4, 8, 8, generator=g)
+
+
+@pytest.mark.parametrize("name", list(IMG2IMG_REFERENCES))
+def test_timestep_samplers_img2img_equal_a1111s(model, name):
+    for steps, strength in itertools.product((20, 30), (0.3, 0.75, 1.0)):
+        plan = prepare(name, NS, steps, strength=strength)
+        x0, noise = init_and_noise(steps)
+        ours = plan.finish(plan.sample(EpsDenoiser(model, plan.sigma_to_t), plan.noised(x0, noise)))
+        ref = a1111_img2img(model, IMG2IMG_REFERENCES[name], x0, noise, steps, strength)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_timestep_samplers_img2img_noise_one_timestep_above_their_first():
+    m, ac = a1111.ModelSigmas.from_schedule(NS), ldm_alphas_cumprod()
+    plan = prepare("DDIM", NS, 20, strength=0.5)  # t_enc 10: noised to t 501, then 451, 401, ..., 51 and to t 1
+    assert plan.img2img_sigma == m.sigmas[501] and plan.sigmas[0] == m.sigmas[451] and len(plan.timesteps) == 9
+    # the VP latent sqrt(1 - a_501) * noise, read at t 451: sqrt(1 - a_501) * sqrt(1 + sigma_451**2) in sigma space
+    assert plan.noised(torch.zeros(1), torch.ones(1)).item() == pytest.approx(
+        ((1 - ac[501]) / ac[451]).sqrt().item(), rel=1e-6)
+    full = prepare("DDIM", NS, 20, strength=1.0)  # t_enc = int(0.999 * 20) = 19: not txt2img's 19 steps from t 951
+    assert full.img2img_sigma == m.sigmas[951] and full.timesteps[0] == 901 and len(full.timesteps) == 18
+    assert prepare("DDIM", NS, 20).img2img_sigma is None
+
+
+class TinyCondEps(TinyEps):
+    """TinyEps plus a term from the text embedding, so that the cond and uncond predictions differ."""
+
+    def forward(self, x, t, context):
+        return super().forward(x, t) + 0.3 * context.mean(1)[:, :, None, None]
+
+
+def ddim_cfgpp_reference(model, x, ts, *, cond, uncond, cfg_scale):
+    """A1111's `ddim_cfgpp` (eta 0) under its CFGDenoiserTimesteps, literally: guidance in eps space with
+    cond_scale times cond_scale_miltiplier (1 / 12.5), pred_x0 from the guided eps, the direction to the next
+    timestep from the unconditional eps (last_noise_uncond)."""
+    ac = model.alphas_cumprod
+    for index in range(len(ts) - 1, 0, -1):
+        t = torch.full((x.shape[0],), float(ts[index]))
+        e_uncond, e_cond = model(x, t, uncond), model(x, t, cond)
+        e_t = e_uncond + (e_cond - e_uncond) * (cfg_scale * (1 / 12.5))
+        a_t, a_prev = ac[ts[index]].item(), ac[ts[index - 1]].item()
+        pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t**0.5
+        x = a_prev**0.5 * pred_x0 + (1 - a_prev) ** 0.5 * e_uncond
+    return x
+
+
+@pytest.mark.parametrize("strength", [None, 0.75], ids=["txt2img", "img2img"])
+def test_ddim_cfgpp_equals_a1111s(strength):
+    with torch.no_grad():
+        model = TinyCondEps().eval()
+        g = torch.Generator().manual_seed(3)
+        cond, uncond = torch.randn(len(SEEDS), 5, 4, generator=g), torch.randn(1, 5, 4, generator=g)
+        reference = functools.partial(ddim_cfgpp_reference, cond=cond, uncond=uncond.expand(len(SEEDS), -1, -1),
+                                      cfg_scale=7.0)
+        plan = prepare("DDIM CFG++", NS, 20, strength=strength)
+        denoiser = CFGDenoiser(EpsDenoiser(model, plan.sigma_to_t), cond, uncond, 7.0)
+        x0, noise = init_and_noise(20)
+        if strength is None:
+            ours = plan.finish(plan.sample(denoiser, noise * plan.init_noise_scale))
+            ref = reference(model, noise.clone(), compvis_timesteps(20))
+        else:
+            ours = plan.finish(plan.sample(denoiser, plan.noised(x0, noise)))
+            ref = a1111_img2img(model, reference, x0, noise, 20, strength)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        ddim = prepare("DDIM", NS, 20, strength=strength)
+        start = noise * plan.init_noise_scale if strength is None else plan.noised(x0, noise)
+        plain = ddim.finish(ddim.sample(CFGDenoiser(EpsDenoiser(model, ddim.sigma_to_t), cond, uncond, 7.0), start))
+        assert (plain - ours).abs().max() > 1e-2  # not DDIM's result
+
+
+def test_ddim_cfgpp_needs_the_unconditional_prediction(model):
+    plan = prepare("DDIM CFG++", NS, 4)
+    x = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(TypeError, match="DDIM CFG\\+\\+ needs a guidance denoiser with `with_uncond`"):
+        plan.sample(EpsDenoiser(model, plan.sigma_to_t), x)
+    cond = torch.zeros(1, 5, 4)
+    with pytest.raises(ValueError, match="unconditional embedding"):
+        plan.sample(CFGDenoiser(EpsDenoiser(TinyCondEps(), plan.sigma_to_t), cond, None, 1.0), x)
+
+
+def test_ddim_cfgpp_is_listed_and_written_by_its_label(capsys):
+    from stablediff import cli
+
+    assert cli.main(["samplers"]) == 0
+    assert "DDIM CFG++" in {line.split("  ")[0] for line in capsys.readouterr().out.splitlines()}
+    p = GenerationParams(prompt="a cat", sampler="ddim_cfgpp", seed=1, width=512, height=512).validate()
+    text = p.to_infotext()
+    assert "Sampler: DDIM CFG++, " in text and "CFG scale: 7.0, " in text  # the scale as given
+    assert GenerationParams.from_infotext(text)[0].validate() == p
 
 
 def restart_reference(kd, model, x, sigmas):

@@ -760,7 +760,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
-    from .samplers import A1111_MISSING, sampler_table
+    from .samplers import sampler_table
 
     rows = [["NAME", "FAMILY", "AUTOMATIC SCHEDULE", "SCHEDULES", "ALIASES"]]
     for r in sampler_table():
@@ -768,8 +768,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
         rows.append([r["name"], r["family"], r["automatic"], schedules, ", ".join(r["aliases"])])
     print(_table(rows))
     print("\ndiffusers' samplers (snake_case) give diffusers' results; A1111's (its labels) give AUTOMATIC1111's. "
-          "A schedule: --schedule NAME, or A1111's label + ' Karras' (any schedule label). Not implemented: "
-          f"{', '.join(A1111_MISSING)}.")
+          "A schedule: --schedule NAME, or A1111's label + ' Karras' (any schedule label).")
     return 0
 
 

@@ -62,7 +62,9 @@ class ScheduledCFGDenoiser:
 
     Guided (scale > 1, or more than one sub-prompt, or a weight other than 1): the inner denoiser runs once on a
     batch of (K + 1) B ordered [uncond; cond_1; ...; cond_K]. Otherwise it runs on cond only (diffusers'
-    `do_classifier_free_guidance` is guidance_scale > 1).
+    `do_classifier_free_guidance` is guidance_scale > 1). A sampler that steps with the unconditional prediction
+    itself (DDIM CFG++) calls `with_uncond` instead, which returns it besides the guided one: the wrapper stays the
+    only place guidance is computed, and the sampler asks for what it needs explicitly, per call.
     """
 
     def __init__(self, inner: Callable, conds: Sequence[tuple[float, Schedule]], uncond: Schedule | None,
@@ -87,18 +89,31 @@ class ScheduledCFGDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         step, self.step = self.step, self.step + 1
+        if not self.guided:
+            return self.inner(x, sigma, context=_batch(_at(self.conds[0], step), x.shape[0]))
+        return self._guide(x, sigma, step, self.scale)[0]
+
+    def with_uncond(self, x: torch.Tensor, sigma, scale_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(guided D, unconditional D) for samplers that step with the unconditional prediction apart (CFG++,
+        Chung et al. 2024): the guided one with the scale times `scale_factor`. It counts as one call, and runs the
+        unconditional batch whatever the scale, as A1111 does for them (it needs uncond)."""
+        if self.uncond is None:
+            raise ValueError("this sampler needs the unconditional prediction: give an unconditional embedding "
+                             "(uncond)")
+        step, self.step = self.step, self.step + 1
+        return self._guide(x, sigma, step, self.scale * scale_factor)
+
+    def _guide(self, x: torch.Tensor, sigma, step: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         B = x.shape[0]
         conds = [_batch(_at(schedule, step), B) for schedule in self.conds]
-        if not self.guided:
-            return self.inner(x, sigma, context=conds[0])
         sigma = _per_sample(sigma, x)
         n = len(conds) + 1
         context = torch.cat([_batch(_at(self.uncond, step), B), *conds])
         d_uncond, *d_conds = self.inner(torch.cat([x] * n), torch.cat([sigma] * n), context=context).chunk(n)
         denoised = d_uncond
         for weight, d_cond in zip(self.weights, d_conds):
-            denoised = denoised + (weight * self.scale) * (d_cond - d_uncond)
-        return denoised
+            denoised = denoised + (weight * scale) * (d_cond - d_uncond)
+        return denoised, d_uncond
 
 
 class CFGDenoiser(ScheduledCFGDenoiser):

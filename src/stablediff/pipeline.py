@@ -395,7 +395,7 @@ class StableDiffusion:
         units = [self._control_unit(c, params.width, params.height) for c in controls]
         image_seeds = params.image_seeds(len(prompts) * params.batch_size)
         plan = samplers.prepare(params.sampler, self.noise_schedule, params.steps, schedule=params.schedule,
-                                strength=strength or 1.0)
+                                strength=strength)
         loras = dict(params.loras)
         wanted = [self._wanted_loras(p, loras) for p in prompts]  # resolved (and missing ones named) up front
         steps = functools.partial(self._step_callback, callback=callback, cancel=cancel, progress=progress)
@@ -577,7 +577,7 @@ class StableDiffusion:
         if inpaint and strength == 1:
             x = noise * plan.init_noise_scale  # diffusers' inpainting starts from pure noise at full strength
         else:
-            x = x0 + noise * float(plan.sigmas[0])
+            x = plan.noised(x0, noise)
         if not inpaint:
             return x, eps, None
         mask = source["mask"].expand(len(noise), -1, -1, -1)

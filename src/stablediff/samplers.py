@@ -12,7 +12,8 @@ Two families share the table `SAMPLERS`, named so that a name says which one it 
     reproduces one diffusers scheduler as StableDiffusionPipeline drives it;
   * "a1111" (AUTOMATIC1111's labels: "Euler a", "DPM++ 2M", "DDIM", "PLMS", "Restart", ...): each reproduces A1111
     v1.10, i.e. k-diffusion's sample_* update rule (or A1111's own, ksampling.py) with A1111's schedules and rules
-    (a1111.py); its timestep samplers ("DDIM", "PLMS", "UniPC") get A1111's timesteps (see `_prepare_timesteps`).
+    (a1111.py); its timestep samplers ("DDIM", "DDIM CFG++", "PLMS", "UniPC") get A1111's timesteps (see
+    `_prepare_timesteps`).
 `prepare` builds a family's sigmas and timesteps; `SamplingPlan.sample` runs it.
 
 The diffusers family is rewritten in
@@ -64,6 +65,26 @@ def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None):
 
 # DDIM with eta = 0 is exactly Euler in sigma space: x_next = D + sigma_next * (x - D) / sigma. (DDIMScheduler)
 sample_ddim = sample_euler
+
+CFGPP_SCALE_FACTOR = 1 / 12.5  # A1111's DDIM CFG++ guides with cfg_scale / 12.5: CFG 0..12.5 is CFG++'s 0..1
+
+
+def sample_ddim_cfgpp(denoiser, x, sigmas, *, generator=None, callback=None):
+    """DDIM (eta 0) with CFG++ (Chung et al. 2024, manifold-constrained classifier-free guidance), as A1111's
+    "DDIM CFG++": the x0 estimate is the guided D, but the step back out to sigma_next follows the unconditional
+    eps, x_next = D + sigma_next * (x - D_uncond) / sigma, and the guidance scale is A1111's times
+    CFGPP_SCALE_FACTOR. The denoiser must give D_uncond apart: `with_uncond(x, sigma, scale_factor)`, as
+    denoiser.ScheduledCFGDenoiser does."""
+    with_uncond = getattr(denoiser, "with_uncond", None)
+    if with_uncond is None:
+        raise TypeError(f"DDIM CFG++ needs a guidance denoiser with `with_uncond` (denoiser.ScheduledCFGDenoiser), "
+                        f"got {type(denoiser).__name__}")
+    x, sigmas = _float32(x, sigmas)
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised, uncond = with_uncond(x, sigma, scale_factor=CFGPP_SCALE_FACTOR)
+        x = denoised + sigma_next * (x - uncond) / sigma
+        x = _report(callback, i, x, sigma, sigma_next, denoised)
+    return x
 
 
 def sample_euler_a(denoiser, x, sigmas, *, generator=None, callback=None):
@@ -422,10 +443,11 @@ class Sampler:
     brownian: bool = False  # a1111: Brownian-tree noise over the whole run's sigma range (`noise_range`)
     plan_args: tuple[str, ...] = ()  # SamplingPlan fields the function takes as keywords (LCM, TCD: `timesteps`)
     calls_per_step: int = 1  # denoiser calls a step (second-order: 2); prompt-editing schedules count calls
-    timestep_space: bool = False  # a1111: A1111's timestep sampler (DDIM, PLMS, UniPC): its own times, whatever the
-    # schedule (A1111 ignores the schedule type for them), VP start and end
+    timestep_space: bool = False  # a1111: A1111's timestep sampler (DDIM, DDIM CFG++, PLMS, UniPC): its own times,
+    # whatever the schedule (A1111 ignores the schedule type for them), VP start and end, its img2img start
     sigma_range: bool = False  # a1111: runs over (sigma_min, sigma_max) as A1111 passes them (DPM fast, adaptive)
     lcm: bool = False  # a1111: LCM's 50-timestep denoiser (a1111.LCMSigmas), whose sigma_to_t the sampler needs
+    needs_uncond: bool = False  # steps with the unconditional prediction too: the denoiser's `with_uncond` (CFG++)
 
 
 _VP = dict(timesteps="dpm", vp_init=True, karras_round=True, supports_karras=True)
@@ -487,10 +509,11 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     # A1111's own samplers outside k-diffusion: sd_samplers_lcm and sd_samplers_timesteps (DDIM is Euler there)
     Sampler("LCM", sample_k_lcm, "LCM", ("k_lcm",), stochastic=True, lcm=True, **_A1111),
     Sampler("DDIM", sample_euler, "DDIM", timestep_space=True, **_A1111),
+    Sampler("DDIM CFG++", sample_ddim_cfgpp, "DDIM CFG++", ("ddim_cfgpp",), timestep_space=True, needs_uncond=True,
+            **_A1111),
     Sampler("PLMS", sample_plms, "PLMS", timestep_space=True, **_A1111),
     Sampler("UniPC", sample_a1111_unipc, "UniPC", timestep_space=True, **_A1111),
 ]}
-A1111_MISSING = ("DDIM CFG++",)  # A1111 labels not implemented here (CFG++ needs the unconditional eps apart)
 
 
 def sampler_table() -> list[dict]:
@@ -533,9 +556,6 @@ def get_sampler(name: str) -> tuple[Sampler, str | None]:
         base, schedule = a1111.schedule_suffix(key)
         s = _lookup(base) if schedule else None
     if s is None:
-        missing = [m for m in A1111_MISSING if m.lower() == key.lower()]
-        if missing:
-            raise ValueError(f"sampler {name!r}: A1111's {missing[0]!r} is not implemented here")
         valid = [n for s in SAMPLERS.values() for n in (s.name, s.label)]
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(dict.fromkeys(valid))} "
                          f"(add a schedule such as ' Karras')")
@@ -569,6 +589,7 @@ class SamplingPlan:
     noise_range: tuple[torch.Tensor, torch.Tensor] | None = None  # a1111 Brownian noise: the whole run's sigmas
     sigma_range: tuple[torch.Tensor, torch.Tensor] | None = None  # a1111 DPM fast/adaptive: (sigma_min, sigma_max)
     train_sigmas: torch.Tensor | None = None  # diffusers family: the schedule's training sigmas (TCD's sigma_s)
+    img2img_sigma: float | None = None  # a1111 timestep samplers' img2img: the noise level of the init latents
 
     def sample(self, denoiser, x: torch.Tensor, *, generator=None, callback=None, **options) -> torch.Tensor:
         """Run the sampler over the plan's sigmas, with what some samplers need besides: the Brownian-tree range an
@@ -583,6 +604,15 @@ class SamplingPlan:
             extra["sigma_to_t"] = self.sigma_to_t
         return s.fn(denoiser, x, self.sigmas, generator=generator, callback=callback, **extra, **options)
 
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """img2img's start x from the init latents x0 and unit noise: x0 + sigmas[0] * noise (diffusers' `add_noise`
+        and A1111's k-diffusion samplers, in sigma space). A1111's timestep samplers noise x0 to `img2img_sigma`, one
+        timestep above their first, and then read that VP latent as if it were at sigmas[0]."""
+        if self.img2img_sigma is None:
+            return x0 + noise * float(self.sigmas[0])
+        s, s0 = self.img2img_sigma, float(self.sigmas[0])
+        return (x0 + noise * s) * math.sqrt((1 + s0**2) / (1 + s**2))
+
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """Back to the latent diffusers returns: x / sqrt(1 + sigma_last**2) (identity when it is 0), and the VP
         latent A1111's timestep samplers return. A1111's k-diffusion samplers decode x as it is, whatever the last
@@ -593,27 +623,30 @@ class SamplingPlan:
 
 
 def prepare(name: str, noise_schedule: NoiseSchedule, steps: int, *, schedule: str | None = None,
-            strength: float = 1.0) -> SamplingPlan:
+            strength: float | None = None) -> SamplingPlan:
     """The plan for `steps` steps of sampler `name` (any name `get_sampler` takes) on `noise_schedule`.
     schedule: any name or label in a1111.SCHEDULES (None or "automatic": the sampler's own); the diffusers family
     takes only "karras", where its class has use_karras_sigmas.
 
-    strength < 1 (img2img) keeps the last steps. diffusers' img2img `get_timesteps`:
+    strength: None for txt2img; img2img's in (0, 1]. Only A1111's timestep samplers run img2img at strength 1
+    differently from txt2img (see `_prepare_timesteps`); for the others 1 keeps every step.
+    strength < 1 keeps the last steps. diffusers' img2img `get_timesteps`:
     init_timestep = min(int(steps * strength), steps), starting at step steps - init_timestep. A1111's
     `setup_img2img_steps`: t_enc = int(min(strength, 0.999) * steps), starting at step steps - t_enc - 1.
     LCM and TCD instead pick all `steps` from the low-noise part of their schedule (`set_timesteps(strength=...)`, as
     diffusers' LatentConsistencyModelImg2ImgPipeline calls it; schedule.consistency_timesteps).
-    img2img then starts from x = init_latents + sigmas[0] * noise (diffusers' `add_noise` in sigma space, and A1111's).
+    img2img then starts from `SamplingPlan.noised(init_latents, noise)`.
     """
     sampler, named = get_sampler(name)
     schedule = a1111.schedule_name(schedule) if schedule is not None else named
     _check_schedule(sampler, schedule)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not 0 < strength <= 1:
+    if strength is not None and not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if sampler.timestep_space:
         return _prepare_timesteps(sampler, noise_schedule, steps, strength)
+    strength = 1.0 if strength is None else strength
     if sampler.family == "a1111":
         return _prepare_a1111(sampler, noise_schedule, steps, schedule, strength)
     if noise_schedule.clip_sample and sampler.name in ("ddim", "ddpm", "heun"):
@@ -663,32 +696,35 @@ def a1111_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor
     return (torch.arange(0, num_train_timesteps, num_train_timesteps // steps) + 1).clamp(0, num_train_timesteps - 1)
 
 
-def _prepare_timesteps(sampler: Sampler, ns: NoiseSchedule, steps: int, strength: float) -> SamplingPlan:
-    """The plan of A1111's DDIM, PLMS or UniPC, and a sigma_to_t that feeds the U-Net exactly A1111's timesteps.
-    DDIM, PLMS: the training sigmas at `a1111_timesteps`, descending, ending at t = 1's (integer timesteps). UniPC:
-    as many steps as those timesteps, evenly in its continuous time (a1111.unipc_times; fractional timesteps),
-    ending at t = 0's sigma. x starts as VP noise (unit noise * sqrt(1 + sigma**2)) and `finish` returns the VP
-    latent at the last sigma, which A1111 decodes.
+def _prepare_timesteps(sampler: Sampler, ns: NoiseSchedule, steps: int, strength: float | None) -> SamplingPlan:
+    """The plan of A1111's DDIM, DDIM CFG++, PLMS or UniPC, and a sigma_to_t that feeds the U-Net exactly A1111's
+    timesteps. DDIM, PLMS: the training sigmas at `a1111_timesteps`, descending, ending at t = 1's (integer
+    timesteps). UniPC: as many steps as those timesteps, evenly in its continuous time (a1111.unipc_times;
+    fractional timesteps), ending at t = 0's sigma. x starts as VP noise (unit noise * sqrt(1 + sigma**2)) and
+    `finish` returns the VP latent at the last sigma, which A1111 decodes.
 
-    img2img keeps timesteps[:t_enc] (t_enc = int(min(strength, 0.999) * steps)) as A1111 does (UniPC: t_enc steps
-    from just above the last of them), but starts from x0 + noise * sigmas[0]: A1111 noises the image to
-    timesteps[t_enc], one level above where it then starts, which the pipeline's start (image + noise at the plan's
-    first sigma) cannot express.
+    img2img (strength not None, 1 included), as A1111's `sample_img2img` with img2img_fix_steps off: t_enc =
+    int(min(strength, 0.999) * steps); it runs timesteps[:t_enc] (UniPC: t_enc steps from just above the last of
+    them) but noises the init latents to timesteps[t_enc], one timestep higher (`img2img_sigma`), and its first
+    step reads that VP latent as if it were at the first timestep it runs (`SamplingPlan.noised`).
     """
     model = a1111.ModelSigmas.from_schedule(ns)
     timesteps = a1111_timesteps(steps, len(model.sigmas))
-    if strength < 1:
-        timesteps = timesteps[: int(min(strength, 0.999) * steps)]
+    img2img_sigma = None
+    if strength is not None:
+        t_enc = int(min(strength, 0.999) * steps)
+        img2img_sigma = float(model.sigmas[timesteps[t_enc]])
+        timesteps = timesteps[:t_enc]
     unipc = sampler.name == "UniPC"
     if len(timesteps) < (3 if unipc else 2):
         raise ValueError(f"{steps} steps at strength {strength} leave {len(timesteps)} of A1111's timesteps, too few "
                          f"for its {sampler.name} ({'3, its order' if unipc else '2'}); raise strength or steps")
     if unipc:
-        t_start = 1.0 if strength >= 1 else float(timesteps[-1] + 1) / len(model.sigmas)
+        t_start = 1.0 if strength is None else float(timesteps[-1] + 1) / len(model.sigmas)
         sigmas, t = a1111.unipc_times(ns, len(timesteps), t_start)
     else:
         timesteps = timesteps.flip(0)
         sigmas, t = model.sigmas[timesteps], timesteps.float()
     sigma_to_t = TimestepMap(sigmas, t, ns.log_sigmas)
     init_noise_scale = math.sqrt(float(sigmas[0]) ** 2 + 1)
-    return SamplingPlan(sampler, None, sigmas, t[:-1], sigma_to_t, init_noise_scale)
+    return SamplingPlan(sampler, None, sigmas, t[:-1], sigma_to_t, init_noise_scale, img2img_sigma=img2img_sigma)

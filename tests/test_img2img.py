@@ -160,3 +160,24 @@ def test_img2img_and_inpaint_cli(tiny_model_dir, tmp_path):
     r = run_cli("inpaint", "a cat", "--init-image", tmp_path / "in.png", "--mask", tmp_path / "in.png.nope",
                 "--model", tiny_model_dir, cwd=tmp_path)
     assert r.returncode == 2 and "in.png.nope" in r.stderr
+
+
+@pytest.mark.parametrize("sampler,pure", [("Euler", False), ("DPM++ 2M", False), ("euler", True)])
+def test_full_strength_inpainting_start(pipe, sampler, pure):
+    """At strength 1 diffusers' inpainting starts from pure noise; A1111's noises the init latents to sigma_max, as
+    its img2img does at any strength (x0 + noise * sigmas[0])."""
+    from stablediff import rng
+
+    plan = samplers.prepare(sampler, pipe.noise_schedule, 10, strength=1.0)
+    x0 = torch.full((1, 4, 8, 8), 0.5)
+
+    class Posterior:
+        def sample(self, generators):
+            return x0 / pipe.vae.config.scaling_factor
+
+    source = {"posterior": Posterior(), "masked": Posterior(), "mask": torch.ones(1, 1, 8, 8)}
+    x, _, _ = pipe._start(plan, rng.ImageRNG((4, 8, 8), [3]), source, 1.0)
+    noise = rng.ImageRNG((4, 8, 8), [3]).next()
+    expected = noise * plan.init_noise_scale if pure else x0 + noise * plan.sigmas[0]
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(x, noise * plan.sigmas[0], atol=1e-3) or pure

@@ -570,12 +570,14 @@ class StableDiffusion:
             return noise_rng.next() * plan.init_noise_scale, eps, None
         inpaint = "mask" in source
         inpainting_unet = self.unet.config.in_channels == 9
+        # diffusers' inpainting starts from pure noise at full strength; A1111 noises the init latents at any strength
+        pure_noise = inpaint and strength == 1 and plan.sampler.family == "diffusers"
         x0 = source.get("latents")  # hires fix: the first pass's, upscaled
-        if x0 is None and (not inpainting_unet or strength < 1 or not inpaint):
+        if x0 is None and not (inpainting_unet and pure_noise):
             x0 = source["posterior"].sample(noise_rng.generators).float() * sf
         noise = noise_rng.next()
-        if inpaint and strength == 1:
-            x = noise * plan.init_noise_scale  # diffusers' inpainting starts from pure noise at full strength
+        if pure_noise:
+            x = noise * plan.init_noise_scale
         else:
             x = plan.noised(x0, noise)
         if not inpaint:

@@ -316,3 +316,58 @@ def test_lora_with_a_control_is_the_control_on_the_merged_weights(tiny_model_dir
     want = ours(merged, [unit])
     assert_close(got, want, 1e-5)
     assert (want - ours(merged)).abs().max() > 1e-2 and (got - ours(lora_pipe, [unit])).abs().max() > 1e-3
+
+
+# --- batch jobs -------------------------------------------------------------------------------------------------
+
+def test_a_batch_row_with_a_control_makes_generates_image(tiny_model_dir, controlnets, tmp_path, capsys,
+                                                          monkeypatch):
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder, jobs = tmp_path / "controlnet", tmp_path / "jobs"
+    folder.mkdir()
+    jobs.mkdir()
+    (folder / "edges").symlink_to(controlnets[0][1], target_is_directory=True)
+    control_image(1).save(jobs / "hint.png")
+    row = dict(prompt=PROMPT, seed=9, width=64, height=64, sampler="euler", cfg_scale=7,
+               controls=[dict(model="edges", image="hint.png", weight=0.6, preprocessor="invert")])
+    (jobs / "job.jsonl").write_text(json.dumps(row) + "\n")
+    common = ["--model", str(tiny_model_dir), "--steps", "2", "--quiet", "--controlnet-dir", str(folder)]
+    code, err = main(["batch", str(jobs / "job.jsonl"), "--output-dir", str(tmp_path / "batch"), *common], capsys)
+    assert code == 0, err
+    code, err = main(["generate", PROMPT, "--seed", "9", "--width", "64", "--height", "64", "--sampler", "euler",
+                      "--cfg-scale", "7", "--output-dir", str(tmp_path / "gen"), *common,
+                      "--control", f"edges:{jobs / 'hint.png'}:0.6:invert"], capsys)
+    assert code == 0, err
+    (made,), (want,) = (tmp_path / "batch").glob("*.png"), (tmp_path / "gen").glob("*.png")
+    with Image.open(made) as a, Image.open(want) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b)) and a.text == b.text
+        text = a.text["parameters"]
+    assert 'ControlNet 0: "Module: invert, Model: edges, Weight: 0.6' in text, text
+    line = json.loads((tmp_path / "batch" / "manifest.jsonl").read_text())
+    assert line["params"]["controls"][0]["model"] == str(folder / "edges")
+
+
+@pytest.mark.parametrize("controls, needle", [
+    ([{"model": "edges", "image": "missing.png"}], "line 2: controls[0]: "),
+    ([{"model": "nothing", "image": "hint.png"}], "line 2: controls[0]: no ControlNet 'nothing'"),
+    ([{"model": "edges", "image": "hint.png", "weight": "x"}], "line 2: controls[0]: control weight 'x'"),
+    ([{"model": "edges", "image": "hint.png", "mode": 1}], "line 2: controls[0]: control field 'mode' is unknown"),
+    ({"model": "edges"}, "line 2: controls {'model': 'edges'} is not a list"),
+])
+def test_bad_batch_controls_are_named_by_row_before_loading(tmp_path, controlnets, capsys, controls, needle):
+    import json
+
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    (folder / "edges").symlink_to(controlnets[0][1], target_is_directory=True)
+    control_image(1).save(tmp_path / "hint.png")
+    model = tmp_path / "corrupt.safetensors"  # were it loaded, the error would be about this file
+    model.write_bytes(b"not a checkpoint")
+    rows = [{"prompt": "fine"}, {"prompt": "a dog", "controls": controls}]
+    (tmp_path / "job.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, err = main(["batch", str(tmp_path / "job.jsonl"), "--model", str(model), "--controlnet-dir", str(folder),
+                      "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert needle in err and "corrupt" not in err, err

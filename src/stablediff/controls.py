@@ -19,6 +19,7 @@ Several units' residuals are summed (diffusers' MultiControlNetModel).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,8 +138,8 @@ def from_row(unit, directory: Path, base: Path) -> Control:
     model = resolve_model(fields["model"], directory)
     if model is None:
         raise ValueError(f"no ControlNet {fields['model']!r} (not a file or folder, nor a name in {directory})")
-    image = (Path(base) / Path(fields["image"]).expanduser()).resolve()
-    control = Control(**{**fields, "model": model.resolve(), "image": image})
+    image = os.path.abspath(Path(base) / Path(fields["image"]).expanduser())  # abspath: a link keeps its name
+    control = Control(**{**fields, "model": Path(os.path.abspath(model)), "image": Path(image)})
     control.check()
     return control
 

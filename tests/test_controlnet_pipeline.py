@@ -52,17 +52,22 @@ def control_image(seed: int, size=(64, 64)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
 
 
-def reference(tiny_reference, nets, images, scales, guess_mode=False):
+def oracle(cls_name, tiny_reference, nets=()):
+    """diffusers' pipeline `cls_name` on the tiny model with Euler (and the ControlNets `nets`, where it takes them)."""
     import diffusers
-    from diffusers import StableDiffusionControlNetPipeline
 
     spec = samplers.SAMPLERS["euler"]
     cls = getattr(diffusers, spec.diffusers_class)
     scheduler = cls.from_config(cls.load_config(str(SD15), subfolder="scheduler"), **dict(spec.diffusers_kwargs))
-    ref = StableDiffusionControlNetPipeline(
+    extra = {"controlnet": list(nets) if len(nets) > 1 else nets[0]} if nets else {}
+    return getattr(diffusers, cls_name)(
         vae=tiny_reference.vae, text_encoder=tiny_reference.text_encoder, tokenizer=tiny_reference.tokenizer,
-        unet=tiny_reference.unet, controlnet=nets if len(nets) > 1 else nets[0], scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        unet=tiny_reference.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, **extra)
+
+
+def reference(tiny_reference, nets, images, scales, guess_mode=False):
+    ref = oracle("StableDiffusionControlNetPipeline", tiny_reference, nets)
     one = len(nets) == 1
     with torch.no_grad():
         return ref(PROMPT, image=images[0] if one else images, num_inference_steps=STEPS, guidance_scale=7.0,
@@ -217,3 +222,152 @@ def test_the_infotext_records_each_unit_as_the_extension_does(pipe, controlnets)
             f'Guidance Start: 0, Guidance End: 0.5, Control Mode: Balanced", ControlNet 1: "Module: none, '
             f'Model: {name}, Weight: 1, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1, '
             f'Control Mode: My prompt is more important"') in text, text
+
+
+# --- hires fix, img2img, inpainting and LoRA with controls ----------------------------------------------------------
+
+@pytest.mark.parametrize("hr_option", ["Both", "Low res only", "High res only"])
+def test_hires_fix_makes_a_second_hint_at_the_hires_size(pipe, tiny_reference, controlnets, hr_option):
+    """The first pass as diffusers' ControlNet txt2img (hint fit to 64x80), the second as its ControlNet img2img on
+    the upscaled latents with a hint fit from the same image to 96x120 (no control where hr_option leaves it out)."""
+    from stablediff import preprocess
+    from stablediff.params import GenerationParams
+
+    (net, path), image = controlnets[0], control_image(4, size=(50, 70))  # another aspect: each fit crops
+    low, high = (preprocess.fit(image, w, h, "Crop and Resize") for w, h in ((64, 80), (96, 120)))
+    kw = dict(prompt=PROMPT, guidance_scale=7.0, output_type="latent")
+    with torch.no_grad():
+        if hr_option == "High res only":
+            first = oracle("StableDiffusionPipeline", tiny_reference)(
+                num_inference_steps=STEPS, width=64, height=80, generator=torch.Generator().manual_seed(SEED), **kw)
+        else:
+            first = oracle("StableDiffusionControlNetPipeline", tiny_reference, [net])(
+                image=low, num_inference_steps=STEPS, width=64, height=80,
+                generator=torch.Generator().manual_seed(SEED), **kw)
+        upscaled = torch.nn.functional.interpolate(first.images, size=(60, 48), mode="bilinear")
+        second = dict(image=upscaled, num_inference_steps=3, strength=0.6,
+                      generator=torch.Generator().manual_seed(SEED), **kw)
+        if hr_option == "Low res only":
+            want = oracle("StableDiffusionImg2ImgPipeline", tiny_reference)(**second).images
+        else:
+            want = oracle("StableDiffusionControlNetImg2ImgPipeline", tiny_reference, [net])(
+                control_image=high, controlnet_conditioning_scale=1.0, **second).images
+    got = pipe.generate(GenerationParams(
+        prompt=PROMPT, cfg_scale=7.0, steps=STEPS, width=64, height=80, seed=SEED, sampler="euler", enable_hr=True,
+        hr_scale=1.5, hr_second_pass_steps=3, strength=0.6), controls=[Control(image, path, hr_option=hr_option)])
+    assert_close(got.latents, want, LATENT_TOL)
+    assert ("Hr Option" in got.infotexts[0]) == (hr_option != "Both")
+
+
+def test_bad_hr_option_fails_before_any_work(pipe, controlnets):
+    with pytest.raises(ValueError, match="unknown hr_option 'High'; known: Both, Low res only, High res only"):
+        pipe(PROMPT, steps=STEPS, controls=[Control(control_image(1), controlnets[0][1], hr_option="High")])
+
+
+def test_img2img_with_a_control_matches_diffusers(pipe, tiny_reference, controlnets):
+    from test_img2img import picture
+
+    (net, path), init, hint = controlnets[0], picture(80, 64), control_image(5, size=(80, 64))
+    with torch.no_grad():
+        want = oracle("StableDiffusionControlNetImg2ImgPipeline", tiny_reference, [net])(
+            PROMPT, image=init, control_image=hint, strength=0.6, num_inference_steps=6, guidance_scale=7.0,
+            controlnet_conditioning_scale=0.9, generator=torch.Generator().manual_seed(SEED),
+            output_type="latent").images
+    got = pipe(PROMPT, steps=6, cfg_scale=7.0, seed=SEED, sampler="euler", init_image=init, strength=0.6,
+               controls=[Control(hint, path, weight=0.9)]).latents
+    assert_close(got, want, LATENT_TOL)
+
+
+def test_inpainting_with_a_control_matches_diffusers(pipe, tiny_reference, controlnets):
+    from test_img2img import mask, picture
+
+    (net, path), init, m, hint = controlnets[1], picture(64, 64, 1), mask(64, 64), control_image(6)
+    with torch.no_grad():
+        want = oracle("StableDiffusionControlNetInpaintPipeline", tiny_reference, [net])(
+            PROMPT, image=init, mask_image=m, control_image=hint, controlnet_conditioning_scale=1.0, strength=0.7,
+            num_inference_steps=6, guidance_scale=7.0, width=64, height=64,
+            generator=torch.Generator().manual_seed(SEED), output_type="latent").images
+    got = pipe(PROMPT, steps=6, cfg_scale=7.0, seed=SEED, sampler="euler", init_image=init, mask_image=m,
+               strength=0.7, controls=[Control(hint, path)]).latents
+    assert_close(got, want, LATENT_TOL)
+
+
+def test_lora_with_a_control_is_the_control_on_the_merged_weights(tiny_model_dir, controlnets, tmp_path):
+    """A kohya LoRA on two U-Net projections: merged for the call, the ControlNet left as it is."""
+    from safetensors.torch import save_file
+
+    layers = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+              "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    g, sd, deltas = torch.Generator().manual_seed(3), {}, {}
+    for name in layers:
+        flat = "lora_unet_" + name.replace(".", "_")
+        down, up = torch.randn(4, 32, generator=g) * 0.3, torch.randn(32, 4, generator=g) * 0.3
+        sd |= {f"{flat}.lora_down.weight": down, f"{flat}.lora_up.weight": up, f"{flat}.alpha": torch.tensor(2.0)}
+        deltas[name] = 0.8 * (2.0 / 4) * up @ down
+    save_file(sd, str(tmp_path / "style.safetensors"))
+    unit = Control(control_image(7), controlnets[0][1], weight=0.7)
+    lora_pipe = StableDiffusion.from_pretrained(tiny_model_dir)
+    got = lora_pipe(PROMPT, steps=STEPS, cfg_scale=7.0, seed=SEED, width=64, height=64,
+                    loras={str(tmp_path / "style.safetensors"): 0.8}, controls=[unit]).latents
+    merged = StableDiffusion.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            merged.unet.get_submodule(name).weight += delta
+    want = ours(merged, [unit])
+    assert_close(got, want, 1e-5)
+    assert (want - ours(merged)).abs().max() > 1e-2 and (got - ours(lora_pipe, [unit])).abs().max() > 1e-3
+
+
+# --- batch jobs -------------------------------------------------------------------------------------------------
+
+def test_a_batch_row_with_a_control_makes_generates_image(tiny_model_dir, controlnets, tmp_path, capsys,
+                                                          monkeypatch):
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder, jobs = tmp_path / "controlnet", tmp_path / "jobs"
+    folder.mkdir()
+    jobs.mkdir()
+    (folder / "edges").symlink_to(controlnets[0][1], target_is_directory=True)
+    control_image(1).save(jobs / "hint.png")
+    row = dict(prompt=PROMPT, seed=9, width=64, height=64, sampler="euler", cfg_scale=7,
+               controls=[dict(model="edges", image="hint.png", weight=0.6, preprocessor="invert")])
+    (jobs / "job.jsonl").write_text(json.dumps(row) + "\n")
+    common = ["--model", str(tiny_model_dir), "--steps", "2", "--quiet", "--controlnet-dir", str(folder)]
+    code, err = main(["batch", str(jobs / "job.jsonl"), "--output-dir", str(tmp_path / "batch"), *common], capsys)
+    assert code == 0, err
+    code, err = main(["generate", PROMPT, "--seed", "9", "--width", "64", "--height", "64", "--sampler", "euler",
+                      "--cfg-scale", "7", "--output-dir", str(tmp_path / "gen"), *common,
+                      "--control", f"edges:{jobs / 'hint.png'}:0.6:invert"], capsys)
+    assert code == 0, err
+    (made,), (want,) = (tmp_path / "batch").glob("*.png"), (tmp_path / "gen").glob("*.png")
+    with Image.open(made) as a, Image.open(want) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b)) and a.text == b.text
+        text = a.text["parameters"]
+    assert 'ControlNet 0: "Module: invert, Model: edges, Weight: 0.6' in text, text
+    line = json.loads((tmp_path / "batch" / "manifest.jsonl").read_text())
+    assert line["params"]["controls"][0]["model"] == str(folder / "edges")
+
+
+@pytest.mark.parametrize("controls, needle", [
+    ([{"model": "edges", "image": "missing.png"}], "line 2: controls[0]: "),
+    ([{"model": "nothing", "image": "hint.png"}], "line 2: controls[0]: no ControlNet 'nothing'"),
+    ([{"model": "edges", "image": "hint.png", "weight": "x"}], "line 2: controls[0]: control weight 'x'"),
+    ([{"model": "edges", "image": "hint.png", "mode": 1}], "line 2: controls[0]: control field 'mode' is unknown"),
+    ({"model": "edges"}, "line 2: controls {'model': 'edges'} is not a list"),
+])
+def test_bad_batch_controls_are_named_by_row_before_loading(tmp_path, controlnets, capsys, controls, needle):
+    import json
+
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    (folder / "edges").symlink_to(controlnets[0][1], target_is_directory=True)
+    control_image(1).save(tmp_path / "hint.png")
+    model = tmp_path / "corrupt.safetensors"  # were it loaded, the error would be about this file
+    model.write_bytes(b"not a checkpoint")
+    rows = [{"prompt": "fine"}, {"prompt": "a dog", "controls": controls}]
+    (tmp_path / "job.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, err = main(["batch", str(tmp_path / "job.jsonl"), "--model", str(model), "--controlnet-dir", str(folder),
+                      "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert needle in err and "corrupt" not in err, err

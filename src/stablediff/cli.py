@@ -228,7 +228,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                          description="Make the images of a job file: a .txt (one prompt a line), .csv (a header "
                                      "line, then one row a line) or .jsonl (one JSON object a line) whose rows may "
                                      "set prompt, negative_prompt, seed, steps, cfg_scale, sampler, schedule, width, "
-                                     "height, batch_size and clip_skip; the options below are the defaults. Files "
+                                     "height, batch_size, clip_skip and controls (ControlNet units: a list of "
+                                     "objects with model, image, weight, ...; images relative to the job file); "
+                                     "the options below are the defaults. Files "
                                      "are DIR/LINE-SEED-SAMPLER.png plus DIR/manifest.jsonl; running the same "
                                      "command again makes only what is missing. A row without a seed gets one "
                                      "derived from --seed (default 0) and its line number.")
@@ -568,15 +570,6 @@ def _reason(error: OSError) -> str:
 
 # --- subcommands ------------------------------------------------------------------------------------------------
 
-def _controlnet_path(name: str, directory: Path) -> Path | None:
-    """A --control MODEL: a file or folder as given, else NAME (with or without its suffix) in `directory`."""
-    from .controls import find_controlnet
-
-    if Path(name).expanduser().exists():
-        return Path(name).expanduser()
-    return find_controlnet(name, directory)
-
-
 def _weight(text: str) -> float:
     try:
         return float(text)
@@ -587,17 +580,15 @@ def _weight(text: str) -> float:
 def parse_controls(args: argparse.Namespace) -> list:
     """--control MODEL:IMAGE[:WEIGHT][:PREPROCESSOR] values -> controls.Control units, each checked (files exist,
     weight a number, preprocessor known): a UsageError names the bad value."""
-    from .controls import Control
+    from .controls import Control, resolve_model
 
     values = getattr(args, "control", [])
-    if values and getattr(args, "command", None) == "batch":
-        raise UsageError("--control is not supported by batch yet; use generate or img2img")
     units = []
     for value in values:
         parts = value.split(":")
         if not 2 <= len(parts) <= 4 or not all(parts[:2]):
             raise UsageError(f"--control {value}: give MODEL:IMAGE[:WEIGHT][:PREPROCESSOR]")
-        model = _controlnet_path(parts[0], args.controlnet_dir)
+        model = resolve_model(parts[0], args.controlnet_dir)
         if model is None:
             raise UsageError(f"--control {value}: no ControlNet {parts[0]!r} (not a file or folder, nor a name in "
                              f"{args.controlnet_dir})")
@@ -741,7 +732,8 @@ def _run_batch(args: argparse.Namespace):
                                samplers=args.samplers, base_seed=args.seed, skip_bad=args.skip_bad, ray=args.ray,
                                workers=args.workers, device=args.device, dtype=args.dtype,
                                safety_checker=args.safety_checker, load=lambda: load_model(args),
-                               progress=not args.quiet, limits=limits_from_args(args))
+                               progress=not args.quiet, limits=limits_from_args(args),
+                               controls=parse_controls(args), controlnet_dir=args.controlnet_dir)
     except batch.JobError as e:
         for problem in e.problems if len(e.problems) > 1 else []:  # one is the error line itself
             print(f"stablediff: error: {problem}", file=sys.stderr)

@@ -11,11 +11,15 @@ The rules are sd-webui-controlnet's (its controlnet.py and hook.py):
   none, so guidance pushes toward the control);
 - guess_mode is diffusers': the ControlNet runs on the conditional half only and scales its residuals by
   logspace(-1, 0) (ControlNet.forward).
+- hires fix (hr_option, its HiResFixOption): "Both" runs the unit in the first pass and, with a second hint made
+  from the same image at the second pass's size, in the hires pass; "Low res only" in the first pass only; "High res
+  only" in the hires pass only. Without hires fix every unit runs, whatever its hr_option.
 Several units' residuals are summed (diffusers' MultiControlNetModel).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,9 @@ from .controlnet import ControlNet
 
 CONTROLNET_SUFFIXES = ("", ".safetensors", ".pth", ".pt", ".ckpt", ".bin")  # "": a folder, or a full file name
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+HR_OPTIONS = ("Both", "Low res only", "High res only")
+FIELDS = ("image", "model", "weight", "start", "end", "preprocessor", "resize_mode", "control_mode", "guess_mode",
+          "params", "hr_option")  # Control's fields, as a batch job's row names them
 SOFT_INJECTION = 0.825  # the extension's per-layer factor: 0.825 ** 12 < 0.01 for the top skip
 
 
@@ -42,7 +49,8 @@ def find_controlnet(name: str, directory: Path) -> Path | None:
 class Control:
     """One ControlNet unit. model: a ControlNet file or folder (load_controlnet), or a loaded ControlNet. image: a
     PIL image or a path. weight: the ControlNet's conditioning scale. start / end: the fraction of the steps where it
-    begins and stops acting. params: the preprocessor's parameters (preprocess.run)."""
+    begins and stops acting. params: the preprocessor's parameters (preprocess.run). hr_option: which passes of
+    hires fix it runs in (HR_OPTIONS, see the module's docstring)."""
 
     image: object
     model: str | Path | ControlNet
@@ -54,14 +62,24 @@ class Control:
     control_mode: str = "Balanced"
     guess_mode: bool = False
     params: dict = field(default_factory=dict)
+    hr_option: str = "Both"
 
     def infotext(self) -> str:
         """The unit as sd-webui-controlnet records it in the infotext's `ControlNet N` entry (its keys; the model by
         its file name without the extension)."""
         name = "ControlNet" if isinstance(self.model, ControlNet) else Path(self.model).stem
         mode = self.resize_mode if isinstance(self.resize_mode, str) else preprocess.RESIZE_MODES[self.resize_mode]
+        hr = "" if self.hr_option == "Both" else f", Hr Option: {self.hr_option}"
         return (f"Module: {self.preprocessor}, Model: {name}, Weight: {self.weight:g}, Resize Mode: {mode}, "
-                f"Guidance Start: {self.start:g}, Guidance End: {self.end:g}, Control Mode: {self.control_mode}")
+                f"Guidance Start: {self.start:g}, Guidance End: {self.end:g}, Control Mode: {self.control_mode}{hr}")
+
+    def to_row(self) -> dict:
+        """The unit as a batch row's control (FIELDS; paths as text): what from_row and Control(**row) read."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in ((k, getattr(self, k)) for k in FIELDS)}
+
+    def runs_in(self, hires_pass: bool) -> bool:
+        """Whether the unit acts in hires fix's second pass (hires_pass) or in its first pass, by hr_option."""
+        return self.hr_option == "Both" or (self.hr_option == "High res only") == hires_pass
 
     def check(self) -> None:
         """ValueError (one line, naming the value) for a unit no run could use; cheap, reads no model."""
@@ -73,6 +91,8 @@ class Control:
             raise ValueError(f"control start {self.start} and end {self.end} must satisfy 0 <= start <= end <= 1")
         if self.control_mode not in CONTROL_MODES:
             raise ValueError(f"unknown control mode {self.control_mode!r}; known: {', '.join(CONTROL_MODES)}")
+        if self.hr_option not in HR_OPTIONS:
+            raise ValueError(f"unknown hr_option {self.hr_option!r}; known: {', '.join(HR_OPTIONS)}")
         if self.resize_mode not in preprocess.RESIZE_MODES and self.resize_mode not in range(3):
             raise ValueError(f"unknown resize mode {self.resize_mode!r}; known: {', '.join(preprocess.RESIZE_MODES)}")
         preprocess.check_params(self.preprocessor, dict(self.params))
@@ -98,6 +118,37 @@ class Control:
         else:
             array = preprocess.rgb_array(image).astype(np.float32) / 255.0
         return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
+
+
+def resolve_model(name: str, directory: Path) -> Path | None:
+    """A ControlNet as `generate --control` and batch rows name it: a file or folder as given, else NAME (with or
+    without its suffix, find_controlnet) in `directory`; None where there is none."""
+    if Path(name).expanduser().exists():
+        return Path(name).expanduser()
+    return find_controlnet(name, directory)
+
+
+def from_row(unit, directory: Path, base: Path) -> Control:
+    """A batch row's control (an object of FIELDS, model and image required) as a checked Control: the model
+    resolved as resolve_model does in `directory`, both paths absolute, a relative image taken from `base` (the job
+    file's folder). ValueError names the bad field or value."""
+    if not isinstance(unit, dict):
+        raise ValueError(f"control {unit!r} is not an object")
+    unknown = [k for k in unit if k not in FIELDS]
+    if unknown:
+        raise ValueError(f"control field {unknown[0]!r} is unknown; a control may set {', '.join(FIELDS)}")
+    fields = {k: v for k, v in unit.items() if v is not None}
+    for key, kind, what in (("model", str, "a name or path"), ("image", str, "a path"), ("preprocessor", str, "a name"),
+                            ("guess_mode", bool, "true or false"), ("params", dict, "an object")):
+        if key in fields and not isinstance(fields[key], kind) or key in ("model", "image") and not fields.get(key):
+            raise ValueError(f"control {key} {fields.get(key)!r} is not {what}")
+    model = resolve_model(fields["model"], directory)
+    if model is None:
+        raise ValueError(f"no ControlNet {fields['model']!r} (not a file or folder, nor a name in {directory})")
+    image = os.path.abspath(Path(base) / Path(fields["image"]).expanduser())  # abspath: a link keeps its name
+    control = Control(**{**fields, "model": Path(os.path.abspath(model)), "image": Path(image)})
+    control.check()
+    return control
 
 
 @dataclass

@@ -392,7 +392,7 @@ class StableDiffusion:
         prompts, negatives = _prompt_lists(params, prompts, negatives)
         params, init_image, mask_image, strength = self._settle(params, init_image, mask_image, len(prompts))
         upscaler = hires.load_upscaler(params.hr_upscaler, upscaler_dir) if params.enable_hr else None
-        units = [self._control_unit(c, params.width, params.height) for c in controls]
+        units = self._control_units(controls, params)
         image_seeds = params.image_seeds(len(prompts) * params.batch_size)
         plan = samplers.prepare(params.sampler, self.noise_schedule, params.steps, schedule=params.schedule,
                                 strength=strength)
@@ -436,18 +436,20 @@ class StableDiffusion:
         return params, init_image, mask_image, strength
 
     def _one_prompt(self, b, prompts, negatives, params, plan, image_seeds, source, wanted, units, upscaler, steps):
-        """Prompt b's latents: its LoRAs merged, the sampler run, then the hires pass where asked."""
+        """Prompt b's latents: its LoRAs merged, the sampler run, then the hires pass where asked. units: the
+        first and the second pass's ControlNet units (_control_units)."""
         self.loras.apply({path: m for path, (_, m) in wanted[b].items()})
         step_cb = steps(b, len(prompts), len(plan.sigmas) - 1)
         seeds = image_seeds[b * params.batch_size:(b + 1) * params.batch_size]
+        first, second = units
         try:
-            latents = self.generate_latents(prompts[b], negatives[b], params, plan, seeds, source, step_cb, units)
+            latents = self.generate_latents(prompts[b], negatives[b], params, plan, seeds, source, step_cb, first)
         finally:
             step_cb.close()
         if not params.enable_hr:
             return latents
         return hires.second_pass(self, prompts[b], negatives[b], params, latents, seeds, upscaler,
-                                 functools.partial(steps, b, len(prompts)))
+                                 functools.partial(steps, b, len(prompts)), second)
 
     def from_infotext(self, text: str, **changes) -> GenerationResult:
         """Remake an image from its `parameters` text (ours or AUTOMATIC1111's), with `changes` (GenerationParams
@@ -607,6 +609,17 @@ class StableDiffusion:
         ControlNet's (UNet.forward's down_block_additional_residuals, mid_block_additional_residual)."""
         guidance = {} if timestep_cond is None else {"timestep_cond": timestep_cond}  # LCM U-Nets only
         return self.unet(x_in, t, context, cache=cache, **guidance, **residuals)
+
+    def _control_units(self, controls, params: GenerationParams) -> tuple[list, list]:
+        """The units of the first pass and of hires fix's second pass (params.enable_hr; the hint made again at the
+        second pass's image size), each where its hr_option runs it (controls.Control.runs_in)."""
+        if not params.enable_hr:
+            return [self._control_unit(c, params.width, params.height) for c in controls], []
+        f = self.downscale
+        size = hires.target_size(params.width, params.height, params.hr_scale, params.hr_resize_x,
+                                 params.hr_resize_y, f).image_size(f)
+        return ([self._control_unit(c, params.width, params.height) for c in controls if c.runs_in(False)],
+                [self._control_unit(c, *size) for c in controls if c.runs_in(True)])
 
     def _control_unit(self, control: controlnets.Control, width: int, height: int) -> controlnets.ActiveControl:
         """A checked Control with its ControlNet (loaded once per path, to fit this U-Net) and its hint at the hint

@@ -220,7 +220,7 @@ def generate(pipe, unit: Unit) -> list[dict]:
     keys = unit.keys
     start = time.perf_counter()
     try:
-        result = pipe.generate(unit.params)
+        result = pipe.generate(unit.params, controls=unit.controls)
     except Exception as e:  # noqa: BLE001 - one unit's failure (NaN, out of memory, ...) must not end the job
         message = f"{type(e).__name__}: {' '.join(str(e).split())}"
         return [dict(key=k, png=b"", seconds=0.0, nsfw=False, error=message) for k in keys]
@@ -333,9 +333,11 @@ def run_batch(jobs: str | Path, output_dir: str | Path, *, model: str, defaults:
               seeds: str | None = None, samplers: str | None = None, base_seed: int | None = None,
               skip_bad: bool = False, ray: str | None = None, workers: int | None = None, device: str = "auto",
               dtype: str = "float32", safety_checker=False, load: Callable[[], object] | None = None,
-              progress: bool = True, warn: Callable[[str], None] | None = None, limits: Limits = Limits()) -> Summary:
+              progress: bool = True, warn: Callable[[str], None] | None = None, limits: Limits = Limits(),
+              controls: tuple = (), controlnet_dir: Path = Path("controlnet")) -> Summary:
     """Everything `stablediff batch` does after parsing. `defaults`: the settings a row leaves out (the command
-    line's; see jobs.plan); `ray`: None for the local loop, "local" for a new local Ray, else a cluster address;
+    line's; see jobs.plan); `controls`: the ControlNet units of a row that names none, `controlnet_dir`: where a
+    row's ControlNet names are looked up; `ray`: None for the local loop, "local" for a new local Ray, else a cluster address;
     `load` makes the local loop's pipeline (default load_pipeline); `limits`: the --max-* bounds on the job. Bad
     input raises ValueError (JobError for rows, LimitError for the job's size) before anything is generated; a file
     that cannot be written (a full disk) raises WriteError."""
@@ -343,7 +345,8 @@ def run_batch(jobs: str | Path, output_dir: str | Path, *, model: str, defaults:
 
     warn = warn or (lambda message: tqdm.write(f"stablediff: warning: {message}", file=sys.stderr))
     jobs, output_dir, model = Path(jobs), Path(output_dir), _model_id(model)
-    work, bad_rows = _plan_job(jobs, defaults, seeds, samplers, base_seed or 0, limits, skip_bad, warn)
+    work, bad_rows = _plan_job(jobs, defaults, seeds, samplers, base_seed or 0, limits, skip_bad, warn,
+                               dict(controls=tuple(controls), controlnet_dir=Path(controlnet_dir)))
     load = load or functools.partial(load_pipeline, model, device=device, dtype=dtype, safety_checker=safety_checker)
     output_dir.mkdir(parents=True, exist_ok=True)
     with Manifest(output_dir) as manifest:
@@ -383,12 +386,14 @@ def _make(units: list[Unit], on_result: Callable[[dict], None], load: Callable[[
 
 
 def _plan_job(jobs: Path, defaults: GenerationParams, seeds: str | None, samplers: str | None, base_seed: int,
-              limits: Limits, skip_bad: bool, warn: Callable[[str], None]) -> tuple[Plan, int]:
-    """The job's plan and how many bad rows it leaves out: JobError for bad rows unless `skip_bad`, which warns."""
+              limits: Limits, skip_bad: bool, warn: Callable[[str], None], control_settings: dict) -> tuple[Plan, int]:
+    """The job's plan and how many bad rows it leaves out: JobError for bad rows unless `skip_bad`, which warns.
+    control_settings: jobs.plan's controls and controlnet_dir."""
     sweep_seeds = parse_seeds(seeds, limits) if seeds else None
     sweep_samplers = parse_samplers(samplers) if samplers else None
     rows, problems = read_jobs(jobs)
-    work = plan(rows, defaults, seeds=sweep_seeds, sampler_sweep=sweep_samplers, base_seed=base_seed, limits=limits)
+    work = plan(rows, defaults, seeds=sweep_seeds, sampler_sweep=sweep_samplers, base_seed=base_seed, limits=limits,
+                job_dir=jobs.parent, **control_settings)
     problems = sorted(problems + work.problems)
     if problems and not skip_bad:
         raise JobError(jobs, problems)

@@ -8,6 +8,10 @@
    --samplers sweep). An image's key is its file name, `LLLLL-SEED-SAMPLER[-karras]`. Runs of consecutive seeds go
    through the model together, batch_size at a time ("units"); that split depends on the job alone, so an image's
    pixels do not depend on what was made before, by which worker, or whether on Ray.
+   A row's "controls" (a list of objects with controls.FIELDS; in a .csv cell, that list as JSON) are its ControlNet
+   units: models resolved as `generate --control` resolves them (a path, else a name in --controlnet-dir), images
+   relative to the job file, each checked (files exist, values known) with the row; a row without them gets the
+   command line's --control units.
 3. `JobError`: all the bad rows at once, one 'FILE: line N: what' text per row (batch.py raises it unless
    --skip-bad, which warns and runs the rest).
 4. Limits (limits.py, the --max-* flags): each row's size, steps, U-Net batch and prompts are checked by the same
@@ -26,13 +30,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import controls as controlnets
 from .. import samplers
 from ..limits import NATIVE_SIZE, UNIT_PIXELS, LimitError, Limits
 from ..params import MAX_SEED, GenerationParams
 
 SUFFIXES = (".txt", ".csv", ".jsonl")
 OPTIONS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "cfg_scale": float, "sampler": str,
-           "schedule": str, "width": int, "height": int, "batch_size": int, "clip_skip": int, "tiling": bool}
+           "schedule": str, "width": int, "height": int, "batch_size": int, "clip_skip": int, "tiling": bool,
+           "controls": list}
 # what an image's manifest line records of its settings, in this order (then loras and cache_interval where set, then
 # seed): the shape the manifests written so far have, so that their images still compare equal on a resume
 MANIFEST_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule", "width", "height",
@@ -219,18 +225,22 @@ def row_seed(base: int, line: int, count: int) -> int:
 
 @dataclass(frozen=True)
 class Unit:
-    """One pipeline call: `params` with the first seed and the batch size, making the images `keys` (one a seed)."""
+    """One pipeline call: `params` with the first seed and the batch size, making the images `keys` (one a seed),
+    with the row's ControlNet units `controls`."""
     params: GenerationParams
     keys: list[str]
+    controls: tuple = ()
 
     def to_json(self) -> str:
         """As Ray carries it to a worker (from_json reads it back)."""
-        return json.dumps({"params": self.params.to_row(), "keys": self.keys})
+        return json.dumps({"params": self.params.to_row(), "keys": self.keys,
+                           "controls": [c.to_row() for c in self.controls]})
 
     @classmethod
     def from_json(cls, text: str) -> "Unit":
         unit = json.loads(text)
-        return cls(GenerationParams.from_row(unit["params"]), unit["keys"])
+        return cls(GenerationParams.from_row(unit["params"]), unit["keys"],
+                   tuple(controlnets.Control(**c) for c in unit.get("controls", ())))
 
 
 @dataclass
@@ -241,15 +251,19 @@ class Plan:
 
 
 def plan(rows: list[Row], defaults: GenerationParams, *, seeds: list[int] | None = None,
-         sampler_sweep: list[str] | None = None, base_seed: int = 0, limits: Limits = Limits()) -> Plan:
+         sampler_sweep: list[str] | None = None, base_seed: int = 0, limits: Limits = Limits(),
+         controls: tuple = (), controlnet_dir: Path = Path("controlnet"), job_dir: Path = Path(".")) -> Plan:
     """Check every row and expand the good ones into images and units (see the module docstring). `defaults`: the
     settings a row leaves out (its prompt and seed are not used: a row states its prompt, and a row without a seed
-    gets row_seed(base_seed, ...)). The job's images and work are summed before each row is expanded: LimitError
-    (for the whole job) where they go over."""
+    gets row_seed(base_seed, ...)); `controls`: the ControlNet units of a row that names none; `controlnet_dir`:
+    where a row's ControlNet names are looked up; `job_dir`: the job file's folder, which a row's control images
+    are relative to. The job's images and work are summed before each row is expanded: LimitError (for the whole
+    job) where they go over."""
     result, images, pixel_steps = Plan(), 0, 0
     for row in rows:
         try:
             by_tag = _check_row(row, defaults, seeds, sampler_sweep, limits)
+            units = _row_controls(row, controls, controlnet_dir, job_dir)
         except ValueError as e:
             result.problems.append((row.line, str(e)))
             continue
@@ -259,14 +273,14 @@ def plan(rows: list[Row], defaults: GenerationParams, *, seeds: list[int] | None
         pixel_steps += len(image_seeds) * len(by_tag) * some.steps * _size(some.width) * _size(some.height)
         _check_total(limits, row.line, images, pixel_steps)
         for tag, params in by_tag.items():
-            _expand(result, row, tag, params, image_seeds)
+            _expand(result, row, tag, params, image_seeds, units)
     return result
 
 
-def manifest_params(params: GenerationParams, seed: int) -> dict:
+def manifest_params(params: GenerationParams, seed: int, controls: tuple = ()) -> dict:
     """An image's settings as its manifest line records them: MANIFEST_FIELDS, then loras, cache_interval, rng,
-    ensd and tiling only where not at their default (so the settings of images made before these existed still
-    compare equal on a resume), then seed."""
+    ensd, tiling and controls only where not at their default (so the settings of images made before these existed
+    still compare equal on a resume), then seed."""
     recorded = {name: getattr(params, name) for name in MANIFEST_FIELDS}
     if params.loras:
         recorded["loras"] = dict(params.loras)
@@ -278,7 +292,31 @@ def manifest_params(params: GenerationParams, seed: int) -> dict:
         recorded["ensd"] = params.ensd
     if params.tiling:
         recorded["tiling"] = True
+    if controls:
+        recorded["controls"] = [c.to_row() for c in controls]
     return dict(recorded, seed=seed)
+
+
+def _row_controls(row: Row, default: tuple, controlnet_dir: Path, job_dir: Path) -> tuple:
+    """The row's ControlNet units (controls.from_row each; `default` where it names none); ValueError naming the
+    bad one."""
+    value = row.raw.get("controls")
+    if value is None:
+        return default
+    if isinstance(value, str):  # a .csv cell
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"controls {value!r} is not a JSON list") from None
+    if not isinstance(value, list):
+        raise ValueError(f"controls {value!r} is not a list of objects")
+    units = []
+    for n, unit in enumerate(value):
+        try:
+            units.append(controlnets.from_row(unit, controlnet_dir, job_dir))
+        except ValueError as e:
+            raise ValueError(f"controls[{n}]: {e}") from None
+    return tuple(units)
 
 
 def _check_row(row: Row, defaults: GenerationParams, seeds: list[int] | None, sampler_sweep: list[str] | None,
@@ -309,7 +347,7 @@ def _row_params(row: Row, defaults: GenerationParams) -> GenerationParams:
     unknown = [k for k in row.raw if k not in OPTIONS]
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r}; a row may set {', '.join(OPTIONS)}")
-    changes = {k: _coerce(k, v) for k, v in row.raw.items() if v is not None}
+    changes = {k: _coerce(k, v) for k, v in row.raw.items() if v is not None and k != "controls"}
     params = defaults.replace(**{"prompt": "", **changes})
     if not params.prompt:
         raise ValueError("the prompt is empty")
@@ -322,13 +360,14 @@ def _own_seeds(params: GenerationParams, line: int, base_seed: int) -> range:
     return range(first, first + params.batch_size)
 
 
-def _expand(result: Plan, row: Row, tag: str, params: GenerationParams, seeds) -> None:
+def _expand(result: Plan, row: Row, tag: str, params: GenerationParams, seeds, controls: tuple) -> None:
     """Add one row's images of one sampler to the plan, in units of at most its batch size."""
     for run in _runs(seeds, params.batch_size):
         keys = [f"{row.line:05d}-{seed}-{tag}" for seed in run]
-        result.units.append(Unit(params.replace(seed=run[0], batch_size=len(run)), keys))
+        result.units.append(Unit(params.replace(seed=run[0], batch_size=len(run)), keys, controls))
         for key, seed in zip(keys, run):
-            result.images[key] = {"line": row.line, "row": row.raw, "params": manifest_params(params, seed)}
+            result.images[key] = {"line": row.line, "row": row.raw,
+                                  "params": manifest_params(params, seed, controls)}
 
 
 def _runs(seeds, size: int):

@@ -1,0 +1,76 @@
+"""Token merging (tome.py) against the tomesd package, A1111's implementation (test-only oracle), and by hand."""
+
+import pytest
+import torch
+
+from conftest import TINY_UNET, assert_close, diffusers_unet
+from stablediff import tome
+from stablediff.config import UNetConfig
+from stablediff.unet import UNet
+
+ALL_LEVELS = dict(TINY_UNET, down_block_types=["CrossAttnDownBlock2D"] * 2, up_block_types=["CrossAttnUpBlock2D"] * 2)
+
+
+def ours_like(ref) -> UNet:
+    with torch.device("meta"):
+        model = UNet(UNetConfig.from_dict(ref.config))
+    model.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("cfg,ratio,max_downsample", [(TINY_UNET, 0.5, 1), (ALL_LEVELS, 0.3, 1), (ALL_LEVELS, 0.5, 2)])
+def test_unet_with_token_merging_matches_tomesd(cfg, ratio, max_downsample):
+    tomesd = pytest.importorskip("tomesd")
+    ref = diffusers_unet(cfg, seed=4)
+    model = ours_like(ref)
+    tomesd.apply_patch(ref, ratio=ratio, max_downsample=max_downsample, sx=2, sy=2, use_rand=False,
+                       merge_attn=True, merge_crossattn=False, merge_mlp=False)  # A1111's call
+    g = torch.Generator().manual_seed(5)
+    # a batch of two, a grid no 2x2 cell fits exactly (13x9), and guidance's [x; x] (our first half runs alone)
+    for x in (torch.randn(2, 4, 16, 16, generator=g), torch.randn(1, 4, 13, 9, generator=g),
+              torch.randn(1, 4, 16, 8, generator=g).repeat(2, 1, 1, 1)):
+        ctx = torch.randn(len(x), 77, 32, generator=g)
+        with torch.no_grad():
+            plain = model(x, 500.0, ctx)
+            with tome.token_merging(model, ratio, max_downsample):
+                merged = model(x, 500.0, ctx)
+            expected = ref(x, 500.0, ctx).sample
+        assert_close(merged, expected, 1e-5)
+        assert (merged - plain).abs().max() > 1e-3  # merging changed something the oracle agrees with
+        assert torch.equal(model(x, 500.0, ctx), plain)  # the hooks are gone after the block
+
+
+def test_ratio_zero_is_bit_identical():
+    model = ours_like(diffusers_unet(TINY_UNET, seed=6))
+    g = torch.Generator().manual_seed(7)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        plain = model(x, 10.0, ctx)
+        with tome.token_merging(model, 0.0):
+            assert all(b.merging is None for b in tome.merged_blocks(model))
+            assert torch.equal(model(x, 10.0, ctx), plain)
+
+
+def test_matching_by_hand():
+    # a 2x4 grid: destinations are the top-left tokens of its two 2x2 cells, positions 0 and 2
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.1],
+                       [2.0, 0.2], [0.1, 1.0], [1.0, 1.0], [0.0, 3.0]]])
+    m = tome.bipartite_soft_matching(x, 2, 4, r=2)
+    assert m.dst.tolist() == [0, 2] and m.src.tolist() == [1, 3, 4, 5, 6, 7]
+    # sources 1 and 7 point exactly along destination 2 ([0, 1]); they merge into it
+    assert sorted(m.src[m.merged[0]].tolist()) == [1, 7] and m.into.tolist() == [[1, 1]]
+    merged = m.merge(x)
+    # kept: 3, 4, 5, 6 (in order of similarity), then destination 0 alone, destination 2 averaged with 1 and 7
+    assert merged.shape == (1, 6, 2)
+    assert torch.allclose(merged[0, -2:], torch.tensor([[1.0, 0.0], [0.0, 5.0 / 3]]))
+    back = m.unmerge(merged)
+    assert torch.equal(back[0, [1, 2, 7]], merged[0, -1].expand(3, 2))
+    assert torch.equal(back[0, [0, 3, 4, 5, 6]], x[0, [0, 3, 4, 5, 6]])
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 0.95, float("nan"), True, "0.5"])
+def test_bad_ratio_is_refused(ratio):
+    model = ours_like(diffusers_unet(TINY_UNET))
+    with pytest.raises(ValueError, match="token merging ratio"):
+        with tome.token_merging(model, ratio):
+            pass

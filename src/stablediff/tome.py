@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-MAX_RATIO = 0.9  # the most of a level's tokens a request may merge (tomesd's cap with 2x2 cells is 0.75)
+from .params import MAX_TOKEN_MERGING_RATIO
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,10 @@ class TokenMerging:
 
 
 def check_ratio(ratio) -> None:
-    """ValueError naming a ratio that is not a number in 0..MAX_RATIO."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= MAX_RATIO:
-        raise ValueError(f"token merging ratio {ratio!r} is outside 0..{MAX_RATIO}")
+    """ValueError naming a ratio that is not a number in 0..MAX_TOKEN_MERGING_RATIO (GenerationParams checks it
+    too; this is for callers of `token_merging` itself)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= MAX_TOKEN_MERGING_RATIO:
+        raise ValueError(f"token merging ratio {ratio!r} is outside 0..{MAX_TOKEN_MERGING_RATIO}")
 
 
 def merged_blocks(unet: nn.Module, max_downsample: int = 1) -> list[nn.Module]:

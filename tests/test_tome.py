@@ -74,3 +74,50 @@ def test_bad_ratio_is_refused(ratio):
     with pytest.raises(ValueError, match="token merging ratio"):
         with tome.token_merging(model, ratio):
             pass
+
+
+def test_the_setting_round_trips_and_is_written_as_a1111_writes_it():
+    from stablediff.cli import build_parser
+    from stablediff.params import GenerationParams
+
+    p = GenerationParams(prompt="a", seed=3, width=512, height=512, token_merging_ratio=0.3).validate()
+    text = p.to_infotext(version="0.1.0")
+    assert ", Token merging ratio: 0.3, " in text
+    assert GenerationParams.from_infotext(text)[0].validate() == p
+    assert "Token merging ratio" not in p.replace(token_merging_ratio=0.0).to_infotext()
+    assert GenerationParams.from_a1111(p.to_a1111()).validate() == p
+    assert GenerationParams.from_row(p.to_row()) == p
+    assert GenerationParams.from_args(build_parser().parse_args(["generate", *p.to_argv()])).validate() == p
+    # A1111's option, sent in override_settings; its request field wins over it
+    body = {"prompt": "a", "override_settings": {"token_merging_ratio": 0.5}}
+    assert GenerationParams.from_a1111(body).token_merging_ratio == 0.5
+    assert GenerationParams.from_a1111({**body, "token_merging_ratio": 0.2}).token_merging_ratio == 0.2
+    # with hires fix A1111 writes the hires pass's ratio too (the same one here): read back, not reported unused
+    hr = p.replace(enable_hr=True, strength=0.5).validate()
+    text = hr.to_infotext(version="0.1.0")
+    assert "Token merging ratio: 0.3, Token merging ratio hr: 0.3" in text
+    back, unknown = GenerationParams.from_infotext(text)
+    assert back.validate() == hr and "Token merging ratio hr" not in unknown
+    _, unknown = GenerationParams.from_infotext(text.replace("ratio hr: 0.3", "ratio hr: 0.5"))
+    assert unknown["Token merging ratio hr"] == "0.5"
+
+
+@pytest.mark.parametrize("ratio", [-0.5, 0.91, float("inf"), "x"])
+def test_the_setting_is_range_checked(ratio):
+    from stablediff.params import GenerationParams
+
+    with pytest.raises(ValueError, match=r"token merging ratio .* is outside 0\.\.0\.9"):
+        GenerationParams(token_merging_ratio=ratio).validate()
+
+
+def test_pipeline_applies_it_and_leaves_the_unet_as_it_was(tiny_model_dir):
+    from stablediff.pipeline import StableDiffusion
+
+    pipe = StableDiffusion.from_pretrained(tiny_model_dir)
+    run = dict(prompt="a red circle", steps=2, seed=1, width=64, height=64)
+    plain = pipe(**run).latents
+    merged = pipe(**run, token_merging_ratio=0.5)
+    assert (merged.latents - plain).abs().max() > 1e-4
+    assert "Token merging ratio: 0.5" in merged.infotexts[0]
+    assert all(b.merging is None for b in tome.merged_blocks(pipe.unet, 8))
+    assert torch.equal(pipe(**run).latents, plain)

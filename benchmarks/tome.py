@@ -7,7 +7,8 @@ tests).
 The U-Net has random weights in SD 1.5's architecture (tests/data/sd15-layout/unet/config.json). One step is a
 guided call: batch [x; x] under two random contexts, as the pipeline calls it; its time is CPU time
 (time.process_time) with one thread, so that waiting for a core on a shared machine is not counted. Each dtype runs
-each ratio once as a warm-up, then `repeats` rounds of every ratio in turn; the minimum is reported.
+one warm-up call, then `repeats` rounds of every ratio in turn; the minimum is reported, with how far that step's
+eps is from ratio 0's.
 The latent change: `steps` Euler steps (cfg 1, one image: one U-Net call a step) from the same noise with each
 ratio, the relative L2 distance of the final latents from ratio 0's. --demo also measures it on the packaged demo
 model through the whole pipeline (trained weights, 64x64 images).
@@ -30,12 +31,12 @@ from stablediff.unet import UNet
 LAYOUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "sd15-layout"
 
 
-def step_seconds(unet: UNet, x: torch.Tensor, context: torch.Tensor, ratio: float) -> float:
-    """CPU seconds of one guided U-Net call with `ratio`."""
+def timed_step(unet: UNet, x: torch.Tensor, context: torch.Tensor, ratio: float) -> tuple[float, torch.Tensor]:
+    """(CPU seconds, eps) of one guided U-Net call with `ratio`."""
     with tome.token_merging(unet, ratio):
         cpu = time.process_time()
-        unet(x, 500.0, context)
-        return time.process_time() - cpu
+        eps = unet(x, 500.0, context)
+        return time.process_time() - cpu, eps.float()
 
 
 def euler_latents(unet: UNet, noise: torch.Tensor, context: torch.Tensor, steps: int, ratio: float) -> torch.Tensor:
@@ -61,17 +62,18 @@ def sd15(dtype: torch.dtype, latent: int, steps: int, ratios: list[float], repea
     context = torch.randn(2, 77, 768, generator=g)
     x = noise.repeat(2, 1, 1, 1).to(dtype)
     name = str(dtype).removeprefix("torch.")
-    for ratio in ratios:
-        step_seconds(unet, x, context.to(dtype), ratio)  # warm-up
-    times = {r: [] for r in ratios}
+    timed_step(unet, x, context.to(dtype), ratios[0])  # warm-up
+    times, eps = {r: [] for r in ratios}, {}
     for _ in range(repeats):
         for ratio in ratios:
-            times[ratio].append(step_seconds(unet, x, context.to(dtype), ratio))
-            print(f"{name} ratio {ratio}: {times[ratio][-1]:.2f} s CPU", flush=True)
+            seconds, eps[ratio] = timed_step(unet, x, context.to(dtype), ratio)
+            times[ratio].append(seconds)
+            print(f"{name} ratio {ratio}: {seconds:.2f} s CPU", flush=True)
     base = min(times[ratios[0]])
     for ratio in ratios:
         print(f"{name} ratio {ratio}: min {min(times[ratio]):.2f} s CPU, {min(times[ratio]) / base:.3f} x ratio "
-              f"{ratios[0]}", flush=True)
+              f"{ratios[0]}; one step's eps differs by {relative_l2(eps[ratio], eps[ratios[0]]):.4f} (relative L2)",
+              flush=True)
     if steps:
         final = {r: euler_latents(unet, noise, context[1:], steps, r) for r in ratios}
         for ratio in ratios[1:]:

@@ -121,3 +121,21 @@ def test_pipeline_applies_it_and_leaves_the_unet_as_it_was(tiny_model_dir):
     assert "Token merging ratio: 0.5" in merged.infotexts[0]
     assert all(b.merging is None for b in tome.merged_blocks(pipe.unet, 8))
     assert torch.equal(pipe(**run).latents, plain)
+
+
+def test_the_server_takes_a1111s_option_override_and_request_field():
+    from pydantic import ValidationError
+
+    from stablediff.limits import Limits
+    from stablediff.serve.sdapi import OverrideSettings, Txt2ImgRequest, check_request
+
+    def ratio(settings=None, **body):
+        return check_request(Txt2ImgRequest(prompt="a", steps=2, **body), Limits(), 512,
+                             settings=settings).params.token_merging_ratio
+
+    assert ratio() == 0.0
+    assert ratio({"token_merging_ratio": 0.3}) == 0.3  # POST /options
+    assert ratio({"token_merging_ratio": 0.3}, override_settings={"token_merging_ratio": 0.5}) == 0.5
+    assert ratio({"token_merging_ratio": 0.3}, token_merging_ratio=0.2) == 0.2
+    with pytest.raises(ValidationError, match="token_merging_ratio"):
+        OverrideSettings(token_merging_ratio=0.95)

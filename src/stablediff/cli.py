@@ -112,8 +112,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                         "faster, approximate (default: 1 = off)")
     p.add_argument("--token-merging-ratio", type=float, default=0.0, metavar="R",
                    help="A1111's token merging (ToMe): merge this share of the top level's tokens before "
-                        "self-attention, 0..0.9; approximate, and on a CPU not faster at 512x512 (see "
-                        "benchmarks/RESULTS.md) (default: 0 = off)")
+                        "self-attention, 0..0.9; faster, approximate: the image changes (benchmarks/RESULTS.md) "
+                        "(default: 0 = off)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
                    help="merge a LoRA from --lora-dir (repeatable; scale default 1.0); <lora:NAME:SCALE> in the "
                         "prompt works too")

@@ -313,3 +313,56 @@ def test_from_png_names_what_it_does_not_use_and_refuses_a_png_without_parameter
     res = _main_in_process(["generate", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o3")],
                            capsys)
     assert_one_line_error(res, "PROMPT", "--from-png")
+
+
+def test_preview_file_is_written_atomically_and_never_over_a_file_that_is_not_ours(tmp_path, capsys, monkeypatch):
+    from stablediff import preview_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    written = []
+    write = preview_file.write
+    monkeypatch.setattr(preview_file, "write", lambda path, image: written.append(image.size) or write(path, image))
+    args = ["generate", "a red circle", "--model", "demo", "--steps", "4", "--seed", "1", "--quiet",
+            "--output-dir", str(out), "--preview-every", "2"]
+    res = _main_in_process(args, capsys)
+    assert res.returncode == 0, res.stderr
+    preview = out / "preview.png"  # the default: in --output-dir
+    assert written == [(64, 64), (64, 64)]  # steps 2 and 4, A1111's Approx cheap at the image's size
+    assert preview_file.is_ours(preview) and sorted(os.listdir(out)) == ["00000-1.png", "preview.png"]
+    # the last step's denoised estimate (Euler's last step lands on it: the final latents) through the cheap map
+    from stablediff.pipeline import StableDiffusion
+    from stablediff.taesd import cheap_preview
+
+    final = StableDiffusion.from_pretrained("demo")("a red circle", steps=4, seed=1).latents[0]
+    with Image.open(preview) as im:
+        assert "parameters" not in im.info
+        diff = np.asarray(im, dtype=int) - np.asarray(cheap_preview(final, upscale=8), dtype=int)
+    assert np.abs(diff).max() <= 1
+    # our preview from before is replaced; a file of anyone else's at the path is refused before the model loads
+    assert _main_in_process([*args, "--preview-file", str(preview)], capsys).returncode == 0
+    theirs = tmp_path / "mine.png"
+    Image.new("RGB", (8, 8), "red").save(theirs)
+    before = theirs.read_bytes()
+    written.clear()
+    corrupt = tmp_path / "corrupt.safetensors"  # were it loaded, the error would be about it
+    corrupt.write_bytes(b"not a checkpoint")
+    res = _main_in_process([*args, "--model", str(corrupt), "--preview-file", str(theirs)], capsys)
+    assert_one_line_error(res, "--preview-file", "mine.png", "not a preview stablediff wrote")
+    assert theirs.read_bytes() == before and written == []
+    res = _main_in_process([*args, "--preview-every", "0"], capsys)
+    assert_one_line_error(res, "--preview-every 0", "at least 1")
+    res = _main_in_process([*args[:-2], "--preview-file", str(preview)], capsys)
+    assert_one_line_error(res, "--preview-file", "needs --preview-every")
+    # a file put there during the run: a warning, no more previews, the image still made
+    late = tmp_path / "late.png"
+
+    def someone_else_saves_first(path, image):
+        if not late.exists():
+            theirs.rename(late)
+        write(path, image)
+
+    monkeypatch.setattr(preview_file, "write", someone_else_saves_first)
+    res = _main_in_process([*args, "--preview-file", str(late), "--output-dir", str(tmp_path / "o2")], capsys)
+    assert res.returncode == 0 and late.read_bytes() == before, res.stderr
+    assert res.stderr.count("no more previews") == 1 and os.listdir(tmp_path / "o2") == ["00000-1.png"]

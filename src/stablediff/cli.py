@@ -110,6 +110,10 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-interval", type=int, default=1, metavar="N",
                    help="run the whole U-Net only every N-th step, its shallow branch in between (DeepCache): "
                         "faster, approximate (default: 1 = off)")
+    p.add_argument("--token-merging-ratio", type=float, default=0.0, metavar="R",
+                   help="A1111's token merging (ToMe): merge this share of the top level's tokens before "
+                        "self-attention, 0..0.9; faster, approximate: the image changes (benchmarks/RESULTS.md) "
+                        "(default: 0 = off)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
                    help="merge a LoRA from --lora-dir (repeatable; scale default 1.0); <lora:NAME:SCALE> in the "
                         "prompt works too")
@@ -129,6 +133,16 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_hires_options(p)
     add_limit_options(p)
+
+
+def add_preview_options(p: argparse.ArgumentParser) -> None:
+    """The live preview file (preview_file.py) of the commands that make one image set: generate, img2img, inpaint."""
+    p.add_argument("--preview-every", type=int, default=None, metavar="N",
+                   help="write the image forming every N steps to --preview-file (TAESD's decode with a TAESD "
+                        "--vae, else A1111's Approx cheap)")
+    p.add_argument("--preview-file", type=Path, default=None, metavar="PATH",
+                   help="where --preview-every writes, replaced atomically; never a file stablediff did not write "
+                        "as a preview (default: OUTPUT_DIR/preview.png)")
 
 
 def add_hires_options(p: argparse.ArgumentParser) -> None:
@@ -193,6 +207,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                      help="remake the image whose generation parameters (A1111's or ours) this PNG holds; "
                           "PROMPT and the options given here replace the PNG's")
     add_generation_options(gen)
+    add_preview_options(gen)
     gen.set_defaults(func=cmd_generate)
     if not defaults:  # for given_options: an option the command line leaves out is then absent
         for action in gen._actions:
@@ -206,6 +221,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     i2i.add_argument("--strength", type=float, default=0.75, metavar="S",
                      help="how much to change it, in (0, 1] (default: 0.75)")
     add_generation_options(i2i)
+    add_preview_options(i2i)
     i2i.set_defaults(func=cmd_img2img, mask=None, pad=None)
 
     inp = sub.add_parser("inpaint", help="repaint the white part of a mask, or outpaint",
@@ -222,6 +238,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     inp.add_argument("--strength", type=float, default=1.0, metavar="S",
                      help="how much to change the masked area, in (0, 1] (default: 1.0)")
     add_generation_options(inp)
+    add_preview_options(inp)
     inp.set_defaults(func=cmd_img2img)
 
     bat = sub.add_parser("batch", help="make every image a job file lists (resumable; locally or on Ray)",
@@ -399,6 +416,28 @@ def check_generation_args(args: argparse.Namespace, default_size: tuple[int, int
         available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
         if not available[args.device]:
             raise UsageError(f"--device {args.device} is not available on this machine")
+
+
+def check_preview_args(args: argparse.Namespace) -> None:
+    """--preview-every N and --preview-file: N at least 1, and a path that takes the preview (its folder made,
+    not someone else's file: preview_file.check_path); the path defaulted to OUTPUT_DIR/preview.png."""
+    from . import preview_file
+
+    if args.preview_every is None:
+        if args.preview_file is not None:
+            raise UsageError(f"--preview-file {args.preview_file} needs --preview-every N")
+        return
+    if args.preview_every < 1:
+        raise UsageError(f"--preview-every {args.preview_every} must be at least 1")
+    path = args.preview_file = args.preview_file or args.output_dir / "preview.png"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--preview-file {path}: cannot make its folder ({_reason(e)})") from None
+    try:
+        preview_file.check_path(path)
+    except ValueError as e:
+        raise UsageError(f"--preview-file {e}") from None
 
 
 def check_limits(args: argparse.Namespace, default_size: tuple[int, int] | None = None) -> None:
@@ -608,10 +647,13 @@ def run_pipeline(pipe, args: argparse.Namespace, **images):
     import torch
 
     from .params import GenerationParams
+    from .preview_file import PreviewWriter
 
+    every = getattr(args, "preview_every", None)
+    preview = PreviewWriter(args.preview_file, every, pipe.preview) if every else None
     try:
         return pipe.generate(GenerationParams.from_args(args), controls=parse_controls(args),
-                             progress=not args.quiet, **images)
+                             progress=not args.quiet, callback=preview, **images)
     except ValueError as e:  # input only the loaded model can judge (e.g. a size its VAE cannot take)
         raise UsageError(str(e)) from None
     except FloatingPointError as e:  # NaN latents
@@ -645,7 +687,7 @@ def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
         raise UsageError(f"--from-png {e}") from None
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler",
                  "schedule", "clip_skip", "cache_interval", "rng", "ensd", "subseed", "subseed_strength",
-                 "seed_resize_from", "tiling"):
+                 "seed_resize_from", "tiling", "token_merging_ratio"):
         if name not in given:
             setattr(args, name, getattr(params, name))
     if "lora" not in given and params.loras:
@@ -663,6 +705,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.prompt is None:
         raise UsageError("give a PROMPT (or --from-png IMAGE.png)")
     check_generation_args(args)
+    check_preview_args(args)
     pipe = load_model(args)
     result = run_pipeline(pipe, args)
     save_results(result, args.output_dir)
@@ -672,6 +715,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_img2img(args: argparse.Namespace) -> int:
     """img2img, and inpaint when --mask is given; --pad outpaints (images.outpaint_images)."""
     check_generation_args(args, default_size=check_image_args(args))
+    check_preview_args(args)
     init, mask = (args.init_image, args.mask) if args.pad is None else _outpaint_images(args)
     pipe = load_model(args)
     result = run_pipeline(pipe, args, init_image=init, mask_image=mask)

@@ -30,6 +30,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a model so
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
+MAX_TOKEN_MERGING_RATIO = 0.9  # the most of a level's tokens ToMe may merge (tome.py)
 RNG_SOURCES = ("cpu", "gpu", "nv")  # where noise comes from: rng.py draws each
 # infotext keys that record what made an image rather than say how to make it: not reported as unused
 INFOTEXT_RECORDS = frozenset({"Model hash", "Model", "VAE hash", "VAE", "Version", "Lora hashes", "TI hashes",
@@ -58,6 +59,7 @@ class GenerationParams:
     subseed_strength: float = 0.0  # 0: the seed's noise; 1: the variation seed's (slerp between them)
     seed_resize_from: tuple[int, int] | None = None  # (width, height): the seed's noise as drawn at that size
     tiling: bool = False  # A1111's tiling: the U-Net's and VAE's convolutions pad circularly, the image tiles
+    token_merging_ratio: float = 0.0  # ToMe (tome.py): the share of the top level's tokens merged before self-attention
     # hires fix (hires.py), A1111's API names; its denoising strength is `strength` (None: 0.75)
     enable_hr: bool = False
     hr_scale: float = 2.0  # the first pass's size times this, unless hr_resize_x / hr_resize_y are given
@@ -122,6 +124,8 @@ class GenerationParams:
             (lambda: _is_int(self.cache_interval) and self.cache_interval >= 1,
              f"cache interval {self.cache_interval!r} must be an integer >= 1"),
             (lambda: isinstance(self.tiling, bool), f"tiling {self.tiling!r} is not true or false"),
+            (lambda: _is_number(self.token_merging_ratio) and 0 <= self.token_merging_ratio <= MAX_TOKEN_MERGING_RATIO,
+             f"token merging ratio {self.token_merging_ratio!r} is outside 0..{MAX_TOKEN_MERGING_RATIO}"),
         ]
 
     def _sampler_and_schedule(self):
@@ -191,7 +195,10 @@ class GenerationParams:
         ours = {"Denoising strength": self.strength, "Clip skip": self.clip_skip,
                 "Cache interval": self.cache_interval if self.cache_interval > 1 else None,
                 "LoRA weights": ", ".join(f"{n}:{float(m)!r}" for n, m in self.loras) or None,
-                "ENSD": self.ensd or None, "RNG": self.rng.upper(),
+                "ENSD": self.ensd or None, "Token merging ratio": self.token_merging_ratio or None,
+                "Token merging ratio hr": self.token_merging_ratio if self.enable_hr and self.token_merging_ratio
+                else None,  # the hires pass's: the same (A1111 writes its fallback to the first pass's too)
+                "RNG": self.rng.upper(),
                 "Variation seed": self.subseed if self.subseed_strength else None,
                 "Variation seed strength": self.subseed_strength or None,
                 "Seed resize from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None,
@@ -216,7 +223,8 @@ class GenerationParams:
         readers = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
                    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
                    "Size-1": ("width", int), "Size-2": ("height", int), "Denoising strength": ("strength", float),
-                   "Clip skip": ("clip_skip", int), "Cache interval": ("cache_interval", int)}
+                   "Clip skip": ("clip_skip", int), "Cache interval": ("cache_interval", int),
+                   "Token merging ratio": ("token_merging_ratio", float)}
         for key, (name, kind) in readers.items():
             if key in fields:
                 changes[name] = _parse(kind, take(key), key)
@@ -234,6 +242,10 @@ class GenerationParams:
             changes["ensd"] = _parse(int, take("ENSD"), "ENSD")
         if "Tiling" in fields:
             changes["tiling"] = _parse_bool(take("Tiling"), "Tiling")
+        hr_ratio = fields.get("Token merging ratio hr")
+        if hr_ratio is not None and _parse(float, hr_ratio, "Token merging ratio hr") == changes.get(
+                "token_merging_ratio"):
+            del fields["Token merging ratio hr"]  # the first pass's ratio repeated (another one: reported unused)
         # A1111 leaves RNG out for its default, GPU; stablediff 0.1 left it out and drew on the CPU
         ours = fields.get("Version", "").startswith("stablediff")
         changes["rng"] = take("RNG", "cpu" if ours else "gpu").strip().lower()
@@ -256,7 +268,8 @@ class GenerationParams:
                 "hr_second_pass_steps": self.hr_second_pass_steps, "hr_resize_x": self.hr_resize_x,
                 "hr_resize_y": self.hr_resize_y, "hr_sampler_name": self.hr_sampler,
                 "hr_scheduler": self.hr_schedule, "hr_prompt": self.hr_prompt,
-                "hr_negative_prompt": self.hr_negative_prompt, "tiling": self.tiling}
+                "hr_negative_prompt": self.hr_negative_prompt, "tiling": self.tiling,
+                "token_merging_ratio": self.token_merging_ratio}
         if self.strength is not None:
             body["denoising_strength"] = self.strength
         return body
@@ -280,7 +293,9 @@ class GenerationParams:
                    ensd=override.get("eta_noise_seed_delta") or 0,
                    subseed=None if get("subseed", -1) == -1 else get("subseed"),
                    subseed_strength=get("subseed_strength", 0.0), seed_resize_from=_resize_from(get),
-                   tiling=get("tiling", False), **_hires_from_a1111(get))
+                   tiling=get("tiling", False),
+                   token_merging_ratio=get("token_merging_ratio") or override.get("token_merging_ratio") or 0.0,
+                   **_hires_from_a1111(get))
 
     # -- batch job rows and the command line --------------------------------------------------------------------
     def to_row(self) -> dict:
@@ -313,7 +328,8 @@ class GenerationParams:
                   "--clip-skip": self.clip_skip, "--strength": None if self.enable_hr else self.strength,
                   "--cache-interval": self.cache_interval, "--rng": self.rng, "--ensd": self.ensd,
                   "--subseed": self.subseed, "--subseed-strength": self.subseed_strength,
-                  "--seed-resize-from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None}
+                  "--seed-resize-from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None,
+                  "--token-merging-ratio": self.token_merging_ratio or None}
         argv = [f"{flag}={v!r}" if isinstance(v, float) else f"{flag}={v}" for flag, v in values.items()
                 if v is not None]
         argv += [f"--lora={name}:{float(m)!r}" for name, m in self.loras]
@@ -348,7 +364,8 @@ class GenerationParams:
                    hr_second_pass_steps=args.hr_steps, hr_resize_x=args.hr_resize_x, hr_resize_y=args.hr_resize_y,
                    hr_sampler=args.hr_sampler, hr_schedule=args.hr_schedule, hr_prompt=args.hr_prompt,
                    hr_negative_prompt=args.hr_negative_prompt,
-                   tiling=getattr(args, "tiling", False))
+                   tiling=getattr(args, "tiling", False),
+                   token_merging_ratio=getattr(args, "token_merging_ratio", 0.0))
 
 
 def size_arg(value: str | None) -> tuple[int, int] | None:

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, cpu, embeddings, hires, images, lora, malloc, rng, samplers, taesd, weights
+from . import __version__, cpu, embeddings, hires, images, lora, malloc, rng, samplers, taesd, tome, weights
 from . import controls as controlnets
 from .clip import CLIPTextModel
 from .controlnet import ControlNet, load_controlnet
@@ -347,7 +347,7 @@ class StableDiffusion:
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
                  rng: str = "cpu", ensd: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
                  seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
-                 controls: list[controlnets.Control] = (), callback: Callable[[StepInfo], None] | None = None,
+                 token_merging_ratio: float = 0.0, controls: list[controlnets.Control] = (), callback: Callable[[StepInfo], None] | None = None,
                  cancel=None, progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
 
@@ -363,7 +363,7 @@ class StableDiffusion:
         (the seed's noise slerped toward the subseed's; every image then keeps `seed` and image k uses subseed + k);
         seed_resize_from=(w, h): the seed's noise as drawn at that size, centred.
         cache_interval=N > 1 runs the whole U-Net only every N-th call and its shallow branch in between (DeepCache):
-        faster, approximate.
+        faster, approximate. token_merging_ratio: A1111's token merging (tome.py), approximate.
         controls: ControlNet units (controls.Control: a ControlNet, a control image, weight, guidance start/end,
         preprocessor, resize and control mode), their residuals summed into the U-Net at the steps each is active.
         `callback(StepInfo)` runs after every step; `cancel` (anything with `is_set()`, e.g. threading.Event)
@@ -373,7 +373,8 @@ class StableDiffusion:
             steps=steps, cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
             sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
             loras=tuple((loras or {}).items()), cache_interval=cache_interval, rng=rng, ensd=ensd, subseed=subseed,
-            subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, tiling=tiling)
+            subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, tiling=tiling,
+            token_merging_ratio=token_merging_ratio)
         return self.generate(params, prompts=prompt, negatives=negative_prompt, init_image=init_image,
                              mask_image=mask_image, controls=controls, callback=callback, cancel=cancel,
                              progress=progress)
@@ -401,7 +402,9 @@ class StableDiffusion:
         steps = functools.partial(self._step_callback, callback=callback, cancel=cancel, progress=progress)
 
         # tiling (A1111's): circular padding from the init image's encoding to the decoded image, then back
+        # token merging (A1111's): the U-Net's top-level self-attention on merged tokens, the hires pass's too
         with circular_padding((self.unet, self.vae), params.tiling), \
+                tome.token_merging(self.unet, params.token_merging_ratio), \
                 cancel_within_steps((self.unet, self.vae), cancel):  # also inside a step: between layers
             source = self._encode_init(init_image, mask_image, params) if init_image is not None else None
             latents = torch.cat([

@@ -67,7 +67,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN: self-attention, cross-attention on the text, GEGLU feed-forward."""
+    """Pre-LN: self-attention, cross-attention on the text, GEGLU feed-forward.
+
+    `merging` (None: off) is the token-merging hook (tome.token_merging sets it): its plan(x, size) for the block's
+    input merges tokens before the self-attention and unmerges its output (tome.Merge)."""
+
+    merging = None
 
     def __init__(self, dim: int, heads: int, context_dim: int):
         super().__init__()
@@ -78,8 +83,13 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x, context, size: tuple[int, int] | None = None):
+        """x (B, h*w, C) tokens of an h x w grid, size = (h, w)."""
+        plan = self.merging.plan(x, size) if self.merging is not None else None
+        if plan is None:
+            x = x + self.attn1(self.norm1(x))
+        else:
+            x = x + plan.unmerge(self.attn1(plan.merge(self.norm1(x))))
         if x.shape[0] < context.shape[0]:  # one batch of images under k batches of prompts: from here on k copies
             x = x.repeat(context.shape[0] // x.shape[0], 1, 1)
         x = x + self.attn2(self.norm2(x), context)
@@ -106,7 +116,7 @@ class SpatialTransformer(nn.Module):
         else:
             x = self.proj_in(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, (h, w))
         kb = x.shape[0]  # > b where the blocks widened a shared batch to the context's
         if self.linear_proj:
             x = self.proj_out(x).reshape(kb, h, w, c).permute(0, 3, 1, 2)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from .. import __version__, a1111, hires, images, samplers, upscalers
 from ..controls import Control
 from ..limits import LimitError, Limits
-from ..params import MAX_SEED, GenerationParams
+from ..params import MAX_SEED, MAX_TOKEN_MERGING_RATIO, GenerationParams
 from ..pipeline import Cancelled, StableDiffusion
 from ..schedule import NoiseSchedule
 from ..styles import Style, apply_styles
@@ -83,11 +83,12 @@ class OverrideSettings(RequestModel):
     sd_vae: str | None = None  # a file name from GET /sd-vae, or "Automatic"/"None": the model's own VAE
     live_previews_enable: bool | None = None  # /progress's current_image: the image forming
     show_progress_every_n_steps: Int | None = Field(None, ge=-1, le=1000)  # a new preview every N steps (-1: off)
+    token_merging_ratio: Number | None = Field(None, ge=0, le=MAX_TOKEN_MERGING_RATIO, allow_inf_nan=False)  # ToMe
 
 
 # the generation settings POST /options sets for later requests, at A1111's defaults
 SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_vae": "Automatic",
-            "live_previews_enable": True, "show_progress_every_n_steps": 10}
+            "live_previews_enable": True, "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0}
 
 
 class Txt2ImgRequest(RequestModel):
@@ -99,6 +100,8 @@ class Txt2ImgRequest(RequestModel):
     seed_resize_from_w: Int = Field(-1, ge=-1, le=4096)  # <= 0: off
     seed_resize_from_h: Int = Field(-1, ge=-1, le=4096)
     tiling: bool = False  # seamless tiling (circular padding)
+    # ToMe (tome.py); 0 or left out: the token_merging_ratio option's (override_settings, POST /options)
+    token_merging_ratio: Number = Field(0.0, ge=0, le=MAX_TOKEN_MERGING_RATIO, allow_inf_nan=False)
     sampler_name: str | None = None
     sampler_index: str = "Euler"  # A1111's older name for sampler_name
     scheduler: str = "automatic"

@@ -42,6 +42,7 @@ from .unet import DeepCache, SpatialTransformer, UNet, guidance_scale_embedding
 from .vae import AutoencoderKL
 
 DEMO_DIR = Path(__file__).parent / "data" / "demo"  # our small offline model (`--model demo`)
+DEMO_CONTROLNET_DIR = DEMO_DIR.parent / "demo-controlnet-canny"  # its canny ControlNet (`--control demo-canny:...`)
 
 
 def _prompt_lists(params: GenerationParams, prompts, negatives) -> tuple[list[str], list[str]]:

@@ -147,6 +147,9 @@ def train(pipe: StableDiffusion, args, t0: float) -> ControlNet:
             log(f"step {step}: loss {ema_loss:.4f}, lr {opt.param_groups[0]['lr']:.2e}", t0)
         if args.save_every and step and step % args.save_every == 0:
             save(ema, args.out)
+        if args.stop_after and step + 1 >= args.stop_after:
+            log(f"stopping after step {step} (--stop-after)", t0)
+            break
     return ema.eval()
 
 
@@ -190,12 +193,14 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=DEMO_CONTROLNET_DIR)
     p.add_argument("--phase", choices=("all", "train", "eval"), default="all")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema", type=float, default=0.995)
-    p.add_argument("--n-pictures", type=int, default=4000)
-    p.add_argument("--save-every", type=int, default=250, help="save the EMA ControlNet every N steps")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--ema", type=float, default=0.99)
+    p.add_argument("--n-pictures", type=int, default=3000)
+    p.add_argument("--save-every", type=int, default=100, help="save the EMA ControlNet every N steps")
+    p.add_argument("--stop-after", type=int, default=0, help="end training after this many steps (of --steps' "
+                                                              "learning-rate schedule)")
     p.add_argument("--eval-n", type=int, default=50, help="prompts for the measurement")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)

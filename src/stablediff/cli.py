@@ -117,8 +117,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="where LoRA names are looked up (default: ./loras)")
     p.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:WEIGHT][:PREPROCESSOR]",
                    help="guide the image by a ControlNet (repeatable; their residuals add up): MODEL a ControlNet "
-                        "file or folder, or a name in --controlnet-dir; IMAGE the control image; WEIGHT default "
-                        "1.0; PREPROCESSOR default none (the image is a ready control map), e.g. canny")
+                        "file or folder, demo-canny (the demo model's), or a name in --controlnet-dir; IMAGE the "
+                        "control image; WEIGHT default 1.0; PREPROCESSOR default none (the image is a ready control "
+                        "map), e.g. canny")
     p.add_argument("--controlnet-dir", default=Path("controlnet"), type=Path, metavar="DIR",
                    help="where --control model names are looked up (default: ./controlnet)")
     p.add_argument("--embeddings-dir", default=Path("embeddings"), type=Path, metavar="DIR",
@@ -569,7 +570,12 @@ CONTROLNET_SUFFIXES = ("", ".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
 
 def _controlnet_path(name: str, directory: Path) -> Path | None:
-    """A --control MODEL: a file or folder as given, else NAME (with or without its suffix) in `directory`."""
+    """A --control MODEL: "demo-canny", the demo model's own (as `--model demo`); else a file or folder as given;
+    else NAME (with or without its suffix) in `directory`."""
+    from .pipeline import DEMO_CONTROLNET_DIR
+
+    if name == "demo-canny":
+        return DEMO_CONTROLNET_DIR
     if Path(name).expanduser().exists():
         return Path(name).expanduser()
     return next((directory / f"{name}{s}" for s in CONTROLNET_SUFFIXES if (directory / f"{name}{s}").exists()),

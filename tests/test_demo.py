@@ -152,7 +152,8 @@ def test_hires_fix_of_a_demo_image_keeps_its_shape_and_colours(pipe, upscaler):
 
 # --- the demo's canny ControlNet (tools/train_controlnet_demo.py) -------------------------------------------------
 
-# trained combinations with the shape away from the centre, each with its own seed (= its picture's seed)
+# trained combinations, each with its own seed (its control picture's and the generation's); the shapes sit left of
+# the centre. Measured: IoU 0.89 / 0.93 with the ControlNet, 0.30 / 0.52 without
 CONTROL_PROMPTS = [("red", "circle", "blue"), ("yellow", "square", "black")]
 CONTROL_SEED = 4_000_000
 needs_demo_controlnet = pytest.mark.skipif(not (DEMO_CONTROLNET_DIR / "config.json").is_file(),

@@ -3,7 +3,13 @@
     python tools/train_controlnet_demo.py                 # train, save src/stablediff/data/demo-controlnet-canny/, eval
     python tools/train_controlnet_demo.py --phase eval    # only the measurement, of the saved ControlNet
 
-RESULTS
+The committed ControlNet (540,968 parameters, 1.05 MiB in float16) came from these defaults on one thread, on the
+2-core machine shared with other jobs: 3000 pictures encoded 1 min, 1000 steps of batch 32 10.5 min (0.6-1 s each),
+the measurement below 1.7 min. The weighted loss sits at 0.029 (the U-Net's own) until about step 350, then falls
+to 0.018 by step 1000: the paper's "sudden convergence", once the zero convs have grown. Tried: lr 1e-3 with EMA
+0.995 had changed no sample by step 400 of 1000 (zero convs still ~0.005), so lr 3e-3 with EMA 0.99.
+Measured (`--phase eval`, 50 trained combinations, one seed each): the shape lands at the control's position
+(IoU > 0.5) 98% of the time with the ControlNet, 12% without (mean IoU 0.80 vs 0.28).
 
 The recipe (the ControlNet paper's, arXiv:2302.05543, scaled down):
 - the model: `ControlNet` for the demo U-Net (ControlNetConfig.from_unet), with a narrow hint encoder (widths

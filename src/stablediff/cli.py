@@ -121,8 +121,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="where LoRA names are looked up (default: ./loras)")
     p.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:WEIGHT][:PREPROCESSOR]",
                    help="guide the image by a ControlNet (repeatable; their residuals add up): MODEL a ControlNet "
-                        "file or folder, or a name in --controlnet-dir; IMAGE the control image; WEIGHT default "
-                        "1.0; PREPROCESSOR default none (the image is a ready control map), e.g. canny")
+                        "file or folder, demo-canny (the demo model's), or a name in --controlnet-dir; IMAGE the "
+                        "control image; WEIGHT default 1.0; PREPROCESSOR default none (the image is a ready control "
+                        "map), e.g. canny")
     p.add_argument("--controlnet-dir", default=Path("controlnet"), type=Path, metavar="DIR",
                    help="where --control model names are looked up (default: ./controlnet)")
     p.add_argument("--embeddings-dir", default=Path("embeddings"), type=Path, metavar="DIR",

@@ -35,6 +35,8 @@ CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more 
 HR_OPTIONS = ("Both", "Low res only", "High res only")
 FIELDS = ("image", "model", "weight", "start", "end", "preprocessor", "resize_mode", "control_mode", "guess_mode",
           "params", "hr_option")  # Control's fields, as a batch job's row names them
+DEMO_CONTROLNET = "demo-canny"  # the demo model's canny ControlNet, named as `--model demo` is
+DEMO_CONTROLNET_DIR = Path(__file__).parent / "data" / "demo-controlnet-canny"
 SOFT_INJECTION = 0.825  # the extension's per-layer factor: 0.825 ** 12 < 0.01 for the top skip
 
 
@@ -121,8 +123,10 @@ class Control:
 
 
 def resolve_model(name: str, directory: Path) -> Path | None:
-    """A ControlNet as `generate --control` and batch rows name it: a file or folder as given, else NAME (with or
-    without its suffix, find_controlnet) in `directory`; None where there is none."""
+    """A ControlNet as `generate --control` and batch rows name it: "demo-canny" (the demo model's), a file or folder
+    as given, else NAME (with or without its suffix, find_controlnet) in `directory`; None where there is none."""
+    if name == DEMO_CONTROLNET:
+        return DEMO_CONTROLNET_DIR
     if Path(name).expanduser().exists():
         return Path(name).expanduser()
     return find_controlnet(name, directory)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from stablediff import StableDiffusion, weights
-from stablediff.pipeline import DEMO_DIR
+from stablediff.pipeline import DEMO_DIR, DEMO_LCM_UNET
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from eval_demo import classify, pick, vae_roundtrip  # noqa: E402
@@ -145,3 +145,27 @@ def test_hires_fix_of_a_demo_image_keeps_its_shape_and_colours(pipe, upscaler):
         drawn = [classify(im) for im in (first, hires.resize((64, 64), Image.Resampling.BOX))]
         kept += len({(d["background"], d["colour"], d["shape"]) for d in drawn}) == 1
     assert kept >= 2, kept
+
+
+# 4 LCM steps: the distilled U-Net (`--model demo-lcm`, tools/distill_lcm_demo.py) against the demo itself
+LCM_PROMPTS = pick(TRAIN_COMBOS, 16, 11)
+STUDENT_RIGHT, MARGIN = 12, 6  # of 16 all three right; the measured numbers are in the test's comment
+
+
+def _all_three_right(out, combos) -> int:
+    return sum((g["colour"], g["shape"], g["background"]) == c for g, c in zip(map(classify, out.images), combos))
+
+
+@pytest.mark.skipif(not (DEMO_LCM_UNET / "config.json").is_file(),
+                    reason=f"no LCM U-Net at {DEMO_LCM_UNET} (make it with tools/distill_lcm_demo.py)")
+def test_demo_lcm_draws_in_four_lcm_steps_what_the_demo_cannot(pipe):
+    size = sum(f.stat().st_size for f in DEMO_LCM_UNET.rglob("*") if f.is_file())
+    assert size < 2.5 * 2**20, f"demo-lcm U-Net is {size / 2**20:.1f} MiB"
+    lcm = StableDiffusion.from_pretrained("demo-lcm")
+    assert lcm.unet.config.time_cond_proj_dim and lcm.vae is not pipe.vae
+    prompts = [caption(*combo) for combo in LCM_PROMPTS]
+    distilled = lcm(prompts, seed=SEED, steps=4, sampler="lcm", cfg_scale=7.0)
+    assert "Model: demo-lcm" in distilled.infotexts[0]
+    student = _all_three_right(distilled, LCM_PROMPTS)
+    teacher = _all_three_right(pipe(prompts, seed=SEED, steps=4, sampler="lcm", cfg_scale=7.0), LCM_PROMPTS)
+    assert student >= STUDENT_RIGHT and student >= teacher + MARGIN, (student, teacher)

@@ -7,7 +7,7 @@
 U-Net folder is shipped. Use it with the LCM sampler and the guidance scale as usual (it is read as the guidance
 embedding w = cfg - 1; the U-Net runs once per step):
 
-    stablediff generate "a red circle on a blue background" --model demo-lcm --sampler lcm --steps 4 --cfg 7
+    stablediff generate "a red circle on a blue background" --model demo-lcm --sampler lcm --steps 4 --cfg-scale 7
 
 The recipe (Luo et al. 2023, Latent Consistency Models; as diffusers' train_lcm_distill_sd.py):
   * teacher: the demo U-Net under classifier-free guidance, eps = u + cfg (c - u) with cfg drawn in [2, 8] per
@@ -158,6 +158,9 @@ def distill(args, t0):
             log(f"step {step}: loss {ema_loss:.5f}, lr {opt.param_groups[0]['lr']:.2e}", t0)
         if args.save_every and step and step % args.save_every == 0:
             save(args.out, target)
+        if step == args.stop_after:
+            log(f"stopping after step {step} (--stop-after)", t0)
+            break
     return target
 
 
@@ -175,8 +178,9 @@ def save(out: Path, unet: UNet) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--stop-after", type=int, default=0, help="end after this step (the schedule stays --steps')")
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=0.95, help="the target network's EMA decay")
     p.add_argument("--cfg-min", type=float, default=2.0)

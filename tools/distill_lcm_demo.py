@@ -158,7 +158,7 @@ def distill(args, t0):
             log(f"step {step}: loss {ema_loss:.5f}, lr {opt.param_groups[0]['lr']:.2e}", t0)
         if args.save_every and step and step % args.save_every == 0:
             save(args.out, target)
-        if step == args.stop_after:
+        if args.stop_after and step + 1 >= args.stop_after:
             log(f"stopping after step {step} (--stop-after)", t0)
             break
     return target
@@ -178,8 +178,8 @@ def save(out: Path, unet: UNet) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--stop-after", type=int, default=0, help="end after this step (the schedule stays --steps')")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--stop-after", type=int, default=0, help="end after this many steps (the lr schedule still spans --steps)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=0.95, help="the target network's EMA decay")

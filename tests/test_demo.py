@@ -148,8 +148,7 @@ def test_hires_fix_of_a_demo_image_keeps_its_shape_and_colours(pipe, upscaler):
 
 
 # 4 LCM steps: the distilled U-Net (`--model demo-lcm`, tools/distill_lcm_demo.py) against the demo itself
-LCM_PROMPTS = pick(TRAIN_COMBOS, 16, 11)
-STUDENT_RIGHT, MARGIN = 12, 6  # of 16 all three right; the measured numbers are in the test's comment
+LCM_PROMPTS = pick(TRAIN_COMBOS, 32, 11)
 
 
 def _all_three_right(out, combos) -> int:
@@ -162,10 +161,12 @@ def test_demo_lcm_draws_in_four_lcm_steps_what_the_demo_cannot(pipe):
     size = sum(f.stat().st_size for f in DEMO_LCM_UNET.rglob("*") if f.is_file())
     assert size < 2.5 * 2**20, f"demo-lcm U-Net is {size / 2**20:.1f} MiB"
     lcm = StableDiffusion.from_pretrained("demo-lcm")
-    assert lcm.unet.config.time_cond_proj_dim and lcm.vae is not pipe.vae
+    assert lcm.unet.config.time_cond_proj_dim == 32
     prompts = [caption(*combo) for combo in LCM_PROMPTS]
     distilled = lcm(prompts, seed=SEED, steps=4, sampler="lcm", cfg_scale=7.0)
     assert "Model: demo-lcm" in distilled.infotexts[0]
     student = _all_three_right(distilled, LCM_PROMPTS)
-    teacher = _all_three_right(pipe(prompts, seed=SEED, steps=4, sampler="lcm", cfg_scale=7.0), LCM_PROMPTS)
-    assert student >= STUDENT_RIGHT and student >= teacher + MARGIN, (student, teacher)
+    teacher = {cfg: _all_three_right(pipe(prompts, seed=SEED, steps=4, sampler="lcm", cfg_scale=cfg), LCM_PROMPTS)
+               for cfg in (1.0, 7.0)}  # cfg 1 is the demo's best at 4 steps: cfg 7 overshoots
+    # of 32 with all three right, measured: distilled 31, the demo 25 (cfg 1) and 3 (cfg 7)
+    assert student >= 28 and student >= max(teacher.values()) + 4, (student, teacher)

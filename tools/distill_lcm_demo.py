@@ -179,7 +179,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--stop-after", type=int, default=0, help="end after this many steps (the lr schedule still spans --steps)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="end after this many steps (the lr schedule still spans --steps)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=0.95, help="the target network's EMA decay")

@@ -19,7 +19,7 @@ import functools
 import random
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,7 @@ import torch
 from . import __version__, cpu, embeddings, hires, images, lora, malloc, rng, samplers, taesd, tome, weights
 from . import controls as controlnets
 from .clip import CLIPTextModel
+from .config import UNetConfig
 from .controlnet import ControlNet, load_controlnet
 from .denoiser import EpsDenoiser, ScheduledCFGDenoiser
 from .nn import ResnetBlock, circular_padding
@@ -42,6 +43,9 @@ from .unet import DeepCache, SpatialTransformer, UNet, guidance_scale_embedding
 from .vae import AutoencoderKL
 
 DEMO_DIR = Path(__file__).parent / "data" / "demo"  # our small offline model (`--model demo`)
+# `--model demo-lcm`: the demo model with an LCM U-Net distilled from its own (tools/distill_lcm_demo.py); only the
+# U-Net is shipped, the VAE, text encoder and scheduler are the demo's
+DEMO_LCM_UNET = Path(__file__).parent / "data" / "demo-lcm" / "unet"
 
 
 def _prompt_lists(params: GenerationParams, prompts, negatives) -> tuple[list[str], list[str]]:
@@ -187,7 +191,7 @@ class StableDiffusion:
             dtype, vae_dtype = cpu.cpu_dtype(dtype), cpu.cpu_dtype(vae_dtype, "vae_dtype")
         if str(source) == "demo":
             source = DEMO_DIR
-        ckpt = weights.load_checkpoint(source, variant=variant)
+        ckpt = _demo_lcm() if str(source) == "demo-lcm" else weights.load_checkpoint(source, variant=variant)
         checker = None
         if safety_checker is True and not (Path(ckpt.path) / "safety_checker").is_dir():
             raise weights.CheckpointError(f"{ckpt.path}: has no safety_checker/; pass safety_checker=PATH (a "
@@ -697,6 +701,16 @@ def _nan_cause(dtype: torch.dtype, loras: lora.LoraSet) -> str:
     if dtype == torch.bfloat16:
         return f"in bfloat16: the model's weights{merged} hold NaN/inf, or bfloat16 rounding; retry with dtype float32"
     return f"in {str(dtype).removeprefix('torch.')}: the model's weights{merged} hold NaN/inf or overflow"
+
+
+def _demo_lcm() -> weights.Checkpoint:
+    """The demo checkpoint with DEMO_LCM_UNET's U-Net (config and weights) in place of its own; named by that
+    folder's parent, so that the model name is "demo-lcm" and its hash the LCM U-Net's."""
+    ckpt = weights.load_checkpoint(DEMO_DIR)
+    config = UNetConfig.from_dict(weights.read_json_object(DEMO_LCM_UNET / "config.json"),
+                                  source=str(DEMO_LCM_UNET / "config.json"))
+    _, unet = weights.read_component(DEMO_LCM_UNET, ("diffusion_pytorch_model",))
+    return replace(ckpt, path=str(DEMO_LCM_UNET.parent), unet_config=config, unet=unet)
 
 
 def _weights_file(path: Path) -> Path | None:

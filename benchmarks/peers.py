@@ -184,9 +184,9 @@ def run_sdcpp(size: int, steps: int, wtype: str) -> dict:
                                                    sample_method="euler", sample_steps=n, seed=SEED), steps)
     text = "".join(log.text)
     decodes = [float(s) for s in re.findall(r"decode_first_stage completed, taking ([\d.]+)s", text)]
-    features = re.findall(r"\b(AVX512\w*|AVX2|AVX_VNNI|AMX\w*|F16C|FMA) = 1", text)
-    used = (f"stable-diffusion.cpp (python {stable_diffusion_cpp.__version__}) {wtype}, {os.cpu_count()} threads"
-            + (f"; ggml: {' '.join(sorted(set(features)))}" if features else ""))
+    features = re.findall(r"(\w+) = 1", stable_diffusion_cpp.sd_get_system_info().decode())
+    used = (f"stable-diffusion.cpp (python {stable_diffusion_cpp.__version__}) {wtype}, {os.cpu_count()} threads; "
+            f"ggml: {' '.join(features)}")
     return dict(res, load=load, decode=min(decodes) if decodes else float("nan"), used=used)
 
 

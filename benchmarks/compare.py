@@ -60,18 +60,27 @@ def save_random_pipeline(folder: Path, device: str = "cpu", dtype=None):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     shutil.copy(LAYOUT / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
-    add_slow_tokenizer_files(folder)
+    readable_by_transformers4(folder)
     return unet, vae, text
 
 
-def add_slow_tokenizer_files(folder: Path) -> None:
-    """transformers 5 saves the tokenizer as tokenizer.json alone; 4.x (which the peer engines' exporters pin) reads
-    vocab.json and merges.txt: the bundled CLIP ones, the same vocabulary."""
+def readable_by_transformers4(folder: Path) -> None:
+    """The peer engines' exporters pin transformers 4, which reads neither what transformers 5 saves for the tokenizer
+    (tokenizer.json alone: the bundled CLIP vocab.json / merges.txt are added, the same vocabulary) nor its text
+    encoder keys without the "text_model." prefix (4.x would initialise a new random encoder: the keys are renamed,
+    which transformers 5 reads as well)."""
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     for name in ("vocab.json", "merges.txt"):
         if not (folder / "tokenizer" / name).exists():
             shutil.copy(ROOT / "src" / "stablediff" / "data" / "clip" / name, folder / "tokenizer" / name)
+    path = folder / "text_encoder" / "model.safetensors"
+    state = load_file(str(path))
+    if not all(k.startswith("text_model.") for k in state):
+        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, str(path),
+                  metadata={"format": "pt"})
 
 
 def build_models() -> tuple[Path, Path]:

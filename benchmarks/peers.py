@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-from compare import CACHE, LAYOUT, PROMPT, ROOT, SEED, add_slow_tokenizer_files, peak_rss_gb, warm_page_cache
+from compare import CACHE, LAYOUT, PROMPT, ROOT, SEED, readable_by_transformers4, peak_rss_gb, warm_page_cache
 
 FOLDER, SINGLE = CACHE / "sd15-random", CACHE / "sd15-random.safetensors"
 LCM_LORA, TAESD = CACHE / "lcm-lora-random.safetensors", CACHE / "taesd-random"
@@ -141,9 +141,9 @@ def run_openvino(size: int, steps: int, hint: str | None) -> dict:
     res, _ = timed(optimum_generate(pipe, size), steps)
     decode = seconds(lambda: pipe.vae_decoder(latent_sample=random_latent(size).numpy()))
     compiled = pipe.unet.request.get_property
-    used = (f"openvino {openvino.__version__}: U-Net {compiled('INFERENCE_PRECISION_HINT')}, "
-            f"{compiled('INFERENCE_NUM_THREADS')} threads; CPU default "
-            f"{openvino.Core().get_property('CPU', 'INFERENCE_PRECISION_HINT')}")
+    default = openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    used = (f"openvino {openvino.__version__.split('-')[0]}: U-Net {compiled('INFERENCE_PRECISION_HINT').to_string()}, "
+            f"{compiled('INFERENCE_NUM_THREADS')} threads; the CPU plugin's default {default.to_string()}")
     return dict(res, load=load, decode=decode, used=used)
 
 
@@ -212,19 +212,20 @@ def child_engine(engine: str, size: int, steps: int) -> dict:
 def child_export(kind: str) -> dict:
     """The diffusers folder exported for OpenVINO (f32 IR, no weight compression) or ONNX Runtime, into CACHE."""
     target = EXPORTS[kind]
-    add_slow_tokenizer_files(FOLDER)
+    readable_by_transformers4(FOLDER)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
     t0 = time.perf_counter()
     if kind == "openvino":
         from optimum.intel import OVStableDiffusionPipeline
 
-        pipe = OVStableDiffusionPipeline.from_pretrained(FOLDER, export=True, compile=False, load_in_8bit=False)
-    else:
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
+        OVStableDiffusionPipeline.from_pretrained(FOLDER, export=True, compile=False,
+                                                  load_in_8bit=False).save_pretrained(partial)
+    else:  # optimum-cli export onnx --library diffusers (ORTStableDiffusionPipeline's export=True cannot tell the
+        from optimum.exporters.onnx import main_export  # library of a local folder)
 
-        pipe = ORTStableDiffusionPipeline.from_pretrained(FOLDER, export=True)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    pipe.save_pretrained(partial)
+        main_export(str(FOLDER), output=partial, task="text-to-image", library_name="diffusers",
+                    no_post_process=True, do_validation=False)
     partial.rename(target)
     return dict(export=time.perf_counter() - t0)
 
@@ -305,16 +306,17 @@ def cpu_lines() -> list[str]:
 def table(results: dict[str, list[dict]], size: int, steps: int) -> list[str]:
     base = results.get("diffusers-f32")
     base_image = min(r["image"] for r in base) if base else None
-    lines = ["| engine | s/image (median) | vs diffusers f32 | s/step | decode, s | load, s | peak RSS, GiB | ran as |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| engine | dtype | steps | s/image (median) | vs diffusers f32 | s/step | decode, s | load, s "
+             "| peak RSS, GiB | ran as |", "|---|---|---|---|---|---|---|---|---|---|"]
     for engine, runs in results.items():
         best = {k: min(r[k] for r in runs) for k in ("image", "step", "decode", "load", "rss")}
         median = statistics.median(r["image"] for r in runs)
         ratio = f"{best['image'] / base_image:.3f}" if base_image else "-"
         if engine in TARGETS:
             ratio += f" (target <= {TARGETS[engine]})"
-        n = LCM_STEPS if family(engine) == "lcm" else steps
-        lines.append(f"| {engine} ({n} steps) | {best['image']:.2f} ({median:.2f}) | {ratio} | {best['step']:.3f} "
+        kind, dtype = engine.split("-", 1)
+        n = LCM_STEPS if kind == "lcm" else steps
+        lines.append(f"| {kind} | {dtype} | {n} | {best['image']:.2f} ({median:.2f}) | {ratio} | {best['step']:.3f} "
                      f"| {best['decode']:.2f} | {best['load']:.2f} | {best['rss']:.2f} | {runs[0]['used']} |")
     return [f"{size}x{size}, batch 1, the random SD 1.5; best of the runs (median in brackets)."] + lines
 

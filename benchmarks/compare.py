@@ -3,6 +3,9 @@
     python benchmarks/compare.py                 # full run: 512x512 and 256x256, 20 steps, fp32 + bf16 + cache
     python benchmarks/compare.py --quick         # 256x256 only, fewer repeats
     python benchmarks/compare.py --write         # also rewrite benchmarks/RESULTS.md
+    python benchmarks/compare.py --engines all --size 256 --steps 4 --peers-python /work/venv-peers/bin/python
+                                                 # one table of every engine: OpenVINO, ONNX Runtime,
+                                                 # stable-diffusion.cpp, the LCM + TAESD row (benchmarks/peers.py)
 
 The first run builds a random-weight SD 1.5 (the real architecture, configs from tests/data/sd15-layout) and saves
 it once outside the repository ($STABLEDIFF_BENCH_CACHE, default ~/.cache/stablediff-bench) as a diffusers folder
@@ -57,7 +60,27 @@ def save_random_pipeline(folder: Path, device: str = "cpu", dtype=None):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     shutil.copy(LAYOUT / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
+    readable_by_transformers4(folder)
     return unet, vae, text
+
+
+def readable_by_transformers4(folder: Path) -> None:
+    """The peer engines' exporters pin transformers 4, which reads neither what transformers 5 saves for the tokenizer
+    (tokenizer.json alone: the bundled CLIP vocab.json / merges.txt are added, the same vocabulary) nor its text
+    encoder keys without the "text_model." prefix (4.x would initialise a new random encoder: the keys are renamed,
+    which transformers 5 reads as well)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / "tokenizer" / name).exists():
+            shutil.copy(ROOT / "src" / "stablediff" / "data" / "clip" / name, folder / "tokenizer" / name)
+    path = folder / "text_encoder" / "model.safetensors"
+    state = load_file(str(path))
+    if not all(k.startswith("text_model.") for k in state):
+        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, str(path),
+                  metadata={"format": "pt"})
 
 
 def build_models() -> tuple[Path, Path]:
@@ -256,7 +279,7 @@ def warm_page_cache(*paths: Path) -> None:
     """Read the weight files once, so that neither side pays the first read from disk (the issue's numbers assume
     the file in the page cache) and the side that runs first is not penalised."""
     for path in paths:
-        for f in ([path] if path.is_file() else sorted(path.rglob("*.safetensors"))):
+        for f in ([path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())):
             with open(f, "rb") as fh:
                 while fh.read(1 << 24):
                     pass
@@ -289,11 +312,17 @@ def summarize(runs: list[dict], key: str) -> tuple[float, float]:
 
 
 def main() -> None:
+    import peers  # benchmarks/peers.py, beside this file (it imports this module's helpers)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", "--repeat", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--sizes", default="512,256")
+    ap.add_argument("--sizes", "--size", default="512,256")
+    ap.add_argument("--engines", help="instead of the table below, one table of these engines (comma-separated, "
+                                      "or 'all'): " + ", ".join(peers.ENGINES))
+    ap.add_argument("--peers-python", default=sys.executable,
+                    help="the interpreter with the peer engines' packages (benchmarks/requirements-peers.txt)")
     ap.add_argument("--quick", action="store_true", help="256x256 only, one repeat")
     ap.add_argument("--write", action="store_true", help="rewrite benchmarks/RESULTS.md with this run's table")
     args = ap.parse_args()
@@ -306,6 +335,12 @@ def main() -> None:
             res = child_diffusers(folder, single, int(rest[0]), int(rest[1]), rest[2])
         elif kind == "accuracy":
             res = child_accuracy(folder)
+        elif kind == "engine":
+            res = peers.child_engine(rest[0], int(rest[1]), int(rest[2]))
+        elif kind == "export":
+            res = peers.child_export(rest[0])
+        elif kind == "lcm-assets":
+            res = peers.child_lcm_assets()
         else:
             res = child_peak()
         print(json.dumps(res))
@@ -313,6 +348,9 @@ def main() -> None:
     if args.quick:
         args.sizes, args.repeats = "256", 1
     folder, single = build_models()
+    if args.engines:
+        return peers.main(args.engines, [int(s) for s in args.sizes.split(",")], args.steps, args.repeats,
+                          args.peers_python)
     import torch
 
     def child(*args: str) -> dict:

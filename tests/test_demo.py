@@ -219,3 +219,12 @@ def test_demo_lcm_draws_in_four_lcm_steps_what_the_demo_cannot(pipe):
                for cfg in (1.0, 7.0)}  # cfg 1 is the demo's best at 4 steps: cfg 7 overshoots
     # of 32 with all three right, measured: distilled 31, the demo 25 (cfg 1) and 3 (cfg 7)
     assert student >= 28 and student >= max(teacher.values()) + 4, (student, teacher)
+
+
+def test_server_finds_the_bundled_models_by_name(tmp_path):
+    from stablediff.serve.worker import ModelEntry, startup_model
+
+    for name in ("demo", "demo-lcm"):
+        assert startup_model(name, tmp_path) == ModelEntry(name, name)
+    with pytest.raises(ValueError, match="demo-xl"):
+        startup_model("demo-xl", tmp_path)

@@ -112,16 +112,19 @@ class Catalog:
                                f"({', '.join(entries) or 'none listed'})")
 
 
+BUNDLED_MODELS = ("demo", "demo-lcm")  # the names StableDiffusion.from_pretrained knows without a file
+
+
 def startup_model(model: str | None, models_dir: Path | None) -> ModelEntry:
-    """The model to load first: --model as a name from --models-dir, else a file/folder/Hub id or "demo" (the bundled
-    demo model); when None, the first checkpoint in models_dir, else DEFAULT_MODEL. ValueError if there is no such
+    """The model to load first: --model as a name from --models-dir, else a file/folder/Hub id or a bundled demo model
+    (BUNDLED_MODELS); when None, the first checkpoint in models_dir, else DEFAULT_MODEL. ValueError if there is no such
     model."""
     catalog = Catalog(models_dir)
     entries = catalog.entries()
     if model is None:
         return next(iter(entries.values()), ModelEntry(DEFAULT_MODEL, DEFAULT_MODEL))
-    if model == "demo" and "demo" not in entries:
-        return ModelEntry("demo", "demo")  # the bundled demo model: from_pretrained knows the name
+    if model in BUNDLED_MODELS and model not in entries:
+        return ModelEntry(model, model)  # a bundled demo model: from_pretrained knows the name
     path = Path(model).expanduser()
     for entry in entries.values():
         if model == entry.title or (path.exists() and str(path.resolve()) == entry.source):

@@ -117,15 +117,15 @@ def run_diffusers(size: int, steps: int) -> dict:
     return dict(res, load=load, decode=decode, used=f"diffusers {diffusers.__version__}, torch {torch.__version__}")
 
 
-def optimum_generate(pipe, size: int):
-    """An Euler scheduler (compare.py's) on an optimum pipeline, and its generate(n)."""
-    import numpy as np
+def optimum_generate(pipe, size: int, generator):
+    """An Euler scheduler (compare.py's) on an optimum pipeline, and its generate(n); generator(): a fresh seeded
+    generator of the kind the pipeline takes (optimum-intel: numpy's; optimum-onnx, a diffusers subclass: torch's)."""
     from diffusers import EulerDiscreteScheduler
 
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return lambda n: pipe(PROMPT, num_inference_steps=n, height=size, width=size, guidance_scale=7.0,
-                          generator=np.random.RandomState(SEED))
+                          generator=generator())
 
 
 def run_openvino(size: int, steps: int, hint: str | None) -> dict:
@@ -138,7 +138,9 @@ def run_openvino(size: int, steps: int, hint: str | None) -> dict:
     pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)  # static shapes, as its docs advise
     pipe.compile()
     load = time.perf_counter() - t0
-    res, _ = timed(optimum_generate(pipe, size), steps)
+    import numpy as np
+
+    res, _ = timed(optimum_generate(pipe, size, lambda: np.random.RandomState(SEED)), steps)
     decode = seconds(lambda: pipe.vae_decoder(latent_sample=random_latent(size).numpy()))
     compiled = pipe.unet.request.get_property
     default = openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
@@ -154,8 +156,10 @@ def run_onnxruntime(size: int, steps: int) -> dict:
     t0 = time.perf_counter()
     pipe = ORTStableDiffusionPipeline.from_pretrained(EXPORTS["onnxruntime"], provider="CPUExecutionProvider")
     load = time.perf_counter() - t0
-    res, _ = timed(optimum_generate(pipe, size), steps)
-    decode = seconds(lambda: pipe.vae_decoder(latent_sample=random_latent(size).numpy()))
+    import torch
+
+    res, _ = timed(optimum_generate(pipe, size, lambda: torch.Generator().manual_seed(SEED)), steps)
+    decode = seconds(lambda: pipe.vae_decoder(latent_sample=random_latent(size)))
     used = f"onnxruntime {onnxruntime.__version__}: {', '.join(pipe.unet.session.get_providers())}"
     return dict(res, load=load, decode=decode, used=used)
 

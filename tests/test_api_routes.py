@@ -324,7 +324,7 @@ class ScriptedPipe:
     def __init__(self, actions: dict):
         self.actions, self.seeds = actions, []
 
-    def generate(self, params, *, init_image, mask_image, callback, cancel, upscaler_dir=None):
+    def generate(self, params, *, init_image, mask_image, callback, cancel, upscaler_dir=None, controls=()):
         self.seeds.append(params.seed)
         self.actions.get(len(self.seeds) - 1, lambda: None)()
         if cancel.is_set():

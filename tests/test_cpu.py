@@ -107,3 +107,50 @@ def test_pipeline_with_every_path_off_stays_within_the_exact_bounds(monkeypatch,
     bound = 5e-4 if dtype == torch.float32 else 0.05
     assert rel(a.latents, exact.latents) < bound and rel(b.latents, exact.latents) < bound
     assert torch.isfinite(a.latents).all() and a.images[0].size == (64, 80)
+
+
+@pytest.mark.parametrize("shape,bias", [((2, 1100, 40), True), ((2100, 24), False), ((1, 2, 1030, 16), True)])
+def test_linear_as_onednn_convolution_equals_the_blas_product(monkeypatch, shape, bias):
+    """nn.Linear over >= LINEAR_ROWS rows runs as a oneDNN 1x1 convolution where the trial chose it (forced here)
+    and gives F.linear's numbers; with the path off, or the trial lost, or too few rows, it is F.linear itself."""
+    from stablediff import nn as snn
+
+    gen = torch.Generator().manual_seed(0)
+    layer = snn.Linear(shape[-1], 56, bias=bias)
+    x = torch.randn(shape, generator=gen)
+    calls = []
+    real = cpu.linear_as_conv
+    monkeypatch.setattr(cpu, "linear_as_conv", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv(cpu.ENV, "")
+    with torch.no_grad():
+        exact = F.linear(x, layer.weight, layer.bias)
+        monkeypatch.setattr(cpu, "onednn_linear_wins", lambda: True)
+        fast = layer(x)
+        assert calls and fast.shape == exact.shape
+        torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5)
+        for off in (lambda: monkeypatch.setenv(cpu.ENV, "onednn_linear"),
+                    lambda: monkeypatch.setattr(cpu, "onednn_linear_wins", lambda: False)):
+            monkeypatch.setenv(cpu.ENV, "")
+            monkeypatch.setattr(cpu, "onednn_linear_wins", lambda: True)
+            off()
+            calls.clear()
+            assert torch.equal(layer(x), exact) and not calls
+        monkeypatch.setenv(cpu.ENV, "")
+        monkeypatch.setattr(cpu, "onednn_linear_wins", lambda: True)
+        calls.clear()
+        assert torch.equal(layer(x[..., :10, :]), F.linear(x[..., :10, :], layer.weight, layer.bias)) and not calls
+
+
+def test_onednn_linear_trial_decides_by_the_timings(monkeypatch):
+    cpu.onednn_linear_wins.cache_clear()
+    try:
+        assert cpu.onednn_linear_wins() in (True, False)
+        ticks = iter([0.0, 1.0] * 3 + [0.0, 0.5] * 3)  # oneDNN 1 s a call, BLAS 0.5 s: BLAS stays
+        monkeypatch.setattr("time.perf_counter", lambda: next(ticks))
+        cpu.onednn_linear_wins.cache_clear()
+        assert cpu.onednn_linear_wins() is False
+        ticks = iter([0.0, 0.5] * 3 + [0.0, 1.0] * 3)  # oneDNN twice as fast: chosen
+        cpu.onednn_linear_wins.cache_clear()
+        assert cpu.onednn_linear_wins() is True
+    finally:
+        cpu.onednn_linear_wins.cache_clear()

@@ -6,6 +6,10 @@ Every special kernel path is taken only where it is known to work here, with the
 - `winograd`, `im2col`: float32 3x3 convolutions as matrix products (winograd.py, nn.Conv2d). Plain torch ops: they
   run on every CPU torch supports.
 - `channels_last`: bfloat16 U-Net and VAE weights in channels-last layout on the CPU (pipeline.from_pretrained).
+- `onednn_linear`: float32 linear layers over many tokens (nn.Linear) as oneDNN 1x1 convolutions on channels-last
+  views instead of the BLAS matrix product torch calls. Where the BLAS is slow for the CPU (MKL's float32 GEMM
+  reaches 90-113 GFLOP/s on an AMD EPYC with AVX-512 where oneDNN reaches 170: benchmarks/RESULTS.md) this is the
+  faster; elsewhere it may not be, so a timed trial of both on one U-Net-sized layer decides (`onednn_linear_wins`).
 - `shared_half`: the guided batch's equal halves run once up to the first cross-attention (unet.py).
 - `malloc`: glibc's malloc keeps freed memory for reuse (malloc.py).
 
@@ -24,7 +28,10 @@ import functools
 import os
 import warnings
 
-PATHS = ("packed", "winograd", "im2col", "channels_last", "shared_half", "malloc")
+PATHS = ("packed", "winograd", "im2col", "onednn_linear", "channels_last", "shared_half", "malloc")
+# onednn_linear's trial: one SD 1.5 feed-forward layer at 256x256 (tokens x batch, in, out); oneDNN must take at most
+# this fraction of the BLAS time to be chosen (a margin, so timing noise on a tie does not flip the choice)
+LINEAR_TRIAL, LINEAR_MARGIN = (2048, 320, 2560), 0.9
 ENV = "STABLEDIFF_DISABLE"
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")  # /proc/cpuinfo flags of bfloat16 arithmetic
 
@@ -58,6 +65,49 @@ def onednn_bf16_convolution() -> bool:
         return float(y[0, 0, 1, 1]) == 9.0
     except (RuntimeError, AttributeError):
         return False
+
+
+@functools.cache
+def onednn_linear_wins() -> bool:
+    """Whether float32 linear layers run faster as oneDNN 1x1 convolutions than as torch's BLAS product here: both
+    timed (best of 3, after a warm-up) on LINEAR_TRIAL once per process; False where oneDNN is unavailable."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    m, k, n = LINEAR_TRIAL
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+
+    def best(f) -> float:
+        f()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.inference_mode():
+        try:
+            onednn = best(lambda: linear_as_conv(x, w, b))
+        except RuntimeError:
+            return False
+        return onednn <= LINEAR_MARGIN * best(lambda: F.linear(x, w, b))
+
+
+def linear_as_conv(x, weight, bias=None):
+    """F.linear(x, weight, bias) as a 1x1 convolution: x (..., K) viewed as a channels-last (1, K, M, 1) image, which
+    oneDNN convolves without copying it; the result's channels-last layout is again (..., N)."""
+    import torch.nn.functional as F
+
+    k, n = x.shape[-1], weight.shape[0]
+    rows = x.reshape(-1, k)
+    y = F.conv2d(rows.view(1, rows.shape[0], 1, k).permute(0, 3, 1, 2), weight.view(n, k, 1, 1), bias)
+    return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], n)
 
 
 @functools.cache

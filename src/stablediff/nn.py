@@ -40,6 +40,22 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+# float32 linear layers over at least this many rows (tokens x batch: SD 1.5's two highest levels at 256x256 and up)
+# may run as oneDNN convolutions (cpu.py, `onednn_linear`): below it the BLAS product was as fast or faster
+LINEAR_ROWS = 2048
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters and state dict); float32 on the CPU over >= LINEAR_ROWS rows, a oneDNN 1x1
+    convolution where cpu.py's trial found that faster than torch's BLAS product (equal to 1e-6 relative)."""
+
+    def forward(self, x):
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() >= LINEAR_ROWS * self.in_features
+                and self.weight.dtype == torch.float32 and cpu.enabled("onednn_linear") and cpu.onednn_linear_wins()):
+            return cpu.linear_as_conv(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 # float32 3x3 layers done as one matrix product (im2col, see Conv2d): at least this many input and output channels,
 # at most this many output pixels (N * H * W)
 UNFOLD_CHANNELS, UNFOLD_PIXELS = 1280, 128
@@ -157,10 +173,10 @@ class Attention(nn.Module):
         inner = heads * dim_head
         context_dim = context_dim or dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=bias)
-        self.to_k = nn.Linear(context_dim, inner, bias=bias)
-        self.to_v = nn.Linear(context_dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.to_q = Linear(dim, inner, bias=bias)
+        self.to_k = Linear(context_dim, inner, bias=bias)
+        self.to_v = Linear(context_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([Linear(inner, dim)])
 
     def forward(self, x, context=None):
         context = x if context is None else context

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import cpu
 from .config import UNetConfig
-from .nn import Attention, Downsample, ResnetBlock, TimestepEmbedding, Upsample, timestep_embedding
+from .nn import Attention, Downsample, Linear, ResnetBlock, TimestepEmbedding, Upsample, timestep_embedding
 
 
 def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ class GuidedTimestepEmbedding(TimestepEmbedding):
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x):
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -60,7 +60,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         # net.1 is a dropout in the checkpoint layout: it holds no weights
-        self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Identity(), nn.Linear(dim * 4, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Identity(), Linear(dim * 4, dim)])
 
     def forward(self, x):
         return self.net[2](self.net[0](x))
@@ -103,9 +103,9 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.linear_proj = linear_proj
-        self.proj_in = nn.Linear(ch, ch) if linear_proj else nn.Conv2d(ch, ch, 1)
+        self.proj_in = Linear(ch, ch) if linear_proj else nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(ch, heads, context_dim)])
-        self.proj_out = nn.Linear(ch, ch) if linear_proj else nn.Conv2d(ch, ch, 1)
+        self.proj_out = Linear(ch, ch) if linear_proj else nn.Conv2d(ch, ch, 1)
 
     def forward(self, x, context):
         b, c, h, w = x.shape

@@ -2,6 +2,7 @@
 on the random tiny model (ControlNets made with ControlNetModel.from_unet, zero convs randomised), guidance start /
 end, the control modes' residual scaling, and the errors for bad units."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -371,3 +372,18 @@ def test_bad_batch_controls_are_named_by_row_before_loading(tmp_path, controlnet
                       "--output-dir", str(tmp_path / "out")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert needle in err and "corrupt" not in err, err
+
+
+def test_a_control_image_of_another_size_is_fit_with_a_note(tmp_path):
+    from PIL import Image
+
+    from stablediff.controls import Control
+
+    Image.new("RGB", (40, 24), (255, 0, 0)).save(tmp_path / "c.png")
+    with pytest.warns(UserWarning, match=r"control image 40x24 fit to 64x48 by 'Just Resize'"):
+        hint = Control(tmp_path / "c.png", "unused", resize_mode=0).hint(64, 48)
+    assert hint.shape == (1, 3, 48, 64) and float(hint[0, 0].min()) == 1.0 and float(hint[0, 1].max()) == 0.0
+    Image.new("RGB", (64, 48)).save(tmp_path / "same.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Control(tmp_path / "same.png", "unused").hint(64, 48)

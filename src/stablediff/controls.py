@@ -20,6 +20,7 @@ Several units' residuals are summed (diffusers' MultiControlNetModel).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,7 @@ class Control:
         """The unit as sd-webui-controlnet records it in the infotext's `ControlNet N` entry (its keys; the model by
         its file name without the extension)."""
         name = "ControlNet" if isinstance(self.model, ControlNet) else Path(self.model).stem
-        mode = self.resize_mode if isinstance(self.resize_mode, str) else preprocess.RESIZE_MODES[self.resize_mode]
+        mode = self.resize_mode_name
         hr = "" if self.hr_option == "Both" else f", Hr Option: {self.hr_option}"
         return (f"Module: {self.preprocessor}, Model: {name}, Weight: {self.weight:g}, Resize Mode: {mode}, "
                 f"Guidance Start: {self.start:g}, Guidance End: {self.end:g}, Control Mode: {self.control_mode}{hr}")
@@ -104,6 +105,10 @@ class Control:
             raise ValueError(f"{self.image}: no such control image file")
 
     @property
+    def resize_mode_name(self) -> str:
+        return self.resize_mode if isinstance(self.resize_mode, str) else preprocess.RESIZE_MODES[self.resize_mode]
+
+    @property
     def soft(self) -> bool:
         return self.control_mode != "Balanced"
 
@@ -112,8 +117,13 @@ class Control:
         return self.guess_mode or self.control_mode == "ControlNet is more important"
 
     def hint(self, width: int, height: int) -> torch.Tensor:
-        """The control map (1, 3, height, width), float32: preprocessed, then fit to the size."""
+        """The control map (1, 3, height, width), float32: preprocessed, then fit to the size (with a note where
+        the control image has another size, naming the resize mode that fits it)."""
         image = preprocess.run(self.preprocessor, images.open_image(self.image), **self.params)
+        if image.size != (width, height):
+            warnings.warn(f"control image {image.width}x{image.height} fit to {width}x{height} by "
+                          f"{self.resize_mode_name!r}",
+                          stacklevel=2)
         image = preprocess.fit(image, width, height, self.resize_mode)
         if image.mode == "RGBA":
             array = preprocess.inpaint_hint(image)

@@ -196,6 +196,7 @@ def test_cli_finds_demo_canny_by_name(tmp_path):
     args.control = [f"demo-canny:{tmp_path / 'picture.png'}::canny"]
     (unit,) = cli.parse_controls(args)
     assert unit.model == DEMO_CONTROLNET_DIR and unit.preprocessor == "canny" and unit.weight == 1.0
+    assert "Model: demo-canny," in unit.infotext()  # named as --control takes it, so --from-png users can read it
 # 4 LCM steps: the distilled U-Net (`--model demo-lcm`, tools/distill_lcm_demo.py) against the demo itself
 LCM_PROMPTS = pick(TRAIN_COMBOS, 32, 11)
 

@@ -69,8 +69,12 @@ class Control:
 
     def infotext(self) -> str:
         """The unit as sd-webui-controlnet records it in the infotext's `ControlNet N` entry (its keys; the model by
-        its file name without the extension)."""
-        name = "ControlNet" if isinstance(self.model, ControlNet) else Path(self.model).stem
+        its file name without the extension; the demo's by the name `--control` takes)."""
+        if isinstance(self.model, ControlNet):
+            name = "ControlNet"
+        else:
+            path = Path(self.model)
+            name = DEMO_CONTROLNET if path.resolve() == DEMO_CONTROLNET_DIR.resolve() else path.stem
         mode = self.resize_mode_name
         hr = "" if self.hr_option == "Both" else f", Hr Option: {self.hr_option}"
         return (f"Module: {self.preprocessor}, Model: {name}, Weight: {self.weight:g}, Resize Mode: {mode}, "

@@ -25,12 +25,13 @@ def pipe(tiny_model_dir):
     return StableDiffusion.from_pretrained(tiny_model_dir)
 
 
-def random_controlnet(unet, seed: int):
-    """diffusers' ControlNetModel.from_unet with the zero convs randomised (else every residual is 0)."""
+def random_controlnet(unet, seed: int, hint_channels=(16, 32)):
+    """diffusers' ControlNetModel.from_unet with the zero convs randomised (else every residual is 0); the tiny
+    models' hint is at 2x the latent size (two hint channel widths), SD 1.5's at 8x (16, 32, 96, 256)."""
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
-    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels).eval()
     for conv in [*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out]:
         conv.reset_parameters()
     return model
@@ -387,3 +388,55 @@ def test_a_control_image_of_another_size_is_fit_with_a_note(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Control(tmp_path / "same.png", "unused").hint(64, 48)
+
+
+@pytest.mark.slow
+def test_full_size_controlnet_pipeline_matches_diffusers(all_cores):
+    """SD 1.5's real architecture (random weights) with a ControlNet of its U-Net, 128x128, 3 Euler steps: our
+    latents against StableDiffusionControlNetPipeline's."""
+    import diffusers
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from conftest import BUNDLED_TOKENIZER, diffusers_unet, diffusers_vae, sd15_config, text_state_dict, \
+        transformers_text
+    from stablediff.clip import CLIPTextModel
+    from stablediff.config import CLIPTextConfig, UNetConfig, VAEConfig
+    from stablediff.controlnet import ControlNet, ControlNetConfig
+    from stablediff.schedule import NoiseSchedule
+    from stablediff.tokenizer import CLIPTokenizer
+    from stablediff.unet import UNet
+    from stablediff.vae import AutoencoderKL
+
+    def build(cls, cfg, state_dict):
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.eval()
+
+    text_cfg = {k: v for k, v in sd15_config("text_encoder").items() if not k.startswith("_")}
+    unet, vae, text = diffusers_unet(sd15_config("unet")), diffusers_vae(sd15_config("vae"), 1), \
+        transformers_text(text_cfg, 2)
+    net = random_controlnet(unet, 7, (16, 32, 96, 256))
+    spec = samplers.SAMPLERS["euler"]
+    cls = getattr(diffusers, spec.diffusers_class)
+    ref = diffusers.StableDiffusionControlNetPipeline(
+        vae=vae, text_encoder=text, tokenizer=HFTokenizer.from_pretrained(str(BUNDLED_TOKENIZER)), unet=unet,
+        controlnet=net, scheduler=cls.from_config(cls.load_config(str(SD15), subfolder="scheduler"),
+                                                  **dict(spec.diffusers_kwargs)),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusion(
+        CLIPTokenizer(), build(CLIPTextModel, CLIPTextConfig.from_dict(text_cfg), text_state_dict(text)),
+        build(UNet, UNetConfig.from_dict(dict(unet.config)), unet.state_dict()),
+        build(AutoencoderKL, VAEConfig.from_dict(dict(vae.config)), vae.state_dict()),
+        NoiseSchedule.from_json(SD15 / "scheduler" / "scheduler_config.json"))
+    ours_net = build(ControlNet, ControlNetConfig.from_dict(dict(net.config)), net.state_dict())
+    image = control_image(3, (128, 128))
+    with torch.no_grad():
+        want = ref(PROMPT, image=image, num_inference_steps=3, guidance_scale=7.0, width=128, height=128,
+                   controlnet_conditioning_scale=0.9, generator=torch.Generator("cpu").manual_seed(SEED),
+                   output_type="latent").images
+    got = pipe(PROMPT, steps=3, cfg_scale=7.0, seed=SEED, width=128, height=128, sampler="euler",
+               controls=[Control(image, ours_net, weight=0.9)]).latents
+    assert_close(got, want, LATENT_TOL)
+    assert (got - pipe(PROMPT, steps=3, cfg_scale=7.0, seed=SEED, width=128, height=128,
+                       sampler="euler").latents).abs().max() > 1e-2

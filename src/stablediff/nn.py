@@ -47,10 +47,11 @@ LINEAR_ROWS = 2048
 
 class Linear(nn.Linear):
     """nn.Linear (the same parameters and state dict); float32 on the CPU over >= LINEAR_ROWS rows, a oneDNN 1x1
-    convolution where cpu.py's trial found that faster than torch's BLAS product (equal to 1e-6 relative)."""
+    convolution where cpu.py's trial found that faster than torch's BLAS product (equal to 1e-6 relative). Not
+    under torch.compile, whose own kernels replace it (and which must not trace the timed trial)."""
 
     def forward(self, x):
-        if (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() >= LINEAR_ROWS * self.in_features
+        if (not torch.compiler.is_compiling() and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() >= LINEAR_ROWS * self.in_features
                 and self.weight.dtype == torch.float32 and cpu.enabled("onednn_linear") and cpu.onednn_linear_wins()):
             return cpu.linear_as_conv(x, self.weight, self.bias)
         return super().forward(x)

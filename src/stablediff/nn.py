@@ -51,7 +51,8 @@ class Linear(nn.Linear):
     under torch.compile, whose own kernels replace it (and which must not trace the timed trial)."""
 
     def forward(self, x):
-        if (not torch.compiler.is_compiling() and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() >= LINEAR_ROWS * self.in_features
+        if (not torch.compiler.is_compiling() and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() >= LINEAR_ROWS * self.in_features
                 and self.weight.dtype == torch.float32 and cpu.enabled("onednn_linear") and cpu.onednn_linear_wins()):
             return cpu.linear_as_conv(x, self.weight, self.bias)
         return super().forward(x)

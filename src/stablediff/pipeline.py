@@ -351,7 +351,8 @@ class StableDiffusion:
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
                  rng: str = "cpu", ensd: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
                  seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
-                 token_merging_ratio: float = 0.0, controls: list[controlnets.Control] = (), callback: Callable[[StepInfo], None] | None = None,
+                 token_merging_ratio: float = 0.0, controls: list[controlnets.Control] = (),
+                 callback: Callable[[StepInfo], None] | None = None,
                  cancel=None, progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
 

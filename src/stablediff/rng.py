@@ -179,7 +179,8 @@ class ImageRNG:
     Variation seeds: with subseed_strength s != 0, the starting noise of image k is slerp(s, noise, subnoise), the
     subnoise drawn by a fresh generator seeded subseeds[k] (0 past the end of the list). seed_resize_from=(w, h) in
     pixels (latent size = pixels // downscale, the VAE's factor) draws the seed's noise (and the subnoise) at that
-    size and pastes its centre into the image's own first draw, so a seed keeps its composition at another size. Noise is float32 on `device`."""
+    size and pastes its centre into the image's own first draw, so a seed keeps its composition at another size.
+    Noise is float32 on `device`."""
 
     def __init__(self, shape, seeds, *, source: str = "cpu", device="cpu", subseeds=None,
                  subseed_strength: float = 0.0, seed_resize_from: tuple[int, int] | None = None, ensd: int = 0,

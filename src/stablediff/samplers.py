@@ -108,7 +108,8 @@ sample_ddpm = sample_euler_a
 
 
 def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None):
-    """Heun's method (Karras et al. 2022, Alg. 1); the step to sigma = 0 is a plain Euler step (HeunDiscreteScheduler)."""
+    """Heun's method (Karras et al. 2022, Alg. 1); the step to sigma = 0 is a plain Euler step
+    (HeunDiscreteScheduler)."""
     x, sigmas = _float32(x, sigmas)
     for i, sigma, sigma_next in _steps(sigmas):
         denoised = denoiser(x, sigma)

@@ -337,8 +337,8 @@ def run_batch(jobs: str | Path, output_dir: str | Path, *, model: str, defaults:
               controls: tuple = (), controlnet_dir: Path = Path("controlnet")) -> Summary:
     """Everything `stablediff batch` does after parsing. `defaults`: the settings a row leaves out (the command
     line's; see jobs.plan); `controls`: the ControlNet units of a row that names none, `controlnet_dir`: where a
-    row's ControlNet names are looked up; `ray`: None for the local loop, "local" for a new local Ray, else a cluster address;
-    `load` makes the local loop's pipeline (default load_pipeline); `limits`: the --max-* bounds on the job. Bad
+    row's ControlNet names are looked up; `ray`: None for the local loop, "local" for a new local Ray, else a cluster
+    address; `load` makes the local loop's pipeline (default load_pipeline); `limits`: the --max-* bounds on the job. Bad
     input raises ValueError (JobError for rows, LimitError for the job's size) before anything is generated; a file
     that cannot be written (a full disk) raises WriteError."""
     from tqdm.auto import tqdm

@@ -191,7 +191,7 @@ def _write(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _write_temp(directory: Path, data: bytes) -> Path:
+def write_temp(directory: Path, data: bytes) -> Path:
     """`data` in a new `.tmp-PID-RANDOM.png`, created exclusively and with mode 0666 less the umask, as any file
     (tempfile's 0600 would make every saved image private); removed again when the write fails."""
     tmp = directory / f".tmp-{os.getpid()}-{secrets.token_hex(8)}.png"
@@ -245,14 +245,20 @@ def _claim(tmp: Path, target: Path) -> bool:
         return True
 
 
-def png_bytes(image: Image.Image, parameters: str) -> bytes:
-    """The PNG file of `image` with `parameters` in a text chunk (tEXt, or iTXt when the text is not Latin-1), as
-    AUTOMATIC1111 writes it."""
+def png_file(image: Image.Image, texts: dict[str, str]) -> bytes:
+    """The PNG file of `image` with each (key, text) of `texts` in a text chunk (tEXt, or iTXt when the text is not
+    Latin-1)."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+    for key, text in texts.items():
+        info.add_text(key, text)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    """The PNG file of `image` with `parameters` in a text chunk, as AUTOMATIC1111 writes it."""
+    return png_file(image, {"parameters": parameters})
 
 
 def save_png(image: Image.Image, directory: str | Path, seed: int, parameters: str) -> Path:
@@ -273,7 +279,7 @@ def save_png_bytes(data: bytes, directory: str | Path, seed: int) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(directory)
-        tmp = _write_temp(directory, data)
+        tmp = write_temp(directory, data)
         try:
             with _numbering_lock(directory):
                 number = _next_number(directory)

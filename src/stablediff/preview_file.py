@@ -9,15 +9,14 @@ rename would replace the link itself.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
+
+from . import images
 
 MARK = ("stablediff", "live preview")  # (PNG text key, value) in every preview we write
 
@@ -42,27 +41,16 @@ def check_path(path: Path) -> None:
                          "another file")
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    """The preview's PNG, MARK in a text chunk."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text(*MARK)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
 def write(path: Path, image: Image.Image) -> None:
-    """`image` to `path` atomically; ValueError where the path has become someone else's file, OSError where the
-    folder cannot be written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    """`image` (MARK in a text chunk) to `path` atomically, through the temporary file a saved image is written to
+    first (images.write_temp); ValueError where the path has become someone else's file, OSError where the folder
+    cannot be written."""
+    tmp = images.write_temp(path.parent, images.png_file(image, dict([MARK])))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(png_bytes(image))
         check_path(path)  # again: the run took a while
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

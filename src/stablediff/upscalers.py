@@ -16,7 +16,6 @@ output is smaller than that, then Lanczos resizes to the target when the sizes d
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from torch import nn
 
 from . import images
@@ -406,13 +405,8 @@ def postprocess_info(scale: float, name: str) -> str:
 def png_bytes(image: Image.Image, parameters: str | None, postprocessing: str | None) -> bytes:
     """The upscaled image's PNG file as A1111's extras write it: the source's generation `parameters` kept (when
     it had them) and a `postprocessing` text chunk saying how it was upscaled (when it was)."""
-    info = PngImagePlugin.PngInfo()
-    for key, text in (("parameters", parameters), ("postprocessing", postprocessing)):
-        if text:
-            info.add_text(key, text)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
+    texts = (("parameters", parameters), ("postprocessing", postprocessing))
+    return images.png_file(image, {key: text for key, text in texts if text})
 
 
 def source_seed(parameters: str | None) -> int:

@@ -21,6 +21,9 @@ SD15 = DATA / "sd15-layout"
 # oversubscribe the cores). Full-size SD 1.5 checks ask for every core through the `all_cores` fixture.
 CORES = torch.get_num_threads()
 torch.set_num_threads(1)
+# Layers take their fixed kernel rules, the same on every machine, and nothing is timed or written to the user's
+# cache (tuning.py); tests/test_tuning.py and the tuned SD 1.5 check switch tuning on themselves
+os.environ.setdefault("STABLEDIFF_TUNING", "off")
 
 
 @pytest.fixture(autouse=True)

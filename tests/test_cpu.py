@@ -110,47 +110,34 @@ def test_pipeline_with_every_path_off_stays_within_the_exact_bounds(monkeypatch,
 
 
 @pytest.mark.parametrize("shape,bias", [((2, 1100, 40), True), ((2100, 24), False), ((1, 2, 1030, 16), True)])
-def test_linear_as_onednn_convolution_equals_the_blas_product(monkeypatch, shape, bias):
-    """nn.Linear over >= LINEAR_ROWS rows runs as a oneDNN 1x1 convolution where the trial chose it (forced here)
-    and gives F.linear's numbers; with the path off, or the trial lost, or too few rows, it is F.linear itself."""
+def test_linear_by_onednn_equals_the_blas_product(monkeypatch, shape, bias):
+    """A float32 nn.Linear large enough to be tuned runs by oneDNN's matrix product where tuning chose it (forced
+    here) and gives F.linear's numbers; with the path off, tuning off or too little work it is F.linear itself."""
     from stablediff import nn as snn
+    from stablediff import tuning
 
     gen = torch.Generator().manual_seed(0)
     layer = snn.Linear(shape[-1], 56, bias=bias)
     x = torch.randn(shape, generator=gen)
     calls = []
-    real = cpu.linear_as_conv
-    monkeypatch.setattr(cpu, "linear_as_conv", lambda *a: calls.append(1) or real(*a))
+    real = cpu.onednn_linear
+    monkeypatch.setattr(cpu, "onednn_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(snn, "TUNED_LINEAR_MACS", 1000)
+    monkeypatch.setattr(tuning, "decide", lambda times: list(times)[-1])  # the last way offered wins
+    monkeypatch.setenv(tuning.ENV, "memory")
     monkeypatch.setenv(cpu.ENV, "")
+    tuning.forget()
     with torch.no_grad():
         exact = F.linear(x, layer.weight, layer.bias)
-        monkeypatch.setattr(cpu, "onednn_linear_wins", lambda: True)
         fast = layer(x)
-        assert calls and fast.shape == exact.shape
+        assert calls and fast.shape == exact.shape and cpu.onednn_matmul()
         torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5)
-        for off in (lambda: monkeypatch.setenv(cpu.ENV, "onednn_linear"),
-                    lambda: monkeypatch.setattr(cpu, "onednn_linear_wins", lambda: False)):
-            monkeypatch.setenv(cpu.ENV, "")
-            monkeypatch.setattr(cpu, "onednn_linear_wins", lambda: True)
+        for off in (lambda: monkeypatch.setenv(cpu.ENV, "onednn_linear"), lambda: monkeypatch.setenv(tuning.ENV, "off"),
+                    lambda: monkeypatch.setattr(snn, "TUNED_LINEAR_MACS", x.numel() * 56 + 1)):
             off()
             calls.clear()
             assert torch.equal(layer(x), exact) and not calls
-        monkeypatch.setenv(cpu.ENV, "")
-        monkeypatch.setattr(cpu, "onednn_linear_wins", lambda: True)
-        calls.clear()
-        assert torch.equal(layer(x[..., :10, :]), F.linear(x[..., :10, :], layer.weight, layer.bias)) and not calls
-
-
-def test_onednn_linear_trial_decides_by_the_timings(monkeypatch):
-    cpu.onednn_linear_wins.cache_clear()
-    try:
-        assert cpu.onednn_linear_wins() in (True, False)
-        ticks = iter([0.0, 1.0] * 3 + [0.0, 0.5] * 3)  # oneDNN 1 s a call, BLAS 0.5 s: BLAS stays
-        monkeypatch.setattr("time.perf_counter", lambda: next(ticks))
-        cpu.onednn_linear_wins.cache_clear()
-        assert cpu.onednn_linear_wins() is False
-        ticks = iter([0.0, 0.5] * 3 + [0.0, 1.0] * 3)  # oneDNN twice as fast: chosen
-        cpu.onednn_linear_wins.cache_clear()
-        assert cpu.onednn_linear_wins() is True
-    finally:
-        cpu.onednn_linear_wins.cache_clear()
+            monkeypatch.setenv(cpu.ENV, "")
+            monkeypatch.setenv(tuning.ENV, "memory")
+            monkeypatch.setattr(snn, "TUNED_LINEAR_MACS", 1000)
+    tuning.forget()

@@ -55,24 +55,31 @@ def test_unet_matches_diffusers(size, all_cores, winograd_inputs):
 
 
 @pytest.mark.slow
-def test_sd15_unet_with_onednn_linears_matches_diffusers(all_cores, monkeypatch):
-    """SD 1.5 at a 32x32 latent, batch 2: the top level's 2048 tokens take the `onednn_linear` path (forced on here,
-    as the trial picks it on a CPU where MKL is slow) and the output still equals diffusers'."""
-    from stablediff import cpu
+@pytest.mark.parametrize("way", ["plain", "fast"])
+def test_sd15_unet_with_tuned_ways_matches_diffusers(all_cores, monkeypatch, way):
+    """SD 1.5 at a 32x32 latent, batch 2, with tuning on (tuning.py) and every layer that is offered a choice taking
+    the plain op ("plain") or the last other way offered ("fast": oneDNN linears, Winograd or im2col
+    convolutions): both equal diffusers'."""
+    from stablediff import cpu, tuning
 
     ref = diffusers_unet(sd15_config("unet"))
     model = ours(UNet, UNetConfig, ref, ref.state_dict())
     monkeypatch.setenv(cpu.ENV, "")
-    monkeypatch.setattr(cpu, "onednn_linear_wins", lambda: True)
-    calls = []
-    real = cpu.linear_as_conv
-    monkeypatch.setattr(cpu, "linear_as_conv", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv(tuning.ENV, "memory")
+    chosen = []
+    monkeypatch.setattr(tuning, "decide", lambda times: chosen.append(list(times)[0 if way == "plain" else -1])
+                        or chosen[-1])
+    tuning.forget()
     g = torch.Generator().manual_seed(2)
     x, ctx = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 768, generator=g)
-    with torch.no_grad():
-        assert_close(model(x, torch.tensor([999.0, 1.5]), ctx), ref(x, torch.tensor([999.0, 1.5]), ctx).sample, TOL)
-    assert len(calls) == 40  # the top level's 5 transformer blocks, 8 token linears each (self-attention q/k/v/out,
-    # cross-attention q/out, GEGLU, feed-forward out); lower levels have fewer than 2048 tokens
+    try:
+        with torch.no_grad():
+            assert_close(model(x, torch.tensor([999.0, 1.5]), ctx), ref(x, torch.tensor([999.0, 1.5]), ctx).sample,
+                         TOL)
+    finally:
+        tuning.forget()
+    expected = {"blas", "direct"} if way == "plain" else {"onednn", "winograd", "im2col"}
+    assert set(chosen) == expected and len(chosen) > 30
 
 
 def test_inpainting_unet_in_channels_9():

@@ -6,12 +6,15 @@ Every special kernel path is taken only where it is known to work here, with the
 - `winograd`, `im2col`: float32 3x3 convolutions as matrix products (winograd.py, nn.Conv2d). Plain torch ops: they
   run on every CPU torch supports.
 - `channels_last`: bfloat16 U-Net and VAE weights in channels-last layout on the CPU (pipeline.from_pretrained).
-- `onednn_linear`: float32 linear layers over many tokens (nn.Linear) as oneDNN 1x1 convolutions on channels-last
-  views instead of the BLAS matrix product torch calls. Where the BLAS is slow for the CPU (MKL's float32 GEMM
-  reaches 90-113 GFLOP/s on an AMD EPYC with AVX-512 where oneDNN reaches 170: benchmarks/RESULTS.md) this is the
-  faster; elsewhere it may not be, so a timed trial of both on one U-Net-sized layer decides (`onednn_linear_wins`).
+- `onednn_linear`: float32 linear layers (nn.Linear) by oneDNN's matrix product instead of the BLAS one torch
+  calls, where a trial call shows it runs (`onednn_matmul`). On an AMD EPYC with AVX-512 MKL's float32 GEMM reaches
+  120-170 GFLOP/s on 2 cores where oneDNN's reaches 175-200 (benchmarks/RESULTS.md); elsewhere it may be the other
+  way round.
 - `shared_half`: the guided batch's equal halves run once up to the first cross-attention (unet.py).
 - `malloc`: glibc's malloc keeps freed memory for reuse (malloc.py).
+
+Which of the float32 ways a layer of a given shape takes is timed at its first use and remembered per CPU
+(tuning.py); with $STABLEDIFF_TUNING=off fixed rules decide instead (nn.py).
 
 `STABLEDIFF_DISABLE=winograd,im2col` (names from PATHS, or `all`) turns paths off, e.g. to compare results or
 work around a kernel bug; tests force each one off this way.
@@ -29,9 +32,6 @@ import os
 import warnings
 
 PATHS = ("packed", "winograd", "im2col", "onednn_linear", "channels_last", "shared_half", "malloc")
-# onednn_linear's trial: one SD 1.5 feed-forward layer at 256x256 (tokens x batch, in, out); oneDNN must take at most
-# this fraction of the BLAS time to be chosen (a margin, so timing noise on a tie does not flip the choice)
-LINEAR_TRIAL, LINEAR_MARGIN = (2048, 320, 2560), 0.9
 ENV = "STABLEDIFF_DISABLE"
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")  # /proc/cpuinfo flags of bfloat16 arithmetic
 
@@ -68,46 +68,43 @@ def onednn_bf16_convolution() -> bool:
 
 
 @functools.cache
-def onednn_linear_wins() -> bool:
-    """Whether float32 linear layers run faster as oneDNN 1x1 convolutions than as torch's BLAS product here: both
-    timed (best of 3, after a warm-up) on LINEAR_TRIAL once per process; False where oneDNN is unavailable."""
-    import time
-
+def onednn_matmul() -> bool:
+    """Whether oneDNN's float32 matrix product (torch.ops.mkldnn._linear_pointwise, what torch.compile's CPU backend
+    calls for linear layers) runs here and equals F.linear: one small trial call."""
     import torch
     import torch.nn.functional as F
 
     if not torch.backends.mkldnn.is_available():
         return False
-    m, k, n = LINEAR_TRIAL
-    gen = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
-
-    def best(f) -> float:
-        f()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    with torch.inference_mode():
-        try:
-            onednn = best(lambda: linear_as_conv(x, w, b))
-        except RuntimeError:
-            return False
-        return onednn <= LINEAR_MARGIN * best(lambda: F.linear(x, w, b))
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(5, 7, generator=gen), torch.randn(3, 7, generator=gen), torch.randn(3, generator=gen)
+        with torch.inference_mode():
+            return bool(torch.allclose(onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5))
+    except (RuntimeError, AttributeError):
+        return False
 
 
-def linear_as_conv(x, weight, bias=None):
-    """F.linear(x, weight, bias) as a 1x1 convolution: x (..., K) viewed as a channels-last (1, K, M, 1) image, which
-    oneDNN convolves without copying it; the result's channels-last layout is again (..., N)."""
-    import torch.nn.functional as F
+def onednn_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) by oneDNN (float32 on the CPU)."""
+    import torch
 
-    k, n = x.shape[-1], weight.shape[0]
-    rows = x.reshape(-1, k)
-    y = F.conv2d(rows.view(1, rows.shape[0], 1, k).permute(0, 3, 1, 2), weight.view(n, k, 1, 1), bias)
-    return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], n)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
 
 
 @functools.cache

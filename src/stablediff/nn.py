@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu, winograd
+from . import cpu, tuning, winograd
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0,
@@ -40,36 +40,51 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-# float32 linear layers over at least this many rows (tokens x batch: SD 1.5's two highest levels at 256x256 and up)
-# may run as oneDNN convolutions (cpu.py, `onednn_linear`): below it the BLAS product was as fast or faster
-LINEAR_ROWS = 2048
+# float32 linear layers of at least this many multiply-adds (rows x in x out) may run by oneDNN (cpu.py,
+# `onednn_linear`) where tuning.py times that faster; below it either takes microseconds
+TUNED_LINEAR_MACS = 1 << 22
+
+
+def _float32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a layer with `weight` on `x` is a float32 CPU call that may take a tuned way (tuning.py)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and weight.dtype == torch.float32
+            and not torch.compiler.is_compiling() and tuning.active())
 
 
 class Linear(nn.Linear):
-    """nn.Linear (the same parameters and state dict); float32 on the CPU over >= LINEAR_ROWS rows, a oneDNN 1x1
-    convolution where cpu.py's trial found that faster than torch's BLAS product (equal to 1e-6 relative). Not
-    under torch.compile, whose own kernels replace it (and which must not trace the timed trial)."""
+    """nn.Linear (the same parameters and state dict); in float32 on the CPU, a large enough layer runs by oneDNN's
+    matrix product or torch's BLAS one, whichever tuning.py timed faster for its shape on this machine (equal to
+    1e-6 relative). Not under torch.compile, whose own kernels replace both."""
 
     def forward(self, x):
-        if (not torch.compiler.is_compiling() and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() >= LINEAR_ROWS * self.in_features
-                and self.weight.dtype == torch.float32 and cpu.enabled("onednn_linear") and cpu.onednn_linear_wins()):
-            return cpu.linear_as_conv(x, self.weight, self.bias)
+        if (_float32_cpu(x, self.weight) and x.numel() * self.out_features >= TUNED_LINEAR_MACS
+                and cpu.enabled("onednn_linear") and cpu.onednn_matmul()):
+            rows = x.numel() // self.in_features
+            key = f"linear {rows}x{self.in_features}->{self.out_features}{'' if self.bias is None else ' +bias'}"
+            return tuning.pick(key, {"blas": lambda: super(Linear, self).forward(x),
+                                     "onednn": lambda: cpu.onednn_linear(x, self.weight, self.bias)})
         return super().forward(x)
 
 
-# float32 3x3 layers done as one matrix product (im2col, see Conv2d): at least this many input and output channels,
-# at most this many output pixels (N * H * W)
+# float32 3x3 layers done as one matrix product (im2col, see Conv2d) by the fixed rule: at least this many input and
+# output channels, at most this many output pixels (N * H * W)
 UNFOLD_CHANNELS, UNFOLD_PIXELS = 1280, 128
+# the 3x3 layers whose ways tuning.py times (the direct convolution and): Winograd from this many channels and
+# output pixels; im2col from this many channels up to this many output pixels (its unfolded input holds 9 x
+# channels x pixels floats). Wider than any machine's winners seen so far; smaller layers take the direct one.
+TUNED_WINOGRAD, TUNED_IM2COL = (64, 256), (256, 1024)
 
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state dict), faster on the CPU.
 
-    float32: the stride-1 3x3 layers with enough channels and pixels run by Winograd's algorithm (winograd.py).
-    The 3x3 layers with >= 1280 channels and at most 128 output pixels (N*H*W: SD 1.5's 4x4 and 8x8 levels) run as
-    one matrix product over the unfolded input (im2col), which reads the weight where it lies: oneDNN copies it
-    into its blocked layout on every call first, which at so few pixels costs more than the arithmetic.
+    float32: a 3x3 layer (padding 1, zeros) can run as oneDNN's direct convolution, by Winograd's algorithm
+    (winograd.py, stride 1) or as one matrix product over the unfolded input (im2col), which reads the weight where
+    it lies: oneDNN copies it into its blocked layout on every call first, which at few pixels costs more than the
+    arithmetic. Which is fastest depends on the machine and the shape: tuning.py times the ways a shape is offered
+    (TUNED_WINOGRAD, TUNED_IM2COL) at its first use and remembers the winner. With tuning off the fixed rules of
+    before decide: Winograd for layers with enough channels and pixels (winograd.THRESHOLDS), im2col for >= 1280
+    channels and at most 128 output pixels (N*H*W: SD 1.5's 4x4 and 8x8 levels).
     bfloat16: the U-Net's widest low-resolution layers keep their weights reordered, for the same reason: for
     layers with >= 2560 input channels, or >= 1280 at <= 8x8 pixels, oneDNN's per-call reorder costs more than the
     arithmetic. Such a layer keeps its weight reordered for the last input shape it saw (rebuilt when the shape or
@@ -87,15 +102,37 @@ class Conv2d(nn.Conv2d):
                 and (self.in_channels >= 2560 or (self.in_channels >= 1280 and x.shape[2] * x.shape[3] <= 64))
                 and cpu.enabled("packed") and cpu.onednn_bf16_convolution())
 
-    def _unfolds(self, x: torch.Tensor) -> bool:
+    def _out_pixels(self, x: torch.Tensor) -> int:
+        return x.shape[0] * -(-x.shape[2] // self.stride[0]) * -(-x.shape[3] // self.stride[1])
+
+    def _unfoldable(self, x: torch.Tensor) -> bool:
         return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4 and self.kernel_size == (3, 3)
                 and self.stride in ((1, 1), (2, 2)) and self.padding == (1, 1) and self.dilation == (1, 1)
                 and self.groups == 1 and self.padding_mode == "zeros" and self.weight.dtype == torch.float32
-                and min(self.in_channels, self.out_channels) >= UNFOLD_CHANNELS
-                and x.shape[0] * -(-x.shape[2] // self.stride[0]) * -(-x.shape[3] // self.stride[1]) <= UNFOLD_PIXELS
                 and cpu.enabled("im2col"))
 
+    def _unfolds(self, x: torch.Tensor) -> bool:
+        return (self._unfoldable(x) and min(self.in_channels, self.out_channels) >= UNFOLD_CHANNELS
+                and self._out_pixels(x) <= UNFOLD_PIXELS)
+
+    def _ways(self, x: torch.Tensor) -> dict:
+        """The ways to compute this float32 layer on x offered to tuning.py: the direct convolution first."""
+        ways = {"direct": lambda: super(Conv2d, self).forward(x)}
+        channels, pixels = min(self.in_channels, self.out_channels), self._out_pixels(x)
+        if winograd.fits(self, x) and channels >= TUNED_WINOGRAD[0] and pixels >= TUNED_WINOGRAD[1]:
+            ways["winograd"] = lambda: winograd.conv3x3(x, self.weight, self.bias)
+        if self._unfoldable(x) and channels >= TUNED_IM2COL[0] and pixels <= TUNED_IM2COL[1]:
+            ways["im2col"] = lambda: conv3x3_im2col(x, self.weight, self.bias, self.stride[0])
+        return ways
+
     def forward(self, x):
+        if _float32_cpu(x, self.weight) and x.dim() == 4 and self.kernel_size == (3, 3):
+            ways = self._ways(x)
+            if len(ways) == 1:
+                return ways["direct"]()
+            layout = " channels-last" if x.is_contiguous(memory_format=torch.channels_last) else ""
+            n, c, h, w = x.shape
+            return tuning.pick(f"conv3x3 {n}x{c}x{h}x{w}{layout}->{self.out_channels} stride {self.stride[0]}", ways)
         if winograd.applies(self, x):
             return winograd.conv3x3(x, self.weight, self.bias)
         if self._unfolds(x):

@@ -8,9 +8,10 @@ arXiv:1509.09308): 36 multiplications per 4x4 output tile and channel pair inste
 
 In the 2-D form the transforms are the Kronecker products B2, G2, A2 of the 1-D matrices. oneDNN has no Winograd
 for float32 on these CPUs; done in PyTorch ops, the input transform is one convolution of every channel with the
-36 basis patches, the rest are matrix products. It gains over the direct convolution for layers with at least 256
-channels and 512 output pixels (N*H*W), or 128 channels and 8192 pixels (THRESHOLDS); below that the transforms
-cost more than they save. Its relative error against float64 is about 10x the direct convolution's. The kernels are
+36 basis patches, the rest are matrix products. Where it gains over the direct convolution depends on the CPU:
+nn.Conv2d times both at a shape's first use (tuning.py). On the Intel AVX2 machine it was first measured on it gained
+for layers with at least 256 channels and 512 output pixels (N*H*W), or 128 channels and 8192 pixels (THRESHOLDS,
+the fixed rule with tuning off); on an AMD EPYC with AVX-512 only from about 2048 pixels. Its relative error against float64 is about 10x the direct convolution's. The kernels are
 transformed on every call (nothing cached, so weights merged later, e.g. LoRA, are always used). Large inputs go
 in pieces of rows of tiles, each piece's transformed input and products within BUDGET bytes, and large kernels in
 pieces of output channels: within KERNEL_BUDGET bytes where the input is one piece (each piece of U is used once,
@@ -41,15 +42,18 @@ KERNEL_BUDGET = 32 << 20  # bytes of transformed kernels held at once, where one
 THRESHOLDS = ((256, 512), (128, 8192))
 
 
-def applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv(x)` is a stride-1, padding-1 3x3 float32 CPU convolution big enough to gain."""
+def fits(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv(x)` is a stride-1, padding-1 3x3 float32 CPU convolution that this module computes."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and conv.weight.dtype == torch.float32
-            and any(min(conv.in_channels, conv.out_channels) >= c and x.shape[0] * x.shape[2] * x.shape[3] >= p
-                    for c, p in THRESHOLDS)
-            and cpu.enabled("winograd"))
+            and conv.weight.dtype == torch.float32 and cpu.enabled("winograd"))
+
+
+def applies(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    """The fixed rule (tuning off, nn.Conv2d): whether `conv(x)` fits and is big enough to gain (THRESHOLDS)."""
+    return fits(conv, x) and any(min(conv.in_channels, conv.out_channels) >= c
+                                 and x.shape[0] * x.shape[2] * x.shape[3] >= p for c, p in THRESHOLDS)
 
 
 def _kernels(w: torch.Tensor) -> torch.Tensor:

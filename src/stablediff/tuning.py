@@ -1,0 +1,147 @@
+"""Which of a layer's correct kernels is fastest on this machine: timed at first use, remembered per CPU.
+
+A float32 layer on the CPU can often run more than one way (nn.py): a 3x3 convolution as oneDNN's direct
+convolution, by Winograd's algorithm (winograd.py) or as one matrix product over the unfolded input (im2col); a
+linear layer as the BLAS product torch calls or as oneDNN's. Which is fastest depends on the CPU, the BLAS, the
+thread count and the shape, so fixed thresholds tuned on one machine lose on another. Measured on a 2-core AMD EPYC
+(Zen 4, AVX-512), where MKL's float32 GEMM runs at 2/3 of oneDNN's speed: Winograd gains at SD 1.5's 32x32 level
+and loses 1.3-1.7x at its 16x16 level, which an Intel AVX2 machine had it win; benchmarks/RESULTS.md.
+
+`pick(key, ways)` runs `ways` (name -> a function computing the layer), the first of which is the plain op. The
+first time a key is seen, every way runs once as a warm-up and then ROUNDS more times, alternating; the fastest
+wins, but another way must take at most MARGIN of the plain op's time to replace it, so that timing noise on a
+near tie keeps the plain op. The choice is remembered for the process and in `$XDG_CACHE_HOME/stablediff/
+kernels.json` under this machine's key (CPU model, a digest of its flags, torch version, thread count), so a later
+process on the same machine starts with it; at most MAX_ENTRIES per machine are written. The result returned is the
+chosen way's own (every way is correct to rounding; this keeps a run's numbers those of its choices).
+
+$STABLEDIFF_TUNING: `on` (the default) as above; `memory`, timed but not written to disk; `off`, no timing: the
+layers use their fixed rules (nn.py) and the plain op elsewhere, the same on every machine (the test suite runs
+so). Under torch.compile the layers do not ask. Ways that $STABLEDIFF_DISABLE turns off are never offered (cpu.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ENV = "STABLEDIFF_TUNING"
+MODES = ("on", "memory", "off")
+ROUNDS = 2  # timed runs per way after the warm-up
+MARGIN = 0.95  # another way replaces the plain op only at <= this fraction of its time
+MAX_ENTRIES = 4096  # choices written per machine (a key per layer shape: a few dozen per model and image size)
+
+_lock = threading.Lock()
+_choices: dict[str, dict[str, str]] = {}  # machine key -> {layer key -> way}, as loaded and decided
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "on").strip().lower() or "on"
+    return value if value in MODES else "on"
+
+
+def active() -> bool:
+    """Whether layers should ask `pick` (not when $STABLEDIFF_TUNING=off)."""
+    return mode() != "off"
+
+
+def machine_key() -> str:
+    """What the timings depend on besides the shape: the CPU model, its flags, the torch build and the threads."""
+    import torch
+
+    from . import cpu
+
+    flags = hashlib.sha256(" ".join(sorted(cpu.cpu_flags())).encode()).hexdigest()[:12]
+    return f"{cpu.cpu_model()} | flags {flags} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "stablediff" / "kernels.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _table(machine: str) -> dict[str, str]:
+    """This machine's choices: read from the cache file the first time it is asked (only valid entries)."""
+    table = _choices.get(machine)
+    if table is None:
+        stored = _read(cache_file()).get(machine) if mode() == "on" else None
+        table = {k: v for k, v in stored.items() if isinstance(v, str)} if isinstance(stored, dict) else {}
+        _choices[machine] = table
+    return table
+
+
+def _write(machine: str, key: str, way: str) -> None:
+    """Adds one choice to the cache file (reread first: another process may have added some); a file that cannot
+    be written only costs the timing again in the next process."""
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read(path)
+        entries = data.get(machine)
+        entries = entries if isinstance(entries, dict) else {}
+        if len(entries) >= MAX_ENTRIES:
+            return
+        entries[key] = way
+        data[machine] = entries
+        fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".json", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def decide(times: dict[str, list[float]]) -> str:
+    """The way to keep, given each way's run times (the first way is the plain op): the fastest by its best run,
+    if that is the plain op or takes at most MARGIN of the plain op's best."""
+    best = {name: min(t) for name, t in times.items()}
+    plain = next(iter(best))
+    fastest = min(best, key=best.get)
+    return fastest if best[fastest] <= MARGIN * best[plain] else plain
+
+
+def pick(key: str, ways: dict[str, Callable]):
+    """The layer's result, computed the way chosen for `key` on this machine (timing the ways the first time)."""
+    machine = machine_key()
+    with _lock:
+        chosen = _table(machine).get(key)
+    if chosen is not None:
+        return ways[chosen]() if chosen in ways else next(iter(ways.values()))()
+    results, times = {}, {name: [] for name in ways}
+    for name, way in ways.items():
+        results[name] = way()
+    for _ in range(ROUNDS):
+        for name, way in ways.items():
+            start = time.perf_counter()
+            way()
+            times[name].append(time.perf_counter() - start)
+    chosen = decide(times)
+    with _lock:
+        _table(machine)[key] = chosen
+    if mode() == "on":
+        _write(machine, key, chosen)
+    return results[chosen]
+
+
+def forget() -> None:
+    """Drops the choices held in memory (the file stays): the next `pick` of each key reads or times again."""
+    with _lock:
+        _choices.clear()

@@ -1,0 +1,138 @@
+"""tuning.py: each layer shape's fastest way is timed once, remembered per machine, and every way gives the layer's
+numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stablediff import cpu, tuning
+from stablediff import nn as snn
+
+
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """Tuning on, with the cache file under tmp_path; nothing remembered before or after."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(tuning.ENV, "on")
+    monkeypatch.setenv(cpu.ENV, "")
+    tuning.forget()
+    yield tmp_path / "stablediff" / "kernels.json"
+    tuning.forget()
+
+
+def counting(results: dict[str, float]):
+    """Ways returning a tensor of their own value each, and the names of the ways called, in order."""
+    calls = []
+    ways = {name: (lambda name=name, v=v: calls.append(name) or torch.tensor(v)) for name, v in results.items()}
+    return ways, calls
+
+
+def fake_clock(monkeypatch, seconds: dict[str, float], calls: list):
+    """time.perf_counter as seen by tuning.pick: each way's call takes seconds[way]."""
+    now = [0.0]
+
+    def clock():
+        if calls:
+            now[0] += seconds[calls[-1]] / 2  # two readings per timed call: start and end
+        return now[0]
+
+    monkeypatch.setattr(tuning.time, "perf_counter", clock)
+
+
+def test_decide_keeps_the_plain_op_on_a_near_tie():
+    assert tuning.decide({"plain": [1.0, 1.1], "fast": [0.96, 0.97]}) == "plain"
+    assert tuning.decide({"plain": [1.0, 1.1], "fast": [0.95, 2.0]}) == "fast"
+    assert tuning.decide({"plain": [1.0], "a": [0.7], "b": [0.6]}) == "b"
+    assert tuning.decide({"plain": [0.5], "a": [0.7]}) == "plain"
+
+
+def test_pick_times_once_returns_the_chosen_result_and_remembers_it(tuned, monkeypatch):
+    ways, calls = counting({"plain": 1.0, "fast": 2.0})
+    fake_clock(monkeypatch, {"plain": 1.0, "fast": 0.5}, calls)
+    assert tuning.pick("k", ways).item() == 2.0  # the chosen way's own result
+    assert calls == ["plain", "fast"] * (1 + tuning.ROUNDS)  # warm-up, then the timed rounds, alternating
+    calls.clear()
+    assert tuning.pick("k", ways).item() == 2.0 and calls == ["fast"]
+    data = json.loads(tuned.read_text())
+    assert data == {tuning.machine_key(): {"k": "fast"}}
+    tuning.forget()  # a new process: the file answers, nothing is timed
+    calls.clear()
+    assert tuning.pick("k", ways).item() == 2.0 and calls == ["fast"]
+
+
+def test_the_machine_key_names_cpu_torch_and_threads():
+    key = tuning.machine_key()
+    assert cpu.cpu_model() in key and torch.__version__ in key
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(before + 1)
+        assert tuning.machine_key() != key and f"{before + 1} threads" in tuning.machine_key()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_memory_mode_writes_nothing_and_a_bad_file_is_ignored(tuned, monkeypatch):
+    monkeypatch.setenv(tuning.ENV, "memory")
+    ways, calls = counting({"plain": 1.0, "fast": 2.0})
+    tuning.pick("k", ways)
+    assert not tuned.exists()
+    monkeypatch.setenv(tuning.ENV, "on")
+    tuning.forget()
+    tuned.parent.mkdir(parents=True)
+    for bad in ("{not json", "[1, 2]", json.dumps({tuning.machine_key(): ["x"]})):
+        tuned.write_text(bad)
+        tuning.forget()
+        calls.clear()
+        tuning.pick("k", ways)
+        assert len(calls) == 2 * (1 + tuning.ROUNDS)  # timed again
+        assert json.loads(tuned.read_text())[tuning.machine_key()]["k"] in ("plain", "fast")
+
+
+def test_a_stored_way_no_longer_offered_runs_the_plain_op(tuned):
+    tuned.parent.mkdir(parents=True)
+    tuned.write_text(json.dumps({tuning.machine_key(): {"k": "winograd"}, "other machine": {"k": "x"}}))
+    ways, calls = counting({"plain": 1.0, "im2col": 2.0})
+    assert tuning.pick("k", ways).item() == 1.0 and calls == ["plain"]
+    assert "other machine" in json.loads(tuned.read_text())
+
+
+def test_at_most_max_entries_are_written(tuned, monkeypatch):
+    monkeypatch.setattr(tuning, "MAX_ENTRIES", 3)
+    for i in range(5):
+        tuning.pick(f"k{i}", counting({"plain": 1.0})[0])
+    assert sorted(json.loads(tuned.read_text())[tuning.machine_key()]) == ["k0", "k1", "k2"]
+
+
+@pytest.mark.parametrize("c,k,side,stride,expected", [
+    (64, 72, 16, 1, {"direct", "winograd"}),  # 256 output pixels, under 256 channels: no im2col
+    (256, 264, 16, 1, {"direct", "winograd", "im2col"}),
+    (256, 264, 11, 2, {"direct", "im2col"}),  # stride 2: no Winograd
+    (40, 48, 16, 1, {"direct"}),  # too few channels for either: not timed at all
+])
+def test_conv2d_offers_its_ways_and_each_gives_the_convolution(tuned, monkeypatch, c, k, side, stride, expected):
+    gen = torch.Generator().manual_seed(0)
+    conv = snn.Conv2d(c, k, 3, stride=stride, padding=1)
+    x = torch.randn(1, c, side, side, generator=gen)
+    monkeypatch.setenv(tuning.ENV, "memory")  # forget() then forgets all
+    offered = []
+    for way in sorted(expected):
+        monkeypatch.setattr(tuning, "decide", lambda times, way=way: offered.append(set(times)) or way)
+        tuning.forget()
+        with torch.no_grad():
+            y = conv(x)
+            torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, stride, 1), rtol=1e-4, atol=1e-4)
+    assert all(o == expected for o in offered) and len(offered) == (len(expected) if len(expected) > 1 else 0)
+
+
+def test_conv2d_with_tuning_off_keeps_the_fixed_rules(monkeypatch, winograd_inputs):
+    monkeypatch.setenv(tuning.ENV, "off")
+    monkeypatch.setenv(cpu.ENV, "")
+    monkeypatch.setattr(tuning, "pick", lambda *a: pytest.fail("timed with tuning off"))
+    conv = snn.Conv2d(256, 256, 3, padding=1)
+    with torch.no_grad():
+        conv(torch.randn(1, 256, 24, 24))  # 576 pixels, 256 channels: Winograd by THRESHOLDS
+    assert winograd_inputs == [(1, 256, 24, 24)]

@@ -129,18 +129,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def _channels_last(module, device: torch.device, dtype: torch.dtype) -> None:
+def _channels_last(device: torch.device, dtype: torch.dtype) -> bool:
     """bfloat16 convolutions on the CPU run in oneDNN's channels-last kernels without reordering every activation;
     in float32 the channels-first kernels are the faster ones, so float32 stays as it is."""
-    if device.type == "cpu" and dtype == torch.bfloat16 and cpu.enabled("channels_last"):
-        module.to(memory_format=torch.channels_last)
+    return device.type == "cpu" and dtype == torch.bfloat16 and cpu.enabled("channels_last")
 
 
 def _build(cls, config, state_dict, *, path, component, device, dtype):
+    """The module with `state_dict`'s weights on `device` in `dtype` (weights.converted: one tensor at a time, so a
+    float32 file loaded as bfloat16 never holds both whole copies)."""
     with torch.device("meta"):
         module = cls(config)
-    weights.load_into(module, state_dict, path=path, component=component)
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    weights.load_into(module, state_dict, path=path, component=component, device=device, dtype=dtype,
+                      channels_last=_channels_last(device, dtype))
+    return module.eval().requires_grad_(False)
 
 
 class StableDiffusion:
@@ -204,8 +206,6 @@ class StableDiffusion:
                               dtype=dtype, **common)
         unet = _build(UNet, ckpt.unet_config, ckpt.unet, component="unet", dtype=dtype, **common)
         own_vae = _build(AutoencoderKL, ckpt.vae_config, ckpt.vae, component="vae", dtype=vae_dtype, **common)
-        for module, kind in ((unet, dtype), (own_vae, vae_dtype)):
-            _channels_last(module, device, kind)
         tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer()
         noise_schedule = NoiseSchedule.from_config(ckpt.scheduler_config)
         path = Path(ckpt.path)
@@ -235,7 +235,6 @@ class StableDiffusion:
         dtype = self.vae.post_quant_conv.weight.dtype
         self.vae = _build(AutoencoderKL, found.config, found.state_dict, path=str(found.weights_file),
                           component="vae", device=self.device, dtype=dtype)
-        _channels_last(self.vae, self.device, dtype)
         self.vae_file = found.weights_file
         self.vae_name = Path(found.path).name  # A1111: the file's base name (a folder: its name)
         self._vae_hash, self.taesd_output = None, False

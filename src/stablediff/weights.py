@@ -234,14 +234,6 @@ def _validate(sd: dict, expected: dict, *, where: str, component: str, strict=Fa
     return unexpected
 
 
-def load_into(module: torch.nn.Module, state_dict, *, path="", component="") -> None:
-    """Load into a module built on the meta device (no random init): strict keys, shapes checked first."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    _validate(dict(state_dict), expected, where=path or "state dict", component=component or type(module).__name__,
-              strict=True)
-    module.load_state_dict(state_dict, strict=True, assign=True)
-
-
 def _file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's file-backed memory mappings (Linux; empty elsewhere)."""
     try:
@@ -257,11 +249,15 @@ def _file_mappings() -> list[tuple[int, int]]:
     return out
 
 
+def _in_mappings(t: torch.Tensor, maps: list[tuple[int, int]]) -> bool:
+    """Whether a tensor's memory lies in one of `maps` (`_file_mappings`: the memory-mapped .safetensors)."""
+    return t.device.type == "cpu" and t.numel() > 0 and any(a <= t.data_ptr() < b for a, b in maps)
+
+
 def _mapped(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The module's CPU parameters whose memory lies in a file mapping (the memory-mapped .safetensors)."""
+    """The module's CPU parameters whose memory lies in a file mapping."""
     maps = _file_mappings()
-    return [p for p in module.parameters()
-            if p.device.type == "cpu" and p.numel() and any(a <= p.data_ptr() < b for a, b in maps)]
+    return [p for p in module.parameters() if _in_mappings(p, maps)]
 
 
 def _drop_pages(libc, start: int, nbytes: int) -> int:
@@ -282,6 +278,37 @@ def release(module: torch.nn.Module) -> int:
     libc = c_library()
     return sum(_drop_pages(libc, p.data_ptr(), p.nbytes) for p in _mapped(module)
                if not p.is_inference() and not p._version)
+
+
+def load_into(module: torch.nn.Module, state_dict, *, path="", component="", device=None, dtype=None,
+              channels_last=False) -> None:
+    """Load into a module built on the meta device (no random init): strict keys, shapes checked first. With a
+    device, dtype or channels_last, the weights are put there first (`converted`)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    _validate(dict(state_dict), expected, where=path or "state dict", component=component or type(module).__name__,
+              strict=True)
+    module.load_state_dict(converted(state_dict, device=device, dtype=dtype, channels_last=channels_last),
+                           strict=True, assign=True)
+
+
+def converted(state_dict: dict, *, device=None, dtype=None, channels_last=False) -> dict[str, torch.Tensor]:
+    """The tensors of `state_dict` on `device`, floating-point ones in `dtype` and, with channels_last, 4-D ones
+    channels-last: bit for bit and stride for stride what `module.to(device, dtype)` and then
+    `module.to(memory_format=torch.channels_last)` would make, but made one tensor at a time. A memory-mapped
+    source leaves resident memory (`release`'s MADV_DONTNEED) as soon as its copy is made, so a float32 file loaded
+    as bfloat16 holds the bfloat16 weights and one float32 tensor, not the float32 weights besides (which stayed
+    resident as long as any tensor of the file, a float32 VAE say, was in use). Tensors already as asked are
+    passed through, still mapped."""
+    libc, maps = c_library(), _file_mappings()
+    out = {}
+    for k, t in state_dict.items():
+        c = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        if channels_last and c.dim() == 4:  # a second, bfloat16 copy: faster than converting and permuting at once
+            c = c.to(memory_format=torch.channels_last)  # as Module.to (contiguous() would keep a 1x1's strides)
+        if c is not t and _in_mappings(t, maps) and not t.is_inference() and not t._version:
+            _drop_pages(libc, t.data_ptr(), t.nbytes)
+        out[k] = c
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

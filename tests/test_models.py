@@ -58,8 +58,8 @@ def test_unet_matches_diffusers(size, all_cores, winograd_inputs):
 @pytest.mark.parametrize("way", ["plain", "fast"])
 def test_sd15_unet_with_tuned_ways_matches_diffusers(all_cores, monkeypatch, way):
     """SD 1.5 at a 32x32 latent, batch 2, with tuning on (tuning.py) and every layer that is offered a choice taking
-    the plain op ("plain") or the last other way offered ("fast": oneDNN linears, Winograd or im2col
-    convolutions): both equal diffusers'."""
+    the plain op ("plain") or the last other way offered ("fast": oneDNN linears, Winograd F(2x2) or im2col
+    convolutions): both equal diffusers' (F(4x4) Winograd: tests/test_fast.py)."""
     from stablediff import cpu, tuning
 
     ref = diffusers_unet(sd15_config("unet"))
@@ -78,7 +78,7 @@ def test_sd15_unet_with_tuned_ways_matches_diffusers(all_cores, monkeypatch, way
                          TOL)
     finally:
         tuning.forget()
-    expected = {"blas", "direct"} if way == "plain" else {"onednn", "winograd", "im2col"}
+    expected = {"blas", "direct"} if way == "plain" else {"onednn", "winograd2x2", "im2col"}
     assert set(chosen) == expected and len(chosen) > 30
 
 

@@ -108,8 +108,9 @@ def test_at_most_max_entries_are_written(tuned, monkeypatch):
 
 
 @pytest.mark.parametrize("c,k,side,stride,expected", [
-    (64, 72, 16, 1, {"direct", "winograd"}),  # 256 output pixels, under 256 channels: no im2col
-    (256, 264, 16, 1, {"direct", "winograd", "im2col"}),
+    (64, 72, 16, 1, {"direct", "winograd", "winograd2x2"}),  # 256 output pixels, under 256 channels: no im2col
+    (256, 264, 16, 1, {"direct", "winograd", "winograd2x2", "im2col"}),
+    (256, 264, 9, 1, {"direct", "winograd2x2", "im2col"}),  # 81 pixels: F(2x2) only
     (256, 264, 11, 2, {"direct", "im2col"}),  # stride 2: no Winograd
     (40, 48, 16, 1, {"direct"}),  # too few channels for either: not timed at all
 ])

@@ -69,17 +69,18 @@ class Linear(nn.Linear):
 # float32 3x3 layers done as one matrix product (im2col, see Conv2d) by the fixed rule: at least this many input and
 # output channels, at most this many output pixels (N * H * W)
 UNFOLD_CHANNELS, UNFOLD_PIXELS = 1280, 128
-# the 3x3 layers whose ways tuning.py times (the direct convolution and): Winograd from this many channels and
-# output pixels; im2col from this many channels up to this many output pixels (its unfolded input holds 9 x
-# channels x pixels floats). Wider than any machine's winners seen so far; smaller layers take the direct one.
-TUNED_WINOGRAD, TUNED_IM2COL = (64, 256), (256, 1024)
+# the 3x3 layers whose ways tuning.py times (the direct convolution and): Winograd from this many channels, F(4x4)
+# and F(2x2) from these many output pixels; im2col from this many channels up to this many output pixels (its
+# unfolded input holds 9 x channels x pixels floats). Wider than any machine's winners seen so far; smaller
+# layers take the direct one.
+TUNED_WINOGRAD, TUNED_IM2COL = (64, 256, 64), (256, 1024)
 
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state dict), faster on the CPU.
 
-    float32: a 3x3 layer (padding 1, zeros) can run as oneDNN's direct convolution, by Winograd's algorithm
-    (winograd.py, stride 1) or as one matrix product over the unfolded input (im2col), which reads the weight where
+    float32: a 3x3 layer (padding 1, zeros) can run as oneDNN's direct convolution, by Winograd's algorithm in 4x4
+    or 2x2 output tiles (winograd.py, stride 1) or as one matrix product over the unfolded input (im2col), which reads the weight where
     it lies: oneDNN copies it into its blocked layout on every call first, which at few pixels costs more than the
     arithmetic. Which is fastest depends on the machine and the shape: tuning.py times the ways a shape is offered
     (TUNED_WINOGRAD, TUNED_IM2COL) at its first use and remembers the winner. With tuning off the fixed rules of
@@ -119,8 +120,11 @@ class Conv2d(nn.Conv2d):
         """The ways to compute this float32 layer on x offered to tuning.py: the direct convolution first."""
         ways = {"direct": lambda: super(Conv2d, self).forward(x)}
         channels, pixels = min(self.in_channels, self.out_channels), self._out_pixels(x)
-        if winograd.fits(self, x) and channels >= TUNED_WINOGRAD[0] and pixels >= TUNED_WINOGRAD[1]:
-            ways["winograd"] = lambda: winograd.conv3x3(x, self.weight, self.bias)
+        if winograd.fits(self, x) and channels >= TUNED_WINOGRAD[0]:
+            if pixels >= TUNED_WINOGRAD[1]:
+                ways["winograd"] = lambda: winograd.conv3x3(x, self.weight, self.bias)
+            if pixels >= TUNED_WINOGRAD[2]:
+                ways["winograd2x2"] = lambda: winograd.conv3x3(x, self.weight, self.bias, tile=2)
         if self._unfoldable(x) and channels >= TUNED_IM2COL[0] and pixels <= TUNED_IM2COL[1]:
             ways["im2col"] = lambda: conv3x3_im2col(x, self.weight, self.bias, self.stride[0])
         return ways

@@ -137,3 +137,14 @@ def test_conv2d_with_tuning_off_keeps_the_fixed_rules(monkeypatch, winograd_inpu
     with torch.no_grad():
         conv(torch.randn(1, 256, 24, 24))  # 576 pixels, 256 channels: Winograd by THRESHOLDS
     assert winograd_inputs == [(1, 256, 24, 24)]
+
+
+def test_a_way_that_raises_is_left_out(tuned):
+    def broken():
+        raise RuntimeError("no kernel for this shape")
+
+    ways, calls = counting({"plain": 1.0})
+    assert tuning.pick("k", {**ways, "broken": broken}).item() == 1.0
+    assert json.loads(tuned.read_text())[tuning.machine_key()]["k"] == "plain"
+    with pytest.raises(RuntimeError, match="no kernel"):
+        tuning.pick("k2", {"broken": broken, **ways})  # the plain op itself raising is an error

@@ -13,7 +13,8 @@ wins, but another way must take at most MARGIN of the plain op's time to replace
 near tie keeps the plain op. The choice is remembered for the process and in `$XDG_CACHE_HOME/stablediff/
 kernels.json` under this machine's key (CPU model, a digest of its flags, torch version, thread count), so a later
 process on the same machine starts with it; at most MAX_ENTRIES per machine are written. The result returned is the
-chosen way's own (every way is correct to rounding; this keeps a run's numbers those of its choices).
+chosen way's own (every way is correct to rounding; this keeps a run's numbers those of its choices). A way other
+than the plain op that raises a RuntimeError at its first run is left out.
 
 $STABLEDIFF_TUNING: `on` (the default) as above; `memory`, timed but not written to disk; `off`, no timing: the
 layers use their fixed rules (nn.py) and the plain op elsewhere, the same on every machine (the test suite runs
@@ -125,11 +126,17 @@ def pick(key: str, ways: dict[str, Callable]):
         chosen = _table(machine).get(key)
     if chosen is not None:
         return ways[chosen]() if chosen in ways else next(iter(ways.values()))()
-    results, times = {}, {name: [] for name in ways}
+    results, plain = {}, next(iter(ways))
     for name, way in ways.items():
-        results[name] = way()
+        try:
+            results[name] = way()
+        except RuntimeError:  # a kernel that does not run for this shape here is not a choice (the plain op raises)
+            if name == plain:
+                raise
+    times = {name: [] for name in results}
     for _ in range(ROUNDS):
-        for name, way in ways.items():
+        for name in times:
+            way = ways[name]
             start = time.perf_counter()
             way()
             times[name].append(time.perf_counter() - start)

@@ -8,8 +8,8 @@ SD 1.5's and TAESD's shapes; and what a TAESD preview costs (not part of the tes
 Random weights, 2 torch threads, wall time; the variants of one measurement alternate in one process after a
 warm-up each, and the best of --repeats runs is kept (the machine may be shared). float32 runs NCHW as the
 pipeline's float32 models do; bfloat16 runs channels-last, as the pipeline keeps bfloat16 models on the CPU.
-TAESD runs channels-last in both. The plain way is F.interpolate and then F.conv2d; the phase way's time includes
-folding the weight into the phase kernels.
+TAESD runs channels-last in both. The plain way is F.interpolate and then F.conv2d; the phase way's weight is
+folded beforehand, as nn.Upsample keeps it (the fold's own time is printed apart: TAESD folds on every call).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from stablediff import malloc
 from stablediff.config import UNetConfig, VAEConfig
-from stablediff.nn import upsample_conv3x3
+from stablediff.nn import phase_weight, upsample_conv3x3
 from stablediff.taesd import TinyAutoencoder, TinyAutoencoderConfig
 from stablediff.unet import UNet
 from stablediff.vae import AutoencoderKL
@@ -52,7 +52,7 @@ def best_of(runs: dict, repeats: int) -> dict[str, float]:
 
 def shapes(args) -> None:
     gen = torch.Generator().manual_seed(0)
-    print(f"{'model':6} {'dtype':9} {'shape':22} {'plain ms':>9} {'phases ms':>9} {'ratio':>6}")
+    print(f"{'model':6} {'dtype':9} {'shape':22} {'plain ms':>9} {'phases ms':>9} {'ratio':>6} {'fold ms':>8}")
     for dtype in (getattr(torch, d) for d in args.dtype.split(",")):
         for model, n, c, side in SHAPES:
             if model not in args.only.split(","):
@@ -61,12 +61,14 @@ def shapes(args) -> None:
             x = torch.randn(n, c, side, side, generator=gen).to(dtype).contiguous(memory_format=layout)
             w = (torch.randn(c, c, 3, 3, generator=gen) * 0.02).to(dtype).contiguous(memory_format=layout)
             b = torch.randn(c, generator=gen).to(dtype)
+            phases = phase_weight(w)
             t = best_of({"plain": lambda: F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b,
                                                    padding=1),
-                         "phases": lambda: upsample_conv3x3(x, w, b)}, args.repeats)
+                         "phases": lambda: upsample_conv3x3(x, w, b, phases), "fold": lambda: phase_weight(w)},
+                        args.repeats)
             shape = f"{n}x{c}x{side}->{2 * side}"
             print(f"{model:6} {str(dtype)[6:]:9} {shape:22} {t['plain'] * 1e3:9.1f} {t['phases'] * 1e3:9.1f} "
-                  f"{t['phases'] / t['plain']:6.2f}", flush=True)
+                  f"{t['phases'] / t['plain']:6.2f} {t['fold'] * 1e3:8.1f}", flush=True)
 
 
 def random_model(cls, cfg):

@@ -244,19 +244,86 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+def _fold_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3 kernel taps along `dim` -> the 2 taps of each output parity after nearest 2x upsampling: an even output
+    row reads tap 0 from the source row above and taps 1, 2 from its own; an odd one taps 0, 1 from its own row and
+    tap 2 from the row below."""
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
+
+
+def phase_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 weight (K, C, 3, 3) -> the four 2x2 phase kernels (4K, C, 2, 2), phase (a, b) in rows (2a + b)K on,
+    summed in float32 (a bfloat16 weight is rounded once, after the sums)."""
+    phases = [p for rows in _fold_taps(weight.float(), 2) for p in _fold_taps(rows, 3)]
+    return torch.cat(phases).to(weight.dtype)
+
+
+def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     phases: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1) without making the
+    upsampled input: each output pixel parity (a, b) is a 2x2 convolution of x (16 instead of 36 multiply-adds per
+    channel pair and 4 output pixels). One convolution of x padded by 1 computes all four phases at (H+1) x (W+1)
+    positions; phase (a, b) is read at offset (a, b) and interleaved into the output, which keeps x's memory format
+    (channels-last: contiguous rows of K channels are copied). `phases`: phase_weight(weight), where the caller
+    keeps it (folding a wide layer's weight costs a fair part of the convolution)."""
+    n, _, h, w = x.shape
+    k = weight.shape[0]
+    kernels = phase_weight(weight) if phases is None else phases
+    phases = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = torch.empty(n, h, 2, w, 2, k, dtype=phases.dtype, device=x.device)
+        src = phases.permute(0, 2, 3, 1).unflatten(3, (2, 2, k))  # (N, H+1, W+1, a, b, K), a view if NHWC
+        for a in (0, 1):
+            for b in (0, 1):
+                out[:, :, a, :, b] = src[:, a:a + h, b:b + w, a, b]
+        return out.view(n, 2 * h, 2 * w, k).permute(0, 3, 1, 2)
+    out = torch.empty(n, k, h, 2, w, 2, dtype=phases.dtype, device=x.device)
+    src = phases.unflatten(1, (2, 2, k))  # (N, a, b, K, H+1, W+1)
+    for a in (0, 1):
+        for b in (0, 1):
+            out[:, :, :, a, :, b] = src[:, a, b, :, a:a + h, b:b + w]
+    return out.view(n, k, 2 * h, 2 * w)
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x (or to an explicit size, for odd skip connections), then a 3x3 conv."""
+    """Nearest-neighbour 2x (or to an explicit size, for odd skip connections), then a 3x3 conv.
+
+    A 2x upsampling can instead run as four 2x2 convolutions of the input (upsample_conv3x3, equal to rounding),
+    which does 16 instead of 36 multiply-adds per output pixel and channel pair but pays a weight fold and an
+    interleave: in float32 on the CPU tuning.py times both ways per shape (with tuning off, the plain way). The
+    folded weight is kept for the weight it was made from (rebuilt when that changes, e.g. a LoRA merge). Circular
+    padding (`circular_padding`) takes the plain way, as the phase convolutions pad with zeros."""
+
+    phases: tuple | None = None  # (weight version, address, dtype) -> phase_weight of the conv's weight
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x, size=None):
+        if size is None and x.dim() == 4 and self.conv.padding_mode == "zeros" and _float32_cpu(x, self.conv.weight):
+            layout = " channels-last" if x.is_contiguous(memory_format=torch.channels_last) else ""
+            n, c, h, w = x.shape
+            return tuning.pick(f"upsample conv3x3 {n}x{c}x{h}x{w}{layout}->{self.conv.out_channels}",
+                               {"upsample": lambda: self._upsampled(x), "subpixel": lambda: self._subpixel(x)})
+        return self._upsampled(x, size)
+
+    def _upsampled(self, x, size=None):
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
+
+    def _subpixel(self, x):
+        w = self.conv.weight
+        if w.is_inference():  # (made under inference_mode: no version counter to watch)
+            return upsample_conv3x3(x, w, self.conv.bias)
+        key = (w._version, w.data_ptr(), w.dtype)
+        if self.phases is None or self.phases[0] != key:
+            self.phases = (key, phase_weight(w.detach()))
+        return upsample_conv3x3(x, w, self.conv.bias, self.phases[1])
 
 
 def quick_gelu(x):

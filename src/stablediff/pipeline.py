@@ -170,6 +170,7 @@ class StableDiffusion:
         self._vae_hash = None
         self.taesd: TinyAutoencoder | None = None  # previews; with taesd_output, also the image's decode/encode
         self.taesd_output = False
+        self._preview_taesd: tuple | None = None  # (self.taesd, its bfloat16 decoder for previews): see preview
         self.controlnets: dict[Path, ControlNet] = {}  # loaded ControlNets by path, kept across calls
 
     @classmethod
@@ -245,16 +246,28 @@ class StableDiffusion:
         self.taesd_output = False
 
     def load_preview_decoder(self, *sources) -> None:
-        """TAESD (a folder, or its decoder/encoder files) for `preview` (taesd.load_taesd), in float32."""
+        """TAESD (a folder, or its decoder/encoder files) for `preview` (taesd.load_taesd), in float32. Where the CPU
+        has bfloat16 units (cpu.native_bf16), previews decode with a bfloat16 copy of its decoder, made here: a
+        preview is thrown away at the next step, and there bfloat16 costs a fraction of float32. An image decoded
+        by TAESD (load_vae, taesd_output) stays float32."""
         self.taesd = taesd.load_taesd(*sources, device=self.device)
+        self._preview_taesd = None
+        if self.device.type == "cpu" and self.taesd.decoder is not None and cpu.native_bf16():
+            self._preview_taesd = (self.taesd, self.taesd.decoder_copy(torch.bfloat16))
 
     def preview(self, latents: torch.Tensor) -> list:
-        """Quick PIL images of latents (e.g. a step's denoised estimate): TAESD's decode when one is loaded, else
-        A1111's "Approx cheap" linear map (no model; 8x nearest upscaled to the image's size)."""
+        """Quick PIL images of latents (e.g. a step's denoised estimate): TAESD's decode when one is loaded (its
+        bfloat16 copy where load_preview_decoder made one for it), else A1111's "Approx cheap" linear map (no
+        model; 8x nearest upscaled to the image's size)."""
         with torch.no_grad():
             if self.taesd is not None and self.taesd.decoder is not None:
-                return images.to_pil(self.taesd.decode(latents.float().to(self.device)))
+                decoder = self.taesd
+                if self._preview_taesd is not None and self._preview_taesd[0] is self.taesd:
+                    decoder = self._preview_taesd[1]
+                z = latents.to(self.device, decoder.decoder.layers[0].weight.dtype)
+                return images.to_pil(decoder.decode(z).float())
             return [taesd.cheap_preview(z.float().cpu(), upscale=self.downscale) for z in latents]
+
     @property
     def vae_hash(self) -> str | None:
         """A1111's "VAE hash": the first 10 hex digits of the separate VAE's weights file's sha256 (None with the

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import Config, show
 from .images import to_pil
+from .nn import upsample_conv3x3
 from .weights import CheckpointError, load_into, read_component, read_json_object, read_state_dict
 
 # The decoder first squashes latents softly into (-3, 3): z -> tanh(z / 3) * 3 (TAESD's `Clamp`)
@@ -123,7 +124,11 @@ class TinyEncoder(nn.Module):
 
 class TinyDecoder(nn.Module):
     """Latents -> [-1, 1] pixels: soft clamp, a 3x3 convolution and ReLU, then per level its blocks, a nearest
-    upsampling (not after the last) and a 3x3 convolution (without bias, except the last one, to RGB)."""
+    upsampling (not after the last) and a 3x3 convolution (without bias, except the last one, to RGB).
+
+    A 2x upsampling and the convolution after it run as one (nn.upsample_conv3x3: four 2x2 convolutions of the
+    small input, equal to rounding), which never makes the upsampled tensor; they stay two layers of the Sequential
+    so that the keys stay the original's."""
 
     def __init__(self, cfg: TinyAutoencoderConfig):
         super().__init__()
@@ -137,8 +142,15 @@ class TinyDecoder(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z):
-        z = (torch.tanh(z / LATENT_CLAMP) * LATENT_CLAMP).contiguous(memory_format=CHANNELS_LAST)
-        return self.layers(z).mul(2).sub(1).contiguous()  # TAESD's [0, 1] -> [-1, 1]
+        x = (torch.tanh(z / LATENT_CLAMP) * LATENT_CLAMP).contiguous(memory_format=CHANNELS_LAST)
+        layers = iter(self.layers)
+        for layer in layers:
+            if isinstance(layer, nn.Upsample) and layer.scale_factor == 2:
+                conv = next(layers)
+                x = upsample_conv3x3(x, conv.weight, conv.bias)
+            else:
+                x = layer(x)
+        return x.mul(2).sub(1).contiguous()  # TAESD's [0, 1] -> [-1, 1]
 
 
 class TinyAutoencoder(nn.Module):
@@ -162,6 +174,14 @@ class TinyAutoencoder(nn.Module):
         """z (B, 4, h, w) in the diffusion model's scale -> pixels (B, 3, 8h, 8w), roughly in [-1, 1]."""
         _check_input(z, self.decoder, self.config.latent_channels, "decode", "latents")
         return self.decoder(z)
+
+    def decoder_copy(self, dtype: torch.dtype) -> TinyAutoencoder:
+        """A copy of the decoder alone in `dtype` (the pipeline's bfloat16 previews); this model stays as it is."""
+        with torch.device("meta"):
+            copy = TinyAutoencoder(self.config, encoder=False)
+        copy.load_state_dict({k: v.to(dtype, copy=True) for k, v in self.state_dict().items()
+                              if k.startswith("decoder.")}, assign=True)
+        return copy.eval()
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Latents -> [0, 1], as TAESD stores latents in 8-bit images: z / (2 * magnitude) + shift, clamped."""

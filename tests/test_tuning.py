@@ -52,9 +52,9 @@ def test_decide_keeps_the_plain_op_on_a_near_tie():
 
 def test_pick_times_once_returns_the_chosen_result_and_remembers_it(tuned, monkeypatch):
     ways, calls = counting({"plain": 1.0, "fast": 2.0})
-    fake_clock(monkeypatch, {"plain": 1.0, "fast": 0.5}, calls)
+    fake_clock(monkeypatch, {"plain": 0.01, "fast": 0.005}, calls)
     assert tuning.pick("k", ways).item() == 2.0  # the chosen way's own result
-    assert calls == ["plain", "fast"] * (1 + tuning.ROUNDS)  # warm-up, then the timed rounds, alternating
+    assert calls == ["plain", "fast"] * (1 + tuning.ROUNDS)  # a first run, then the rounds, alternating
     calls.clear()
     assert tuning.pick("k", ways).item() == 2.0 and calls == ["fast"]
     data = json.loads(tuned.read_text())
@@ -62,6 +62,17 @@ def test_pick_times_once_returns_the_chosen_result_and_remembers_it(tuned, monke
     tuning.forget()  # a new process: the file answers, nothing is timed
     calls.clear()
     assert tuning.pick("k", ways).item() == 2.0 and calls == ["fast"]
+
+
+def test_a_long_layer_is_timed_twice_per_way_and_every_run_counts(tuned, monkeypatch):
+    ways, calls = counting({"plain": 1.0, "fast": 2.0})
+    times = {}
+    monkeypatch.setattr(tuning, "decide", lambda t: times.update(t) or "plain")
+    # perf_counter's readings, a start and an end per run: the plain op's first run takes 10 s (>= LONG), so each
+    # way runs once more, not ROUNDS times
+    monkeypatch.setattr(tuning.time, "perf_counter", iter([0, 10, 0, 0.5, 0, 0.5, 0, 10]).__next__)
+    assert tuning.pick("k", ways).item() == 1.0
+    assert calls == ["plain", "fast"] * 2 and times == {"plain": [10, 0.5], "fast": [0.5, 10]}
 
 
 def test_the_machine_key_names_cpu_torch_and_threads():
@@ -109,6 +120,7 @@ def test_at_most_max_entries_are_written(tuned, monkeypatch):
 
 @pytest.mark.parametrize("c,k,side,stride,expected", [
     (64, 72, 16, 1, {"direct", "winograd", "winograd2x2"}),  # 256 output pixels, under 256 channels: no im2col
+    (64, 64, 96, 1, {"direct", "winograd"}),  # 9216 output pixels: F(4x4) only
     (256, 264, 16, 1, {"direct", "winograd", "winograd2x2", "im2col"}),
     (256, 264, 9, 1, {"direct", "winograd2x2", "im2col"}),  # 81 pixels: F(2x2) only
     (256, 264, 11, 2, {"direct", "im2col"}),  # stride 2: no Winograd

@@ -70,10 +70,11 @@ class Linear(nn.Linear):
 # output channels, at most this many output pixels (N * H * W)
 UNFOLD_CHANNELS, UNFOLD_PIXELS = 1280, 128
 # the 3x3 layers whose ways tuning.py times (the direct convolution and): Winograd from this many channels, F(4x4)
-# and F(2x2) from these many output pixels; im2col from this many channels up to this many output pixels (its
+# from this many output pixels, F(2x2) between these two (over that F(4x4), with fewer multiplications and its
+# larger U spread over more pixels, beats it); im2col from this many channels up to this many output pixels (its
 # unfolded input holds 9 x channels x pixels floats). Wider than any machine's winners seen so far; smaller
 # layers take the direct one.
-TUNED_WINOGRAD, TUNED_IM2COL = (64, 256, 64), (256, 1024)
+TUNED_WINOGRAD, TUNED_IM2COL = (64, 256, 64, 8192), (256, 1024)
 
 
 class Conv2d(nn.Conv2d):
@@ -123,7 +124,7 @@ class Conv2d(nn.Conv2d):
         if winograd.fits(self, x) and channels >= TUNED_WINOGRAD[0]:
             if pixels >= TUNED_WINOGRAD[1]:
                 ways["winograd"] = lambda: winograd.conv3x3(x, self.weight, self.bias)
-            if pixels >= TUNED_WINOGRAD[2]:
+            if TUNED_WINOGRAD[2] <= pixels <= TUNED_WINOGRAD[3]:
                 ways["winograd2x2"] = lambda: winograd.conv3x3(x, self.weight, self.bias, tile=2)
         if self._unfoldable(x) and channels >= TUNED_IM2COL[0] and pixels <= TUNED_IM2COL[1]:
             ways["im2col"] = lambda: conv3x3_im2col(x, self.weight, self.bias, self.stride[0])

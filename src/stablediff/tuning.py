@@ -8,9 +8,10 @@ thread count and the shape, so fixed thresholds tuned on one machine lose on ano
 and loses 1.3-1.7x at its 16x16 level, which an Intel AVX2 machine had it win; benchmarks/RESULTS.md.
 
 `pick(key, ways)` runs `ways` (name -> a function computing the layer), the first of which is the plain op. The
-first time a key is seen, every way runs once as a warm-up and then ROUNDS more times, alternating; the fastest
-wins, but another way must take at most MARGIN of the plain op's time to replace it, so that timing noise on a
-near tie keeps the plain op. The choice is remembered for the process and in `$XDG_CACHE_HOME/stablediff/
+first time a key is seen, every way runs once and then ROUNDS more times (once more for layers taking LONG or
+more: their timing is less noisy, and the timing is what makes a machine's first image slow), alternating; the
+fastest best run wins, but another way must take at most MARGIN of the plain op's time to replace it, so that
+timing noise on a near tie keeps the plain op. The choice is remembered for the process and in `$XDG_CACHE_HOME/stablediff/
 kernels.json` under this machine's key (CPU model, a digest of its flags, torch version, thread count), so a later
 process on the same machine starts with it; at most MAX_ENTRIES per machine are written. The result returned is the
 chosen way's own (every way is correct to rounding; this keeps a run's numbers those of its choices). A way other
@@ -34,7 +35,8 @@ from pathlib import Path
 
 ENV = "STABLEDIFF_TUNING"
 MODES = ("on", "memory", "off")
-ROUNDS = 2  # timed runs per way after the warm-up
+ROUNDS = 2  # timed runs per way after the first one (also timed: the best run counts)
+LONG = 0.1  # seconds: a layer whose plain op takes this long the first time gets one more run per way, not ROUNDS
 MARGIN = 0.95  # another way replaces the plain op only at <= this fraction of its time
 MAX_ENTRIES = 4096  # choices written per machine (a key per layer shape: a few dozen per model and image size)
 
@@ -126,15 +128,16 @@ def pick(key: str, ways: dict[str, Callable]):
         chosen = _table(machine).get(key)
     if chosen is not None:
         return ways[chosen]() if chosen in ways else next(iter(ways.values()))()
-    results, plain = {}, next(iter(ways))
+    results, times, plain = {}, {}, next(iter(ways))
     for name, way in ways.items():
         try:
+            start = time.perf_counter()
             results[name] = way()
+            times[name] = [time.perf_counter() - start]
         except RuntimeError:  # a kernel that does not run for this shape here is not a choice (the plain op raises)
             if name == plain:
                 raise
-    times = {name: [] for name in results}
-    for _ in range(ROUNDS):
+    for _ in range(ROUNDS if times[plain][0] < LONG else 1):
         for name in times:
             way = ways[name]
             start = time.perf_counter()

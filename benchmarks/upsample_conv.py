@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from controlnet_overhead import random_model  # beside this file
 
 from stablediff import malloc
 from stablediff.config import UNetConfig, VAEConfig
@@ -69,18 +70,6 @@ def shapes(args) -> None:
             shape = f"{n}x{c}x{side}->{2 * side}"
             print(f"{model:6} {str(dtype)[6:]:9} {shape:22} {t['plain'] * 1e3:9.1f} {t['phases'] * 1e3:9.1f} "
                   f"{t['phases'] / t['plain']:6.2f} {t['fold'] * 1e3:8.1f}", flush=True)
-
-
-def random_model(cls, cfg):
-    """The model with random weights (std 0.02), made without its slow default initialisation."""
-    with torch.device("meta"):
-        model = cls(cfg)
-    model = model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02, generator=gen)
-    return model.eval().requires_grad_(False)
 
 
 def taesd_decoders(args) -> dict:

@@ -14,12 +14,13 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from . import usercache
 
 try:
     import fcntl
@@ -294,19 +295,6 @@ def save_png_bytes(data: bytes, directory: str | Path, seed: int) -> Path:
 
 # --- model hashes -----------------------------------------------------------------------------------------------
 
-def _cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "stablediff" / "hashes.json"
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _hash_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -321,21 +309,17 @@ def file_sha256(path: str | Path) -> str:
     path = Path(path).resolve()
     st = path.stat()
     key = str(path)
-    cache_path = _cache_file()
-    entry = _read_cache(cache_path).get(key)
+    cache_path = usercache.path("hashes.json")
+    entry = usercache.read(cache_path).get(key)
     if (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
             and isinstance(entry.get("sha256"), str)):
         return entry["sha256"]
 
     sha = _hash_file(path)
+    cache = usercache.read(cache_path)  # reread: another process may have added entries meanwhile
+    cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
     try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache = _read_cache(cache_path)  # reread: another process may have added entries meanwhile
-        cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
-        fd, tmp = tempfile.mkstemp(prefix=".hashes-", suffix=".json", dir=cache_path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f, indent=1)
-        os.replace(tmp, cache_path)
+        usercache.write(cache_path, cache)
     except OSError:
         pass
     return sha

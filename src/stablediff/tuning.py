@@ -25,13 +25,13 @@ so). Under torch.compile the layers do not ask. Ways that $STABLEDIFF_DISABLE tu
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from . import usercache
 
 ENV = "STABLEDIFF_TUNING"
 MODES = ("on", "memory", "off")
@@ -65,23 +65,14 @@ def machine_key() -> str:
 
 
 def cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "stablediff" / "kernels.json"
-
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return usercache.path("kernels.json")
 
 
 def _table(machine: str) -> dict[str, str]:
     """This machine's choices: read from the cache file the first time it is asked (only valid entries)."""
     table = _choices.get(machine)
     if table is None:
-        stored = _read(cache_file()).get(machine) if mode() == "on" else None
+        stored = usercache.read(cache_file()).get(machine) if mode() == "on" else None
         table = {k: v for k, v in stored.items() if isinstance(v, str)} if isinstance(stored, dict) else {}
         _choices[machine] = table
     return table
@@ -91,23 +82,14 @@ def _write(machine: str, key: str, way: str) -> None:
     """Adds one choice to the cache file (reread first: another process may have added some); a file that cannot
     be written only costs the timing again in the next process."""
     path = cache_file()
+    data = usercache.read(path)
+    entries = data.get(machine)
+    entries = entries if isinstance(entries, dict) else {}
+    if len(entries) >= MAX_ENTRIES:
+        return
+    data[machine] = {**entries, key: way}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = _read(path)
-        entries = data.get(machine)
-        entries = entries if isinstance(entries, dict) else {}
-        if len(entries) >= MAX_ENTRIES:
-            return
-        entries[key] = way
-        data[machine] = entries
-        fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        usercache.write(path, data)
     except OSError:
         pass
 

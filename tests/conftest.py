@@ -57,7 +57,7 @@ def winograd_inputs(monkeypatch) -> list:
     from stablediff import winograd
 
     calls, conv3x3 = [], winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda x, *a: calls.append(tuple(x.shape)) or conv3x3(x, *a))
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, *a, **k: calls.append(tuple(x.shape)) or conv3x3(x, *a, **k))
     return calls
 
 

@@ -160,3 +160,54 @@ def test_a_way_that_raises_is_left_out(tuned):
     assert json.loads(tuned.read_text())[tuning.machine_key()]["k"] == "plain"
     with pytest.raises(RuntimeError, match="no kernel"):
         tuning.pick("k2", {"broken": broken, **ways})  # the plain op itself raising is an error
+
+
+def test_trial_slab_is_the_first_rows_in_the_same_layout(monkeypatch):
+    monkeypatch.setattr(tuning, "TRIAL_PIXELS", 200)
+    x = torch.randn(2, 3, 40, 10)
+    assert tuning.trial_slab(x, 50) is None  # not larger than TRIAL_PIXELS
+    slab = tuning.trial_slab(x, 2 * 40 * 10)  # a quarter of 40 rows -> 10 rows
+    assert torch.equal(slab, x[:, :, :10]) and slab.is_contiguous()
+    cl = tuning.trial_slab(x.contiguous(memory_format=torch.channels_last), 4 * 2 * 40 * 10)  # 2.5 rows -> 8
+    assert cl.shape[2] == tuning.TRIAL_MIN_ROWS and cl.is_contiguous(memory_format=torch.channels_last)
+    assert tuning.trial_slab(x[:, :, :8], 10_000) is None  # the slab would be the whole input
+
+
+def test_pick_with_a_trial_times_the_trial_and_runs_the_chosen_way_once(tuned):
+    ways, calls = counting({"plain": 1.0, "fast": 2.0})
+    trial, trial_calls = counting({"plain": 3.0, "fast": 4.0})
+    out = tuning.pick("k", ways, trial)
+    assert len(trial_calls) == 2 * (1 + tuning.ROUNDS) and len(calls) == 1
+    assert out.item() == {"plain": 1.0, "fast": 2.0}[calls[0]]  # the whole input's result, by the chosen way
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_large_conv2d_is_timed_on_a_slab_and_gives_the_convolution(tuned, monkeypatch, winograd_inputs, stride):
+    monkeypatch.setenv(tuning.ENV, "memory")
+    monkeypatch.setattr(tuning, "TRIAL_PIXELS", 256)
+    monkeypatch.setattr(tuning, "decide", lambda times: list(times)[1])  # Winograd at stride 1, im2col at 2
+    gen = torch.Generator().manual_seed(0)
+    conv = snn.Conv2d(256, 256, 3, stride=stride, padding=1)
+    x = torch.randn(1, 256, 32, 20, generator=gen)
+    with torch.no_grad():
+        y = conv(x)
+    torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, stride, 1), rtol=1e-4, atol=1e-4)
+    if stride == 1:  # F(4x4) and F(2x2) timed on 256 / 640 of the 32 rows (13, made even: 14), then F(4x4) on all
+        assert winograd_inputs == [(1, 256, 14, 20)] * 2 * (1 + tuning.ROUNDS) + [(1, 256, 32, 20)]
+
+
+@pytest.mark.parametrize("way", ["upsample", "subpixel"])
+def test_a_large_upsample_is_timed_on_a_slab_and_gives_upsample_then_conv(tuned, monkeypatch, way):
+    monkeypatch.setenv(tuning.ENV, "memory")
+    monkeypatch.setattr(tuning, "TRIAL_PIXELS", 256)
+    timed = []
+    monkeypatch.setattr(tuning, "decide", lambda times: timed.append(set(times)) or (way if "subpixel" in times
+                                                                                  else "direct"))
+    gen = torch.Generator().manual_seed(0)
+    up = snn.Upsample(64)
+    x = torch.randn(1, 64, 16, 12, generator=gen)
+    with torch.no_grad():
+        y = up(x)
+        expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, 1, 1)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert {"upsample", "subpixel"} in timed

@@ -117,17 +117,19 @@ class Conv2d(nn.Conv2d):
         return (self._unfoldable(x) and min(self.in_channels, self.out_channels) >= UNFOLD_CHANNELS
                 and self._out_pixels(x) <= UNFOLD_PIXELS)
 
-    def _ways(self, x: torch.Tensor) -> dict:
-        """The ways to compute this float32 layer on x offered to tuning.py: the direct convolution first."""
-        ways = {"direct": lambda: super(Conv2d, self).forward(x)}
+    def _ways(self, x: torch.Tensor, on: torch.Tensor | None = None) -> dict:
+        """The ways to compute this float32 layer on x offered to tuning.py, the direct convolution first; computing
+        it on `on` instead (a slab of x to time them on) where given."""
+        on = x if on is None else on
+        ways = {"direct": lambda: super(Conv2d, self).forward(on)}
         channels, pixels = min(self.in_channels, self.out_channels), self._out_pixels(x)
         if winograd.fits(self, x) and channels >= TUNED_WINOGRAD[0]:
             if pixels >= TUNED_WINOGRAD[1]:
-                ways["winograd"] = lambda: winograd.conv3x3(x, self.weight, self.bias)
+                ways["winograd"] = lambda: winograd.conv3x3(on, self.weight, self.bias)
             if TUNED_WINOGRAD[2] <= pixels <= TUNED_WINOGRAD[3]:
-                ways["winograd2x2"] = lambda: winograd.conv3x3(x, self.weight, self.bias, tile=2)
+                ways["winograd2x2"] = lambda: winograd.conv3x3(on, self.weight, self.bias, tile=2)
         if self._unfoldable(x) and channels >= TUNED_IM2COL[0] and pixels <= TUNED_IM2COL[1]:
-            ways["im2col"] = lambda: conv3x3_im2col(x, self.weight, self.bias, self.stride[0])
+            ways["im2col"] = lambda: conv3x3_im2col(on, self.weight, self.bias, self.stride[0])
         return ways
 
     def forward(self, x):
@@ -137,7 +139,9 @@ class Conv2d(nn.Conv2d):
                 return ways["direct"]()
             layout = " channels-last" if x.is_contiguous(memory_format=torch.channels_last) else ""
             n, c, h, w = x.shape
-            return tuning.pick(f"conv3x3 {n}x{c}x{h}x{w}{layout}->{self.out_channels} stride {self.stride[0]}", ways)
+            slab = tuning.trial_slab(x, self._out_pixels(x))
+            return tuning.pick(f"conv3x3 {n}x{c}x{h}x{w}{layout}->{self.out_channels} stride {self.stride[0]}", ways,
+                               None if slab is None else self._ways(x, on=slab))
         if winograd.applies(self, x):
             return winograd.conv3x3(x, self.weight, self.bias)
         if self._unfolds(x):
@@ -306,9 +310,13 @@ class Upsample(nn.Module):
         if size is None and x.dim() == 4 and self.conv.padding_mode == "zeros" and _float32_cpu(x, self.conv.weight):
             layout = " channels-last" if x.is_contiguous(memory_format=torch.channels_last) else ""
             n, c, h, w = x.shape
-            return tuning.pick(f"upsample conv3x3 {n}x{c}x{h}x{w}{layout}->{self.conv.out_channels}",
-                               {"upsample": lambda: self._upsampled(x), "subpixel": lambda: self._subpixel(x)})
+            slab = tuning.trial_slab(x, 4 * n * h * w)
+            return tuning.pick(f"upsample conv3x3 {n}x{c}x{h}x{w}{layout}->{self.conv.out_channels}", self._ways(x),
+                               None if slab is None else self._ways(slab))
         return self._upsampled(x, size)
+
+    def _ways(self, x) -> dict:
+        return {"upsample": lambda: self._upsampled(x), "subpixel": lambda: self._subpixel(x)}
 
     def _upsampled(self, x, size=None):
         if size is None:

@@ -8,7 +8,7 @@ thread count and the shape, so fixed thresholds tuned on one machine lose on ano
 and loses 1.3-1.7x at its 16x16 level, which an Intel AVX2 machine had it win; benchmarks/RESULTS.md.
 
 `pick(key, ways)` runs `ways` (name -> a function computing the layer), the first of which is the plain op. The
-first time a key is seen, every way runs once and then ROUNDS more times (once more for layers taking LONG or
+first time a key is seen (large layers: on a slab of their input, TRIAL_PIXELS), every way runs once and then ROUNDS more times (once more for layers taking LONG or
 more: their timing is less noisy, and the timing is what makes a machine's first image slow), alternating; the
 fastest best run wins, but another way must take at most MARGIN of the plain op's time to replace it, so that
 timing noise on a near tie keeps the plain op. The choice is remembered for the process and in `$XDG_CACHE_HOME/stablediff/
@@ -31,7 +31,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import usercache
+import torch
+
+from . import cpu, usercache
 
 ENV = "STABLEDIFF_TUNING"
 MODES = ("on", "memory", "off")
@@ -39,6 +41,10 @@ ROUNDS = 2  # timed runs per way after the first one (also timed: the best run c
 LONG = 0.1  # seconds: a layer whose plain op takes this long the first time gets one more run per way, not ROUNDS
 MARGIN = 0.95  # another way replaces the plain op only at <= this fraction of its time
 MAX_ENTRIES = 4096  # choices written per machine (a key per layer shape: a few dozen per model and image size)
+# a layer with more output pixels than this (N x H x W) is timed on a slab of its first rows holding about as many
+# (`trial_slab`: at least TRIAL_MIN_ROWS rows), and only the chosen way runs on the whole input: the VAE's 512x512
+# layers cost 16x less to time (a 512x512 image's first decode took 25 s more without this), a 1024x1024 one's 64x
+TRIAL_PIXELS, TRIAL_MIN_ROWS = 16384, 8
 
 _lock = threading.Lock()
 _choices: dict[str, dict[str, str]] = {}  # machine key -> {layer key -> way}, as loaded and decided
@@ -56,10 +62,6 @@ def active() -> bool:
 
 def machine_key() -> str:
     """What the timings depend on besides the shape: the CPU model, its flags, the torch build and the threads."""
-    import torch
-
-    from . import cpu
-
     flags = hashlib.sha256(" ".join(sorted(cpu.cpu_flags())).encode()).hexdigest()[:12]
     return f"{cpu.cpu_model()} | flags {flags} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
@@ -103,15 +105,31 @@ def decide(times: dict[str, list[float]]) -> str:
     return fastest if best[fastest] <= MARGIN * best[plain] else plain
 
 
-def pick(key: str, ways: dict[str, Callable]):
-    """The layer's result, computed the way chosen for `key` on this machine (timing the ways the first time)."""
+def trial_slab(x: torch.Tensor, out_pixels: int) -> torch.Tensor | None:
+    """The first rows (dim 2) of x (N, C, H, W), in x's memory format, in the share that makes about TRIAL_PIXELS of
+    the layer's `out_pixels` output pixels (at least TRIAL_MIN_ROWS rows, an even number), for timing a large
+    layer's ways on (`pick`'s `trial`); None where the layer is not larger than that."""
+    h = x.shape[2]
+    rows = max(TRIAL_MIN_ROWS, -(-h * TRIAL_PIXELS // out_pixels))
+    rows += rows % 2
+    if out_pixels <= TRIAL_PIXELS or rows >= h:
+        return None
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return x[:, :, :rows].contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def pick(key: str, ways: dict[str, Callable], trial: dict[str, Callable] | None = None):
+    """The layer's result, computed the way chosen for `key` on this machine (timing the ways the first time).
+    `trial`: the same ways on a slab of the input (`trial_slab`), timed instead of `ways` where given; the chosen
+    way then runs on the whole input."""
     machine = machine_key()
     with _lock:
         chosen = _table(machine).get(key)
     if chosen is not None:
         return ways[chosen]() if chosen in ways else next(iter(ways.values()))()
-    results, times, plain = {}, {}, next(iter(ways))
-    for name, way in ways.items():
+    timed = trial or ways
+    results, times, plain = {}, {}, next(iter(timed))
+    for name, way in timed.items():
         try:
             start = time.perf_counter()
             results[name] = way()
@@ -121,7 +139,7 @@ def pick(key: str, ways: dict[str, Callable]):
                 raise
     for _ in range(ROUNDS if times[plain][0] < LONG else 1):
         for name in times:
-            way = ways[name]
+            way = timed[name]
             start = time.perf_counter()
             way()
             times[name].append(time.perf_counter() - start)
@@ -130,7 +148,7 @@ def pick(key: str, ways: dict[str, Callable]):
         _table(machine)[key] = chosen
     if mode() == "on":
         _write(machine, key, chosen)
-    return results[chosen]
+    return results[chosen] if trial is None else ways[chosen]()
 
 
 def forget() -> None:

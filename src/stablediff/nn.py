@@ -81,12 +81,13 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state dict), faster on the CPU.
 
     float32: a 3x3 layer (padding 1, zeros) can run as oneDNN's direct convolution, by Winograd's algorithm in 4x4
-    or 2x2 output tiles (winograd.py, stride 1) or as one matrix product over the unfolded input (im2col), which reads the weight where
-    it lies: oneDNN copies it into its blocked layout on every call first, which at few pixels costs more than the
-    arithmetic. Which is fastest depends on the machine and the shape: tuning.py times the ways a shape is offered
-    (TUNED_WINOGRAD, TUNED_IM2COL) at its first use and remembers the winner. With tuning off the fixed rules of
-    before decide: Winograd for layers with enough channels and pixels (winograd.THRESHOLDS), im2col for >= 1280
-    channels and at most 128 output pixels (N*H*W: SD 1.5's 4x4 and 8x8 levels).
+    or 2x2 output tiles (winograd.py, stride 1) or as one matrix product over the unfolded input (im2col), which
+    reads the weight where it lies: oneDNN copies it into its blocked layout on every call first, which at few
+    pixels costs more than the arithmetic. Which is fastest depends on the machine and the shape: tuning.py times
+    the ways a shape is offered (TUNED_WINOGRAD, TUNED_IM2COL) at its first use and remembers the winner. With
+    tuning off the fixed rules of before decide: Winograd for layers with enough channels and pixels
+    (winograd.THRESHOLDS), im2col for >= 1280 channels and at most 128 output pixels (N*H*W: SD 1.5's 4x4 and 8x8
+    levels).
     bfloat16: the U-Net's widest low-resolution layers keep their weights reordered, for the same reason: for
     layers with >= 2560 input channels, or >= 1280 at <= 8x8 pixels, oneDNN's per-call reorder costs more than the
     arithmetic. Such a layer keeps its weight reordered for the last input shape it saw (rebuilt when the shape or

@@ -8,14 +8,15 @@ thread count and the shape, so fixed thresholds tuned on one machine lose on ano
 and loses 1.3-1.7x at its 16x16 level, which an Intel AVX2 machine had it win; benchmarks/RESULTS.md.
 
 `pick(key, ways)` runs `ways` (name -> a function computing the layer), the first of which is the plain op. The
-first time a key is seen (large layers: on a slab of their input, TRIAL_PIXELS), every way runs once and then ROUNDS more times (once more for layers taking LONG or
-more: their timing is less noisy, and the timing is what makes a machine's first image slow), alternating; the
-fastest best run wins, but another way must take at most MARGIN of the plain op's time to replace it, so that
-timing noise on a near tie keeps the plain op. The choice is remembered for the process and in `$XDG_CACHE_HOME/stablediff/
-kernels.json` under this machine's key (CPU model, a digest of its flags, torch version, thread count), so a later
-process on the same machine starts with it; at most MAX_ENTRIES per machine are written. The result returned is the
-chosen way's own (every way is correct to rounding; this keeps a run's numbers those of its choices). A way other
-than the plain op that raises a RuntimeError at its first run is left out.
+first time a key is seen (large layers: on a slab of their input, TRIAL_PIXELS), every way runs once and then ROUNDS
+more times (once more for layers taking LONG or more: their timing is less noisy, and the timing is what makes a
+machine's first image slow), alternating; the fastest best run wins, but another way must take at most MARGIN of the
+plain op's time to replace it, so that timing noise on a near tie keeps the plain op. The choice is remembered for
+the process and in `$XDG_CACHE_HOME/stablediff/kernels.json` under this machine's key (CPU model, a digest of its
+flags, torch version, thread count), so a later process on the same machine starts with it; at most MAX_ENTRIES per
+machine are written. The result returned is the chosen way's own (every way is correct to rounding; this keeps a
+run's numbers those of its choices). A way other than the plain op that raises a RuntimeError at its first run is
+left out.
 
 $STABLEDIFF_TUNING: `on` (the default) as above; `memory`, timed but not written to disk; `off`, no timing: the
 layers use their fixed rules (nn.py) and the plain op elsewhere, the same on every machine (the test suite runs

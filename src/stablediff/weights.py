@@ -365,7 +365,8 @@ def _single_file(path: Path, use_ema: bool) -> Checkpoint:
     for comp, sub in parts.items():
         def original_name(k, comp=comp):  # report keys as the file names them
             return PREFIXES[comp] + next(iter(rename_keys({k: None}, tables[comp], to_ours=False)[0]), k)
-        left = _validate(sub, expected_shapes(comp, configs[comp]), where=where, component=_WHAT[comp], name=original_name)
+        left = _validate(sub, expected_shapes(comp, configs[comp]), where=where, component=_WHAT[comp],
+                         name=original_name)
         unused += [original_name(k) for k in left]
     return Checkpoint(str(path), "single-file", family, configs["unet"], configs["vae"], configs["text_encoder"],
                       parts["unet"], parts["vae"], parts["text_encoder"], unused=unused)

@@ -25,6 +25,7 @@ so). Under torch.compile the layers do not ask. Ways that $STABLEDIFF_DISABLE tu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -63,8 +64,14 @@ def active() -> bool:
 
 def machine_key() -> str:
     """What the timings depend on besides the shape: the CPU model, its flags, the torch build and the threads."""
+    return f"{_build_key()} | {torch.get_num_threads()} threads"
+
+
+@functools.cache
+def _build_key() -> str:
+    """The part of machine_key that cannot change within a process (asked on every tuned layer call)."""
     flags = hashlib.sha256(" ".join(sorted(cpu.cpu_flags())).encode()).hexdigest()[:12]
-    return f"{cpu.cpu_model()} | flags {flags} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return f"{cpu.cpu_model()} | flags {flags} | torch {torch.__version__}"
 
 
 def cache_file() -> Path:

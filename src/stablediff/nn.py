@@ -51,6 +51,12 @@ def _float32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and tuning.active())
 
 
+def _shape(x: torch.Tensor) -> str:
+    """x's shape and layout as a tuned layer's key names them: "NxCxHxW", " channels-last" added where it is."""
+    layout = " channels-last" if x.is_contiguous(memory_format=torch.channels_last) else ""
+    return "x".join(map(str, x.shape)) + layout
+
+
 class Linear(nn.Linear):
     """nn.Linear (the same parameters and state dict); in float32 on the CPU, a large enough layer runs by oneDNN's
     matrix product or torch's BLAS one, whichever tuning.py timed faster for its shape on this machine (equal to
@@ -138,10 +144,8 @@ class Conv2d(nn.Conv2d):
             ways = self._ways(x)
             if len(ways) == 1:
                 return ways["direct"]()
-            layout = " channels-last" if x.is_contiguous(memory_format=torch.channels_last) else ""
-            n, c, h, w = x.shape
             slab = tuning.trial_slab(x, self._out_pixels(x))
-            return tuning.pick(f"conv3x3 {n}x{c}x{h}x{w}{layout}->{self.out_channels} stride {self.stride[0]}", ways,
+            return tuning.pick(f"conv3x3 {_shape(x)}->{self.out_channels} stride {self.stride[0]}", ways,
                                None if slab is None else self._ways(x, on=slab))
         if winograd.applies(self, x):
             return winograd.conv3x3(x, self.weight, self.bias)
@@ -309,10 +313,8 @@ class Upsample(nn.Module):
 
     def forward(self, x, size=None):
         if size is None and x.dim() == 4 and self.conv.padding_mode == "zeros" and _float32_cpu(x, self.conv.weight):
-            layout = " channels-last" if x.is_contiguous(memory_format=torch.channels_last) else ""
-            n, c, h, w = x.shape
-            slab = tuning.trial_slab(x, 4 * n * h * w)
-            return tuning.pick(f"upsample conv3x3 {n}x{c}x{h}x{w}{layout}->{self.conv.out_channels}", self._ways(x),
+            slab = tuning.trial_slab(x, 4 * x.shape[0] * x.shape[2] * x.shape[3])
+            return tuning.pick(f"upsample conv3x3 {_shape(x)}->{self.conv.out_channels}", self._ways(x),
                                None if slab is None else self._ways(slab))
         return self._upsampled(x, size)
 

@@ -22,13 +22,13 @@ piece (each piece of U is used once, so smaller pieces cost no extra work and th
 within BUDGET where several row pieces reuse U (held whole when it fits, else transformed again for each row
 piece). Measured figures: RESULTS.md.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from . import cpu
-
 
 
 def _transforms(bt: list, g: list, at: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

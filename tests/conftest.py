@@ -188,3 +188,17 @@ def serve_process(args: list[str], log_path: Path, wait_s: float = 180):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """Kernel tuning on (tuning.py), every fast path allowed, the cache file under tmp_path (yielded); nothing
+    remembered before or after."""
+    from stablediff import cpu, tuning
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(tuning.ENV, "on")
+    monkeypatch.setenv(cpu.ENV, "")
+    tuning.forget()
+    yield tmp_path / "stablediff" / "kernels.json"
+    tuning.forget()

@@ -64,13 +64,8 @@ def test_upsample_conv3x3_in_bfloat16_is_near_the_float32_reference(layout):
 
 
 @pytest.fixture
-def memory_tuning(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+def memory_tuning(tuned, monkeypatch):
     monkeypatch.setenv(tuning.ENV, "memory")
-    monkeypatch.setenv(cpu.ENV, "")
-    tuning.forget()
-    yield
-    tuning.forget()
 
 
 @pytest.mark.parametrize("way", ["upsample", "subpixel"])

@@ -13,17 +13,6 @@ from stablediff import cpu, tuning
 from stablediff import nn as snn
 
 
-@pytest.fixture
-def tuned(monkeypatch, tmp_path):
-    """Tuning on, with the cache file under tmp_path; nothing remembered before or after."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv(tuning.ENV, "on")
-    monkeypatch.setenv(cpu.ENV, "")
-    tuning.forget()
-    yield tmp_path / "stablediff" / "kernels.json"
-    tuning.forget()
-
-
 def counting(results: dict[str, float]):
     """Ways returning a tensor of their own value each, and the names of the ways called, in order."""
     calls = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stablediff import StableDiffusion, winograd
+from stablediff import StableDiffusion, cpu, winograd
 from stablediff.nn import Conv2d, conv3x3_im2col
 
 
@@ -71,10 +71,29 @@ def test_im2col_convolution_equals_the_direct_one(n, c, k, h, w, stride, bias):
     x, weight = torch.randn(n, c, h, w, generator=g), torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)
     b = torch.randn(k, generator=g) if bias else None
     exact = F.conv2d(x.double(), weight.double(), b.double() if bias else None, stride=stride, padding=1)
-    y = conv3x3_im2col(x, weight, b, stride)
-    assert y.shape == exact.shape and y.is_contiguous()
-    # the direct algorithm's sums, in another order: the same size of rounding error as this CPU's direct kernel
-    assert rel(y, exact) < max(5e-7, 4 * rel(F.conv2d(x, weight, b, stride=stride, padding=1), exact))
+    direct = rel(F.conv2d(x, weight, b, stride=stride, padding=1), exact)
+    for x_last, w_last in ((False, False), (True, False), (False, True), (True, True)):
+        xs = x.contiguous(memory_format=torch.channels_last) if x_last else x
+        ws = weight.contiguous(memory_format=torch.channels_last) if w_last else weight
+        y = conv3x3_im2col(xs, ws, b, stride)
+        # the output keeps x's layout (channels-last where x is, except where both layouts are one: 1x1 images)
+        assert y.shape == exact.shape and (y.is_contiguous(memory_format=torch.channels_last) if x_last
+                                           else y.is_contiguous())
+        # the direct algorithm's sums, in another order: the same size of rounding error as this CPU's direct kernel
+        assert rel(y, exact) < max(5e-7, 4 * direct)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_im2col_convolution_in_bfloat16_equals_the_direct_one(stride):
+    """bfloat16, channels-last as the pipeline runs it: within the direct bfloat16 convolution's own error."""
+    g = torch.Generator().manual_seed(stride)
+    x, weight, b = torch.randn(2, 32, 6, 6, generator=g), torch.randn(48, 32, 3, 3, generator=g) / 17, torch.randn(48)
+    exact = F.conv2d(x.double(), weight.double(), b.double(), stride=stride, padding=1)
+    xs, ws = (t.bfloat16().contiguous(memory_format=torch.channels_last) for t in (x, weight))
+    y = conv3x3_im2col(xs, ws, b.bfloat16(), stride)
+    direct = F.conv2d(xs, ws, b.bfloat16(), stride=stride, padding=1)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert rel(y.double(), exact) < 2 * rel(direct.double(), exact) + 1e-3
 
 
 def test_im2col_runs_on_the_wide_layers_with_few_output_pixels():
@@ -90,7 +109,8 @@ def test_im2col_runs_on_the_wide_layers_with_few_output_pixels():
     down = Conv2d(1280, 1280, 3, stride=2, padding=1)
     assert unfolds(down, (2, 1280, 16, 16)) and not unfolds(down, (2, 1280, 32, 32))  # by output pixels
     assert not unfolds(Conv2d(1280, 1280, 1), (2, 1280, 8, 8))
-    assert not unfolds(wide, (2, 1280, 8, 8), torch.bfloat16)  # bfloat16 keeps a reordered weight instead
+    # bfloat16 too, where the CPU has bfloat16 units (elsewhere its matrix product is emulated)
+    assert unfolds(wide, (2, 1280, 8, 8), torch.bfloat16) == cpu.native_bf16()
     assert not unfolds(Conv2d(1280, 1280, 3, stride=2, padding=0), (2, 1280, 9, 9))  # the VAE's padded downsampler
 
 

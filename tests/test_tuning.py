@@ -130,6 +130,32 @@ def test_conv2d_offers_its_ways_and_each_gives_the_convolution(tuned, monkeypatc
     assert all(o == expected for o in offered) and len(offered) == (len(expected) if len(expected) > 1 else 0)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_bfloat16_conv2d_offers_direct_and_im2col_under_its_own_key(tuned, monkeypatch, stride):
+    """bfloat16 (channels-last, as the pipeline runs it): no Winograd; the key names the dtype, so a float32 layer
+    of the same shape keeps its own choice. Where the CPU has no bfloat16 units only the direct way is left."""
+    gen = torch.Generator().manual_seed(stride)
+    conv = snn.Conv2d(256, 264, 3, stride=stride, padding=1).bfloat16().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 256, 9, 9, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride, 1)
+    direct = F.conv2d(x, conv.weight, conv.bias, stride, 1)
+    bound = 2 * (direct.double() - exact).abs().max().item() + 1e-2
+    monkeypatch.setenv(tuning.ENV, "memory")  # forget() then forgets all
+    offered = []
+    for native in (True, False):
+        monkeypatch.setattr(cpu, "native_bf16", lambda native=native: native)
+        for way in ("direct", "im2col"):
+            monkeypatch.setattr(tuning, "decide", lambda times, way=way: offered.append(set(times)) or way)
+            tuning.forget()
+            with torch.no_grad():
+                y = conv(x)
+            assert y.dtype == torch.bfloat16 and (y.double() - exact).abs().max().item() < bound
+            if native:
+                key = f"conv3x3 1x256x9x9 channels-last->264 stride {stride} bfloat16"
+                assert tuning._choices[tuning.machine_key()] == {key: way}
+    assert offered == [{"direct", "im2col"}] * 2  # without bfloat16 units: the direct way, untimed
+
+
 def test_conv2d_with_tuning_off_keeps_the_fixed_rules(monkeypatch, winograd_inputs):
     monkeypatch.setenv(tuning.ENV, "off")
     monkeypatch.setenv(cpu.ENV, "")

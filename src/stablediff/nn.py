@@ -45,9 +45,10 @@ class TimestepEmbedding(nn.Module):
 TUNED_LINEAR_MACS = 1 << 22
 
 
-def _float32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a layer with `weight` on `x` is a float32 CPU call that may take a tuned way (tuning.py)."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and weight.dtype == torch.float32
+def _float32_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple = (torch.float32,)) -> bool:
+    """Whether a layer with `weight` on `x` is a CPU call in one of `dtypes` (float32 unless given) that may take a
+    tuned way (tuning.py)."""
+    return (x.dtype in dtypes and x.device.type == "cpu" and weight.dtype == x.dtype
             and not torch.compiler.is_compiling() and tuning.active())
 
 
@@ -81,6 +82,8 @@ UNFOLD_CHANNELS, UNFOLD_PIXELS = 1280, 128
 # unfolded input holds 9 x channels x pixels floats). Wider than any machine's winners seen so far; smaller
 # layers take the direct one.
 TUNED_WINOGRAD, TUNED_IM2COL = (64, 256, 64, 8192), (256, 1024)
+# the dtypes whose 3x3 layers are timed: bfloat16 has the direct convolution and im2col
+TUNED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class Conv2d(nn.Conv2d):
@@ -94,11 +97,14 @@ class Conv2d(nn.Conv2d):
     tuning off the fixed rules of before decide: Winograd for layers with enough channels and pixels
     (winograd.THRESHOLDS), im2col for >= 1280 channels and at most 128 output pixels (N*H*W: SD 1.5's 4x4 and 8x8
     levels).
-    bfloat16: the U-Net's widest low-resolution layers keep their weights reordered, for the same reason: for
-    layers with >= 2560 input channels, or >= 1280 at <= 8x8 pixels, oneDNN's per-call reorder costs more than the
-    arithmetic. Such a layer keeps its weight reordered for the last input shape it saw (rebuilt when the shape or
-    the weight changes, e.g. a LoRA merge: one extra copy of those weights) and gives oneDNN's own results. Each
-    path runs only where cpu.py's probe allows it. Everything else is nn.Conv2d. Measured figures: RESULTS.md.
+    bfloat16 (on a CPU with bfloat16 units): a 3x3 layer can run as oneDNN's direct convolution or as im2col, timed
+    the same way (with tuning off: im2col by the same fixed rule). At SD 1.5's 4x4 and 8x8 levels im2col took
+    0.4-0.7x of the direct convolution's time on an AMD EPYC with AVX-512. The direct convolution of the U-Net's
+    widest low-resolution layers keeps its weights reordered, for the same reason: for layers with >= 2560 input
+    channels, or >= 1280 at <= 8x8 pixels, oneDNN's per-call reorder costs more than the arithmetic. Such a layer
+    keeps its weight reordered for the last input shape it saw (rebuilt when the shape or the weight changes, e.g.
+    a LoRA merge: one extra copy of those weights) and gives oneDNN's own results. Each path runs only where
+    cpu.py's probe allows it. Everything else is nn.Conv2d. Measured figures: RESULTS.md.
     The fast paths pad with zeros: a layer set to circular padding (`circular_padding`) runs as nn.Conv2d runs it,
     F.pad(mode="circular") and then the convolution unpadded."""
 
@@ -115,9 +121,12 @@ class Conv2d(nn.Conv2d):
         return x.shape[0] * -(-x.shape[2] // self.stride[0]) * -(-x.shape[3] // self.stride[1])
 
     def _unfoldable(self, x: torch.Tensor) -> bool:
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4 and self.kernel_size == (3, 3)
+        """Whether this layer on x can run as im2col: a padded 3x3 layer (stride 1 or 2) on the CPU in float32, or
+        in bfloat16 where the CPU has bfloat16 units (elsewhere a bfloat16 matrix product is emulated)."""
+        return (x.device.type == "cpu" and x.dim() == 4 and self.kernel_size == (3, 3)
                 and self.stride in ((1, 1), (2, 2)) and self.padding == (1, 1) and self.dilation == (1, 1)
-                and self.groups == 1 and self.padding_mode == "zeros" and self.weight.dtype == torch.float32
+                and self.groups == 1 and self.padding_mode == "zeros" and self.weight.dtype == x.dtype
+                and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu.native_bf16()))
                 and cpu.enabled("im2col"))
 
     def _unfolds(self, x: torch.Tensor) -> bool:
@@ -125,10 +134,10 @@ class Conv2d(nn.Conv2d):
                 and self._out_pixels(x) <= UNFOLD_PIXELS)
 
     def _ways(self, x: torch.Tensor, on: torch.Tensor | None = None) -> dict:
-        """The ways to compute this float32 layer on x offered to tuning.py, the direct convolution first; computing
-        it on `on` instead (a slab of x to time them on) where given."""
+        """The ways to compute this layer on x offered to tuning.py, the direct convolution first; computing it on
+        `on` instead (a slab of x to time them on) where given. Winograd is float32 only."""
         on = x if on is None else on
-        ways = {"direct": lambda: super(Conv2d, self).forward(on)}
+        ways = {"direct": lambda: self._direct(on)}
         channels, pixels = min(self.in_channels, self.out_channels), self._out_pixels(x)
         if winograd.fits(self, x) and channels >= TUNED_WINOGRAD[0]:
             if pixels >= TUNED_WINOGRAD[1]:
@@ -140,17 +149,22 @@ class Conv2d(nn.Conv2d):
         return ways
 
     def forward(self, x):
-        if _float32_cpu(x, self.weight) and x.dim() == 4 and self.kernel_size == (3, 3):
+        if _float32_cpu(x, self.weight, TUNED_DTYPES) and x.dim() == 4 and self.kernel_size == (3, 3):
             ways = self._ways(x)
             if len(ways) == 1:
-                return ways["direct"]()
+                return self._direct(x)
             slab = tuning.trial_slab(x, self._out_pixels(x))
-            return tuning.pick(f"conv3x3 {_shape(x)}->{self.out_channels} stride {self.stride[0]}", ways,
+            dtype = "" if x.dtype == torch.float32 else f" {str(x.dtype).removeprefix('torch.')}"
+            return tuning.pick(f"conv3x3 {_shape(x)}->{self.out_channels} stride {self.stride[0]}{dtype}", ways,
                                None if slab is None else self._ways(x, on=slab))
         if winograd.applies(self, x):
             return winograd.conv3x3(x, self.weight, self.bias)
         if self._unfolds(x):
             return conv3x3_im2col(x, self.weight, self.bias, self.stride[0])
+        return self._direct(x)
+
+    def _direct(self, x):
+        """oneDNN's direct convolution: nn.Conv2d's, or with the weight kept reordered (bfloat16, `_packs`)."""
         if not self._packs(x):
             return super().forward(x)
         w = self.weight
@@ -182,15 +196,28 @@ def circular_padding(models, on: bool = True):
 
 
 def conv3x3_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, stride, padding=1) as weight (K, 9C) @ the unfolded input (9C, N*Ho*Wo)."""
-    n, c = x.shape[:2]
+    """F.conv2d(x, weight, bias, stride, padding=1) as one matrix product: the 9 shifted taps of the padded input,
+    each pixel's row of 9 x C values, (N*Ho*Wo, 9C) @ the weight as (9C, K). The rows' order of taps and channels
+    follows the weight's memory layout, so the weight is read where it lies: (c, i, j) for a contiguous one, (i, j,
+    c) for a channels-last one. The output is channels-last where x is (the product's own layout), else contiguous.
+    The product is oneDNN's in float32 where it runs (on an AMD EPYC with AVX-512 1.1-1.4x MKL's at these shapes:
+    benchmarks/RESULTS.md), else torch's."""
+    n, c, h, w = x.shape
     k = weight.shape[0]
-    cols = F.unfold(x, 3, padding=1, stride=stride)  # (N, 9C, Ho*Wo), rows in the weight's (c, i, j) order
-    ho, wo = -(-x.shape[2] // stride), -(-x.shape[3] // stride)
-    cols = cols[0] if n == 1 else cols.transpose(0, 1).reshape(9 * c, n * ho * wo)
-    w = weight.reshape(k, 9 * c)
-    y = w @ cols if bias is None else torch.addmm(bias[:, None], w, cols)
-    return y.view(k, n, ho, wo).transpose(0, 1).contiguous()
+    ho, wo = -(-h // stride), -(-w // stride)
+    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1).contiguous()  # (N, H+2, W+2, C): a view if channels-last
+    taps = [padded[:, i:i + stride * ho:stride, j:j + stride * wo:stride] for i in range(3) for j in range(3)]
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        rows, matrix = torch.stack(taps, dim=3), weight.permute(0, 2, 3, 1).reshape(k, 9 * c)
+    else:
+        rows, matrix = torch.stack(taps, dim=4), weight.reshape(k, 9 * c)
+    rows = rows.view(n * ho * wo, 9 * c)
+    if x.dtype == torch.float32 and cpu.enabled("onednn_linear") and cpu.onednn_matmul():
+        y = cpu.onednn_linear(rows, matrix, bias)
+    else:
+        y = F.linear(rows, matrix, bias)
+    y = y.view(n, ho, wo, k).permute(0, 3, 1, 2)
+    return y if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else y.contiguous()
 
 
 class ResnetBlock(nn.Module):

@@ -2,7 +2,8 @@
 SD 1.5's and TAESD's shapes; and what a TAESD preview costs (not part of the tests).
 
     PYTHONPATH=src python benchmarks/upsample_conv.py [--repeats 3] [--only unet,vae,taesd] [--dtype float32,bfloat16]
-    PYTHONPATH=src python benchmarks/upsample_conv.py --preview   # TAESD decode (f32, bf16) vs one guided U-Net step
+    PYTHONPATH=src python benchmarks/upsample_conv.py --preview   # TAESD decode (f32, bf16, f32 of the 2x2-averaged
+                                                                  # latents) vs one guided U-Net step
     PYTHONPATH=src python benchmarks/upsample_conv.py --decode    # TAESD decode (f32, bf16) vs our VAE decode
 
 Random weights, 2 torch threads, wall time; the variants of one measurement alternate in one process after a
@@ -77,7 +78,11 @@ def taesd_decoders(args) -> dict:
     z = torch.randn(1, 4, args.latent, args.latent)
     half = random_model(TinyAutoencoder, TinyAutoencoderConfig()).to(torch.bfloat16)
     half.load_state_dict(decoder.state_dict())
-    return {"taesd f32": lambda: decoder.decode(z), "taesd bf16": lambda: half.decode(z.bfloat16())}
+    pooled = lambda: F.interpolate(decoder.decode(F.avg_pool2d(z, 2, ceil_mode=True, count_include_pad=False)),
+                                   scale_factor=2.0, mode="bilinear", align_corners=False)
+    # "taesd f32 pooled": a preview on a CPU without bfloat16 units (pipeline.preview: the 2x2-averaged latents)
+    return {"taesd f32": lambda: decoder.decode(z), "taesd bf16": lambda: half.decode(z.bfloat16()),
+            "taesd f32 pooled": pooled}
 
 
 def preview(args) -> None:

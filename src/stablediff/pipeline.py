@@ -42,6 +42,8 @@ from .taesd import TinyAutoencoder
 from .unet import DeepCache, SpatialTransformer, UNet, guidance_scale_embedding
 from .vae import AutoencoderKL
 
+# latent side from which previews on a CPU without bfloat16 units decode 2x2-averaged latents (see preview)
+PREVIEW_POOL_FROM = 16
 DEMO_DIR = Path(__file__).parent / "data" / "demo"  # our small offline model (`--model demo`)
 # `--model demo-lcm`: the demo model with an LCM U-Net distilled from its own (tools/distill_lcm_demo.py); only the
 # U-Net is shipped, the VAE, text encoder and scheduler are the demo's
@@ -256,17 +258,28 @@ class StableDiffusion:
             self._preview_taesd = (self.taesd, self.taesd.decoder_copy(torch.bfloat16))
 
     def preview(self, latents: torch.Tensor) -> list:
-        """Quick PIL images of latents (e.g. a step's denoised estimate): TAESD's decode when one is loaded (its
-        bfloat16 copy where load_preview_decoder made one for it), else A1111's "Approx cheap" linear map (no
-        model; 8x nearest upscaled to the image's size)."""
+        """Quick PIL images of latents (e.g. a step's denoised estimate), at the image's size: TAESD's decode when
+        one is loaded, else A1111's "Approx cheap" linear map (no model; 8x nearest upscaled).
+
+        TAESD decodes in bfloat16 where load_preview_decoder made a copy for it. On a CPU without bfloat16 units,
+        latents of at least PREVIEW_POOL_FROM per side are averaged over 2x2 first (a quarter of TAESD's work) and
+        the decode is scaled back up (bilinear): a full float32 decode would cost 7-9% of a 512x512 float32 step
+        there, the pooled one about 2% (benchmarks/RESULTS.md)."""
         with torch.no_grad():
-            if self.taesd is not None and self.taesd.decoder is not None:
-                decoder = self.taesd
-                if self._preview_taesd is not None and self._preview_taesd[0] is self.taesd:
-                    decoder = self._preview_taesd[1]
-                z = latents.to(self.device, decoder.decoder.layers[0].weight.dtype)
-                return images.to_pil(decoder.decode(z).float())
-            return [taesd.cheap_preview(z.float().cpu(), upscale=self.downscale) for z in latents]
+            if self.taesd is None or self.taesd.decoder is None:
+                return [taesd.cheap_preview(z.float().cpu(), upscale=self.downscale) for z in latents]
+            decoder, pool = self.taesd, self.device.type == "cpu" and min(latents.shape[-2:]) >= PREVIEW_POOL_FROM
+            if self._preview_taesd is not None and self._preview_taesd[0] is self.taesd:
+                decoder, pool = self._preview_taesd[1], False
+            z = latents.to(self.device, decoder.decoder.layers[0].weight.dtype)
+            if pool:
+                z = torch.nn.functional.avg_pool2d(z, 2, ceil_mode=True, count_include_pad=False)
+            x = decoder.decode(z).float()
+            if pool:
+                scale = x.shape[-1] // z.shape[-1]
+                x = torch.nn.functional.interpolate(x, size=(latents.shape[-2] * scale, latents.shape[-1] * scale),
+                                                    mode="bilinear", align_corners=False)
+            return images.to_pil(x)
 
     @property
     def vae_hash(self) -> str | None:

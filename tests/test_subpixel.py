@@ -80,6 +80,8 @@ def test_upsample_offers_both_ways_and_each_is_the_reference(memory_tuning, monk
         torch.testing.assert_close(up(x), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(up(x), want, rtol=1e-5, atol=1e-5)  # the remembered way, no second timing
     assert offered == [["upsample", "subpixel"]]
+    # the folded weight made for the timing is kept only where the phase way won
+    assert (up.phases is not None) == (way == "subpixel")
 
 
 def test_upsample_follows_a_changed_weight(memory_tuning, monkeypatch):

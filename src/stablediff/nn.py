@@ -328,8 +328,9 @@ class Upsample(nn.Module):
 
     A 2x upsampling can instead run as four 2x2 convolutions of the input (upsample_conv3x3, equal to rounding),
     which does 16 instead of 36 multiply-adds per output pixel and channel pair but pays a weight fold and an
-    interleave: in float32 on the CPU tuning.py times both ways per shape (with tuning off, the plain way). The
-    folded weight is kept for the weight it was made from (rebuilt when that changes, e.g. a LoRA merge). Circular
+    interleave: in float32 on the CPU tuning.py times both ways per shape (with tuning off, the plain way). Where
+    the phase way won, the folded weight is kept for the weight it was made from (rebuilt when that changes, e.g. a
+    LoRA merge); where the plain way won it is dropped (SD 1.5 float32: up to 240 MB for all upsamplers). Circular
     padding (`circular_padding`) takes the plain way, as the phase convolutions pad with zeros."""
 
     phases: tuple | None = None  # (weight version, address, dtype) -> phase_weight of the conv's weight
@@ -341,8 +342,11 @@ class Upsample(nn.Module):
     def forward(self, x, size=None):
         if size is None and x.dim() == 4 and self.conv.padding_mode == "zeros" and _float32_cpu(x, self.conv.weight):
             slab = tuning.trial_slab(x, 4 * x.shape[0] * x.shape[2] * x.shape[3])
-            return tuning.pick(f"upsample conv3x3 {_shape(x)}->{self.conv.out_channels}", self._ways(x),
-                               None if slab is None else self._ways(slab))
+            key = f"upsample conv3x3 {_shape(x)}->{self.conv.out_channels}"
+            y = tuning.pick(key, self._ways(x), None if slab is None else self._ways(slab))
+            if self.phases is not None and tuning.chosen(key) != "subpixel":
+                self.phases = None  # the plain way won: the folded weight made for the timing is not kept
+            return y
         return self._upsampled(x, size)
 
     def _ways(self, x) -> dict:

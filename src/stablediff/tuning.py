@@ -159,6 +159,12 @@ def pick(key: str, ways: dict[str, Callable], trial: dict[str, Callable] | None 
     return results[chosen] if trial is None else ways[chosen]()
 
 
+def chosen(key: str) -> str | None:
+    """The way chosen for `key` on this machine, None where it has not been timed (or read from the file) yet."""
+    with _lock:
+        return _table(machine_key()).get(key)
+
+
 def forget() -> None:
     """Drops the choices held in memory (the file stays): the next `pick` of each key reads or times again."""
     with _lock:

@@ -82,6 +82,40 @@ def test_sd15_unet_with_tuned_ways_matches_diffusers(all_cores, monkeypatch, way
     assert set(chosen) == expected and len(chosen) > 30
 
 
+@pytest.mark.slow
+def test_sd15_unet_in_bfloat16_with_im2col_is_as_near_diffusers_as_the_direct_convolution(all_cores, monkeypatch):
+    """SD 1.5 in bfloat16, channels-last as the pipeline loads it, with tuning on and every bfloat16 3x3 layer that
+    is offered a choice taking the direct convolution, then im2col: the error against diffusers' float32 output is
+    bfloat16's either way (bounded by the direct run's own). Only on a CPU with bfloat16 units (elsewhere the
+    pipeline runs float32, and a bfloat16 SD 1.5 would take minutes)."""
+    from stablediff import cpu, tuning
+
+    if not any(f in cpu.cpu_flags() for f in cpu.BF16_FLAGS):
+        pytest.skip("this CPU has no bfloat16 units")
+    ref = diffusers_unet(sd15_config("unet"))
+    model = ours(UNet, UNetConfig, ref, ref.state_dict()).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(3)
+    x, ctx, t = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([999.0, 1.5])
+    with torch.no_grad():
+        want = ref(x, t, ctx).sample
+    monkeypatch.setenv(cpu.ENV, "")
+    monkeypatch.setenv(tuning.ENV, "memory")
+    errors = {}
+    for way in ("direct", "im2col"):
+        chosen = []
+        monkeypatch.setattr(tuning, "decide", lambda times, way=way: chosen.append(set(times)) or way)
+        tuning.forget()
+        try:
+            with torch.no_grad():
+                got = model(x.bfloat16(), t, ctx.bfloat16()).float()
+        finally:
+            tuning.forget()
+        # a choice per layer shape at the 16x16 (512 output pixels), 8x8 and 4x4 levels and the downsamplers
+        assert len(chosen) >= 12 and all(c == {"direct", "im2col"} for c in chosen)
+        errors[way] = ((got - want).norm() / want.norm()).item()
+    assert errors["direct"] < 0.05 and errors["im2col"] < 1.25 * errors["direct"]
+
+
 def test_inpainting_unet_in_channels_9():
     cfg = dict(TINY_UNET, in_channels=9)
     ref = diffusers_unet(cfg, seed=3)

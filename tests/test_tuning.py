@@ -53,6 +53,23 @@ def test_pick_times_once_returns_the_chosen_result_and_remembers_it(tuned, monke
     assert tuning.pick("k", ways).item() == 2.0 and calls == ["fast"]
 
 
+def test_the_first_timing_in_a_process_says_why_the_image_is_slower(tuned, monkeypatch):
+    import warnings
+
+    tuning.forget()
+    ways, calls = counting({"plain": 1.0, "fast": 2.0})
+    with pytest.warns(RuntimeWarning, match=r"timing this CPU's kernels .*kept in .*kernels\.json"):
+        tuning.pick("first", ways)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuning.pick("second", ways)  # timed too, but said once per process
+        tuning.pick("first", ways)  # remembered: not timed
+    tuning.forget()
+    monkeypatch.setenv(tuning.ENV, "memory")
+    with pytest.warns(RuntimeWarning, match="not kept: STABLEDIFF_TUNING=memory"):
+        tuning.pick("third", ways)
+
+
 def test_a_long_layer_is_timed_twice_per_way_and_every_run_counts(tuned, monkeypatch):
     ways, calls = counting({"plain": 1.0, "fast": 2.0})
     times = {}

@@ -30,6 +30,7 @@ import hashlib
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,7 @@ TRIAL_PIXELS, TRIAL_MIN_ROWS = 16384, 8
 
 _lock = threading.Lock()
 _choices: dict[str, dict[str, str]] = {}  # machine key -> {layer key -> way}, as loaded and decided
+_announced = False  # whether this process has said that it times kernels (`_announce`)
 
 
 def mode() -> str:
@@ -135,6 +137,7 @@ def pick(key: str, ways: dict[str, Callable], trial: dict[str, Callable] | None 
         chosen = _table(machine).get(key)
     if chosen is not None:
         return ways[chosen]() if chosen in ways else next(iter(ways.values()))()
+    _announce()
     timed = trial or ways
     results, times, plain = {}, {}, next(iter(timed))
     for name, way in timed.items():
@@ -165,7 +168,21 @@ def chosen(key: str) -> str | None:
         return _table(machine_key()).get(key)
 
 
+def _announce() -> None:
+    """Say once per process (a RuntimeWarning: the CLI prints it as one line) why this image runs slower."""
+    global _announced
+    with _lock:
+        if _announced:
+            return
+        _announced = True
+    kept = f"kept in {cache_file()}" if mode() == "on" else f"not kept: {ENV}={mode()}"
+    warnings.warn(f"timing this CPU's kernels for layer shapes not seen before ({kept}): this image runs slower, "
+                  "later ones of the same size on this machine do not", RuntimeWarning, stacklevel=3)
+
+
 def forget() -> None:
     """Drops the choices held in memory (the file stays): the next `pick` of each key reads or times again."""
+    global _announced
     with _lock:
         _choices.clear()
+        _announced = False

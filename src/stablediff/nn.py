@@ -45,7 +45,7 @@ class TimestepEmbedding(nn.Module):
 TUNED_LINEAR_MACS = 1 << 22
 
 
-def _float32_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple = (torch.float32,)) -> bool:
+def _tuned_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple = (torch.float32,)) -> bool:
     """Whether a layer with `weight` on `x` is a CPU call in one of `dtypes` (float32 unless given) that may take a
     tuned way (tuning.py)."""
     return (x.dtype in dtypes and x.device.type == "cpu" and weight.dtype == x.dtype
@@ -64,7 +64,7 @@ class Linear(nn.Linear):
     1e-6 relative). Not under torch.compile, whose own kernels replace both."""
 
     def forward(self, x):
-        if (_float32_cpu(x, self.weight) and x.numel() * self.out_features >= TUNED_LINEAR_MACS
+        if (_tuned_cpu(x, self.weight) and x.numel() * self.out_features >= TUNED_LINEAR_MACS
                 and cpu.enabled("onednn_linear") and cpu.onednn_matmul()):
             rows = x.numel() // self.in_features
             key = f"linear {rows}x{self.in_features}->{self.out_features}{'' if self.bias is None else ' +bias'}"
@@ -149,7 +149,7 @@ class Conv2d(nn.Conv2d):
         return ways
 
     def forward(self, x):
-        if _float32_cpu(x, self.weight, TUNED_DTYPES) and x.dim() == 4 and self.kernel_size == (3, 3):
+        if _tuned_cpu(x, self.weight, TUNED_DTYPES) and x.dim() == 4 and self.kernel_size == (3, 3):
             ways = self._ways(x)
             if len(ways) == 1:
                 return self._direct(x)
@@ -340,7 +340,7 @@ class Upsample(nn.Module):
         self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x, size=None):
-        if size is None and x.dim() == 4 and self.conv.padding_mode == "zeros" and _float32_cpu(x, self.conv.weight):
+        if size is None and x.dim() == 4 and self.conv.padding_mode == "zeros" and _tuned_cpu(x, self.conv.weight):
             slab = tuning.trial_slab(x, 4 * x.shape[0] * x.shape[2] * x.shape[3])
             key = f"upsample conv3x3 {_shape(x)}->{self.conv.out_channels}"
             y = tuning.pick(key, self._ways(x), None if slab is None else self._ways(slab))

@@ -5,12 +5,14 @@ import torch
 
 from conftest import (TINY_TEXT, TINY_UNET, TINY_VAE, assert_close, diffusers_unet, diffusers_vae, sd15_config,
                       text_state_dict, transformers_text)
+from stablediff import cpu
 from stablediff.clip import CLIPTextModel
 from stablediff.config import CLIPTextConfig, UNetConfig, VAEConfig
 from stablediff.unet import UNet
 from stablediff.vae import AutoencoderKL
 
 TOL = 1e-4
+NATIVE_BF16 = cpu.native_bf16  # the probe itself (conftest's autouse fixture stands in for it)
 
 
 def ours(cls, cfg_cls, ref, state_dict):
@@ -60,7 +62,7 @@ def test_sd15_unet_with_tuned_ways_matches_diffusers(all_cores, monkeypatch, way
     """SD 1.5 at a 32x32 latent, batch 2, with tuning on (tuning.py) and every layer that is offered a choice taking
     the plain op ("plain") or the last other way offered ("fast": oneDNN linears, Winograd F(2x2) or im2col
     convolutions): both equal diffusers' (F(4x4) Winograd: tests/test_fast.py)."""
-    from stablediff import cpu, tuning
+    from stablediff import tuning
 
     ref = diffusers_unet(sd15_config("unet"))
     model = ours(UNet, UNetConfig, ref, ref.state_dict())
@@ -88,9 +90,9 @@ def test_sd15_unet_in_bfloat16_with_im2col_is_as_near_diffusers_as_the_direct_co
     is offered a choice taking the direct convolution, then im2col: the error against diffusers' float32 output is
     bfloat16's either way (bounded by the direct run's own). Only on a CPU with bfloat16 units (elsewhere the
     pipeline runs float32, and a bfloat16 SD 1.5 would take minutes)."""
-    from stablediff import cpu, tuning
+    from stablediff import tuning
 
-    if not any(f in cpu.cpu_flags() for f in cpu.BF16_FLAGS):
+    if not NATIVE_BF16():
         pytest.skip("this CPU has no bfloat16 units")
     ref = diffusers_unet(sd15_config("unet"))
     model = ours(UNet, UNetConfig, ref, ref.state_dict()).to(torch.bfloat16).to(memory_format=torch.channels_last)

@@ -56,7 +56,6 @@ def test_pick_times_once_returns_the_chosen_result_and_remembers_it(tuned, monke
 def test_the_first_timing_in_a_process_says_why_the_image_is_slower(tuned, monkeypatch):
     import warnings
 
-    tuning.forget()
     ways, calls = counting({"plain": 1.0, "fast": 2.0})
     with pytest.warns(RuntimeWarning, match=r"timing this CPU's kernels .*kept in .*kernels\.json"):
         tuning.pick("first", ways)

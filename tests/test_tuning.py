@@ -3,7 +3,9 @@ numbers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +91,43 @@ def test_the_machine_key_names_cpu_torch_and_threads():
         assert tuning.machine_key() != key and f"{before + 1} threads" in tuning.machine_key()
     finally:
         torch.set_num_threads(before)
+
+
+def test_other_kernel_code_is_timed_afresh_and_its_choices_dropped(tuned, monkeypatch):
+    """A kernels.json written by other code for the ways (an upgrade) on this CPU and torch: its choices are not
+    used, and the first write drops them; other machines', thread counts' and torch builds' choices stay."""
+    ours = tuning.machine_key()
+    assert f"| kernels {tuning.kernels_digest()} |" in ours
+    build, threads = ours.split(f" | kernels {tuning.kernels_digest()}")
+    stale = {f"{build} | kernels 000000000000{threads}": {"k": "fast"},  # other code, same CPU/torch/threads
+             f"{build}{threads}": {"k": "fast"}}  # written before the key had the digest
+    kept = {f"{build} | kernels 000000000000 | 99 threads": {"k": "fast"},
+            f"{build.replace(torch.__version__, '0.0.0')} | kernels 000000000000{threads}": {"k": "fast"},
+            "other machine": {"k": "fast"}}
+    tuned.parent.mkdir(parents=True)
+    tuned.write_text(json.dumps({**stale, **kept}))
+    ways, calls = counting({"plain": 1.0, "fast": 2.0})
+    fake_clock(monkeypatch, {"plain": 0.01, "fast": 0.02}, calls)
+    assert tuning.pick("k", ways).item() == 1.0 and calls == ["plain", "fast"] * (1 + tuning.ROUNDS)
+    assert json.loads(tuned.read_text()) == {**kept, ours: {"k": "plain"}}
+
+
+def test_the_kernels_digest_follows_the_kernels_code(monkeypatch, tmp_path):
+    installed = Path(tuning.__file__).parent
+    expected = hashlib.sha256(b"".join((installed / name).read_bytes() for name in
+                                       ("nn.py", "winograd.py", "cpu.py", "tuning.py"))).hexdigest()[:12]
+    assert tuning.kernels_digest() == expected
+    for name in tuning.KERNEL_SOURCES:
+        (tmp_path / name).write_bytes((installed / name).read_bytes())
+    (tmp_path / "winograd.py").write_bytes((installed / "winograd.py").read_bytes() + b"\n# changed\n")
+    monkeypatch.setattr(tuning, "__file__", str(tmp_path / "tuning.py"))
+    tuning.kernels_digest.cache_clear()
+    try:
+        assert tuning.kernels_digest() not in ("", expected)
+    finally:
+        monkeypatch.undo()
+        tuning.kernels_digest.cache_clear()
+    assert tuning.kernels_digest() == expected
 
 
 def test_memory_mode_writes_nothing_and_a_bad_file_is_ignored(tuned, monkeypatch):

@@ -13,10 +13,13 @@ more times (once more for layers taking LONG or more: their timing is less noisy
 machine's first image slow), alternating; the fastest best run wins, but another way must take at most MARGIN of the
 plain op's time to replace it, so that timing noise on a near tie keeps the plain op. The choice is remembered for
 the process and in `$XDG_CACHE_HOME/stablediff/kernels.json` under this machine's key (CPU model, a digest of its
-flags, torch version, thread count), so a later process on the same machine starts with it; at most MAX_ENTRIES per
-machine are written. The result returned is the chosen way's own (every way is correct to rounding; this keeps a
-run's numbers those of its choices). A way other than the plain op that raises a RuntimeError at its first run is
-left out.
+flags, torch version, a digest of the kernels' code, thread count), so a later process on the same machine starts
+with it; at most MAX_ENTRIES per machine are written. Other code for the ways (KERNEL_SOURCES, e.g. after an
+upgrade) is timed afresh: a choice made between other kernels says nothing about these (an im2col made faster had
+kept the direct convolution chosen before it: 9% of a 256x256 float32 step), and writing drops the choices other
+code made on this CPU with this torch and thread count. The result returned is the chosen way's own (every way is
+correct to rounding; this keeps a run's numbers those of its choices). A way other than the plain op that raises a
+RuntimeError at its first run is left out.
 
 $STABLEDIFF_TUNING: `on` (the default) as above; `memory`, timed but not written to disk; `off`, no timing: the
 layers use their fixed rules (nn.py) and the plain op elsewhere, the same on every machine (the test suite runs
@@ -28,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import threading
 import time
 import warnings
@@ -44,6 +48,8 @@ ROUNDS = 2  # timed runs per way after the first one (also timed: the best run c
 LONG = 0.1  # seconds: a layer whose plain op takes this long the first time gets one more run per way, not ROUNDS
 MARGIN = 0.95  # another way replaces the plain op only at <= this fraction of its time
 MAX_ENTRIES = 4096  # choices written per machine (a key per layer shape: a few dozen per model and image size)
+# the code of the ways offered (nn.py's layers, winograd.py, cpu.py's probes and products) and of their timing
+KERNEL_SOURCES = ("nn.py", "winograd.py", "cpu.py", "tuning.py")
 # a layer with more output pixels than this (N x H x W) is timed on a slab of its first rows holding about as many
 # (`trial_slab`: at least TRIAL_MIN_ROWS rows), and only the chosen way runs on the whole input: the VAE's 512x512
 # layers cost 16x less to time (a 512x512 image's first decode took 25 s more without this), a 1024x1024 one's 64x
@@ -65,7 +71,8 @@ def active() -> bool:
 
 
 def machine_key() -> str:
-    """What the timings depend on besides the shape: the CPU model, its flags, the torch build and the threads."""
+    """What the timings depend on besides the shape: the CPU model, its flags, the torch build, the kernels' code
+    and the threads."""
     return f"{_build_key()} | {torch.get_num_threads()} threads"
 
 
@@ -73,7 +80,27 @@ def machine_key() -> str:
 def _build_key() -> str:
     """The part of machine_key that cannot change within a process (asked on every tuned layer call)."""
     flags = hashlib.sha256(" ".join(sorted(cpu.cpu_flags())).encode()).hexdigest()[:12]
-    return f"{cpu.cpu_model()} | flags {flags} | torch {torch.__version__}"
+    return f"{cpu.cpu_model()} | flags {flags} | torch {torch.__version__} | kernels {kernels_digest()}"
+
+
+@functools.cache
+def kernels_digest() -> str:
+    """A digest of KERNEL_SOURCES as installed (a file that cannot be read counts by its name only)."""
+    digest = hashlib.sha256()
+    for name in KERNEL_SOURCES:
+        try:
+            digest.update((Path(__file__).parent / name).read_bytes())
+        except OSError:
+            digest.update(name.encode())
+    return digest.hexdigest()[:12]
+
+
+def _other_kernels(key: str, machine: str) -> bool:
+    """Whether the machine key `key` is `machine` (this CPU, torch and threads) with another kernels digest, or
+    with none (written before the digest was part of the key)."""
+    pattern = r"(.*) \| kernels \w+( \| .*)"
+    ours, theirs = re.fullmatch(pattern, machine), re.fullmatch(pattern, key)
+    return key != machine and ("".join(ours.groups()) == key or bool(theirs and theirs.groups() == ours.groups()))
 
 
 def cache_file() -> Path:
@@ -91,10 +118,11 @@ def _table(machine: str) -> dict[str, str]:
 
 
 def _write(machine: str, key: str, way: str) -> None:
-    """Adds one choice to the cache file (reread first: another process may have added some); a file that cannot
-    be written only costs the timing again in the next process."""
+    """Adds one choice to the cache file (reread first: another process may have added some), dropping the choices
+    other kernels made on this machine; a file that cannot be written only costs the timing again in the next
+    process."""
     path = cache_file()
-    data = usercache.read(path)
+    data = {k: v for k, v in usercache.read(path).items() if not _other_kernels(k, machine)}
     entries = data.get(machine)
     entries = entries if isinstance(entries, dict) else {}
     if len(entries) >= MAX_ENTRIES:

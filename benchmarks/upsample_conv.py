@@ -2,8 +2,8 @@
 SD 1.5's and TAESD's shapes; and what a TAESD preview costs (not part of the tests).
 
     PYTHONPATH=src python benchmarks/upsample_conv.py [--repeats 3] [--only unet,vae,taesd] [--dtype float32,bfloat16]
-    PYTHONPATH=src python benchmarks/upsample_conv.py --preview   # TAESD decode (f32, bf16, f32 of the 2x2-averaged
-                                                                  # latents) vs one guided U-Net step
+    PYTHONPATH=src python benchmarks/upsample_conv.py --preview   # TAESD decode (f32, bf16, each also of the
+                                                                  # 2x2-averaged latents) vs U-Net steps
     PYTHONPATH=src python benchmarks/upsample_conv.py --decode    # TAESD decode (f32, bf16) vs our VAE decode
 
 Random weights, 2 torch threads, wall time; the variants of one measurement alternate in one process after a
@@ -16,6 +16,7 @@ folded beforehand, as nn.Upsample keeps it (the fold's own time is printed apart
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from controlnet_overhead import random_model  # beside this file
 
-from stablediff import malloc
+from stablediff import cpu, malloc
 from stablediff.config import UNetConfig, VAEConfig
 from stablediff.nn import phase_weight, upsample_conv3x3
 from stablediff.taesd import TinyAutoencoder, TinyAutoencoderConfig
@@ -78,21 +79,34 @@ def taesd_decoders(args) -> dict:
     z = torch.randn(1, 4, args.latent, args.latent)
     half = random_model(TinyAutoencoder, TinyAutoencoderConfig()).to(torch.bfloat16)
     half.load_state_dict(decoder.state_dict())
-    pooled = lambda: F.interpolate(decoder.decode(F.avg_pool2d(z, 2, ceil_mode=True, count_include_pad=False)),
-                                   scale_factor=2.0, mode="bilinear", align_corners=False)
-    # "taesd f32 pooled": a preview on a CPU without bfloat16 units (pipeline.preview: the 2x2-averaged latents)
+    pool = lambda z: F.avg_pool2d(z, 2, ceil_mode=True, count_include_pad=False)
+    up = lambda x: F.interpolate(x.float(), scale_factor=2.0, mode="bilinear", align_corners=False)
+    # "pooled": a preview on the CPU (pipeline.preview: the 2x2-averaged latents, bfloat16 with bfloat16 units)
     return {"taesd f32": lambda: decoder.decode(z), "taesd bf16": lambda: half.decode(z.bfloat16()),
-            "taesd f32 pooled": pooled}
+            "taesd f32 pooled": lambda: up(decoder.decode(pool(z))),
+            "taesd bf16 pooled": lambda: up(half.decode(pool(z.bfloat16())))}
 
 
 def preview(args) -> None:
-    """Issue 23's target: a TAESD preview at most 5% of one guided float32 U-Net step."""
+    """Issue 23's target: a TAESD preview at most 5% of a U-Net step: guided (batch 2) and at cfg <= 1 (batch 1,
+    e.g. LCM), in float32 and, where the CPU has bfloat16 units, in bfloat16 (channels-last, as the pipeline)."""
     ucfg = UNetConfig.from_json(LAYOUT / "unet" / "config.json")
     unet = random_model(UNet, ucfg)
-    x, t = torch.randn(2, 4, args.latent, args.latent), torch.full((2,), 500.0)
-    context = torch.randn(2, 77, ucfg.cross_attention_dim)
-    runs = {"unet step f32": lambda: unet(x, t, context), **taesd_decoders(args)}
-    report(best_of(runs, args.repeats), "unet step f32")
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16) if cpu.native_bf16() else (torch.float32,):
+        model = unet if dtype == torch.float32 else copy.deepcopy(unet).to(dtype, memory_format=torch.channels_last)
+        for batch in (2, 1):
+            x = torch.randn(batch, 4, args.latent, args.latent).to(dtype)
+            x = x.contiguous(memory_format=torch.channels_last) if dtype == torch.bfloat16 else x
+            t, context = torch.full((batch,), 500.0), torch.randn(batch, 77, ucfg.cross_attention_dim).to(dtype)
+            name = f"unet step {str(dtype)[6:]} batch {batch}"
+            runs[name] = lambda model=model, x=x, t=t, context=context: model(x, t, context)
+    best = best_of({**runs, **taesd_decoders(args)}, args.repeats)
+    report(best, "unet step float32 batch 2")
+    used = "taesd bf16 pooled" if cpu.native_bf16() else "taesd f32 pooled"
+    print(f"the preview pipeline.preview makes here ({used}, {best[used] * 1e3:.1f} ms) against each step:")
+    for name in runs:
+        print(f"  {name:28} {best[name] * 1e3:9.1f} ms  {best[used] / best[name] * 100:6.2f}%")
 
 
 def decode(args) -> None:
@@ -112,7 +126,7 @@ def main():
     parser.add_argument("--only", default="unet,vae,taesd", help="models whose upsampler shapes to time")
     parser.add_argument("--dtype", default="float32,bfloat16")
     parser.add_argument("--latent", type=int, default=64, help="latent side for --preview/--decode (64 = 512 px)")
-    parser.add_argument("--preview", action="store_true", help="TAESD decode vs one guided U-Net step")
+    parser.add_argument("--preview", action="store_true", help="TAESD decode vs U-Net steps")
     parser.add_argument("--decode", action="store_true", help="TAESD decode vs the VAE decode")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -149,10 +149,10 @@ def test_previews_decode_in_bfloat16_only_where_the_cpu_has_it(tiny_model_dir, t
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_previews_without_bfloat16_units_decode_pooled_latents_at_the_image_size(tiny_model_dir, tmp_path, monkeypatch,
-                                                                                 native):
-    """From PREVIEW_POOL_FROM latents per side a CPU without bfloat16 units decodes the 2x2 means (odd sides: the
-    last row and column alone) and scales the decode back up; with bfloat16 units the whole latents decode."""
+def test_previews_on_the_cpu_decode_pooled_latents_at_the_image_size(tiny_model_dir, tmp_path, monkeypatch, native):
+    """From PREVIEW_POOL_FROM latents per side a CPU preview decodes the 2x2 means (odd sides: the last row and
+    column alone) and scales the decode back up: in bfloat16 with bfloat16 units, else in float32; under that side
+    the whole latents decode."""
     from stablediff import StableDiffusion, pipeline
 
     model = random_taesd(seed=5)
@@ -160,21 +160,21 @@ def test_previews_without_bfloat16_units_decode_pooled_latents_at_the_image_size
     monkeypatch.setattr(cpu, "native_bf16", lambda: native)
     pipe = StableDiffusion.from_pretrained(tiny_model_dir)
     pipe.load_preview_decoder(tmp_path / "taesd_decoder.safetensors")
+    assert (pipe._preview_taesd is not None) == native
+    decoder, dtype = (pipe._preview_taesd[1], torch.bfloat16) if native else (model, torch.float32)
     z = torch.randn(1, 4, pipeline.PREVIEW_POOL_FROM + 1, 18, generator=torch.Generator().manual_seed(6))
     preview = pipe.preview(z)[0]
     assert preview.size == (18 * 8, (pipeline.PREVIEW_POOL_FROM + 1) * 8)
+    pooled = torch.cat([torch.cat([z[..., i:i + 2, j:j + 2].mean((-2, -1), keepdim=True)
+                                   for j in range(0, 18, 2)], -1) for i in range(0, z.shape[-2], 2)], -2)
+    assert pooled.shape[-2:] == (9, 9) and torch.equal(pooled[..., -1, :], (z[..., -1, ::2] + z[..., -1, 1::2]) / 2)
     with torch.no_grad():
-        if native:
-            want = pipe._preview_taesd[1].decode(z.bfloat16()).float()
-        else:
-            pooled = torch.cat([torch.cat([z[..., i:i + 2, j:j + 2].mean((-2, -1), keepdim=True)
-                                           for j in range(0, 18, 2)], -1) for i in range(0, z.shape[-2], 2)], -2)
-            assert pooled.shape[-2:] == (9, 9) and torch.equal(pooled[..., -1, :], (z[..., -1, ::2] + z[..., -1, 1::2]) / 2)
-            want = F.interpolate(model.decode(pooled), size=preview.size[::-1], mode="bilinear", align_corners=False)
+        decoded = decoder.decode(pooled.to(dtype)).float()
+    want = F.interpolate(decoded, size=preview.size[::-1], mode="bilinear", align_corners=False)
     got = np.asarray(preview).astype(int)
     assert np.abs(got - np.asarray(images.to_pil(want)[0]).astype(int)).max() <= 1
     small = torch.randn(1, 4, pipeline.PREVIEW_POOL_FROM - 1, 8)  # under the threshold: decoded whole
     with torch.no_grad():
-        whole = pipe._preview_taesd[1].decode(small.bfloat16()).float() if native else model.decode(small)
+        whole = decoder.decode(small.to(dtype)).float()
     got = np.asarray(pipe.preview(small)[0]).astype(int)
     assert got.shape == (whole.shape[-2], 64, 3) and np.abs(got - np.asarray(images.to_pil(whole)[0])).max() <= 1

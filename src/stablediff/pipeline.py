@@ -261,16 +261,17 @@ class StableDiffusion:
         """Quick PIL images of latents (e.g. a step's denoised estimate), at the image's size: TAESD's decode when
         one is loaded, else A1111's "Approx cheap" linear map (no model; 8x nearest upscaled).
 
-        TAESD decodes in bfloat16 where load_preview_decoder made a copy for it. On a CPU without bfloat16 units,
-        latents of at least PREVIEW_POOL_FROM per side are averaged over 2x2 first (a quarter of TAESD's work) and
-        the decode is scaled back up (bilinear): a full float32 decode would cost 7-9% of a 512x512 float32 step
-        there, the pooled one about 2% (benchmarks/RESULTS.md)."""
+        TAESD decodes in bfloat16 where load_preview_decoder made a copy for it. On the CPU, latents of at least
+        PREVIEW_POOL_FROM per side are averaged over 2x2 first (a quarter of TAESD's work) and the decode is scaled
+        back up (bilinear): at 512x512 a whole decode costs 7-9% of a guided float32 step in float32, and in
+        bfloat16 about 6% of a guided bfloat16 step and 10% of a 4-step LCM one (one U-Net batch); pooled, each
+        is at most about 4% (benchmarks/RESULTS.md)."""
         with torch.no_grad():
             if self.taesd is None or self.taesd.decoder is None:
                 return [taesd.cheap_preview(z.float().cpu(), upscale=self.downscale) for z in latents]
             decoder, pool = self.taesd, self.device.type == "cpu" and min(latents.shape[-2:]) >= PREVIEW_POOL_FROM
             if self._preview_taesd is not None and self._preview_taesd[0] is self.taesd:
-                decoder, pool = self._preview_taesd[1], False
+                decoder = self._preview_taesd[1]
             z = latents.to(self.device, decoder.decoder.layers[0].weight.dtype)
             if pool:
                 z = torch.nn.functional.avg_pool2d(z, 2, ceil_mode=True, count_include_pad=False)

@@ -8,7 +8,9 @@ Engines (each optional: a peer whose package does not import in --peers-python i
 
 - ours-f32, ours-bf16, diffusers-f32: Euler, cfg 7, as compare.py's own table.
 - lcm-bf16, lcm-f32: ours, 4 "lcm" steps at cfg 1 with a random LoRA in LCM-LoRA's layout merged, TAESD decode
-  (random AutoencoderTiny); compared, as issue 23 asks, with diffusers' --steps float32 image.
+  (random AutoencoderTiny); compared, as issue 23 asks, with diffusers' --steps float32 image. Their children also
+  time a live preview (pipe.preview) and our own float32 VAE decode, for the lines under the table: TAESD's decode
+  against diffusers' and our VAE decode, and the preview against the row's step.
 - openvino-f32, openvino-auto: optimum-intel's OVStableDiffusionPipeline on the folder exported once (f32 IR),
   reshaped to static shapes; compiled with INFERENCE_PRECISION_HINT f32, and with the CPU plugin's own choice.
 - onnxruntime-f32: optimum's ORTStableDiffusionPipeline on the folder exported once, CPUExecutionProvider.
@@ -95,8 +97,12 @@ def run_ours(size: int, steps: int, dtype: str, lcm: bool) -> dict:
     res, _ = timed(lambda n: pipe(PROMPT, steps=n, seed=SEED, width=size, height=size, **kw), steps)
     with torch.inference_mode():
         decode = seconds(lambda: pipe.decode(random_latent(size)))
+        if lcm:  # a live preview (pipe.preview: TAESD, see there), then the full VAE decode TAESD stands in for
+            preview = min(seconds(lambda: pipe.preview(random_latent(size))) for _ in range(2))
+            pipe.use_own_vae()  # (our own, float32; the first decode of a process is slower: the best of 2)
+            vae = min(seconds(lambda: pipe.decode(random_latent(size))) for _ in range(2))
     used = f"torch {torch.__version__} {dtype}" + (", TAESD f32 decode, LoRA merged" if lcm else "")
-    return dict(res, load=load, decode=decode, used=used)
+    return dict(res, load=load, decode=decode, used=used, **({"vae_decode": vae, "preview": preview} if lcm else {}))
 
 
 def run_diffusers(size: int, steps: int) -> dict:
@@ -322,6 +328,14 @@ def table(results: dict[str, list[dict]], size: int, steps: int) -> list[str]:
         n = LCM_STEPS if kind == "lcm" else steps
         lines.append(f"| {kind} | {dtype} | {n} | {best['image']:.2f} ({median:.2f}) | {ratio} | {best['step']:.3f} "
                      f"| {best['decode']:.2f} | {best['load']:.2f} | {best['rss']:.2f} | {runs[0]['used']} |")
+    for engine, runs in results.items():  # issue 23: TAESD decode <= 0.05x of the full VAE decode, previews
+        if family(engine) == "lcm":
+            taesd, ours = min(r["decode"] for r in runs), min(r["vae_decode"] for r in runs)
+            theirs = f"{taesd / min(r['decode'] for r in base):.3f}x diffusers' VAE decode, " if base else ""
+            lines.append(f"{engine}: TAESD decode {taesd:.2f} s = {theirs}{taesd / ours:.3f}x our own float32 VAE "
+                         f"decode ({ours:.2f} s)")
+            preview, step = min(r["preview"] for r in runs), min(r["step"] for r in runs)  # target: <= 5% of a step
+            lines.append(f"{engine}: a live preview {preview * 1e3:.0f} ms = {preview / step * 100:.1f}% of its step")
     return [f"{size}x{size}, batch 1, the random SD 1.5; best of the runs (median in brackets)."] + lines
 
 

@@ -206,7 +206,7 @@ def test_taesd_as_the_vae_and_for_previews_matches_diffusers_autoencoder_tiny(ti
     import numpy as np
     from diffusers import StableDiffusionPipeline
 
-    from stablediff import StableDiffusion
+    from stablediff import StableDiffusion, pipeline
 
     cfg = dict(encoder_block_out_channels=[8, 8], decoder_block_out_channels=[8, 8], num_encoder_blocks=[1, 2],
                num_decoder_blocks=[2, 1])  # downscale 2, as the tiny model's VAE
@@ -223,9 +223,16 @@ def test_taesd_as_the_vae_and_for_previews_matches_diffusers_autoencoder_tiny(ti
                                                output_type="np")[0]
     assert np.abs(np.asarray(got.images[0]).astype(int) - np.round(want * 255).astype(int)).max() <= 1
     assert "VAE: taesd" in got.infotexts[0] and "VAE hash: " in got.infotexts[0]
-    # previews: TAESD's decode of what they are given (in bfloat16 where the CPU has its units: test_subpixel.py)
-    preview = np.asarray(pipe.preview(got.latents)[0]).astype(int)
-    assert np.abs(preview - np.asarray(got.images[0]).astype(int)).max() <= (4 if cpu.native_bf16() else 0)
+    # previews: TAESD's decode of what they are given, here under PREVIEW_POOL_FROM latents per side (from there
+    # of their 2x2 averages), in bfloat16 where the CPU has its units (both: test_subpixel.py)
+    side = pipeline.PREVIEW_POOL_FROM - 1
+    crop = got.latents[..., :side, :side]
+    with torch.no_grad():
+        want = ref.image_processor.postprocess(ref.vae.decode(crop / ref.vae.config.scaling_factor).sample,
+                                               output_type="np")[0]
+    preview = np.asarray(pipe.preview(crop)[0]).astype(int)
+    assert preview.shape == (side * 2, side * 2, 3)
+    assert np.abs(preview - np.round(want * 255).astype(int)).max() <= (4 if cpu.native_bf16() else 1)
     pipe.taesd = None
     cheap = pipe.preview(got.latents)[0]
     assert cheap.size == (64, 64)  # "Approx cheap" at the latents' size x the downscale

@@ -264,8 +264,8 @@ class StableDiffusion:
         TAESD decodes in bfloat16 where load_preview_decoder made a copy for it. On the CPU, latents of at least
         PREVIEW_POOL_FROM per side are averaged over 2x2 first (a quarter of TAESD's work) and the decode is scaled
         back up (bilinear): at 512x512 a whole decode costs 7-9% of a guided float32 step in float32, and in
-        bfloat16 about 6% of a guided bfloat16 step and 10% of a 4-step LCM one (one U-Net batch); pooled, each
-        is at most about 4% (benchmarks/RESULTS.md)."""
+        bfloat16 5.7% of a guided bfloat16 step and 11% of an LCM one (cfg 1: one U-Net batch); pooled, at most
+        3.7% of any of these (benchmarks/RESULTS.md)."""
         with torch.no_grad():
             if self.taesd is None or self.taesd.decoder is None:
                 return [taesd.cheap_preview(z.float().cpu(), upscale=self.downscale) for z in latents]

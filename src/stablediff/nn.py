@@ -45,6 +45,11 @@ class TimestepEmbedding(nn.Module):
 TUNED_LINEAR_MACS = 1 << 22
 
 
+def _onednn_float32_product() -> bool:
+    """Whether a float32 matrix product may go to oneDNN (Linear, im2col): not turned off, and its trial ran."""
+    return cpu.enabled("onednn_linear") and cpu.onednn_matmul()
+
+
 def _tuned_cpu(x: torch.Tensor, weight: torch.Tensor, dtypes: tuple = (torch.float32,)) -> bool:
     """Whether a layer with `weight` on `x` is a CPU call in one of `dtypes` (float32 unless given) that may take a
     tuned way (tuning.py)."""
@@ -65,7 +70,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if (_tuned_cpu(x, self.weight) and x.numel() * self.out_features >= TUNED_LINEAR_MACS
-                and cpu.enabled("onednn_linear") and cpu.onednn_matmul()):
+                and _onednn_float32_product()):
             rows = x.numel() // self.in_features
             key = f"linear {rows}x{self.in_features}->{self.out_features}{'' if self.bias is None else ' +bias'}"
             return tuning.pick(key, {"blas": lambda: super(Linear, self).forward(x),
@@ -212,7 +217,7 @@ def conv3x3_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     else:
         rows, matrix = torch.stack(taps, dim=4), weight.reshape(k, 9 * c)
     rows = rows.view(n * ho * wo, 9 * c)
-    if x.dtype == torch.float32 and cpu.enabled("onednn_linear") and cpu.onednn_matmul():
+    if x.dtype == torch.float32 and _onednn_float32_product():
         y = cpu.onednn_linear(rows, matrix, bias)
     else:
         y = F.linear(rows, matrix, bias)

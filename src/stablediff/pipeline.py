@@ -42,7 +42,7 @@ from .taesd import TinyAutoencoder
 from .unet import DeepCache, SpatialTransformer, UNet, guidance_scale_embedding
 from .vae import AutoencoderKL
 
-# latent side from which previews on a CPU without bfloat16 units decode 2x2-averaged latents (see preview)
+# latent side from which previews on the CPU decode 2x2-averaged latents (see preview)
 PREVIEW_POOL_FROM = 16
 DEMO_DIR = Path(__file__).parent / "data" / "demo"  # our small offline model (`--model demo`)
 # `--model demo-lcm`: the demo model with an LCM U-Net distilled from its own (tools/distill_lcm_demo.py); only the

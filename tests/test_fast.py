@@ -27,7 +27,12 @@ def rel(a, b):
     (1, 4, 4, 1, 1, True, None, None),
 ])
 @pytest.mark.parametrize("tile", [4, 2])
-def test_winograd_convolution_equals_the_direct_one(n, c, k, h, w, bias, budget, kernel_budget, tile, monkeypatch):
+@pytest.mark.parametrize("onednn", [False, True])
+def test_winograd_convolution_equals_the_direct_one(n, c, k, h, w, bias, budget, kernel_budget, tile, onednn,
+                                                    monkeypatch):
+    """Either product (the BLAS's batched one, or oneDNN's per position) gives the convolution."""
+    if onednn and not cpu.onednn_matmul():
+        pytest.skip("oneDNN's float32 product does not run here")
     if budget:
         monkeypatch.setattr(winograd, "BUDGET", budget)
     if kernel_budget:
@@ -36,7 +41,7 @@ def test_winograd_convolution_equals_the_direct_one(n, c, k, h, w, bias, budget,
     x, weight = torch.randn(n, c, h, w, generator=g), torch.randn(k, c, 3, 3, generator=g) / (3 * c ** 0.5)
     b = torch.randn(k, generator=g) if bias else None
     exact = F.conv2d(x.double(), weight.double(), b.double() if bias else None, padding=1)
-    y = winograd.conv3x3(x, weight, b, tile=tile)
+    y = winograd.conv3x3(x, weight, b, tile=tile, onednn=onednn)
     assert y.shape == exact.shape and y.is_contiguous()
     # F(4x4, 3x3) in float32: about 10x the direct convolution's rounding error (which this CPU's kernels set);
     # F(2x2, 3x3) about the same as the direct one's

@@ -171,6 +171,16 @@ def test_at_most_max_entries_are_written(tuned, monkeypatch):
     (40, 48, 16, 1, {"direct"}),  # too few channels for either: not timed at all
 ])
 def test_conv2d_offers_its_ways_and_each_gives_the_convolution(tuned, monkeypatch, c, k, side, stride, expected):
+    """Each Winograd way also comes with oneDNN's products where they run here (not with onednn_linear off)."""
+    if snn._onednn_float32_product():
+        monkeypatch.setenv(cpu.ENV, "onednn_linear")
+        offered = []
+        monkeypatch.setattr(tuning, "decide", lambda times: offered.append(set(times)) or list(times)[0])
+        with torch.no_grad():
+            snn.Conv2d(c, k, 3, stride=stride, padding=1)(torch.randn(1, c, side, side))
+        assert offered == ([expected] if len(expected) > 1 else [])
+        monkeypatch.setenv(cpu.ENV, "")
+        expected = expected | {f"{w} onednn" for w in expected if w.startswith("winograd")}
     gen = torch.Generator().manual_seed(0)
     conv = snn.Conv2d(c, k, 3, stride=stride, padding=1)
     x = torch.randn(1, c, side, side, generator=gen)
@@ -262,8 +272,10 @@ def test_a_large_conv2d_is_timed_on_a_slab_and_gives_the_convolution(tuned, monk
     with torch.no_grad():
         y = conv(x)
     torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, stride, 1), rtol=1e-4, atol=1e-4)
-    if stride == 1:  # F(4x4) and F(2x2) timed on 256 / 640 of the 32 rows (13, made even: 14), then F(4x4) on all
-        assert winograd_inputs == [(1, 256, 14, 20)] * 2 * (1 + tuning.ROUNDS) + [(1, 256, 32, 20)]
+    if stride == 1:  # F(4x4) and F(2x2) (each also with oneDNN's products where they run) timed on 256 / 640 of
+        # the 32 rows (13, made even: 14), then F(4x4) on all
+        ways = 4 if snn._onednn_float32_product() else 2
+        assert winograd_inputs == [(1, 256, 14, 20)] * ways * (1 + tuning.ROUNDS) + [(1, 256, 32, 20)]
 
 
 @pytest.mark.parametrize("way", ["upsample", "subpixel"])
@@ -281,3 +293,48 @@ def test_a_large_upsample_is_timed_on_a_slab_and_gives_upsample_then_conv(tuned,
         expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, 1, 1)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
     assert {"upsample", "subpixel"} in timed
+
+
+@pytest.mark.parametrize("heads, queries, keys, dim, budget", [
+    (8, 160, 77, 40, None),  # cross-attention: keys from the text
+    (1, 1024, 1024, 64, None),  # one head, as the VAE's
+    (3, 120, 120, 16, 4 * 120 * 7),  # the queries in pieces of 7 rows (ATTENTION_BUDGET)
+])
+def test_attention_offers_onednn_products_and_each_way_gives_the_attention(tuned, monkeypatch, heads, queries, keys,
+                                                                          dim, budget):
+    """A float32 attention with enough scores is offered torch's flash attention and oneDNN's products
+    (nn.onednn_attention) where those run here; each gives F.scaled_dot_product_attention to rounding. With
+    onednn_linear turned off, or few scores, it is not timed at all."""
+    if budget:
+        monkeypatch.setattr(snn, "ATTENTION_BUDGET", budget)
+    monkeypatch.setattr(snn, "TUNED_ATTENTION_SCORES", 2 * heads * queries * keys)  # batch 2 reaches it
+    gen = torch.Generator().manual_seed(heads)
+    attn = snn.Attention(heads * dim, heads, dim, context_dim=24 if keys == 77 else None)
+    x = torch.randn(2, queries, heads * dim, generator=gen)
+    context = torch.randn(2, keys, 24, generator=gen) if keys == 77 else x
+    with torch.no_grad():
+        q, k, v = (p(s).view(2, -1, heads, dim).transpose(1, 2).double()
+                   for p, s in ((attn.to_q, x), (attn.to_k, context), (attn.to_v, context)))
+        out = attn.to_out[0]
+        exact = F.linear(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, queries, -1),
+                         out.weight.double(), out.bias.double())
+    expected = {"sdpa", "onednn"} if snn._onednn_float32_product() else set()
+    monkeypatch.setenv(tuning.ENV, "memory")  # forget() then forgets all
+    offered = []
+    for way in sorted(expected) or ["sdpa"]:  # (the linear layers take their plain way)
+        monkeypatch.setattr(tuning, "decide", lambda times, way=way: offered.append(set(times)) or way
+                            if "sdpa" in times else list(times)[0])
+        tuning.forget()
+        with torch.no_grad():
+            y = attn(x, None if keys != 77 else context)
+        assert y.dtype == torch.float32 and (y.double() - exact).abs().max().item() < 2e-5
+    assert offered == [expected] * len(expected)
+    offered.clear()
+    for off in (lambda: monkeypatch.setenv(cpu.ENV, "onednn_linear"),
+                lambda: monkeypatch.setattr(snn, "TUNED_ATTENTION_SCORES", 2 * heads * queries * keys + 1)):
+        off()
+        tuning.forget()
+        with torch.no_grad():
+            y = attn(x, None if keys != 77 else context)
+        assert (y.double() - exact).abs().max().item() < 2e-5
+        assert not any(key.startswith("attention") for key in tuning._choices.get(tuning.machine_key(), {}))

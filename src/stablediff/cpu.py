@@ -6,10 +6,10 @@ Every special kernel path is taken only where it is known to work here, with the
 - `winograd`, `im2col`: float32 3x3 convolutions as matrix products (winograd.py, nn.Conv2d). Plain torch ops: they
   run on every CPU torch supports.
 - `channels_last`: bfloat16 U-Net and VAE weights in channels-last layout on the CPU (pipeline.from_pretrained).
-- `onednn_linear`: float32 linear layers (nn.Linear) by oneDNN's matrix product instead of the BLAS one torch
-  calls, where a trial call shows it runs (`onednn_matmul`). On an AMD EPYC with AVX-512 MKL's float32 GEMM reaches
-  120-170 GFLOP/s on 2 cores where oneDNN's reaches 175-200 (benchmarks/RESULTS.md); elsewhere it may be the other
-  way round.
+- `onednn_linear`: float32 matrix products by oneDNN instead of the BLAS torch calls, where a trial call shows it
+  runs (`onednn_matmul`): linear layers (nn.Linear), im2col, Winograd's products and attention (nn.py). On an AMD
+  EPYC with AVX-512 (Zen 4) MKL's float32 GEMM reaches 120-170 GFLOP/s on 2 cores where oneDNN's reaches 175-200;
+  on a Zen 5 170-210 against 430-470 (benchmarks/RESULTS.md); elsewhere it may be the other way round.
 - `shared_half`: the guided batch's equal halves run once up to the first cross-attention (unet.py).
 - `malloc`: glibc's malloc keeps freed memory for reuse (malloc.py).
 

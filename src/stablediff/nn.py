@@ -149,6 +149,10 @@ class Conv2d(nn.Conv2d):
                 ways["winograd"] = lambda: winograd.conv3x3(on, self.weight, self.bias)
             if TUNED_WINOGRAD[2] <= pixels <= TUNED_WINOGRAD[3]:
                 ways["winograd2x2"] = lambda: winograd.conv3x3(on, self.weight, self.bias, tile=2)
+            if _onednn_float32_product():  # the same with oneDNN's products (AMD Zen 5: 1.7-2.4x MKL's bmm)
+                for name in [n for n in ways if n.startswith("winograd")]:
+                    tile = 2 if name == "winograd2x2" else 4
+                    ways[f"{name} onednn"] = lambda tile=tile: winograd.conv3x3(on, self.weight, self.bias, tile, True)
         if self._unfoldable(x) and channels >= TUNED_IM2COL[0] and pixels <= TUNED_IM2COL[1]:
             ways["im2col"] = lambda: conv3x3_im2col(on, self.weight, self.bias, self.stride[0])
         return ways
@@ -268,8 +272,40 @@ class Attention(nn.Module):
         b = x.shape[0]
         q, k, v = (p(s).view(b, -1, self.heads, p.out_features // self.heads).transpose(1, 2)
                    for p, s in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out[0](out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3]))
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3])
+        if (_tuned_cpu(q, k) and q.shape[2] * k.shape[2] * q.shape[1] * q.shape[0] >= TUNED_ATTENTION_SCORES
+                and _onednn_float32_product()):
+            key = f"attention {q.shape[0]}x{q.shape[2]}x{k.shape[2]} heads {q.shape[1]}x{q.shape[3]}"
+            out = tuning.pick(key, {"sdpa": sdpa, "onednn": lambda: onednn_attention(q, k, v)})
+        else:
+            out = sdpa()
+        return self.to_out[0](out)
+
+
+# float32 attention with at least this many scores (batch x heads x queries x keys) may run by oneDNN's products
+# (onednn_attention) where tuning.py times that faster than torch's flash attention, whose products are the BLAS's
+TUNED_ATTENTION_SCORES = 1 << 20
+ATTENTION_BUDGET = 64 << 20  # bytes of one head's scores held at once (onednn_attention)
+
+
+def onednn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v) for float32 (B, H, N, d) q and (B, H, M, d) k, v on the CPU, by
+    oneDNN's matrix products (cpu.onednn_linear), as (B, N, H * d): per batch item and head, the scores of a piece
+    of queries (within ATTENTION_BUDGET), their softmax, and its product with the values. The scores are made
+    whole where flash attention makes them in blocks, so this gains only where oneDNN's products are much faster
+    than the BLAS's (AMD Zen 5: flash attention's at 150 GFLOP/s, oneDNN's at 400)."""
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    q = (q * d ** -0.5).contiguous()  # (not in place: q may be the caller's own tensor)
+    k, vt = k.contiguous(), v.transpose(2, 3).contiguous()  # (B, H, M, d), (B, H, d, M)
+    out = q.new_empty(b, n, h, d)
+    rows = max(1, min(n, ATTENTION_BUDGET // (4 * m)))
+    for i in range(b):
+        for j in range(h):
+            for r in range(0, n, rows):
+                scores = torch.softmax(cpu.onednn_linear(q[i, j, r:r + rows], k[i, j]), dim=-1)
+                out[i, r:r + rows, j] = cpu.onednn_linear(scores, vt[i, j])
+    return out.view(b, n, h * d)
 
 
 class Downsample(nn.Module):

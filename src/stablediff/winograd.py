@@ -4,7 +4,9 @@ m = 2 (16 instead of 36). With a = m + 2:
 
     V = B^T d B   each a x a input tile d (overlapping by 2), per input channel: a*a values
     U = G g G^T   each 3x3 kernel g, per (output, input) channel pair: a*a values
-    M = U V       for each of the a*a positions, one (out x in) @ (in x tiles) matrix product: the arithmetic
+    M = U V       for each of the a*a positions, one (out x in) @ (in x tiles) matrix product: the arithmetic,
+                  as one batched BLAS product or, where tuning.py times that faster, one oneDNN product per
+                  position (`onednn`; on an AMD Zen 5, whose MKL runs AVX2 code, 1.7-2.4x faster)
     Y = A^T M A   each m x m output tile
 
 In the 2-D form the transforms are the Kronecker products B2, G2, A2 of the 1-D matrices. oneDNN has no Winograd
@@ -76,9 +78,21 @@ def _kernels(w: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
     return (g2 @ w.reshape(k * c, 9).T).view(g2.shape[0], k, c)
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tile: int = 4) -> torch.Tensor:
+def _products(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, onednn: bool) -> None:
+    """out = u @ v for u (a*a, K, C) and v (a*a, C, T): torch.bmm (the BLAS's batched product), or one oneDNN
+    product per position (`onednn`), v's transpose read where it lies."""
+    if not onednn:
+        torch.bmm(u, v, out=out)
+        return
+    v = v.contiguous()  # (oneDNN reorders a weight with padded rows at a small fraction of its speed)
+    for i in range(u.shape[0]):
+        out[i].copy_(cpu.onednn_linear(u[i], v[i].T))
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tile: int = 4,
+            onednn: bool = False) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) for float32 x (N, C, H, W) and weight (K, C, 3, 3), in m x m output tiles
-    (m = `tile`, 4 or 2)."""
+    (m = `tile`, 4 or 2); the products by oneDNN where `onednn` (cpu.onednn_linear)."""
     basis, g2, a2 = TRANSFORMS[tile]
     m, p = tile, basis.shape[0]  # p = a*a transformed values per tile
     n, c, h, w = x.shape
@@ -102,12 +116,12 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             slab = F.pad(x[:, :, max(lo, 0):min(hi, h)], (1, m * tw + 1 - w, max(-lo, 0), max(hi - h, 0)))
             v = F.conv2d(slab.reshape(n * c, 1, hi - lo, m * tw + 2), basis, stride=m)
         v = v.view(n, c, p, r * tw).permute(2, 1, 0, 3).reshape(p, c, n * r * tw)
+        prod = v.new_empty(p, k, n * r * tw)
         if u is not None:
-            prod = torch.bmm(u, v)
+            _products(u, v, prod, onednn)
         else:  # U in pieces of output channels, each transformed from its own kernels
-            prod = v.new_empty(p, k, n * r * tw)
             for k0 in range(0, k, outs):
-                torch.bmm(_kernels(weight[k0:k0 + outs], g2), v, out=prod[:, k0:k0 + outs])
+                _products(_kernels(weight[k0:k0 + outs], g2), v, prod[:, k0:k0 + outs], onednn)
         y = (a2 @ prod.view(p, -1)).view(m, m, k, n, r, tw).permute(3, 2, 4, 0, 5, 1)
         dst = out[:, :, m * r0:m * (r0 + r)].view(n, k, r, m, tw, m)
         if bias is None:

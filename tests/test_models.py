@@ -61,8 +61,8 @@ def test_unet_matches_diffusers(size, all_cores, winograd_inputs):
 @pytest.mark.parametrize("way", ["plain", "fast"])
 def test_sd15_unet_with_tuned_ways_matches_diffusers(all_cores, monkeypatch, way):
     """SD 1.5 at a 32x32 latent, batch 2, with tuning on (tuning.py) and every layer that is offered a choice taking
-    the plain op ("plain") or the last other way offered ("fast": oneDNN linears, Winograd F(2x2) or im2col
-    convolutions): both equal diffusers' (F(4x4) Winograd: tests/test_fast.py)."""
+    the plain op ("plain") or the last other way offered ("fast": oneDNN linears and attention, Winograd F(2x2) or
+    im2col convolutions): both equal diffusers' (F(4x4) Winograd: tests/test_fast.py)."""
     from stablediff import tuning
 
     ref = diffusers_unet(sd15_config("unet"))
@@ -81,8 +81,10 @@ def test_sd15_unet_with_tuned_ways_matches_diffusers(all_cores, monkeypatch, way
                          TOL)
     finally:
         tuning.forget()
-    winograd2x2 = "winograd2x2 onednn" if snn._onednn_float32_product() else "winograd2x2"
-    expected = {"blas", "direct"} if way == "plain" else {"onednn", winograd2x2, "im2col"}
+    onednn = snn._onednn_float32_product()  # also offers attention "sdpa" or "onednn" at 1024 tokens
+    winograd2x2 = "winograd2x2 onednn" if onednn else "winograd2x2"
+    expected = ({"blas", "direct"} | ({"sdpa"} if onednn else set()) if way == "plain"
+                else {"onednn", winograd2x2, "im2col"})
     assert set(chosen) == expected and len(chosen) > 30
 
 

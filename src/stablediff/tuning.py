@@ -2,10 +2,11 @@
 
 A float32 layer on the CPU can often run more than one way (nn.py): a 3x3 convolution as oneDNN's direct
 convolution, by Winograd's algorithm (winograd.py) or as one matrix product over the unfolded input (im2col); a
-linear layer as the BLAS product torch calls or as oneDNN's; an attention as torch's flash attention or by oneDNN's products. Which is fastest depends on the CPU, the BLAS, the
-thread count and the shape, so fixed thresholds tuned on one machine lose on another. Measured on a 2-core AMD EPYC
-(Zen 4, AVX-512), where MKL's float32 GEMM runs at 2/3 of oneDNN's speed: Winograd gains at SD 1.5's 32x32 level
-and loses 1.3-1.7x at its 16x16 level, which an Intel AVX2 machine had it win; benchmarks/RESULTS.md.
+linear layer as the BLAS product torch calls or as oneDNN's; an attention as torch's flash attention or by oneDNN's
+products. Which is fastest depends on the CPU, the BLAS, the thread count and the shape, so fixed thresholds tuned on
+one machine lose on another. Measured on a 2-core AMD EPYC (Zen 4, AVX-512), where MKL's float32 GEMM runs at 2/3
+of oneDNN's speed: Winograd gains at SD 1.5's 32x32 level and loses 1.3-1.7x at its 16x16 level, which an Intel AVX2
+machine had it win; benchmarks/RESULTS.md.
 
 `pick(key, ways)` runs `ways` (name -> a function computing the layer), the first of which is the plain op. The
 first time a key is seen (large layers: on a slab of their input, TRIAL_PIXELS), every way runs once and then ROUNDS

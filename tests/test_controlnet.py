@@ -76,9 +76,13 @@ def test_tiny_matches_diffusers(tiny, scale, guess_mode):
             got = model(x, t, ctx, hint, conditioning_scale=scale, guess_mode=guess_mode)
             want = tiny(x, t, ctx, hint, conditioning_scale=scale, guess_mode=guess_mode, return_dict=False)
         assert_residuals(got, want)
-    with torch.no_grad():  # one hint for the whole batch
+    with torch.no_grad():  # one hint for the whole batch: the same up to the rounding that the other batch layout
+        # changes (the kernels differ by CPU), bounded by what diffusers itself shows for the same
         one = model(x, t, ctx, hint[:1], scale, guess_mode)
-        assert_residuals(one, model(x, t, ctx, hint[:1].expand_as(hint), scale, guess_mode), 1e-6)
+        kw = dict(conditioning_scale=scale, guess_mode=guess_mode, return_dict=False)
+        ref_one, ref_all = (tiny(x, t, ctx, h, **kw) for h in (hint[:1], hint[:1].expand_as(hint)))
+        noise = max((a - b).abs().max().item() for a, b in zip([*ref_one[0], ref_one[1]], [*ref_all[0], ref_all[1]]))
+        assert_residuals(one, model(x, t, ctx, hint[:1].expand_as(hint), scale, guess_mode), max(1e-6, 4 * noise))
     # guess mode: 13 residuals for SD 1.5 at 10 ** linspace(-1, 0); here 7, the mid block's at 1 x scale
     assert torch.logspace(-1, 0, 7)[0].item() == pytest.approx(0.1)
 

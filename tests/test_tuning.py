@@ -82,6 +82,32 @@ def test_a_long_layer_is_timed_twice_per_way_and_every_run_counts(tuned, monkeyp
     assert calls == ["plain", "fast"] * 2 and times == {"plain": [10, 0.5], "fast": [0.5, 10]}
 
 
+def test_unsettled_timings_get_more_rounds_until_two_runs_agree(tuned, monkeypatch):
+    """A way whose runs disagree (a first touch of fresh memory had slowed most runs of a product 5x) is run again,
+    alternating with the others, until its two best runs are within SETTLED of each other, at most MAX_ROUNDS rounds."""
+    ways, calls = counting({"plain": 1.0, "fast": 2.0})
+    runs = {"plain": iter([0.06, 0.18, 0.06, 0.06, 0.06]), "fast": iter([0.145, 0.155, 0.07, 0.03, 0.03])}
+    now, pending = [0.0], []
+
+    def clock():  # two readings per timed call: at the start nothing has run, at the end the call took its run
+        if len(calls) > len(pending):
+            pending.append(calls[-1])
+            now[0] += next(runs[calls[-1]])
+        return now[0]
+
+    monkeypatch.setattr(tuning.time, "perf_counter", clock)
+    # after the first run and ROUNDS rounds "fast" (0.145, 0.155, 0.07) would lose to "plain" (0.06): two more
+    assert tuning.pick("k", ways).item() == 2.0 and calls == ["plain", "fast"] * 5
+    assert not tuning._settled({"fast": [0.145, 0.155, 0.07]}) and tuning._settled({"a": [0.2, 0.03, 0.034]})
+    # a way that never settles stops at MAX_ROUNDS rounds
+    tuning.forget()
+    calls.clear()
+    flips = iter([0.01, 0.05] * 20)
+    monkeypatch.setattr(tuning.time, "perf_counter", lambda: 0.0 if len(calls) % 2 or not calls else next(flips))
+    tuning.pick("k2", ways)
+    assert len(calls) == 2 * (1 + tuning.MAX_ROUNDS)
+
+
 def test_the_machine_key_names_cpu_torch_and_threads():
     key = tuning.machine_key()
     assert cpu.cpu_model() in key and torch.__version__ in key
@@ -133,6 +159,7 @@ def test_the_kernels_digest_follows_the_kernels_code(monkeypatch, tmp_path):
 def test_memory_mode_writes_nothing_and_a_bad_file_is_ignored(tuned, monkeypatch):
     monkeypatch.setenv(tuning.ENV, "memory")
     ways, calls = counting({"plain": 1.0, "fast": 2.0})
+    fake_clock(monkeypatch, {"plain": 0.01, "fast": 0.02}, calls)
     tuning.pick("k", ways)
     assert not tuned.exists()
     monkeypatch.setenv(tuning.ENV, "on")
@@ -253,9 +280,10 @@ def test_trial_slab_is_the_first_rows_in_the_same_layout(monkeypatch):
     assert tuning.trial_slab(x[:, :, :8], 10_000) is None  # the slab would be the whole input
 
 
-def test_pick_with_a_trial_times_the_trial_and_runs_the_chosen_way_once(tuned):
+def test_pick_with_a_trial_times_the_trial_and_runs_the_chosen_way_once(tuned, monkeypatch):
     ways, calls = counting({"plain": 1.0, "fast": 2.0})
     trial, trial_calls = counting({"plain": 3.0, "fast": 4.0})
+    fake_clock(monkeypatch, {"plain": 0.01, "fast": 0.02}, trial_calls)
     out = tuning.pick("k", ways, trial)
     assert len(trial_calls) == 2 * (1 + tuning.ROUNDS) and len(calls) == 1
     assert out.item() == {"plain": 1.0, "fast": 2.0}[calls[0]]  # the whole input's result, by the chosen way
@@ -266,6 +294,7 @@ def test_a_large_conv2d_is_timed_on_a_slab_and_gives_the_convolution(tuned, monk
     monkeypatch.setenv(tuning.ENV, "memory")
     monkeypatch.setattr(tuning, "TRIAL_PIXELS", 256)
     monkeypatch.setattr(tuning, "decide", lambda times: list(times)[1])  # Winograd at stride 1, im2col at 2
+    monkeypatch.setattr(tuning, "MAX_ROUNDS", tuning.ROUNDS)  # (real timings: no extra rounds to count)
     gen = torch.Generator().manual_seed(0)
     conv = snn.Conv2d(256, 256, 3, stride=stride, padding=1)
     x = torch.randn(1, 256, 32, 20, generator=gen)

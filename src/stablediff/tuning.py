@@ -11,7 +11,8 @@ machine had it win; benchmarks/RESULTS.md.
 `pick(key, ways)` runs `ways` (name -> a function computing the layer), the first of which is the plain op. The
 first time a key is seen (large layers: on a slab of their input, TRIAL_PIXELS), every way runs once and then ROUNDS
 more times (once more for layers taking LONG or more: their timing is less noisy, and the timing is what makes a
-machine's first image slow), alternating; the fastest best run wins, but another way must take at most MARGIN of the
+machine's first image slow; up to MAX_ROUNDS times for the others while a way's two best runs disagree by more than
+SETTLED), alternating; the fastest best run wins, but another way must take at most MARGIN of the
 plain op's time to replace it, so that timing noise on a near tie keeps the plain op. The choice is remembered for
 the process and in `$XDG_CACHE_HOME/stablediff/kernels.json` under this machine's key (CPU model, a digest of its
 flags, torch version, a digest of the kernels' code, thread count), so a later process on the same machine starts
@@ -47,6 +48,10 @@ ENV = "STABLEDIFF_TUNING"
 MODES = ("on", "memory", "off")
 ROUNDS = 2  # timed runs per way after the first one (also timed: the best run counts)
 LONG = 0.1  # seconds: a layer whose plain op takes this long the first time gets one more run per way, not ROUNDS
+# a shorter layer gets more rounds, up to MAX_ROUNDS, while some way's two fastest runs differ by more than SETTLED:
+# a first touch of fresh memory (page faults) had made 2 of 3 runs of oneDNN's product 5x slower inside the first
+# 512x512 step (145 and 155 ms against 31), and a process kept the BLAS one at half oneDNN's speed
+SETTLED, MAX_ROUNDS = 1.15, 6
 MARGIN = 0.95  # another way replaces the plain op only at <= this fraction of its time
 MAX_ENTRIES = 4096  # choices written per machine (a key per layer shape: a few dozen per model and image size)
 # the code of the ways offered (nn.py's layers, winograd.py, cpu.py's probes and products) and of their timing
@@ -144,6 +149,11 @@ def decide(times: dict[str, list[float]]) -> str:
     return fastest if best[fastest] <= MARGIN * best[plain] else plain
 
 
+def _settled(times: dict[str, list[float]]) -> bool:
+    """Whether every way's two fastest runs are within SETTLED of each other."""
+    return all(sorted(t)[1] <= SETTLED * min(t) for t in times.values() if len(t) > 1)
+
+
 def trial_slab(x: torch.Tensor, out_pixels: int) -> torch.Tensor | None:
     """The first rows (dim 2) of x (N, C, H, W), in x's memory format, in the share that makes about TRIAL_PIXELS of
     the layer's `out_pixels` output pixels (at least TRIAL_MIN_ROWS rows, an even number), for timing a large
@@ -177,12 +187,15 @@ def pick(key: str, ways: dict[str, Callable], trial: dict[str, Callable] | None 
         except RuntimeError:  # a kernel that does not run for this shape here is not a choice (the plain op raises)
             if name == plain:
                 raise
-    for _ in range(ROUNDS if times[plain][0] < LONG else 1):
+    long = times[plain][0] >= LONG
+    rounds = 0
+    while rounds < (1 if long else ROUNDS) or (not long and rounds < MAX_ROUNDS and not _settled(times)):
         for name in times:
             way = timed[name]
             start = time.perf_counter()
             way()
             times[name].append(time.perf_counter() - start)
+        rounds += 1
     chosen = decide(times)
     with _lock:
         _table(machine)[key] = chosen

@@ -86,24 +86,28 @@ def test_unsettled_timings_get_more_rounds_until_two_runs_agree(tuned, monkeypat
     """A way whose runs disagree (a first touch of fresh memory had slowed most runs of a product 5x) is run again,
     alternating with the others, until its two best runs are within SETTLED of each other, at most MAX_ROUNDS rounds."""
     ways, calls = counting({"plain": 1.0, "fast": 2.0})
-    runs = {"plain": iter([0.06, 0.18, 0.06, 0.06, 0.06]), "fast": iter([0.145, 0.155, 0.07, 0.03, 0.03])}
-    now, pending = [0.0], []
 
-    def clock():  # two readings per timed call: at the start nothing has run, at the end the call took its run
-        if len(calls) > len(pending):
-            pending.append(calls[-1])
-            now[0] += next(runs[calls[-1]])
-        return now[0]
+    def clock_of(runs: dict):
+        """perf_counter as seen by tuning.pick: each call of a way takes its next run in `runs`."""
+        now, seen = [0.0], [0]
 
-    monkeypatch.setattr(tuning.time, "perf_counter", clock)
+        def clock():  # two readings per timed call: at the start nothing new has run, at the end the call has
+            if len(calls) > seen[0]:
+                seen[0] = len(calls)
+                now[0] += next(runs[calls[-1]])
+            return now[0]
+        return clock
+
+    monkeypatch.setattr(tuning.time, "perf_counter", clock_of(
+        {"plain": iter([0.06, 0.18, 0.06, 0.06, 0.06]), "fast": iter([0.145, 0.155, 0.07, 0.03, 0.03])}))
     # after the first run and ROUNDS rounds "fast" (0.145, 0.155, 0.07) would lose to "plain" (0.06): two more
     assert tuning.pick("k", ways).item() == 2.0 and calls == ["plain", "fast"] * 5
     assert not tuning._settled({"fast": [0.145, 0.155, 0.07]}) and tuning._settled({"a": [0.2, 0.03, 0.034]})
-    # a way that never settles stops at MAX_ROUNDS rounds
+    # a way that never settles (its best run 0.01, every other 0.05) stops at MAX_ROUNDS rounds
     tuning.forget()
     calls.clear()
-    flips = iter([0.01, 0.05] * 20)
-    monkeypatch.setattr(tuning.time, "perf_counter", lambda: 0.0 if len(calls) % 2 or not calls else next(flips))
+    monkeypatch.setattr(tuning.time, "perf_counter", clock_of(
+        {"plain": iter([0.01] + [0.05] * 20), "fast": iter([0.02] * 21)}))
     tuning.pick("k2", ways)
     assert len(calls) == 2 * (1 + tuning.MAX_ROUNDS)
 

@@ -187,15 +187,15 @@ def pick(key: str, ways: dict[str, Callable], trial: dict[str, Callable] | None 
         except RuntimeError:  # a kernel that does not run for this shape here is not a choice (the plain op raises)
             if name == plain:
                 raise
-    long = times[plain][0] >= LONG
-    rounds = 0
-    while rounds < (1 if long else ROUNDS) or (not long and rounds < MAX_ROUNDS and not _settled(times)):
+    least, most = (1, 1) if times[plain][0] >= LONG else (ROUNDS, MAX_ROUNDS)
+    for done in range(most):
+        if done >= least and _settled(times):
+            break
         for name in times:
             way = timed[name]
             start = time.perf_counter()
             way()
             times[name].append(time.perf_counter() - start)
-        rounds += 1
     chosen = decide(times)
     with _lock:
         _table(machine)[key] = chosen

@@ -224,6 +224,20 @@ def test_compile_keeps_the_image(tiny_model_dir):
     assert ((a.latents - b.latents).norm() / b.latents.norm()).item() < 1e-4
 
 
+@pytest.mark.slow
+def test_compile_runs_a_convolution_that_eager_runs_by_winograd():
+    """SD 1.5's wide layers take Winograd (or another way of ours) in eager mode; inductor cannot trace those into
+    its graph (it raised on Winograd's out= add), so a compiled model runs torch's own convolution."""
+    pytest.importorskip("torch._inductor")
+    conv = Conv2d(128, 128, 3, padding=1)
+    x = torch.randn(1, 128, 96, 96, generator=torch.Generator().manual_seed(0))
+    assert winograd.applies(conv, x)  # eager's fixed rule takes Winograd here
+    with torch.no_grad():
+        want = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        got = torch.compile(conv, dynamic=False)(x)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
 def test_release_drops_mapped_weights_from_memory_but_never_a_change_written_to_them(tiny_model_dir):
     from stablediff import weights
 

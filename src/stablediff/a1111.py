@@ -307,6 +307,18 @@ def _seeds(generator) -> int | list[int]:
     return generator.initial_seed()
 
 
+def _query(tree, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+    """tree(t0, t1) with both times clamped into the tree's own interval first, as torchsde clamps them, so the
+    noise is the same. torchsde keeps the interval's ends rounded (sigma_min 0.0291675... became 0.029168), so a
+    step to the lowest or from the highest sigma fell just outside, and each such query warned "Should have
+    ta>=t0 ..." (a CLI user saw it as our warning); a torchsde without these attributes is queried as given."""
+    interval = getattr(tree, "_interval", None)
+    start, end = getattr(interval, "_start", None), getattr(interval, "_end", None)
+    if not isinstance(start, float) or not isinstance(end, float):
+        return tree(t0, t1)
+    return tree(min(max(float(t0), start), end), min(max(float(t1), start), end))
+
+
 class BrownianNoise:
     """Unit-variance noise for a step sigma -> sigma_next from a Brownian motion over [sigma_min, sigma_max], as
     k-diffusion's `BrownianTreeNoiseSampler` (one `torchsde.BrownianTree` per image when given a generator per
@@ -328,6 +340,6 @@ class BrownianNoise:
     def __call__(self, sigma, sigma_next) -> torch.Tensor:
         # the trees run from sigma_min up to sigma_max; a step goes down, so the increment changes sign
         t0, t1 = torch.as_tensor(sigma_next).float().cpu(), torch.as_tensor(sigma).float().cpu()
-        w = torch.stack([tree(t0, t1) for tree in self.trees]) * -1
+        w = torch.stack([_query(tree, t0, t1) for tree in self.trees]) * -1
         w = w if self.batched else w[0]
         return (w / (t1 - t0).abs().sqrt()).to(self.device)

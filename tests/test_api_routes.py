@@ -266,6 +266,31 @@ def test_a1111_img2img_tests(port):
     assert r.status_code == 422 and "script 'sd upscale' is not available" in r.json()["detail"]
 
 
+def test_img2img_resizes_init_and_mask_by_resize_mode(port):
+    """A1111 brings the init image and mask to width x height by resize_mode (0 just resize, 1 crop and resize,
+    2 resize and fill). An 80x64 init image and mask asked at 64x64 was refused (422: the mask was compared with
+    the init image already resized); each mode now gives the image that the same request gives with the init image
+    brought to 64x64 that way beforehand, and mode 3 (latent upscale) is refused naming it."""
+    from stablediff.images import resize_init
+
+    y, x = np.mgrid[0:64, 0:80]
+    init = Image.fromarray(np.stack([x * 3, y * 4, (x + y) * 2], -1).astype(np.uint8))
+    mask = Image.new("L", (80, 64), 0)
+    mask.paste(255, (8, 16, 48, 48))
+    base = {**SMALL, "prompt": "a boat", "denoising_strength": 0.6}
+    results = {}
+    for mode in (0, 1, 2):
+        body, _ = _generate(port, "img2img", **base, init_images=[_b64(init)], resize_mode=mode)
+        ref, _ = _generate(port, "img2img", **base, init_images=[_b64(resize_init(init, 64, 64, mode))])
+        results[mode] = _pixels(body["images"][0])
+        assert np.array_equal(results[mode], _pixels(ref["images"][0])), mode
+        masked = _post(port, "img2img", {**base, "init_images": [_b64(init)], "mask": _b64(mask), "resize_mode": mode})
+        assert masked.status_code == 200, masked.text
+    assert not np.array_equal(results[0], results[1]) and not np.array_equal(results[1], results[2])
+    r = _post(port, "img2img", {**base, "init_images": [_b64(init)], "resize_mode": 3})
+    assert r.status_code == 422 and "resize_mode 3 is not one of 0 (Just resize)" in r.text, r.text
+
+
 def test_a1111_txt2img_tests(port):
     """A1111's test_txt2img.py simple_txt2img_request and its variations pass, hires fix included."""
     request = {"batch_size": 1, "cfg_scale": 7, "denoising_strength": 0, "enable_hr": False, "eta": 0,

@@ -162,6 +162,27 @@ def test_img2img_and_inpaint_cli(tiny_model_dir, tmp_path):
     assert r.returncode == 2 and "in.png.nope" in r.stderr
 
 
+def test_cli_resize_mode_fits_the_init_image_as_a1111(tiny_model_dir, tmp_path):
+    """--resize-mode crop-and-resize: an 80x64 init image asked at 64x64 gives the image that the init image cropped
+    beforehand (images.resize_init, A1111's mode 1) gives; a mode we do not have is a one-line usage error."""
+    from stablediff.images import resize_init
+
+    picture(80, 64).save(tmp_path / "wide.png")
+    resize_init(picture(80, 64), 64, 64, 1).save(tmp_path / "cropped.png")
+    out = tmp_path / "out"
+    common = ["a cat", "--model", tiny_model_dir, "--steps", "3", "--seed", "3", "--width", "64", "--height", "64",
+              "--output-dir", out, "--quiet"]
+    for name, extra in (("wide.png", ["--resize-mode", "crop-and-resize"]), ("cropped.png", []),
+                        ("wide.png", [])):
+        r = run_cli("img2img", *common, "--init-image", tmp_path / name, *extra, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    crop, ref, stretch = (np.asarray(Image.open(f)) for f in sorted(out.glob("*.png")))
+    assert np.array_equal(crop, ref) and not np.array_equal(crop, stretch)
+    r = run_cli("img2img", *common, "--init-image", tmp_path / "wide.png", "--resize-mode", "3", cwd=tmp_path)
+    assert r.returncode == 2 and "--resize-mode: '3' is not one of just-resize" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("sampler,pure", [("Euler", False), ("DPM++ 2M", False), ("euler", True)])
 def test_full_strength_inpainting_start(pipe, sampler, pure):
     """At strength 1 diffusers' inpainting starts from pure noise; A1111's noises the init latents to sigma_max, as

@@ -221,6 +221,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     i2i.add_argument("--init-image", required=True, type=Path, metavar="IN.png", help="the starting image")
     i2i.add_argument("--strength", type=float, default=0.75, metavar="S",
                      help="how much to change it, in (0, 1] (default: 0.75)")
+    add_resize_mode_option(i2i)
     add_generation_options(i2i)
     add_preview_options(i2i)
     i2i.set_defaults(func=cmd_img2img, mask=None, pad=None)
@@ -238,6 +239,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                           "multiples of 8; --mask, if given, is padded with white")
     inp.add_argument("--strength", type=float, default=1.0, metavar="S",
                      help="how much to change the masked area, in (0, 1] (default: 1.0)")
+    add_resize_mode_option(inp)
     add_generation_options(inp)
     add_preview_options(inp)
     inp.set_defaults(func=cmd_img2img)
@@ -479,6 +481,27 @@ def check_image_args(args: argparse.Namespace) -> tuple[int, int]:
     return size if args.pad is None else _padded_size(args, size)
 
 
+def add_resize_mode_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resize-mode", type=resize_mode_arg, default=0, metavar="MODE",
+                        help="how an init image (and mask) of another aspect ratio than --width x --height is "
+                             "brought to that size, as A1111's resize mode: just-resize (stretch; the default), "
+                             "crop-and-resize (cover and crop the middle), resize-and-fill (fit inside and fill "
+                             "the rest from its edges); or 0, 1, 2")
+
+
+def resize_mode_arg(value: str) -> int:
+    """--resize-mode: an A1111 resize mode by name (any case, spaces or hyphens) or number -> 0, 1 or 2."""
+    from .images import RESIZE_MODES
+
+    names = [n.lower().replace(" ", "-") for n in RESIZE_MODES]
+    key = value.strip().lower().replace(" ", "-")
+    if key in names:
+        return names.index(key)
+    if key in ("0", "1", "2"):
+        return int(key)
+    raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(names)} (or 0, 1, 2)")
+
+
 def pad_arg(value: str) -> tuple[int, int, int, int]:
     """`--pad L,R,T,B` or `--pad N` (every side) -> (left, right, top, bottom), checked (images.check_pad)."""
     from .images import check_pad
@@ -715,9 +738,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_img2img(args: argparse.Namespace) -> int:
     """img2img, and inpaint when --mask is given; --pad outpaints (images.outpaint_images)."""
-    check_generation_args(args, default_size=check_image_args(args))
+    default_size = check_image_args(args)
+    check_generation_args(args, default_size=default_size)
     check_preview_args(args)
     init, mask = (args.init_image, args.mask) if args.pad is None else _outpaint_images(args)
+    if args.resize_mode:
+        init, mask = _resized_images(init, mask, (args.width or default_size[0], args.height or default_size[1]),
+                                     args.resize_mode)
     pipe = load_model(args)
     result = run_pipeline(pipe, args, init_image=init, mask_image=mask)
     save_results(result, args.output_dir)
@@ -736,6 +763,24 @@ def _outpaint_images(args: argparse.Namespace):
     except ValueError as e:
         raise UsageError(str(e)) from None
     return outpaint_images(init, pad_arg(args.pad), mask)
+
+
+def _resized_images(init, mask, size: tuple[int, int], mode: int):
+    """--resize-mode 1 or 2: the init image and mask (paths or images) brought to `size` that way
+    (images.resize_init), before the model loads; the pipeline would stretch them (mode 0)."""
+    from PIL import Image
+
+    from .images import check_mask_size, open_image, resize_init
+
+    try:
+        init = open_image(init)
+        mask = None if mask is None else open_image(mask).convert("L")
+        if mask is not None and mask.size != init.size:
+            check_mask_size(mask.size, init.size)
+            mask = mask.resize(init.size, resample=Image.Resampling.LANCZOS)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return resize_init(init.convert("RGB"), *size, mode), None if mask is None else resize_init(mask, *size, mode)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

@@ -453,6 +453,42 @@ def init_size(image_size: tuple[int, int], width: int | None, height: int | None
     return size
 
 
+# AUTOMATIC1111's img2img resize modes (its `resize_mode` 0, 1, 2; its 3, "Just resize (latent upscale)", resizes
+# the encoded latents instead, which we do not do)
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")
+
+
+def resize_init(image: Image.Image, width: int, height: int, mode: int = 0) -> Image.Image:
+    """An init image or mask brought to width x height by A1111's img2img resize mode (Lanczos throughout, in the
+    image's own mode):
+    0, just resize: stretched to the size.
+    1, crop and resize: scaled to cover the size (the scaled side's length floored), the middle kept.
+    2, resize and fill: scaled to fit inside, centred, and the bands left over filled with the scaled image's
+    edge rows (or columns) stretched across them, as A1111 fills them (Pillow's resize of the edge's zero-wide box).
+    Both scaled sides are as A1111 computes them, so the same init image gives the same pixels."""
+    if mode not in range(len(RESIZE_MODES)):
+        raise ValueError(f"resize mode {mode!r} is not one of 0 ({RESIZE_MODES[0]}), 1 ({RESIZE_MODES[1]}), "
+                         f"2 ({RESIZE_MODES[2]})")
+    lanczos = Image.Resampling.LANCZOS
+    if mode == 0 or image.size == (width, height):
+        return image if image.size == (width, height) else image.resize((width, height), resample=lanczos)
+    w, h = image.size
+    wider = width * h > w * height  # the target is wider than the image (compared exactly, not by float ratios)
+    covers = wider if mode == 1 else not wider  # scale to the width (else to the height)
+    scaled_w, scaled_h = (width, h * width // w) if covers else (w * height // h, height)
+    scaled = image.resize((scaled_w, scaled_h), resample=lanczos)
+    out = Image.new(image.mode, (width, height))
+    left, top = width // 2 - scaled_w // 2, height // 2 - scaled_h // 2
+    out.paste(scaled, (left, top))  # (mode 1: a negative offset crops the middle)
+    if mode == 2 and top > 0:  # bands above and below
+        out.paste(scaled.resize((width, top), lanczos, box=(0, 0, width, 0)), (0, 0))
+        out.paste(scaled.resize((width, top), lanczos, box=(0, scaled_h, width, scaled_h)), (0, top + scaled_h))
+    elif mode == 2 and left > 0:  # bands left and right
+        out.paste(scaled.resize((left, height), lanczos, box=(0, 0, 0, height)), (0, 0))
+        out.paste(scaled.resize((left, height), lanczos, box=(scaled_w, 0, scaled_w, height)), (left + scaled_w, 0))
+    return out
+
+
 def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
     """An inpainting mask must be the init image's size, or its aspect ratio (within 1%; then it is resized, with
     a one-line warning). Another aspect ratio is refused (ValueError naming both sizes): stretched, the mask would

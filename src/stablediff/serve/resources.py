@@ -1,6 +1,7 @@
 """What `stablediff serve` lists besides models, in AUTOMATIC1111's shapes: LoRAs (--lora-dir), textual-inversion
-embeddings (--embeddings-dir), VAE files (--vae-dir), prompt styles (--styles-file) and the latent upscale modes;
-and the look-ups that turn a name a client sends (sd_vae, styles) into what the job uses.
+embeddings (--embeddings-dir), VAE files (--vae-dir), prompt styles (--styles-file), the latent upscale modes and
+the memory in use (/memory); and the look-ups that turn a name a client sends (sd_vae, styles) into what the job
+uses.
 
 Folders are read on every request, so a file dropped in shows at once (the refresh routes have nothing to do).
 Files are named relative to their folder, never by the server's paths, and a link that leads out of its folder is
@@ -136,3 +137,39 @@ def chosen_styles(names: list[str], styles: dict[str, Style]) -> list[Style]:
             have = weights.few(list(styles), 8) if styles else "none: the server has no --styles-file"
             raise ClientError(422, f"styles: no style named {name!r} (styles: {have})")
     return [styles[name] for name in names]
+
+
+# --- memory (/memory) -----------------------------------------------------------------------------------------------
+
+def ram_memory(meminfo: Path = Path("/proc/meminfo"), statm: Path = Path("/proc/self/statm")) -> dict:
+    """A1111's /memory "ram", in bytes: total (the machine's MemTotal), used (this server process's resident
+    memory, which is what A1111 reports as used) and free (MemAvailable: what the system can still give without
+    swapping; A1111 reports total - used, which counts every other process's memory as free). Read from /proc, so
+    Linux only: elsewhere {"error": ...}, as A1111 answers when it cannot read them."""
+    try:
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        total, free = (int(fields[name].split()[0]) * 1024 for name in ("MemTotal", "MemAvailable"))  # "N kB"
+        used = int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident pages
+    except (OSError, KeyError, IndexError, ValueError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"free": free, "used": used, "total": total}
+
+
+def cuda_memory(device) -> dict:
+    """A1111's /memory "cuda" for a torch.device: the GPU's free/used/total bytes ("system", every process's use)
+    and this process's allocator counters (current and peak bytes; allocation retries and out-of-memory events).
+    {"error": "unavailable"} when the server does not run on a CUDA device, as A1111 answers without CUDA."""
+    import torch
+
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return {"error": "unavailable"}
+    free, total = torch.cuda.mem_get_info(device)
+    stats = torch.cuda.memory_stats(device)  # {} before the first allocation
+
+    def counter(name: str) -> dict:
+        return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+    return {"system": {"free": free, "used": total - free, "total": total}, "active": counter("active_bytes"),
+            "allocated": counter("allocated_bytes"), "reserved": counter("reserved_bytes"),
+            "inactive": counter("inactive_split_bytes"),
+            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}

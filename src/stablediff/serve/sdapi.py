@@ -149,9 +149,18 @@ class Txt2ImgRequest(RequestModel):
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(min_length=1, max_length=1)
     denoising_strength: Number = Field(0.75, gt=0, le=1, allow_inf_nan=False)
-    mask: str | None = None  # white = repaint
+    mask: str | None = None  # white = repaint; an RGBA mask with transparency: its alpha marks the area
     inpainting_mask_invert: Flag = 0
     include_init_images: bool = False
+    resize_mode: Int = 0  # A1111's: init image and mask to width x height (images.resize_init)
+
+    @field_validator("resize_mode")
+    @classmethod
+    def _resize_mode(cls, mode: int) -> int:
+        if mode not in range(len(images.RESIZE_MODES)):
+            modes = ", ".join(f"{i} ({name})" for i, name in enumerate(images.RESIZE_MODES))
+            raise ValueError(f"resize_mode {mode} is not one of {modes}; 3 (latent upscale) is not supported")
+        return mode
 
 
 class PngInfoRequest(BaseModel):
@@ -323,15 +332,31 @@ def native_params(req: Txt2ImgRequest, params: GenerationParams, limits: Limits,
 
 def fitted_images(req: Txt2ImgRequest, params: GenerationParams, init: Image.Image | None,
                   mask: Image.Image | None) -> tuple[Image.Image | None, Image.Image | None]:
-    """The init image as RGB at the output size (A1111's resize mode 0), and the mask inverted where asked."""
+    """The init image and mask as A1111's img2img prepares them: the init image flattened onto white (its default
+    img2img background colour), the mask made black and white (A1111's binary mask: an RGBA mask with transparency
+    is its alpha, else its gray, white over 128) and inverted where asked; both brought to the output size by the
+    request's resize_mode (images.resize_init), after the mask is checked against the init image's own size."""
     if init is None:
         return None, None
+    if init.mode == "RGBA":
+        white = Image.new("RGBA", init.size, (255, 255, 255, 255))
+        white.paste(init, mask=init)
+        init = white
     init = init.convert("RGB")
-    if init.size != (params.width, params.height):
-        init = init.resize((params.width, params.height), resample=Image.Resampling.LANCZOS)
-    if mask is not None and req.inpainting_mask_invert:
-        mask = ImageOps.invert(mask.convert("L"))
-    return init, mask
+    size, mode = (params.width, params.height), getattr(req, "resize_mode", 0)
+    if mask is not None:
+        try:
+            images.check_mask_size(mask.size, init.size)
+        except ValueError as e:
+            raise ClientError(422, str(e)) from None
+        alpha = mask.mode == "RGBA" and mask.getextrema()[3][0] < 255
+        mask = (mask.getchannel("A") if alpha else mask.convert("L")).point(lambda v: 255 if v > 128 else 0)
+        if req.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        if mask.size != init.size:  # (the same aspect ratio: check_mask_size)
+            mask = mask.resize(init.size, resample=Image.Resampling.LANCZOS)
+        mask = images.resize_init(mask, *size, mode)
+    return images.resize_init(init, *size, mode), mask
 
 
 def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int,
@@ -415,13 +440,15 @@ def response_info(job: Job, pipe: StableDiffusion, params: GenerationParams, n_i
 
 NO_UPSCALER = "None"
 LISTED_SCALE = 4  # the scale A1111 lists for its model-free upscalers
+MAX_EXTRAS_IMAGES = 16  # images in one /extra-batch-images request (A1111 sets none): each is upscaled up to
+# --max-pixels and sent back as a PNG in one JSON answer; a client with more sends more requests
 
 
-class ExtrasSingleImageRequest(RequestModel):
-    """A1111's /extra-single-image request. Only upscaling by a factor (resize_mode 0) with upscaler_1 is done;
-    the other features are refused when asked for, not left out silently."""
+class ExtrasRequest(RequestModel):
+    """A1111's extras options (its ExtrasBaseRequest), shared by /extra-single-image and /extra-batch-images. Only
+    upscaling by a factor (resize_mode 0) with upscaler_1 is done; the other features are refused when asked for,
+    not left out silently. `inputs` says which images a request brings."""
 
-    image: str
     resize_mode: Int = Field(0, ge=0, le=1)  # 0: by upscaling_resize; 1 (to a width and height) is refused
     show_extras_results: bool = True
     gfpgan_visibility: Number = Field(0, ge=0, le=1, allow_inf_nan=False)
@@ -435,6 +462,36 @@ class ExtrasSingleImageRequest(RequestModel):
     upscaler_2: str = NO_UPSCALER
     extras_upscaler_2_visibility: Number = Field(0, ge=0, le=1, allow_inf_nan=False)
     upscale_first: bool = False
+
+    def inputs(self) -> list[tuple[str, str]]:
+        """(field name, as errors name it; base64 image) of each image to work on, in order."""
+        raise NotImplementedError
+
+
+class ExtrasSingleImageRequest(ExtrasRequest):
+    """A1111's /extra-single-image request: one image."""
+
+    image: str
+
+    def inputs(self) -> list[tuple[str, str]]:
+        return [("image", self.image)]
+
+
+class FileData(RequestModel):
+    """One image of /extra-batch-images. A1111 takes the name for the files it saves; the API saves none, so it is
+    unused (and may be left out)."""
+
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasRequest):
+    """A1111's /extra-batch-images request: the same work on each image of imageList (at most MAX_EXTRAS_IMAGES)."""
+
+    imageList: list[FileData] = Field(max_length=MAX_EXTRAS_IMAGES)
+
+    def inputs(self) -> list[tuple[str, str]]:
+        return [(f"imageList[{i}].data", item.data) for i, item in enumerate(self.imageList)]
 
 
 def upscaler_list(folder: Path | None) -> list[dict]:
@@ -466,9 +523,10 @@ def upscaler_source(name: str, folder: Path | None) -> str | Path:
     return models[name]
 
 
-def check_extras(req: ExtrasSingleImageRequest, limits: Limits, folder: Path | None) -> tuple[Image.Image, str | Path]:
-    """An extras request checked before it is queued -> (its image, its upscaler: upscaler_source's). What we do
-    not offer (resize to a size, face restoration, a second upscaler) and an output over --max-pixels: 422."""
+def check_extras(req: ExtrasRequest, limits: Limits, folder: Path | None) -> tuple[list[Image.Image], str | Path]:
+    """An extras request checked before it is queued -> (its images, its upscaler: upscaler_source's). What we do
+    not offer (resize to a size, face restoration, a second upscaler) and an output over --max-pixels: 422, naming
+    the image."""
     if req.resize_mode != 0:
         raise ClientError(422, "resize_mode 1 (to a width and height) is not supported; use resize_mode 0 and "
                                "upscaling_resize")
@@ -477,23 +535,45 @@ def check_extras(req: ExtrasSingleImageRequest, limits: Limits, folder: Path | N
     if req.upscaler_2 != NO_UPSCALER and req.extras_upscaler_2_visibility:
         raise ClientError(422, "upscaler_2: a second upscaler is not supported")
     source = upscaler_source(req.upscaler_1, folder)
-    image = decode_image(req.image, "image")
+    return [extras_image(data, name, req.upscaling_resize, source, limits) for name, data in req.inputs()], source
+
+
+def extras_image(data: str, name: str, scale: float, source: str | Path, limits: Limits) -> Image.Image:
+    """One base64 image of an extras request, decoded; ClientError (422) naming the field `name` if it is no image
+    or would be upscaled over --max-pixels."""
+    image = decode_image(data, name)
     if source != NO_UPSCALER:
         try:
-            width, height = upscalers.target_size(image.size, req.upscaling_resize)
-            limits.check("max_pixels", f"upscaled size {width}x{height} =", width * height)
+            width, height = upscalers.target_size(image.size, scale)
+            limits.check("max_pixels", f"{name}: upscaled size {width}x{height} =", width * height)
         except ValueError as e:  # a LimitError too
             raise ClientError(422, str(e)) from None
-    return image, source
+    return image
 
 
-def extras(req: ExtrasSingleImageRequest, image: Image.Image, source: str | Path) -> dict:
-    """Run an extras request (check_extras's image and upscaler) on the worker thread: {"html_info", "image"} as
-    A1111 answers, the PNG keeping the source's generation parameters."""
-    parameters, info = image.info.get("parameters"), None
+def extras(job: Job, req: ExtrasRequest, pictures: list[Image.Image], source: str | Path) -> dict:
+    """Run an extras request (check_extras's images and upscaler) on the worker thread: {"html_info", "images"}
+    as A1111's /extra-batch-images answers (/extra-single-image sends the one image as "image"), each PNG keeping
+    its source's generation parameters. The upscaler model is loaded once for all images; job.job_no counts the
+    images done (for /progress), and a stopped job (/interrupt) stops before its next image and answers with the
+    images done, as A1111's batch loop does."""
+    upscaler, info = None, None
     if source != NO_UPSCALER:
         upscaler = source if isinstance(source, str) else upscalers.load_upscaler(source)
-        image = upscalers.upscale(image, req.upscaling_resize, upscaler)
         info = upscalers.postprocess_info(req.upscaling_resize, req.upscaler_1)
-    data = upscalers.png_bytes(image, parameters, info)
-    return {"html_info": f"<p>{html.escape(info or '')}</p>", "image": base64.b64encode(data).decode("ascii")}
+    done = []
+    for i, image in enumerate(pictures):
+        if job.stopped:
+            break
+        job.job_no = i
+        done.append(upscaled_png(image, req.upscaling_resize, upscaler, info))
+    return {"html_info": f"<p>{html.escape(info or '')}</p>", "images": done}
+
+
+def upscaled_png(image: Image.Image, scale: float, upscaler, info: str | None) -> str:
+    """`image` upscaled by `upscaler` (a RESAMPLERS name or a loaded model; None: as it is), as a base64 PNG with
+    the source's `parameters` and the postprocessing `info`."""
+    parameters = image.info.get("parameters")
+    if upscaler is not None:
+        image = upscalers.upscale(image, scale, upscaler)
+    return base64.b64encode(upscalers.png_bytes(image, parameters, info)).decode("ascii")

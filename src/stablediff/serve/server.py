@@ -3,12 +3,14 @@
     stablediff serve --models-dir models --port 7860          # then open http://127.0.0.1:7860/
 
 Endpoints, with A1111's field names and defaults: POST /sdapi/v1/txt2img, /img2img, /interrupt, /skip, /options,
-/png-info, /extra-single-image, /refresh-checkpoints, /refresh-loras, /refresh-vae, /refresh-embeddings; GET
-/sdapi/v1/progress, /samplers, /schedulers, /sd-models, /options, /scripts, /upscalers, /embeddings, /loras,
-/sd-vae, /prompt-styles, /latent-upscale-modes; sd-webui-controlnet's GET /controlnet/version, /model_list,
-/module_list, /settings and POST /controlnet/detect (controlnet_api.py); GET / (the web page, static/index.html).
-The lists beyond models (resources.py) read their folders on every request, so the refresh routes but
-refresh-embeddings (which loads --embeddings-dir into the model again, in queue order) have nothing to do.
+/png-info, /extra-single-image, /extra-batch-images, /refresh-checkpoints, /refresh-loras, /refresh-vae,
+/refresh-embeddings; GET /sdapi/v1/progress, /samplers, /schedulers, /sd-models, /options, /cmd-flags, /memory,
+/scripts, /script-info, /upscalers, /realesrgan-models, /face-restorers, /hypernetworks, /extensions, /embeddings,
+/loras, /sd-vae, /prompt-styles, /latent-upscale-modes; GET /internal/ping ({}: clients ping it to see the server
+is up); sd-webui-controlnet's GET /controlnet/version, /model_list, /module_list, /settings and POST
+/controlnet/detect (controlnet_api.py); GET / (the web page, static/index.html). The lists beyond models
+(resources.py) read their folders on every request, so the refresh routes but refresh-embeddings (which loads
+--embeddings-dir into the model again, in queue order) have nothing to do.
 
 How a request runs. The route validates it (types and ranges by pydantic; sampler, size, the work asked for and
 the prompts' length by sdapi.check_request against the server's `Limits`, in a thread, as is decoding images),
@@ -24,12 +26,24 @@ the body cap, the read deadline).
 
 Decisions a client may notice:
 - null in a request means "the default"; fields we do not know are ignored, and so are A1111 fields we do not
-  implement (mask_blur, inpainting_fill, inpaint_full_res, resize_mode, restore_faces); a hires upscaler that is
+  implement (mask_blur, inpainting_fill, inpaint_full_res, restore_faces); a hires upscaler that is
   not a latent mode, Lanczos, Nearest or a model in --upscaler-dir, a `script_name` and `alwayson_scripts` entries
   other than "controlnet" (no other scripts run here) are refused (422, naming them) rather than silently left out.
 - ControlNet: alwayson_scripts.controlnet units as sd-webui-controlnet takes them, their models from
   --controlnet-dir (controlnet_api.py says what differs). inpainting_mask_invert
   takes 0/1 or true/false, as clients send both.
+- what this server has not is listed as such: /face-restorers, /hypernetworks and /extensions answer [] (no face
+  restoration, no hypernetworks; ControlNet's routes are built in, not an extension); /script-info has the one
+  script /scripts names (controlnet, always on, once for txt2img and once for img2img, its units described by
+  controlnet_api.py rather than as A1111's UI arguments); /realesrgan-models lists the --upscaler-dir models (the two
+  networks Real-ESRGAN's models use, each usable as upscaler_1), not A1111's built-in downloads.
+- /cmd-flags: only the A1111 flags with a counterpart here (cmd_flags), never --api-auth (A1111 sends the password)
+  nor the folders (no answer shows the server's paths). /memory: "ram" is the machine's total, MemAvailable as free
+  and this process's resident memory as used; "cuda" A1111's GPU figures when the server runs on CUDA, else
+  {"error": "unavailable"} (resources.ram_memory, cuda_memory).
+- extras: /extra-batch-images takes at most MAX_EXTRAS_IMAGES images (422 beyond); each is checked as
+  /extra-single-image's one (upscaler, --max-pixels) before the job is queued, and an interrupt answers with the
+  images done.
 - styles: names from --styles-file (A1111's styles.csv), applied to the prompt and negative prompt in the order
   given (A1111's rule: into a style's {prompt}, else appended after ", "); the infotext and info show the styled
   prompts, `parameters` the request as sent. An unknown name is a 422.
@@ -40,7 +54,9 @@ Decisions a client may notice:
 - skip (A1111's /skip): the running job's current iteration (n_iter) is dropped and the next one runs; the answer
   has the images of the other iterations and info.interrupted false. A skip between two iterations is dropped.
 - width/height left out mean the model's native size (txt2img) or the init image's (img2img); an init image of
-  another size is resized to width x height (A1111's resize mode 0).
+  another size and its mask are brought to width x height by resize_mode as A1111 does (0 just resize, 1 crop and
+  resize, 2 resize and fill; 3, a latent upscale, is refused), a transparent init image flattened onto white, an
+  RGBA mask with transparency read by its alpha (sdapi.fitted_images).
 - scheduler: "automatic" (the sampler name's own schedule: karras for "DPM++ 2M Karras") or "karras".
 - limits (`stablediff serve --max-pixels --max-batch-pixels --max-steps --max-images --max-work
   --max-prompt-tokens`, defaults from limits.Limits): a request over one is refused before it is queued, in
@@ -96,12 +112,14 @@ from .. import __version__, images, malloc, samplers
 from .guards import BasicAuth, BodyLimit, HostCheck, PostGuard, read_timeout_protocol
 from ..limits import NATIVE_SIZE, Limits
 from ..pipeline import Cancelled, StableDiffusion, resolve_device
-from .sdapi import (SCHEDULERS, SETTINGS, ExtrasSingleImageRequest, Img2ImgRequest, OverrideSettings,
-                    PngInfoRequest, Txt2ImgRequest, check_extras, check_prompt_length, check_request, decode_image,
-                    extras, generate, preview_png, upscaler_list)
+from .sdapi import (CONTROLNET_SCRIPT, SCHEDULERS, SETTINGS, ExtrasBatchImagesRequest, ExtrasRequest,
+                    ExtrasSingleImageRequest, Img2ImgRequest, OverrideSettings, PngInfoRequest, Txt2ImgRequest,
+                    check_extras, check_prompt_length, check_request, decode_image, extras, generate, preview_png,
+                    upscaler_list)
 from .controlnet_api import (API_VERSION, MAX_UNITS, DetectRequest, check_detect, detect, model_list,
                              module_list, request_controls)
-from .resources import LATENT_UPSCALE_MODES, embedding_list, lora_list, style_list, vae_list, vae_source
+from .resources import (LATENT_UPSCALE_MODES, cuda_memory, embedding_list, lora_list, ram_memory, style_list,
+                        vae_list, vae_source)
 from .worker import Catalog, ClientError, Job, ModelEntry, Worker, startup_model
 from ..styles import read_styles
 
@@ -110,6 +128,8 @@ log = logging.getLogger("stablediff.serve.server")
 STATIC = Path(__file__).parent.parent / "static"
 MAX_BODY_BYTES = 50 * 2**20
 DISCONNECT_POLL_S = 0.5
+ALWAYSON_SCRIPTS = (CONTROLNET_SCRIPT,)  # the scripts requests may name (A1111's are per tab; ours run in both)
+SCRIPT_TABS = ("txt2img", "img2img")
 
 
 @dataclass(frozen=True)
@@ -145,16 +165,31 @@ class ServeConfig:
         return (*own, *self.allowed_hosts)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a --host value binds this machine only (localhost or a loopback address); "0.0.0.0", "" and a
+    network address or name do not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def bind_warning(host: str, api_auth: str | None) -> str | None:
     """The warning to print when the server would be reachable from other machines without a password."""
-    if api_auth or host == "localhost":
+    if api_auth or is_loopback(host):
         return None
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:
-        pass
     return f"--host {host} without --api-auth: anyone who can reach this address can use the server"
+
+
+def cmd_flags(config: ServeConfig) -> dict:
+    """A1111's /cmd-flags, kept to the flags with a counterpart here, by A1111's names with this server's values
+    (A1111 sends all of its own). Left out on purpose: --api-auth, whose value is the password (A1111 sends it),
+    and the folders (ckpt_dir, lora_dir, embeddings_dir, vae_dir ...), as no answer shows the server's paths."""
+    return {"api": True, "listen": not is_loopback(config.host), "server_name": config.host, "port": config.port,
+            "cors_allow_origins": ",".join(config.cors_origins) or None, "timeout_keep_alive": config.keep_alive,
+            "api_server_stop": False}  # no /server-kill, /server-restart, /server-stop here
 
 
 # --- what clients see of errors -----------------------------------------------------------------------------------
@@ -428,17 +463,83 @@ async def upscalers(request: Request):
     return await asyncio.to_thread(upscaler_list, request.app.state.config.upscaler_dir)
 
 
+@router.get("/sdapi/v1/realesrgan-models")
+async def realesrgan_models(request: Request):
+    return await asyncio.to_thread(realesrgan_list, request.app.state.config.upscaler_dir)
+
+
+def realesrgan_list(folder: Path | None) -> list[dict]:
+    """A1111's /realesrgan-models: the models of /upscalers (--upscaler-dir; RRDBNet and SRVGGNetCompact, the
+    networks Real-ESRGAN's models use, though an ESRGAN-era RRDBNet is listed too): name (what upscaler_1 takes),
+    path (relative to the folder, never the server's) and scale. A1111 lists its built-in R-ESRGAN downloads; this
+    server downloads none, so without the folder the list is empty."""
+    return [{"name": row["name"], "path": row["model_path"], "scale": row["scale"]}
+            for row in upscaler_list(folder) if row["model_path"] is not None]
+
+
+async def run_extras(req: ExtrasRequest, request: Request) -> dict:
+    """An extras request checked (sdapi.check_extras, in a thread), then run as a job in queue order (sdapi.extras):
+    {"html_info", "images"}. A shutdown that stopped it before its last image is a 503, as for generations."""
+    config = request.app.state.config
+    pictures, source = await asyncio.to_thread(check_extras, req, config.limits, config.upscaler_dir)
+    job = Job("extras", lambda job: extras(job, req, pictures, source), job_count=max(len(pictures), 1))
+    result = await run(request, job)
+    if len(result["images"]) < len(pictures) and request.app.state.worker.closed:
+        raise ClientError(503, "the server is shutting down; the job was stopped")
+    return result
+
+
 @router.post("/sdapi/v1/extra-single-image")
 async def extra_single_image(req: ExtrasSingleImageRequest, request: Request):
-    """Upscale one image (sdapi.check_extras, then sdapi.extras as a job in queue order)."""
-    config = request.app.state.config
-    image, source = await asyncio.to_thread(check_extras, req, config.limits, config.upscaler_dir)
-    return await run(request, Job("extras", lambda job: extras(req, image, source)))
+    """Upscale one image; "image" is null if an interrupt came before it was done (A1111's field may be null)."""
+    result = await run_extras(req, request)
+    return {"html_info": result["html_info"], "image": result["images"][0] if result["images"] else None}
+
+
+@router.post("/sdapi/v1/extra-batch-images")
+async def extra_batch_images(req: ExtrasBatchImagesRequest, request: Request):
+    """Upscale each image of imageList the same way, one job for all: {"html_info", "images"} in their order."""
+    return await run_extras(req, request)
 
 
 @router.get("/sdapi/v1/scripts")
 async def scripts():
-    return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+    return {tab: list(ALWAYSON_SCRIPTS) for tab in SCRIPT_TABS}
+
+
+@router.get("/sdapi/v1/script-info")
+async def script_info():
+    """A1111's ScriptInfo of each script of /scripts, once a tab. args is empty: a ControlNet unit is a dict of the
+    fields controlnet_api.py reads, not a list of A1111 UI components' values."""
+    return [{"name": name, "is_alwayson": True, "is_img2img": tab == "img2img", "args": []}
+            for tab in SCRIPT_TABS for name in ALWAYSON_SCRIPTS]
+
+
+@router.get("/sdapi/v1/face-restorers")
+@router.get("/sdapi/v1/hypernetworks")
+@router.get("/sdapi/v1/extensions")
+async def none_here():
+    """What this server has none of: face restoration models, hypernetworks, A1111 extensions (ControlNet's routes
+    are built in)."""
+    return []
+
+
+@router.get("/sdapi/v1/cmd-flags")
+async def get_cmd_flags(request: Request):
+    return cmd_flags(request.app.state.config)
+
+
+@router.get("/sdapi/v1/memory")
+async def memory(request: Request):
+    """A1111's /memory: {"ram", "cuda"} (resources.ram_memory, cuda_memory) for the device the server runs on."""
+    device = resolve_device(request.app.state.config.device)
+    return {"ram": await asyncio.to_thread(ram_memory), "cuda": cuda_memory(device)}
+
+
+@router.get("/internal/ping")
+async def ping():
+    """A1111's /internal/ping (from its web UI): {} while the server is up."""
+    return {}
 
 
 @router.get("/sdapi/v1/embeddings")

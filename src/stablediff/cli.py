@@ -768,19 +768,13 @@ def _outpaint_images(args: argparse.Namespace):
 def _resized_images(init, mask, size: tuple[int, int], mode: int):
     """--resize-mode 1 or 2: the init image and mask (paths or images) brought to `size` that way
     (images.resize_init), before the model loads; the pipeline would stretch them (mode 0)."""
-    from PIL import Image
-
-    from .images import check_mask_size, open_image, resize_init
+    from .images import fit_init, open_image
 
     try:
-        init = open_image(init)
-        mask = None if mask is None else open_image(mask).convert("L")
-        if mask is not None and mask.size != init.size:
-            check_mask_size(mask.size, init.size)
-            mask = mask.resize(init.size, resample=Image.Resampling.LANCZOS)
+        return fit_init(open_image(init).convert("RGB"), None if mask is None else open_image(mask).convert("L"),
+                        size, mode)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return resize_init(init.convert("RGB"), *size, mode), None if mask is None else resize_init(mask, *size, mode)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

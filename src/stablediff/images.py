@@ -489,6 +489,17 @@ def resize_init(image: Image.Image, width: int, height: int, mode: int = 0) -> I
     return out
 
 
+def fit_init(init: Image.Image, mask: Image.Image | None, size: tuple[int, int],
+             mode: int = 0) -> tuple[Image.Image, Image.Image | None]:
+    """An init image and its mask brought to `size` alike by resize mode `mode` (resize_init): the mask, which must
+    have the init image's size or aspect ratio (check_mask_size: ValueError otherwise), first to the init image's
+    size, so that both are scaled, cropped and filled the same way."""
+    if mask is not None and mask.size != init.size:
+        check_mask_size(mask.size, init.size)
+        mask = mask.resize(init.size, resample=Image.Resampling.LANCZOS)
+    return resize_init(init, *size, mode), None if mask is None else resize_init(mask, *size, mode)
+
+
 def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
     """An inpainting mask must be the init image's size, or its aspect ratio (within 1%; then it is resized, with
     a one-line warning). Another aspect ratio is refused (ValueError naming both sizes): stretched, the mask would

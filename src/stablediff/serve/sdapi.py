@@ -343,20 +343,15 @@ def fitted_images(req: Txt2ImgRequest, params: GenerationParams, init: Image.Ima
         white.paste(init, mask=init)
         init = white
     init = init.convert("RGB")
-    size, mode = (params.width, params.height), getattr(req, "resize_mode", 0)
     if mask is not None:
-        try:
-            images.check_mask_size(mask.size, init.size)
-        except ValueError as e:
-            raise ClientError(422, str(e)) from None
         alpha = mask.mode == "RGBA" and mask.getextrema()[3][0] < 255
         mask = (mask.getchannel("A") if alpha else mask.convert("L")).point(lambda v: 255 if v > 128 else 0)
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
-        if mask.size != init.size:  # (the same aspect ratio: check_mask_size)
-            mask = mask.resize(init.size, resample=Image.Resampling.LANCZOS)
-        mask = images.resize_init(mask, *size, mode)
-    return images.resize_init(init, *size, mode), mask
+    try:
+        return images.fit_init(init, mask, (params.width, params.height), getattr(req, "resize_mode", 0))
+    except ValueError as e:  # a mask of another aspect ratio
+        raise ClientError(422, str(e)) from None
 
 
 def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int,

@@ -193,8 +193,10 @@ def test_full_strength_inpainting_start(pipe, sampler, pure):
     x0 = torch.full((1, 4, 8, 8), 0.5)
 
     class Posterior:
+        mean = x0 / pipe.vae.config.scaling_factor
+
         def sample(self, generators):
-            return x0 / pipe.vae.config.scaling_factor
+            return self.mean
 
     source = {"posterior": Posterior(), "masked": Posterior(), "mask": torch.ones(1, 1, 8, 8)}
     x, _, _ = pipe._start(plan, rng.ImageRNG((4, 8, 8), [3]), source, 1.0)

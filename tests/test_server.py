@@ -156,8 +156,9 @@ def test_webuiapi_img2img_with_and_without_mask(server, pipe):
     for m in (None, mask):
         r = api.img2img(images=[init], mask_image=m, prompt="a boat", denoising_strength=0.6, steps=4, width=64,
                         height=64, seed=7, sampler_name="Euler")
+        # webuiapi sends A1111's inpainting defaults: mask blur 4, masked content fill, only masked
         ref = pipe("a boat", steps=4, seed=7, sampler="Euler", width=64, height=64, init_image=init,
-                   mask_image=m, strength=0.6, rng="gpu")
+                   mask_image=m, strength=0.6, rng="gpu", mask_blur=4, inpainting_fill=0, inpaint_full_res=True)
         assert len(r.images) == 1 and _same(r.images[0], ref.images[0])
         assert r.info["denoising_strength"] == 0.6 and r.info["infotexts"] == ref.infotexts
         assert r.parameters["init_images"] is None  # not echoed back unless include_init_images

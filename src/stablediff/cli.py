@@ -240,6 +240,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     inp.add_argument("--strength", type=float, default=1.0, metavar="S",
                      help="how much to change the masked area, in (0, 1] (default: 1.0)")
     add_resize_mode_option(inp)
+    add_inpainting_options(inp)
     add_generation_options(inp)
     add_preview_options(inp)
     inp.set_defaults(func=cmd_img2img)
@@ -473,9 +474,13 @@ def check_image_args(args: argparse.Namespace) -> tuple[int, int]:
     if args.command == "inpaint" and args.mask is None and args.pad is None:
         raise UsageError("inpaint needs --mask MASK.png, or --pad to outpaint")
     width, height = _image_size("--init-image", args.init_image)
+    from .images import check_mask_size, multiple_of_8
+
     if args.mask is not None:
-        _image_size("--mask", args.mask)
-    from .images import multiple_of_8
+        try:
+            check_mask_size(_image_size("--mask", args.mask), (width, height))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
     size = multiple_of_8((width, height))
     return size if args.pad is None else _padded_size(args, size)
@@ -487,6 +492,43 @@ def add_resize_mode_option(parser: argparse.ArgumentParser) -> None:
                              "brought to that size, as A1111's resize mode: just-resize (stretch; the default), "
                              "crop-and-resize (cover and crop the middle), resize-and-fill (fit inside and fill "
                              "the rest from its edges); or 0, 1, 2")
+
+
+def add_inpainting_options(parser: argparse.ArgumentParser) -> None:
+    """A1111's inpainting settings (masking.py); its samplers also keep the latents as A1111 does."""
+    parser.add_argument("--mask-blur", type=mask_blur_arg, default=None, metavar="N|X,Y",
+                        help="blur the mask by a Gaussian of N pixels (X across, Y down) before use, as A1111's "
+                             "mask blur (its default: 4; here 0)")
+    parser.add_argument("--masked-content", type=masked_content_arg, default=1, metavar="KIND",
+                        help="what the masked area starts from, as A1111's: original (the default), fill (the "
+                             "colours around it), latent-noise, latent-nothing; or 0..3")
+    parser.add_argument("--only-masked", action="store_true",
+                        help="A1111's inpaint area 'Only masked': work on the mask's box (grown by --masked-padding "
+                             "and to --width x --height's aspect ratio) at --width x --height, and paste the result "
+                             "back into the whole image")
+    parser.add_argument("--masked-padding", type=int, default=0, metavar="PX",
+                        help="--only-masked: pixels around the mask's box (default: 0)")
+
+
+def mask_blur_arg(value: str) -> tuple[int, int]:
+    """--mask-blur N or X,Y -> (x, y), whole numbers (their range is GenerationParams's to check)."""
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{value!r} is not N or X,Y (whole pixels)")
+    return (int(parts[0]), int(parts[-1]))
+
+
+def masked_content_arg(value: str) -> int:
+    """--masked-content: A1111's masked content by name (hyphens or spaces) or number -> 0..3."""
+    from .params import MASKED_CONTENT
+
+    key = value.strip().lower().replace("-", " ")
+    if key in MASKED_CONTENT:
+        return MASKED_CONTENT.index(key)
+    if key in ("0", "1", "2", "3"):
+        return int(key)
+    raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(c.replace(' ', '-') for c in MASKED_CONTENT)}"
+                                     " or 0..3")
 
 
 def resize_mode_arg(value: str) -> int:
@@ -742,9 +784,6 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     check_generation_args(args, default_size=default_size)
     check_preview_args(args)
     init, mask = (args.init_image, args.mask) if args.pad is None else _outpaint_images(args)
-    if args.resize_mode:
-        init, mask = _resized_images(init, mask, (args.width or default_size[0], args.height or default_size[1]),
-                                     args.resize_mode)
     pipe = load_model(args)
     result = run_pipeline(pipe, args, init_image=init, mask_image=mask)
     save_results(result, args.output_dir)
@@ -763,18 +802,6 @@ def _outpaint_images(args: argparse.Namespace):
     except ValueError as e:
         raise UsageError(str(e)) from None
     return outpaint_images(init, pad_arg(args.pad), mask)
-
-
-def _resized_images(init, mask, size: tuple[int, int], mode: int):
-    """--resize-mode 1 or 2: the init image and mask (paths or images) brought to `size` that way
-    (images.resize_init), before the model loads; the pipeline would stretch them (mode 0)."""
-    from .images import fit_init, open_image
-
-    try:
-        return fit_init(open_image(init).convert("RGB"), None if mask is None else open_image(mask).convert("L"),
-                        size, mode)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

@@ -437,18 +437,19 @@ def multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
     return size[0] - size[0] % 8, size[1] - size[1] % 8
 
 
-def init_size(image_size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
+def init_size(image_size: tuple[int, int], width: int | None, height: int | None,
+              warn: bool = True) -> tuple[int, int]:
     """The output size of an img2img or inpainting run from the init image's (width, height) (`image.size`, or
     `image_size(path)` before anything is decoded): the width and height asked for, or else the image's own,
     rounded down to a multiple of 8 (the VAE's downscale). An init image under MIN_INIT_SIZE on a side is refused:
     4x4 pixels hold nothing to start from, and rounding them would ask for 0x0. A size other than the image's
-    warns (one line) that it is resized."""
+    warns (one line) that it is resized, unless `warn` is False."""
     iw, ih = image_size
     if iw < MIN_INIT_SIZE or ih < MIN_INIT_SIZE:
         raise ValueError(f"init image {iw}x{ih} is smaller than {MIN_INIT_SIZE}x{MIN_INIT_SIZE}; use a larger image")
     rw, rh = multiple_of_8(image_size)
     size = (width or rw, height or rh)
-    if size != (iw, ih):
+    if size != (iw, ih) and warn:
         warnings.warn(f"init image {iw}x{ih} is resized to {size[0]}x{size[1]}", stacklevel=2)
     return size
 
@@ -494,10 +495,17 @@ def fit_init(init: Image.Image, mask: Image.Image | None, size: tuple[int, int],
     """An init image and its mask brought to `size` alike by resize mode `mode` (resize_init): the mask, which must
     have the init image's size or aspect ratio (check_mask_size: ValueError otherwise), first to the init image's
     size, so that both are scaled, cropped and filled the same way."""
-    if mask is not None and mask.size != init.size:
-        check_mask_size(mask.size, init.size)
-        mask = mask.resize(init.size, resample=Image.Resampling.LANCZOS)
+    mask = None if mask is None else mask_at(mask, init.size)
     return resize_init(init, *size, mode), None if mask is None else resize_init(mask, *size, mode)
+
+
+def mask_at(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The mask at the init image's `size`: as it is, or resized (Lanczos) where it has its aspect ratio
+    (check_mask_size: ValueError otherwise)."""
+    if mask.size == size:
+        return mask
+    check_mask_size(mask.size, size)
+    return mask.resize(size, resample=Image.Resampling.LANCZOS)
 
 
 def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:

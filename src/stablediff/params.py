@@ -31,6 +31,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
 MAX_TOKEN_MERGING_RATIO = 0.9  # the most of a level's tokens ToMe may merge (tome.py)
+MAX_MASK_BLUR, MAX_PADDING = 64, 256  # inpainting's mask blur and only-masked padding, in pixels (A1111's sliders)
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's names of inpainting_fill 0..3
 RNG_SOURCES = ("cpu", "gpu", "nv")  # where noise comes from: rng.py draws each
 # infotext keys that record what made an image rather than say how to make it: not reported as unused
 INFOTEXT_RECORDS = frozenset({"Model hash", "Model", "VAE hash", "VAE", "Version", "Lora hashes", "TI hashes",
@@ -71,6 +73,14 @@ class GenerationParams:
     hr_schedule: str | None = None  # None: the first pass's; "automatic": the hires sampler's own
     hr_prompt: str = ""  # "": the first pass's
     hr_negative_prompt: str = ""
+    # img2img: an init image (and mask) of another size than width x height is brought to it by A1111's resize mode
+    resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill (images.RESIZE_MODES)
+    # inpainting as A1111 prepares it (masking.py), A1111's API names; diffusers' samplers keep the latents as diffusers
+    mask_blur_x: int = 0  # the mask's Gaussian blur across, in pixels (A1111's API default: 4)
+    mask_blur_y: int = 0  # and down
+    inpainting_fill: int = 1  # masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = False  # inpaint area: False the whole picture, True only masked (cropped to the mask)
+    inpaint_full_res_padding: int = 0  # only masked: pixels around the mask's box
 
     def replace(self, **changes) -> "GenerationParams":
         return dataclasses.replace(self, **changes)
@@ -126,6 +136,17 @@ class GenerationParams:
             (lambda: isinstance(self.tiling, bool), f"tiling {self.tiling!r} is not true or false"),
             (lambda: _is_number(self.token_merging_ratio) and 0 <= self.token_merging_ratio <= MAX_TOKEN_MERGING_RATIO,
              f"token merging ratio {self.token_merging_ratio!r} is outside 0..{MAX_TOKEN_MERGING_RATIO}"),
+            (lambda: self.resize_mode in (0, 1, 2) and _is_int(self.resize_mode),
+             f"resize mode {self.resize_mode!r} is not 0 (just resize), 1 (crop and resize) or 2 (resize and fill)"),
+            *[(lambda v=v: _is_int(v) and 0 <= v <= MAX_MASK_BLUR, f"mask blur {v!r} is outside 0..{MAX_MASK_BLUR}")
+              for v in (self.mask_blur_x, self.mask_blur_y)],
+            (lambda: self.inpainting_fill in (0, 1, 2, 3) and _is_int(self.inpainting_fill),
+             f"inpainting fill {self.inpainting_fill!r} is not 0 (fill), 1 (original), 2 (latent noise) or 3 "
+             "(latent nothing)"),
+            (lambda: isinstance(self.inpaint_full_res, bool),
+             f"inpaint full res {self.inpaint_full_res!r} is not true or false"),
+            (lambda: _is_int(self.inpaint_full_res_padding) and 0 <= self.inpaint_full_res_padding <= MAX_PADDING,
+             f"inpaint full res padding {self.inpaint_full_res_padding!r} is outside 0..{MAX_PADDING}"),
         ]
 
     def _sampler_and_schedule(self):
@@ -210,6 +231,17 @@ class GenerationParams:
                                seed=self.seed, width=self.width, height=self.height, model_hash=model_hash,
                                model_name=model_name, version=version, extra={**ours, **(extra or {})})
 
+    def inpainting_infotext(self, only_masked: bool = True) -> dict:
+        """The infotext keys A1111 writes for an inpainting run with these settings: "Mask blur" (where both
+        directions blur alike), "Masked content" (but "original"), "Inpaint area" and "Masked area padding" (where
+        the run was cropped to the mask: `only_masked`, False where the mask was empty)."""
+        blur = self.mask_blur_x if self.mask_blur_x == self.mask_blur_y else None
+        cropped = self.inpaint_full_res and only_masked
+        return {"Mask blur": blur or None,
+                "Masked content": MASKED_CONTENT[self.inpainting_fill] if self.inpainting_fill != 1 else None,
+                "Inpaint area": "Only masked" if cropped else None,
+                "Masked area padding": self.inpaint_full_res_padding if cropped else None}
+
     @classmethod
     def from_infotext(cls, text: str) -> tuple["GenerationParams", dict[str, str]]:
         """Settings from a `parameters` text (ours or A1111's), and the keys it holds that are not settings here
@@ -242,6 +274,7 @@ class GenerationParams:
             changes["ensd"] = _parse(int, take("ENSD"), "ENSD")
         if "Tiling" in fields:
             changes["tiling"] = _parse_bool(take("Tiling"), "Tiling")
+        changes.update(_inpainting_from_infotext(fields))
         hr_ratio = fields.get("Token merging ratio hr")
         if hr_ratio is not None and _parse(float, hr_ratio, "Token merging ratio hr") == changes.get(
                 "token_merging_ratio"):
@@ -269,7 +302,10 @@ class GenerationParams:
                 "hr_resize_y": self.hr_resize_y, "hr_sampler_name": self.hr_sampler,
                 "hr_scheduler": self.hr_schedule, "hr_prompt": self.hr_prompt,
                 "hr_negative_prompt": self.hr_negative_prompt, "tiling": self.tiling,
-                "token_merging_ratio": self.token_merging_ratio}
+                "token_merging_ratio": self.token_merging_ratio, "resize_mode": self.resize_mode,
+                "mask_blur_x": self.mask_blur_x, "mask_blur_y": self.mask_blur_y,
+                "inpainting_fill": self.inpainting_fill, "inpaint_full_res": self.inpaint_full_res,
+                "inpaint_full_res_padding": self.inpaint_full_res_padding}
         if self.strength is not None:
             body["denoising_strength"] = self.strength
         return body
@@ -295,7 +331,7 @@ class GenerationParams:
                    subseed_strength=get("subseed_strength", 0.0), seed_resize_from=_resize_from(get),
                    tiling=get("tiling", False),
                    token_merging_ratio=get("token_merging_ratio") or override.get("token_merging_ratio") or 0.0,
-                   **_hires_from_a1111(get))
+                   **_hires_from_a1111(get), **(_inpainting_from_a1111(get) if "init_images" in body else {}))
 
     # -- batch job rows and the command line --------------------------------------------------------------------
     def to_row(self) -> dict:
@@ -329,11 +365,18 @@ class GenerationParams:
                   "--cache-interval": self.cache_interval, "--rng": self.rng, "--ensd": self.ensd,
                   "--subseed": self.subseed, "--subseed-strength": self.subseed_strength,
                   "--seed-resize-from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None,
-                  "--token-merging-ratio": self.token_merging_ratio or None}
+                  "--token-merging-ratio": self.token_merging_ratio or None,
+                  "--resize-mode": self.resize_mode or None,
+                  "--mask-blur": None if not (self.mask_blur_x or self.mask_blur_y) else self.mask_blur_x
+                  if self.mask_blur_x == self.mask_blur_y else f"{self.mask_blur_x},{self.mask_blur_y}",
+                  "--masked-content": MASKED_CONTENT[self.inpainting_fill].replace(" ", "-")
+                  if self.inpainting_fill != 1 else None,
+                  "--masked-padding": self.inpaint_full_res_padding or None}
         argv = [f"{flag}={v!r}" if isinstance(v, float) else f"{flag}={v}" for flag, v in values.items()
                 if v is not None]
         argv += [f"--lora={name}:{float(m)!r}" for name, m in self.loras]
         argv += ["--tiling"] if self.tiling else []
+        argv += ["--only-masked"] if self.inpaint_full_res else []
         return [*argv, *self._hires_argv(), "--", self.prompt]
 
     def _hires_argv(self) -> list[str]:
@@ -354,6 +397,7 @@ class GenerationParams:
         prompt (its rows do)."""
         loras = tuple(lora_arg(v) for v in getattr(args, "lora", None) or [])
         strength = args.hr_strength if args.hr else getattr(args, "strength", None)
+        blur = getattr(args, "mask_blur", None) or (0, 0)
         return cls(prompt=getattr(args, "prompt", ""), negative_prompt=args.negative_prompt, steps=args.steps,
                    cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
                    batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
@@ -365,7 +409,11 @@ class GenerationParams:
                    hr_sampler=args.hr_sampler, hr_schedule=args.hr_schedule, hr_prompt=args.hr_prompt,
                    hr_negative_prompt=args.hr_negative_prompt,
                    tiling=getattr(args, "tiling", False),
-                   token_merging_ratio=getattr(args, "token_merging_ratio", 0.0))
+                   token_merging_ratio=getattr(args, "token_merging_ratio", 0.0),
+                   resize_mode=getattr(args, "resize_mode", 0), mask_blur_x=blur[0], mask_blur_y=blur[1],
+                   inpainting_fill=getattr(args, "masked_content", 1),
+                   inpaint_full_res=getattr(args, "only_masked", False),
+                   inpaint_full_res_padding=getattr(args, "masked_padding", 0))
 
 
 def size_arg(value: str | None) -> tuple[int, int] | None:
@@ -395,6 +443,35 @@ def _hires_from_a1111(get) -> dict:
                 hr_sampler=None if use_same(get("hr_sampler_name")) else get("hr_sampler_name"),
                 hr_schedule=None if use_same(get("hr_scheduler")) else get("hr_scheduler"),
                 hr_prompt=get("hr_prompt", ""), hr_negative_prompt=get("hr_negative_prompt", ""))
+
+
+def _inpainting_from_a1111(get) -> dict:
+    """A1111's img2img fields (an img2img body: one with init_images), with its API's defaults (which are not its
+    web page's): mask blur 4, masked content 0 (fill), only masked, padding 0. `mask_blur`, where given, sets both
+    directions."""
+    blur = get("mask_blur")
+    return dict(resize_mode=get("resize_mode", 0), mask_blur_x=get("mask_blur_x", 4) if blur is None else blur,
+                mask_blur_y=get("mask_blur_y", 4) if blur is None else blur, inpainting_fill=get("inpainting_fill", 0),
+                inpaint_full_res=bool(get("inpaint_full_res", True)),
+                inpaint_full_res_padding=get("inpaint_full_res_padding", 0))
+
+
+def _inpainting_from_infotext(fields: dict) -> dict:
+    """The inpainting keys of an infotext (taken out of `fields`): Mask blur, Masked content, Inpaint area, Masked
+    area padding."""
+    take, changes = fields.pop, {}
+    if "Mask blur" in fields:
+        changes["mask_blur_x"] = changes["mask_blur_y"] = _parse(int, take("Mask blur"), "Mask blur")
+    if "Masked content" in fields:
+        content = take("Masked content").strip().lower()
+        if content not in MASKED_CONTENT:
+            raise ValueError(f"infotext Masked content: {content!r} is not one of {', '.join(MASKED_CONTENT)}")
+        changes["inpainting_fill"] = MASKED_CONTENT.index(content)
+    if "Inpaint area" in fields:
+        changes["inpaint_full_res"] = take("Inpaint area").strip().lower() == "only masked"
+    if "Masked area padding" in fields:
+        changes["inpaint_full_res_padding"] = _parse(int, take("Masked area padding"), "Masked area padding")
+    return changes
 
 
 def _hires_from_infotext(fields: dict) -> dict:

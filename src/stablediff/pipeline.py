@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, cpu, embeddings, hires, images, lora, malloc, rng, samplers, taesd, tome, weights
+from . import __version__, cpu, embeddings, hires, images, lora, malloc, masking, rng, samplers, taesd, tome, weights
 from . import controls as controlnets
 from .clip import CLIPTextModel
 from .config import UNetConfig
@@ -377,8 +377,9 @@ class StableDiffusion:
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
                  rng: str = "cpu", ensd: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
                  seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
-                 token_merging_ratio: float = 0.0, controls: list[controlnets.Control] = (),
-                 callback: Callable[[StepInfo], None] | None = None,
+                 token_merging_ratio: float = 0.0, resize_mode: int = 0, mask_blur: int | tuple[int, int] = 0,
+                 inpainting_fill: int = 1, inpaint_full_res: bool = False, inpaint_full_res_padding: int = 0,
+                 controls: list[controlnets.Control] = (), callback: Callable[[StepInfo], None] | None = None,
                  cancel=None, progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
 
@@ -393,6 +394,13 @@ class StableDiffusion:
         seed delta (the samplers' own noise from seed + ensd). subseed / subseed_strength: A1111's variation seeds
         (the seed's noise slerped toward the subseed's; every image then keeps `seed` and image k uses subseed + k);
         seed_resize_from=(w, h): the seed's noise as drawn at that size, centred.
+        resize_mode: A1111's, for an init image (and mask) of another aspect ratio than width x height: 0 stretch,
+        1 crop and resize, 2 resize and fill. Inpainting as A1111 prepares it (masking.py): mask_blur (pixels, or
+        (across, down)), inpainting_fill (masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing),
+        inpaint_full_res (only masked: the mask's box, grown by inpaint_full_res_padding, inpainted at width x height
+        and pasted back). A1111's samplers ("Euler a", ...) inpaint as A1111 does: those settings, its latent mask
+        and blending, the init image laid back over the result; diffusers' ("euler_a", ...) as diffusers does, with
+        those settings where given.
         cache_interval=N > 1 runs the whole U-Net only every N-th call and its shallow branch in between (DeepCache):
         faster, approximate. token_merging_ratio: A1111's token merging (tome.py), approximate.
         controls: ControlNet units (controls.Control: a ControlNet, a control image, weight, guidance start/end,
@@ -405,7 +413,10 @@ class StableDiffusion:
             sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
             loras=tuple((loras or {}).items()), cache_interval=cache_interval, rng=rng, ensd=ensd, subseed=subseed,
             subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, tiling=tiling,
-            token_merging_ratio=token_merging_ratio)
+            token_merging_ratio=token_merging_ratio, resize_mode=resize_mode,
+            mask_blur_x=mask_blur if isinstance(mask_blur, int) else mask_blur[0],
+            mask_blur_y=mask_blur if isinstance(mask_blur, int) else mask_blur[1], inpainting_fill=inpainting_fill,
+            inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding)
         return self.generate(params, prompts=prompt, negatives=negative_prompt, init_image=init_image,
                              mask_image=mask_image, controls=controls, callback=callback, cancel=cancel,
                              progress=progress)
@@ -423,6 +434,14 @@ class StableDiffusion:
             control.check()
         prompts, negatives = _prompt_lists(params, prompts, negatives)
         params, init_image, mask_image, strength = self._settle(params, init_image, mask_image, len(prompts))
+        inpainting = self._inpainting(params, init_image, mask_image)
+        if inpainting is not None:
+            init_image, mask_image = inpainting.image, inpainting.mask
+        elif init_image is not None:
+            init_image, mask_image = images.fit_init(init_image.convert("RGB"), mask_image,
+                                                     (params.width, params.height), params.resize_mode)
+            if params.inpaint_full_res and self.unet.config.in_channels == 4:
+                mask_image = None  # an empty mask with only masked: img2img, as A1111 runs it
         upscaler = hires.load_upscaler(params.hr_upscaler, upscaler_dir) if params.enable_hr else None
         units = self._control_units(controls, params)
         image_seeds = params.image_seeds(len(prompts) * params.batch_size)
@@ -443,20 +462,46 @@ class StableDiffusion:
                                  steps) for b in range(len(prompts))])
             weights.release(self.unet)  # (SD 1.5: its 3.2 GB leave resident memory during the decode)
             pil = images.to_pil(self.decode(latents))
+            if inpainting is not None and (samplers.SAMPLERS[params.sampler].family == "a1111"
+                                           or inpainting.paste_to is not None):
+                pil = [masking.apply_overlay(image, inpainting) for image in pil]
             weights.release(self.vae)  # (0.33 GB: the next image's U-Net steps then peak as this one's did)
         if self.device.type == "cpu":
             malloc.return_freed_memory()  # nor is what the heap kept for this image's buffers
         nsfw = [False] * len(pil)
         if self.safety_checker is not None:
             pil, nsfw = self.safety_checker.censor(pil)
-        return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds, controls)
+        inpainted = {} if mask_image is None else params.inpainting_infotext(
+            inpainting is not None and inpainting.paste_to is not None)
+        return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds, controls,
+                            inpainted)
+
+    @staticmethod
+    def _inpainting(params: GenerationParams, init_image, mask_image) -> masking.Inpainting | None:
+        """The init image and mask prepared as A1111 prepares inpainting (masking.prepare) where that is asked:
+        always for A1111's samplers, and for diffusers' where one of A1111's inpainting settings is set (mask blur,
+        masked content, only masked). None otherwise (diffusers' own inpainting; img2img), and where only masked
+        finds the mask empty."""
+        if mask_image is None:
+            return None
+        a1111 = samplers.SAMPLERS[params.sampler].family == "a1111"
+        if not (a1111 or params.mask_blur_x or params.mask_blur_y or params.inpainting_fill != 1
+                or params.inpaint_full_res):
+            return None
+        init_image = init_image.convert("RGB")
+        return masking.prepare(init_image, images.mask_at(mask_image, init_image.size).convert("L"),
+                               params.width, params.height,
+                               blur_x=params.mask_blur_x, blur_y=params.mask_blur_y,
+                               masked_content=params.inpainting_fill, only_masked=params.inpaint_full_res,
+                               padding=params.inpaint_full_res_padding, resize_mode=params.resize_mode)
 
     def _settle(self, params: GenerationParams, init_image, mask_image, n_prompts: int):
         """(validated params with size, strength and seeds filled in, init image, mask, img2img strength): the
         images opened, the settings checked against this model, random seeds drawn where none were given."""
         hr = params.enable_hr  # its strength is the hires pass's; the first pass is txt2img
         init_image, mask_image, width, height, strength = self._init_settings(
-            init_image, mask_image, params.width, params.height, None if hr else params.strength)
+            init_image, mask_image, params.width, params.height, None if hr else params.strength,
+            cropped=params.inpaint_full_res)
         if hr and init_image is not None:
             raise ValueError("enable_hr: hires fix is a txt2img setting; give no init_image")
         params = params.replace(width=width, height=height, strength=params.strength if hr else strength)
@@ -511,27 +556,30 @@ class StableDiffusion:
                                           params.clip_skip)
         weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till next needed
         cache = DeepCache(params.cache_interval) if params.cache_interval > 1 else None
-        x, model, blend = self._start(plan, noise, source, params.strength, cache)
+        x, model, known = self._start(plan, noise, source, params.strength, cache)
         if controls:
             model = controlnets.ControlledEps(model, list(controls), plan.timesteps, len(seeds))
         denoiser = self.scheduled_denoiser(plan, conds, uncond, params.cfg_scale, model=model)
+        if known is not None:
+            denoiser = known.wrap(denoiser)
         last = len(plan.sigmas) - 2
 
         def on_step(d):
-            """Inpainting blends the known latents back after each step (the last one after plan.finish)."""
-            if blend is not None and d["i"] < last:
-                d = dict(d, x=blend(d["x"], float(d["sigma_next"])))
+            """diffusers' inpainting puts the known latents back after each step (the last one after finish)."""
+            if known is not None and known.noise is not None and d["i"] < last:
+                d = dict(d, x=known.after_step(d["x"], float(d["sigma_next"])))
             if step_callback is not None:
                 step_callback(d)
-            return d["x"] if blend is not None else None
+            return d["x"] if known is not None else None
 
         x = plan.sample(denoiser, x, generator=noise, callback=on_step)
         x = plan.finish(x)
-        return blend(x, None) if blend is not None else x
+        return known.final(x) if known is not None else x
 
-    def _init_settings(self, init_image, mask_image, width, height, strength):
+    def _init_settings(self, init_image, mask_image, width, height, strength, cropped: bool = False):
         """(init image, mask, width, height, strength) as the run uses them: the images opened, the size and
-        strength defaulted from the init image (img2img) or from the model (txt2img)."""
+        strength defaulted from the init image (img2img) or from the model (txt2img). cropped: inpainting works on
+        the mask's box (only masked), so a size other than the init image's resizes nothing of it."""
         if mask_image is not None and init_image is None:
             raise ValueError("mask_image needs an init_image to inpaint")
         if init_image is None:
@@ -539,7 +587,7 @@ class StableDiffusion:
                 raise ValueError(f"strength {strength} needs an init_image (img2img)")
             return None, None, width or self.native_size, height or self.native_size, None
         init_image = images.open_image(init_image)
-        width, height = images.init_size(init_image.size, width, height)
+        width, height = images.init_size(init_image.size, width, height, warn=not (cropped and mask_image is not None))
         if mask_image is not None:
             mask_image = images.open_image(mask_image)
             images.check_mask_size(mask_image.size, init_image.size)
@@ -556,7 +604,7 @@ class StableDiffusion:
             raise ValueError("this is an inpainting checkpoint (U-Net in_channels 9): give init_image and mask_image")
 
     def _result(self, pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds,
-                controls=()) -> GenerationResult:
+                controls=(), inpainted: dict | None = None) -> GenerationResult:
         """The call's result, with one infotext per image (ControlNet units as sd-webui-controlnet writes them)."""
         k = params.batch_size
         all_prompts = [p for p in prompts for _ in range(k)]
@@ -566,7 +614,7 @@ class StableDiffusion:
         hashes = [self._addon_hashes(p, n, w) for p, n, w in zip(prompts, negatives, wanted)]
         infotexts = [params.replace(prompt=p, negative_prompt=n, seed=s, subseed=sub).to_infotext(
             model_hash=self.model_hash, model_name=self.model_name, version=__version__,
-            extra={**hashes[i // k], "VAE hash": self.vae_hash, "VAE": self.vae_name, **units,
+            extra={**(inpainted or {}), **hashes[i // k], "VAE hash": self.vae_hash, "VAE": self.vae_name, **units,
                    "NSFW": "true" if flagged else None})
             for i, (p, n, (s, sub), flagged) in enumerate(zip(all_prompts, all_negatives, image_seeds, nsfw))]
         return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw,
@@ -585,6 +633,9 @@ class StableDiffusion:
             f = self.downscale
             source["mask"] = torch.nn.functional.interpolate(m, size=(height // f, width // f)).float()
             source["masked"] = encode(pixels * (m < 0.5))
+            if samplers.SAMPLERS[params.sampler].family == "a1111":  # A1111's mask for the latents, and its fill
+                source["repaint"] = masking.latent_mask(mask, width // f, height // f).to(self.device)
+                source["fill"] = params.inpainting_fill
         return source
 
     def _taesd_encoder(self) -> Callable:
@@ -596,10 +647,12 @@ class StableDiffusion:
         return lambda x: Encoded(self.taesd.encode(x.float()) / sf)
 
     def _start(self, plan, noise_rng: rng.ImageRNG, source, strength, cache=None):
-        """Initial latents x (in sigma space), the eps model, and the inpainting blend (or None).
+        """Initial latents x (in sigma space), the eps model, and the inpainting's KnownLatents (or None).
 
         Each image's generator is drawn in diffusers' order: init-image posterior sample, noise, masked-image
-        posterior sample (each only where that pipeline draws it)."""
+        posterior sample (each only where that pipeline draws it). A1111's samplers take the posteriors' means
+        and draw only the noise: A1111 samples the posteriors from torch's global generator (seeded by nothing
+        of the image's), and its noise is each seed's first draw, which a sample drawn first would displace."""
         sf = self.vae.config.scaling_factor
         eps = functools.partial(self.eps, cache=cache)
         if source is None:
@@ -608,10 +661,14 @@ class StableDiffusion:
         inpainting_unet = self.unet.config.in_channels == 9
         # diffusers' inpainting starts from pure noise at full strength; A1111 noises the init latents at any strength
         pure_noise = inpaint and strength == 1 and plan.sampler.family == "diffusers"
+        a1111 = plan.sampler.family == "a1111"
+        encoded = (lambda p: p.mean) if a1111 else (lambda p: p.sample(noise_rng.generators))
         x0 = source.get("latents")  # hires fix: the first pass's, upscaled
         if x0 is None and not (inpainting_unet and pure_noise):
-            x0 = source["posterior"].sample(noise_rng.generators).float() * sf
+            x0 = encoded(source["posterior"]).float() * sf
         noise = noise_rng.next()
+        if inpaint and "repaint" in source:  # A1111's masked content: latent noise, latent nothing
+            x0 = _masked_content(x0, source["repaint"], source["fill"], noise_rng)
         if pure_noise:
             x = noise * plan.init_noise_scale
         else:
@@ -619,7 +676,8 @@ class StableDiffusion:
         if not inpaint:
             return x, eps, None
         mask = source["mask"].expand(len(noise), -1, -1, -1)
-        masked = source["masked"].sample(noise_rng.generators).float() * sf
+        masked = encoded(source["masked"]).float() * sf
+        model = eps
         if inpainting_unet:
             extra = torch.cat([mask, masked], dim=1)
 
@@ -628,14 +686,11 @@ class StableDiffusion:
                 cond = extra if repeats == 1 else torch.cat([extra] * repeats)
                 return eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context, **kw)
 
-            return x, model, None
-
-        def blend(x, sigma_next):
-            """Known latents (noised to sigma_next with the run's own noise; clean at the end) outside the mask."""
-            known = x0 if sigma_next is None else x0 + noise * sigma_next
-            return (1 - mask) * known + mask * x
-
-        return x, eps, blend
+        if "repaint" not in source:  # diffusers: the known latents, noised, put back after every step
+            known = KnownLatents(x0, mask, noise)
+            return x, model, None if inpainting_unet else known
+        known = KnownLatents(x0, source["repaint"].expand_as(x0), denoised=not plan.sampler.timestep_space)
+        return x, (model if known.denoised else known.model_input(model)), known
 
     def eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None,
             timestep_cond=None, **residuals) -> torch.Tensor:
@@ -749,3 +804,51 @@ def _weights_file(path: Path) -> Path | None:
         if found:
             return found[0]
     return None
+
+
+@dataclass(frozen=True, eq=False)
+class KnownLatents:
+    """Inpainting's init latents, kept outside the mask (`repaint` 1 = repaint, at the latents' size).
+
+    diffusers' way (`noise`, the run's own): after every step x outside the mask becomes the init latents noised to
+    the next sigma (`after_step`), and the result the init latents themselves (`final`).
+    A1111's way: every prediction of the denoised image is the init latents outside the mask (`wrap`; its
+    k-diffusion samplers, `denoised`), or, for its DDIM, PLMS and UniPC, the model's input is
+    (`model_input`: the clean init latents blended into the VP latent, as A1111's timestep samplers do); then the
+    result is blended as in diffusers' way."""
+
+    latents: torch.Tensor
+    repaint: torch.Tensor
+    noise: torch.Tensor | None = None
+    denoised: bool = False
+
+    def after_step(self, x: torch.Tensor, sigma_next: float) -> torch.Tensor:
+        known = self.latents + self.noise * sigma_next
+        return (1 - self.repaint) * known + self.repaint * x
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 - self.repaint) * self.latents + self.repaint * x
+
+    def wrap(self, denoiser: Callable) -> Callable:
+        if not self.denoised:
+            return denoiser
+        return lambda x, sigma, **kw: self.final(denoiser(x, sigma, **kw))
+
+    def model_input(self, model: Callable) -> Callable:
+        def blended(x_in, t, context, **kw):
+            repeats = x_in.shape[0] // self.latents.shape[0]
+            latents, repaint = (torch.cat([v] * repeats) if repeats > 1 else v for v in (self.latents, self.repaint))
+            return model((1 - repaint.to(x_in)) * latents.to(x_in) + repaint.to(x_in) * x_in, t, context, **kw)
+        return blended
+
+
+def _masked_content(x0: torch.Tensor, repaint: torch.Tensor, fill: int, noise: rng.ImageRNG) -> torch.Tensor:
+    """A1111's init latents for masked content 2 (latent noise: under the mask, each image's seed's first noise,
+    drawn afresh: no variation seed, no ENSD) and 3 (latent nothing: zeros there); x0 as it is for the others."""
+    if fill == 2:
+        fresh = torch.stack([rng.draw(rng.create_generator(noise.source, s, noise.device), noise.shape, noise.device)
+                             for s in noise.seeds]).to(x0)
+        return x0 * (1 - repaint) + fresh * repaint
+    if fill == 3:
+        return x0 * (1 - repaint)
+    return x0

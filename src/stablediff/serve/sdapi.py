@@ -26,7 +26,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from .. import __version__, a1111, hires, images, samplers, upscalers
 from ..controls import Control
 from ..limits import LimitError, Limits
-from ..params import MAX_SEED, MAX_TOKEN_MERGING_RATIO, GenerationParams
+from ..params import MAX_MASK_BLUR, MAX_PADDING, MAX_SEED, MAX_TOKEN_MERGING_RATIO, GenerationParams
 from ..pipeline import Cancelled, StableDiffusion
 from ..schedule import NoiseSchedule
 from ..styles import Style, apply_styles
@@ -153,6 +153,13 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpainting_mask_invert: Flag = 0
     include_init_images: bool = False
     resize_mode: Int = 0  # A1111's: init image and mask to width x height (images.resize_init)
+    # inpainting (masking.py), with A1111's API defaults; mask_blur, where given, sets both directions
+    mask_blur: Int | None = Field(None, ge=0, le=MAX_MASK_BLUR)
+    mask_blur_x: Int = Field(4, ge=0, le=MAX_MASK_BLUR)
+    mask_blur_y: Int = Field(4, ge=0, le=MAX_MASK_BLUR)
+    inpainting_fill: Int = Field(0, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: Flag = 1  # only masked (A1111's API default), 0 the whole picture
+    inpaint_full_res_padding: Int = Field(0, ge=0, le=MAX_PADDING)
 
     @field_validator("resize_mode")
     @classmethod
@@ -254,6 +261,12 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
     vae = vae_source(body["override_settings"]["sd_vae"], vae_dir)
     width, height = output_size(req, native_size, init_size)
     params = validated(GenerationParams.from_a1111(body).replace(width=width, height=height), limits, req.n_iter)
+    if isinstance(req, Img2ImgRequest) and req.mask is not None and params.inpaint_full_res and init_size:
+        try:  # only masked answers with images of the init image's size
+            limits.check("max_pixels", f"init image {init_size[0]}x{init_size[1]} (only masked returns its size) =",
+                         init_size[0] * init_size[1])
+        except LimitError as e:
+            raise ClientError(422, str(e)) from None
     try:
         return Plan(params, sampler_steps(params), vae)
     except ValueError as e:
@@ -332,10 +345,11 @@ def native_params(req: Txt2ImgRequest, params: GenerationParams, limits: Limits,
 
 def fitted_images(req: Txt2ImgRequest, params: GenerationParams, init: Image.Image | None,
                   mask: Image.Image | None) -> tuple[Image.Image | None, Image.Image | None]:
-    """The init image and mask as A1111's img2img prepares them: the init image flattened onto white (its default
-    img2img background colour), the mask made black and white (A1111's binary mask: an RGBA mask with transparency
-    is its alpha, else its gray, white over 128) and inverted where asked; both brought to the output size by the
-    request's resize_mode (images.resize_init), after the mask is checked against the init image's own size."""
+    """The init image and mask as A1111's img2img takes them: the init image flattened onto white (its default
+    img2img background colour), the mask made gray (A1111's create_binary_mask: an RGBA mask with transparency is
+    its alpha, white over 128, else its gray as it is) and inverted where asked, and checked to have the init
+    image's aspect ratio (ClientError 422). The pipeline brings them to the output size (params.resize_mode) and
+    prepares the inpainting (masking.py)."""
     if init is None:
         return None, None
     if init.mode == "RGBA":
@@ -344,14 +358,17 @@ def fitted_images(req: Txt2ImgRequest, params: GenerationParams, init: Image.Ima
         init = white
     init = init.convert("RGB")
     if mask is not None:
-        alpha = mask.mode == "RGBA" and mask.getextrema()[3][0] < 255
-        mask = (mask.getchannel("A") if alpha else mask.convert("L")).point(lambda v: 255 if v > 128 else 0)
+        if mask.mode == "RGBA" and mask.getextrema()[3] != (255, 255):
+            mask = mask.getchannel("A").point(lambda v: 255 if v > 128 else 0)
+        else:
+            mask = mask.convert("L")
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
-    try:
-        return images.fit_init(init, mask, (params.width, params.height), getattr(req, "resize_mode", 0))
-    except ValueError as e:  # a mask of another aspect ratio
-        raise ClientError(422, str(e)) from None
+        try:
+            images.check_mask_size(mask.size, init.size)
+        except ValueError as e:  # a mask of another aspect ratio
+            raise ClientError(422, str(e)) from None
+    return init, mask
 
 
 def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int,

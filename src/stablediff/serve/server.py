@@ -26,7 +26,7 @@ the body cap, the read deadline).
 
 Decisions a client may notice:
 - null in a request means "the default"; fields we do not know are ignored, and so are A1111 fields we do not
-  implement (mask_blur, inpainting_fill, inpaint_full_res, restore_faces); a hires upscaler that is
+  implement (restore_faces); a hires upscaler that is
   not a latent mode, Lanczos, Nearest or a model in --upscaler-dir, a `script_name` and `alwayson_scripts` entries
   other than "controlnet" (no other scripts run here) are refused (422, naming them) rather than silently left out.
 - ControlNet: alwayson_scripts.controlnet units as sd-webui-controlnet takes them, their models from
@@ -56,7 +56,11 @@ Decisions a client may notice:
 - width/height left out mean the model's native size (txt2img) or the init image's (img2img); an init image of
   another size and its mask are brought to width x height by resize_mode as A1111 does (0 just resize, 1 crop and
   resize, 2 resize and fill; 3, a latent upscale, is refused), a transparent init image flattened onto white, an
-  RGBA mask with transparency read by its alpha (sdapi.fitted_images).
+  RGBA mask with transparency read by its alpha, white over 128, any other mask by its gray (sdapi.fitted_images).
+- inpainting takes A1111's mask_blur (or mask_blur_x/_y), inpainting_fill, inpaint_full_res and
+  inpaint_full_res_padding with A1111's API defaults (4, 0 fill, true, 0), as masking.py prepares them; with
+  A1111's samplers the latents are kept as A1111 keeps them (pipeline.KnownLatents). Only masked answers with the
+  whole init image (its size, not width x height), as A1111 does.
 - scheduler: "automatic" (the sampler name's own schedule: karras for "DPM++ 2M Karras") or "karras".
 - limits (`stablediff serve --max-pixels --max-batch-pixels --max-steps --max-images --max-work
   --max-prompt-tokens`, defaults from limits.Limits): a request over one is refused before it is queued, in

@@ -171,10 +171,8 @@ class Recorder:
 def test_a1111_inpainting_blends_each_denoised_prediction(pipe, monkeypatch):
     """A1111's CFGDenoiser returns init_latent * mask + nmask * denoised at every call, with nmask the blurred
     mask resized bicubic to the latents and rounded, and blends the result the same way. The reference runs
-    k-diffusion's Euler over the pipeline's own guided denoiser with that blend written out here."""
-    from test_a1111 import _load_kdiffusion
-
-    kd_sampling, _ = _load_kdiffusion()
+    Euler (k-diffusion's sample_euler, which A1111's "Euler" is: x += (x - D) / sigma * (sigma_next - sigma)) over
+    the pipeline's own guided denoiser with that blend written out here."""
     rec = Recorder(monkeypatch, pipe)
     init, mask = picture(64, 64), box_mask(64, 64, (24, 8, 56, 40))
     result = pipe("a red boat", steps=6, cfg_scale=6.0, seed=5, sampler="Euler", init_image=init, mask_image=mask,
@@ -185,8 +183,11 @@ def test_a1111_inpainting_blends_each_denoised_prediction(pipe, monkeypatch):
                                                   dtype=np.float32) / 255))
     keep = 1 - nmask
     blended = lambda x, sigma, **kw: c["x0"] * keep + nmask * c["denoiser"](x, sigma, **kw)
+    ref, sigmas = c["x"].clone(), c["sigmas"]
     with torch.no_grad():
-        ref = kd_sampling.sample_euler(blended, c["x"].clone(), c["sigmas"], disable=True)
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            d = (ref - blended(ref, sigma * ref.new_ones(len(ref)))) / sigma
+            ref = ref + d * (sigma_next - sigma)
     ref = c["x0"] * keep + nmask * ref
     torch.testing.assert_close(result.latents, ref, rtol=0, atol=2e-6)
     assert not torch.allclose(result.latents * nmask, c["x0"] * nmask, atol=1e-3)  # the mask was repainted
@@ -348,3 +349,31 @@ def test_api_inpainting_fields_and_the_only_masked_size_limit():
     for field, value in (("mask_blur", 65), ("inpainting_fill", 4), ("inpaint_full_res_padding", 257)):
         with pytest.raises(ValidationError, match=field):
             Img2ImgRequest(init_images=["x"], **{field: value})
+
+
+def test_a1111_inpainting_checkpoint_in_a_batch(tmp_path_factory):
+    """A 9-channel inpainting U-Net with A1111's samplers: its mask and masked-image latents (the posterior's mean,
+    one for every image of the batch) beside each image's latents, which outside the mask are the init latents."""
+    import shutil
+
+    from conftest import SD15, tiny_diffusers_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-inpaint") / "tiny-inpaint"
+    tiny_diffusers_pipeline(seed=4, unet_overrides={"in_channels": 9}).save_pretrained(path)
+    shutil.copy(SD15 / "scheduler" / "scheduler_config.json", path / "scheduler" / "scheduler_config.json")
+    pipe = StableDiffusion.from_pretrained(path)
+    inputs = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
+    try:
+        init, mask = picture(64, 64), box_mask(64, 64, (0, 0, 32, 64))
+        result = pipe("a red boat", steps=3, seed=2, batch_size=2, sampler="Euler a", init_image=init,
+                      mask_image=mask, mask_blur=2)
+    finally:
+        hook.remove()
+    assert result.latents.shape[0] == 2 and not torch.equal(result.latents[0], result.latents[1])
+    side = 64 // pipe.downscale
+    for x_in in inputs:
+        assert x_in.shape == (4, 9, side, side)  # the guided batch of 2 images
+        cond = x_in[:, 4:]
+        assert torch.equal(cond[0], cond[1]) and torch.equal(cond[0], cond[3])  # one mask and masked image for all
+        assert (cond[:, 0, :, :side // 2] == 1).all() and (cond[:, 0, :, side // 2 + 1:] == 0).all()

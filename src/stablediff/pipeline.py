@@ -676,7 +676,7 @@ class StableDiffusion:
         if not inpaint:
             return x, eps, None
         mask = source["mask"].expand(len(noise), -1, -1, -1)
-        masked = encoded(source["masked"]).float() * sf
+        masked = (encoded(source["masked"]).float() * sf).expand(len(noise), -1, -1, -1)  # (a mean: one for all)
         model = eps
         if inpainting_unet:
             extra = torch.cat([mask, masked], dim=1)

@@ -291,6 +291,22 @@ def test_img2img_resizes_init_and_mask_by_resize_mode(port):
     assert r.status_code == 422 and "resize_mode 3 is not one of 0 (Just resize)" in r.text, r.text
 
 
+def test_img2img_takes_a_batch_of_init_images(port):
+    """A1111's img2img takes up to batch_size init images, one for each image of the batch (which then has as many
+    images); image k is the request with init image k alone and seed + k; more init images than batch_size: 422."""
+    a, _ = _init_and_mask()
+    y, x = np.mgrid[0:64, 0:64]
+    b = _b64(Image.fromarray(np.stack([255 - x * 4, y * 2, x * 3], -1).astype(np.uint8)))
+    base = {**SMALL, "prompt": "a boat", "denoising_strength": 0.6}
+    body, info = _generate(port, "img2img", **base, init_images=[a, b], batch_size=4)
+    assert len(body["images"]) == 2 and info["all_seeds"] == [5, 6] and info["batch_size"] == 2
+    for k, image in enumerate((a, b)):
+        alone, _ = _generate(port, "img2img", **{**base, "seed": 5 + k}, init_images=[image])
+        assert np.abs(_pixels(body["images"][k]).astype(int) - _pixels(alone["images"][0])).max() <= 1, k
+    r = _post(port, "img2img", {**base, "init_images": [a, b, a], "batch_size": 2})
+    assert r.status_code == 422 and "init_images: 3 images for batch_size 2" in r.text, r.text
+
+
 def test_a1111_txt2img_tests(port):
     """A1111's test_txt2img.py simple_txt2img_request and its variations pass, hires fix included."""
     request = {"batch_size": 1, "cfg_scale": 7, "denoising_strength": 0, "enable_hr": False, "eta": 0,

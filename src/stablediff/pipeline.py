@@ -383,7 +383,8 @@ class StableDiffusion:
                  cancel=None, progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
 
-        txt2img by default; with `init_image` (PIL image or path) img2img: the image is encoded, noised to the step
+        txt2img by default; with `init_image` (PIL image or path; or a list of them, one for each image of the batch,
+        which then has as many images, as A1111's img2img takes them) img2img: the image is encoded, noised to the step
         `strength` (default 0.75) picks, and only the remaining steps run; with `mask_image` too, inpainting (white =
         repaint, strength default 1.0): a 9-channel inpainting U-Net gets mask and masked-image latents, a normal
         U-Net has the known latents blended back after every step, both as diffusers does. The output size defaults
@@ -433,15 +434,8 @@ class StableDiffusion:
         for control in controls:
             control.check()
         prompts, negatives = _prompt_lists(params, prompts, negatives)
-        params, init_image, mask_image, strength = self._settle(params, init_image, mask_image, len(prompts))
-        inpainting = self._inpainting(params, init_image, mask_image)
-        if inpainting is not None:
-            init_image, mask_image = inpainting.image, inpainting.mask
-        elif init_image is not None:
-            init_image, mask_image = images.fit_init(init_image.convert("RGB"), mask_image,
-                                                     (params.width, params.height), params.resize_mode)
-            if params.inpaint_full_res and self.unet.config.in_channels == 4:
-                mask_image = None  # an empty mask with only masked: img2img, as A1111 runs it
+        params, inits, mask_image, strength = self._settle(params, init_image, mask_image, len(prompts))
+        inits, mask_image, inpaintings = self._prepare_images(params, inits, mask_image)
         upscaler = hires.load_upscaler(params.hr_upscaler, upscaler_dir) if params.enable_hr else None
         units = self._control_units(controls, params)
         image_seeds = params.image_seeds(len(prompts) * params.batch_size)
@@ -456,15 +450,14 @@ class StableDiffusion:
         with circular_padding((self.unet, self.vae), params.tiling), \
                 tome.token_merging(self.unet, params.token_merging_ratio), \
                 cancel_within_steps((self.unet, self.vae), cancel):  # also inside a step: between layers
-            source = self._encode_init(init_image, mask_image, params) if init_image is not None else None
+            source = self._encode_init(inits, mask_image, params) if inits else None
             latents = torch.cat([
                 self._one_prompt(b, prompts, negatives, params, plan, image_seeds, source, wanted, units, upscaler,
                                  steps) for b in range(len(prompts))])
             weights.release(self.unet)  # (SD 1.5: its 3.2 GB leave resident memory during the decode)
             pil = images.to_pil(self.decode(latents))
-            if inpainting is not None and (samplers.SAMPLERS[params.sampler].family == "a1111"
-                                           or inpainting.paste_to is not None):
-                pil = [masking.apply_overlay(image, inpainting) for image in pil]
+            if inpaintings and (samplers.SAMPLERS[params.sampler].family == "a1111" or inpaintings[0].paste_to):
+                pil = [masking.apply_overlay(im, inpaintings[i % len(inpaintings)]) for i, im in enumerate(pil)]
             weights.release(self.vae)  # (0.33 GB: the next image's U-Net steps then peak as this one's did)
         if self.device.type == "cpu":
             malloc.return_freed_memory()  # nor is what the heap kept for this image's buffers
@@ -472,38 +465,48 @@ class StableDiffusion:
         if self.safety_checker is not None:
             pil, nsfw = self.safety_checker.censor(pil)
         inpainted = {} if mask_image is None else params.inpainting_infotext(
-            inpainting is not None and inpainting.paste_to is not None)
+            bool(inpaintings) and inpaintings[0].paste_to is not None)
         return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds, controls,
                             inpainted)
 
-    @staticmethod
-    def _inpainting(params: GenerationParams, init_image, mask_image) -> masking.Inpainting | None:
-        """The init image and mask prepared as A1111 prepares inpainting (masking.prepare) where that is asked:
-        always for A1111's samplers, and for diffusers' where one of A1111's inpainting settings is set (mask blur,
-        masked content, only masked). None otherwise (diffusers' own inpainting; img2img), and where only masked
-        finds the mask empty."""
-        if mask_image is None:
-            return None
+    def _prepare_images(self, params: GenerationParams, inits: list | None, mask):
+        """(init images, mask, inpaintings) as the run encodes them: each init image prepared as A1111 prepares
+        inpainting (masking.prepare, one Inpainting each) where that is asked: always for A1111's samplers, and for
+        diffusers' where one of A1111's inpainting settings is set (mask blur, masked content, only masked);
+        otherwise brought to the output size by params.resize_mode (images.fit_init), inpaintings None. A mask
+        that only masked finds empty drops out: img2img, as A1111 runs it (an inpainting U-Net keeps it)."""
+        if not inits:
+            return inits, mask, None
         a1111 = samplers.SAMPLERS[params.sampler].family == "a1111"
-        if not (a1111 or params.mask_blur_x or params.mask_blur_y or params.inpainting_fill != 1
-                or params.inpaint_full_res):
-            return None
-        init_image = init_image.convert("RGB")
-        return masking.prepare(init_image, images.mask_at(mask_image, init_image.size).convert("L"),
-                               params.width, params.height,
-                               blur_x=params.mask_blur_x, blur_y=params.mask_blur_y,
-                               masked_content=params.inpainting_fill, only_masked=params.inpaint_full_res,
-                               padding=params.inpaint_full_res_padding, resize_mode=params.resize_mode)
+        if mask is not None and (a1111 or params.mask_blur_x or params.mask_blur_y or params.inpainting_fill != 1
+                                 or params.inpaint_full_res):
+            prepared = [masking.prepare(im.convert("RGB"), images.mask_at(mask, im.size).convert("L"),
+                                        params.width, params.height, blur_x=params.mask_blur_x,
+                                        blur_y=params.mask_blur_y, masked_content=params.inpainting_fill,
+                                        only_masked=params.inpaint_full_res, padding=params.inpaint_full_res_padding,
+                                        resize_mode=params.resize_mode) for im in inits]
+            if prepared[0] is not None:
+                return [p.image for p in prepared], prepared[0].mask, prepared
+            if self.unet.config.in_channels == 4:
+                mask = None
+        fitted = [images.fit_init(im.convert("RGB"), mask, (params.width, params.height), params.resize_mode)
+                  for im in inits]
+        return [im for im, _ in fitted], fitted[0][1], None
 
     def _settle(self, params: GenerationParams, init_image, mask_image, n_prompts: int):
         """(validated params with size, strength and seeds filled in, init image, mask, img2img strength): the
         images opened, the settings checked against this model, random seeds drawn where none were given."""
         hr = params.enable_hr  # its strength is the hires pass's; the first pass is txt2img
-        init_image, mask_image, width, height, strength = self._init_settings(
+        inits, mask_image, width, height, strength = self._init_settings(
             init_image, mask_image, params.width, params.height, None if hr else params.strength,
             cropped=params.inpaint_full_res)
-        if hr and init_image is not None:
+        if hr and inits:
             raise ValueError("enable_hr: hires fix is a txt2img setting; give no init_image")
+        if inits and len(inits) > 1:  # a batch of init images, one an image, as A1111's img2img takes them
+            if len(inits) > params.batch_size:
+                raise ValueError(f"{len(inits)} init images for batch size {params.batch_size}: give one init "
+                                 "image, or at most batch size of them")
+            params = params.replace(batch_size=len(inits))
         params = params.replace(width=width, height=height, strength=params.strength if hr else strength)
         params = params.validate(prompts=n_prompts)
         self._check_fits(params, inpaint=mask_image is not None)
@@ -512,7 +515,7 @@ class StableDiffusion:
             params = params.replace(seed=random.randint(0, MAX_SEED - count))
         if params.subseed is None and params.subseed_strength:
             params = params.replace(subseed=random.randint(0, MAX_SEED - count))
-        return params, init_image, mask_image, strength
+        return params, inits, mask_image, strength
 
     def _one_prompt(self, b, prompts, negatives, params, plan, image_seeds, source, wanted, units, upscaler, steps):
         """Prompt b's latents: its LoRAs merged, the sampler run, then the hires pass where asked. units: the
@@ -577,22 +580,27 @@ class StableDiffusion:
         return known.final(x) if known is not None else x
 
     def _init_settings(self, init_image, mask_image, width, height, strength, cropped: bool = False):
-        """(init image, mask, width, height, strength) as the run uses them: the images opened, the size and
-        strength defaulted from the init image (img2img) or from the model (txt2img). cropped: inpainting works on
-        the mask's box (only masked), so a size other than the init image's resizes nothing of it."""
+        """(init images, mask, width, height, strength) as the run uses them: the images opened (init_image: one,
+        or a list of them, one for each image of the batch), the size and strength defaulted from the (first) init
+        image (img2img) or from the model (txt2img). cropped: inpainting works on the mask's box (only masked), so a
+        size other than the init image's resizes nothing of it."""
         if mask_image is not None and init_image is None:
             raise ValueError("mask_image needs an init_image to inpaint")
         if init_image is None:
             if strength is not None and strength != 1.0:
                 raise ValueError(f"strength {strength} needs an init_image (img2img)")
             return None, None, width or self.native_size, height or self.native_size, None
-        init_image = images.open_image(init_image)
-        width, height = images.init_size(init_image.size, width, height, warn=not (cropped and mask_image is not None))
+        inits = [images.open_image(im) for im in (init_image if isinstance(init_image, (list, tuple))
+                                                  else [init_image])]
+        if not inits:
+            raise ValueError("init_image is an empty list: give one init image, or one for each image of the batch")
+        width, height = images.init_size(inits[0].size, width, height, warn=not (cropped and mask_image is not None))
         if mask_image is not None:
             mask_image = images.open_image(mask_image)
-            images.check_mask_size(mask_image.size, init_image.size)
+            for im in inits:
+                images.check_mask_size(mask_image.size, im.size)
         strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
-        return init_image, mask_image, width, height, strength
+        return inits, mask_image, width, height, strength
 
     def _check_fits(self, params: GenerationParams, inpaint: bool) -> None:
         """Settings valid in general that this model cannot take."""
@@ -621,10 +629,12 @@ class StableDiffusion:
                                 [sub for _, sub in image_seeds])
 
     # -- img2img and inpainting ---------------------------------------------------------------------------------
-    def _encode_init(self, image, mask, params: GenerationParams) -> dict:
-        """The init image (and mask) as tensors on the device, encoded where the run needs it."""
+    def _encode_init(self, inits: list, mask, params: GenerationParams) -> dict:
+        """The init images (one, or one for each image of the batch) and mask as tensors on the device, encoded
+        where the run needs it."""
         width, height = params.width, params.height
-        pixels = images.from_pil(image, width, height).to(self.device, self.vae.post_quant_conv.weight.dtype)
+        pixels = torch.cat([images.from_pil(im, width, height) for im in inits])
+        pixels = pixels.to(self.device, self.vae.post_quant_conv.weight.dtype)
         encode = self._taesd_encoder() if self.taesd_output else functools.partial(self.vae.encode,
                                                                                     tiled=self.vae_tiling)
         source = {"posterior": encode(pixels)}

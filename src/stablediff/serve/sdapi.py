@@ -147,7 +147,7 @@ class Txt2ImgRequest(RequestModel):
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    init_images: list[str] = Field(min_length=1, max_length=1)
+    init_images: list[str] = Field(min_length=1, max_length=MAX_BATCH_SIZE)  # one, or one for each of batch_size
     denoising_strength: Number = Field(0.75, gt=0, le=1, allow_inf_nan=False)
     mask: str | None = None  # white = repaint; an RGBA mask with transparency: its alpha marks the area
     inpainting_mask_invert: Flag = 0
@@ -241,13 +241,15 @@ def check_offered(req: Txt2ImgRequest, upscaler_dir: Path | None = None) -> None
 
 def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_size: tuple[int, int] | None = None,
                   *, settings: dict | None = None, styles: dict[str, Style] | None = None,
-                  vae_dir: Path | None = None, upscaler_dir: Path | None = None) -> Plan:
+                  vae_dir: Path | None = None, upscaler_dir: Path | None = None,
+                  init_sizes: list[tuple[int, int]] | None = None) -> Plan:
     """Every check of a txt2img/img2img request that needs no model, cheapest first: the prompts' length in
     characters (413), what this API does not offer (422: hires fix, a scheduler), the styles and the VAE it names
     (422; `styles` from --styles-file, VAE files from `vae_dir`), then GenerationParams.validate (`validated`: what
     no model could run, the work asked for, the styled prompts' tokens). settings: the server's options (SETTINGS'
     keys), for what a request's override_settings leave out. Width/height left out are the init image's (img2img)
-    or `native_size`. ClientError otherwise."""
+    or `native_size`; init_sizes: every init image's (only masked answers with images of those sizes; default:
+    init_size). ClientError otherwise."""
     check_prompt_length(req, limits)
     check_offered(req, upscaler_dir)
     prompt, negative = apply_styles(req.prompt, req.negative_prompt, chosen_styles(req.styles, styles or {}))
@@ -256,6 +258,11 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
     body.update(prompt=prompt, negative_prompt=negative, override_settings={**SETTINGS, **(settings or {}), **override})
     if isinstance(req, Img2ImgRequest):
         body["enable_hr"] = False  # A1111's img2img has no hires fix and ignores the field
+        if len(req.init_images) > req.batch_size:
+            raise ClientError(422, f"init_images: {len(req.init_images)} images for batch_size {req.batch_size}; "
+                                   "give one, or at most batch_size")
+        if len(req.init_images) > 1:  # A1111: a batch of as many images
+            body["batch_size"] = len(req.init_images)
     elif not req.enable_hr:
         body["denoising_strength"] = None  # clients send txt2img a denoising_strength of 0
     vae = vae_source(body["override_settings"]["sd_vae"], vae_dir)
@@ -263,8 +270,8 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
     params = validated(GenerationParams.from_a1111(body).replace(width=width, height=height), limits, req.n_iter)
     if isinstance(req, Img2ImgRequest) and req.mask is not None and params.inpaint_full_res and init_size:
         try:  # only masked answers with images of the init image's size
-            limits.check("max_pixels", f"init image {init_size[0]}x{init_size[1]} (only masked returns its size) =",
-                         init_size[0] * init_size[1])
+            for w, h in init_sizes or [init_size]:
+                limits.check("max_pixels", f"init image {w}x{h} (only masked returns its size) =", w * h)
         except LimitError as e:
             raise ClientError(422, str(e)) from None
     try:
@@ -302,7 +309,7 @@ def png_base64(image: Image.Image, parameters: str) -> str:
 # --- the job ------------------------------------------------------------------------------------------------------
 
 def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, params: GenerationParams, limits: Limits,
-             init: Image.Image | None, mask: Image.Image | None, output_dir: Path,
+             init: list[Image.Image] | None, mask: Image.Image | None, output_dir: Path,
              upscaler_dir: Path | None = None, controls: list[Control] = ()) -> dict:
     """Run a txt2img/img2img request (`params` from check_request) on the worker thread: n_iter pipeline calls of
     batch_size images each, image k seeded seed + k as A1111 does, with the ControlNet units `controls`
@@ -315,7 +322,7 @@ def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, params: Gener
     33 x (len(prompt) + len(negative_prompt)) bytes an image; with the prompt caps of the default Limits (20,000
     characters and 1,000 tokens each) that is at most 1.3 MB an image, under 0.15 MB for printable ASCII, and the
     image count is capped by --max-images (the PNGs themselves, about 0.55 MB base64 at 512x512, add to it)."""
-    params = native_params(req, params, limits, pipe.native_size, init)
+    params = native_params(req, params, limits, pipe.native_size, init[0] if init else None)
     count = req.batch_size * req.n_iter
     if params.seed is None:
         params = params.replace(seed=random.randint(0, MAX_SEED - count))
@@ -343,20 +350,16 @@ def native_params(req: Txt2ImgRequest, params: GenerationParams, limits: Limits,
     return validated(params.replace(width=width, height=height), limits, req.n_iter)
 
 
-def fitted_images(req: Txt2ImgRequest, params: GenerationParams, init: Image.Image | None,
-                  mask: Image.Image | None) -> tuple[Image.Image | None, Image.Image | None]:
-    """The init image and mask as A1111's img2img takes them: the init image flattened onto white (its default
+def fitted_images(req: Txt2ImgRequest, params: GenerationParams, inits: list[Image.Image] | None,
+                  mask: Image.Image | None) -> tuple[list[Image.Image] | None, Image.Image | None]:
+    """The init images and mask as A1111's img2img takes them: each init image flattened onto white (its default
     img2img background colour), the mask made gray (A1111's create_binary_mask: an RGBA mask with transparency is
-    its alpha, white over 128, else its gray as it is) and inverted where asked, and checked to have the init
+    its alpha, white over 128, else its gray as it is) and inverted where asked, and checked to have each init
     image's aspect ratio (ClientError 422). The pipeline brings them to the output size (params.resize_mode) and
     prepares the inpainting (masking.py)."""
-    if init is None:
+    if not inits:
         return None, None
-    if init.mode == "RGBA":
-        white = Image.new("RGBA", init.size, (255, 255, 255, 255))
-        white.paste(init, mask=init)
-        init = white
-    init = init.convert("RGB")
+    inits = [_flattened(im) for im in inits]
     if mask is not None:
         if mask.mode == "RGBA" and mask.getextrema()[3] != (255, 255):
             mask = mask.getchannel("A").point(lambda v: 255 if v > 128 else 0)
@@ -365,10 +368,20 @@ def fitted_images(req: Txt2ImgRequest, params: GenerationParams, init: Image.Ima
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
         try:
-            images.check_mask_size(mask.size, init.size)
+            for im in inits:
+                images.check_mask_size(mask.size, im.size)
         except ValueError as e:  # a mask of another aspect ratio
             raise ClientError(422, str(e)) from None
-    return init, mask
+    return inits, mask
+
+
+def _flattened(image: Image.Image) -> Image.Image:
+    """An RGB image; a transparent one laid on white first."""
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        white.paste(image, mask=image)
+        image = white
+    return image.convert("RGB")
 
 
 def run_iterations(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int,

@@ -53,6 +53,8 @@ Decisions a client may notice:
   request. The infotext names the file ("VAE: <file>").
 - skip (A1111's /skip): the running job's current iteration (n_iter) is dropped and the next one runs; the answer
   has the images of the other iterations and info.interrupted false. A skip between two iterations is dropped.
+- init_images: one, or up to batch_size of them (one for each image of the batch, which then has as many
+  images, as A1111 does; more is a 422). The first gives the default size and the ControlNet units' image.
 - width/height left out mean the model's native size (txt2img) or the init image's (img2img); an init image of
   another size and its mask are brought to width x height by resize_mode as A1111 does (0 just resize, 1 crop and
   resize, 2 resize and fill; 3, a latent upscale, is refused), a transparent init image flattened onto white, an
@@ -310,13 +312,16 @@ async def request_model(state, override: OverrideSettings) -> ModelEntry:
     return await asyncio.to_thread(state.catalog.find, override.sd_model_checkpoint)
 
 
-async def request_images(req: Img2ImgRequest, limits: Limits) -> tuple[Image.Image, Image.Image | None]:
-    """An img2img request's init image and mask, decoded in a thread once its prompts' length passed (no decoding
-    images for a request refused anyway)."""
+async def request_images(req: Img2ImgRequest, limits: Limits) -> tuple[list[Image.Image], Image.Image | None]:
+    """An img2img request's init images and mask, decoded in a thread once its prompts' length passed and the
+    number of init images fits its batch size (no decoding images for a request refused anyway)."""
     check_prompt_length(req, limits)
-    init = await asyncio.to_thread(decode_image, req.init_images[0], "init_images[0]")
+    if len(req.init_images) > req.batch_size:
+        raise ClientError(422, f"init_images: {len(req.init_images)} images for batch_size {req.batch_size}; give "
+                               "one, or at most batch_size")
+    inits = [await asyncio.to_thread(decode_image, data, f"init_images[{i}]") for i, data in enumerate(req.init_images)]
     mask = await asyncio.to_thread(decode_image, req.mask, "mask") if req.mask else None
-    return init, mask
+    return inits, mask
 
 
 async def generation(kind: str, req: Txt2ImgRequest, request: Request) -> dict:
@@ -324,13 +329,14 @@ async def generation(kind: str, req: Txt2ImgRequest, request: Request) -> dict:
     state = request.app.state
     worker, config = state.worker, state.config
     entry = await request_model(state, req.override_settings)
-    init, mask = await request_images(req, config.limits) if kind == "img2img" else (None, None)
+    inits, mask = await request_images(req, config.limits) if kind == "img2img" else (None, None)
+    init = inits[0] if inits else None  # (the first one gives the size, and ControlNet units without an image)
     plan = await asyncio.to_thread(check_request, req, config.limits, worker.native_sizes.get(entry, NATIVE_SIZE),
                                    init.size if init is not None else None, settings=state.options["settings"],
-                                   styles=state.styles, vae_dir=config.vae_dir,
-                                   upscaler_dir=config.upscaler_dir)
+                                   styles=state.styles, vae_dir=config.vae_dir, upscaler_dir=config.upscaler_dir,
+                                   init_sizes=[im.size for im in inits] if inits else None)
     controls = await asyncio.to_thread(request_controls, req, config.controlnet_dir, init, mask)
-    job = Job(kind, lambda job: generate(job, worker.use(entry, plan.vae), req, plan.params, config.limits, init,
+    job = Job(kind, lambda job: generate(job, worker.use(entry, plan.vae), req, plan.params, config.limits, inits,
                                          mask, config.output_dir, config.upscaler_dir, controls),
               job_count=req.n_iter, steps=plan.steps,
               preview_every=preview_every(state.options["settings"], req.override_settings))

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -340,6 +340,12 @@ def test_inpainting_mask_invert_takes_booleans_and_0_1(port):
         images[value if isinstance(value, bool) else f"int{value}"] = _pixels(body["images"][0])
     assert np.array_equal(images[True], images["int1"]) and np.array_equal(images[False], images["int0"])
     assert not np.array_equal(images[True], images[False])
+    # inverted equals the inverted mask sent as it is, and says so in the infotext as A1111 does
+    flipped = _b64(ImageOps.invert(Image.open(io.BytesIO(base64.b64decode(mask))).convert("L")))
+    body, _ = _generate(port, "img2img", **{**base, "mask": flipped})
+    assert np.array_equal(_pixels(body["images"][0]), images[True])
+    _, info = _generate(port, "img2img", **base, inpainting_mask_invert=True)
+    assert "Mask mode: Inpaint not masked" in info["infotexts"][0]
     for bad in (2, -1, 0.5, "yes"):
         r = _post(port, "img2img", {**base, "inpainting_mask_invert": bad})
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "inpainting_mask_invert", bad

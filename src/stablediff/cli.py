@@ -508,6 +508,8 @@ def add_inpainting_options(parser: argparse.ArgumentParser) -> None:
                              "back into the whole image")
     parser.add_argument("--masked-padding", type=int, default=0, metavar="PX",
                         help="--only-masked: pixels around the mask's box (default: 0)")
+    parser.add_argument("--invert-mask", action="store_true",
+                        help="repaint the black part of the mask instead (A1111's mask mode 'Inpaint not masked')")
 
 
 def mask_blur_arg(value: str) -> tuple[int, int]:

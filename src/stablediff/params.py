@@ -81,6 +81,7 @@ class GenerationParams:
     inpainting_fill: int = 1  # masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpaint_full_res: bool = False  # inpaint area: False the whole picture, True only masked (cropped to the mask)
     inpaint_full_res_padding: int = 0  # only masked: pixels around the mask's box
+    inpainting_mask_invert: bool = False  # mask mode: False inpaint masked (white), True inpaint not masked
 
     def replace(self, **changes) -> "GenerationParams":
         return dataclasses.replace(self, **changes)
@@ -145,6 +146,8 @@ class GenerationParams:
              "(latent nothing)"),
             (lambda: isinstance(self.inpaint_full_res, bool),
              f"inpaint full res {self.inpaint_full_res!r} is not true or false"),
+            (lambda: isinstance(self.inpainting_mask_invert, bool),
+             f"inpainting mask invert {self.inpainting_mask_invert!r} is not true or false"),
             (lambda: _is_int(self.inpaint_full_res_padding) and 0 <= self.inpaint_full_res_padding <= MAX_PADDING,
              f"inpaint full res padding {self.inpaint_full_res_padding!r} is outside 0..{MAX_PADDING}"),
         ]
@@ -232,12 +235,13 @@ class GenerationParams:
                                model_name=model_name, version=version, extra={**ours, **(extra or {})})
 
     def inpainting_infotext(self, only_masked: bool = True) -> dict:
-        """The infotext keys A1111 writes for an inpainting run with these settings: "Mask blur" (where both
-        directions blur alike), "Masked content" (but "original"), "Inpaint area" and "Masked area padding" (where
-        the run was cropped to the mask: `only_masked`, False where the mask was empty)."""
+        """The infotext keys A1111 writes for an inpainting run with these settings: "Mask mode" (where inverted),
+        "Mask blur" (where both directions blur alike), "Masked content" (but "original"), "Inpaint area" and
+        "Masked area padding" (where the run was cropped to the mask: `only_masked`, False where the mask was
+        empty)."""
         blur = self.mask_blur_x if self.mask_blur_x == self.mask_blur_y else None
         cropped = self.inpaint_full_res and only_masked
-        return {"Mask blur": blur or None,
+        return {"Mask mode": "Inpaint not masked" if self.inpainting_mask_invert else None, "Mask blur": blur or None,
                 "Masked content": MASKED_CONTENT[self.inpainting_fill] if self.inpainting_fill != 1 else None,
                 "Inpaint area": "Only masked" if cropped else None,
                 "Masked area padding": self.inpaint_full_res_padding if cropped else None}
@@ -305,7 +309,8 @@ class GenerationParams:
                 "token_merging_ratio": self.token_merging_ratio, "resize_mode": self.resize_mode,
                 "mask_blur_x": self.mask_blur_x, "mask_blur_y": self.mask_blur_y,
                 "inpainting_fill": self.inpainting_fill, "inpaint_full_res": self.inpaint_full_res,
-                "inpaint_full_res_padding": self.inpaint_full_res_padding}
+                "inpaint_full_res_padding": self.inpaint_full_res_padding,
+                "inpainting_mask_invert": int(self.inpainting_mask_invert)}
         if self.strength is not None:
             body["denoising_strength"] = self.strength
         return body
@@ -377,6 +382,7 @@ class GenerationParams:
         argv += [f"--lora={name}:{float(m)!r}" for name, m in self.loras]
         argv += ["--tiling"] if self.tiling else []
         argv += ["--only-masked"] if self.inpaint_full_res else []
+        argv += ["--invert-mask"] if self.inpainting_mask_invert else []
         return [*argv, *self._hires_argv(), "--", self.prompt]
 
     def _hires_argv(self) -> list[str]:
@@ -413,7 +419,8 @@ class GenerationParams:
                    resize_mode=getattr(args, "resize_mode", 0), mask_blur_x=blur[0], mask_blur_y=blur[1],
                    inpainting_fill=getattr(args, "masked_content", 1),
                    inpaint_full_res=getattr(args, "only_masked", False),
-                   inpaint_full_res_padding=getattr(args, "masked_padding", 0))
+                   inpaint_full_res_padding=getattr(args, "masked_padding", 0),
+                   inpainting_mask_invert=getattr(args, "invert_mask", False))
 
 
 def size_arg(value: str | None) -> tuple[int, int] | None:
@@ -453,13 +460,16 @@ def _inpainting_from_a1111(get) -> dict:
     return dict(resize_mode=get("resize_mode", 0), mask_blur_x=get("mask_blur_x", 4) if blur is None else blur,
                 mask_blur_y=get("mask_blur_y", 4) if blur is None else blur, inpainting_fill=get("inpainting_fill", 0),
                 inpaint_full_res=bool(get("inpaint_full_res", True)),
-                inpaint_full_res_padding=get("inpaint_full_res_padding", 0))
+                inpaint_full_res_padding=get("inpaint_full_res_padding", 0),
+                inpainting_mask_invert=bool(get("inpainting_mask_invert", 0)))
 
 
 def _inpainting_from_infotext(fields: dict) -> dict:
-    """The inpainting keys of an infotext (taken out of `fields`): Mask blur, Masked content, Inpaint area, Masked
-    area padding."""
+    """The inpainting keys of an infotext (taken out of `fields`): Mask mode, Mask blur, Masked content, Inpaint
+    area, Masked area padding."""
     take, changes = fields.pop, {}
+    if "Mask mode" in fields:
+        changes["inpainting_mask_invert"] = take("Mask mode").strip().lower() == "inpaint not masked"
     if "Mask blur" in fields:
         changes["mask_blur_x"] = changes["mask_blur_y"] = _parse(int, take("Mask blur"), "Mask blur")
     if "Masked content" in fields:

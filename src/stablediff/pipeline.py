@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import ImageOps
 
 from . import __version__, cpu, embeddings, hires, images, lora, malloc, masking, rng, samplers, taesd, tome, weights
 from . import controls as controlnets
@@ -474,9 +475,12 @@ class StableDiffusion:
         inpainting (masking.prepare, one Inpainting each) where that is asked: always for A1111's samplers, and for
         diffusers' where one of A1111's inpainting settings is set (mask blur, masked content, only masked);
         otherwise brought to the output size by params.resize_mode (images.fit_init), inpaintings None. A mask
-        that only masked finds empty drops out: img2img, as A1111 runs it (an inpainting U-Net keeps it)."""
+        that only masked finds empty drops out: img2img, as A1111 runs it (an inpainting U-Net keeps it). The mask
+        is inverted first where params.inpainting_mask_invert asks."""
         if not inits:
             return inits, mask, None
+        if mask is not None and params.inpainting_mask_invert:  # (A1111's mask mode "Inpaint not masked")
+            mask = ImageOps.invert(mask.convert("L"))
         a1111 = samplers.SAMPLERS[params.sampler].family == "a1111"
         if mask is not None and (a1111 or params.mask_blur_x or params.mask_blur_y or params.inpainting_fill != 1
                                  or params.inpaint_full_res):

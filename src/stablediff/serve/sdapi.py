@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from .. import __version__, a1111, hires, images, samplers, upscalers
@@ -354,9 +354,9 @@ def fitted_images(req: Txt2ImgRequest, params: GenerationParams, inits: list[Ima
                   mask: Image.Image | None) -> tuple[list[Image.Image] | None, Image.Image | None]:
     """The init images and mask as A1111's img2img takes them: each init image flattened onto white (its default
     img2img background colour), the mask made gray (A1111's create_binary_mask: an RGBA mask with transparency is
-    its alpha, white over 128, else its gray as it is) and inverted where asked, and checked to have each init
-    image's aspect ratio (ClientError 422). The pipeline brings them to the output size (params.resize_mode) and
-    prepares the inpainting (masking.py)."""
+    its alpha, white over 128, else its gray as it is) and checked to have each init image's aspect ratio
+    (ClientError 422). The pipeline inverts the mask where asked (params.inpainting_mask_invert), brings them to
+    the output size (params.resize_mode) and prepares the inpainting (masking.py)."""
     if not inits:
         return None, None
     inits = [_flattened(im) for im in inits]
@@ -365,8 +365,6 @@ def fitted_images(req: Txt2ImgRequest, params: GenerationParams, inits: list[Ima
             mask = mask.getchannel("A").point(lambda v: 255 if v > 128 else 0)
         else:
             mask = mask.convert("L")
-        if req.inpainting_mask_invert:
-            mask = ImageOps.invert(mask)
         try:
             for im in inits:
                 images.check_mask_size(mask.size, im.size)

@@ -291,6 +291,16 @@ def test_img2img_resizes_init_and_mask_by_resize_mode(port):
     assert r.status_code == 422 and "resize_mode 3 is not one of 0 (Just resize)" in r.text, r.text
 
 
+def test_sizes_not_multiples_of_8_round_down_as_a1111(port):
+    """A1111 makes height // 8 x width // 8 latents, so width 100 gives a 96-pixel image (it had been a 422 here);
+    img2img likewise (where A1111 itself fails to match the init latents' size)."""
+    body, info = _generate(port, "txt2img", **{**SMALL, "width": 100, "height": 71})
+    assert _pixels(body["images"][0]).shape == (64, 96, 3) and "Size: 96x64" in info["infotexts"][0]
+    init, _ = _init_and_mask()
+    body, _ = _generate(port, "img2img", **{**SMALL, "width": 70, "height": 70}, init_images=[init])
+    assert _pixels(body["images"][0]).shape == (64, 64, 3)
+
+
 def test_img2img_takes_a_batch_of_init_images(port):
     """A1111's img2img takes up to batch_size init images, one for each image of the batch (which then has as many
     images); image k is the request with init image k alone and seed + k; more init images than batch_size: 422."""

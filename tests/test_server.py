@@ -228,7 +228,6 @@ def test_twenty_concurrent_requests_each_run_once_in_fifo_order(server):
 
 BAD = [  # (route, payload, text the message must contain)
     ("txt2img", {"width": 100000}, "width"),
-    ("txt2img", {"width": 100}, "width 100 is not a multiple of 8"),
     ("txt2img", {"steps": -3}, "steps"),
     ("txt2img", {"steps": "many"}, "steps"),
     ("txt2img", {"cfg_scale": True}, "cfg_scale"),

@@ -183,10 +183,10 @@ class Plan(NamedTuple):
 
 
 def output_size(req: Txt2ImgRequest, native_size: int, init_size: tuple[int, int] | None) -> tuple[int, int]:
-    """width x height a request makes: as asked, else the init image's size rounded down to a multiple of 8
-    (img2img), else the model's native size."""
-    default = images.multiple_of_8(init_size) if init_size else (native_size, native_size)
-    return req.width or default[0], req.height or default[1]
+    """width x height a request makes: as asked, else the init image's size (img2img), else the model's native
+    size; rounded down to a multiple of 8, as A1111's latents round it (width 500 makes a 496-pixel image)."""
+    default = init_size or (native_size, native_size)
+    return images.multiple_of_8((req.width or default[0], req.height or default[1]))
 
 
 def check_prompt_length(req: Txt2ImgRequest, limits: Limits) -> None:

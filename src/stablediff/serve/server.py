@@ -55,7 +55,8 @@ Decisions a client may notice:
   has the images of the other iterations and info.interrupted false. A skip between two iterations is dropped.
 - init_images: one, or up to batch_size of them (one for each image of the batch, which then has as many
   images, as A1111 does; more is a 422). The first gives the default size and the ControlNet units' image.
-- width/height left out mean the model's native size (txt2img) or the init image's (img2img); an init image of
+- width/height left out mean the model's native size (txt2img) or the init image's (img2img); either is rounded
+  down to a multiple of 8 as A1111's latents round it (width 500 makes a 496-pixel image); an init image of
   another size and its mask are brought to width x height by resize_mode as A1111 does (0 just resize, 1 crop and
   resize, 2 resize and fill; 3, a latent upscale, is refused), a transparent init image flattened onto white, an
   RGBA mask with transparency read by its alpha, white over 128, any other mask by its gray (sdapi.fitted_images).

@@ -1,6 +1,7 @@
-"""AUTOMATIC1111's inpainting, in pixels: the mask blurred, the masked area filled, the work cropped to the mask
-("Only masked"), and the init image laid back over the result. The latent side (which latents are kept while
-sampling) is in pipeline.py; both run for A1111's samplers (samplers.py, family "a1111"), whose results are A1111's.
+"""Inpainting: what is repainted and what is kept. In pixels, AUTOMATIC1111's preparation: the mask blurred, the
+masked area filled, the work cropped to the mask ("Only masked"), and the init image laid back over the result. In
+latents (`KnownLatents`, end of the file), the init latents kept outside the mask while sampling, diffusers' way or
+A1111's. The pipeline runs A1111's for A1111's samplers (samplers.py, family "a1111"), whose results are A1111's.
 
 A1111 prepares an inpainting run from the init image and the mask like this (`prepare`):
 1. The mask is blurred by a Gaussian of standard deviation `mask_blur` pixels across, then down (OpenCV's
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from . import images
+from . import images, rng
 # the fill: the masked-out image blurred by each radius, laid over the result that many times, in this order
 FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 
@@ -187,10 +190,58 @@ def apply_overlay(image: Image.Image, inpainting: Inpainting) -> Image.Image:
     return image.convert("RGB")
 
 
-def latent_mask(mask: Image.Image, width: int, height: int):
+def latent_mask(mask: Image.Image, width: int, height: int) -> torch.Tensor:
     """The mask the latents follow, (1, 1, height, width) float32 of 0/1 (1 = repaint): the mask resized bicubic
     to the latent size and rounded (half to even), as A1111 makes it."""
-    import torch
-
     small = mask.convert("L").resize((width, height), resample=Image.Resampling.BICUBIC)
     return torch.from_numpy(np.around(np.asarray(small).astype(np.float32) / 255)[None, None].copy())
+
+
+# -- the latents ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class KnownLatents:
+    """Inpainting's init latents, kept outside the mask (`repaint` 1 = repaint, at the latents' size).
+
+    diffusers' way (`noise`, the run's own): after every step x outside the mask becomes the init latents noised to
+    the next sigma (`after_step`), and the result the init latents themselves (`final`).
+    A1111's way: every prediction of the denoised image is the init latents outside the mask (`wrap`; its
+    k-diffusion samplers, `denoised`), or, for its DDIM, PLMS and UniPC, the model's input is
+    (`model_input`: the clean init latents blended into the VP latent, as A1111's timestep samplers do); then the
+    result is blended as in diffusers' way."""
+
+    latents: torch.Tensor
+    repaint: torch.Tensor
+    noise: torch.Tensor | None = None
+    denoised: bool = False
+
+    def after_step(self, x: torch.Tensor, sigma_next: float) -> torch.Tensor:
+        known = self.latents + self.noise * sigma_next
+        return (1 - self.repaint) * known + self.repaint * x
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 - self.repaint) * self.latents + self.repaint * x
+
+    def wrap(self, denoiser: Callable) -> Callable:
+        if not self.denoised:
+            return denoiser
+        return lambda x, sigma, **kw: self.final(denoiser(x, sigma, **kw))
+
+    def model_input(self, model: Callable) -> Callable:
+        def blended(x_in, t, context, **kw):
+            repeats = x_in.shape[0] // self.latents.shape[0]
+            latents, repaint = (torch.cat([v] * repeats) if repeats > 1 else v for v in (self.latents, self.repaint))
+            return model((1 - repaint.to(x_in)) * latents.to(x_in) + repaint.to(x_in) * x_in, t, context, **kw)
+        return blended
+
+
+def masked_content(x0: torch.Tensor, repaint: torch.Tensor, fill: int, noise: rng.ImageRNG) -> torch.Tensor:
+    """A1111's init latents for masked content 2 (latent noise: under the mask, each image's seed's first noise,
+    drawn afresh: no variation seed, no ENSD) and 3 (latent nothing: zeros there); x0 as it is for the others."""
+    if fill == 2:
+        fresh = torch.stack([rng.draw(rng.create_generator(noise.source, s, noise.device), noise.shape, noise.device)
+                             for s in noise.seeds]).to(x0)
+        return x0 * (1 - repaint) + fresh * repaint
+    if fill == 3:
+        return x0 * (1 - repaint)
+    return x0

@@ -661,7 +661,7 @@ class StableDiffusion:
         return lambda x: Encoded(self.taesd.encode(x.float()) / sf)
 
     def _start(self, plan, noise_rng: rng.ImageRNG, source, strength, cache=None):
-        """Initial latents x (in sigma space), the eps model, and the inpainting's KnownLatents (or None).
+        """Initial latents x (in sigma space), the eps model, and the inpainting's masking.KnownLatents (or None).
 
         Each image's generator is drawn in diffusers' order: init-image posterior sample, noise, masked-image
         posterior sample (each only where that pipeline draws it). A1111's samplers take the posteriors' means
@@ -682,7 +682,7 @@ class StableDiffusion:
             x0 = encoded(source["posterior"]).float() * sf
         noise = noise_rng.next()
         if inpaint and "repaint" in source:  # A1111's masked content: latent noise, latent nothing
-            x0 = _masked_content(x0, source["repaint"], source["fill"], noise_rng)
+            x0 = masking.masked_content(x0, source["repaint"], source["fill"], noise_rng)
         if pure_noise:
             x = noise * plan.init_noise_scale
         else:
@@ -701,9 +701,9 @@ class StableDiffusion:
                 return eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context, **kw)
 
         if "repaint" not in source:  # diffusers: the known latents, noised, put back after every step
-            known = KnownLatents(x0, mask, noise)
+            known = masking.KnownLatents(x0, mask, noise)
             return x, model, None if inpainting_unet else known
-        known = KnownLatents(x0, source["repaint"].expand_as(x0), denoised=not plan.sampler.timestep_space)
+        known = masking.KnownLatents(x0, source["repaint"].expand_as(x0), denoised=not plan.sampler.timestep_space)
         return x, (model if known.denoised else known.model_input(model)), known
 
     def eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None,
@@ -819,50 +819,3 @@ def _weights_file(path: Path) -> Path | None:
             return found[0]
     return None
 
-
-@dataclass(frozen=True, eq=False)
-class KnownLatents:
-    """Inpainting's init latents, kept outside the mask (`repaint` 1 = repaint, at the latents' size).
-
-    diffusers' way (`noise`, the run's own): after every step x outside the mask becomes the init latents noised to
-    the next sigma (`after_step`), and the result the init latents themselves (`final`).
-    A1111's way: every prediction of the denoised image is the init latents outside the mask (`wrap`; its
-    k-diffusion samplers, `denoised`), or, for its DDIM, PLMS and UniPC, the model's input is
-    (`model_input`: the clean init latents blended into the VP latent, as A1111's timestep samplers do); then the
-    result is blended as in diffusers' way."""
-
-    latents: torch.Tensor
-    repaint: torch.Tensor
-    noise: torch.Tensor | None = None
-    denoised: bool = False
-
-    def after_step(self, x: torch.Tensor, sigma_next: float) -> torch.Tensor:
-        known = self.latents + self.noise * sigma_next
-        return (1 - self.repaint) * known + self.repaint * x
-
-    def final(self, x: torch.Tensor) -> torch.Tensor:
-        return (1 - self.repaint) * self.latents + self.repaint * x
-
-    def wrap(self, denoiser: Callable) -> Callable:
-        if not self.denoised:
-            return denoiser
-        return lambda x, sigma, **kw: self.final(denoiser(x, sigma, **kw))
-
-    def model_input(self, model: Callable) -> Callable:
-        def blended(x_in, t, context, **kw):
-            repeats = x_in.shape[0] // self.latents.shape[0]
-            latents, repaint = (torch.cat([v] * repeats) if repeats > 1 else v for v in (self.latents, self.repaint))
-            return model((1 - repaint.to(x_in)) * latents.to(x_in) + repaint.to(x_in) * x_in, t, context, **kw)
-        return blended
-
-
-def _masked_content(x0: torch.Tensor, repaint: torch.Tensor, fill: int, noise: rng.ImageRNG) -> torch.Tensor:
-    """A1111's init latents for masked content 2 (latent noise: under the mask, each image's seed's first noise,
-    drawn afresh: no variation seed, no ENSD) and 3 (latent nothing: zeros there); x0 as it is for the others."""
-    if fill == 2:
-        fresh = torch.stack([rng.draw(rng.create_generator(noise.source, s, noise.device), noise.shape, noise.device)
-                             for s in noise.seeds]).to(x0)
-        return x0 * (1 - repaint) + fresh * repaint
-    if fill == 3:
-        return x0 * (1 - repaint)
-    return x0

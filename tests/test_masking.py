@@ -50,6 +50,10 @@ def test_blur_is_opencvs_gaussian_to_the_bit():
         if sy:
             ref = cv2.GaussianBlur(ref, (1, 2 * int(2.5 * sy + 0.5) + 1), sy)
         assert np.array_equal(np.asarray(masking.blur(Image.fromarray(m), sx, sy)), ref), (h, w, sx, sy)
+    # taller and wider than the rows blurred at once (BLUR_ROWS), both ways
+    m = (rng.random((masking.BLUR_ROWS * 2 + 37, masking.BLUR_ROWS + 5)) > 0.7).astype(np.uint8) * 255
+    ref = cv2.GaussianBlur(cv2.GaussianBlur(m, (2 * int(2.5 * 6 + 0.5) + 1, 1), 6), (1, 2 * int(2.5 * 9 + 0.5) + 1), 9)
+    assert np.array_equal(np.asarray(masking.blur(Image.fromarray(m), 6, 9)), ref)
 
 
 def test_blur_kernel_by_hand():
@@ -382,3 +386,17 @@ def test_a1111_inpainting_checkpoint_in_a_batch(tmp_path_factory):
         cond = x_in[:, 4:]
         assert torch.equal(cond[0], cond[1]) and torch.equal(cond[0], cond[3])  # one mask and masked image for all
         assert (cond[:, 0, :, :side // 2] == 1).all() and (cond[:, 0, :, side // 2 + 1:] == 0).all()
+
+
+def test_blur_of_a_large_mask_stays_in_bounds():
+    """The largest mask an upload may be (4096x4096) at the largest blur (64: 321 taps) is blurred row by row by a
+    convolution, not by a pixels x taps array (that was 43 GB): it needs a few copies of the mask."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    big = Image.new("L", (4096, 4096))
+    big.paste(255, (100, 100, 3000, 2000))
+    out = np.asarray(masking.blur(big, 64, 64))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 1024, grown_mb
+    assert out[1000, 1000] == 255 and out[4000, 4000] == 0 and 0 < out[2000, 1500] < 255

@@ -63,12 +63,22 @@ def _reflect101(index: np.ndarray, length: int) -> np.ndarray:
     return np.where(index >= length, period - index, index)
 
 
+BLUR_ROWS = 256  # rows blurred at once (the convolution pads its one channel to a block of 16: 16x their floats)
+
+
 def _blur_rows(a: np.ndarray, sigma: int) -> np.ndarray:
-    taps = blur_kernel(sigma)
-    half = len(taps) // 2
-    columns = _reflect101(np.arange(a.shape[1])[:, None] + np.arange(-half, half + 1)[None, :], a.shape[1])
-    total = (a.astype(np.int64)[:, columns] * taps).sum(axis=-1)
-    return ((total + 128) >> 8).astype(np.uint8)
+    """Each row of the uint8 array blurred by blur_kernel(sigma): sum(taps x pixels) / 256, rounded half up. The
+    sums are whole numbers below 2^16, so float32 products and sums are exact in any order: a convolution computes
+    them (the taps are symmetric, so correlation is convolution), BLUR_ROWS rows at a time."""
+    taps = torch.from_numpy(blur_kernel(sigma)).float()[None, None]
+    half = taps.shape[-1] // 2
+    columns = torch.from_numpy(_reflect101(np.arange(-half, a.shape[1] + half), a.shape[1]))
+    out = np.empty_like(a)
+    for top in range(0, a.shape[0], BLUR_ROWS):
+        rows = torch.from_numpy(a[top:top + BLUR_ROWS].astype(np.float32)).index_select(1, columns)[:, None]
+        total = torch.nn.functional.conv1d(rows, taps)[:, 0].round()  # (round: whatever way it sums)
+        out[top:top + BLUR_ROWS] = ((total + 128) / 256).floor().to(torch.uint8).numpy()
+    return out
 
 
 def blur(mask: Image.Image, x: int, y: int) -> Image.Image:

@@ -291,6 +291,22 @@ def test_img2img_resizes_init_and_mask_by_resize_mode(port):
     assert r.status_code == 422 and "resize_mode 3 is not one of 0 (Just resize)" in r.text, r.text
 
 
+def test_a_mask_of_another_aspect_ratio_is_refused_before_queueing(port, app, monkeypatch):
+    """422 naming both sizes, from the route: no job is made (it had been refused on the worker, after waiting in
+    the queue behind every job before it)."""
+    from stablediff.serve import server
+
+    made = []
+    monkeypatch.setattr(server, "Job", lambda *a, **kw: made.append(a) or pytest.fail("queued"))
+    init, _ = _init_and_mask()
+    r = _post(port, "img2img", {**SMALL, "init_images": [init], "mask": _b64(Image.new("L", (64, 32), 255))})
+    assert r.status_code == 422 and "mask 64x32 does not have the aspect ratio of the init image 64x64" in r.text
+    assert not made
+    r = _post(port, "img2img", {**SMALL, "init_images": [init, _b64(Image.new("RGB", (64, 32)))], "batch_size": 2,
+                                "mask": _b64(Image.new("L", (32, 32), 255))})
+    assert r.status_code == 422 and "init image 64x32" in r.text and not made
+
+
 def test_sizes_not_multiples_of_8_round_down_as_a1111(port):
     """A1111 makes height // 8 x width // 8 latents, so width 100 gives a 96-pixel image (it had been a 422 here);
     img2img likewise (where A1111 itself fails to match the init latents' size)."""

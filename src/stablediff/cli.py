@@ -474,11 +474,11 @@ def check_image_args(args: argparse.Namespace) -> tuple[int, int]:
     if args.command == "inpaint" and args.mask is None and args.pad is None:
         raise UsageError("inpaint needs --mask MASK.png, or --pad to outpaint")
     width, height = _image_size("--init-image", args.init_image)
-    from .images import check_mask_size, multiple_of_8
+    from .images import check_mask_aspect, multiple_of_8
 
     if args.mask is not None:
         try:
-            check_mask_size(_image_size("--mask", args.mask), (width, height))
+            check_mask_aspect(_image_size("--mask", args.mask), (width, height))
         except ValueError as e:
             raise UsageError(str(e)) from None
 

@@ -515,10 +515,17 @@ def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int]) -> 
     (mw, mh), (iw, ih) = mask_size, image_size
     if (mw, mh) == (iw, ih):
         return
+    check_mask_aspect(mask_size, image_size)
+    warnings.warn(f"mask {mw}x{mh} is resized to the init image's {iw}x{ih}", stacklevel=2)
+
+
+def check_mask_aspect(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """check_mask_size's refusal (ValueError) of a mask of another aspect ratio than the init image's (over 1%),
+    without its warning."""
+    (mw, mh), (iw, ih) = mask_size, image_size
     if abs(mw * ih - mh * iw) > 0.01 * mh * iw:
         raise ValueError(f"mask {mw}x{mh} does not have the aspect ratio of the init image {iw}x{ih}; stretched, "
                          f"it would mark another area: make the mask the init image's size")
-    warnings.warn(f"mask {mw}x{mh} is resized to the init image's {iw}x{ih}", stacklevel=2)
 
 
 # --- outpainting ------------------------------------------------------------------------------------------------

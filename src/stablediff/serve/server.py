@@ -315,13 +315,19 @@ async def request_model(state, override: OverrideSettings) -> ModelEntry:
 
 async def request_images(req: Img2ImgRequest, limits: Limits) -> tuple[list[Image.Image], Image.Image | None]:
     """An img2img request's init images and mask, decoded in a thread once its prompts' length passed and the
-    number of init images fits its batch size (no decoding images for a request refused anyway)."""
+    number of init images fits its batch size (no decoding images for a request refused anyway); a mask of another
+    aspect ratio than an init image's is a 422 here, before the job is queued."""
     check_prompt_length(req, limits)
     if len(req.init_images) > req.batch_size:
         raise ClientError(422, f"init_images: {len(req.init_images)} images for batch_size {req.batch_size}; give "
                                "one, or at most batch_size")
     inits = [await asyncio.to_thread(decode_image, data, f"init_images[{i}]") for i, data in enumerate(req.init_images)]
     mask = await asyncio.to_thread(decode_image, req.mask, "mask") if req.mask else None
+    try:  # (before the job waits in the queue)
+        for init in inits if mask is not None else ():
+            images.check_mask_aspect(mask.size, init.size)
+    except ValueError as e:
+        raise ClientError(422, str(e)) from None
     return inits, mask
 
 

@@ -400,3 +400,17 @@ def test_blur_of_a_large_mask_stays_in_bounds():
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 1024, grown_mb
     assert out[1000, 1000] == 255 and out[4000, 4000] == 0 and 0 < out[2000, 1500] < 255
+
+
+def test_a_txt2img_remake_names_the_inpainting_settings_it_cannot_use():
+    from stablediff.params import txt2img_from_infotext
+
+    params, notes = txt2img_from_infotext("a boat\nSteps: 20, Sampler: Euler, Seed: 3, Size: 64x64, Denoising "
+                                          "strength: 0.7, Mask blur: 4, Masked content: fill, Inpaint area: Only "
+                                          "masked, Masked area padding: 32")
+    assert notes == ["Denoising strength: 0.7 (an img2img or hires fix setting)",
+                     "Mask blur: 4 (an inpainting setting)", "Masked content: fill (an inpainting setting)",
+                     "Inpaint area: Only masked (an inpainting setting)",
+                     "Masked area padding: 32 (an inpainting setting)"]
+    assert params == GenerationParams(prompt="a boat", steps=20, sampler="Euler", seed=3, width=64, height=64,
+                                      rng="gpu")

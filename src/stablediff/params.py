@@ -33,6 +33,8 @@ MAX_LORA_MULTIPLIER = 100.0
 MAX_TOKEN_MERGING_RATIO = 0.9  # the most of a level's tokens ToMe may merge (tome.py)
 MAX_MASK_BLUR, MAX_PADDING = 64, 256  # inpainting's mask blur and only-masked padding, in pixels (A1111's sliders)
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's names of inpainting_fill 0..3
+INPAINTING_FIELDS = ("mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+                     "inpainting_mask_invert")
 RNG_SOURCES = ("cpu", "gpu", "nv")  # where noise comes from: rng.py draws each
 # infotext keys that record what made an image rather than say how to make it: not reported as unused
 INFOTEXT_RECORDS = frozenset({"Model hash", "Model", "VAE hash", "VAE", "Version", "Lora hashes", "TI hashes",
@@ -517,6 +519,10 @@ def txt2img_from_infotext(text: str, *, keep_strength: bool = False,
     if params.strength is not None and not params.enable_hr and not keep_strength:
         notes.append(f"Denoising strength: {params.strength} (an img2img or hires fix setting)")
         params = params.replace(strength=None)
+    inpainting = {k: v for k, v in params.inpainting_infotext().items() if v is not None}
+    if inpainting:  # read, but a txt2img remake has no mask to use them on
+        notes += [f"{k}: {v} (an inpainting setting)" for k, v in inpainting.items()]
+        params = params.replace(**{f: GenerationParams.__dataclass_fields__[f].default for f in INPAINTING_FIELDS})
     return params, notes
 
 

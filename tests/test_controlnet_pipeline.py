@@ -440,3 +440,29 @@ def test_full_size_controlnet_pipeline_matches_diffusers(all_cores):
     assert_close(got, want, LATENT_TOL)
     assert (got - pipe(PROMPT, steps=3, cfg_scale=7.0, seed=SEED, width=128, height=128,
                        sampler="euler").latents).abs().max() > 1e-2
+
+
+def test_only_masked_cuts_each_units_image_to_the_box(pipe, controlnets, monkeypatch):
+    """Inpainting's only masked works on the mask's box, and sd-webui-controlnet cuts each unit's image to the same
+    box (after bringing it to the init image's size by the unit's resize mode; then resize and fill to width x
+    height): the map is made from that cut image."""
+    from stablediff import controls, masking
+    from stablediff.images import resize_init
+    from test_img2img import picture
+
+    seen = []
+    hint = controls.Control.hint
+    monkeypatch.setattr(controls.Control, "hint", lambda self, w, h: seen.append(self.image) or hint(self, w, h))
+    (_, path), init = controlnets[0], picture(96, 80, 1)
+    m = Image.new("L", (96, 80), 0)
+    m.paste(255, (50, 20, 70, 44))
+    image = control_image(7, (48, 40))  # half the init image's size: "Just Resize" doubles it first
+    common = dict(steps=3, seed=SEED, sampler="Euler", width=64, height=64, init_image=init, mask_image=m,
+                  controls=[Control(image, path, resize_mode="Just Resize")])
+    got = pipe(PROMPT, inpaint_full_res=True, inpaint_full_res_padding=4, **common)
+    x, y, w, h = masking.prepare(init, m, 64, 64, only_masked=True, padding=4).paste_to
+    cut = resize_init(resize_init(image, 96, 80, 0).crop((x, y, x + w, y + h)), 64, 64, 2)
+    assert seen[0].size == (64, 64) and np.array_equal(np.asarray(seen[0]), np.asarray(cut))
+    whole = pipe(PROMPT, **common)
+    assert seen[1] is image and got.images[0].size == (96, 80)
+    assert not torch.allclose(got.latents, whole.latents, atol=1e-3)

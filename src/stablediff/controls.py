@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +119,18 @@ class Control:
     @property
     def cond_only(self) -> bool:
         return self.guess_mode or self.control_mode == "ControlNet is more important"
+
+    def cropped(self, size: tuple[int, int], box: tuple[int, int, int, int], width: int, height: int) -> "Control":
+        """The unit for inpainting's only masked (masking.Inpainting.paste_to `box`, (left, top, width, height) in
+        the init image's `size`), as sd-webui-controlnet crops it: its image brought to the init image's size by
+        its resize mode (A1111's resize), cut to the box, and brought to width x height by resize and fill.
+        Reference units, which take no map, stay as they are."""
+        if self.preprocessor.startswith("reference"):
+            return self
+        x, y, w, h = box
+        mode = preprocess.RESIZE_MODES.index(self.resize_mode_name)
+        image = images.resize_init(images.open_image(self.image), *size, mode)
+        return replace(self, image=images.resize_init(image.crop((x, y, x + w, y + h)), width, height, 2))
 
     def hint(self, width: int, height: int) -> torch.Tensor:
         """The control map (1, 3, height, width), float32: preprocessed, then fit to the size (with a note where

@@ -436,7 +436,10 @@ class StableDiffusion:
             control.check()
         prompts, negatives = _prompt_lists(params, prompts, negatives)
         params, inits, mask_image, strength = self._settle(params, init_image, mask_image, len(prompts))
+        init_size = inits[0].size if inits else None
         inits, mask_image, inpaintings = self._prepare_images(params, inits, mask_image)
+        if inpaintings and inpaintings[0].paste_to is not None:  # only masked: each unit's image cut to the box too
+            controls = [c.cropped(init_size, inpaintings[0].paste_to, params.width, params.height) for c in controls]
         upscaler = hires.load_upscaler(params.hr_upscaler, upscaler_dir) if params.enable_hr else None
         units = self._control_units(controls, params)
         image_seeds = params.image_seeds(len(prompts) * params.batch_size)

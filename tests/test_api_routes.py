@@ -307,6 +307,21 @@ def test_a_mask_of_another_aspect_ratio_is_refused_before_queueing(port, app, mo
     assert r.status_code == 422 and "init image 64x32" in r.text and not made
 
 
+def test_img2img_noise_multiplier_field_and_option(port):
+    """A1111's initial_noise_multiplier, as a request field or its option (override_settings): the same image,
+    "Noise multiplier: 0.9" in the infotext; another image than 1's."""
+    init, _ = _init_and_mask()
+    base = {**SMALL, "prompt": "a boat", "init_images": [init], "denoising_strength": 0.6}
+    field, info = _generate(port, "img2img", **base, initial_noise_multiplier=0.9)
+    option, _ = _generate(port, "img2img", **base, override_settings={"initial_noise_multiplier": 0.9})
+    plain, plain_info = _generate(port, "img2img", **base)
+    assert np.array_equal(_pixels(field["images"][0]), _pixels(option["images"][0]))
+    assert not np.array_equal(_pixels(field["images"][0]), _pixels(plain["images"][0]))
+    assert "Noise multiplier: 0.9" in info["infotexts"][0] and "Noise multiplier" not in plain_info["infotexts"][0]
+    r = _post(port, "img2img", {**base, "initial_noise_multiplier": 3})
+    assert r.status_code == 422 and "initial_noise_multiplier" in r.text
+
+
 def test_sizes_not_multiples_of_8_round_down_as_a1111(port):
     """A1111 makes height // 8 x width // 8 latents, so width 100 gives a 96-pixel image (it had been a 422 here);
     img2img likewise (where A1111 itself fails to match the init latents' size)."""

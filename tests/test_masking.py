@@ -311,17 +311,17 @@ def test_cli_inpainting_options(tiny_model_dir, tmp_path, pipe):
     r = run_cli("inpaint", "a dog", "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png", "--model",
                 tiny_model_dir, "--steps", "3", "--seed", "3", "--sampler", "Euler a", "--width", "64", "--height",
                 "64", "--mask-blur", "2", "--masked-content", "latent-nothing", "--only-masked", "--masked-padding",
-                "4", "--invert-mask", "--output-dir", out, "--quiet", cwd=tmp_path)
+                "4", "--invert-mask", "--noise-multiplier", "0.95", "--output-dir", out, "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     (png,) = out.glob("*.png")
     want = pipe("a dog", steps=3, seed=3, sampler="Euler a", width=64, height=64, init_image=init,
                 mask_image=ImageOps.invert(mask), mask_blur=2, inpainting_fill=3, inpaint_full_res=True,
-                inpaint_full_res_padding=4)
+                inpaint_full_res_padding=4, noise_multiplier=0.95)
     got = Image.open(png)
     assert got.size == (96, 80)  # (another process: its thread count may round the products differently)
     assert np.abs(np.asarray(got.convert("RGB")).astype(int) - np.asarray(want.images[0])).max() <= 2
     assert "Mask mode: Inpaint not masked, Mask blur: 2, Masked content: latent nothing, Inpaint area: Only masked, " \
-        "Masked area padding: 4" in got.text["parameters"]
+        "Masked area padding: 4, Noise multiplier: 0.95" in got.text["parameters"]
     base = ["inpaint", "x", "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png", "--model",
             tiny_model_dir]
     for args, bad in [(["--mask-blur", "65"], "mask blur 65 is outside 0..64"),
@@ -414,3 +414,25 @@ def test_a_txt2img_remake_names_the_inpainting_settings_it_cannot_use():
                      "Masked area padding: 32 (an inpainting setting)"]
     assert params == GenerationParams(prompt="a boat", steps=20, sampler="Euler", seed=3, width=64, height=64,
                                       rng="gpu")
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM", "euler"])
+def test_img2img_noise_multiplier(pipe, monkeypatch, sampler):
+    """A1111's initial noise multiplier: img2img's start noise (the seed's first draw) scaled by it, before the
+    sampler noises the init latents with it; infotext "Noise multiplier", read back; a txt2img remake names it."""
+    from stablediff.params import txt2img_from_infotext
+
+    rec = Recorder(monkeypatch, pipe)
+    init = picture(64, 64)
+    result = pipe("a red boat", steps=4, seed=6, sampler=sampler, init_image=init, strength=0.6,
+                  noise_multiplier=0.9)
+    scaled = dict(rec.calls)
+    pipe("a red boat", steps=4, seed=6, sampler=sampler, init_image=init, strength=0.6)
+    torch.testing.assert_close(scaled["noise"], 0.9 * rec.calls["noise"], rtol=0, atol=0)
+    torch.testing.assert_close(scaled["x0"], rec.calls["x0"], rtol=0, atol=0)
+    text = result.infotexts[0]
+    assert "Noise multiplier: 0.9" in text and GenerationParams.from_infotext(text)[0].noise_multiplier == 0.9
+    params, notes = txt2img_from_infotext(text)
+    assert params.noise_multiplier == 1.0 and "Noise multiplier: 0.9 (an img2img setting)" in notes
+    with pytest.raises(ValueError, match=r"noise multiplier 0 is outside \(0, 2\]"):
+        pipe("x", steps=2, init_image=init, noise_multiplier=0)

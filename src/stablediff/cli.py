@@ -487,6 +487,10 @@ def check_image_args(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def add_resize_mode_option(parser: argparse.ArgumentParser) -> None:
+    """img2img's and inpaint's own options: --resize-mode, --noise-multiplier."""
+    parser.add_argument("--noise-multiplier", type=float, default=1.0, metavar="M",
+                        help="scale the noise img2img starts from, as A1111's 'Noise multiplier for img2img' "
+                             "(default: 1)")
     parser.add_argument("--resize-mode", type=resize_mode_arg, default=0, metavar="MODE",
                         help="how an init image (and mask) of another aspect ratio than --width x --height is "
                              "brought to that size, as A1111's resize mode: just-resize (stretch; the default), "

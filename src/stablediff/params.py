@@ -31,6 +31,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
 MAX_TOKEN_MERGING_RATIO = 0.9  # the most of a level's tokens ToMe may merge (tome.py)
+MAX_NOISE_MULTIPLIER = 2.0  # img2img's initial noise multiplier (A1111's slider: 0.5..1.5)
 MAX_MASK_BLUR, MAX_PADDING = 64, 256  # inpainting's mask blur and only-masked padding, in pixels (A1111's sliders)
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's names of inpainting_fill 0..3
 INPAINTING_FIELDS = ("mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
@@ -77,6 +78,7 @@ class GenerationParams:
     hr_negative_prompt: str = ""
     # img2img: an init image (and mask) of another size than width x height is brought to it by A1111's resize mode
     resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill (images.RESIZE_MODES)
+    noise_multiplier: float = 1.0  # img2img: A1111's initial noise multiplier (the start's noise scaled by it)
     # inpainting as A1111 prepares it (masking.py), A1111's API names; diffusers' samplers keep the latents as diffusers
     mask_blur_x: int = 0  # the mask's Gaussian blur across, in pixels (A1111's API default: 4)
     mask_blur_y: int = 0  # and down
@@ -139,6 +141,8 @@ class GenerationParams:
             (lambda: isinstance(self.tiling, bool), f"tiling {self.tiling!r} is not true or false"),
             (lambda: _is_number(self.token_merging_ratio) and 0 <= self.token_merging_ratio <= MAX_TOKEN_MERGING_RATIO,
              f"token merging ratio {self.token_merging_ratio!r} is outside 0..{MAX_TOKEN_MERGING_RATIO}"),
+            (lambda: _is_number(self.noise_multiplier) and 0 < self.noise_multiplier <= MAX_NOISE_MULTIPLIER,
+             f"noise multiplier {self.noise_multiplier!r} is outside (0, {MAX_NOISE_MULTIPLIER:g}]"),
             (lambda: self.resize_mode in (0, 1, 2) and _is_int(self.resize_mode),
              f"resize mode {self.resize_mode!r} is not 0 (just resize), 1 (crop and resize) or 2 (resize and fill)"),
             *[(lambda v=v: _is_int(v) and 0 <= v <= MAX_MASK_BLUR, f"mask blur {v!r} is outside 0..{MAX_MASK_BLUR}")
@@ -262,7 +266,8 @@ class GenerationParams:
                    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
                    "Size-1": ("width", int), "Size-2": ("height", int), "Denoising strength": ("strength", float),
                    "Clip skip": ("clip_skip", int), "Cache interval": ("cache_interval", int),
-                   "Token merging ratio": ("token_merging_ratio", float)}
+                   "Token merging ratio": ("token_merging_ratio", float),
+                   "Noise multiplier": ("noise_multiplier", float)}
         for key, (name, kind) in readers.items():
             if key in fields:
                 changes[name] = _parse(kind, take(key), key)
@@ -309,6 +314,7 @@ class GenerationParams:
                 "hr_scheduler": self.hr_schedule, "hr_prompt": self.hr_prompt,
                 "hr_negative_prompt": self.hr_negative_prompt, "tiling": self.tiling,
                 "token_merging_ratio": self.token_merging_ratio, "resize_mode": self.resize_mode,
+                "initial_noise_multiplier": self.noise_multiplier,
                 "mask_blur_x": self.mask_blur_x, "mask_blur_y": self.mask_blur_y,
                 "inpainting_fill": self.inpainting_fill, "inpaint_full_res": self.inpaint_full_res,
                 "inpaint_full_res_padding": self.inpaint_full_res_padding,
@@ -374,6 +380,7 @@ class GenerationParams:
                   "--seed-resize-from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None,
                   "--token-merging-ratio": self.token_merging_ratio or None,
                   "--resize-mode": self.resize_mode or None,
+                  "--noise-multiplier": None if self.noise_multiplier == 1 else self.noise_multiplier,
                   "--mask-blur": None if not (self.mask_blur_x or self.mask_blur_y) else self.mask_blur_x
                   if self.mask_blur_x == self.mask_blur_y else f"{self.mask_blur_x},{self.mask_blur_y}",
                   "--masked-content": MASKED_CONTENT[self.inpainting_fill].replace(" ", "-")
@@ -418,7 +425,8 @@ class GenerationParams:
                    hr_negative_prompt=args.hr_negative_prompt,
                    tiling=getattr(args, "tiling", False),
                    token_merging_ratio=getattr(args, "token_merging_ratio", 0.0),
-                   resize_mode=getattr(args, "resize_mode", 0), mask_blur_x=blur[0], mask_blur_y=blur[1],
+                   resize_mode=getattr(args, "resize_mode", 0), noise_multiplier=getattr(args, "noise_multiplier", 1.0),
+                   mask_blur_x=blur[0], mask_blur_y=blur[1],
                    inpainting_fill=getattr(args, "masked_content", 1),
                    inpaint_full_res=getattr(args, "only_masked", False),
                    inpaint_full_res_padding=getattr(args, "masked_padding", 0),
@@ -457,9 +465,12 @@ def _hires_from_a1111(get) -> dict:
 def _inpainting_from_a1111(get) -> dict:
     """A1111's img2img fields (an img2img body: one with init_images), with its API's defaults (which are not its
     web page's): mask blur 4, masked content 0 (fill), only masked, padding 0. `mask_blur`, where given, sets both
-    directions."""
+    directions. The noise multiplier: the request's, else its override_settings' (A1111's option)."""
     blur = get("mask_blur")
-    return dict(resize_mode=get("resize_mode", 0), mask_blur_x=get("mask_blur_x", 4) if blur is None else blur,
+    override = get("override_settings") or {}
+    return dict(resize_mode=get("resize_mode", 0),
+                noise_multiplier=get("initial_noise_multiplier") or override.get("initial_noise_multiplier") or 1.0,
+                mask_blur_x=get("mask_blur_x", 4) if blur is None else blur,
                 mask_blur_y=get("mask_blur_y", 4) if blur is None else blur, inpainting_fill=get("inpainting_fill", 0),
                 inpaint_full_res=bool(get("inpaint_full_res", True)),
                 inpaint_full_res_padding=get("inpaint_full_res_padding", 0),
@@ -519,6 +530,9 @@ def txt2img_from_infotext(text: str, *, keep_strength: bool = False,
     if params.strength is not None and not params.enable_hr and not keep_strength:
         notes.append(f"Denoising strength: {params.strength} (an img2img or hires fix setting)")
         params = params.replace(strength=None)
+    if params.noise_multiplier != 1:
+        notes.append(f"Noise multiplier: {params.noise_multiplier} (an img2img setting)")
+        params = params.replace(noise_multiplier=1.0)
     inpainting = {k: v for k, v in params.inpainting_infotext().items() if v is not None}
     if inpainting:  # read, but a txt2img remake has no mask to use them on
         notes += [f"{k}: {v} (an inpainting setting)" for k, v in inpainting.items()]

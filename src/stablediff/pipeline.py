@@ -378,7 +378,8 @@ class StableDiffusion:
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
                  rng: str = "cpu", ensd: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
                  seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
-                 token_merging_ratio: float = 0.0, resize_mode: int = 0, mask_blur: int | tuple[int, int] = 0,
+                 token_merging_ratio: float = 0.0, resize_mode: int = 0, noise_multiplier: float = 1.0,
+                 mask_blur: int | tuple[int, int] = 0,
                  inpainting_fill: int = 1, inpaint_full_res: bool = False, inpaint_full_res_padding: int = 0,
                  controls: list[controlnets.Control] = (), callback: Callable[[StepInfo], None] | None = None,
                  cancel=None, progress: bool = False) -> GenerationResult:
@@ -397,7 +398,8 @@ class StableDiffusion:
         (the seed's noise slerped toward the subseed's; every image then keeps `seed` and image k uses subseed + k);
         seed_resize_from=(w, h): the seed's noise as drawn at that size, centred.
         resize_mode: A1111's, for an init image (and mask) of another aspect ratio than width x height: 0 stretch,
-        1 crop and resize, 2 resize and fill. Inpainting as A1111 prepares it (masking.py): mask_blur (pixels, or
+        1 crop and resize, 2 resize and fill. noise_multiplier: img2img's start noise scaled by it (A1111's "Noise
+        multiplier for img2img"). Inpainting as A1111 prepares it (masking.py): mask_blur (pixels, or
         (across, down)), inpainting_fill (masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing),
         inpaint_full_res (only masked: the mask's box, grown by inpaint_full_res_padding, inpainted at width x height
         and pasted back). A1111's samplers ("Euler a", ...) inpaint as A1111 does: those settings, its latent mask
@@ -415,7 +417,7 @@ class StableDiffusion:
             sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
             loras=tuple((loras or {}).items()), cache_interval=cache_interval, rng=rng, ensd=ensd, subseed=subseed,
             subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, tiling=tiling,
-            token_merging_ratio=token_merging_ratio, resize_mode=resize_mode,
+            token_merging_ratio=token_merging_ratio, resize_mode=resize_mode, noise_multiplier=noise_multiplier,
             mask_blur_x=mask_blur if isinstance(mask_blur, int) else mask_blur[0],
             mask_blur_y=mask_blur if isinstance(mask_blur, int) else mask_blur[1], inpainting_fill=inpainting_fill,
             inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding)
@@ -470,6 +472,8 @@ class StableDiffusion:
             pil, nsfw = self.safety_checker.censor(pil)
         inpainted = {} if mask_image is None else params.inpainting_infotext(
             bool(inpaintings) and inpaintings[0].paste_to is not None)
+        if inits and params.noise_multiplier != 1:
+            inpainted["Noise multiplier"] = params.noise_multiplier
         return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds, controls,
                             inpainted)
 
@@ -566,7 +570,7 @@ class StableDiffusion:
                                           params.clip_skip)
         weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till next needed
         cache = DeepCache(params.cache_interval) if params.cache_interval > 1 else None
-        x, model, known = self._start(plan, noise, source, params.strength, cache)
+        x, model, known = self._start(plan, noise, source, params.strength, cache, params.noise_multiplier)
         if controls:
             model = controlnets.ControlledEps(model, list(controls), plan.timesteps, len(seeds))
         denoiser = self.scheduled_denoiser(plan, conds, uncond, params.cfg_scale, model=model)
@@ -663,11 +667,12 @@ class StableDiffusion:
         sf = self.vae.config.scaling_factor
         return lambda x: Encoded(self.taesd.encode(x.float()) / sf)
 
-    def _start(self, plan, noise_rng: rng.ImageRNG, source, strength, cache=None):
+    def _start(self, plan, noise_rng: rng.ImageRNG, source, strength, cache=None, noise_multiplier: float = 1.0):
         """Initial latents x (in sigma space), the eps model, and the inpainting's masking.KnownLatents (or None).
 
         Each image's generator is drawn in diffusers' order: init-image posterior sample, noise, masked-image
-        posterior sample (each only where that pipeline draws it). A1111's samplers take the posteriors' means
+        posterior sample (each only where that pipeline draws it). img2img's start noise is scaled by
+        noise_multiplier (A1111's initial noise multiplier). A1111's samplers take the posteriors' means
         and draw only the noise: A1111 samples the posteriors from torch's global generator (seeded by nothing
         of the image's), and its noise is each seed's first draw, which a sample drawn first would displace."""
         sf = self.vae.config.scaling_factor
@@ -689,7 +694,7 @@ class StableDiffusion:
         if pure_noise:
             x = noise * plan.init_noise_scale
         else:
-            x = plan.noised(x0, noise)
+            x = plan.noised(x0, noise if "latents" in source else noise * noise_multiplier)
         if not inpaint:
             return x, eps, None
         mask = source["mask"].expand(len(noise), -1, -1, -1)

@@ -26,7 +26,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from .. import __version__, a1111, hires, images, samplers, upscalers
 from ..controls import Control
 from ..limits import LimitError, Limits
-from ..params import MAX_MASK_BLUR, MAX_PADDING, MAX_SEED, MAX_TOKEN_MERGING_RATIO, GenerationParams
+from ..params import (MAX_MASK_BLUR, MAX_NOISE_MULTIPLIER, MAX_PADDING, MAX_SEED, MAX_TOKEN_MERGING_RATIO,
+                      GenerationParams)
 from ..pipeline import Cancelled, StableDiffusion
 from ..schedule import NoiseSchedule
 from ..styles import Style, apply_styles
@@ -84,11 +85,13 @@ class OverrideSettings(RequestModel):
     live_previews_enable: bool | None = None  # /progress's current_image: the image forming
     show_progress_every_n_steps: Int | None = Field(None, ge=-1, le=1000)  # a new preview every N steps (-1: off)
     token_merging_ratio: Number | None = Field(None, ge=0, le=MAX_TOKEN_MERGING_RATIO, allow_inf_nan=False)  # ToMe
+    initial_noise_multiplier: Number | None = Field(None, gt=0, le=MAX_NOISE_MULTIPLIER, allow_inf_nan=False)  # img2img
 
 
 # the generation settings POST /options sets for later requests, at A1111's defaults
 SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_vae": "Automatic",
-            "live_previews_enable": True, "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0}
+            "live_previews_enable": True, "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0,
+            "initial_noise_multiplier": 1.0}
 
 
 class Txt2ImgRequest(RequestModel):
@@ -153,6 +156,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpainting_mask_invert: Flag = 0
     include_init_images: bool = False
     resize_mode: Int = 0  # A1111's: init image and mask to width x height (images.resize_init)
+    initial_noise_multiplier: Number | None = Field(None, gt=0, le=MAX_NOISE_MULTIPLIER, allow_inf_nan=False)
     # inpainting (masking.py), with A1111's API defaults; mask_blur, where given, sets both directions
     mask_blur: Int | None = Field(None, ge=0, le=MAX_MASK_BLUR)
     mask_blur_x: Int = Field(4, ge=0, le=MAX_MASK_BLUR)

@@ -470,12 +470,11 @@ class StableDiffusion:
         nsfw = [False] * len(pil)
         if self.safety_checker is not None:
             pil, nsfw = self.safety_checker.censor(pil)
-        inpainted = {} if mask_image is None else params.inpainting_infotext(
+        img2img = {} if mask_image is None else params.inpainting_infotext(
             bool(inpaintings) and inpaintings[0].paste_to is not None)
         if inits and params.noise_multiplier != 1:
-            inpainted["Noise multiplier"] = params.noise_multiplier
-        return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds, controls,
-                            inpainted)
+            img2img["Noise multiplier"] = params.noise_multiplier
+        return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds, controls, img2img)
 
     def _prepare_images(self, params: GenerationParams, inits: list | None, mask):
         """(init images, mask, inpaintings) as the run encodes them: each init image prepared as A1111 prepares
@@ -623,8 +622,9 @@ class StableDiffusion:
             raise ValueError("this is an inpainting checkpoint (U-Net in_channels 9): give init_image and mask_image")
 
     def _result(self, pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds,
-                controls=(), inpainted: dict | None = None) -> GenerationResult:
-        """The call's result, with one infotext per image (ControlNet units as sd-webui-controlnet writes them)."""
+                controls=(), img2img: dict | None = None) -> GenerationResult:
+        """The call's result, with one infotext per image (ControlNet units as sd-webui-controlnet writes them;
+        `img2img`: the keys an img2img or inpainting run adds, as A1111 writes them)."""
         k = params.batch_size
         all_prompts = [p for p in prompts for _ in range(k)]
         all_negatives = [n for n in negatives for _ in range(k)]
@@ -633,7 +633,7 @@ class StableDiffusion:
         hashes = [self._addon_hashes(p, n, w) for p, n, w in zip(prompts, negatives, wanted)]
         infotexts = [params.replace(prompt=p, negative_prompt=n, seed=s, subseed=sub).to_infotext(
             model_hash=self.model_hash, model_name=self.model_name, version=__version__,
-            extra={**(inpainted or {}), **hashes[i // k], "VAE hash": self.vae_hash, "VAE": self.vae_name, **units,
+            extra={**(img2img or {}), **hashes[i // k], "VAE hash": self.vae_hash, "VAE": self.vae_name, **units,
                    "NSFW": "true" if flagged else None})
             for i, (p, n, (s, sub), flagged) in enumerate(zip(all_prompts, all_negatives, image_seeds, nsfw))]
         return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw,

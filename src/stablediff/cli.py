@@ -221,7 +221,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     i2i.add_argument("--init-image", required=True, type=Path, metavar="IN.png", help="the starting image")
     i2i.add_argument("--strength", type=float, default=0.75, metavar="S",
                      help="how much to change it, in (0, 1] (default: 0.75)")
-    add_resize_mode_option(i2i)
+    add_img2img_options(i2i)
     add_generation_options(i2i)
     add_preview_options(i2i)
     i2i.set_defaults(func=cmd_img2img, mask=None, pad=None)
@@ -239,7 +239,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                           "multiples of 8; --mask, if given, is padded with white")
     inp.add_argument("--strength", type=float, default=1.0, metavar="S",
                      help="how much to change the masked area, in (0, 1] (default: 1.0)")
-    add_resize_mode_option(inp)
+    add_img2img_options(inp)
     add_inpainting_options(inp)
     add_generation_options(inp)
     add_preview_options(inp)
@@ -486,7 +486,7 @@ def check_image_args(args: argparse.Namespace) -> tuple[int, int]:
     return size if args.pad is None else _padded_size(args, size)
 
 
-def add_resize_mode_option(parser: argparse.ArgumentParser) -> None:
+def add_img2img_options(parser: argparse.ArgumentParser) -> None:
     """img2img's and inpaint's own options: --resize-mode, --noise-multiplier."""
     parser.add_argument("--noise-multiplier", type=float, default=1.0, metavar="M",
                         help="scale the noise img2img starts from, as A1111's 'Noise multiplier for img2img' "

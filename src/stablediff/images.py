@@ -501,10 +501,10 @@ def fit_init(init: Image.Image, mask: Image.Image | None, size: tuple[int, int],
 
 def mask_at(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     """The mask at the init image's `size`: as it is, or resized (Lanczos) where it has its aspect ratio
-    (check_mask_size: ValueError otherwise)."""
+    (check_mask_aspect: ValueError otherwise; the caller that opened it warned of the resize, check_mask_size)."""
     if mask.size == size:
         return mask
-    check_mask_size(mask.size, size)
+    check_mask_aspect(mask.size, size)
     return mask.resize(size, resample=Image.Resampling.LANCZOS)
 
 

@@ -490,7 +490,7 @@ class StableDiffusion:
         a1111 = samplers.SAMPLERS[params.sampler].family == "a1111"
         if mask is not None and (a1111 or params.mask_blur_x or params.mask_blur_y or params.inpainting_fill != 1
                                  or params.inpaint_full_res):
-            prepared = [masking.prepare(im.convert("RGB"), images.mask_at(mask, im.size).convert("L"),
+            prepared = [masking.prepare(im, images.mask_at(mask, im.size).convert("L"),
                                         params.width, params.height, blur_x=params.mask_blur_x,
                                         blur_y=params.mask_blur_y, masked_content=params.inpainting_fill,
                                         only_masked=params.inpaint_full_res, padding=params.inpaint_full_res_padding,
@@ -703,11 +703,12 @@ class StableDiffusion:
         if inpainting_unet:
             extra = torch.cat([mask, masked], dim=1)
 
-            def model(x_in, t, context, **kw):
+            def conditioned(x_in, t, context, **kw):
                 repeats = x_in.shape[0] // extra.shape[0]
                 cond = extra if repeats == 1 else torch.cat([extra] * repeats)
                 return eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context, **kw)
 
+            model = conditioned
         if "repaint" not in source:  # diffusers: the known latents, noised, put back after every step
             known = masking.KnownLatents(x0, mask, noise)
             return x, model, None if inpainting_unet else known

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -75,40 +74,36 @@ def test_server_hands_the_pipeline_unfitted_images_and_checks_the_mask():
     pytest.importorskip("fastapi")
     from stablediff.serve.sdapi import ClientError, fitted_images
 
-    params = SimpleNamespace(width=64, height=64)
     init = _columns(80, 64)
     mask = Image.new("L", (80, 64), 0)
     mask.paste(255, (0, 0, 20, 64))  # the left quarter
-    (got_init,), got_mask = fitted_images(SimpleNamespace(resize_mode=1, inpainting_mask_invert=0), params, [init],
-                                          mask)
+    (got_init,), got_mask = fitted_images([init], mask)
     assert np.array_equal(np.asarray(got_init), np.asarray(init)) and np.array_equal(np.asarray(got_mask),
                                                                                       np.asarray(mask))
-    _, half = fitted_images(SimpleNamespace(resize_mode=0, inpainting_mask_invert=0), params, [init],
-                            mask.resize((40, 32), Image.Resampling.NEAREST))
+    _, half = fitted_images([init], mask.resize((40, 32), Image.Resampling.NEAREST))
     assert half.size == (40, 32)  # (the same aspect ratio: the pipeline brings it to the init image's size)
     with pytest.raises(ClientError, match="aspect ratio"):
-        fitted_images(SimpleNamespace(resize_mode=0, inpainting_mask_invert=0), params, [init], Image.new("L", (64, 64)))
+        fitted_images([init], Image.new("L", (64, 64)))
 
 
 def test_server_reads_masks_and_init_images_as_a1111():
     pytest.importorskip("fastapi")
     from stablediff.serve.sdapi import fitted_images
 
-    req, params = SimpleNamespace(resize_mode=0, inpainting_mask_invert=0), SimpleNamespace(width=64, height=64)
     # an RGBA mask with transparency: its alpha marks the area (over 128), whatever its colour
     alpha_mask = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     alpha_mask.paste((0, 0, 0, 200), (0, 0, 32, 64))
     alpha_mask.paste((255, 255, 255, 100), (32, 0, 64, 64))  # white but mostly transparent: kept
-    _, m = fitted_images(req, params, [_columns(64, 64)], alpha_mask)
+    _, m = fitted_images([_columns(64, 64)], alpha_mask)
     assert (np.asarray(m)[:, :32] == 255).all() and (np.asarray(m)[:, 32:] == 0).all()
     # an opaque RGBA mask is read by its gray, kept as it is (A1111 thresholds only an alpha mask)
     opaque = Image.new("RGBA", (64, 64), (129, 129, 129, 255))
     opaque.paste((128, 128, 128, 255), (0, 0, 32, 64))
-    _, m = fitted_images(req, params, [_columns(64, 64)], opaque)
+    _, m = fitted_images([_columns(64, 64)], opaque)
     assert m.mode == "L" and (np.asarray(m)[:, :32] == 128).all() and (np.asarray(m)[:, 32:] == 129).all()
     # a transparent init image is flattened onto white (A1111's img2img background), not onto its hidden colour
     init = Image.new("RGBA", (64, 64), (10, 20, 30, 0))
     init.paste((200, 0, 0, 255), (0, 0, 32, 64))
-    (flat,), _ = fitted_images(req, params, [init], None)
+    (flat,), _ = fitted_images([init], None)
     assert flat.mode == "RGB"
     assert (np.asarray(flat)[:, :32] == (200, 0, 0)).all() and (np.asarray(flat)[:, 32:] == 255).all()

@@ -262,10 +262,7 @@ def check_request(req: Txt2ImgRequest, limits: Limits, native_size: int, init_si
     body.update(prompt=prompt, negative_prompt=negative, override_settings={**SETTINGS, **(settings or {}), **override})
     if isinstance(req, Img2ImgRequest):
         body["enable_hr"] = False  # A1111's img2img has no hires fix and ignores the field
-        if len(req.init_images) > req.batch_size:
-            raise ClientError(422, f"init_images: {len(req.init_images)} images for batch_size {req.batch_size}; "
-                                   "give one, or at most batch_size")
-        if len(req.init_images) > 1:  # A1111: a batch of as many images
+        if len(req.init_images) > 1:  # A1111: a batch of as many images (at most batch_size: check_init_count)
             body["batch_size"] = len(req.init_images)
     elif not req.enable_hr:
         body["denoising_strength"] = None  # clients send txt2img a denoising_strength of 0
@@ -332,7 +329,6 @@ def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, params: Gener
         params = params.replace(seed=random.randint(0, MAX_SEED - count))
     if params.subseed is None:
         params = params.replace(subseed=random.randint(0, MAX_SEED - count))  # A1111 picks one either way
-    init, mask = fitted_images(req, params, init, mask)
     results, interrupted = run_iterations(job, pipe, params, req.n_iter, init, mask, upscaler_dir, controls)
     pictures = [im for r in results for im in r.images]
     infotexts = [t for r in results for t in r.infotexts]
@@ -354,13 +350,21 @@ def native_params(req: Txt2ImgRequest, params: GenerationParams, limits: Limits,
     return validated(params.replace(width=width, height=height), limits, req.n_iter)
 
 
-def fitted_images(req: Txt2ImgRequest, params: GenerationParams, inits: list[Image.Image] | None,
+def check_init_count(req: Img2ImgRequest) -> None:
+    """One init image, or at most batch_size of them (ClientError 422): checked before any is decoded."""
+    if len(req.init_images) > req.batch_size:
+        raise ClientError(422, f"init_images: {len(req.init_images)} images for batch_size {req.batch_size}; give "
+                               "one, or at most batch_size")
+
+
+def fitted_images(inits: list[Image.Image] | None,
                   mask: Image.Image | None) -> tuple[list[Image.Image] | None, Image.Image | None]:
     """The init images and mask as A1111's img2img takes them: each init image flattened onto white (its default
     img2img background colour), the mask made gray (A1111's create_binary_mask: an RGBA mask with transparency is
     its alpha, white over 128, else its gray as it is) and checked to have each init image's aspect ratio
-    (ClientError 422). The pipeline inverts the mask where asked (params.inpainting_mask_invert), brings them to
-    the output size (params.resize_mode) and prepares the inpainting (masking.py)."""
+    (ClientError 422; the route calls this before the job is queued). The pipeline inverts the mask where asked
+    (params.inpainting_mask_invert), brings them to the output size (params.resize_mode) and prepares the
+    inpainting (masking.py)."""
     if not inits:
         return None, None
     inits = [_flattened(im) for im in inits]
@@ -371,7 +375,7 @@ def fitted_images(req: Txt2ImgRequest, params: GenerationParams, inits: list[Ima
             mask = mask.convert("L")
         try:
             for im in inits:
-                images.check_mask_size(mask.size, im.size)
+                images.check_mask_aspect(mask.size, im.size)
         except ValueError as e:  # a mask of another aspect ratio
             raise ClientError(422, str(e)) from None
     return inits, mask

@@ -121,8 +121,8 @@ from ..limits import NATIVE_SIZE, Limits
 from ..pipeline import Cancelled, StableDiffusion, resolve_device
 from .sdapi import (CONTROLNET_SCRIPT, SCHEDULERS, SETTINGS, ExtrasBatchImagesRequest, ExtrasRequest,
                     ExtrasSingleImageRequest, Img2ImgRequest, OverrideSettings, PngInfoRequest, Txt2ImgRequest,
-                    check_extras, check_prompt_length, check_request, decode_image, extras, generate, preview_png,
-                    upscaler_list)
+                    check_extras, check_init_count, check_prompt_length, check_request, decode_image, extras,
+                    fitted_images, generate, preview_png, upscaler_list)
 from .controlnet_api import (API_VERSION, MAX_UNITS, DetectRequest, check_detect, detect, model_list,
                              module_list, request_controls)
 from .resources import (LATENT_UPSCALE_MODES, cuda_memory, embedding_list, lora_list, ram_memory, style_list,
@@ -315,19 +315,11 @@ async def request_model(state, override: OverrideSettings) -> ModelEntry:
 
 async def request_images(req: Img2ImgRequest, limits: Limits) -> tuple[list[Image.Image], Image.Image | None]:
     """An img2img request's init images and mask, decoded in a thread once its prompts' length passed and the
-    number of init images fits its batch size (no decoding images for a request refused anyway); a mask of another
-    aspect ratio than an init image's is a 422 here, before the job is queued."""
+    number of init images fits its batch size (no decoding images for a request refused anyway)."""
     check_prompt_length(req, limits)
-    if len(req.init_images) > req.batch_size:
-        raise ClientError(422, f"init_images: {len(req.init_images)} images for batch_size {req.batch_size}; give "
-                               "one, or at most batch_size")
+    check_init_count(req)
     inits = [await asyncio.to_thread(decode_image, data, f"init_images[{i}]") for i, data in enumerate(req.init_images)]
     mask = await asyncio.to_thread(decode_image, req.mask, "mask") if req.mask else None
-    try:  # (before the job waits in the queue)
-        for init in inits if mask is not None else ():
-            images.check_mask_aspect(mask.size, init.size)
-    except ValueError as e:
-        raise ClientError(422, str(e)) from None
     return inits, mask
 
 
@@ -343,8 +335,10 @@ async def generation(kind: str, req: Txt2ImgRequest, request: Request) -> dict:
                                    styles=state.styles, vae_dir=config.vae_dir, upscaler_dir=config.upscaler_dir,
                                    init_sizes=[im.size for im in inits] if inits else None)
     controls = await asyncio.to_thread(request_controls, req, config.controlnet_dir, init, mask)
-    job = Job(kind, lambda job: generate(job, worker.use(entry, plan.vae), req, plan.params, config.limits, inits,
-                                         mask, config.output_dir, config.upscaler_dir, controls),
+    # the images as the pipeline takes them (a mask of another aspect ratio: 422 here, before the job waits)
+    fitted, gray = await asyncio.to_thread(fitted_images, inits, mask) if inits else (None, None)
+    job = Job(kind, lambda job: generate(job, worker.use(entry, plan.vae), req, plan.params, config.limits, fitted,
+                                         gray, config.output_dir, config.upscaler_dir, controls),
               job_count=req.n_iter, steps=plan.steps,
               preview_every=preview_every(state.options["settings"], req.override_settings))
     result = await run(request, job)

@@ -7,6 +7,7 @@ from PIL import Image
 
 from conftest import SD15, assert_close, tiny_diffusers_pipeline
 from stablediff import StableDiffusion, samplers
+from stablediff.params import GenerationParams
 
 LATENT_TOL = 5e-4
 
@@ -103,8 +104,120 @@ def test_inpainting_checkpoint_matches_diffusers(inpaint_dir, sampler, strength)
     ours = pipe("a red hat", steps=8, cfg_scale=7.5, strength=strength, seed=77, init_image=image, mask_image=m,
                 sampler=sampler)
     assert_close(ours.latents, ref_latents, LATENT_TOL)
-    with pytest.raises(ValueError, match="inpainting checkpoint"):
-        pipe("a red hat", steps=2)
+
+
+@pytest.fixture(scope="module")
+def inpaint_models(inpaint_dir):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    ref = StableDiffusionInpaintPipeline.from_pretrained(inpaint_dir, safety_checker=None,
+                                                         requires_safety_checker=False)
+    return StableDiffusion.from_pretrained(inpaint_dir), ref
+
+
+def faded(ref, image, keep, weight):
+    """diffusers' preprocessed init image, faded towards keep * image (the masked image) by weight. Contiguous as
+    ours: a constant image (all gray) encodes differently channels-last, its GroupNorms dividing rounding noise by
+    a variance of 0."""
+    pixels = ref.image_processor.preprocess(image).float().contiguous()
+    return torch.lerp(pixels, pixels * keep, weight)
+
+
+def mean_latents(ref, pixels):
+    with torch.no_grad():
+        return ref.vae.encode(pixels).latent_dist.mean * ref.vae.config.scaling_factor
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_txt2img_with_an_inpainting_checkpoint_matches_diffusers(inpaint_models, sampler):
+    """A1111 makes txt2img images with an inpainting model: mask all ones, the masked image black. diffusers'
+    inpainting pipeline at strength 1 with an all-white mask and those masked-image latents starts from pure noise
+    (the seed's first draw, as txt2img) and runs the full schedule: the same run."""
+    pipe, ref = inpaint_models
+    white = Image.new("L", (64, 80), 255)
+    black = mean_latents(ref, -torch.ones(1, 3, 80, 64))
+    ref_latents = run_ref(ref, sampler, prompt="a red hat", negative_prompt="blur", image=picture(64, 80),
+                          mask_image=white, masked_image_latents=black, height=80, width=64,
+                          num_inference_steps=6, guidance_scale=7.5, strength=1.0, seed=12)
+    ours = pipe("a red hat", negative_prompt="blur", steps=6, cfg_scale=7.5, seed=12, width=64, height=80,
+                sampler=sampler)
+    assert_close(ours.latents, ref_latents, LATENT_TOL)
+    assert "Conditional mask weight: 1.0" in ours.infotexts[0] and "Denoising strength" not in ours.infotexts[0]
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.4, 0.0])
+def test_img2img_with_an_inpainting_checkpoint_matches_diffusers(inpaint_models, weight):
+    """img2img without a mask: mask all ones, the masked image the init image faded to gray by the weight (A1111's
+    inpainting_mask_weight), its latents the encoding's mean. diffusers: its inpainting pipeline at strength 0.7
+    (which noises the init image's sampled latents, as img2img does) with an all-white mask and those latents."""
+    pipe, ref = inpaint_models
+    image = picture(64, 80, 3)
+    masked = mean_latents(ref, faded(ref, image, 0.0, weight))
+    ref_latents = run_ref(ref, "euler", prompt="a boat", image=image, mask_image=Image.new("L", (64, 80), 255),
+                          masked_image_latents=masked, height=80, width=64, num_inference_steps=8,
+                          guidance_scale=7.0, strength=0.7, seed=5)
+    ours = pipe("a boat", steps=8, cfg_scale=7.0, strength=0.7, seed=5, init_image=image, sampler="euler",
+                inpainting_mask_weight=weight)
+    assert_close(ours.latents, ref_latents, LATENT_TOL)
+    assert f"Conditional mask weight: {weight}" in ours.infotexts[0]
+    assert GenerationParams.from_infotext(ours.infotexts[0])[0].inpainting_mask_weight == weight
+    with pytest.raises(ValueError, match="inpainting mask weight 1.5 is outside 0..1"):
+        pipe("a boat", init_image=image, inpainting_mask_weight=1.5)
+
+
+@pytest.mark.parametrize("weight", [0.5, 0.0])
+def test_inpainting_mask_weight_matches_diffusers(inpaint_models, weight):
+    """Inpainting with a weight below 1: the masked image is the init image faded towards its masked version;
+    diffusers encodes that image (its masked_image_latents given as pixels) with the generator, as ours does."""
+    pipe, ref = inpaint_models
+    image, m = picture(64, 80, 2), mask(64, 80)
+    keep = (ref.mask_processor.preprocess(m, height=80, width=64) < 0.5).float()
+    ref_latents = run_ref(ref, "euler_a", prompt="a red hat", image=image, mask_image=m,
+                          masked_image_latents=faded(ref, image, keep, weight), height=80, width=64,
+                          num_inference_steps=8, guidance_scale=7.5, strength=0.75, seed=77)
+    ours = pipe("a red hat", steps=8, cfg_scale=7.5, strength=0.75, seed=77, init_image=image, mask_image=m,
+                sampler="euler_a", inpainting_mask_weight=weight)
+    assert_close(ours.latents, ref_latents, LATENT_TOL)
+    full = pipe("a red hat", steps=8, cfg_scale=7.5, strength=0.75, seed=77, init_image=image, mask_image=m,
+                sampler="euler_a")
+    assert (full.latents - ours.latents).abs().max() > 1e-2  # the weight is not ignored
+
+
+def test_inpainting_checkpoint_conditioning_with_a1111_samplers_and_hires(inpaint_models, monkeypatch):
+    """What the U-Net's 5 extra channels hold: A1111's samplers take the encodings' means (inpainting too); the
+    hires pass's are made at its size, from a black image with a latent upscale at weight 1, else from the
+    decoded upscaled latents faded to gray."""
+    pipe, ref = inpaint_models
+    seen = []
+    unet_forward = type(pipe.unet).forward
+
+    def spy(self, x, *args, **kwargs):
+        seen.append(x[:, 4:].clone())
+        return unet_forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe.unet), "forward", spy)
+    image, m = picture(64, 64, 4), mask(64, 64)
+    pipe("x", steps=3, seed=1, init_image=image, mask_image=m, sampler="Euler", inpainting_mask_weight=0.3,
+         batch_size=2)
+    keep = (torch.from_numpy(np.array(m)) < 128).float()[None, None]  # (Euler: no blur, the same binary mask)
+    want = mean_latents(ref, faded(ref, image, keep, 0.3))
+    n = 64 // pipe.downscale  # latents per side
+    for extra in seen:
+        assert extra.shape == (4, 5, n, n)  # the guided batch of 2 images
+        assert torch.equal(extra[:, :1], torch.nn.functional.interpolate(1 - keep, size=(n, n)).expand(4, 1, n, n))
+        assert_close(extra[:, 1:], want.expand(4, -1, -1, -1), 1e-5)
+    seen.clear()
+    hires = GenerationParams(prompt="x", steps=2, seed=1, width=64, height=64, enable_hr=True, hr_scale=1.5,
+                             strength=0.5)
+    out = pipe.generate(hires)
+    first, second = seen[0], seen[-1]
+    assert first.shape[-2:] == (n, n) and second.shape[-2:] == (96 // pipe.downscale,) * 2
+    assert out.images[0].size == (96, 96)
+    assert bool((second[:, :1] == 1).all())
+    assert_close(second[:1, 1:], mean_latents(ref, -torch.ones(1, 3, 96, 96)), 1e-5)
+    seen.clear()
+    pipe.generate(hires.replace(inpainting_mask_weight=0.5))
+    assert (seen[-1][:1, 1:] - second[:1, 1:]).abs().max() > 1e-2  # from the decoded image, not the black one
 
 
 def test_img2img_size_rules_and_bad_input(pipe, tmp_path):
@@ -228,3 +341,39 @@ def test_a_batch_of_init_images(pipe, sampler):
                               np.asarray(a.transpose(Image.Transpose.FLIP_LEFT_RIGHT))[keep])
     with pytest.raises(ValueError, match="3 init images for batch size 2"):
         pipe("a cat", init_image=[a, a, a], batch_size=2, **common)
+
+
+def test_api_with_an_inpainting_checkpoint(inpaint_dir, inpaint_models, tmp_path):
+    """A server whose model is an inpainting checkpoint answers txt2img and img2img as A1111 does (it had refused
+    both): info.is_using_inpainting_conditioning, "Conditional mask weight" from the inpainting_mask_weight option
+    (override_settings), the same latents as the Python API; the option outside 0..1 is a 422."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import json
+
+    import httpx
+    from test_server import _uvicorn
+    from stablediff.serve.server import ServeConfig, create_app
+
+    pipe, _ = inpaint_models
+    app = create_app(ServeConfig(model=str(inpaint_dir), device="cpu", output_dir=tmp_path))
+    init = io.BytesIO()
+    picture(64, 64, 6).save(init, format="PNG")
+    small = {"prompt": "a kite", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 9}
+    with _uvicorn(app) as port:
+        post = lambda path, body: httpx.post(f"http://127.0.0.1:{port}/sdapi/v1/{path}", json=body, timeout=120)
+        r = post("txt2img", small)
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert info["is_using_inpainting_conditioning"] and "Conditional mask weight: 1.0" in info["infotexts"][0]
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+        want = pipe("a kite", steps=2, width=64, height=64, sampler="Euler", seed=9, rng="gpu")
+        assert np.abs(got.astype(int) - np.asarray(want.images[0])).max() <= 1
+        body = {**small, "init_images": [base64.b64encode(init.getvalue()).decode()], "denoising_strength": 0.6,
+                "override_settings": {"inpainting_mask_weight": 0.25}}
+        r = post("img2img", body)
+        assert r.status_code == 200, r.text
+        assert "Conditional mask weight: 0.25" in json.loads(r.json()["info"])["infotexts"][0]
+        r = post("img2img", {**body, "override_settings": {"inpainting_mask_weight": 1.5}})
+        assert r.status_code == 422 and "inpainting_mask_weight" in r.text

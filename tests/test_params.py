@@ -44,6 +44,8 @@ def params(draw, infotext=False):
                                          st.floats(-100, 100, allow_nan=False), max_size=3)).items()),
         cache_interval=draw(st.integers(1, 10)), rng=draw(st.sampled_from(["cpu", "gpu", "nv"])),
         ensd=draw(st.just(0) | st.integers(0, MAX_SEED)), tiling=draw(st.booleans()),
+        # (the pipeline writes "Conditional mask weight" for an inpainting checkpoint's images: tested there)
+        inpainting_mask_weight=1.0 if infotext else draw(st.just(1.0) | st.floats(0, 1)),
         **draw(variation(batch, infotext)))
 
 

@@ -114,6 +114,10 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="A1111's token merging (ToMe): merge this share of the top level's tokens before "
                         "self-attention, 0..0.9; faster, approximate: the image changes (benchmarks/RESULTS.md) "
                         "(default: 0 = off)")
+    p.add_argument("--inpainting-mask-weight", type=float, default=1.0, metavar="W",
+                   help="an inpainting checkpoint (U-Net with 9 input channels): how much of the image its "
+                        "conditioning hides under the mask, 0..1, as A1111's 'Inpainting conditioning mask "
+                        "strength' (default: 1; below 1 the image shows through and is kept more)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
                    help="merge a LoRA from --lora-dir (repeatable; scale default 1.0); <lora:NAME:SCALE> in the "
                         "prompt works too")

@@ -190,11 +190,10 @@ def load_upscaler(name: str, folder: Path | None = None):
 # --- the second pass ------------------------------------------------------------------------------------------------
 
 def upscale_latents(latents: torch.Tensor, mode: str, size: TargetSize, f: int = 8) -> torch.Tensor:
-    """A latent mode: interpolate to the target's latent size, then crop the overflow."""
+    """A latent mode: interpolate to the target's latent size (the overflow not yet cropped: `crop`)."""
     interp, antialias = LATENT_MODES[mode]
     to_w, to_h = size.upscale_to
-    x = F.interpolate(latents.float(), size=(to_h // f, to_w // f), mode=interp, antialias=antialias)
-    return crop(x, size.truncate)
+    return F.interpolate(latents.float(), size=(to_h // f, to_w // f), mode=interp, antialias=antialias)
 
 
 def crop(latents: torch.Tensor, truncate: tuple[int, int]) -> torch.Tensor:
@@ -213,15 +212,26 @@ def resize_image(image: Image.Image, size: tuple[int, int], upscaler) -> Image.I
     return image if image.size == size else image.resize(size, resample=Image.Resampling.LANCZOS)
 
 
-def upscale_pixels(pipe, latents: torch.Tensor, upscaler, size: TargetSize) -> torch.Tensor:
-    """Another upscaler: decode, upscale each picture, encode again -> the second pass's start latents (scaled)."""
+def upscale_pixels(pipe, latents: torch.Tensor, upscaler, size: TargetSize) -> tuple[torch.Tensor, torch.Tensor]:
+    """Another upscaler: decode, upscale each picture, encode again -> the second pass's start latents (scaled, the
+    overflow not yet cropped) and the upscaled pixels."""
     f = pipe.downscale
     to = (size.upscale_to[0] // f * f, size.upscale_to[1] // f * f)
     vae_dtype = pipe.vae.post_quant_conv.weight.dtype
     pictures = [resize_image(im, to, upscaler) for im in images.to_pil(pipe.decode(latents))]
     pixels = torch.cat([images.from_pil(im) for im in pictures]).to(pipe.device, vae_dtype)
-    x0 = pipe.vae.encode(pixels, tiled=pipe.vae_tiling).mean.float() * pipe.vae.config.scaling_factor
-    return crop(x0, size.truncate)
+    return pipe.vae.encode(pixels, tiled=pipe.vae_tiling).mean.float() * pipe.vae.config.scaling_factor, pixels
+
+
+def inpainting_condition(pipe, x0: torch.Tensor, pixels: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """An inpainting U-Net's conditioning for the pass (uncropped), as A1111's hires fix makes it: after a latent
+    mode, a black image's (txt2img's) where weight is 1, else the decoded upscaled latents faded to gray by it;
+    after an upscaler, the upscaled pixels faded to gray by it."""
+    if pixels is None and weight == 1:
+        return pipe.blank_condition(x0.shape[3] * pipe.downscale, x0.shape[2] * pipe.downscale)
+    if pixels is None:
+        pixels = pipe.decode(x0)
+    return pipe.unmasked_condition(torch.lerp(pixels, torch.zeros_like(pixels), weight))
 
 
 def second_pass(pipe, prompt: str, negative: str, params: GenerationParams, latents: torch.Tensor, seeds,
@@ -232,10 +242,15 @@ def second_pass(pipe, prompt: str, negative: str, params: GenerationParams, late
     sd-webui-controlnet makes its hr_hint_cond), run over its own steps as in any img2img."""
     f = pipe.downscale
     size = target_size(params.width, params.height, params.hr_scale, params.hr_resize_x, params.hr_resize_y, f)
+    pixels = None
     if upscaler is None:
         x0 = upscale_latents(latents, params.hr_upscaler, size, f)
     else:
-        x0 = upscale_pixels(pipe, latents, upscaler, size)
+        x0, pixels = upscale_pixels(pipe, latents, upscaler, size)
+    source = {"latents": crop(x0, size.truncate).to(pipe.device)}
+    if pipe.inpainting_unet:
+        source["condition"] = crop(inpainting_condition(pipe, x0, pixels, params.inpainting_mask_weight),
+                                   size.truncate)
     w, h = size.latent_size(f)
     hr_plan = plan(params, pipe.noise_schedule)
     hr_params = params.replace(width=w * f, height=h * f, steps=steps(params),
@@ -243,7 +258,7 @@ def second_pass(pipe, prompt: str, negative: str, params: GenerationParams, late
     callback = step_callback_for(len(hr_plan.sigmas) - 1)
     try:
         return pipe.generate_latents(params.hr_prompt or prompt, params.hr_negative_prompt or negative, hr_params,
-                                     hr_plan, seeds, {"latents": x0.to(pipe.device)}, callback, controls)
+                                     hr_plan, seeds, source, callback, controls)
     finally:
         callback.close()
 

@@ -86,6 +86,9 @@ class GenerationParams:
     inpaint_full_res: bool = False  # inpaint area: False the whole picture, True only masked (cropped to the mask)
     inpaint_full_res_padding: int = 0  # only masked: pixels around the mask's box
     inpainting_mask_invert: bool = False  # mask mode: False inpaint masked (white), True inpaint not masked
+    # an inpainting U-Net (9 input channels): how much of the image its conditioning hides under the mask, A1111's
+    # "inpainting conditioning mask strength" (0: the whole image shows, 1: the masked part is gray)
+    inpainting_mask_weight: float = 1.0
 
     def replace(self, **changes) -> "GenerationParams":
         return dataclasses.replace(self, **changes)
@@ -156,6 +159,8 @@ class GenerationParams:
              f"inpainting mask invert {self.inpainting_mask_invert!r} is not true or false"),
             (lambda: _is_int(self.inpaint_full_res_padding) and 0 <= self.inpaint_full_res_padding <= MAX_PADDING,
              f"inpaint full res padding {self.inpaint_full_res_padding!r} is outside 0..{MAX_PADDING}"),
+            (lambda: _is_number(self.inpainting_mask_weight) and 0 <= self.inpainting_mask_weight <= 1,
+             f"inpainting mask weight {self.inpainting_mask_weight!r} is outside 0..1"),
         ]
 
     def _sampler_and_schedule(self):
@@ -267,7 +272,8 @@ class GenerationParams:
                    "Size-1": ("width", int), "Size-2": ("height", int), "Denoising strength": ("strength", float),
                    "Clip skip": ("clip_skip", int), "Cache interval": ("cache_interval", int),
                    "Token merging ratio": ("token_merging_ratio", float),
-                   "Noise multiplier": ("noise_multiplier", float)}
+                   "Noise multiplier": ("noise_multiplier", float),
+                   "Conditional mask weight": ("inpainting_mask_weight", float)}
         for key, (name, kind) in readers.items():
             if key in fields:
                 changes[name] = _parse(kind, take(key), key)
@@ -303,7 +309,8 @@ class GenerationParams:
                 "width": self.width, "height": self.height, "batch_size": self.batch_size,
                 "sampler_name": self.sampler, "scheduler": self.schedule or "automatic",
                 "override_settings": {"CLIP_stop_at_last_layers": self.clip_skip, "randn_source": self.rng.upper(),
-                                      "eta_noise_seed_delta": self.ensd},
+                                      "eta_noise_seed_delta": self.ensd,
+                                      "inpainting_mask_weight": self.inpainting_mask_weight},
                 "subseed": -1 if self.subseed is None else self.subseed, "subseed_strength": self.subseed_strength,
                 "seed_resize_from_w": self.seed_resize_from[0] if self.seed_resize_from else -1,
                 "seed_resize_from_h": self.seed_resize_from[1] if self.seed_resize_from else -1,
@@ -344,6 +351,7 @@ class GenerationParams:
                    subseed_strength=get("subseed_strength", 0.0), seed_resize_from=_resize_from(get),
                    tiling=get("tiling", False),
                    token_merging_ratio=get("token_merging_ratio") or override.get("token_merging_ratio") or 0.0,
+                   inpainting_mask_weight=_option(override, "inpainting_mask_weight", 1.0),
                    **_hires_from_a1111(get), **(_inpainting_from_a1111(get) if "init_images" in body else {}))
 
     # -- batch job rows and the command line --------------------------------------------------------------------
@@ -385,7 +393,8 @@ class GenerationParams:
                   if self.mask_blur_x == self.mask_blur_y else f"{self.mask_blur_x},{self.mask_blur_y}",
                   "--masked-content": MASKED_CONTENT[self.inpainting_fill].replace(" ", "-")
                   if self.inpainting_fill != 1 else None,
-                  "--masked-padding": self.inpaint_full_res_padding or None}
+                  "--masked-padding": self.inpaint_full_res_padding or None,
+                  "--inpainting-mask-weight": None if self.inpainting_mask_weight == 1 else self.inpainting_mask_weight}
         argv = [f"{flag}={v!r}" if isinstance(v, float) else f"{flag}={v}" for flag, v in values.items()
                 if v is not None]
         argv += [f"--lora={name}:{float(m)!r}" for name, m in self.loras]
@@ -430,7 +439,8 @@ class GenerationParams:
                    inpainting_fill=getattr(args, "masked_content", 1),
                    inpaint_full_res=getattr(args, "only_masked", False),
                    inpaint_full_res_padding=getattr(args, "masked_padding", 0),
-                   inpainting_mask_invert=getattr(args, "invert_mask", False))
+                   inpainting_mask_invert=getattr(args, "invert_mask", False),
+                   inpainting_mask_weight=getattr(args, "inpainting_mask_weight", 1.0))
 
 
 def size_arg(value: str | None) -> tuple[int, int] | None:
@@ -441,6 +451,12 @@ def size_arg(value: str | None) -> tuple[int, int] | None:
     if not (sep and w.strip().isdigit() and h.strip().isdigit()):
         raise ValueError(f"size {value!r} is not WIDTHxHEIGHT, e.g. 512x512")
     return int(w), int(h)
+
+
+def _option(override: dict, name: str, default):
+    """An A1111 option from a request's override_settings: `default` where it is missing or null (0 is a value)."""
+    value = override.get(name)
+    return default if value is None else value
 
 
 def _resize_from(get) -> tuple[int, int] | None:

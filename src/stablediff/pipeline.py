@@ -381,8 +381,9 @@ class StableDiffusion:
                  token_merging_ratio: float = 0.0, resize_mode: int = 0, noise_multiplier: float = 1.0,
                  mask_blur: int | tuple[int, int] = 0,
                  inpainting_fill: int = 1, inpaint_full_res: bool = False, inpaint_full_res_padding: int = 0,
-                 controls: list[controlnets.Control] = (), callback: Callable[[StepInfo], None] | None = None,
-                 cancel=None, progress: bool = False) -> GenerationResult:
+                 inpainting_mask_weight: float = 1.0, controls: list[controlnets.Control] = (),
+                 callback: Callable[[StepInfo], None] | None = None, cancel=None,
+                 progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
 
         txt2img by default; with `init_image` (PIL image or path; or a list of them, one for each image of the batch,
@@ -405,6 +406,10 @@ class StableDiffusion:
         and pasted back). A1111's samplers ("Euler a", ...) inpaint as A1111 does: those settings, its latent mask
         and blending, the init image laid back over the result; diffusers' ("euler_a", ...) as diffusers does, with
         those settings where given.
+        An inpainting checkpoint (U-Net with 9 input channels) also makes txt2img and img2img images, as A1111 runs
+        them: its mask channel all ones, its masked image black (txt2img) or the init image faded to gray by
+        inpainting_mask_weight (A1111's "inpainting conditioning mask strength", 0..1: how much of the image the
+        conditioning hides under the mask, in inpainting too).
         cache_interval=N > 1 runs the whole U-Net only every N-th call and its shallow branch in between (DeepCache):
         faster, approximate. token_merging_ratio: A1111's token merging (tome.py), approximate.
         controls: ControlNet units (controls.Control: a ControlNet, a control image, weight, guidance start/end,
@@ -420,7 +425,8 @@ class StableDiffusion:
             token_merging_ratio=token_merging_ratio, resize_mode=resize_mode, noise_multiplier=noise_multiplier,
             mask_blur_x=mask_blur if isinstance(mask_blur, int) else mask_blur[0],
             mask_blur_y=mask_blur if isinstance(mask_blur, int) else mask_blur[1], inpainting_fill=inpainting_fill,
-            inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding)
+            inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
+            inpainting_mask_weight=inpainting_mask_weight)
         return self.generate(params, prompts=prompt, negatives=negative_prompt, init_image=init_image,
                              mask_image=mask_image, controls=controls, callback=callback, cancel=cancel,
                              progress=progress)
@@ -456,7 +462,7 @@ class StableDiffusion:
         with circular_padding((self.unet, self.vae), params.tiling), \
                 tome.token_merging(self.unet, params.token_merging_ratio), \
                 cancel_within_steps((self.unet, self.vae), cancel):  # also inside a step: between layers
-            source = self._encode_init(inits, mask_image, params) if inits else None
+            source = self._encode_init(inits, mask_image, params) if inits else self._blank_condition(params)
             latents = torch.cat([
                 self._one_prompt(b, prompts, negatives, params, plan, image_seeds, source, wanted, units, upscaler,
                                  steps) for b in range(len(prompts))])
@@ -474,6 +480,8 @@ class StableDiffusion:
             bool(inpaintings) and inpaintings[0].paste_to is not None)
         if inits and params.noise_multiplier != 1:
             img2img["Noise multiplier"] = params.noise_multiplier
+        if self.inpainting_unet:  # A1111 writes it for every image of an inpainting model, txt2img's too
+            img2img["Conditional mask weight"] = params.inpainting_mask_weight
         return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds, controls, img2img)
 
     def _prepare_images(self, params: GenerationParams, inits: list | None, mask):
@@ -519,7 +527,7 @@ class StableDiffusion:
             params = params.replace(batch_size=len(inits))
         params = params.replace(width=width, height=height, strength=params.strength if hr else strength)
         params = params.validate(prompts=n_prompts)
-        self._check_fits(params, inpaint=mask_image is not None)
+        self._check_fits(params)
         count = n_prompts * params.batch_size
         if params.seed is None:
             params = params.replace(seed=random.randint(0, MAX_SEED - count))
@@ -612,14 +620,12 @@ class StableDiffusion:
         strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
         return inits, mask_image, width, height, strength
 
-    def _check_fits(self, params: GenerationParams, inpaint: bool) -> None:
+    def _check_fits(self, params: GenerationParams) -> None:
         """Settings valid in general that this model cannot take."""
         f = self.downscale
         if params.width % f or params.height % f:
             raise ValueError(f"size {params.width}x{params.height} is not a multiple of this VAE's downscale "
                              f"factor {f}")
-        if self.unet.config.in_channels == 9 and not inpaint:
-            raise ValueError("this is an inpainting checkpoint (U-Net in_channels 9): give init_image and mask_image")
 
     def _result(self, pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds,
                 controls=(), img2img: dict | None = None) -> GenerationResult:
@@ -646,24 +652,58 @@ class StableDiffusion:
         width, height = params.width, params.height
         pixels = torch.cat([images.from_pil(im, width, height) for im in inits])
         pixels = pixels.to(self.device, self.vae.post_quant_conv.weight.dtype)
-        encode = self._taesd_encoder() if self.taesd_output else functools.partial(self.vae.encode,
-                                                                                    tiled=self.vae_tiling)
+        encode = self._encoder()
         source = {"posterior": encode(pixels)}
         if mask is not None:
             m = images.mask_from_pil(mask, width, height).to(pixels)
             f = self.downscale
             source["mask"] = torch.nn.functional.interpolate(m, size=(height // f, width // f)).float()
-            source["masked"] = encode(pixels * (m < 0.5))
+            source["masked"] = encode(self._faded(pixels, pixels * (m < 0.5), params.inpainting_mask_weight))
             if samplers.SAMPLERS[params.sampler].family == "a1111":  # A1111's mask for the latents, and its fill
                 source["repaint"] = masking.latent_mask(mask, width // f, height // f).to(self.device)
                 source["fill"] = params.inpainting_fill
+        elif self.inpainting_unet:
+            source["condition"] = self.unmasked_condition(
+                self._faded(pixels, torch.zeros_like(pixels), params.inpainting_mask_weight))
         return source
 
-    def _taesd_encoder(self) -> Callable:
-        """pixels -> posterior with TAESD as the autoencoder: its encoding is exact, not a distribution, so the
-        posterior's sample is its mean and draws no noise."""
+    @property
+    def inpainting_unet(self) -> bool:
+        """Whether the U-Net is an inpainting one: 4 more input channels for a mask and masked-image latents."""
+        return self.unet.config.in_channels == 9
+
+    @staticmethod
+    def _faded(pixels: torch.Tensor, masked: torch.Tensor, weight: float) -> torch.Tensor:
+        """An inpainting U-Net's masked image: `masked` (gray, 0, under the mask) where weight is 1, the image
+        itself where 0, in between linearly (A1111's inpainting_mask_weight)."""
+        return masked if weight == 1 else torch.lerp(pixels, masked, weight)
+
+    def _blank_condition(self, params: GenerationParams) -> dict | None:
+        """txt2img's source: None, or an inpainting U-Net's conditioning (blank_condition)."""
+        return {"condition": self.blank_condition(params.width, params.height)} if self.inpainting_unet else None
+
+    def blank_condition(self, width: int, height: int) -> torch.Tensor:
+        """An inpainting U-Net's extra input channels where nothing is known, as A1111's txt2img makes them: the
+        mask all ones and the masked image black."""
+        return self.unmasked_condition(torch.full((1, 3, height, width), -1.0))
+
+    def unmasked_condition(self, pixels: torch.Tensor) -> torch.Tensor:
+        """An inpainting U-Net's extra input channels where no mask is given (txt2img, img2img, hires fix's pass):
+        a mask of ones (everything is to be made) and the latents of `pixels` (B, 3, H, W) in [-1, 1], the
+        encoding's mean (A1111 draws a sample from an unseeded generator; the mean keeps each seed's noise as it
+        is without the conditioning)."""
+        latents = self._encoder()(pixels.to(self.device, self.vae.post_quant_conv.weight.dtype)).mean.float()
+        latents = latents * self.vae.config.scaling_factor
+        return torch.cat([torch.ones_like(latents[:, :1]), latents], dim=1)
+
+    def _encoder(self) -> Callable:
+        """pixels -> posterior: the VAE's, or with TAESD as the autoencoder TAESD's, whose encoding is exact, not a
+        distribution, so the posterior's sample is its mean and draws no noise."""
+        if not self.taesd_output:
+            return functools.partial(self.vae.encode, tiled=self.vae_tiling)
         if self.taesd.encoder is None:
-            raise ValueError("this TAESD has no encoder (a decoder file alone): img2img needs taesd_encoder too")
+            raise ValueError("this TAESD has no encoder (a decoder file alone): img2img, and an inpainting "
+                             "checkpoint's conditioning, need taesd_encoder too")
         sf = self.vae.config.scaling_factor
         return lambda x: Encoded(self.taesd.encode(x.float()) / sf)
 
@@ -677,10 +717,11 @@ class StableDiffusion:
         of the image's), and its noise is each seed's first draw, which a sample drawn first would displace."""
         sf = self.vae.config.scaling_factor
         eps = functools.partial(self.eps, cache=cache)
-        if source is None:
-            return noise_rng.next() * plan.init_noise_scale, eps, None
+        if source is None or not ("posterior" in source or "latents" in source):  # txt2img
+            model = eps if source is None else self._conditioned(eps, source["condition"])
+            return noise_rng.next() * plan.init_noise_scale, model, None
         inpaint = "mask" in source
-        inpainting_unet = self.unet.config.in_channels == 9
+        inpainting_unet = self.inpainting_unet
         # diffusers' inpainting starts from pure noise at full strength; A1111 noises the init latents at any strength
         pure_noise = inpaint and strength == 1 and plan.sampler.family == "diffusers"
         a1111 = plan.sampler.family == "a1111"
@@ -696,24 +737,29 @@ class StableDiffusion:
         else:
             x = plan.noised(x0, noise if "latents" in source else noise * noise_multiplier)
         if not inpaint:
-            return x, eps, None
+            return x, eps if "condition" not in source else self._conditioned(eps, source["condition"]), None
         mask = source["mask"].expand(len(noise), -1, -1, -1)
         masked = (encoded(source["masked"]).float() * sf).expand(len(noise), -1, -1, -1)  # (a mean: one for all)
         model = eps
         if inpainting_unet:
-            extra = torch.cat([mask, masked], dim=1)
-
-            def conditioned(x_in, t, context, **kw):
-                repeats = x_in.shape[0] // extra.shape[0]
-                cond = extra if repeats == 1 else torch.cat([extra] * repeats)
-                return eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context, **kw)
-
-            model = conditioned
+            model = self._conditioned(eps, torch.cat([mask, masked], dim=1))
         if "repaint" not in source:  # diffusers: the known latents, noised, put back after every step
             known = masking.KnownLatents(x0, mask, noise)
             return x, model, None if inpainting_unet else known
         known = masking.KnownLatents(x0, source["repaint"].expand_as(x0), denoised=not plan.sampler.timestep_space)
         return x, (model if known.denoised else known.model_input(model)), known
+
+    @staticmethod
+    def _conditioned(eps, extra: torch.Tensor):
+        """An inpainting U-Net's eps model over 4-channel latents: `extra` (its mask and masked-image channels, one
+        for each image, or one for all) appended to every input (the guided batch holds the images k times)."""
+
+        def conditioned(x_in, t, context, **kw):
+            cond = extra.expand(x_in.shape[0], -1, -1, -1) if extra.shape[0] == 1 else \
+                torch.cat([extra] * (x_in.shape[0] // extra.shape[0]))
+            return eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context, **kw)
+
+        return conditioned
 
     def eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None,
             timestep_cond=None, **residuals) -> torch.Tensor:

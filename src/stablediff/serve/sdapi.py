@@ -86,12 +86,14 @@ class OverrideSettings(RequestModel):
     show_progress_every_n_steps: Int | None = Field(None, ge=-1, le=1000)  # a new preview every N steps (-1: off)
     token_merging_ratio: Number | None = Field(None, ge=0, le=MAX_TOKEN_MERGING_RATIO, allow_inf_nan=False)  # ToMe
     initial_noise_multiplier: Number | None = Field(None, gt=0, le=MAX_NOISE_MULTIPLIER, allow_inf_nan=False)  # img2img
+    # an inpainting checkpoint's conditioning: 1 hides the masked part (gray), 0 shows the whole image
+    inpainting_mask_weight: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
 
 
 # the generation settings POST /options sets for later requests, at A1111's defaults
 SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_vae": "Automatic",
             "live_previews_enable": True, "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0,
-            "initial_noise_multiplier": 1.0}
+            "initial_noise_multiplier": 1.0, "inpainting_mask_weight": 1.0}
 
 
 class Txt2ImgRequest(RequestModel):
@@ -336,7 +338,7 @@ def generate(job: Job, pipe: StableDiffusion, req: Txt2ImgRequest, params: Gener
     subseeds = [s for r in results for s in r.subseeds]
     encoded = deliver(req, pictures, seeds, infotexts, output_dir)
     info = response_info(job, pipe, params, req.n_iter, seeds, subseeds, infotexts, interrupted=interrupted,
-                         inpainting=mask is not None, styles=req.styles)
+                         styles=req.styles)
     return {"images": encoded, "info": info}
 
 
@@ -442,8 +444,7 @@ def deliver(req: Txt2ImgRequest, pictures: list[Image.Image], seeds: list[int], 
 
 
 def response_info(job: Job, pipe: StableDiffusion, params: GenerationParams, n_iter: int, seeds: list[int],
-                  subseeds: list[int | None], infotexts: list[str], *, interrupted: bool, inpainting: bool,
-                  styles: list[str]) -> dict:
+                  subseeds: list[int | None], infotexts: list[str], *, interrupted: bool, styles: list[str]) -> dict:
     """A1111's `info` of a response (which clients read as JSON), with our job fields: job_id and run_no."""
     n = len(seeds)
     strength = params.strength
@@ -462,7 +463,7 @@ def response_info(job: Job, pipe: StableDiffusion, params: GenerationParams, n_i
         denoising_strength=strength,
         extra_generation_params={"Denoising strength": strength} if strength is not None else {},
         index_of_first_image=0, infotexts=infotexts, styles=styles, job_timestamp=job.timestamp,
-        clip_skip=params.clip_skip, is_using_inpainting_conditioning=inpainting and pipe.unet.config.in_channels == 9,
+        clip_skip=params.clip_skip, is_using_inpainting_conditioning=pipe.inpainting_unet,
         version=f"stablediff {__version__}",
         interrupted=interrupted, sampling_step=job.step, job_id=job.job_id, run_no=job.run_no)
 

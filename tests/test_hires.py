@@ -61,8 +61,8 @@ def test_pixel_hires_upscales_the_decoded_image_and_encodes_it(pipe):
     def spy(prompt, negative, params, plan, seeds, source, step_callback, *controls):
         if source is None:
             return run(prompt, negative, params, plan, seeds, source, step_callback, *controls)
-        seen["x0"], seen["size"] = source["latents"], (params.width, params.height)
-        return source["latents"]
+        seen["x0"], seen["size"] = source.latents, (params.width, params.height)
+        return source.latents
 
     p = GenerationParams(prompt="a cat", steps=4, width=64, height=64, seed=3)
     first = pipe.generate(p)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import SD15, assert_close, tiny_diffusers_pipeline
-from stablediff import StableDiffusion, samplers
+from stablediff import StableDiffusion, img2img, samplers
 from stablediff.params import GenerationParams
 
 LATENT_TOL = 5e-4
@@ -311,8 +311,8 @@ def test_full_strength_inpainting_start(pipe, sampler, pure):
         def sample(self, generators):
             return self.mean
 
-    source = {"posterior": Posterior(), "masked": Posterior(), "mask": torch.ones(1, 1, 8, 8)}
-    x, _, _ = pipe._start(plan, rng.ImageRNG((4, 8, 8), [3]), source, 1.0)
+    source = img2img.Source(posterior=Posterior(), masked=Posterior(), mask=torch.ones(1, 1, 8, 8))
+    x, _, _ = img2img.start(pipe, plan, rng.ImageRNG((4, 8, 8), [3]), source, 1.0, pipe.eps)
     noise = rng.ImageRNG((4, 8, 8), [3]).next()
     expected = noise * plan.init_noise_scale if pure else x0 + noise * plan.sigmas[0]
     torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import a1111, images, samplers, upscalers
+from . import a1111, images, img2img, samplers, upscalers
 
 if TYPE_CHECKING:
     from .params import GenerationParams
@@ -228,10 +228,10 @@ def inpainting_condition(pipe, x0: torch.Tensor, pixels: torch.Tensor | None, we
     mode, a black image's (txt2img's) where weight is 1, else the decoded upscaled latents faded to gray by it;
     after an upscaler, the upscaled pixels faded to gray by it."""
     if pixels is None and weight == 1:
-        return pipe.blank_condition(x0.shape[3] * pipe.downscale, x0.shape[2] * pipe.downscale)
+        return img2img.blank_condition(pipe, x0.shape[3] * pipe.downscale, x0.shape[2] * pipe.downscale)
     if pixels is None:
         pixels = pipe.decode(x0)
-    return pipe.unmasked_condition(torch.lerp(pixels, torch.zeros_like(pixels), weight))
+    return img2img.unmasked_condition(pipe, torch.lerp(pixels, torch.zeros_like(pixels), weight))
 
 
 def second_pass(pipe, prompt: str, negative: str, params: GenerationParams, latents: torch.Tensor, seeds,
@@ -247,10 +247,9 @@ def second_pass(pipe, prompt: str, negative: str, params: GenerationParams, late
         x0 = upscale_latents(latents, params.hr_upscaler, size, f)
     else:
         x0, pixels = upscale_pixels(pipe, latents, upscaler, size)
-    source = {"latents": crop(x0, size.truncate).to(pipe.device)}
+    source = img2img.Source(latents=crop(x0, size.truncate).to(pipe.device))
     if pipe.inpainting_unet:
-        source["condition"] = crop(inpainting_condition(pipe, x0, pixels, params.inpainting_mask_weight),
-                                   size.truncate)
+        source.condition = crop(inpainting_condition(pipe, x0, pixels, params.inpainting_mask_weight), size.truncate)
     w, h = size.latent_size(f)
     hr_plan = plan(params, pipe.noise_schedule)
     hr_params = params.replace(width=w * f, height=h * f, steps=steps(params),

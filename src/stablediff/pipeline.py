@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import ImageOps
 
-from . import __version__, cpu, embeddings, hires, images, lora, malloc, masking, rng, samplers, taesd, tome, weights
+from . import __version__, cpu, embeddings, hires, images, img2img, lora, malloc, masking, rng, samplers, taesd, tome
+from . import weights
 from . import controls as controlnets
 from .clip import CLIPTextModel
 from .config import UNetConfig
@@ -59,16 +59,6 @@ def _prompt_lists(params: GenerationParams, prompts, negatives) -> tuple[list[st
     if len(negatives) != len(prompts):
         raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
     return prompts, negatives
-
-
-class Encoded:
-    """An exact encoding in the posterior's interface (`mean`, `sample(generators)`), for TAESD."""
-
-    def __init__(self, mean: torch.Tensor):
-        self.mean = mean
-
-    def sample(self, generator=None) -> torch.Tensor:
-        return self.mean
 
 
 class Cancelled(Exception):
@@ -445,7 +435,7 @@ class StableDiffusion:
         prompts, negatives = _prompt_lists(params, prompts, negatives)
         params, inits, mask_image, strength = self._settle(params, init_image, mask_image, len(prompts))
         init_size = inits[0].size if inits else None
-        inits, mask_image, inpaintings = self._prepare_images(params, inits, mask_image)
+        inits, mask_image, inpaintings = img2img.prepare(params, inits, mask_image, self.inpainting_unet)
         if inpaintings and inpaintings[0].paste_to is not None:  # only masked: each unit's image cut to the box too
             controls = [c.cropped(init_size, inpaintings[0].paste_to, params.width, params.height) for c in controls]
         upscaler = hires.load_upscaler(params.hr_upscaler, upscaler_dir) if params.enable_hr else None
@@ -462,7 +452,8 @@ class StableDiffusion:
         with circular_padding((self.unet, self.vae), params.tiling), \
                 tome.token_merging(self.unet, params.token_merging_ratio), \
                 cancel_within_steps((self.unet, self.vae), cancel):  # also inside a step: between layers
-            source = self._encode_init(inits, mask_image, params) if inits else self._blank_condition(params)
+            source = (img2img.encode(self, inits, mask_image, params) if inits
+                      else img2img.txt2img_source(self, params))
             latents = torch.cat([
                 self._one_prompt(b, prompts, negatives, params, plan, image_seeds, source, wanted, units, upscaler,
                                  steps) for b in range(len(prompts))])
@@ -476,47 +467,20 @@ class StableDiffusion:
         nsfw = [False] * len(pil)
         if self.safety_checker is not None:
             pil, nsfw = self.safety_checker.censor(pil)
-        img2img = {} if mask_image is None else params.inpainting_infotext(
+        added = {} if mask_image is None else params.inpainting_infotext(
             bool(inpaintings) and inpaintings[0].paste_to is not None)
         if inits and params.noise_multiplier != 1:
-            img2img["Noise multiplier"] = params.noise_multiplier
+            added["Noise multiplier"] = params.noise_multiplier
         if self.inpainting_unet:  # A1111 writes it for every image of an inpainting model, txt2img's too
-            img2img["Conditional mask weight"] = params.inpainting_mask_weight
-        return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds, controls, img2img)
-
-    def _prepare_images(self, params: GenerationParams, inits: list | None, mask):
-        """(init images, mask, inpaintings) as the run encodes them: each init image prepared as A1111 prepares
-        inpainting (masking.prepare, one Inpainting each) where that is asked: always for A1111's samplers, and for
-        diffusers' where one of A1111's inpainting settings is set (mask blur, masked content, only masked);
-        otherwise brought to the output size by params.resize_mode (images.fit_init), inpaintings None. A mask
-        that only masked finds empty drops out: img2img, as A1111 runs it (an inpainting U-Net keeps it). The mask
-        is inverted first where params.inpainting_mask_invert asks."""
-        if not inits:
-            return inits, mask, None
-        if mask is not None and params.inpainting_mask_invert:  # (A1111's mask mode "Inpaint not masked")
-            mask = ImageOps.invert(mask.convert("L"))
-        a1111 = samplers.SAMPLERS[params.sampler].family == "a1111"
-        if mask is not None and (a1111 or params.mask_blur_x or params.mask_blur_y or params.inpainting_fill != 1
-                                 or params.inpaint_full_res):
-            prepared = [masking.prepare(im, images.mask_at(mask, im.size).convert("L"),
-                                        params.width, params.height, blur_x=params.mask_blur_x,
-                                        blur_y=params.mask_blur_y, masked_content=params.inpainting_fill,
-                                        only_masked=params.inpaint_full_res, padding=params.inpaint_full_res_padding,
-                                        resize_mode=params.resize_mode) for im in inits]
-            if prepared[0] is not None:
-                return [p.image for p in prepared], prepared[0].mask, prepared
-            if self.unet.config.in_channels == 4:
-                mask = None
-        fitted = [images.fit_init(im.convert("RGB"), mask, (params.width, params.height), params.resize_mode)
-                  for im in inits]
-        return [im for im, _ in fitted], fitted[0][1], None
+            added["Conditional mask weight"] = params.inpainting_mask_weight
+        return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds, controls, added)
 
     def _settle(self, params: GenerationParams, init_image, mask_image, n_prompts: int):
         """(validated params with size, strength and seeds filled in, init image, mask, img2img strength): the
         images opened, the settings checked against this model, random seeds drawn where none were given."""
         hr = params.enable_hr  # its strength is the hires pass's; the first pass is txt2img
-        inits, mask_image, width, height, strength = self._init_settings(
-            init_image, mask_image, params.width, params.height, None if hr else params.strength,
+        inits, mask_image, width, height, strength = img2img.open_inits(
+            init_image, mask_image, params.width, params.height, None if hr else params.strength, self.native_size,
             cropped=params.inpaint_full_res)
         if hr and inits:
             raise ValueError("enable_hr: hires fix is a txt2img setting; give no init_image")
@@ -561,12 +525,12 @@ class StableDiffusion:
         return self.generate(params.replace(**changes))
 
     def generate_latents(self, prompt: str, negative: str, params: GenerationParams, plan: samplers.SamplingPlan,
-                         seeds: list[tuple[int, int | None]], source: dict | None = None,
+                         seeds: list[tuple[int, int | None]], source: img2img.Source | None = None,
                          step_callback=None, controls: list[controlnets.ActiveControl] = ()) -> torch.Tensor:
         """One prompt's final latents (len(seeds), C, h, w): encode the prompts, draw each image's noise on its own
         generator (seeds[k] = (seed, variation seed), params.image_seeds', on params.rng's source: rng.ImageRNG),
-        run the sampler over the guided denoiser. `source` is `_encode_init`'s (img2img,
-        inpainting); `step_callback(d)` sees each step and may return the latents to go on with; `controls`:
+        run the sampler over the guided denoiser. `source`: what img2img.start starts from
+        (img2img.encode's, hires fix's); `step_callback(d)` sees each step and may return the latents to go on with; `controls`:
         `_control_unit`'s, run inside the eps model (controls.ControlledEps)."""
         shape = (self.vae.config.latent_channels, params.height // self.downscale, params.width // self.downscale)
         noise = rng.ImageRNG(shape, [s for s, _ in seeds], source=params.rng, device=self.device, ensd=params.ensd,
@@ -577,7 +541,8 @@ class StableDiffusion:
                                           params.clip_skip)
         weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till next needed
         cache = DeepCache(params.cache_interval) if params.cache_interval > 1 else None
-        x, model, known = self._start(plan, noise, source, params.strength, cache, params.noise_multiplier)
+        eps = functools.partial(self.eps, cache=cache)
+        x, model, known = img2img.start(self, plan, noise, source, params.strength, eps, params.noise_multiplier)
         if controls:
             model = controlnets.ControlledEps(model, list(controls), plan.timesteps, len(seeds))
         denoiser = self.scheduled_denoiser(plan, conds, uncond, params.cfg_scale, model=model)
@@ -597,29 +562,6 @@ class StableDiffusion:
         x = plan.finish(x)
         return known.final(x) if known is not None else x
 
-    def _init_settings(self, init_image, mask_image, width, height, strength, cropped: bool = False):
-        """(init images, mask, width, height, strength) as the run uses them: the images opened (init_image: one,
-        or a list of them, one for each image of the batch), the size and strength defaulted from the (first) init
-        image (img2img) or from the model (txt2img). cropped: inpainting works on the mask's box (only masked), so a
-        size other than the init image's resizes nothing of it."""
-        if mask_image is not None and init_image is None:
-            raise ValueError("mask_image needs an init_image to inpaint")
-        if init_image is None:
-            if strength is not None and strength != 1.0:
-                raise ValueError(f"strength {strength} needs an init_image (img2img)")
-            return None, None, width or self.native_size, height or self.native_size, None
-        inits = [images.open_image(im) for im in (init_image if isinstance(init_image, (list, tuple))
-                                                  else [init_image])]
-        if not inits:
-            raise ValueError("init_image is an empty list: give one init image, or one for each image of the batch")
-        width, height = images.init_size(inits[0].size, width, height, warn=not (cropped and mask_image is not None))
-        if mask_image is not None:
-            mask_image = images.open_image(mask_image)
-            for im in inits:
-                images.check_mask_size(mask_image.size, im.size)
-        strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
-        return inits, mask_image, width, height, strength
-
     def _check_fits(self, params: GenerationParams) -> None:
         """Settings valid in general that this model cannot take."""
         f = self.downscale
@@ -628,9 +570,9 @@ class StableDiffusion:
                              f"factor {f}")
 
     def _result(self, pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds,
-                controls=(), img2img: dict | None = None) -> GenerationResult:
+                controls=(), added: dict | None = None) -> GenerationResult:
         """The call's result, with one infotext per image (ControlNet units as sd-webui-controlnet writes them;
-        `img2img`: the keys an img2img or inpainting run adds, as A1111 writes them)."""
+        `added`: the keys an img2img, inpainting or inpainting-model run adds, as A1111 writes them)."""
         k = params.batch_size
         all_prompts = [p for p in prompts for _ in range(k)]
         all_negatives = [n for n in negatives for _ in range(k)]
@@ -639,127 +581,16 @@ class StableDiffusion:
         hashes = [self._addon_hashes(p, n, w) for p, n, w in zip(prompts, negatives, wanted)]
         infotexts = [params.replace(prompt=p, negative_prompt=n, seed=s, subseed=sub).to_infotext(
             model_hash=self.model_hash, model_name=self.model_name, version=__version__,
-            extra={**(img2img or {}), **hashes[i // k], "VAE hash": self.vae_hash, "VAE": self.vae_name, **units,
+            extra={**(added or {}), **hashes[i // k], "VAE hash": self.vae_hash, "VAE": self.vae_name, **units,
                    "NSFW": "true" if flagged else None})
             for i, (p, n, (s, sub), flagged) in enumerate(zip(all_prompts, all_negatives, image_seeds, nsfw))]
         return GenerationResult(pil, latents, seeds, all_prompts, all_negatives, infotexts, nsfw,
                                 [sub for _, sub in image_seeds])
 
-    # -- img2img and inpainting ---------------------------------------------------------------------------------
-    def _encode_init(self, inits: list, mask, params: GenerationParams) -> dict:
-        """The init images (one, or one for each image of the batch) and mask as tensors on the device, encoded
-        where the run needs it."""
-        width, height = params.width, params.height
-        pixels = torch.cat([images.from_pil(im, width, height) for im in inits])
-        pixels = pixels.to(self.device, self.vae.post_quant_conv.weight.dtype)
-        encode = self._encoder()
-        source = {"posterior": encode(pixels)}
-        if mask is not None:
-            m = images.mask_from_pil(mask, width, height).to(pixels)
-            f = self.downscale
-            source["mask"] = torch.nn.functional.interpolate(m, size=(height // f, width // f)).float()
-            source["masked"] = encode(self._faded(pixels, pixels * (m < 0.5), params.inpainting_mask_weight))
-            if samplers.SAMPLERS[params.sampler].family == "a1111":  # A1111's mask for the latents, and its fill
-                source["repaint"] = masking.latent_mask(mask, width // f, height // f).to(self.device)
-                source["fill"] = params.inpainting_fill
-        elif self.inpainting_unet:
-            source["condition"] = self.unmasked_condition(
-                self._faded(pixels, torch.zeros_like(pixels), params.inpainting_mask_weight))
-        return source
-
     @property
     def inpainting_unet(self) -> bool:
-        """Whether the U-Net is an inpainting one: 4 more input channels for a mask and masked-image latents."""
+        """Whether the U-Net is an inpainting one: 5 more input channels for a mask and masked-image latents."""
         return self.unet.config.in_channels == 9
-
-    @staticmethod
-    def _faded(pixels: torch.Tensor, masked: torch.Tensor, weight: float) -> torch.Tensor:
-        """An inpainting U-Net's masked image: `masked` (gray, 0, under the mask) where weight is 1, the image
-        itself where 0, in between linearly (A1111's inpainting_mask_weight)."""
-        return masked if weight == 1 else torch.lerp(pixels, masked, weight)
-
-    def _blank_condition(self, params: GenerationParams) -> dict | None:
-        """txt2img's source: None, or an inpainting U-Net's conditioning (blank_condition)."""
-        return {"condition": self.blank_condition(params.width, params.height)} if self.inpainting_unet else None
-
-    def blank_condition(self, width: int, height: int) -> torch.Tensor:
-        """An inpainting U-Net's extra input channels where nothing is known, as A1111's txt2img makes them: the
-        mask all ones and the masked image black."""
-        return self.unmasked_condition(torch.full((1, 3, height, width), -1.0))
-
-    def unmasked_condition(self, pixels: torch.Tensor) -> torch.Tensor:
-        """An inpainting U-Net's extra input channels where no mask is given (txt2img, img2img, hires fix's pass):
-        a mask of ones (everything is to be made) and the latents of `pixels` (B, 3, H, W) in [-1, 1], the
-        encoding's mean (A1111 draws a sample from an unseeded generator; the mean keeps each seed's noise as it
-        is without the conditioning)."""
-        latents = self._encoder()(pixels.to(self.device, self.vae.post_quant_conv.weight.dtype)).mean.float()
-        latents = latents * self.vae.config.scaling_factor
-        return torch.cat([torch.ones_like(latents[:, :1]), latents], dim=1)
-
-    def _encoder(self) -> Callable:
-        """pixels -> posterior: the VAE's, or with TAESD as the autoencoder TAESD's, whose encoding is exact, not a
-        distribution, so the posterior's sample is its mean and draws no noise."""
-        if not self.taesd_output:
-            return functools.partial(self.vae.encode, tiled=self.vae_tiling)
-        if self.taesd.encoder is None:
-            raise ValueError("this TAESD has no encoder (a decoder file alone): img2img, and an inpainting "
-                             "checkpoint's conditioning, need taesd_encoder too")
-        sf = self.vae.config.scaling_factor
-        return lambda x: Encoded(self.taesd.encode(x.float()) / sf)
-
-    def _start(self, plan, noise_rng: rng.ImageRNG, source, strength, cache=None, noise_multiplier: float = 1.0):
-        """Initial latents x (in sigma space), the eps model, and the inpainting's masking.KnownLatents (or None).
-
-        Each image's generator is drawn in diffusers' order: init-image posterior sample, noise, masked-image
-        posterior sample (each only where that pipeline draws it). img2img's start noise is scaled by
-        noise_multiplier (A1111's initial noise multiplier). A1111's samplers take the posteriors' means
-        and draw only the noise: A1111 samples the posteriors from torch's global generator (seeded by nothing
-        of the image's), and its noise is each seed's first draw, which a sample drawn first would displace."""
-        sf = self.vae.config.scaling_factor
-        eps = functools.partial(self.eps, cache=cache)
-        if source is None or not ("posterior" in source or "latents" in source):  # txt2img
-            model = eps if source is None else self._conditioned(eps, source["condition"])
-            return noise_rng.next() * plan.init_noise_scale, model, None
-        inpaint = "mask" in source
-        inpainting_unet = self.inpainting_unet
-        # diffusers' inpainting starts from pure noise at full strength; A1111 noises the init latents at any strength
-        pure_noise = inpaint and strength == 1 and plan.sampler.family == "diffusers"
-        a1111 = plan.sampler.family == "a1111"
-        encoded = (lambda p: p.mean) if a1111 else (lambda p: p.sample(noise_rng.generators))
-        x0 = source.get("latents")  # hires fix: the first pass's, upscaled
-        if x0 is None and not (inpainting_unet and pure_noise):
-            x0 = encoded(source["posterior"]).float() * sf
-        noise = noise_rng.next()
-        if inpaint and "repaint" in source:  # A1111's masked content: latent noise, latent nothing
-            x0 = masking.masked_content(x0, source["repaint"], source["fill"], noise_rng)
-        if pure_noise:
-            x = noise * plan.init_noise_scale
-        else:
-            x = plan.noised(x0, noise if "latents" in source else noise * noise_multiplier)
-        if not inpaint:
-            return x, eps if "condition" not in source else self._conditioned(eps, source["condition"]), None
-        mask = source["mask"].expand(len(noise), -1, -1, -1)
-        masked = (encoded(source["masked"]).float() * sf).expand(len(noise), -1, -1, -1)  # (a mean: one for all)
-        model = eps
-        if inpainting_unet:
-            model = self._conditioned(eps, torch.cat([mask, masked], dim=1))
-        if "repaint" not in source:  # diffusers: the known latents, noised, put back after every step
-            known = masking.KnownLatents(x0, mask, noise)
-            return x, model, None if inpainting_unet else known
-        known = masking.KnownLatents(x0, source["repaint"].expand_as(x0), denoised=not plan.sampler.timestep_space)
-        return x, (model if known.denoised else known.model_input(model)), known
-
-    @staticmethod
-    def _conditioned(eps, extra: torch.Tensor):
-        """An inpainting U-Net's eps model over 4-channel latents: `extra` (its mask and masked-image channels, one
-        for each image, or one for all) appended to every input (the guided batch holds the images k times)."""
-
-        def conditioned(x_in, t, context, **kw):
-            cond = extra.expand(x_in.shape[0], -1, -1, -1) if extra.shape[0] == 1 else \
-                torch.cat([extra] * (x_in.shape[0] // extra.shape[0]))
-            return eps(torch.cat([x_in, cond.to(x_in)], dim=1), t, context, **kw)
-
-        return conditioned
 
     def eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None,
             timestep_cond=None, **residuals) -> torch.Tensor:

@@ -62,7 +62,7 @@ Decisions a client may notice:
   RGBA mask with transparency read by its alpha, white over 128, any other mask by its gray (sdapi.fitted_images).
 - inpainting takes A1111's mask_blur (or mask_blur_x/_y), inpainting_fill, inpaint_full_res and
   inpaint_full_res_padding with A1111's API defaults (4, 0 fill, true, 0), as masking.py prepares them; with
-  A1111's samplers the latents are kept as A1111 keeps them (pipeline.KnownLatents). Only masked answers with the
+  A1111's samplers the latents are kept as A1111 keeps them (masking.KnownLatents). Only masked answers with the
   whole init image (its size, not width x height), as A1111 does.
 - scheduler: "automatic" (the sampler name's own schedule: karras for "DPM++ 2M Karras") or "karras".
 - limits (`stablediff serve --max-pixels --max-batch-pixels --max-steps --max-images --max-work

@@ -343,6 +343,34 @@ def test_a_batch_of_init_images(pipe, sampler):
         pipe("a cat", init_image=[a, a, a], batch_size=2, **common)
 
 
+def test_cli_takes_a_batch_of_init_images(pipe, tiny_model_dir, tmp_path):
+    """--init-image repeated: one image from each, as the Python API's list makes them (the batch has as many;
+    --batch-size, where given, at least that); too small a --batch-size and --pad with several are one line, exit
+    code 2, before the model loads."""
+    a, b = picture(64, 64, seed=1), picture(80, 64, seed=2)
+    a.save(tmp_path / "a.png")
+    b.save(tmp_path / "b.png")
+    out = tmp_path / "out"
+    r = run_cli("img2img", "a cat", "--init-image", tmp_path / "a.png", "--init-image", tmp_path / "b.png", "--model",
+                tiny_model_dir, "--steps", "3", "--seed", "8", "--output-dir", out, "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = pipe("a cat", init_image=[a, b], batch_size=2, steps=3, seed=8, strength=0.75)
+    got = {int(p.stem.split("-")[1]): np.asarray(Image.open(p).convert("RGB")) for p in out.glob("*.png")}
+    assert sorted(got) == [8, 9]
+    for k, seed in enumerate((8, 9)):  # (another process: its thread count may round the products differently)
+        assert np.abs(got[seed].astype(int) - np.asarray(want.images[k])).max() <= 2
+    base = ["img2img", "x", "--init-image", tmp_path / "a.png", "--init-image", tmp_path / "a.png", "--init-image",
+            tmp_path / "b.png", "--model", tmp_path / "missing"]
+    for args, bad in [(["--batch-size", "2"], "3 --init-image for --batch-size 2"),
+                      (["--init-image", tmp_path / "nope.png"], "--init-image"),
+                      ]:
+        r = run_cli(*base, *args, cwd=tmp_path)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and bad in r.stderr, r.stderr
+    r = run_cli("inpaint", "x", "--init-image", tmp_path / "a.png", "--init-image", tmp_path / "a.png", "--pad", "8",
+                "--model", tmp_path / "missing", cwd=tmp_path)
+    assert r.returncode == 2 and "--pad outpaints one --init-image, not 2" in r.stderr, r.stderr
+
+
 def test_api_with_an_inpainting_checkpoint(inpaint_dir, inpaint_models, tmp_path):
     """A server whose model is an inpainting checkpoint answers txt2img and img2img as A1111 does (it had refused
     both): info.is_using_inpainting_conditioning, "Conditional mask weight" from the inpainting_mask_weight option

@@ -315,8 +315,13 @@ def test_cli_inpainting_options(tiny_model_dir, tmp_path, pipe):
     assert r.returncode == 0, r.stderr
     (png,) = out.glob("*.png")
     want = pipe("a dog", steps=3, seed=3, sampler="Euler a", width=64, height=64, init_image=init,
-                mask_image=ImageOps.invert(mask), mask_blur=2, inpainting_fill=3, inpaint_full_res=True,
+                mask_image=mask, inpainting_mask_invert=True, mask_blur=2, inpainting_fill=3, inpaint_full_res=True,
                 inpaint_full_res_padding=4, noise_multiplier=0.95)
+    assert want.infotexts[0].count("Mask mode: Inpaint not masked") == 1
+    inverted = pipe("a dog", steps=3, seed=3, sampler="Euler a", width=64, height=64, init_image=init,
+                    mask_image=ImageOps.invert(mask), mask_blur=2, inpainting_fill=3, inpaint_full_res=True,
+                    inpaint_full_res_padding=4, noise_multiplier=0.95)
+    assert np.array_equal(np.asarray(inverted.images[0]), np.asarray(want.images[0]))
     got = Image.open(png)
     assert got.size == (96, 80)  # (another process: its thread count may round the products differently)
     assert np.abs(np.asarray(got.convert("RGB")).astype(int) - np.asarray(want.images[0])).max() <= 2

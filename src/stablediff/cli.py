@@ -222,7 +222,8 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                          description="Encode --init-image, noise it as --strength says, and denoise it toward "
                                      "PROMPT. The size defaults to the image's (rounded down to a multiple of 8).")
     i2i.add_argument("prompt", metavar="PROMPT", help="what the image should show")
-    i2i.add_argument("--init-image", required=True, type=Path, metavar="IN.png", help="the starting image")
+    i2i.add_argument("--init-image", required=True, type=Path, action="append", metavar="IN.png",
+                     help=INIT_IMAGE_HELP)
     i2i.add_argument("--strength", type=float, default=0.75, metavar="S",
                      help="how much to change it, in (0, 1] (default: 0.75)")
     add_img2img_options(i2i)
@@ -236,7 +237,8 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                                      "pixels; the border, and 8 pixels into the image (without --mask), are "
                                      "repainted.")
     inp.add_argument("prompt", metavar="PROMPT", help="what the repainted area should show")
-    inp.add_argument("--init-image", required=True, type=Path, metavar="IN.png", help="the starting image")
+    inp.add_argument("--init-image", required=True, type=Path, action="append", metavar="IN.png",
+                     help=INIT_IMAGE_HELP)
     inp.add_argument("--mask", type=Path, metavar="MASK.png", help="white = repaint, black = keep")
     inp.add_argument("--pad", metavar="L,R,T,B|N",
                      help="outpaint: extend the image by these pixels left, right, top, bottom (or N on every side), "
@@ -477,17 +479,25 @@ def check_image_args(args: argparse.Namespace) -> tuple[int, int]:
         raise UsageError(f"--strength {args.strength} is outside (0, 1]")
     if args.command == "inpaint" and args.mask is None and args.pad is None:
         raise UsageError("inpaint needs --mask MASK.png, or --pad to outpaint")
-    width, height = _image_size("--init-image", args.init_image)
+    sizes = [_image_size("--init-image", path) for path in args.init_image]
+    _check_init_count(args)
     from .images import check_mask_aspect, multiple_of_8
 
     if args.mask is not None:
+        mask_size = _image_size("--mask", args.mask)
         try:
-            check_mask_aspect(_image_size("--mask", args.mask), (width, height))
+            for size in sizes:
+                check_mask_aspect(mask_size, size)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    width, height = sizes[0]
 
     size = multiple_of_8((width, height))
     return size if args.pad is None else _padded_size(args, size)
+
+
+INIT_IMAGE_HELP = ("the starting image; repeat the option for a batch of them, one for each image of the batch "
+                   "(which then has as many; the size is the first one's)")
 
 
 def add_img2img_options(parser: argparse.ArgumentParser) -> None:
@@ -578,6 +588,20 @@ def _padded_size(args: argparse.Namespace, size: tuple[int, int]) -> tuple[int, 
     except ValueError as e:
         raise UsageError(f"--pad {args.pad}: padded size {padded[0]}x{padded[1]}: {e}") from None
     return padded
+
+
+def _check_init_count(args: argparse.Namespace) -> None:
+    """Several --init-image: a batch of that many images, one from each, as A1111's img2img takes a batch of init
+    images (--batch-size, where given, at least as many); --pad outpaints one image."""
+    n = len(args.init_image)
+    if n == 1:
+        return
+    if args.pad is not None:
+        raise UsageError(f"--pad outpaints one --init-image, not {n}")
+    if 1 < args.batch_size < n:
+        raise UsageError(f"{n} --init-image for --batch-size {args.batch_size}: give at most --batch-size images, "
+                         "or leave --batch-size out")
+    args.batch_size = n
 
 
 def _image_size(flag: str, path: Path) -> tuple[int, int]:
@@ -793,7 +817,8 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     default_size = check_image_args(args)
     check_generation_args(args, default_size=default_size)
     check_preview_args(args)
-    init, mask = (args.init_image, args.mask) if args.pad is None else _outpaint_images(args)
+    inits = args.init_image[0] if len(args.init_image) == 1 else args.init_image
+    init, mask = (inits, args.mask) if args.pad is None else _outpaint_images(args)
     pipe = load_model(args)
     result = run_pipeline(pipe, args, init_image=init, mask_image=mask)
     save_results(result, args.output_dir)
@@ -805,7 +830,7 @@ def _outpaint_images(args: argparse.Namespace):
     from .images import check_mask_size, open_image, outpaint_images
 
     try:
-        init = open_image(args.init_image)
+        init = open_image(args.init_image[0])
         mask = None if args.mask is None else open_image(args.mask)
         if mask is not None:
             check_mask_size(mask.size, init.size)

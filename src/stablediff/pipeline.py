@@ -371,7 +371,7 @@ class StableDiffusion:
                  token_merging_ratio: float = 0.0, resize_mode: int = 0, noise_multiplier: float = 1.0,
                  mask_blur: int | tuple[int, int] = 0,
                  inpainting_fill: int = 1, inpaint_full_res: bool = False, inpaint_full_res_padding: int = 0,
-                 inpainting_mask_weight: float = 1.0, controls: list[controlnets.Control] = (),
+                 inpainting_mask_invert: bool = False, inpainting_mask_weight: float = 1.0, controls: list[controlnets.Control] = (),
                  callback: Callable[[StepInfo], None] | None = None, cancel=None,
                  progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
@@ -393,9 +393,9 @@ class StableDiffusion:
         multiplier for img2img"). Inpainting as A1111 prepares it (masking.py): mask_blur (pixels, or
         (across, down)), inpainting_fill (masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing),
         inpaint_full_res (only masked: the mask's box, grown by inpaint_full_res_padding, inpainted at width x height
-        and pasted back). A1111's samplers ("Euler a", ...) inpaint as A1111 does: those settings, its latent mask
-        and blending, the init image laid back over the result; diffusers' ("euler_a", ...) as diffusers does, with
-        those settings where given.
+        and pasted back), inpainting_mask_invert (repaint the black part: A1111's "Inpaint not masked"). A1111's
+        samplers ("Euler a", ...) inpaint as A1111 does: those settings, its latent mask and blending, the init image
+        laid back over the result; diffusers' ("euler_a", ...) as diffusers does, with those settings where given.
         An inpainting checkpoint (U-Net with 9 input channels) also makes txt2img and img2img images, as A1111 runs
         them: its mask channel all ones, its masked image black (txt2img) or the init image faded to gray by
         inpainting_mask_weight (A1111's "inpainting conditioning mask strength", 0..1: how much of the image the
@@ -416,7 +416,7 @@ class StableDiffusion:
             mask_blur_x=mask_blur if isinstance(mask_blur, int) else mask_blur[0],
             mask_blur_y=mask_blur if isinstance(mask_blur, int) else mask_blur[1], inpainting_fill=inpainting_fill,
             inpaint_full_res=inpaint_full_res, inpaint_full_res_padding=inpaint_full_res_padding,
-            inpainting_mask_weight=inpainting_mask_weight)
+            inpainting_mask_invert=inpainting_mask_invert, inpainting_mask_weight=inpainting_mask_weight)
         return self.generate(params, prompts=prompt, negatives=negative_prompt, init_image=init_image,
                              mask_image=mask_image, controls=controls, callback=callback, cancel=cancel,
                              progress=progress)

@@ -717,3 +717,87 @@ def test_lcm_equals_a1111s_lcm(kd, model, schedule):
         x = start_noise(steps, plan.init_noise_scale)
         ref = lcm_reference(denoiser, x.clone(), plan.sigmas)
         torch.testing.assert_close(run(model, plan, x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eta: A1111 passes its `eta` (the request's, else its eta_ancestral / eta_ddim option) to the samplers that take one
+
+def image_noise(gens, shape):
+    """A1111's randn_like for a batch: one (C, H, W) draw from each image's generator."""
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.4])
+@pytest.mark.parametrize("name", ["Euler a", "DPM2 a", "DPM++ 2S a"])
+def test_ancestral_eta_equals_kdiffusion(kd, model, name, eta):
+    sampling, external = kd
+    plan = prepare(name, NS, 6, schedule="karras")
+    x = torch.randn(len(SEEDS), 4, 8, 8, generator=torch.Generator().manual_seed(6)) * plan.init_noise_scale
+    ours = plan.sample(EpsDenoiser(model, plan.sigma_to_t), x.clone(), generator=generators(),
+                       **SAMPLERS[name].eta_options(eta))
+    gens = generators()
+    ref = getattr(sampling, K_FUNCTIONS[name])(external.CompVisDenoiser(model), x.clone(), plan.sigmas, disable=True,
+                                               eta=eta, noise_sampler=lambda *_: image_noise(gens, x.shape))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    default = plan.sample(EpsDenoiser(model, plan.sigma_to_t), x.clone(), generator=generators())
+    assert (default - ours).abs().max() > 1e-3  # eta is not ignored
+
+
+def ddim_eta_reference(model, x, ts, eta, gens):
+    """A1111's `ddim` with eta, literally: sigma_t = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)), the
+    direction scaled by sqrt(1 - a_prev - sigma_t**2), and sigma_t times a fresh draw from each image's generator
+    at every step."""
+    ac = model.alphas_cumprod.double()
+    for index in range(len(ts) - 1, 0, -1):
+        a_t, a_prev = ac[ts[index]], ac[ts[index - 1]]
+        sigma_t = (eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()).float()
+        a_t, a_prev = a_t.float(), a_prev.float()
+        e_t = model(x, torch.full((x.shape[0],), float(ts[index])))
+        pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+        x = a_prev.sqrt() * pred_x0 + (1 - a_prev - sigma_t**2).sqrt() * e_t + sigma_t * image_noise(gens, x.shape)
+    return x
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.3])
+def test_ddim_eta_equals_a1111s_loop(model, eta):
+    """webuiapi sends eta 1.0 with every request, which A1111's DDIM takes (eta_ddim 0 only where none is sent)."""
+    for steps in (3, 10):
+        plan = prepare("DDIM", NS, steps)
+        x_vp = start_noise(steps, 1.0)
+        ours = plan.finish(plan.sample(EpsDenoiser(model, plan.sigma_to_t), x_vp * plan.init_noise_scale,
+                                       generator=generators(), **SAMPLERS["DDIM"].eta_options(eta)))
+        ref = ddim_eta_reference(model, x_vp.clone(), compvis_timesteps(steps), eta, generators())
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        plain = plan.finish(plan.sample(EpsDenoiser(model, plan.sigma_to_t), x_vp * plan.init_noise_scale))
+        assert (plain - ours).abs().max() > 1e-3
+
+
+def test_eta_settings_infotext_and_where_it_does_not_apply():
+    """eta reaches the samplers that take one; A1111's infotext keys ("Eta DDIM" where not 0 for DDIM, "Eta" where
+    not 1 for the others) are written and read back; a sampler without eta leaves it unused and unwritten, as A1111
+    does; A1111's SDE samplers (and DPM fast, adaptive), whose eta ours fixes at 1, refuse another."""
+    from stablediff.samplers import check_eta
+
+    assert SAMPLERS["DDIM"].eta_options(1.0) == {"eta": 1.0} and SAMPLERS["Euler"].eta_options(0.5) == {}
+    assert SAMPLERS["DPM++ 2M SDE"].eta_options(1.0) == {}
+    for sampler, eta, key in [("DDIM", 1.0, "Eta DDIM: 1.0"), ("Euler a", 0.5, "Eta: 0.5"), ("ddim", 0.7, "Eta DDIM"),
+                              ("tcd", 1.0, "Eta: 1.0")]:
+        p = GenerationParams(prompt="x", steps=4, sampler=sampler, seed=1, width=64, height=64, eta=eta).validate()
+        text = p.to_infotext()
+        assert key in text
+        assert GenerationParams.from_infotext(text)[0].eta == eta
+    for sampler, eta in [("DDIM", 0.0), ("Euler a", 1.0), ("Euler", 0.5), ("DPM++ 2M", 0.3)]:
+        text = GenerationParams(prompt="x", steps=4, sampler=sampler, seed=1, width=64, height=64,
+                                eta=eta).validate().to_infotext()
+        assert "Eta" not in text, text
+    check_eta(SAMPLERS["DPM++ SDE"], 1.0)
+    with pytest.raises(ValueError, match="eta 0.5: DPM\\+\\+ SDE runs at eta 1 here"):
+        GenerationParams(prompt="x", sampler="DPM++ SDE", eta=0.5).validate()
+    with pytest.raises(ValueError, match="eta 1.5 is outside 0..1"):
+        GenerationParams(prompt="x", sampler="DDIM", eta=1.5).validate()
+    # A1111's API: the request's eta, else the option for the sampler's kind
+    body = {"prompt": "x", "sampler_name": "DDIM", "override_settings": {"eta_ddim": 0.2, "eta_ancestral": 0.6}}
+    assert GenerationParams.from_a1111(body).eta == 0.2
+    assert GenerationParams.from_a1111({**body, "sampler_name": "Euler a"}).eta == 0.6
+    assert GenerationParams.from_a1111({**body, "eta": 1.0}).eta == 1.0
+    assert GenerationParams.from_a1111({"prompt": "x", "sampler_name": "DDIM"}).eta is None

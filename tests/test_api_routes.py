@@ -479,3 +479,33 @@ def test_serve_flags_checked_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--vae-dir" in err and "no-vaes: no such folder" in err and "no-ups: no such folder" in err
     assert "no.csv: cannot read the styles file" in err
+
+
+def test_eta_as_webuiapi_sends_it(port, tiny_model_dir):
+    """webuiapi sends eta 1.0 (and s_churn 0, s_tmin 0, s_tmax 0, s_noise 1) with every request: A1111's DDIM
+    takes it (stochastic DDIM, "Eta DDIM: 1.0"); without eta the eta_ddim option (0) applies; above 1 it is a
+    422."""
+    body = {**SMALL, "prompt": "a boat", "sampler_name": "DDIM", "steps": 3}
+    sent, info = _generate(port, "txt2img", **body, eta=1.0, s_churn=0, s_tmin=0, s_tmax=0, s_noise=1)
+    assert "Eta DDIM: 1.0" in info["infotexts"][0]
+    plain, plain_info = _generate(port, "txt2img", **body)
+    assert "Eta" not in plain_info["infotexts"][0]
+    assert not np.array_equal(_pixels(sent["images"][0]), _pixels(plain["images"][0]))
+    option, _ = _generate(port, "txt2img", **body, override_settings={"eta_ddim": 1.0})
+    assert np.array_equal(_pixels(option["images"][0]), _pixels(sent["images"][0]))
+    want = StableDiffusion.from_pretrained(tiny_model_dir)("a boat", steps=3, width=64, height=64, seed=5,
+                                                           sampler="DDIM", eta=1.0, rng="gpu")
+    assert np.abs(_pixels(sent["images"][0]).astype(int) - np.asarray(want.images[0])).max() <= 1
+    r = _post(port, "txt2img", {**body, "eta": 2})
+    assert r.status_code == 422 and "eta" in r.text
+
+
+def test_sigma_churn_and_noise_only_at_their_defaults(port):
+    """s_churn and s_noise change A1111's Euler, Heun, DPM2 (and s_noise its other ancestral and SDE samplers); we
+    run their defaults only, so another value for those samplers is a 422 naming it, not a silently other image.
+    Samplers A1111 does not give them to ignore them, as A1111 does."""
+    r = _post(port, "txt2img", {**SMALL, "sampler_name": "Euler", "s_churn": 0.5})
+    assert r.status_code == 422 and "s_churn 0.5" in r.text and "Euler runs at 0" in r.text
+    r = _post(port, "txt2img", {**SMALL, "sampler_name": "DPM++ SDE", "s_noise": 1.003})
+    assert r.status_code == 422 and "s_noise 1.003" in r.text
+    _generate(port, "txt2img", **{**SMALL, "sampler_name": "DPM++ 2M", "s_churn": 0.5, "s_noise": 1.003})

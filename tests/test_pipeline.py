@@ -326,3 +326,21 @@ def test_cfg_scale_at_most_one_runs_one_unet_batch_without_the_unconditional_hal
         assert set(calls) == {4}
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_ddim_eta_matches_diffusers(pipe, tiny_reference, eta):
+    """The pipeline's `eta` (DDIMScheduler's): the step's variance times eta**2, drawn from the generator at every
+    step, as diffusers' pipeline takes it."""
+    import diffusers
+
+    cls = diffusers.DDIMScheduler
+    tiny_reference.scheduler = cls.from_config(cls.load_config(str(SD15), subfolder="scheduler"))
+    with torch.no_grad():
+        ref = tiny_reference("a boat", num_inference_steps=6, guidance_scale=7.0, width=64, height=64, eta=eta,
+                             generator=torch.Generator("cpu").manual_seed(4), output_type="latent").images
+    ours = pipe("a boat", steps=6, cfg_scale=7.0, width=64, height=64, seed=4, sampler="ddim", eta=eta)
+    assert_close(ours.latents, ref, LATENT_TOL)
+    assert f"Eta DDIM: {eta}" in ours.infotexts[0]
+    plain = pipe("a boat", steps=6, cfg_scale=7.0, width=64, height=64, seed=4, sampler="ddim")
+    assert (plain.latents - ours.latents).abs().max() > 1e-3 and "Eta" not in plain.infotexts[0]

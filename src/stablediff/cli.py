@@ -114,6 +114,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="A1111's token merging (ToMe): merge this share of the top level's tokens before "
                         "self-attention, 0..0.9; faster, approximate: the image changes (benchmarks/RESULTS.md) "
                         "(default: 0 = off)")
+    p.add_argument("--eta", type=float, default=None, metavar="E",
+                   help="the noise an ancestral or DDIM step adds, 0..1, where the sampler takes it: Euler a, DPM2 a, "
+                        "DPM++ 2S a (default 1), DDIM, DDIM CFG++, ddim (default 0), tcd (default 0.3)")
     p.add_argument("--inpainting-mask-weight", type=float, default=1.0, metavar="W",
                    help="an inpainting checkpoint (U-Net with 9 input channels): how much of the image its "
                         "conditioning hides under the mask, 0..1, as A1111's 'Inpainting conditioning mask "

@@ -59,10 +59,12 @@ def report(callback, i, x, sigma, sigma_next, denoised):
     return x if out is None else out
 
 
-def ancestral_step(sigma, sigma_next):
-    """Split a step sigma -> sigma_next into a deterministic step down to sigma_down and fresh noise of sigma_up
-    (eta = 1), so that sigma_down**2 + sigma_up**2 = sigma_next**2."""
-    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+def ancestral_step(sigma, sigma_next, eta: float = 1.0):
+    """Split a step sigma -> sigma_next into a deterministic step down to sigma_down and fresh noise of sigma_up,
+    so that sigma_down**2 + sigma_up**2 = sigma_next**2: eta 1 adds all the noise the step's posterior has, 0 none
+    (the ODE step), as k-diffusion's get_ancestral_step (sigma_up at most sigma_next)."""
+    sigma_up = torch.minimum(torch.as_tensor(sigma_next),
+                             eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up
 
@@ -84,13 +86,14 @@ def _brownian(x, sigmas, generator, noise_range):
     return a1111.BrownianNoise(x, lo, hi, generator)
 
 
-def sample_dpmpp_2s_a(denoiser, x, sigmas, *, generator=None, callback=None):
+def sample_dpmpp_2s_a(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 1.0):
     """DPM-Solver++(2S) ancestral: a second-order single-step update down to sigma_down (its midpoint halfway in
-    lambda), then fresh noise of sigma_up from `generator`; Euler and no noise on the step to 0."""
+    lambda), then fresh noise of sigma_up from `generator` (ancestral_step's eta); Euler and no noise on the step
+    to 0."""
     x, sigmas = as_float32(x, sigmas)
     for i, sigma, sigma_next in step_pairs(sigmas):
         denoised = denoiser(x, sigma)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         if sigma_down == 0:
             x = x + (x - denoised) / sigma * (sigma_down - sigma)
         else:

@@ -65,6 +65,9 @@ class GenerationParams:
     seed_resize_from: tuple[int, int] | None = None  # (width, height): the seed's noise as drawn at that size
     tiling: bool = False  # A1111's tiling: the U-Net's and VAE's convolutions pad circularly, the image tiles
     token_merging_ratio: float = 0.0  # ToMe (tome.py): the share of the top level's tokens merged before self-attention
+    # the sampler's eta where it takes one (samplers.Sampler.eta: the noise an ancestral or DDIM step adds, 0..1);
+    # None: the sampler's own (A1111's eta_ancestral 1, eta_ddim 0)
+    eta: float | None = None
     # hires fix (hires.py), A1111's API names; its denoising strength is `strength` (None: 0.75)
     enable_hr: bool = False
     hr_scale: float = 2.0  # the first pass's size times this, unless hr_resize_x / hr_resize_y are given
@@ -144,6 +147,8 @@ class GenerationParams:
             (lambda: isinstance(self.tiling, bool), f"tiling {self.tiling!r} is not true or false"),
             (lambda: _is_number(self.token_merging_ratio) and 0 <= self.token_merging_ratio <= MAX_TOKEN_MERGING_RATIO,
              f"token merging ratio {self.token_merging_ratio!r} is outside 0..{MAX_TOKEN_MERGING_RATIO}"),
+            (lambda: self.eta is None or _is_number(self.eta) and 0 <= self.eta <= 1,
+             f"eta {self.eta!r} is outside 0..1"),
             (lambda: _is_number(self.noise_multiplier) and 0 < self.noise_multiplier <= MAX_NOISE_MULTIPLIER,
              f"noise multiplier {self.noise_multiplier!r} is outside (0, {MAX_NOISE_MULTIPLIER:g}]"),
             (lambda: self.resize_mode in (0, 1, 2) and _is_int(self.resize_mode),
@@ -171,6 +176,7 @@ class GenerationParams:
         from .schedule import NoiseSchedule
 
         spec, named = samplers.get_sampler(self.sampler)
+        samplers.check_eta(spec, self.eta)
         schedule = samplers.prepare(spec.name, NoiseSchedule(), self.steps, schedule=self.schedule or named).schedule
         if spec.timestep_space:  # A1111's DDIM, PLMS, UniPC run their own timesteps, whatever the schedule
             return spec, None
@@ -185,6 +191,9 @@ class GenerationParams:
         from .schedule import NoiseSchedule
 
         params = self.replace(**hires.check(self))
+        from . import samplers
+
+        samplers.check_eta(samplers.get_sampler(params.hr_sampler or params.sampler)[0], params.eta)
         width, height = hires.check_size(params, self.width or NATIVE_SIZE, self.height or NATIVE_SIZE)
         hr_steps = len(hires.plan(params, NoiseSchedule()).sigmas) - 1
         if limits is not None:
@@ -227,7 +236,9 @@ class GenerationParams:
         ("Cache interval", "LoRA weights") go before "Version", which A1111 keeps as unknown keys."""
         from . import a1111, hires, images, samplers
 
+        spec = samplers.SAMPLERS[self.sampler]
         ours = {"Denoising strength": self.strength, "Clip skip": self.clip_skip,
+                spec.eta_key: self.eta if None not in (self.eta, spec.eta) and self.eta != spec.eta else None,
                 "Cache interval": self.cache_interval if self.cache_interval > 1 else None,
                 "LoRA weights": ", ".join(f"{n}:{float(m)!r}" for n, m in self.loras) or None,
                 "ENSD": self.ensd or None, "Token merging ratio": self.token_merging_ratio or None,
@@ -273,7 +284,8 @@ class GenerationParams:
                    "Clip skip": ("clip_skip", int), "Cache interval": ("cache_interval", int),
                    "Token merging ratio": ("token_merging_ratio", float),
                    "Noise multiplier": ("noise_multiplier", float),
-                   "Conditional mask weight": ("inpainting_mask_weight", float)}
+                   "Conditional mask weight": ("inpainting_mask_weight", float), "Eta": ("eta", float),
+                   "Eta DDIM": ("eta", float)}
         for key, (name, kind) in readers.items():
             if key in fields:
                 changes[name] = _parse(kind, take(key), key)
@@ -314,7 +326,7 @@ class GenerationParams:
                 "subseed": -1 if self.subseed is None else self.subseed, "subseed_strength": self.subseed_strength,
                 "seed_resize_from_w": self.seed_resize_from[0] if self.seed_resize_from else -1,
                 "seed_resize_from_h": self.seed_resize_from[1] if self.seed_resize_from else -1,
-                "cache_interval": self.cache_interval, "loras": dict(self.loras),
+                "cache_interval": self.cache_interval, "loras": dict(self.loras), "eta": self.eta,
                 "enable_hr": self.enable_hr, "hr_scale": self.hr_scale, "hr_upscaler": self.hr_upscaler,
                 "hr_second_pass_steps": self.hr_second_pass_steps, "hr_resize_x": self.hr_resize_x,
                 "hr_resize_y": self.hr_resize_y, "hr_sampler_name": self.hr_sampler,
@@ -352,6 +364,7 @@ class GenerationParams:
                    tiling=get("tiling", False),
                    token_merging_ratio=get("token_merging_ratio") or override.get("token_merging_ratio") or 0.0,
                    inpainting_mask_weight=_option(override, "inpainting_mask_weight", 1.0),
+                   eta=_eta_from_a1111(get, override),
                    **_hires_from_a1111(get), **(_inpainting_from_a1111(get) if "init_images" in body else {}))
 
     # -- batch job rows and the command line --------------------------------------------------------------------
@@ -386,7 +399,7 @@ class GenerationParams:
                   "--cache-interval": self.cache_interval, "--rng": self.rng, "--ensd": self.ensd,
                   "--subseed": self.subseed, "--subseed-strength": self.subseed_strength,
                   "--seed-resize-from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None,
-                  "--token-merging-ratio": self.token_merging_ratio or None,
+                  "--token-merging-ratio": self.token_merging_ratio or None, "--eta": self.eta,
                   "--resize-mode": self.resize_mode or None,
                   "--noise-multiplier": None if self.noise_multiplier == 1 else self.noise_multiplier,
                   "--mask-blur": None if not (self.mask_blur_x or self.mask_blur_y) else self.mask_blur_x
@@ -433,7 +446,7 @@ class GenerationParams:
                    hr_sampler=args.hr_sampler, hr_schedule=args.hr_schedule, hr_prompt=args.hr_prompt,
                    hr_negative_prompt=args.hr_negative_prompt,
                    tiling=getattr(args, "tiling", False),
-                   token_merging_ratio=getattr(args, "token_merging_ratio", 0.0),
+                   token_merging_ratio=getattr(args, "token_merging_ratio", 0.0), eta=getattr(args, "eta", None),
                    resize_mode=getattr(args, "resize_mode", 0), noise_multiplier=getattr(args, "noise_multiplier", 1.0),
                    mask_blur_x=blur[0], mask_blur_y=blur[1],
                    inpainting_fill=getattr(args, "masked_content", 1),
@@ -451,6 +464,22 @@ def size_arg(value: str | None) -> tuple[int, int] | None:
     if not (sep and w.strip().isdigit() and h.strip().isdigit()):
         raise ValueError(f"size {value!r} is not WIDTHxHEIGHT, e.g. 512x512")
     return int(w), int(h)
+
+
+def _eta_from_a1111(get, override: dict) -> float | None:
+    """A1111's eta: the request's, else for its own samplers its option for the sampler's kind (eta_ddim for DDIM,
+    whose default is 0, eta_ancestral for the others); None: the sampler's own."""
+    from .samplers import get_sampler
+
+    if get("eta") is not None:
+        return get("eta")
+    try:
+        spec, _ = get_sampler(get("sampler_name") or get("sampler_index", "Euler"))
+    except ValueError:  # (validate names it)
+        return None
+    if spec.family != "a1111" or spec.eta is None:
+        return None
+    return override.get("eta_ddim" if spec.eta == 0 else "eta_ancestral")
 
 
 def _option(override: dict, name: str, default):

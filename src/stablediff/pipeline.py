@@ -366,14 +366,15 @@ class StableDiffusion:
                  height: int | None = None, batch_size: int = 1, sampler: str = "euler",
                  schedule: str | None = None, clip_skip: int = 1, init_image=None, mask_image=None,
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
-                 rng: str = "cpu", ensd: int = 0, subseed: int | None = None, subseed_strength: float = 0.0,
+                 eta: float | None = None, rng: str = "cpu", ensd: int = 0, subseed: int | None = None,
+                 subseed_strength: float = 0.0,
                  seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
                  token_merging_ratio: float = 0.0, resize_mode: int = 0, noise_multiplier: float = 1.0,
                  mask_blur: int | tuple[int, int] = 0,
                  inpainting_fill: int = 1, inpaint_full_res: bool = False, inpaint_full_res_padding: int = 0,
-                 inpainting_mask_invert: bool = False, inpainting_mask_weight: float = 1.0, controls: list[controlnets.Control] = (),
-                 callback: Callable[[StepInfo], None] | None = None, cancel=None,
-                 progress: bool = False) -> GenerationResult:
+                 inpainting_mask_invert: bool = False, inpainting_mask_weight: float = 1.0,
+                 controls: list[controlnets.Control] = (), callback: Callable[[StepInfo], None] | None = None,
+                 cancel=None, progress: bool = False) -> GenerationResult:
         """Make batch_size images for each prompt. Image k of the call uses seed + k on its own generator.
 
         txt2img by default; with `init_image` (PIL image or path; or a list of them, one for each image of the batch,
@@ -384,10 +385,12 @@ class StableDiffusion:
         to the init image's (rounded down to a multiple of 8); a different width/height resizes it, with a warning.
         LoRAs come from `<lora:NAME:w>` tags in the prompt and from `loras={"file-or-NAME": w}`; they are merged
         into the weights for the call (and taken out again by the next call that does not ask for them).
-        rng: where the noise comes from, as A1111's RNG setting ("cpu", "gpu", "nv": rng.py); ensd: A1111's eta noise
-        seed delta (the samplers' own noise from seed + ensd). subseed / subseed_strength: A1111's variation seeds
-        (the seed's noise slerped toward the subseed's; every image then keeps `seed` and image k uses subseed + k);
-        seed_resize_from=(w, h): the seed's noise as drawn at that size, centred.
+        eta: the noise an ancestral or DDIM step adds, where the sampler takes one (samplers.Sampler.eta; None: its
+        own, 1 for "Euler a", 0 for DDIM). rng: where the noise comes from, as A1111's RNG setting ("cpu", "gpu",
+        "nv": rng.py); ensd: A1111's eta noise seed delta (the samplers' own noise from seed + ensd). subseed /
+        subseed_strength: A1111's variation seeds (the seed's noise slerped toward the subseed's; every image then
+        keeps `seed` and image k uses subseed + k); seed_resize_from=(w, h): the seed's noise as drawn at that
+        size, centred.
         resize_mode: A1111's, for an init image (and mask) of another aspect ratio than width x height: 0 stretch,
         1 crop and resize, 2 resize and fill. noise_multiplier: img2img's start noise scaled by it (A1111's "Noise
         multiplier for img2img"). Inpainting as A1111 prepares it (masking.py): mask_blur (pixels, or
@@ -410,8 +413,8 @@ class StableDiffusion:
         params = GenerationParams(
             steps=steps, cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
             sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
-            loras=tuple((loras or {}).items()), cache_interval=cache_interval, rng=rng, ensd=ensd, subseed=subseed,
-            subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, tiling=tiling,
+            loras=tuple((loras or {}).items()), cache_interval=cache_interval, eta=eta, rng=rng, ensd=ensd,
+            subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, tiling=tiling,
             token_merging_ratio=token_merging_ratio, resize_mode=resize_mode, noise_multiplier=noise_multiplier,
             mask_blur_x=mask_blur if isinstance(mask_blur, int) else mask_blur[0],
             mask_blur_y=mask_blur if isinstance(mask_blur, int) else mask_blur[1], inpainting_fill=inpainting_fill,
@@ -529,8 +532,8 @@ class StableDiffusion:
                          step_callback=None, controls: list[controlnets.ActiveControl] = ()) -> torch.Tensor:
         """One prompt's final latents (len(seeds), C, h, w): encode the prompts, draw each image's noise on its own
         generator (seeds[k] = (seed, variation seed), params.image_seeds', on params.rng's source: rng.ImageRNG),
-        run the sampler over the guided denoiser. `source`: what img2img.start starts from
-        (img2img.encode's, hires fix's); `step_callback(d)` sees each step and may return the latents to go on with; `controls`:
+        run the sampler over the guided denoiser. `source`: what img2img.start starts from (img2img.encode's,
+        hires fix's); `step_callback(d)` sees each step and may return the latents to go on with; `controls`:
         `_control_unit`'s, run inside the eps model (controls.ControlledEps)."""
         shape = (self.vae.config.latent_channels, params.height // self.downscale, params.width // self.downscale)
         noise = rng.ImageRNG(shape, [s for s, _ in seeds], source=params.rng, device=self.device, ensd=params.ensd,
@@ -558,7 +561,7 @@ class StableDiffusion:
                 step_callback(d)
             return d["x"] if known is not None else None
 
-        x = plan.sample(denoiser, x, generator=noise, callback=on_step)
+        x = plan.sample(denoiser, x, generator=noise, callback=on_step, **plan.sampler.eta_options(params.eta))
         x = plan.finish(x)
         return known.final(x) if known is not None else x
 

@@ -63,18 +63,26 @@ def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None):
     return x
 
 
-# DDIM with eta = 0 is exactly Euler in sigma space: x_next = D + sigma_next * (x - D) / sigma. (DDIMScheduler)
-sample_ddim = sample_euler
+def sample_ddim(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 0.0):
+    """DDIM (DDIMScheduler with the pipeline's `eta`). With eta 0 it is exactly Euler in sigma space, x_next = D +
+    sigma_next * (x - D) / sigma; with eta > 0 its variance sigma_t**2 = eta**2 (1 - a_prev) / (1 - a) (1 - a /
+    a_prev) is, divided by a_prev, the ancestral split's sigma_up**2 at that eta, so it is Euler ancestral with
+    noise drawn at every step (the last too: DDIM ends above sigma 0). A1111's DDIM (sd_samplers_timesteps_impl)
+    is the same update on its own timesteps."""
+    if eta == 0:
+        return sample_euler(denoiser, x, sigmas, generator=generator, callback=callback)
+    return sample_euler_a(denoiser, x, sigmas, generator=generator, callback=callback, eta=eta)
+
 
 CFGPP_SCALE_FACTOR = 1 / 12.5  # A1111's DDIM CFG++ guides with cfg_scale / 12.5: CFG 0..12.5 is CFG++'s 0..1
 
 
-def sample_ddim_cfgpp(denoiser, x, sigmas, *, generator=None, callback=None):
-    """DDIM (eta 0) with CFG++ (Chung et al. 2024, manifold-constrained classifier-free guidance), as A1111's
-    "DDIM CFG++": the x0 estimate is the guided D, but the step back out to sigma_next follows the unconditional
-    eps, x_next = D + sigma_next * (x - D_uncond) / sigma, and the guidance scale is A1111's times
-    CFGPP_SCALE_FACTOR. The denoiser must give D_uncond apart: `with_uncond(x, sigma, scale_factor)`, as
-    denoiser.ScheduledCFGDenoiser does."""
+def sample_ddim_cfgpp(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 0.0):
+    """DDIM with CFG++ (Chung et al. 2024, manifold-constrained classifier-free guidance), as A1111's "DDIM CFG++":
+    the x0 estimate is the guided D, but the step back out follows the unconditional eps, x_next = D + sigma_down *
+    (x - D_uncond) / sigma (+ noise of sigma_up at eta > 0, drawn at every step as sample_ddim's), and
+    the guidance scale is A1111's times CFGPP_SCALE_FACTOR. The denoiser must give D_uncond apart:
+    `with_uncond(x, sigma, scale_factor)`, as denoiser.ScheduledCFGDenoiser does."""
     with_uncond = getattr(denoiser, "with_uncond", None)
     if with_uncond is None:
         raise TypeError(f"DDIM CFG++ needs a guidance denoiser with `with_uncond` (denoiser.ScheduledCFGDenoiser), "
@@ -82,18 +90,23 @@ def sample_ddim_cfgpp(denoiser, x, sigmas, *, generator=None, callback=None):
     x, sigmas = _float32(x, sigmas)
     for i, sigma, sigma_next in _steps(sigmas):
         denoised, uncond = with_uncond(x, sigma, scale_factor=CFGPP_SCALE_FACTOR)
-        x = denoised + sigma_next * (x - uncond) / sigma
+        if eta:
+            sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+            x = denoised + sigma_down * (x - uncond) / sigma + _noise(x, generator) * sigma_up
+        else:
+            x = denoised + sigma_next * (x - uncond) / sigma
         x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
-def sample_euler_a(denoiser, x, sigmas, *, generator=None, callback=None):
-    """Euler ancestral: an Euler step down to sigma_down, then fresh noise of sigma_up. Noise is drawn on every step,
-    the last included (where sigma_up is 0), as EulerAncestralDiscreteScheduler draws it."""
+def sample_euler_a(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 1.0):
+    """Euler ancestral: an Euler step down to sigma_down, then fresh noise of sigma_up (ancestral_step's eta).
+    Noise is drawn on every step, the last included (where sigma_up is 0), as EulerAncestralDiscreteScheduler
+    draws it."""
     x, sigmas = _float32(x, sigmas)
     for i, sigma, sigma_next in _steps(sigmas):
         denoised = denoiser(x, sigma)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         d = (x - denoised) / sigma
         x = x + d * (sigma_down - sigma)
         x = x + _noise(x, generator) * sigma_up
@@ -125,7 +138,7 @@ def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None):
     return x
 
 
-def _dpm2(denoiser, x, sigmas, generator, callback, ancestral: bool, diffusers: bool = True):
+def _dpm2(denoiser, x, sigmas, generator, callback, ancestral: bool, diffusers: bool = True, eta: float = 1.0):
     """DPM-Solver-2 (Lu et al. 2022) in k-diffusion's form: the midpoint in log-sigma, then a full step with the
     derivative there; the step to sigma 0 is Euler. k-diffusion lerps log(sigma) -> log(sigma_down); diffusers'
     KDPM2 lerps log(sigma_next) -> log(sigma) (KDPM2Ancestral as k-diffusion): `diffusers` keeps its orders so the
@@ -133,7 +146,7 @@ def _dpm2(denoiser, x, sigmas, generator, callback, ancestral: bool, diffusers: 
     x, sigmas = _float32(x, sigmas)
     for i, sigma, sigma_next in _steps(sigmas):
         denoised = denoiser(x, sigma)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next) if ancestral else (sigma_next, 0.0)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta) if ancestral else (sigma_next, 0.0)
         d = (x - denoised) / sigma
         if sigma_down == 0:
             x = x + d * (sigma_down - sigma)
@@ -172,9 +185,9 @@ def sample_k_dpm2(denoiser, x, sigmas, *, generator=None, callback=None):
     return _dpm2(denoiser, x, sigmas, generator, callback, ancestral=False, diffusers=False)
 
 
-def sample_k_dpm2_a(denoiser, x, sigmas, *, generator=None, callback=None):
+def sample_k_dpm2_a(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 1.0):
     """DPM2 ancestral as k-diffusion's `sample_dpm_2_ancestral` (A1111's "DPM2 a")."""
-    return _dpm2(denoiser, x, sigmas, generator, callback, ancestral=True, diffusers=False)
+    return _dpm2(denoiser, x, sigmas, generator, callback, ancestral=True, diffusers=False, eta=eta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,12 +462,27 @@ class Sampler:
     sigma_range: bool = False  # a1111: runs over (sigma_min, sigma_max) as A1111 passes them (DPM fast, adaptive)
     lcm: bool = False  # a1111: LCM's 50-timestep denoiser (a1111.LCMSigmas), whose sigma_to_t the sampler needs
     needs_uncond: bool = False  # steps with the unconditional prediction too: the denoiser's `with_uncond` (CFG++)
+    # the function's `eta` where it takes one (params.eta replaces it): A1111's options eta_ancestral 1 for its
+    # k-diffusion samplers, eta_ddim 0 for DDIM; diffusers' DDIM 0 and TCD 0.3 (their pipelines' eta argument)
+    eta: float | None = None
+    eta_fixed: bool = False  # a1111: A1111 passes eta to it, ours runs at `eta` only (SDE samplers, DPM fast/adaptive)
+
+    @property
+    def eta_key(self) -> str:
+        """The infotext key of a non-default eta, as A1111 writes it: "Eta DDIM" (default 0), else "Eta"."""
+        return "Eta DDIM" if self.eta == 0 else "Eta"
+
+    def eta_options(self, eta: float | None) -> dict:
+        """The function's keywords for a run's eta (None: the sampler's own); {} where it takes none."""
+        if self.eta is None or self.eta_fixed or eta is None:
+            return {}
+        return {"eta": eta}
 
 
 _VP = dict(timesteps="dpm", vp_init=True, karras_round=True, supports_karras=True)
 _DDIM = dict(timesteps="ddim", spacing="leading", vp_init=True)
 _A1111 = dict(family="a1111", supports_karras=True)
-_SDE = dict(_A1111, stochastic=True, brownian=True)
+_SDE = dict(_A1111, stochastic=True, brownian=True, eta=1.0, eta_fixed=True)
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     # diffusers' schedulers; those A1111 also has are named and labelled in snake_case, so "Euler a" means A1111's
@@ -474,7 +502,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
             diffusers_class="DPMSolverMultistepScheduler",
             diffusers_kwargs=(("algorithm_type", "sde-dpmsolver++"),), **_VP),
     # the labels "DDIM", "PLMS" and "UniPC" are A1111's own samplers (below)
-    Sampler("ddim", sample_ddim, "ddim", final="final_alpha", diffusers_class="DDIMScheduler", **_DDIM),
+    Sampler("ddim", sample_ddim, "ddim", final="final_alpha", diffusers_class="DDIMScheduler", eta=0.0, **_DDIM),
     Sampler("pndm", sample_pndm, "pndm", ("plms",), final="final_alpha", diffusers_class="PNDMScheduler", **_DDIM),
     Sampler("unipc", sample_unipc, "unipc", diffusers_class="UniPCMultistepScheduler", **_VP),
     Sampler("ddpm", sample_ddpm, "DDPM", stochastic=True, diffusers_class="DDPMScheduler", **_DDIM),
@@ -482,18 +510,19 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("lcm", sample_lcm, "lcm", stochastic=True, diffusers_class="LCMScheduler", timesteps="lcm", vp_init=True,
             plan_args=("timesteps",)),
     Sampler("tcd", sample_tcd, "tcd", stochastic=True, diffusers_class="TCDScheduler", timesteps="lcm",
-            final="sigma_min", vp_init=True, plan_args=("timesteps", "train_sigmas")),
+            final="sigma_min", vp_init=True, plan_args=("timesteps", "train_sigmas"), eta=0.3),
     # AUTOMATIC1111 v1.10's k-diffusion samplers, named by their labels (its samplers_k_diffusion table)
-    Sampler("Euler a", sample_euler_a, "Euler a", ("k_euler_a", "k_euler_ancestral"), stochastic=True, **_A1111),
+    Sampler("Euler a", sample_euler_a, "Euler a", ("k_euler_a", "k_euler_ancestral"), stochastic=True, eta=1.0,
+            **_A1111),
     Sampler("Euler", sample_euler, "Euler", ("k_euler",), **_A1111),
     Sampler("LMS", sample_lms, "LMS", ("k_lms",), **_A1111),
     Sampler("Heun", sample_heun, "Heun", ("k_heun",), **_A1111, calls_per_step=2),
     Sampler("DPM2", sample_k_dpm2, "DPM2", ("k_dpm_2",), default_schedule="karras", discard_penultimate=True,
             **_A1111, calls_per_step=2),
     Sampler("DPM2 a", sample_k_dpm2_a, "DPM2 a", ("k_dpm_2_a",), stochastic=True, default_schedule="karras",
-            discard_penultimate=True, **_A1111, calls_per_step=2),
+            discard_penultimate=True, eta=1.0, **_A1111, calls_per_step=2),
     Sampler("DPM++ 2S a", sample_dpmpp_2s_a, "DPM++ 2S a", ("k_dpmpp_2s_a",), stochastic=True,
-            default_schedule="karras", **_A1111, calls_per_step=2),
+            default_schedule="karras", eta=1.0, **_A1111, calls_per_step=2),
     Sampler("DPM++ 2M", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",), default_schedule="karras", **_A1111),
     Sampler("DPM++ SDE", sample_dpmpp_sde, "DPM++ SDE", ("k_dpmpp_sde",), default_schedule="karras", **_SDE,
             calls_per_step=2),
@@ -503,18 +532,27 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
             default_schedule="exponential", **_SDE),
     Sampler("DPM++ 3M SDE", sample_dpmpp_3m_sde, "DPM++ 3M SDE", ("k_dpmpp_3m_sde",), default_schedule="exponential",
             discard_penultimate=True, **_SDE),
-    Sampler("DPM fast", sample_dpm_fast, "DPM fast", ("k_dpm_fast",), stochastic=True, sigma_range=True, **_A1111),
+    Sampler("DPM fast", sample_dpm_fast, "DPM fast", ("k_dpm_fast",), stochastic=True, sigma_range=True, eta=1.0,
+            eta_fixed=True, **_A1111),
     Sampler("DPM adaptive", sample_dpm_adaptive, "DPM adaptive", ("k_dpm_ad",), stochastic=True, sigma_range=True,
-            **_A1111),
+            eta=1.0, eta_fixed=True, **_A1111),
     Sampler("Restart", sample_restart, "Restart", ("restart",), stochastic=True, default_schedule="karras", **_A1111),
-    # A1111's own samplers outside k-diffusion: sd_samplers_lcm and sd_samplers_timesteps (DDIM is Euler there)
+    # A1111's own samplers outside k-diffusion: sd_samplers_lcm and sd_samplers_timesteps (its DDIM is diffusers')
     Sampler("LCM", sample_k_lcm, "LCM", ("k_lcm",), stochastic=True, lcm=True, **_A1111),
-    Sampler("DDIM", sample_euler, "DDIM", timestep_space=True, **_A1111),
+    Sampler("DDIM", sample_ddim, "DDIM", timestep_space=True, eta=0.0, **_A1111),
     Sampler("DDIM CFG++", sample_ddim_cfgpp, "DDIM CFG++", ("ddim_cfgpp",), timestep_space=True, needs_uncond=True,
-            **_A1111),
+            eta=0.0, **_A1111),
     Sampler("PLMS", sample_plms, "PLMS", timestep_space=True, **_A1111),
     Sampler("UniPC", sample_a1111_unipc, "UniPC", timestep_space=True, **_A1111),
 ]}
+
+
+def check_eta(spec: Sampler, eta: float | None) -> None:
+    """ValueError for an eta the sampler cannot run: A1111's SDE samplers and DPM fast/adaptive take one there, ours
+    run at eta 1 only. Other samplers take none and leave it unused, as A1111 does."""
+    if spec.eta_fixed and eta is not None and eta != spec.eta:
+        raise ValueError(f"eta {eta!r}: {spec.label} runs at eta {spec.eta:g} here; leave eta out or use Euler a, "
+                         "DPM2 a, DPM++ 2S a or DDIM")
 
 
 def sampler_table() -> list[dict]:

@@ -88,12 +88,15 @@ class OverrideSettings(RequestModel):
     initial_noise_multiplier: Number | None = Field(None, gt=0, le=MAX_NOISE_MULTIPLIER, allow_inf_nan=False)  # img2img
     # an inpainting checkpoint's conditioning: 1 hides the masked part (gray), 0 shows the whole image
     inpainting_mask_weight: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    # the eta of a request that sends none: A1111's samplers but DDIM (eta_ancestral), DDIM and DDIM CFG++ (eta_ddim)
+    eta_ancestral: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    eta_ddim: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
 
 
 # the generation settings POST /options sets for later requests, at A1111's defaults
 SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_vae": "Automatic",
             "live_previews_enable": True, "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0,
-            "initial_noise_multiplier": 1.0, "inpainting_mask_weight": 1.0}
+            "initial_noise_multiplier": 1.0, "inpainting_mask_weight": 1.0, "eta_ancestral": 1.0, "eta_ddim": 0.0}
 
 
 class Txt2ImgRequest(RequestModel):
@@ -107,6 +110,12 @@ class Txt2ImgRequest(RequestModel):
     tiling: bool = False  # seamless tiling (circular padding)
     # ToMe (tome.py); 0 or left out: the token_merging_ratio option's (override_settings, POST /options)
     token_merging_ratio: Number = Field(0.0, ge=0, le=MAX_TOKEN_MERGING_RATIO, allow_inf_nan=False)
+    # the sampler's eta where it takes one (null: the eta_ancestral / eta_ddim option's); webuiapi sends 1.0
+    eta: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    # A1111's sigma churn and noise (k-diffusion's s_churn, s_noise): only their defaults run here (check_offered);
+    # s_tmin and s_tmax only bound the churn
+    s_churn: Number | None = Field(None, allow_inf_nan=False)
+    s_noise: Number | None = Field(None, allow_inf_nan=False)
     sampler_name: str | None = None
     sampler_index: str = "Euler"  # A1111's older name for sampler_name
     scheduler: str = "automatic"
@@ -230,14 +239,27 @@ def sampler_steps(params: GenerationParams) -> int:
     return len(plan.sigmas) - 1
 
 
+# the A1111 samplers that take k-diffusion's s_churn / s_noise (A1111's sampler_extra_params); others ignore them
+SIGMA_PARAMS = {"s_churn": ("Euler", "Heun", "DPM2"),
+                "s_noise": ("Euler", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE",
+                            "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM fast")}
+
+
 def check_offered(req: Txt2ImgRequest, upscaler_dir: Path | None = None) -> None:
     """What this API does not offer (ClientError 422): a hires upscaler other than the latent modes, the resamplers
-    and the models in `upscaler_dir` (by name only: never a path a client gives), a scheduler we do not have."""
+    and the models in `upscaler_dir` (by name only: never a path a client gives), a sigma churn or noise other than
+    the default for a sampler that A1111 gives them to, a scheduler we do not have."""
     if req.enable_hr and not isinstance(req, Img2ImgRequest):
         models = upscalers.find_models(upscaler_dir) if upscaler_dir is not None else {}  # read only when asked
         offered = (*hires.LATENT_MODES, *upscalers.RESAMPLERS, *models)
         if req.hr_upscaler not in offered:
             raise ClientError(422, f"hr_upscaler {req.hr_upscaler!r} is not one of: {', '.join(offered)}")
+    sampler = req.sampler_name or req.sampler_index
+    for name, default in (("s_churn", 0), ("s_noise", 1)):
+        value = getattr(req, name)
+        if value not in (None, default) and sampler in SIGMA_PARAMS.get(name, ()):
+            raise ClientError(422, f"{name} {value!r}: A1111's sigma {name[2:]} is not implemented here (its "
+                                   f"{sampler} runs at {default}); send {default} or leave it out")
     try:
         a1111.schedule_name(req.scheduler)
     except ValueError:

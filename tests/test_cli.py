@@ -285,6 +285,20 @@ def test_from_png_remakes_the_image_and_takes_overrides(tiny_model_dir, tmp_path
                            "CFG scale: 5.5, Seed: 9, Size: 72x64, "), text
 
 
+def test_from_png_keeps_eta(tiny_model_dir, tmp_path, capsys):
+    """A DDIM image made with eta 1 ("Eta DDIM: 1.0") is remade with it: the same text and pixels."""
+    args = ["generate", "a cat", "--model", str(tiny_model_dir), "--steps", "3", "--seed", "4", "--sampler", "DDIM",
+            "--eta", "1", "--width", "64", "--height", "64", "--quiet"]
+    assert _main_in_process([*args, "--output-dir", str(tmp_path / "a")], capsys).returncode == 0
+    png = tmp_path / "a" / "00000-4.png"
+    res = _main_in_process(["generate", "--from-png", str(png), "--model", str(tiny_model_dir), "--quiet",
+                            "--output-dir", str(tmp_path / "b")], capsys)
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    with Image.open(png) as a, Image.open(tmp_path / "b" / "00000-4.png") as b:
+        assert "Eta DDIM: 1.0" in a.text["parameters"] and a.text["parameters"] == b.text["parameters"]
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_from_png_names_what_it_does_not_use_and_refuses_a_png_without_parameters(tiny_model_dir, tmp_path,
                                                                                     capsys):
     from PIL.PngImagePlugin import PngInfo

@@ -493,6 +493,13 @@ def test_eta_as_webuiapi_sends_it(port, tiny_model_dir):
     assert not np.array_equal(_pixels(sent["images"][0]), _pixels(plain["images"][0]))
     option, _ = _generate(port, "txt2img", **body, override_settings={"eta_ddim": 1.0})
     assert np.array_equal(_pixels(option["images"][0]), _pixels(sent["images"][0]))
+    assert _get(port, "options")["eta_ddim"] == 0.0
+    assert _post(port, "options", {"eta_ddim": 1.0}).status_code == 200
+    try:  # the server's option, for later requests that send no eta
+        later, _ = _generate(port, "txt2img", **body)
+        assert np.array_equal(_pixels(later["images"][0]), _pixels(sent["images"][0]))
+    finally:
+        assert _post(port, "options", {"eta_ddim": 0.0}).status_code == 200
     want = StableDiffusion.from_pretrained(tiny_model_dir)("a boat", steps=3, width=64, height=64, seed=5,
                                                            sampler="DDIM", eta=1.0, rng="gpu")
     assert np.abs(_pixels(sent["images"][0]).astype(int) - np.asarray(want.images[0])).max() <= 1

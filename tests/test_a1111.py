@@ -801,3 +801,9 @@ def test_eta_settings_infotext_and_where_it_does_not_apply():
     assert GenerationParams.from_a1111({**body, "sampler_name": "Euler a"}).eta == 0.6
     assert GenerationParams.from_a1111({**body, "eta": 1.0}).eta == 1.0
     assert GenerationParams.from_a1111({"prompt": "x", "sampler_name": "DDIM"}).eta is None
+    # the options at their defaults (as the server always has them) leave each sampler its own: a hires pass with
+    # "Euler a" after DDIM keeps eta 1, as A1111's does
+    defaults = {"eta_ddim": 0.0, "eta_ancestral": 1.0}
+    p = GenerationParams.from_a1111({"prompt": "x", "sampler_name": "DDIM", "enable_hr": True,
+                                     "hr_sampler_name": "Euler a", "override_settings": defaults})
+    assert p.eta is None and SAMPLERS["Euler a"].eta_options(p.eta) == {}

@@ -468,7 +468,8 @@ def size_arg(value: str | None) -> tuple[int, int] | None:
 
 def _eta_from_a1111(get, override: dict) -> float | None:
     """A1111's eta: the request's, else for its own samplers its option for the sampler's kind (eta_ddim for DDIM,
-    whose default is 0, eta_ancestral for the others); None: the sampler's own."""
+    whose default is 0, eta_ancestral for the others) where that is not the kind's default; None: each sampler's
+    own (so a hires pass with a sampler of the other kind keeps its own, as in A1111)."""
     from .samplers import get_sampler
 
     if get("eta") is not None:
@@ -479,7 +480,8 @@ def _eta_from_a1111(get, override: dict) -> float | None:
         return None
     if spec.family != "a1111" or spec.eta is None:
         return None
-    return override.get("eta_ddim" if spec.eta == 0 else "eta_ancestral")
+    option = override.get("eta_ddim" if spec.eta == 0 else "eta_ancestral")
+    return None if option == spec.eta else option
 
 
 def _option(override: dict, name: str, default):

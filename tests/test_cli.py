@@ -146,7 +146,7 @@ def test_missing_model_path(tmp_path, capsys, monkeypatch, model):
 
 
 def test_hub_id_is_not_taken_for_a_path():
-    from stablediff.cli import check_model_source
+    from stablediff.cli_options import check_model_source
 
     check_model_source("stable-diffusion-v1-5/stable-diffusion-v1-5")  # no error: left to the loader
 

@@ -9,7 +9,8 @@ import torch
 
 from conftest import assert_close
 from stablediff import StableDiffusion, a1111, hires
-from stablediff.cli import UsageError, build_parser, check_limits
+from stablediff.cli import build_parser
+from stablediff.cli_options import UsageError, check_limits
 from stablediff.limits import LimitError, Limits
 from stablediff.params import GenerationParams
 from stablediff.schedule import NoiseSchedule

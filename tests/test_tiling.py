@@ -199,7 +199,7 @@ def test_bad_pads_are_named(pad, message):
 
 
 def test_pad_arg_takes_one_number_or_four():
-    from stablediff.cli import UsageError, pad_arg
+    from stablediff.cli_options import UsageError, pad_arg
 
     assert pad_arg("64") == (64, 64, 64, 64)
     assert pad_arg("64, 0,8,0") == (64, 0, 8, 0)

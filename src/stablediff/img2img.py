@@ -6,8 +6,8 @@ A run with init images goes through these, in order (pipeline.StableDiffusion.ge
 3. `encode`: the images (and the masked image) encoded into a `Source`;
 4. `start`: the sampler's first latents, the eps model (an inpainting U-Net's conditioning appended) and the latents
    an inpainting run keeps (masking.KnownLatents).
-txt2img and hires fix's pass come through `start` too: with no Source (`txt2img_source`), or one of the pass's
-upscaled latents (hires.py).
+txt2img and hires fix's pass come through `start` too: with no Source, or only an inpainting U-Net's conditioning
+(`txt2img_source`); with one of the pass's upscaled latents (hires.py).
 
 An inpainting U-Net (9 input channels) reads 5 channels beside the latents: a mask (1 = to be made) and the latents
 of the masked image. With a mask they are diffusers' inpainting pipeline's; without one A1111's: the mask all ones,

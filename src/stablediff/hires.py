@@ -229,9 +229,7 @@ def inpainting_condition(pipe, x0: torch.Tensor, pixels: torch.Tensor | None, we
     after an upscaler, the upscaled pixels faded to gray by it."""
     if pixels is None and weight == 1:
         return img2img.blank_condition(pipe, x0.shape[3] * pipe.downscale, x0.shape[2] * pipe.downscale)
-    if pixels is None:
-        pixels = pipe.decode(x0)
-    return img2img.unmasked_condition(pipe, torch.lerp(pixels, torch.zeros_like(pixels), weight))
+    return img2img.unmasked_condition(pipe, pipe.decode(x0) if pixels is None else pixels, weight)
 
 
 def second_pass(pipe, prompt: str, negative: str, params: GenerationParams, latents: torch.Tensor, seeds,

@@ -118,7 +118,7 @@ def encoder(pipe) -> Callable:
 def faded(pixels: torch.Tensor, masked: torch.Tensor, weight: float) -> torch.Tensor:
     """An inpainting U-Net's masked image: `masked` (gray, 0, under the mask) where weight is 1, the image itself
     where 0, in between linearly (A1111's inpainting_mask_weight)."""
-    return masked if weight == 1 else torch.lerp(pixels, masked, weight)
+    return masked if weight == 1 else pixels if weight == 0 else torch.lerp(pixels, masked, weight)
 
 
 def encode(pipe, inits: list, mask, params: GenerationParams) -> Source:
@@ -138,15 +138,16 @@ def encode(pipe, inits: list, mask, params: GenerationParams) -> Source:
             source.repaint = masking.latent_mask(mask, width // f, height // f).to(pipe.device)
             source.fill = params.inpainting_fill
     elif pipe.inpainting_unet:
-        source.condition = unmasked_condition(
-            pipe, faded(pixels, torch.zeros_like(pixels), params.inpainting_mask_weight))
+        source.condition = unmasked_condition(pipe, pixels, params.inpainting_mask_weight)
     return source
 
 
-def unmasked_condition(pipe, pixels: torch.Tensor) -> torch.Tensor:
+def unmasked_condition(pipe, pixels: torch.Tensor, weight: float) -> torch.Tensor:
     """An inpainting U-Net's extra input channels where no mask is given (img2img, hires fix's pass): a mask of
-    ones (everything is to be made) and the latents of `pixels` (B, 3, H, W) in [-1, 1], the encoding's mean (A1111
-    draws a sample from an unseeded generator; the mean keeps each seed's noise as it is without the conditioning)."""
+    ones (everything is to be made) and the latents of `pixels` (B, 3, H, W) in [-1, 1] faded to gray by `weight`
+    (A1111's inpainting_mask_weight: the whole image is masked), the encoding's mean (A1111 draws a sample from an
+    unseeded generator; the mean keeps each seed's noise as it is without the conditioning)."""
+    pixels = faded(pixels, torch.zeros_like(pixels), weight)
     latents = encoder(pipe)(pixels.to(pipe.device, pipe.vae.post_quant_conv.weight.dtype)).mean.float()
     latents = latents * pipe.vae.config.scaling_factor
     return torch.cat([torch.ones_like(latents[:, :1]), latents], dim=1)
@@ -155,7 +156,7 @@ def unmasked_condition(pipe, pixels: torch.Tensor) -> torch.Tensor:
 def blank_condition(pipe, width: int, height: int) -> torch.Tensor:
     """An inpainting U-Net's extra input channels where nothing is known, as A1111's txt2img makes them: the mask
     all ones and the masked image black."""
-    return unmasked_condition(pipe, torch.full((1, 3, height, width), -1.0))
+    return unmasked_condition(pipe, torch.full((1, 3, height, width), -1.0), weight=0.0)
 
 
 def txt2img_source(pipe, params: GenerationParams) -> Source | None:
@@ -185,8 +186,8 @@ def start(pipe, plan: samplers.SamplingPlan, noise_rng: rng.ImageRNG, source: So
     initial noise multiplier). A1111's samplers take the posteriors' means and draw only the noise: A1111 samples
     the posteriors from torch's global generator (seeded by nothing of the image's), and its noise is each seed's
     first draw, which a sample drawn first would displace."""
+    model = eps if source is None or source.condition is None else conditioned(eps, source.condition)
     if source is None or source.posterior is None and source.latents is None:  # txt2img
-        model = eps if source is None or source.condition is None else conditioned(eps, source.condition)
         return noise_rng.next() * plan.init_noise_scale, model, None
     sf = pipe.vae.config.scaling_factor
     inpaint = source.mask is not None
@@ -204,10 +205,11 @@ def start(pipe, plan: samplers.SamplingPlan, noise_rng: rng.ImageRNG, source: So
     else:
         x = plan.noised(x0, noise if source.latents is not None else noise * noise_multiplier)
     if not inpaint:
-        return x, eps if source.condition is None else conditioned(eps, source.condition), None
+        return x, model, None
     mask = source.mask.expand(len(noise), -1, -1, -1)
     masked = (encoded(source.masked).float() * sf).expand(len(noise), -1, -1, -1)  # (a mean: one for all)
-    model = conditioned(eps, torch.cat([mask, masked], dim=1)) if pipe.inpainting_unet else eps
+    if pipe.inpainting_unet:
+        model = conditioned(eps, torch.cat([mask, masked], dim=1))
     if source.repaint is None:  # diffusers: the known latents, noised, put back after every step
         return x, model, None if pipe.inpainting_unet else masking.KnownLatents(x0, mask, noise)
     known = masking.KnownLatents(x0, source.repaint.expand_as(x0), denoised=not plan.sampler.timestep_space)

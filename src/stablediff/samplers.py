@@ -466,6 +466,9 @@ class Sampler:
     # k-diffusion samplers, eta_ddim 0 for DDIM; diffusers' DDIM 0 and TCD 0.3 (their pipelines' eta argument)
     eta: float | None = None
     eta_fixed: bool = False  # a1111: A1111 passes eta to it, ours runs at `eta` only (SDE samplers, DPM fast/adaptive)
+    # a1111: which of k-diffusion's s_churn / s_noise A1111 passes it (its sampler_extra_params); not implemented
+    # here, their defaults (churn 0, noise 1) run
+    sigma_params: tuple[str, ...] = ()
 
     @property
     def eta_key(self) -> str:
@@ -482,7 +485,8 @@ class Sampler:
 _VP = dict(timesteps="dpm", vp_init=True, karras_round=True, supports_karras=True)
 _DDIM = dict(timesteps="ddim", spacing="leading", vp_init=True)
 _A1111 = dict(family="a1111", supports_karras=True)
-_SDE = dict(_A1111, stochastic=True, brownian=True, eta=1.0, eta_fixed=True)
+_CHURN = dict(sigma_params=("s_churn", "s_noise"))
+_SDE = dict(_A1111, stochastic=True, brownian=True, eta=1.0, eta_fixed=True, sigma_params=("s_noise",))
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     # diffusers' schedulers; those A1111 also has are named and labelled in snake_case, so "Euler a" means A1111's
@@ -514,15 +518,15 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     # AUTOMATIC1111 v1.10's k-diffusion samplers, named by their labels (its samplers_k_diffusion table)
     Sampler("Euler a", sample_euler_a, "Euler a", ("k_euler_a", "k_euler_ancestral"), stochastic=True, eta=1.0,
             **_A1111),
-    Sampler("Euler", sample_euler, "Euler", ("k_euler",), **_A1111),
+    Sampler("Euler", sample_euler, "Euler", ("k_euler",), **_A1111, **_CHURN),
     Sampler("LMS", sample_lms, "LMS", ("k_lms",), **_A1111),
-    Sampler("Heun", sample_heun, "Heun", ("k_heun",), **_A1111, calls_per_step=2),
+    Sampler("Heun", sample_heun, "Heun", ("k_heun",), **_A1111, **_CHURN, calls_per_step=2),
     Sampler("DPM2", sample_k_dpm2, "DPM2", ("k_dpm_2",), default_schedule="karras", discard_penultimate=True,
-            **_A1111, calls_per_step=2),
+            **_A1111, **_CHURN, calls_per_step=2),
     Sampler("DPM2 a", sample_k_dpm2_a, "DPM2 a", ("k_dpm_2_a",), stochastic=True, default_schedule="karras",
-            discard_penultimate=True, eta=1.0, **_A1111, calls_per_step=2),
+            discard_penultimate=True, eta=1.0, sigma_params=("s_noise",), **_A1111, calls_per_step=2),
     Sampler("DPM++ 2S a", sample_dpmpp_2s_a, "DPM++ 2S a", ("k_dpmpp_2s_a",), stochastic=True,
-            default_schedule="karras", eta=1.0, **_A1111, calls_per_step=2),
+            default_schedule="karras", eta=1.0, sigma_params=("s_noise",), **_A1111, calls_per_step=2),
     Sampler("DPM++ 2M", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",), default_schedule="karras", **_A1111),
     Sampler("DPM++ SDE", sample_dpmpp_sde, "DPM++ SDE", ("k_dpmpp_sde",), default_schedule="karras", **_SDE,
             calls_per_step=2),
@@ -533,7 +537,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("DPM++ 3M SDE", sample_dpmpp_3m_sde, "DPM++ 3M SDE", ("k_dpmpp_3m_sde",), default_schedule="exponential",
             discard_penultimate=True, **_SDE),
     Sampler("DPM fast", sample_dpm_fast, "DPM fast", ("k_dpm_fast",), stochastic=True, sigma_range=True, eta=1.0,
-            eta_fixed=True, **_A1111),
+            eta_fixed=True, sigma_params=("s_noise",), **_A1111),
     Sampler("DPM adaptive", sample_dpm_adaptive, "DPM adaptive", ("k_dpm_ad",), stochastic=True, sigma_range=True,
             eta=1.0, eta_fixed=True, **_A1111),
     Sampler("Restart", sample_restart, "Restart", ("restart",), stochastic=True, default_schedule="karras", **_A1111),

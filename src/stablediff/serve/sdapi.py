@@ -239,12 +239,6 @@ def sampler_steps(params: GenerationParams) -> int:
     return len(plan.sigmas) - 1
 
 
-# the A1111 samplers that take k-diffusion's s_churn / s_noise (A1111's sampler_extra_params); others ignore them
-SIGMA_PARAMS = {"s_churn": ("Euler", "Heun", "DPM2"),
-                "s_noise": ("Euler", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE",
-                            "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM fast")}
-
-
 def check_offered(req: Txt2ImgRequest, upscaler_dir: Path | None = None) -> None:
     """What this API does not offer (ClientError 422): a hires upscaler other than the latent modes, the resamplers
     and the models in `upscaler_dir` (by name only: never a path a client gives), a sigma churn or noise other than
@@ -254,12 +248,15 @@ def check_offered(req: Txt2ImgRequest, upscaler_dir: Path | None = None) -> None
         offered = (*hires.LATENT_MODES, *upscalers.RESAMPLERS, *models)
         if req.hr_upscaler not in offered:
             raise ClientError(422, f"hr_upscaler {req.hr_upscaler!r} is not one of: {', '.join(offered)}")
-    sampler = req.sampler_name or req.sampler_index
+    try:  # (an unknown sampler is named by GenerationParams.validate)
+        spec, _ = samplers.get_sampler(req.sampler_name or req.sampler_index)
+    except ValueError:
+        spec = None
     for name, default in (("s_churn", 0), ("s_noise", 1)):
         value = getattr(req, name)
-        if value not in (None, default) and sampler in SIGMA_PARAMS.get(name, ()):
+        if value not in (None, default) and spec is not None and name in spec.sigma_params:
             raise ClientError(422, f"{name} {value!r}: A1111's sigma {name[2:]} is not implemented here (its "
-                                   f"{sampler} runs at {default}); send {default} or leave it out")
+                                   f"{spec.label} runs at {default}); send {default} or leave it out")
     try:
         a1111.schedule_name(req.scheduler)
     except ValueError:

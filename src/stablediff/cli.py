@@ -26,10 +26,9 @@ import warnings
 from pathlib import Path
 
 from . import malloc
-from .cli_options import (INIT_IMAGE_HELP, UsageError, add_generation_options, add_img2img_options,
-                          add_inpainting_options, add_preview_options, check_generation_args, check_image_args,
-                          check_model_source, check_output_dir, check_preview_args, error_reason, limits_from_args,
-                          pad_arg)
+from .cli_options import (UsageError, add_generation_options, add_img2img_options, add_inpainting_options,
+                          add_preview_options, check_generation_args, check_image_args, check_model_source,
+                          check_output_dir, check_preview_args, error_reason, limits_from_args, pad_arg)
 from .limits import Limits
 from .params import DEFAULT_MODEL
 
@@ -68,8 +67,6 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                          description="Encode --init-image, noise it as --strength says, and denoise it toward "
                                      "PROMPT. The size defaults to the image's (rounded down to a multiple of 8).")
     i2i.add_argument("prompt", metavar="PROMPT", help="what the image should show")
-    i2i.add_argument("--init-image", required=True, type=Path, action="append", metavar="IN.png",
-                     help=INIT_IMAGE_HELP)
     i2i.add_argument("--strength", type=float, default=0.75, metavar="S",
                      help="how much to change it, in (0, 1] (default: 0.75)")
     add_img2img_options(i2i)
@@ -83,8 +80,6 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                                      "pixels; the border, and 8 pixels into the image (without --mask), are "
                                      "repainted.")
     inp.add_argument("prompt", metavar="PROMPT", help="what the repainted area should show")
-    inp.add_argument("--init-image", required=True, type=Path, action="append", metavar="IN.png",
-                     help=INIT_IMAGE_HELP)
     inp.add_argument("--mask", type=Path, metavar="MASK.png", help="white = repaint, black = keep")
     inp.add_argument("--pad", metavar="L,R,T,B|N",
                      help="outpaint: extend the image by these pixels left, right, top, bottom (or N on every side), "

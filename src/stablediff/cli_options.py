@@ -302,12 +302,11 @@ def check_image_args(args: argparse.Namespace) -> tuple[int, int]:
     return size if args.pad is None else _padded_size(args, size)
 
 
-INIT_IMAGE_HELP = ("the starting image; repeat the option for a batch of them, one for each image of the batch "
-                   "(which then has as many; the size is the first one's)")
-
-
 def add_img2img_options(parser: argparse.ArgumentParser) -> None:
-    """img2img's and inpaint's own options: --resize-mode, --noise-multiplier."""
+    """img2img's and inpaint's own options: --init-image, --resize-mode, --noise-multiplier."""
+    parser.add_argument("--init-image", required=True, type=Path, action="append", metavar="IN.png",
+                        help="the starting image; repeat the option for a batch of them, one for each image of the "
+                             "batch (which then has as many; the size is the first one's)")
     parser.add_argument("--noise-multiplier", type=float, default=1.0, metavar="M",
                         help="scale the noise img2img starts from, as A1111's 'Noise multiplier for img2img' "
                              "(default: 1)")

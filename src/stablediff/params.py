@@ -187,12 +187,10 @@ class GenerationParams:
     def _validate_hires(self, limits: Limits | None, images: int) -> "GenerationParams":
         """The hires fields checked and canonical (hires.check), the second pass's plan tried, and its work (the
         upscaled size, the steps it runs) within `limits`."""
-        from . import hires
+        from . import hires, samplers
         from .schedule import NoiseSchedule
 
         params = self.replace(**hires.check(self))
-        from . import samplers
-
         samplers.check_eta(samplers.get_sampler(params.hr_sampler or params.sampler)[0], params.eta)
         width, height = hires.check_size(params, self.width or NATIVE_SIZE, self.height or NATIVE_SIZE)
         hr_steps = len(hires.plan(params, NoiseSchedule()).sigmas) - 1

@@ -515,4 +515,7 @@ def test_sigma_churn_and_noise_only_at_their_defaults(port):
     assert r.status_code == 422 and "s_churn 0.5" in r.text and "Euler runs at 0" in r.text
     r = _post(port, "txt2img", {**SMALL, "sampler_name": "DPM++ SDE", "s_noise": 1.003})
     assert r.status_code == 422 and "s_noise 1.003" in r.text
+    for alias in ("k_euler", "Euler Karras"):  # the sampler's name resolved first, as the run resolves it
+        r = _post(port, "txt2img", {**SMALL, "sampler_name": alias, "s_churn": 0.5})
+        assert r.status_code == 422 and "its Euler runs at 0" in r.text
     _generate(port, "txt2img", **{**SMALL, "sampler_name": "DPM++ 2M", "s_churn": 0.5, "s_noise": 1.003})

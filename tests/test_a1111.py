@@ -11,6 +11,7 @@ import functools
 import importlib
 import importlib.util
 import itertools
+import math
 import sys
 import types
 from pathlib import Path
@@ -218,9 +219,10 @@ def generators():
     return [torch.Generator().manual_seed(s) for s in SEEDS]
 
 
-def reference_latents(kd, model, name, plan, x):
+def reference_latents(kd, model, name, plan, x, **options):
     """k-diffusion as A1111 drives it: CompVisDenoiser, s_churn 0, eta 1, ancestral noise drawn (C, H, W) per image
-    from each image's generator, Brownian trees seeded with each image's seed over the whole schedule."""
+    from each image's generator, Brownian trees seeded with each image's seed over the whole schedule; `options`:
+    more keywords of the sample_* function (s_noise)."""
     sampling, external = kd
     fn = getattr(sampling, K_FUNCTIONS[name])
     kwargs = {}
@@ -231,7 +233,7 @@ def reference_latents(kd, model, name, plan, x):
         kwargs["noise_sampler"] = lambda *_: torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
     if name == "DPM++ 2M SDE Heun":
         kwargs["solver_type"] = "heun"
-    return fn(external.CompVisDenoiser(model), x.clone(), plan.sigmas, disable=True, **kwargs)
+    return fn(external.CompVisDenoiser(model), x.clone(), plan.sigmas, disable=True, **kwargs, **options)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULE_CASES, ids=lambda s: s or "automatic")
@@ -807,3 +809,208 @@ def test_eta_settings_infotext_and_where_it_does_not_apply():
     p = GenerationParams.from_a1111({"prompt": "x", "sampler_name": "DDIM", "enable_hr": True,
                                      "hr_sampler_name": "Euler a", "override_settings": defaults})
     assert p.eta is None and SAMPLERS["Euler a"].eta_options(p.eta) == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. k-diffusion's churn (s_churn, s_tmin, s_tmax) and noise scale (s_noise), as A1111 passes them
+
+
+class RandnLike:
+    """A1111's TorchHijack: k-diffusion's torch.randn_like is each image's next noise (its churn draws by it)."""
+
+    def __init__(self, gens):
+        self.gens = gens
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def randn_like(self, x):
+        return image_noise(self.gens, x.shape)
+
+
+CHURN_CASES = [dict(s_churn=0.8), dict(s_churn=3.0, s_tmin=0.5, s_tmax=4.0, s_noise=0.9),
+               dict(s_churn=100.0, s_noise=1.003)]
+
+
+@pytest.mark.parametrize("case", CHURN_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("name", ["Euler", "Heun", "DPM2"])
+def test_churn_equals_kdiffusion(kd, model, monkeypatch, name, case):
+    """Churn raises each step's sigma to sigma * (1 + gamma) with fresh noise where s_tmin <= sigma <= s_tmax;
+    k-diffusion draws that noise on every step, so the stream (each image's generator) must advance alike."""
+    from stablediff.params import SIGMA_PARAM_DEFAULTS
+
+    sampling, external = kd
+    options = SAMPLERS[name].sigma_options({**SIGMA_PARAM_DEFAULTS, **case})
+    assert options == case  # the non-default ones, s_tmax as given
+    for steps, schedule in ((4, None), (7, "karras")):
+        plan = prepare(name, NS, steps, schedule=schedule)
+        x = start_noise(steps, plan.init_noise_scale)
+        ours = plan.sample(EpsDenoiser(model, plan.sigma_to_t), x.clone(), generator=generators(), **options)
+        monkeypatch.setattr(sampling, "torch", RandnLike(generators()))
+        ref = getattr(sampling, K_FUNCTIONS[name])(external.CompVisDenoiser(model), x.clone(), plan.sigmas,
+                                                   disable=True, **case)
+        monkeypatch.undo()
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert (run(model, plan, x) - ours).abs().max() > 1e-3  # churn is not ignored
+
+
+def test_churn_window_and_its_noise_stream():
+    """s_tmin / s_tmax bound where churn applies (a window no sigma falls in is no churn at all), s_tmax 0 is no
+    bound (A1111's convention), and a step outside the window still uses up one noise of the stream."""
+    from stablediff.samplers import churn
+
+    plan = prepare("Euler", NS, 5, schedule="karras")
+    sigmas = plan.sigmas
+    x = torch.zeros(1, 4, 2, 2)
+    for i in range(5):
+        inside = 0.5 <= float(sigmas[i]) <= 4.0
+        gen = torch.Generator().manual_seed(3)
+        y, sigma_hat = churn(x, sigmas, i, [gen], 1.0, 0.5, 4.0, 1.0)
+        gamma = min(1.0 / 5, 2 ** 0.5 - 1) if inside else 0.0
+        assert float(sigma_hat) == pytest.approx(float(sigmas[i]) * (1 + gamma), rel=1e-6)
+        expected = torch.randn((4, 2, 2), generator=torch.Generator().manual_seed(3)) * (
+            (float(sigmas[i]) * (1 + gamma)) ** 2 - float(sigmas[i]) ** 2) ** 0.5
+        torch.testing.assert_close(y[0], expected, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(gen.get_state(), torch.Generator().manual_seed(3).get_state())  # one noise used
+    assert SAMPLERS["Euler"].sigma_options({"s_churn": 1.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}) == {
+        "s_churn": 1.0}
+    gen = torch.Generator().manual_seed(3)
+    y, sigma_hat = churn(x, sigmas, 0, [gen], 0.0, 0.0, math.inf, 1.0)
+    assert y is x and torch.equal(sigma_hat, sigmas[0])  # no churn: nothing drawn
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(3).get_state())
+
+
+@pytest.mark.parametrize("name", ["DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
+                                  "DPM++ 3M SDE", "DPM fast"])
+def test_s_noise_equals_kdiffusion(kd, model, name):
+    """A1111 passes s_noise (not churn) to its other ancestral and SDE samplers and to DPM fast."""
+    sampling, external = kd
+    options = SAMPLERS[name].sigma_options({"s_churn": 2.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 0.7})
+    assert options == {"s_noise": 0.7}
+    plan = prepare(name, NS, 6)
+    x = start_noise(6, plan.init_noise_scale)
+    ours = plan.sample(EpsDenoiser(model, plan.sigma_to_t), x.clone(), generator=generators(), **options)
+    if name == "DPM fast":
+        wrap = external.CompVisDenoiser(model)
+        ref = sampling.sample_dpm_fast(wrap, x.clone(), wrap.sigmas[0].item(), wrap.sigmas[-1].item(), 6, eta=1.0,
+                                       s_noise=0.7, noise_sampler=per_image_noise(x), disable=True)
+    else:
+        ref = reference_latents(kd, model, name, plan, x, s_noise=0.7)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert (run(model, plan, x) - ours).abs().max() > 1e-3
+
+
+def test_sigma_settings_reach_only_the_samplers_a1111_gives_them_to():
+    """Samplers A1111 passes none of them to (Euler a, DPM++ 2M, DPM adaptive, Restart, the timestep samplers,
+    diffusers' own) take none; their infotext leaves them out; the first pass's or the hires pass's sampler taking
+    one writes it, and it reads back."""
+    values = {"s_churn": 0.5, "s_tmin": 0.2, "s_tmax": 9.0, "s_noise": 0.8}
+    takes = {n for n, s in SAMPLERS.items() if s.sigma_options(values)}
+    assert takes == {"Euler", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE",
+                     "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM fast"}
+    base = dict(prompt="x", steps=4, seed=1, width=64, height=64, **values)
+    for sampler in ("Euler a", "DPM++ 2M", "DDIM", "euler"):
+        assert "Sigma" not in GenerationParams(sampler=sampler, **base).validate().to_infotext()
+    text = GenerationParams(sampler="Heun", **base).validate().to_infotext()
+    assert "Sigma churn: 0.5, Sigma tmin: 0.2, Sigma tmax: 9.0, Sigma noise: 0.8" in text
+    back = GenerationParams.from_infotext(text)[0]
+    assert (back.s_churn, back.s_tmin, back.s_tmax, back.s_noise) == (0.5, 0.2, 9.0, 0.8)
+    text = GenerationParams(sampler="DPM++ 2M SDE", **base).validate().to_infotext()
+    assert "Sigma noise: 0.8" in text and "Sigma churn" not in text
+    hires = GenerationParams(sampler="DPM++ 2M", enable_hr=True, hr_sampler="Euler", **base).validate()
+    assert "Sigma churn: 0.5" in hires.to_infotext()
+    for name, value in [("s_churn", -0.1), ("s_churn", 101), ("s_noise", float("nan")), ("s_tmax", -1)]:
+        with pytest.raises(ValueError, match=f"{name} {value!r} is outside"):
+            GenerationParams(prompt="x", sampler="Euler", **{name: value}).validate()
+
+
+def test_sigma_settings_from_a1111s_request_and_options():
+    """A1111's Sampler.initialize: the request's value, unless its option (override_settings) is not the default,
+    which then wins; s_tmax 0 is no bound."""
+    body = {"prompt": "x", "sampler_name": "Euler", "s_churn": 0.4, "s_noise": 0.9}
+    p = GenerationParams.from_a1111(body)
+    assert (p.s_churn, p.s_tmin, p.s_tmax, p.s_noise) == (0.4, 0.0, 0.0, 0.9)
+    defaults = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
+    p = GenerationParams.from_a1111({**body, "override_settings": defaults})
+    assert (p.s_churn, p.s_noise) == (0.4, 0.9)
+    p = GenerationParams.from_a1111({**body, "override_settings": {**defaults, "s_churn": 1.5, "s_tmax": 3.0}})
+    assert (p.s_churn, p.s_tmax, p.s_noise) == (1.5, 3.0, 0.9)
+    assert GenerationParams.from_a1111({"prompt": "x"}).sigma_values() == defaults
+    assert GenerationParams.from_a1111(GenerationParams(prompt="x", s_churn=0.3, s_tmin=0.1).to_a1111()).s_churn == 0.3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. A1111's negative guidance minimum sigma (NGMS) through the pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_model_dir):
+    from stablediff import StableDiffusion
+
+    return StableDiffusion.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("sampler, level", [("Euler", 1.0), ("Heun", 3.0), ("DDIM", 300.0)])
+def test_ngms_through_the_pipeline(tiny_pipe, sampler, level):
+    """Which U-Net calls leave the negative prompt out: the odd ones whose sigma (A1111's DDIM: timestep) is below
+    the level, every one with s_min_uncond_all; the image changes, "NGMS" is written and read back; with DeepCache
+    the calls of the other batch run the whole U-Net."""
+    batches = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    kw = dict(steps=5, seed=3, width=64, height=64, sampler=sampler)
+    try:
+        plain = tiny_pipe("a cat", **kw)
+        batches.clear()
+        ngms = tiny_pipe("a cat", s_min_uncond=level, **kw)
+        seen, batches[:] = list(batches), []
+        every = tiny_pipe("a cat", s_min_uncond=level, s_min_uncond_all=True, cache_interval=2, **kw)
+        seen_all = list(batches)
+    finally:
+        hook.remove()
+    plan = prepare(sampler, NS, 5)
+    levels = []  # each denoiser call's sigma (the timestep for DDIM), as the sampler makes them
+    d = lambda x, sigma: (levels.append(float(plan.sigma_to_t(torch.as_tensor(sigma))) if sampler == "DDIM"
+                                        else float(sigma)), x * 0)[1]
+    plan.sample(d, torch.zeros(1, 4, 8, 8))
+    assert seen == [1 if k % 2 and v < level else 2 for k, v in enumerate(levels)]
+    assert seen_all == [1 if v < level else 2 for v in levels]
+    assert 1 in seen and 2 in seen  # the case does cross the level
+    assert (ngms.latents - plain.latents).abs().max() > 1e-4
+    assert (every.latents - ngms.latents).abs().max() > 1e-4
+    assert f"NGMS: {level}" in ngms.infotexts[0] and "NGMS" not in plain.infotexts[0]
+    assert "NGMS all steps: True" in every.infotexts[0]
+    back = GenerationParams.from_infotext(every.infotexts[0])[0]
+    assert (back.s_min_uncond, back.s_min_uncond_all) == (level, True)
+
+
+def test_ngms_from_a1111s_request_and_options():
+    """The request's s_min_uncond, else its option; "NGMS all steps" is an option only."""
+    assert GenerationParams.from_a1111({"prompt": "x", "s_min_uncond": 2.0}).s_min_uncond == 2.0
+    p = GenerationParams.from_a1111({"prompt": "x", "override_settings": {"s_min_uncond": 1.5,
+                                                                          "s_min_uncond_all": True}})
+    assert (p.s_min_uncond, p.s_min_uncond_all) == (1.5, True)
+    p = GenerationParams.from_a1111({"prompt": "x", "s_min_uncond": 0, "override_settings": {"s_min_uncond": 1.5}})
+    assert p.s_min_uncond == 0  # A1111: the request's value wherever it sends one
+    with pytest.raises(ValueError, match="s_min_uncond -1 is outside 0..1000"):
+        GenerationParams(prompt="x", s_min_uncond=-1).validate()
+
+
+def test_skip_early_cond_through_the_pipeline(tiny_pipe):
+    """Heun, 4 steps: A1111 counts 8 calls (second order), so 0.25 leaves the negative prompt out of calls 0-2;
+    "Skip Early CFG" is written and read back; img2img counts the steps it runs."""
+    batches = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        result = tiny_pipe("a cat", steps=4, seed=3, width=64, height=64, sampler="Heun", skip_early_cond=0.25)
+        seen, batches[:] = list(batches), []
+        tiny_pipe("a cat", steps=10, seed=3, width=64, height=64, sampler="Euler", skip_early_cond=0.25,
+                  init_image=result.images[0], strength=0.5)
+        img2img = list(batches)
+    finally:
+        hook.remove()
+    assert seen == [1, 1, 1, 2, 2, 2, 2]
+    assert img2img == [1, 1, 2, 2, 2, 2]  # A1111 runs t_enc + 1 = 6 steps: k / 6 <= 0.25 for k 0, 1
+    assert "Skip Early CFG: 0.25" in result.infotexts[0]
+    assert GenerationParams.from_infotext(result.infotexts[0])[0].skip_early_cond == 0.25
+    assert GenerationParams.from_a1111({"prompt": "x", "override_settings": {"skip_early_cond": 0.3}}
+                                       ).skip_early_cond == 0.3

@@ -507,15 +507,53 @@ def test_eta_as_webuiapi_sends_it(port, tiny_model_dir):
     assert r.status_code == 422 and "eta" in r.text
 
 
-def test_sigma_churn_and_noise_only_at_their_defaults(port):
-    """s_churn and s_noise change A1111's Euler, Heun, DPM2 (and s_noise its other ancestral and SDE samplers); we
-    run their defaults only, so another value for those samplers is a 422 naming it, not a silently other image.
-    Samplers A1111 does not give them to ignore them, as A1111 does."""
-    r = _post(port, "txt2img", {**SMALL, "sampler_name": "Euler", "s_churn": 0.5})
-    assert r.status_code == 422 and "s_churn 0.5" in r.text and "Euler runs at 0" in r.text
-    r = _post(port, "txt2img", {**SMALL, "sampler_name": "DPM++ SDE", "s_noise": 1.003})
-    assert r.status_code == 422 and "s_noise 1.003" in r.text
-    for alias in ("k_euler", "Euler Karras"):  # the sampler's name resolved first, as the run resolves it
-        r = _post(port, "txt2img", {**SMALL, "sampler_name": alias, "s_churn": 0.5})
-        assert r.status_code == 422 and "its Euler runs at 0" in r.text
-    _generate(port, "txt2img", **{**SMALL, "sampler_name": "DPM++ 2M", "s_churn": 0.5, "s_noise": 1.003})
+def test_sigma_churn_and_noise_as_a1111_takes_them(port, tiny_model_dir):
+    """s_churn (with s_tmin, s_tmax) changes A1111's Euler, Heun, DPM2 and s_noise those and its other ancestral
+    and SDE samplers: the request's value runs (the same pixels as the Python call), an option set by POST /options
+    or override_settings wins where it is not the default (as in A1111), samplers A1111 does not give them to
+    ignore them, and a negative or non-finite value is a 422."""
+    body = {**SMALL, "prompt": "a boat", "sampler_name": "Euler", "steps": 3}
+    churned, info = _generate(port, "txt2img", **body, s_churn=2.0, s_noise=0.9)
+    assert "Sigma churn: 2.0" in info["infotexts"][0] and "Sigma noise: 0.9" in info["infotexts"][0]
+    plain, plain_info = _generate(port, "txt2img", **body, s_churn=0, s_tmin=0, s_tmax=0, s_noise=1)  # webuiapi's
+    assert "Sigma" not in plain_info["infotexts"][0]
+    assert not np.array_equal(_pixels(churned["images"][0]), _pixels(plain["images"][0]))
+    want = StableDiffusion.from_pretrained(tiny_model_dir)("a boat", steps=3, width=64, height=64, seed=5,
+                                                           sampler="Euler", s_churn=2.0, s_noise=0.9, rng="gpu")
+    assert np.abs(_pixels(churned["images"][0]).astype(int) - np.asarray(want.images[0])).max() <= 1
+    option, _ = _generate(port, "txt2img", **body, s_churn=0.1, s_noise=0.9, override_settings={"s_churn": 2.0})
+    assert np.array_equal(_pixels(option["images"][0]), _pixels(churned["images"][0]))
+    assert _get(port, "options")["s_churn"] == 0.0
+    assert _post(port, "options", {"s_churn": 2.0, "s_noise": 0.9}).status_code == 200
+    try:  # the server's options, for later requests
+        later, _ = _generate(port, "txt2img", **body)
+        assert np.array_equal(_pixels(later["images"][0]), _pixels(churned["images"][0]))
+    finally:
+        assert _post(port, "options", {"s_churn": 0.0, "s_noise": 1.0}).status_code == 200
+    other, other_info = _generate(port, "txt2img", **{**body, "sampler_name": "DPM++ 2M"}, s_churn=2.0)
+    same, _ = _generate(port, "txt2img", **{**body, "sampler_name": "DPM++ 2M"})
+    assert np.array_equal(_pixels(other["images"][0]), _pixels(same["images"][0]))
+    assert "Sigma" not in other_info["infotexts"][0]
+    for name, value in (("s_churn", -1), ("s_noise", 11)):
+        r = _post(port, "txt2img", {**body, name: value})
+        assert r.status_code == 422 and name in r.text
+
+def test_ngms_request_field_and_options(port, tiny_model_dir):
+    """s_min_uncond (A1111's NGMS) from the request, else from the options; the same pixels as the Python call."""
+    body = {**SMALL, "prompt": "a boat", "steps": 4}
+    sent, info = _generate(port, "txt2img", **body, s_min_uncond=5.0)
+    assert "NGMS: 5.0" in info["infotexts"][0]
+    want = StableDiffusion.from_pretrained(tiny_model_dir)("a boat", steps=4, width=64, height=64, seed=5,
+                                                           sampler="Euler", s_min_uncond=5.0, rng="gpu")
+    assert np.abs(_pixels(sent["images"][0]).astype(int) - np.asarray(want.images[0])).max() <= 1
+    assert _get(port, "options")["s_min_uncond"] == 0.0
+    assert _post(port, "options", {"s_min_uncond": 5.0}).status_code == 200
+    try:
+        later, later_info = _generate(port, "txt2img", **body)
+        assert np.array_equal(_pixels(later["images"][0]), _pixels(sent["images"][0]))
+        off, off_info = _generate(port, "txt2img", **body, s_min_uncond=0)  # the request's 0 wins
+        assert "NGMS" not in off_info["infotexts"][0]
+    finally:
+        assert _post(port, "options", {"s_min_uncond": 0.0}).status_code == 200
+    r = _post(port, "txt2img", {**body, "s_min_uncond": -1})
+    assert r.status_code == 422 and "s_min_uncond" in r.text

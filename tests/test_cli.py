@@ -299,6 +299,28 @@ def test_from_png_keeps_eta(tiny_model_dir, tmp_path, capsys):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_sigma_churn_options_and_from_png(tiny_model_dir, tmp_path, capsys):
+    """--s-churn / --s-tmin / --s-tmax / --s-noise reach A1111's Heun (the image changes, "Sigma churn" etc. are
+    written), --from-png remakes it with them; a negative churn is a usage error before the model loads."""
+    args = ["generate", "a cat", "--model", str(tiny_model_dir), "--steps", "3", "--seed", "4", "--sampler", "Heun",
+            "--width", "64", "--height", "64", "--quiet"]
+    churn = ["--s-churn", "5", "--s-tmin", "0.1", "--s-tmax", "20", "--s-noise", "0.95"]
+    assert _main_in_process([*args, *churn, "--output-dir", str(tmp_path / "a")], capsys).returncode == 0
+    assert _main_in_process([*args, "--output-dir", str(tmp_path / "plain")], capsys).returncode == 0
+    png = tmp_path / "a" / "00000-4.png"
+    res = _main_in_process(["generate", "--from-png", str(png), "--model", str(tiny_model_dir), "--quiet",
+                            "--output-dir", str(tmp_path / "b")], capsys)
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    with Image.open(png) as a, Image.open(tmp_path / "b" / "00000-4.png") as b, \
+            Image.open(tmp_path / "plain" / "00000-4.png") as plain:
+        assert "Sigma churn: 5.0, Sigma tmin: 0.1, Sigma tmax: 20.0, Sigma noise: 0.95" in a.text["parameters"]
+        assert a.text["parameters"] == b.text["parameters"]
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert not np.array_equal(np.asarray(a), np.asarray(plain)) and "Sigma" not in plain.text["parameters"]
+    res = _main_in_process([*args, "--s-churn", "-1", "--output-dir", str(tmp_path / "c")], capsys)
+    assert res.returncode == 2 and "s_churn -1.0 is outside 0..100" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_from_png_names_what_it_does_not_use_and_refuses_a_png_without_parameters(tiny_model_dir, tmp_path,
                                                                                     capsys):
     from PIL.PngImagePlugin import PngInfo

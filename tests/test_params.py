@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from stablediff import a1111, hires, samplers
 from stablediff.cli import build_parser
 from stablediff.limits import LimitError, Limits
-from stablediff.params import MAX_SEED, GenerationParams
+from stablediff.params import MAX_SEED, SIGMA_PARAM_DEFAULTS, SIGMA_PARAM_RANGES, GenerationParams
 
 TEXT = st.text(alphabet=string.ascii_letters + string.digits + " ,()[]:.-_<>|'\"", max_size=40).map(str.strip)
 SIZE = st.integers(8, 512).map(lambda n: n * 8)
@@ -49,6 +49,11 @@ def params(draw, infotext=False):
         # (an infotext records eta only where the sampler takes it and it is not the sampler's own)
         eta=None if spec.eta_fixed or infotext and spec.eta is None else draw(
             st.none() | st.floats(0, 1).filter(lambda e: e != spec.eta)),
+        **draw(ngms(infotext)),
+        # (an infotext records the churn settings only where the sampler takes them)
+        **{name: draw(st.just(default) | st.floats(0, top).filter(lambda v, d=default: v != d))
+           if not infotext or name in spec.sigma_params else default
+           for (name, default), top in zip(SIGMA_PARAM_DEFAULTS.items(), SIGMA_PARAM_RANGES.values())},
         **draw(variation(batch, infotext)))
 
 
@@ -81,6 +86,14 @@ def with_hires(draw, infotext=False):
     except ValueError:
         assume(False)
     return p
+
+
+@st.composite
+def ngms(draw, infotext):
+    """A1111's NGMS: off, or a level (an infotext records "NGMS all steps" only with a level); skip_early_cond."""
+    level = draw(st.just(0.0) | st.floats(0.001, 1000))
+    return dict(s_min_uncond=level, s_min_uncond_all=draw(st.booleans()) if level or not infotext else False,
+                skip_early_cond=draw(st.just(0.0) | st.floats(0, 1)))
 
 
 @st.composite

@@ -230,3 +230,73 @@ def test_plain_cfg_is_the_one_piece_schedule_bit_for_bit():
 def test_bad_schedules_are_refused(conds, uncond, match):
     with pytest.raises(ValueError, match=match):
         ScheduledCFGDenoiser(Recorder(), conds, uncond, 7.5)
+
+
+def a1111_ngms_reference(calls, sigmas, level, all_steps, uncond, conds, scale):
+    """A1111's CFGDenoiser with s_min_uncond, literally: on call k (its self.step) the uncond half is skipped when
+    (k odd or "NGMS all steps") and 0 < level and sigma < level; then the first cond's output stands in for the
+    uncond and combine_denoised runs at scale 1.0 (each term (cond - uncond) * (weight * scale))."""
+    out = []
+    for k, sigma in zip(range(calls), sigmas):
+        skip = (k % 2 or all_steps) and level > 0 and sigma < level
+        fake = conds[0][1]
+        base, s = (fake, 1.0) if skip else (uncond, scale)
+        d = base
+        for weight, value in conds:
+            d = d + (value - base) * (weight * s)
+        out.append((d, not skip))
+    return out
+
+
+@pytest.mark.parametrize("all_steps", [False, True])
+def test_negative_guidance_minimum_sigma_as_a1111(all_steps):
+    """NGMS (A1111's s_min_uncond): below the level, every other call (or every one) runs the conditional rows only
+    and D is the conditional prediction (with AND, combined at scale 1); above it, or on even calls, full CFG."""
+    uncond = [(8, embed(1.0))]
+    conds = [(1.2, [(8, embed(3.0))]), (0.8, [(8, embed(5.0))])]
+    sigmas = [9.0, 6.0, 4.0, 3.5, 2.0, 1.0, 0.5, 0.1]
+    inner = Recorder()
+    d = ScheduledCFGDenoiser(inner, conds, uncond, 7.5, min_uncond=3.7, min_uncond_all=all_steps)
+    x = torch.zeros(2, 4, 2, 2)
+    got = [d(x, torch.tensor(s)) for s in sigmas]
+    want = a1111_ngms_reference(len(sigmas), sigmas, 3.7, all_steps, 1.0, [(1.2, 3.0), (0.8, 5.0)], 7.5)
+    for k, (g, (value, full)) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, torch.full_like(x, value), msg=f"call {k}")
+        assert inner.contexts[k].shape[0] == (6 if full else 4), k  # [uncond; cond_1; cond_2] x B, or the conds
+    skipped = [k for k, (_, full) in enumerate(want) if not full]
+    assert skipped == ([3, 5, 7] if not all_steps else [3, 4, 5, 6, 7])
+    # off by default; the level compared can be another measure (A1111's timestep samplers compare timesteps)
+    inner = Recorder()
+    d = ScheduledCFGDenoiser(inner, conds, uncond, 7.5, min_uncond=500.0, level=lambda s: s * 100)
+    d(x, torch.tensor(9.0)), d(x, torch.tensor(6.0)), d(x, torch.tensor(4.0)), d(x, torch.tensor(4.5))
+    assert [c.shape[0] for c in inner.contexts] == [6, 6, 6, 4]  # 600 >= 500 on call 1; 450 < 500 on call 3
+    inner = Recorder()
+    d = ScheduledCFGDenoiser(inner, conds, uncond, 7.5)
+    [d(x, torch.tensor(s)) for s in sigmas]
+    assert {c.shape[0] for c in inner.contexts} == {6}
+
+
+@pytest.mark.parametrize("share, total, skipped", [(0.1, 20, [0, 1, 2]), (0.25, 8, [0, 1, 2]), (1.0, 4, [0, 1, 2, 3])])
+def test_skip_early_cond_as_a1111(share, total, skipped):
+    """A1111's skip_early_cond: call k leaves the negative prompt out while k / total_steps <= the share (k 0 always
+    with any share); it comes before NGMS, which then applies to the other calls."""
+    uncond, conds = [(40, embed(1.0))], [(1.0, [(40, embed(3.0))])]
+    inner = Recorder()
+    d = ScheduledCFGDenoiser(inner, conds, uncond, 7.5, skip_early=share, total_calls=total)
+    x = torch.zeros(1, 4, 2, 2)
+    got = [d(x, torch.tensor(10.0 - k * 0.1)) for k in range(total)]
+    assert [k for k, c in enumerate(inner.contexts) if c.shape[0] == 1] == skipped
+    for k, g in enumerate(got):  # skipped: the prompt's prediction (3); else full CFG, 1 + 7.5 * (3 - 1)
+        assert g.flatten()[0].item() == pytest.approx(3.0 if k in skipped else 16.0)
+    inner = Recorder()
+    d = ScheduledCFGDenoiser(inner, conds, uncond, 7.5, skip_early=0.1, total_calls=10, min_uncond=100.0)
+    [d(x, torch.tensor(5.0)) for _ in range(6)]
+    assert [c.shape[0] for c in inner.contexts] == [1, 1, 2, 1, 2, 1]
+
+
+def test_second_order_samplers_count_two_calls_a_step():
+    """A1111's "second_order" samplers (their prompt schedules and skip_early_cond count 2 a step)."""
+    from stablediff.samplers import SAMPLERS
+
+    a1111 = {n for n, s in SAMPLERS.items() if s.family == "a1111" and s.calls_per_step == 2}
+    assert a1111 == {"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart"}

@@ -369,7 +369,9 @@ def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
         raise UsageError(f"--from-png {e}") from None
     for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler",
                  "schedule", "clip_skip", "cache_interval", "rng", "ensd", "subseed", "subseed_strength",
-                 "seed_resize_from", "tiling", "token_merging_ratio", "eta", "inpainting_mask_weight"):
+                 "seed_resize_from", "tiling", "token_merging_ratio", "eta", "inpainting_mask_weight", "s_churn",
+                 "s_tmin", "s_tmax", "s_noise", "s_min_uncond", "s_min_uncond_all",
+                 "skip_early_cond"):
         if name not in given:
             setattr(args, name, getattr(params, name))
     if "lora" not in given and params.loras:

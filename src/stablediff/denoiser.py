@@ -65,10 +65,20 @@ class ScheduledCFGDenoiser:
     `do_classifier_free_guidance` is guidance_scale > 1). A sampler that steps with the unconditional prediction
     itself (DDIM CFG++) calls `with_uncond` instead, which returns it besides the guided one: the wrapper stays the
     only place guidance is computed, and the sampler asks for what it needs explicitly, per call.
+
+    min_uncond: A1111's "negative guidance minimum sigma" (NGMS, its s_min_uncond; 0: off), a speed-up: on every
+    other call (every call with `min_uncond_all`) whose noise level is below it the unconditional half is not run,
+    and D is the conditional one (combined at scale 1 with AND sub-prompts, the first standing in for the
+    unconditional, as A1111's CFGDenoiser). `level(sigma)` is what is compared: the sigma itself, or the timestep
+    for A1111's timestep samplers (DDIM, PLMS, UniPC), which hand its CFGDenoiser timesteps. skip_early: A1111's
+    "ignore negative prompt during early sampling" (its skip_early_cond; 0: off): calls k with k / total_calls <=
+    skip_early leave the unconditional half out the same way (total_calls: A1111's total steps, the steps run times
+    2 for its second-order samplers).
     """
 
     def __init__(self, inner: Callable, conds: Sequence[tuple[float, Schedule]], uncond: Schedule | None,
-                 scale: float):
+                 scale: float, *, min_uncond: float = 0.0, min_uncond_all: bool = False,
+                 level: Callable | None = None, skip_early: float = 0.0, total_calls: int = 1):
         if not conds:
             raise ValueError("no conditioning: conds must hold at least one (weight, schedule)")
         schedules = [s for _, s in conds] + ([uncond] if uncond is not None else [])
@@ -86,6 +96,8 @@ class ScheduledCFGDenoiser:
         self.weights = [float(w) for w, _ in conds]
         self.conds = [_split(s) for _, s in conds]
         self.uncond = _split(uncond) if uncond is not None else None
+        self.min_uncond, self.min_uncond_all, self.level = min_uncond, min_uncond_all, level or (lambda s: s)
+        self.skip_early, self.total_calls = skip_early, total_calls
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         step, self.step = self.step, self.step + 1
@@ -103,9 +115,27 @@ class ScheduledCFGDenoiser:
         step, self.step = self.step, self.step + 1
         return self._guide(x, sigma, step, self.scale * scale_factor)
 
+    def skips_uncond(self, step: int, sigma) -> bool:
+        """Whether call `step` at noise level `sigma` leaves the unconditional half out (`skip_early`,
+        `min_uncond`)."""
+        if self.skip_early and step / self.total_calls <= self.skip_early:
+            return True
+        if not self.min_uncond or not (step % 2 or self.min_uncond_all):
+            return False
+        level = torch.as_tensor(self.level(torch.as_tensor(sigma))).reshape(-1)[0].float()
+        return bool(level < torch.tensor(self.min_uncond, dtype=torch.float32))  # in float32, as A1111 compares
+
     def _guide(self, x: torch.Tensor, sigma, step: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         B = x.shape[0]
         conds = [_batch(_at(schedule, step), B) for schedule in self.conds]
+        if self.skips_uncond(step, sigma):
+            n = len(conds)
+            d_conds = self.inner(torch.cat([x] * n), torch.cat([_per_sample(sigma, x)] * n),
+                                 context=torch.cat(conds)).chunk(n)
+            denoised = d_conds[0]  # the first sub-prompt's stands in for the unconditional, guided at scale 1
+            for weight, d_cond in zip(self.weights, d_conds):
+                denoised = denoised + weight * (d_cond - d_conds[0])
+            return denoised, d_conds[0]
         sigma = _per_sample(sigma, x)
         n = len(conds) + 1
         context = torch.cat([_batch(_at(self.uncond, step), B), *conds])

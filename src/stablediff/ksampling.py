@@ -7,7 +7,7 @@ Every sampler is a plain function over a denoiser D(x, sigma) in sigma space, as
 Here are k-diffusion's DPM-Solver++ SDE samplers, DPM-Solver fast and adaptive, and A1111 v1.10's own samplers:
 its timestep-space PLMS (sd_samplers_timesteps_impl; its DDIM is Euler in sigma space and its UniPC diffusers'
 UniPC steps with A1111's settings, both in samplers.py), Restart (sd_samplers_extra) and LCM (sd_samplers_lcm),
-each with the arguments A1111 calls it with (eta 1, s_noise 1).
+each with the arguments A1111 calls it with (eta 1; s_noise, the noise's scale, where A1111 passes it).
 
 A1111's timestep samplers work on the VP latent x_t = x / sqrt(1 + sigma**2) (DDIM and PLMS at integer timesteps t,
 sigma = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])). Dividing their updates by sqrt(alphas_cumprod) gives the
@@ -72,7 +72,7 @@ def ancestral_step(sigma, sigma_next, eta: float = 1.0):
 
 # ---------------------------------------------------------------------------------------------------------------
 # k-diffusion's DPM-Solver++ ancestral and SDE samplers (A1111's "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE (Heun)",
-# "DPM++ 3M SDE"), eta = 1 and s_noise = 1 as A1111 runs them, in k-diffusion's variables: t = lambda = -log(sigma)
+# "DPM++ 3M SDE"), eta = 1 as A1111 runs them (s_noise: the noise scaled), in k-diffusion's variables: t = -log(sigma)
 
 
 def _sigma(t):
@@ -86,7 +86,8 @@ def _brownian(x, sigmas, generator, noise_range):
     return a1111.BrownianNoise(x, lo, hi, generator)
 
 
-def sample_dpmpp_2s_a(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 1.0):
+def sample_dpmpp_2s_a(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 1.0,
+                      s_noise: float = 1.0):
     """DPM-Solver++(2S) ancestral: a second-order single-step update down to sigma_down (its midpoint halfway in
     lambda), then fresh noise of sigma_up from `generator` (ancestral_step's eta); Euler and no noise on the step
     to 0."""
@@ -104,12 +105,13 @@ def sample_dpmpp_2s_a(denoiser, x, sigmas, *, generator=None, callback=None, eta
             denoised_2 = denoiser(x_2, _sigma(s))
             x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
         if sigma_next > 0:
-            x = x + draw_noise(x, generator) * sigma_up
+            x = x + draw_noise(x, generator) * s_noise * sigma_up
         x = report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
-def sample_dpmpp_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None, r: float = 0.5):
+def sample_dpmpp_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None, r: float = 0.5,
+                     s_noise: float = 1.0):
     """DPM-Solver++ SDE (k-diffusion's `sample_dpmpp_sde`): two stochastic ancestral sub-steps per step, the first
     to lambda + r * h, the second with a combination of both D; Brownian-tree noise. Euler on the step to 0."""
     x, sigmas = as_float32(x, sigmas)
@@ -126,18 +128,18 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, generator=None, callback=None, nois
             sd, su = ancestral_step(_sigma(t), _sigma(s))
             s_ = sd.log().neg()
             x_2 = (_sigma(s_) / _sigma(t)) * x - (t - s_).expm1() * denoised
-            x_2 = x_2 + noise(_sigma(t), _sigma(s)) * su
+            x_2 = x_2 + noise(_sigma(t), _sigma(s)) * s_noise * su
             denoised_2 = denoiser(x_2, _sigma(s))
             sd, su = ancestral_step(_sigma(t), _sigma(t_next))
             t_next_ = sd.log().neg()
             denoised_d = (1 - fac) * denoised + fac * denoised_2
             x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * denoised_d
-            x = x + noise(_sigma(t), _sigma(t_next)) * su
+            x = x + noise(_sigma(t), _sigma(t_next)) * s_noise * su
         x = report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
 
-def _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun: bool):
+def _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun: bool, s_noise: float):
     """DPM-Solver++(2M) SDE as k-diffusion's `sample_dpmpp_2m_sde` (eta 1): the second-order correction with the
     midpoint or Heun's weights, Brownian-tree noise, and the step to 0 returning D itself."""
     x, sigmas = as_float32(x, sigmas)
@@ -154,22 +156,25 @@ def _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun:
             if old_denoised is not None:
                 weight = phi / (-2 * h) + 1 if heun else 0.5 * phi
                 x_next = x_next + weight * (1 / (h_last / h)) * (denoised - old_denoised)
-            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt()
+            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt() * s_noise
         x, old_denoised = report(callback, i, x_next, sigma, sigma_next, denoised), denoised
     return x
 
 
-def sample_k_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
+def sample_k_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None,
+                          s_noise: float = 1.0):
     """A1111's "DPM++ 2M SDE": k-diffusion's midpoint form, Brownian-tree noise."""
-    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=False)
+    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=False, s_noise=s_noise)
 
 
-def sample_dpmpp_2m_sde_heun(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
+def sample_dpmpp_2m_sde_heun(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None,
+                             s_noise: float = 1.0):
     """A1111's "DPM++ 2M SDE Heun": k-diffusion's solver_type="heun" weights, Brownian-tree noise."""
-    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=True)
+    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=True, s_noise=s_noise)
 
 
-def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None):
+def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None,
+                        s_noise: float = 1.0):
     """DPM-Solver++(3M) SDE (k-diffusion's `sample_dpmpp_3m_sde`, eta 1): third-order multistep on the last three
     D (first and second order while they are fewer), Brownian-tree noise, the step to 0 returning D."""
     x, sigmas = as_float32(x, sigmas)
@@ -192,7 +197,7 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, generator=None, callback=None, n
                 x_next = x_next + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
             elif h_1 is not None:
                 x_next = x_next + phi_2 * ((denoised - denoised_1) / (h_1 / h))
-            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt()
+            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt() * s_noise
         x = report(callback, i, x_next, sigma, sigma_next, denoised)
         denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
     return x
@@ -268,7 +273,7 @@ def _ancestral_target(t, t_next, t_end):
     return t_next_, (_sigma(t_next) ** 2 - _sigma(t_next_) ** 2) ** 0.5
 
 
-def sample_dpm_fast(denoiser, x, sigmas, *, generator=None, callback=None, sigma_range=None):
+def sample_dpm_fast(denoiser, x, sigmas, *, generator=None, callback=None, sigma_range=None, s_noise: float = 1.0):
     """DPM-Solver-fast (k-diffusion's `sample_dpm_fast`, eta 1 as A1111 runs it): n = len(sigmas) - 1 model calls
     spread over floor(n / 3) + 1 steps evenly in lambda from sigma_max down to sigma_min, third order but for the
     last one or two; each step an ancestral one. sigma_range: (sigma_min, sigma_max), by default
@@ -291,7 +296,7 @@ def sample_dpm_fast(denoiser, x, sigmas, *, generator=None, callback=None, sigma
             x, _ = _dpm_solver_2(denoiser, x, t, t_next_, eps)
         else:
             x = _dpm_solver_3(denoiser, x, t, t_next_, eps)
-        x = x + sigma_up * draw_noise(x, generator)
+        x = x + sigma_up * s_noise * draw_noise(x, generator)
         x = report(callback, i, x, _sigma(t), _sigma(t_next), denoised)
     return x
 

@@ -31,11 +31,17 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
 MAX_TOKEN_MERGING_RATIO = 0.9  # the most of a level's tokens ToMe may merge (tome.py)
+MAX_MIN_UNCOND = 1000.0  # NGMS (s_min_uncond): a sigma, or a timestep for A1111's timestep samplers (A1111's slider 0..15)
 MAX_NOISE_MULTIPLIER = 2.0  # img2img's initial noise multiplier (A1111's slider: 0.5..1.5)
 MAX_MASK_BLUR, MAX_PADDING = 64, 256  # inpainting's mask blur and only-masked padding, in pixels (A1111's sliders)
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's names of inpainting_fill 0..3
 INPAINTING_FIELDS = ("mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
                      "inpainting_mask_invert")
+# k-diffusion's churn parameters (GenerationParams.s_churn ...): A1111's infotext keys, defaults (s_tmax 0: no
+# bound, as A1111 reads it) and largest values (A1111's sliders: churn 0..100, tmin 0..10, tmax 0..999, noise 0..1.1)
+SIGMA_PARAM_KEYS = {"Sigma churn": "s_churn", "Sigma tmin": "s_tmin", "Sigma tmax": "s_tmax", "Sigma noise": "s_noise"}
+SIGMA_PARAM_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
+SIGMA_PARAM_RANGES = {"s_churn": 100.0, "s_tmin": 1000.0, "s_tmax": 1000.0, "s_noise": 10.0}
 RNG_SOURCES = ("cpu", "gpu", "nv")  # where noise comes from: rng.py draws each
 # infotext keys that record what made an image rather than say how to make it: not reported as unused
 INFOTEXT_RECORDS = frozenset({"Model hash", "Model", "VAE hash", "VAE", "Version", "Lora hashes", "TI hashes",
@@ -68,6 +74,20 @@ class GenerationParams:
     # the sampler's eta where it takes one (samplers.Sampler.eta: the noise an ancestral or DDIM step adds, 0..1);
     # None: the sampler's own (A1111's eta_ancestral 1, eta_ddim 0)
     eta: float | None = None
+    # k-diffusion's churn (Karras et al. 2022) for A1111's Euler, Heun and DPM2, and s_noise for those and its other
+    # ancestral and SDE samplers (samplers.Sampler.sigma_params; others leave them unused, as A1111 does): A1111's
+    # "Sigma churn", "Sigma tmin", "Sigma tmax" (0: no bound) and "Sigma noise"
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0
+    s_noise: float = 1.0
+    # A1111's "negative guidance minimum sigma" (NGMS), a speed-up: below this noise level (a timestep for its DDIM,
+    # PLMS, UniPC) every other U-Net call leaves the negative prompt out (every call with s_min_uncond_all); 0: off
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
+    # A1111's "ignore negative prompt during early sampling" (skip_early_cond), 0..1: the share of the first steps
+    # that leave the negative prompt out; 0: off
+    skip_early_cond: float = 0.0
     # hires fix (hires.py), A1111's API names; its denoising strength is `strength` (None: 0.75)
     enable_hr: bool = False
     hr_scale: float = 2.0  # the first pass's size times this, unless hr_resize_x / hr_resize_y are given
@@ -149,6 +169,14 @@ class GenerationParams:
              f"token merging ratio {self.token_merging_ratio!r} is outside 0..{MAX_TOKEN_MERGING_RATIO}"),
             (lambda: self.eta is None or _is_number(self.eta) and 0 <= self.eta <= 1,
              f"eta {self.eta!r} is outside 0..1"),
+            *[(lambda v=getattr(self, name), top=top: _is_number(v) and 0 <= v <= top,
+               f"{name} {getattr(self, name)!r} is outside 0..{top:g}") for name, top in SIGMA_PARAM_RANGES.items()],
+            (lambda: _is_number(self.s_min_uncond) and 0 <= self.s_min_uncond <= MAX_MIN_UNCOND,
+             f"s_min_uncond {self.s_min_uncond!r} is outside 0..{MAX_MIN_UNCOND:g}"),
+            (lambda: isinstance(self.s_min_uncond_all, bool),
+             f"s_min_uncond_all {self.s_min_uncond_all!r} is not true or false"),
+            (lambda: _is_number(self.skip_early_cond) and 0 <= self.skip_early_cond <= 1,
+             f"skip_early_cond {self.skip_early_cond!r} is outside 0..1"),
             (lambda: _is_number(self.noise_multiplier) and 0 < self.noise_multiplier <= MAX_NOISE_MULTIPLIER,
              f"noise multiplier {self.noise_multiplier!r} is outside (0, {MAX_NOISE_MULTIPLIER:g}]"),
             (lambda: self.resize_mode in (0, 1, 2) and _is_int(self.resize_mode),
@@ -237,6 +265,9 @@ class GenerationParams:
         spec = samplers.SAMPLERS[self.sampler]
         ours = {"Denoising strength": self.strength, "Clip skip": self.clip_skip,
                 spec.eta_key: self.eta if None not in (self.eta, spec.eta) and self.eta != spec.eta else None,
+                **self._sigma_infotext(), "NGMS": self.s_min_uncond or None,
+                "NGMS all steps": "True" if self.s_min_uncond and self.s_min_uncond_all else None,
+                "Skip Early CFG": self.skip_early_cond or None,
                 "Cache interval": self.cache_interval if self.cache_interval > 1 else None,
                 "LoRA weights": ", ".join(f"{n}:{float(m)!r}" for n, m in self.loras) or None,
                 "ENSD": self.ensd or None, "Token merging ratio": self.token_merging_ratio or None,
@@ -253,6 +284,19 @@ class GenerationParams:
                                schedule_label=a1111.SCHEDULES[self.schedule or "automatic"], cfg_scale=self.cfg_scale,
                                seed=self.seed, width=self.width, height=self.height, model_hash=model_hash,
                                model_name=model_name, version=version, extra={**ours, **(extra or {})})
+
+    def sigma_values(self) -> dict:
+        """s_churn, s_tmin, s_tmax, s_noise by name (samplers.Sampler.sigma_options takes them)."""
+        return {name: getattr(self, name) for name in SIGMA_PARAM_KEYS.values()}
+
+    def _sigma_infotext(self) -> dict:
+        """"Sigma churn" etc. where the run's sampler (or the hires pass's) takes them and they are not the default,
+        as A1111 writes them when its options set them (it leaves out values an API request sent)."""
+        from . import samplers
+
+        names = {self.sampler, *([self.hr_sampler] if self.enable_hr and self.hr_sampler else [])}
+        used = {k for name in names for k in samplers.get_sampler(name)[0].sigma_options(self.sigma_values())}
+        return {key: getattr(self, name) for key, name in SIGMA_PARAM_KEYS.items() if name in used}
 
     def inpainting_infotext(self, only_masked: bool = True) -> dict:
         """The infotext keys A1111 writes for an inpainting run with these settings: "Mask mode" (where inverted),
@@ -283,7 +327,8 @@ class GenerationParams:
                    "Token merging ratio": ("token_merging_ratio", float),
                    "Noise multiplier": ("noise_multiplier", float),
                    "Conditional mask weight": ("inpainting_mask_weight", float), "Eta": ("eta", float),
-                   "Eta DDIM": ("eta", float)}
+                   "Eta DDIM": ("eta", float), **{key: (name, float) for key, name in SIGMA_PARAM_KEYS.items()},
+                   "NGMS": ("s_min_uncond", float), "Skip Early CFG": ("skip_early_cond", float)}
         for key, (name, kind) in readers.items():
             if key in fields:
                 changes[name] = _parse(kind, take(key), key)
@@ -301,6 +346,8 @@ class GenerationParams:
             changes["ensd"] = _parse(int, take("ENSD"), "ENSD")
         if "Tiling" in fields:
             changes["tiling"] = _parse_bool(take("Tiling"), "Tiling")
+        if "NGMS all steps" in fields:
+            changes["s_min_uncond_all"] = _parse_bool(take("NGMS all steps"), "NGMS all steps")
         changes.update(_inpainting_from_infotext(fields))
         hr_ratio = fields.get("Token merging ratio hr")
         if hr_ratio is not None and _parse(float, hr_ratio, "Token merging ratio hr") == changes.get(
@@ -320,11 +367,14 @@ class GenerationParams:
                 "sampler_name": self.sampler, "scheduler": self.schedule or "automatic",
                 "override_settings": {"CLIP_stop_at_last_layers": self.clip_skip, "randn_source": self.rng.upper(),
                                       "eta_noise_seed_delta": self.ensd,
-                                      "inpainting_mask_weight": self.inpainting_mask_weight},
+                                      "inpainting_mask_weight": self.inpainting_mask_weight,
+                                      "s_min_uncond_all": self.s_min_uncond_all,
+                                      "skip_early_cond": self.skip_early_cond},
                 "subseed": -1 if self.subseed is None else self.subseed, "subseed_strength": self.subseed_strength,
                 "seed_resize_from_w": self.seed_resize_from[0] if self.seed_resize_from else -1,
                 "seed_resize_from_h": self.seed_resize_from[1] if self.seed_resize_from else -1,
                 "cache_interval": self.cache_interval, "loras": dict(self.loras), "eta": self.eta,
+                **self.sigma_values(), "s_min_uncond": self.s_min_uncond,
                 "enable_hr": self.enable_hr, "hr_scale": self.hr_scale, "hr_upscaler": self.hr_upscaler,
                 "hr_second_pass_steps": self.hr_second_pass_steps, "hr_resize_x": self.hr_resize_x,
                 "hr_resize_y": self.hr_resize_y, "hr_sampler_name": self.hr_sampler,
@@ -362,7 +412,10 @@ class GenerationParams:
                    tiling=get("tiling", False),
                    token_merging_ratio=get("token_merging_ratio") or override.get("token_merging_ratio") or 0.0,
                    inpainting_mask_weight=_option(override, "inpainting_mask_weight", 1.0),
-                   eta=_eta_from_a1111(get, override),
+                   eta=_eta_from_a1111(get, override), **_sigma_params_from_a1111(get, override),
+                   s_min_uncond=get("s_min_uncond", _option(override, "s_min_uncond", 0.0)),
+                   s_min_uncond_all=_option(override, "s_min_uncond_all", False),
+                   skip_early_cond=_option(override, "skip_early_cond", 0.0),
                    **_hires_from_a1111(get), **(_inpainting_from_a1111(get) if "init_images" in body else {}))
 
     # -- batch job rows and the command line --------------------------------------------------------------------
@@ -398,6 +451,9 @@ class GenerationParams:
                   "--subseed": self.subseed, "--subseed-strength": self.subseed_strength,
                   "--seed-resize-from": "x".join(map(str, self.seed_resize_from)) if self.seed_resize_from else None,
                   "--token-merging-ratio": self.token_merging_ratio or None, "--eta": self.eta,
+                  **{f"--{name.replace('_', '-')}": None if value == SIGMA_PARAM_DEFAULTS[name] else value
+                     for name, value in self.sigma_values().items()},
+                  "--s-min-uncond": self.s_min_uncond or None, "--skip-early-cond": self.skip_early_cond or None,
                   "--resize-mode": self.resize_mode or None,
                   "--noise-multiplier": None if self.noise_multiplier == 1 else self.noise_multiplier,
                   "--mask-blur": None if not (self.mask_blur_x or self.mask_blur_y) else self.mask_blur_x
@@ -410,6 +466,7 @@ class GenerationParams:
                 if v is not None]
         argv += [f"--lora={name}:{float(m)!r}" for name, m in self.loras]
         argv += ["--tiling"] if self.tiling else []
+        argv += ["--s-min-uncond-all"] if self.s_min_uncond_all else []
         argv += ["--only-masked"] if self.inpaint_full_res else []
         argv += ["--invert-mask"] if self.inpainting_mask_invert else []
         return [*argv, *self._hires_argv(), "--", self.prompt]
@@ -445,6 +502,10 @@ class GenerationParams:
                    hr_negative_prompt=args.hr_negative_prompt,
                    tiling=getattr(args, "tiling", False),
                    token_merging_ratio=getattr(args, "token_merging_ratio", 0.0), eta=getattr(args, "eta", None),
+                   **{name: getattr(args, name, default) for name, default in SIGMA_PARAM_DEFAULTS.items()},
+                   s_min_uncond=getattr(args, "s_min_uncond", 0.0),
+                   s_min_uncond_all=getattr(args, "s_min_uncond_all", False),
+                   skip_early_cond=getattr(args, "skip_early_cond", 0.0),
                    resize_mode=getattr(args, "resize_mode", 0), noise_multiplier=getattr(args, "noise_multiplier", 1.0),
                    mask_blur_x=blur[0], mask_blur_y=blur[1],
                    inpainting_fill=getattr(args, "masked_content", 1),
@@ -480,6 +541,16 @@ def _eta_from_a1111(get, override: dict) -> float | None:
         return None
     option = override.get("eta_ddim" if spec.eta == 0 else "eta_ancestral")
     return None if option == spec.eta else option
+
+
+def _sigma_params_from_a1111(get, override: dict) -> dict:
+    """A1111's s_churn, s_tmin, s_tmax, s_noise: its option (override_settings) where that is not the default, else
+    the request's (as A1111's Sampler.initialize)."""
+    values = {}
+    for name, default in SIGMA_PARAM_DEFAULTS.items():
+        option = override.get(name)
+        values[name] = option if option not in (None, default) else get(name, default)
+    return values
 
 
 def _option(override: dict, name: str, default):

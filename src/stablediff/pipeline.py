@@ -366,7 +366,10 @@ class StableDiffusion:
                  height: int | None = None, batch_size: int = 1, sampler: str = "euler",
                  schedule: str | None = None, clip_skip: int = 1, init_image=None, mask_image=None,
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
-                 eta: float | None = None, rng: str = "cpu", ensd: int = 0, subseed: int | None = None,
+                 eta: float | None = None, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = 0.0,
+                 s_noise: float = 1.0, s_min_uncond: float = 0.0, s_min_uncond_all: bool = False,
+                 skip_early_cond: float = 0.0,
+                 rng: str = "cpu", ensd: int = 0, subseed: int | None = None,
                  subseed_strength: float = 0.0,
                  seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
                  token_merging_ratio: float = 0.0, resize_mode: int = 0, noise_multiplier: float = 1.0,
@@ -386,11 +389,16 @@ class StableDiffusion:
         LoRAs come from `<lora:NAME:w>` tags in the prompt and from `loras={"file-or-NAME": w}`; they are merged
         into the weights for the call (and taken out again by the next call that does not ask for them).
         eta: the noise an ancestral or DDIM step adds, where the sampler takes one (samplers.Sampler.eta; None: its
-        own, 1 for "Euler a", 0 for DDIM). rng: where the noise comes from, as A1111's RNG setting ("cpu", "gpu",
-        "nv": rng.py); ensd: A1111's eta noise seed delta (the samplers' own noise from seed + ensd). subseed /
-        subseed_strength: A1111's variation seeds (the seed's noise slerped toward the subseed's; every image then
-        keeps `seed` and image k uses subseed + k); seed_resize_from=(w, h): the seed's noise as drawn at that
-        size, centred.
+        own, 1 for "Euler a", 0 for DDIM). s_churn, s_tmin, s_tmax (0: no bound), s_noise: k-diffusion's churn for
+        A1111's "Euler", "Heun", "DPM2", and its noise scale for those and A1111's other ancestral and SDE samplers
+        (samplers.Sampler.sigma_params; others leave them unused, as A1111 does). s_min_uncond (with
+        s_min_uncond_all): A1111's negative guidance minimum sigma (denoiser.ScheduledCFGDenoiser's min_uncond),
+        a speed-up that changes the image; skip_early_cond: A1111's "ignore negative prompt during early sampling"
+        (the share of the first steps run without it). rng: where the noise comes from,
+        as A1111's RNG setting ("cpu", "gpu", "nv": rng.py); ensd: A1111's eta noise seed delta (the samplers' own
+        noise from seed + ensd). subseed / subseed_strength: A1111's variation seeds (the seed's noise slerped toward
+        the subseed's; every image then keeps `seed` and image k uses subseed + k); seed_resize_from=(w, h): the
+        seed's noise as drawn at that size, centred.
         resize_mode: A1111's, for an init image (and mask) of another aspect ratio than width x height: 0 stretch,
         1 crop and resize, 2 resize and fill. noise_multiplier: img2img's start noise scaled by it (A1111's "Noise
         multiplier for img2img"). Inpainting as A1111 prepares it (masking.py): mask_blur (pixels, or
@@ -413,7 +421,9 @@ class StableDiffusion:
         params = GenerationParams(
             steps=steps, cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
             sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
-            loras=tuple((loras or {}).items()), cache_interval=cache_interval, eta=eta, rng=rng, ensd=ensd,
+            loras=tuple((loras or {}).items()), cache_interval=cache_interval, eta=eta, s_churn=s_churn,
+            s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, s_min_uncond=s_min_uncond,
+            s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond, rng=rng, ensd=ensd,
             subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, tiling=tiling,
             token_merging_ratio=token_merging_ratio, resize_mode=resize_mode, noise_multiplier=noise_multiplier,
             mask_blur_x=mask_blur if isinstance(mask_blur, int) else mask_blur[0],
@@ -548,7 +558,9 @@ class StableDiffusion:
         x, model, known = img2img.start(self, plan, noise, source, params.strength, eps, params.noise_multiplier)
         if controls:
             model = controlnets.ControlledEps(model, list(controls), plan.timesteps, len(seeds))
-        denoiser = self.scheduled_denoiser(plan, conds, uncond, params.cfg_scale, model=model)
+        denoiser = self.scheduled_denoiser(plan, conds, uncond, params.cfg_scale, model=model,
+                                           min_uncond=(params.s_min_uncond, params.s_min_uncond_all),
+                                           skip_early=params.skip_early_cond)
         if known is not None:
             denoiser = known.wrap(denoiser)
         last = len(plan.sigmas) - 2
@@ -561,7 +573,8 @@ class StableDiffusion:
                 step_callback(d)
             return d["x"] if known is not None else None
 
-        x = plan.sample(denoiser, x, generator=noise, callback=on_step, **plan.sampler.eta_options(params.eta))
+        x = plan.sample(denoiser, x, generator=noise, callback=on_step, **plan.sampler.eta_options(params.eta),
+                        **plan.sampler.sigma_options(params.sigma_values()))
         x = plan.finish(x)
         return known.final(x) if known is not None else x
 
@@ -648,14 +661,22 @@ class StableDiffusion:
                                        cfg_scale, model=model)
 
     def scheduled_denoiser(self, plan: samplers.SamplingPlan, conds, uncond, cfg_scale: float, *,
-                           model: Callable | None = None) -> ScheduledCFGDenoiser:
-        """`denoiser` with conditioning schedules (`conditioning`'s), for one run: it counts its calls."""
+                           model: Callable | None = None,
+                           min_uncond: tuple[float, bool] = (0.0, False),
+                           skip_early: float = 0.0) -> ScheduledCFGDenoiser:
+        """`denoiser` with conditioning schedules (`conditioning`'s), for one run: it counts its calls. min_uncond:
+        (A1111's NGMS level, on all calls), compared with the sigma, or the timestep for A1111's timestep samplers;
+        skip_early: A1111's skip_early_cond, over the plan's steps times calls_per_step."""
         model = model or self.eps
         dim = self.unet.config.time_cond_proj_dim
         if dim is not None:
             w = guidance_scale_embedding(torch.full((1,), cfg_scale - 1.0), dim).to(self.device, self.dtype)
             model, cfg_scale = functools.partial(model, timestep_cond=w), 1.0
-        return ScheduledCFGDenoiser(EpsDenoiser(model, plan.sigma_to_t, self.dtype), conds, uncond, cfg_scale)
+        return ScheduledCFGDenoiser(EpsDenoiser(model, plan.sigma_to_t, self.dtype), conds, uncond, cfg_scale,
+                                    min_uncond=min_uncond[0], min_uncond_all=min_uncond[1],
+                                    level=plan.sigma_to_t if plan.sampler.timestep_space else None,
+                                    skip_early=skip_early,
+                                    total_calls=(len(plan.sigmas) - 1) * plan.sampler.calls_per_step)
 
     def _step_callback(self, batch, batches, total, callback, cancel, progress):
         """A sampler callback for one prompt's run: the progress bar, the user's callback, cancellation."""

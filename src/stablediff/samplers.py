@@ -52,13 +52,37 @@ from .schedule import NoiseSchedule, TimestepMap, discretize
 # first- and second-order ODE / SDE steppers (Karras et al. 2022; Euler a, DPM2 from k-diffusion)
 
 
-def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None):
-    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma. (EulerDiscreteScheduler)"""
+# k-diffusion's defaults for its churn parameters: no churn (s_tmax inf: every sigma in range)
+CHURN_OFF = dict(s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0)
+
+
+def churn(x, sigmas, i: int, generator, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float):
+    """Karras et al. (2022, Alg. 2)'s churn before step i, as k-diffusion's sample_euler / sample_heun / sample_dpm_2
+    take it (A1111's "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise"): where s_tmin <= sigma <= s_tmax, the
+    step starts from sigma_hat = sigma * (1 + gamma), gamma = min(s_churn / steps, sqrt(2) - 1), x raised to it by
+    fresh noise * s_noise. Returns (x, sigma_hat). k-diffusion draws that noise on every step, outside the range
+    too, so with churn on one noise is drawn per step here as well (A1111's noise stream); with s_churn 0 none is."""
+    sigma = sigmas[i]
+    if not s_churn:
+        return x, sigma
+    gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    eps = _noise(x, generator) * s_noise
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        x = x + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+    return x, sigma_hat
+
+
+def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = math.inf, s_noise: float = 1.0):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (EulerDiscreteScheduler);
+    with `churn` where s_churn > 0 (k-diffusion's sample_euler)."""
     x, sigmas = _float32(x, sigmas)
     for i, sigma, sigma_next in _steps(sigmas):
-        denoised = denoiser(x, sigma)
-        d = (x - denoised) / sigma
-        x = x + d * (sigma_next - sigma)
+        x, sigma_hat = churn(x, sigmas, i, generator, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = denoiser(x, sigma_hat)
+        d = (x - denoised) / sigma_hat
+        x = x + d * (sigma_next - sigma_hat)
         x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
@@ -120,14 +144,16 @@ def sample_euler_a(denoiser, x, sigmas, *, generator=None, callback=None, eta: f
 sample_ddpm = sample_euler_a
 
 
-def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None):
+def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, s_churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: float = math.inf, s_noise: float = 1.0):
     """Heun's method (Karras et al. 2022, Alg. 1); the step to sigma = 0 is a plain Euler step
-    (HeunDiscreteScheduler)."""
+    (HeunDiscreteScheduler); with `churn` where s_churn > 0 (k-diffusion's sample_heun)."""
     x, sigmas = _float32(x, sigmas)
     for i, sigma, sigma_next in _steps(sigmas):
-        denoised = denoiser(x, sigma)
-        d = (x - denoised) / sigma
-        dt = sigma_next - sigma
+        x, sigma_hat = churn(x, sigmas, i, generator, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = denoiser(x, sigma_hat)
+        d = (x - denoised) / sigma_hat
+        dt = sigma_next - sigma_hat
         if sigma_next == 0:
             x = x + d * dt
         else:
@@ -138,33 +164,37 @@ def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None):
     return x
 
 
-def _dpm2(denoiser, x, sigmas, generator, callback, ancestral: bool, diffusers: bool = True, eta: float = 1.0):
+def _dpm2(denoiser, x, sigmas, generator, callback, ancestral: bool, diffusers: bool = True, eta: float = 1.0,
+          **sigma_params):
     """DPM-Solver-2 (Lu et al. 2022) in k-diffusion's form: the midpoint in log-sigma, then a full step with the
     derivative there; the step to sigma 0 is Euler. k-diffusion lerps log(sigma) -> log(sigma_down); diffusers'
     KDPM2 lerps log(sigma_next) -> log(sigma) (KDPM2Ancestral as k-diffusion): `diffusers` keeps its orders so the
-    midpoints are bit-identical with it. Noise is not drawn on the last step."""
+    midpoints are bit-identical with it. Noise is not drawn on the last step. sigma_params: k-diffusion's s_noise
+    (the ancestral noise's scale) and, without ancestral noise, its churn (`churn`) too."""
     x, sigmas = _float32(x, sigmas)
+    s_noise = sigma_params.get("s_noise", 1.0)
     for i, sigma, sigma_next in _steps(sigmas):
-        denoised = denoiser(x, sigma)
+        x, sigma_hat = (x, sigma) if ancestral else churn(x, sigmas, i, generator, **{**CHURN_OFF, **sigma_params})
+        denoised = denoiser(x, sigma_hat)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta) if ancestral else (sigma_next, 0.0)
-        d = (x - denoised) / sigma
+        d = (x - denoised) / sigma_hat
         if sigma_down == 0:
-            x = x + d * (sigma_down - sigma)
+            x = x + d * (sigma_down - sigma_hat)
         else:
             if diffusers and not ancestral:
                 sigma_mid = sigma_next.log().lerp(sigma.log(), 0.5).exp()
             else:
-                sigma_mid = sigma.log().lerp(sigma_down.log(), 0.5).exp()
+                sigma_mid = sigma_hat.log().lerp(sigma_down.log(), 0.5).exp()
             if diffusers and ancestral and sigma_mid == sigma_next:
                 # sqrt(sigma * sigma_down) is sigma_next in exact arithmetic and often bit for bit; diffusers feeds
                 # the U-Net the log-interpolated timestep there, not the next step's own (with Karras, rounded) one,
                 # so a midpoint on a plan sigma is moved one float32 ulp to keep sigma_to_t from mapping it as one
                 sigma_mid = torch.nextafter(sigma_mid, sigma)
-            x_2 = x + d * (sigma_mid - sigma)
+            x_2 = x + d * (sigma_mid - sigma_hat)
             d_2 = (x_2 - denoiser(x_2, sigma_mid)) / sigma_mid
-            x = x + d_2 * (sigma_down - sigma)
+            x = x + d_2 * (sigma_down - sigma_hat)
             if ancestral:
-                x = x + _noise(x, generator) * sigma_up
+                x = x + _noise(x, generator) * s_noise * sigma_up
         x = _report(callback, i, x, sigma, sigma_next, denoised)
     return x
 
@@ -180,14 +210,16 @@ def sample_dpm2_a(denoiser, x, sigmas, *, generator=None, callback=None):
     return _dpm2(denoiser, x, sigmas, generator, callback, ancestral=True)
 
 
-def sample_k_dpm2(denoiser, x, sigmas, *, generator=None, callback=None):
-    """DPM2 as k-diffusion's `sample_dpm_2` (A1111's "DPM2"): the midpoint lerped from log(sigma)."""
-    return _dpm2(denoiser, x, sigmas, generator, callback, ancestral=False, diffusers=False)
+def sample_k_dpm2(denoiser, x, sigmas, *, generator=None, callback=None, s_churn: float = 0.0, s_tmin: float = 0.0,
+                  s_tmax: float = math.inf, s_noise: float = 1.0):
+    """DPM2 as k-diffusion's `sample_dpm_2` (A1111's "DPM2"): the midpoint lerped from log(sigma_hat)."""
+    return _dpm2(denoiser, x, sigmas, generator, callback, ancestral=False, diffusers=False, s_churn=s_churn,
+                 s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
 
 
-def sample_k_dpm2_a(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 1.0):
+def sample_k_dpm2_a(denoiser, x, sigmas, *, generator=None, callback=None, eta: float = 1.0, s_noise: float = 1.0):
     """DPM2 ancestral as k-diffusion's `sample_dpm_2_ancestral` (A1111's "DPM2 a")."""
-    return _dpm2(denoiser, x, sigmas, generator, callback, ancestral=True, diffusers=False, eta=eta)
+    return _dpm2(denoiser, x, sigmas, generator, callback, ancestral=True, diffusers=False, eta=eta, s_noise=s_noise)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,7 +488,9 @@ class Sampler:
     discard_penultimate: bool = False  # a1111: one step more, then the next-to-last sigma dropped
     brownian: bool = False  # a1111: Brownian-tree noise over the whole run's sigma range (`noise_range`)
     plan_args: tuple[str, ...] = ()  # SamplingPlan fields the function takes as keywords (LCM, TCD: `timesteps`)
-    calls_per_step: int = 1  # denoiser calls a step (second-order: 2); prompt-editing schedules count calls
+    # denoiser calls a step (second-order: 2; A1111's "second_order" samplers, Restart among them): prompt-editing
+    # schedules count calls over steps * this, as does A1111's skip_early_cond
+    calls_per_step: int = 1
     timestep_space: bool = False  # a1111: A1111's timestep sampler (DDIM, DDIM CFG++, PLMS, UniPC): its own times,
     # whatever the schedule (A1111 ignores the schedule type for them), VP start and end, its img2img start
     sigma_range: bool = False  # a1111: runs over (sigma_min, sigma_max) as A1111 passes them (DPM fast, adaptive)
@@ -466,8 +500,8 @@ class Sampler:
     # k-diffusion samplers, eta_ddim 0 for DDIM; diffusers' DDIM 0 and TCD 0.3 (their pipelines' eta argument)
     eta: float | None = None
     eta_fixed: bool = False  # a1111: A1111 passes eta to it, ours runs at `eta` only (SDE samplers, DPM fast/adaptive)
-    # a1111: which of k-diffusion's s_churn / s_noise A1111 passes it (its sampler_extra_params); not implemented
-    # here, their defaults (churn 0, noise 1) run
+    # a1111: which of k-diffusion's s_churn, s_tmin, s_tmax, s_noise A1111 passes it (its sampler_extra_params);
+    # others take none and leave them unused, as A1111 does
     sigma_params: tuple[str, ...] = ()
 
     @property
@@ -481,11 +515,17 @@ class Sampler:
             return {}
         return {"eta": eta}
 
+    def sigma_options(self, values: dict) -> dict:
+        """The function's keywords for a run's s_churn, s_tmin, s_tmax, s_noise (`values`, A1111's convention: s_tmax
+        0 is no bound): those it takes (`sigma_params`) that are not k-diffusion's defaults (CHURN_OFF)."""
+        values = {**values, "s_tmax": values.get("s_tmax") or math.inf}
+        return {k: values[k] for k in self.sigma_params if k in values and values[k] != CHURN_OFF[k]}
+
 
 _VP = dict(timesteps="dpm", vp_init=True, karras_round=True, supports_karras=True)
 _DDIM = dict(timesteps="ddim", spacing="leading", vp_init=True)
 _A1111 = dict(family="a1111", supports_karras=True)
-_CHURN = dict(sigma_params=("s_churn", "s_noise"))
+_CHURN = dict(sigma_params=("s_churn", "s_tmin", "s_tmax", "s_noise"))
 _SDE = dict(_A1111, stochastic=True, brownian=True, eta=1.0, eta_fixed=True, sigma_params=("s_noise",))
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
@@ -540,7 +580,8 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
             eta_fixed=True, sigma_params=("s_noise",), **_A1111),
     Sampler("DPM adaptive", sample_dpm_adaptive, "DPM adaptive", ("k_dpm_ad",), stochastic=True, sigma_range=True,
             eta=1.0, eta_fixed=True, **_A1111),
-    Sampler("Restart", sample_restart, "Restart", ("restart",), stochastic=True, default_schedule="karras", **_A1111),
+    Sampler("Restart", sample_restart, "Restart", ("restart",), stochastic=True, default_schedule="karras", **_A1111,
+            calls_per_step=2),
     # A1111's own samplers outside k-diffusion: sd_samplers_lcm and sd_samplers_timesteps (its DDIM is diffusers')
     Sampler("LCM", sample_k_lcm, "LCM", ("k_lcm",), stochastic=True, lcm=True, **_A1111),
     Sampler("DDIM", sample_ddim, "DDIM", timestep_space=True, eta=0.0, **_A1111),

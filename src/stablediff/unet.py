@@ -205,8 +205,10 @@ class DeepCache:
             raise ValueError(f"cache interval {interval} must be at least 1")
         self.interval, self.calls, self.features = interval, 0, None
 
-    def full_pass(self) -> bool:
-        full = self.features is None or self.calls % self.interval == 0
+    def full_pass(self, batch: int) -> bool:
+        """Whether this call (of `batch` latents) runs the whole U-Net: every interval-th one, and any whose batch
+        the kept features do not match (A1111's NGMS leaves the unconditional half out of some calls)."""
+        full = self.features is None or self.calls % self.interval == 0 or len(self.features) != batch
         self.calls += 1
         return full
 
@@ -293,7 +295,7 @@ class UNet(nn.Module):
         b = self._shared_half(x, t)
         h = self.conv_in(x[:b])
         top = h if b == x.shape[0] else h.repeat(x.shape[0] // b, 1, 1, 1)  # the last up layer's skip
-        if cache is not None and not cache.full_pass():
+        if cache is not None and not cache.full_pass(x.shape[0]):
             first = self.down_blocks[0]._layer(0, h, temb, context)
             shallow = _with_residuals([top, first], down_res)
             h = self.up_blocks[-1].up(cache.features, shallow, temb, context, first=1)

@@ -26,8 +26,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from .. import __version__, a1111, hires, images, samplers, upscalers
 from ..controls import Control
 from ..limits import LimitError, Limits
-from ..params import (MAX_MASK_BLUR, MAX_NOISE_MULTIPLIER, MAX_PADDING, MAX_SEED, MAX_TOKEN_MERGING_RATIO,
-                      GenerationParams)
+from ..params import (MAX_MASK_BLUR, MAX_MIN_UNCOND, MAX_NOISE_MULTIPLIER, MAX_PADDING, MAX_SEED, MAX_TOKEN_MERGING_RATIO,
+                      SIGMA_PARAM_DEFAULTS, SIGMA_PARAM_RANGES, GenerationParams)
 from ..pipeline import Cancelled, StableDiffusion
 from ..schedule import NoiseSchedule
 from ..styles import Style, apply_styles
@@ -91,12 +91,25 @@ class OverrideSettings(RequestModel):
     # the eta of a request that sends none: A1111's samplers but DDIM (eta_ancestral), DDIM and DDIM CFG++ (eta_ddim)
     eta_ancestral: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     eta_ddim: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    # k-diffusion's churn and noise scale (GenerationParams.s_churn ...): where not the default, they win over the
+    # request's, as in A1111
+    s_churn: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_churn"], allow_inf_nan=False)
+    s_tmin: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_tmin"], allow_inf_nan=False)
+    s_tmax: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_tmax"], allow_inf_nan=False)
+    s_noise: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_noise"], allow_inf_nan=False)
+    # NGMS (GenerationParams.s_min_uncond): the option's where a request sends none; "NGMS all steps"
+    s_min_uncond: Number | None = Field(None, ge=0, le=MAX_MIN_UNCOND, allow_inf_nan=False)
+    s_min_uncond_all: bool | None = None
+    # "ignore negative prompt during early sampling": the share of the first steps without it (option only, as A1111)
+    skip_early_cond: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
 
 
 # the generation settings POST /options sets for later requests, at A1111's defaults
 SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_seed_delta": 0, "sd_vae": "Automatic",
             "live_previews_enable": True, "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0,
-            "initial_noise_multiplier": 1.0, "inpainting_mask_weight": 1.0, "eta_ancestral": 1.0, "eta_ddim": 0.0}
+            "initial_noise_multiplier": 1.0, "inpainting_mask_weight": 1.0, "eta_ancestral": 1.0, "eta_ddim": 0.0,
+            **SIGMA_PARAM_DEFAULTS, "s_min_uncond": 0.0, "s_min_uncond_all": False,
+            "skip_early_cond": 0.0}
 
 
 class Txt2ImgRequest(RequestModel):
@@ -112,10 +125,14 @@ class Txt2ImgRequest(RequestModel):
     token_merging_ratio: Number = Field(0.0, ge=0, le=MAX_TOKEN_MERGING_RATIO, allow_inf_nan=False)
     # the sampler's eta where it takes one (null: the eta_ancestral / eta_ddim option's); webuiapi sends 1.0
     eta: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
-    # A1111's sigma churn and noise (k-diffusion's s_churn, s_noise): only their defaults run here (check_offered);
-    # s_tmin and s_tmax only bound the churn
-    s_churn: Number | None = Field(None, allow_inf_nan=False)
-    s_noise: Number | None = Field(None, allow_inf_nan=False)
+    # k-diffusion's churn (A1111's Euler, Heun, DPM2) and noise scale (those and its ancestral and SDE samplers);
+    # null: the option's (s_tmax 0: no bound)
+    s_churn: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_churn"], allow_inf_nan=False)
+    s_tmin: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_tmin"], allow_inf_nan=False)
+    s_tmax: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_tmax"], allow_inf_nan=False)
+    s_noise: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_noise"], allow_inf_nan=False)
+    # A1111's negative guidance minimum sigma (NGMS); null: the option's
+    s_min_uncond: Number | None = Field(None, ge=0, le=MAX_MIN_UNCOND, allow_inf_nan=False)
     sampler_name: str | None = None
     sampler_index: str = "Euler"  # A1111's older name for sampler_name
     scheduler: str = "automatic"
@@ -241,22 +258,12 @@ def sampler_steps(params: GenerationParams) -> int:
 
 def check_offered(req: Txt2ImgRequest, upscaler_dir: Path | None = None) -> None:
     """What this API does not offer (ClientError 422): a hires upscaler other than the latent modes, the resamplers
-    and the models in `upscaler_dir` (by name only: never a path a client gives), a sigma churn or noise other than
-    the default for a sampler that A1111 gives them to, a scheduler we do not have."""
+    and the models in `upscaler_dir` (by name only: never a path a client gives), a scheduler we do not have."""
     if req.enable_hr and not isinstance(req, Img2ImgRequest):
         models = upscalers.find_models(upscaler_dir) if upscaler_dir is not None else {}  # read only when asked
         offered = (*hires.LATENT_MODES, *upscalers.RESAMPLERS, *models)
         if req.hr_upscaler not in offered:
             raise ClientError(422, f"hr_upscaler {req.hr_upscaler!r} is not one of: {', '.join(offered)}")
-    try:  # (an unknown sampler is named by GenerationParams.validate)
-        spec, _ = samplers.get_sampler(req.sampler_name or req.sampler_index)
-    except ValueError:
-        spec = None
-    for name, default in (("s_churn", 0), ("s_noise", 1)):
-        value = getattr(req, name)
-        if value not in (None, default) and spec is not None and name in spec.sigma_params:
-            raise ClientError(422, f"{name} {value!r}: A1111's sigma {name[2:]} is not implemented here (its "
-                                   f"{spec.label} runs at {default}); send {default} or leave it out")
     try:
         a1111.schedule_name(req.scheduler)
     except ValueError:

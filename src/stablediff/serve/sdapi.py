@@ -74,7 +74,20 @@ class RequestModel(BaseModel):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
-class OverrideSettings(RequestModel):
+class SamplerExtras(RequestModel):
+    """k-diffusion's churn and noise scale and A1111's NGMS (GenerationParams.s_churn ... s_min_uncond), which A1111
+    takes both as request fields and as options: a request's value runs, unless the option (override_settings, POST
+    /options) of a churn setting is not its default, which then wins; s_min_uncond: the request's, else the
+    option's. s_tmax 0: no bound."""
+
+    s_churn: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_churn"], allow_inf_nan=False)
+    s_tmin: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_tmin"], allow_inf_nan=False)
+    s_tmax: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_tmax"], allow_inf_nan=False)
+    s_noise: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_noise"], allow_inf_nan=False)
+    s_min_uncond: Number | None = Field(None, ge=0, le=MAX_MIN_UNCOND, allow_inf_nan=False)
+
+
+class OverrideSettings(SamplerExtras):
     """A request's override_settings, and the body of POST /options (the options we have)."""
 
     sd_model_checkpoint: str | None = None
@@ -91,15 +104,7 @@ class OverrideSettings(RequestModel):
     # the eta of a request that sends none: A1111's samplers but DDIM (eta_ancestral), DDIM and DDIM CFG++ (eta_ddim)
     eta_ancestral: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     eta_ddim: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
-    # k-diffusion's churn and noise scale (GenerationParams.s_churn ...): where not the default, they win over the
-    # request's, as in A1111
-    s_churn: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_churn"], allow_inf_nan=False)
-    s_tmin: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_tmin"], allow_inf_nan=False)
-    s_tmax: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_tmax"], allow_inf_nan=False)
-    s_noise: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_noise"], allow_inf_nan=False)
-    # NGMS (GenerationParams.s_min_uncond): the option's where a request sends none; "NGMS all steps"
-    s_min_uncond: Number | None = Field(None, ge=0, le=MAX_MIN_UNCOND, allow_inf_nan=False)
-    s_min_uncond_all: bool | None = None
+    s_min_uncond_all: bool | None = None  # "NGMS all steps"
     # "ignore negative prompt during early sampling": the share of the first steps without it (option only, as A1111)
     skip_early_cond: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
 
@@ -112,7 +117,7 @@ SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_see
             "skip_early_cond": 0.0}
 
 
-class Txt2ImgRequest(RequestModel):
+class Txt2ImgRequest(SamplerExtras):
     prompt: str = ""
     negative_prompt: str = ""
     seed: Int = Field(-1, ge=-1, le=MAX_SEED)  # -1: random
@@ -125,14 +130,6 @@ class Txt2ImgRequest(RequestModel):
     token_merging_ratio: Number = Field(0.0, ge=0, le=MAX_TOKEN_MERGING_RATIO, allow_inf_nan=False)
     # the sampler's eta where it takes one (null: the eta_ancestral / eta_ddim option's); webuiapi sends 1.0
     eta: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
-    # k-diffusion's churn (A1111's Euler, Heun, DPM2) and noise scale (those and its ancestral and SDE samplers);
-    # null: the option's (s_tmax 0: no bound)
-    s_churn: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_churn"], allow_inf_nan=False)
-    s_tmin: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_tmin"], allow_inf_nan=False)
-    s_tmax: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_tmax"], allow_inf_nan=False)
-    s_noise: Number | None = Field(None, ge=0, le=SIGMA_PARAM_RANGES["s_noise"], allow_inf_nan=False)
-    # A1111's negative guidance minimum sigma (NGMS); null: the option's
-    s_min_uncond: Number | None = Field(None, ge=0, le=MAX_MIN_UNCOND, allow_inf_nan=False)
     sampler_name: str | None = None
     sampler_index: str = "Euler"  # A1111's older name for sampler_name
     scheduler: str = "automatic"

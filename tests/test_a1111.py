@@ -1014,3 +1014,45 @@ def test_skip_early_cond_through_the_pipeline(tiny_pipe):
     assert GenerationParams.from_infotext(result.infotexts[0])[0].skip_early_cond == 0.25
     assert GenerationParams.from_a1111({"prompt": "x", "override_settings": {"skip_early_cond": 0.3}}
                                        ).skip_early_cond == 0.3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. A1111's extra noise for img2img and hires fix (img2img_extra_noise)
+
+
+@pytest.mark.parametrize("name", ["Euler a", "DDIM", "euler"])
+def test_extra_noise_start_as_a1111(name):
+    """k-diffusion samplers: xi = x + noise * sigma_sched[0], then xi += noise * extra; A1111's timestep samplers add
+    noise * extra * sqrt(alphas_cumprod[t]) to their VP latent x * sqrt(a) + noise * sqrt(1 - a)."""
+    plan = prepare(name, NS, 10, strength=0.6)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    got = plan.noised(x0, noise, 0.3)
+    if plan.img2img_sigma is None:
+        torch.testing.assert_close(got, x0 + noise * float(plan.sigmas[0]) + noise * 0.3, rtol=0, atol=0)
+    else:
+        a = 1 / (1 + plan.img2img_sigma**2)  # alphas_cumprod at the noising timestep
+        vp = x0 * a**0.5 + noise * (1 - a) ** 0.5 + noise * 0.3 * a**0.5
+        torch.testing.assert_close(got, vp * (1 + float(plan.sigmas[0]) ** 2) ** 0.5, rtol=1e-5, atol=1e-5)
+    assert torch.equal(plan.noised(x0, noise, 0.0), plan.noised(x0, noise))
+
+
+def test_extra_noise_through_img2img_and_hires(tiny_pipe):
+    """img2img and the hires pass start with the extra noise (the image changes, "Extra noise" is written and read
+    back); txt2img has no start to add it to: the same image, nothing written."""
+    kw = dict(steps=4, seed=3, width=64, height=64, sampler="Euler a")
+    base = tiny_pipe("a cat", **kw)
+    same = tiny_pipe("a cat", extra_noise=0.5, **kw)
+    assert torch.equal(same.latents, base.latents) and "Extra noise" not in same.infotexts[0]
+    plain = tiny_pipe("a cat", init_image=base.images[0], strength=0.6, **kw)
+    extra = tiny_pipe("a cat", init_image=base.images[0], strength=0.6, extra_noise=0.5, **kw)
+    assert (extra.latents - plain.latents).abs().max() > 1e-3
+    assert "Extra noise: 0.5" in extra.infotexts[0]
+    assert GenerationParams.from_infotext(extra.infotexts[0])[0].extra_noise == 0.5
+    hires = GenerationParams(prompt="a cat", enable_hr=True, hr_scale=1.5, strength=0.5, extra_noise=0.2,
+                             steps=3, seed=3, width=64, height=64)
+    result = tiny_pipe.generate(hires)
+    assert "Extra noise: 0.2" in result.infotexts[0]
+    assert (result.latents - tiny_pipe.generate(hires.replace(extra_noise=0.0)).latents).abs().max() > 1e-3
+    assert GenerationParams.from_a1111({"prompt": "x", "override_settings": {"img2img_extra_noise": 0.4}}
+                                       ).extra_noise == 0.4

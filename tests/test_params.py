@@ -30,6 +30,7 @@ def params(draw, infotext=False):
     else:
         schedule = "karras" if spec.supports_karras and draw(st.booleans()) else None
     batch = 1 if infotext else draw(st.integers(1, 16))
+    strength = draw(st.none() | st.floats(0.001, 1.0))
     seed = draw(st.integers(0, MAX_SEED - batch + 1) if infotext else st.none() | st.integers(0, MAX_SEED - batch + 1))
     size = SIZE if infotext else st.none() | SIZE
     return GenerationParams(
@@ -39,7 +40,9 @@ def params(draw, infotext=False):
                                50 if spec.plan_args else 999)),
         cfg_scale=draw(st.floats(0, 100, allow_nan=False)), seed=seed, width=draw(size), height=draw(size),
         batch_size=batch, sampler=name, schedule=schedule, clip_skip=draw(st.integers(1, 12)),
-        strength=draw(st.none() | st.floats(0.001, 1.0)),
+        strength=strength,
+        # (an infotext records extra noise only for img2img and hires fix: where there is a strength)
+        extra_noise=draw(st.just(0.0) | st.floats(0, 1)) if strength is not None or not infotext else 0.0,
         loras=tuple(draw(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,9}", fullmatch=True),
                                          st.floats(-100, 100, allow_nan=False), max_size=3)).items()),
         cache_interval=draw(st.integers(1, 10)), rng=draw(st.sampled_from(["cpu", "gpu", "nv"])),

@@ -114,6 +114,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-early-cond", type=float, default=0.0, metavar="F",
                    help="A1111's 'ignore negative prompt during early sampling': the first F (0..1) of the steps run "
                         "without the negative prompt (default: 0 = off)")
+    p.add_argument("--extra-noise", type=float, default=0.0, metavar="E",
+                   help="A1111's 'extra noise multiplier for img2img and hires fix': img2img and the hires pass "
+                        "start with E times their noise more, 0..1 (default: 0)")
     p.add_argument("--inpainting-mask-weight", type=float, default=1.0, metavar="W",
                    help="an inpainting checkpoint (U-Net with 9 input channels): how much of the image its "
                         "conditioning hides under the mask, 0..1, as A1111's 'Inpainting conditioning mask "

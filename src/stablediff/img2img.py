@@ -177,7 +177,7 @@ def conditioned(eps, extra: torch.Tensor):
 
 
 def start(pipe, plan: samplers.SamplingPlan, noise_rng: rng.ImageRNG, source: Source | None, strength: float,
-          eps: Callable, noise_multiplier: float = 1.0):
+          eps: Callable, noise_multiplier: float = 1.0, extra_noise: float = 0.0):
     """(initial latents x in sigma space, the eps model, the inpainting's masking.KnownLatents or None) for a run
     from `source` (None: txt2img) over the U-Net's `eps`.
 
@@ -203,7 +203,7 @@ def start(pipe, plan: samplers.SamplingPlan, noise_rng: rng.ImageRNG, source: So
     if pure_noise:
         x = noise * plan.init_noise_scale
     else:
-        x = plan.noised(x0, noise if source.latents is not None else noise * noise_multiplier)
+        x = plan.noised(x0, noise if source.latents is not None else noise * noise_multiplier, extra_noise)
     if not inpaint:
         return x, model, None
     mask = source.mask.expand(len(noise), -1, -1, -1)

@@ -31,7 +31,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 MAX_SEED = 2**32 - 1
 MAX_LORA_MULTIPLIER = 100.0
 MAX_TOKEN_MERGING_RATIO = 0.9  # the most of a level's tokens ToMe may merge (tome.py)
-MAX_MIN_UNCOND = 1000.0  # NGMS (s_min_uncond): a sigma, or a timestep for A1111's timestep samplers (A1111's slider 0..15)
+MAX_MIN_UNCOND = 1000.0  # NGMS (s_min_uncond): a sigma, or a timestep for A1111's DDIM, PLMS, UniPC (slider 0..15)
 MAX_NOISE_MULTIPLIER = 2.0  # img2img's initial noise multiplier (A1111's slider: 0.5..1.5)
 MAX_MASK_BLUR, MAX_PADDING = 64, 256  # inpainting's mask blur and only-masked padding, in pixels (A1111's sliders)
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's names of inpainting_fill 0..3
@@ -88,6 +88,9 @@ class GenerationParams:
     # A1111's "ignore negative prompt during early sampling" (skip_early_cond), 0..1: the share of the first steps
     # that leave the negative prompt out; 0: off
     skip_early_cond: float = 0.0
+    # A1111's "extra noise multiplier for img2img and hires fix" (img2img_extra_noise), 0..1: the start noise times
+    # this added once more (img2img and the hires pass; txt2img leaves it unused)
+    extra_noise: float = 0.0
     # hires fix (hires.py), A1111's API names; its denoising strength is `strength` (None: 0.75)
     enable_hr: bool = False
     hr_scale: float = 2.0  # the first pass's size times this, unless hr_resize_x / hr_resize_y are given
@@ -177,6 +180,8 @@ class GenerationParams:
              f"s_min_uncond_all {self.s_min_uncond_all!r} is not true or false"),
             (lambda: _is_number(self.skip_early_cond) and 0 <= self.skip_early_cond <= 1,
              f"skip_early_cond {self.skip_early_cond!r} is outside 0..1"),
+            (lambda: _is_number(self.extra_noise) and 0 <= self.extra_noise <= 1,
+             f"extra noise {self.extra_noise!r} is outside 0..1"),
             (lambda: _is_number(self.noise_multiplier) and 0 < self.noise_multiplier <= MAX_NOISE_MULTIPLIER,
              f"noise multiplier {self.noise_multiplier!r} is outside (0, {MAX_NOISE_MULTIPLIER:g}]"),
             (lambda: self.resize_mode in (0, 1, 2) and _is_int(self.resize_mode),
@@ -268,6 +273,7 @@ class GenerationParams:
                 **self._sigma_infotext(), "NGMS": self.s_min_uncond or None,
                 "NGMS all steps": "True" if self.s_min_uncond and self.s_min_uncond_all else None,
                 "Skip Early CFG": self.skip_early_cond or None,
+                "Extra noise": self.extra_noise if self.extra_noise and self.strength is not None else None,
                 "Cache interval": self.cache_interval if self.cache_interval > 1 else None,
                 "LoRA weights": ", ".join(f"{n}:{float(m)!r}" for n, m in self.loras) or None,
                 "ENSD": self.ensd or None, "Token merging ratio": self.token_merging_ratio or None,
@@ -328,7 +334,8 @@ class GenerationParams:
                    "Noise multiplier": ("noise_multiplier", float),
                    "Conditional mask weight": ("inpainting_mask_weight", float), "Eta": ("eta", float),
                    "Eta DDIM": ("eta", float), **{key: (name, float) for key, name in SIGMA_PARAM_KEYS.items()},
-                   "NGMS": ("s_min_uncond", float), "Skip Early CFG": ("skip_early_cond", float)}
+                   "NGMS": ("s_min_uncond", float), "Skip Early CFG": ("skip_early_cond", float),
+                   "Extra noise": ("extra_noise", float)}
         for key, (name, kind) in readers.items():
             if key in fields:
                 changes[name] = _parse(kind, take(key), key)
@@ -369,7 +376,8 @@ class GenerationParams:
                                       "eta_noise_seed_delta": self.ensd,
                                       "inpainting_mask_weight": self.inpainting_mask_weight,
                                       "s_min_uncond_all": self.s_min_uncond_all,
-                                      "skip_early_cond": self.skip_early_cond},
+                                      "skip_early_cond": self.skip_early_cond,
+                                      "img2img_extra_noise": self.extra_noise},
                 "subseed": -1 if self.subseed is None else self.subseed, "subseed_strength": self.subseed_strength,
                 "seed_resize_from_w": self.seed_resize_from[0] if self.seed_resize_from else -1,
                 "seed_resize_from_h": self.seed_resize_from[1] if self.seed_resize_from else -1,
@@ -416,6 +424,7 @@ class GenerationParams:
                    s_min_uncond=get("s_min_uncond", _option(override, "s_min_uncond", 0.0)),
                    s_min_uncond_all=_option(override, "s_min_uncond_all", False),
                    skip_early_cond=_option(override, "skip_early_cond", 0.0),
+                   extra_noise=_option(override, "img2img_extra_noise", 0.0),
                    **_hires_from_a1111(get), **(_inpainting_from_a1111(get) if "init_images" in body else {}))
 
     # -- batch job rows and the command line --------------------------------------------------------------------
@@ -454,6 +463,7 @@ class GenerationParams:
                   **{f"--{name.replace('_', '-')}": None if value == SIGMA_PARAM_DEFAULTS[name] else value
                      for name, value in self.sigma_values().items()},
                   "--s-min-uncond": self.s_min_uncond or None, "--skip-early-cond": self.skip_early_cond or None,
+                  "--extra-noise": self.extra_noise or None,
                   "--resize-mode": self.resize_mode or None,
                   "--noise-multiplier": None if self.noise_multiplier == 1 else self.noise_multiplier,
                   "--mask-blur": None if not (self.mask_blur_x or self.mask_blur_y) else self.mask_blur_x
@@ -505,7 +515,7 @@ class GenerationParams:
                    **{name: getattr(args, name, default) for name, default in SIGMA_PARAM_DEFAULTS.items()},
                    s_min_uncond=getattr(args, "s_min_uncond", 0.0),
                    s_min_uncond_all=getattr(args, "s_min_uncond_all", False),
-                   skip_early_cond=getattr(args, "skip_early_cond", 0.0),
+                   skip_early_cond=getattr(args, "skip_early_cond", 0.0), extra_noise=getattr(args, "extra_noise", 0.0),
                    resize_mode=getattr(args, "resize_mode", 0), noise_multiplier=getattr(args, "noise_multiplier", 1.0),
                    mask_blur_x=blur[0], mask_blur_y=blur[1],
                    inpainting_fill=getattr(args, "masked_content", 1),

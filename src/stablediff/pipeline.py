@@ -368,7 +368,7 @@ class StableDiffusion:
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
                  eta: float | None = None, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = 0.0,
                  s_noise: float = 1.0, s_min_uncond: float = 0.0, s_min_uncond_all: bool = False,
-                 skip_early_cond: float = 0.0,
+                 skip_early_cond: float = 0.0, extra_noise: float = 0.0,
                  rng: str = "cpu", ensd: int = 0, subseed: int | None = None,
                  subseed_strength: float = 0.0,
                  seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
@@ -394,7 +394,8 @@ class StableDiffusion:
         (samplers.Sampler.sigma_params; others leave them unused, as A1111 does). s_min_uncond (with
         s_min_uncond_all): A1111's negative guidance minimum sigma (denoiser.ScheduledCFGDenoiser's min_uncond),
         a speed-up that changes the image; skip_early_cond: A1111's "ignore negative prompt during early sampling"
-        (the share of the first steps run without it). rng: where the noise comes from,
+        (the share of the first steps run without it). extra_noise: A1111's "extra noise multiplier for img2img and
+        hires fix": that much more of the start noise in img2img and the hires pass. rng: where the noise comes from,
         as A1111's RNG setting ("cpu", "gpu", "nv": rng.py); ensd: A1111's eta noise seed delta (the samplers' own
         noise from seed + ensd). subseed / subseed_strength: A1111's variation seeds (the seed's noise slerped toward
         the subseed's; every image then keeps `seed` and image k uses subseed + k); seed_resize_from=(w, h): the
@@ -423,7 +424,8 @@ class StableDiffusion:
             sampler=sampler, schedule=schedule, clip_skip=clip_skip, strength=strength,
             loras=tuple((loras or {}).items()), cache_interval=cache_interval, eta=eta, s_churn=s_churn,
             s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, s_min_uncond=s_min_uncond,
-            s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond, rng=rng, ensd=ensd,
+            s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,
+            extra_noise=extra_noise, rng=rng, ensd=ensd,
             subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, tiling=tiling,
             token_merging_ratio=token_merging_ratio, resize_mode=resize_mode, noise_multiplier=noise_multiplier,
             mask_blur_x=mask_blur if isinstance(mask_blur, int) else mask_blur[0],
@@ -555,7 +557,8 @@ class StableDiffusion:
         weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till next needed
         cache = DeepCache(params.cache_interval) if params.cache_interval > 1 else None
         eps = functools.partial(self.eps, cache=cache)
-        x, model, known = img2img.start(self, plan, noise, source, params.strength, eps, params.noise_multiplier)
+        x, model, known = img2img.start(self, plan, noise, source, params.strength, eps, params.noise_multiplier,
+                                        params.extra_noise)
         if controls:
             model = controlnets.ControlledEps(model, list(controls), plan.timesteps, len(seeds))
         denoiser = self.scheduled_denoiser(plan, conds, uncond, params.cfg_scale, model=model,

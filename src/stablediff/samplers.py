@@ -688,14 +688,20 @@ class SamplingPlan:
             extra["sigma_to_t"] = self.sigma_to_t
         return s.fn(denoiser, x, self.sigmas, generator=generator, callback=callback, **extra, **options)
 
-    def noised(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, extra: float = 0.0) -> torch.Tensor:
         """img2img's start x from the init latents x0 and unit noise: x0 + sigmas[0] * noise (diffusers' `add_noise`
         and A1111's k-diffusion samplers, in sigma space). A1111's timestep samplers noise x0 to `img2img_sigma`, one
-        timestep above their first, and then read that VP latent as if it were at sigmas[0]."""
+        timestep above their first, and then read that VP latent as if it were at sigmas[0]. extra: A1111's extra
+        noise for img2img and hires fix (its img2img_extra_noise), noise * extra more, added as A1111 adds it (for its
+        timestep samplers to the VP latent, times sqrt(alphas_cumprod))."""
         if self.img2img_sigma is None:
-            return x0 + noise * float(self.sigmas[0])
+            x = x0 + noise * float(self.sigmas[0])
+            return x + noise * extra if extra else x
         s, s0 = self.img2img_sigma, float(self.sigmas[0])
-        return (x0 + noise * s) * math.sqrt((1 + s0**2) / (1 + s**2))
+        if not extra:
+            return (x0 + noise * s) * math.sqrt((1 + s0**2) / (1 + s**2))
+        scale = 1 / math.sqrt(1 + s**2)  # sqrt(alphas_cumprod) at img2img_sigma: the VP latent, then extra noise
+        return ((x0 + noise * s) * scale + noise * extra * scale) * math.sqrt(1 + s0**2)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """Back to the latent diffusers returns: x / sqrt(1 + sigma_last**2) (identity when it is 0), and the VP

@@ -107,6 +107,7 @@ class OverrideSettings(SamplerExtras):
     s_min_uncond_all: bool | None = None  # "NGMS all steps"
     # "ignore negative prompt during early sampling": the share of the first steps without it (option only, as A1111)
     skip_early_cond: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    img2img_extra_noise: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # img2img's and hires fix's
 
 
 # the generation settings POST /options sets for later requests, at A1111's defaults
@@ -114,7 +115,7 @@ SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_see
             "live_previews_enable": True, "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0,
             "initial_noise_multiplier": 1.0, "inpainting_mask_weight": 1.0, "eta_ancestral": 1.0, "eta_ddim": 0.0,
             **SIGMA_PARAM_DEFAULTS, "s_min_uncond": 0.0, "s_min_uncond_all": False,
-            "skip_early_cond": 0.0}
+            "skip_early_cond": 0.0, "img2img_extra_noise": 0.0}
 
 
 class Txt2ImgRequest(SamplerExtras):

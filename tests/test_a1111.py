@@ -1056,3 +1056,32 @@ def test_extra_noise_through_img2img_and_hires(tiny_pipe):
     assert (result.latents - tiny_pipe.generate(hires.replace(extra_noise=0.0)).latents).abs().max() > 1e-3
     assert GenerationParams.from_a1111({"prompt": "x", "override_settings": {"img2img_extra_noise": 0.4}}
                                        ).extra_noise == 0.4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. a prompt and a negative prompt of different lengths (A1111's defaults: no padding)
+
+
+def test_long_prompt_and_short_negative_through_the_pipeline(tiny_pipe):
+    """Each runs at its own length in a U-Net call of its own (A1111's default), or padded into one batch with
+    pad_cond_uncond ("Pad conds: True" written and read back); DeepCache keeps the two kinds of call apart."""
+    prompt = ", ".join(["a red cat on a blue mat"] * 12)  # over 75 tokens: 2 chunks
+    calls = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda m, args: calls.append((args[0].shape[0],
+                                                                                  args[2].shape[1])))
+    kw = dict(steps=3, seed=3, width=64, height=64, sampler="Euler")
+    try:
+        apart = tiny_pipe(prompt, "blurry", **kw)
+        seen, calls[:] = list(calls), []
+        padded = tiny_pipe(prompt, "blurry", pad_cond_uncond=True, **kw)
+        seen_padded, calls[:] = list(calls), []
+        cached = tiny_pipe(prompt, "blurry", cache_interval=2, **kw)
+    finally:
+        hook.remove()
+    assert seen == [(1, 154), (1, 77)] * 3 and seen_padded == [(2, 154)] * 3
+    assert (apart.latents - padded.latents).abs().max() > 1e-4
+    assert "Pad conds: True" in padded.infotexts[0] and "Pad conds" not in apart.infotexts[0]
+    assert GenerationParams.from_infotext(padded.infotexts[0])[0].pad_cond_uncond is True
+    assert GenerationParams.from_a1111({"prompt": "x", "override_settings": {"pad_cond_uncond": True}}
+                                       ).pad_cond_uncond is True
+    assert torch.isfinite(cached.latents).all() and (cached.latents - apart.latents).abs().max() > 0

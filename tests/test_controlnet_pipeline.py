@@ -466,3 +466,20 @@ def test_only_masked_cuts_each_units_image_to_the_box(pipe, controlnets, monkeyp
     whole = pipe(PROMPT, **common)
     assert seen[1] is image and got.images[0].size == (96, 80)
     assert not torch.allclose(got.latents, whole.latents, atol=1e-3)
+
+
+def test_rows_the_guidance_wrapper_runs_apart():
+    """Where the negative prompt runs in a U-Net call of its own, the wrapper says so (uncond_rows): a conditional-
+    only unit adds nothing to that call and all of the conditional call; a balanced unit adds to both."""
+    ts = torch.tensor([999.0, 499.0])
+    seen = []
+    model = lambda x, t, ctx, **kw: seen.append(kw.get("mid_block_additional_residual")) or x
+    for mode, uncond_mid in [("ControlNet is more important", None), ("Balanced", 0.5)]:
+        unit = ActiveControl(Control(control_image(1), "unused", weight=0.5, control_mode=mode), FakeNet(), None)
+        eps = ControlledEps(model, [unit], ts, batch=2)
+        x, ctx = torch.zeros(2, 4, 2, 2), torch.zeros(2, 3, 8)
+        seen.clear()
+        eps(x, torch.tensor([999.0]), ctx, uncond_rows=2)  # the unconditional rows alone
+        eps(x, torch.tensor([999.0]), ctx, uncond_rows=0)  # the conditional ones alone
+        assert (seen[0] is None) if uncond_mid is None else torch.allclose(seen[0], torch.full((2, 1, 1, 1), 0.5))
+        assert torch.allclose(seen[1], torch.full((2, 1, 1, 1), 0.5))

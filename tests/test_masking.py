@@ -153,9 +153,9 @@ class Recorder:
         self.calls = {}
         noised, sample, denoiser = samplers.SamplingPlan.noised, samplers.SamplingPlan.sample, pipe.scheduled_denoiser
 
-        def record_noised(plan, x0, noise):
+        def record_noised(plan, x0, noise, extra=0.0):
             self.calls.update(x0=x0.clone(), noise=noise.clone())
-            out = noised(plan, x0, noise)
+            out = noised(plan, x0, noise, extra)
             self.calls["x"] = out.clone()
             return out
 

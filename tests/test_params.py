@@ -96,7 +96,7 @@ def ngms(draw, infotext):
     """A1111's NGMS: off, or a level (an infotext records "NGMS all steps" only with a level); skip_early_cond."""
     level = draw(st.just(0.0) | st.floats(0.001, 1000))
     return dict(s_min_uncond=level, s_min_uncond_all=draw(st.booleans()) if level or not infotext else False,
-                skip_early_cond=draw(st.just(0.0) | st.floats(0, 1)))
+                skip_early_cond=draw(st.just(0.0) | st.floats(0, 1)), pad_cond_uncond=draw(st.booleans()))
 
 
 @st.composite

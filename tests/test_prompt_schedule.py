@@ -145,10 +145,11 @@ def test_piece_at_is_a1111s_lookup():
 
 class Recorder:
     def __init__(self):
-        self.contexts = []
+        self.contexts, self.uncond_rows = [], []
 
-    def __call__(self, x, sigma, context):
+    def __call__(self, x, sigma, context, uncond_rows=None):
         self.contexts.append(context.clone())
+        self.uncond_rows.append(uncond_rows)
         return x * 0 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
 
 
@@ -300,3 +301,50 @@ def test_second_order_samplers_count_two_calls_a_step():
 
     a1111 = {n for n, s in SAMPLERS.items() if s.family == "a1111" and s.calls_per_step == 2}
     assert a1111 == {"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart"}
+
+
+
+def chunks(*values):
+    """An embedding of len(values) 77-token chunks, each all `value`."""
+    return torch.cat([torch.full((1, 77, 4), float(v)) for v in values], dim=1)
+
+
+def test_prompt_and_negative_of_different_lengths_run_apart_as_a1111():
+    """A1111's default: a 2-chunk prompt and a 1-chunk negative prompt run in two U-Net calls, each at its own
+    length, the conditional rows first (the wrapper says which rows are unconditional); equal lengths, one."""
+    inner = Recorder()
+    d = ScheduledCFGDenoiser(inner, [(1.0, [(4, chunks(3.0, 5.0))])], [(4, chunks(1.0))], 7.5)
+    x = torch.zeros(2, 4, 2, 2)
+    got = d(x, torch.tensor(3.0))
+    assert [c.shape for c in inner.contexts] == [(2, 154, 4), (2, 77, 4)] and inner.uncond_rows == [0, 2]
+    torch.testing.assert_close(got, torch.full_like(x, 1 + 7.5 * (4 - 1)))  # cond's mean over its 154 tokens: 4
+    inner = Recorder()
+    ScheduledCFGDenoiser(inner, [(1.0, [(4, chunks(3.0))])], [(4, chunks(1.0))], 7.5)(x, 3.0)
+    assert [c.shape for c in inner.contexts] == [(4, 77, 4)] and inner.uncond_rows == [None]
+
+
+def test_pad_conds_continues_the_shorter_with_the_empty_prompt():
+    """A1111's "pad prompt/negative prompt": the shorter gets the empty prompt's chunk (here 0) and one batch runs;
+    either side may be the shorter."""
+    for cond, uncond, want_rows in [(chunks(3.0, 5.0), chunks(1.0), [1.0, 0.0]), (chunks(3.0), chunks(1.0, 2.0),
+                                                                              [1.0, 2.0])]:
+        inner = Recorder()
+        d = ScheduledCFGDenoiser(inner, [(1.0, [(4, cond)])], [(4, uncond)], 2.0, pad=chunks(0.0))
+        d(torch.zeros(1, 4, 2, 2), 3.0)
+        (context,) = inner.contexts
+        assert context.shape == (2, 154, 4) and d.padded
+        assert context[0, ::77, 0].tolist() == want_rows  # the unconditional row, chunk by chunk
+
+
+def test_sub_prompts_of_different_lengths_repeat_their_last_vector():
+    """A1111's stack_conds: AND sub-prompts (and prompt-editing pieces) at one call are brought to the longest by
+    repeating their own last vector, not by the empty prompt."""
+    inner = Recorder()
+    short = chunks(3.0)
+    short[:, -1] = 9.0
+    d = ScheduledCFGDenoiser(inner, [(1.0, [(4, chunks(5.0, 5.0))]), (0.5, [(4, short)])], [(4, chunks(1.0, 1.0))],
+                             7.5)
+    d(torch.zeros(1, 4, 2, 2), 3.0)
+    (context,) = inner.contexts
+    assert context.shape == (3, 154, 4)
+    assert context[2, :77, 0].tolist() == [3.0] * 76 + [9.0] and context[2, 77:, 0].tolist() == [9.0] * 77

@@ -371,7 +371,7 @@ def settings_from_png(args: argparse.Namespace, given: set[str]) -> None:
                  "schedule", "clip_skip", "cache_interval", "rng", "ensd", "subseed", "subseed_strength",
                  "seed_resize_from", "tiling", "token_merging_ratio", "eta", "inpainting_mask_weight", "s_churn",
                  "s_tmin", "s_tmax", "s_noise", "s_min_uncond", "s_min_uncond_all",
-                 "skip_early_cond", "extra_noise"):
+                 "skip_early_cond", "extra_noise", "pad_cond_uncond"):
         if name not in given:
             setattr(args, name, getattr(params, name))
     if "lora" not in given and params.loras:

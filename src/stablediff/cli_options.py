@@ -117,6 +117,10 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-noise", type=float, default=0.0, metavar="E",
                    help="A1111's 'extra noise multiplier for img2img and hires fix': img2img and the hires pass "
                         "start with E times their noise more, 0..1 (default: 0)")
+    p.add_argument("--pad-conds", action="store_true", dest="pad_cond_uncond",
+                   help="A1111's 'pad prompt/negative prompt': where the prompt and the negative prompt run to "
+                        "different numbers of 75-token chunks, continue the shorter with the empty prompt's and run "
+                        "them in one U-Net batch (default, as A1111's: each at its own length, in two)")
     p.add_argument("--inpainting-mask-weight", type=float, default=1.0, metavar="W",
                    help="an inpainting checkpoint (U-Net with 9 input channels): how much of the image its "
                         "conditioning hides under the mask, 0..1, as A1111's 'Inpainting conditioning mask "

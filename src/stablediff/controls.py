@@ -209,7 +209,8 @@ class ControlledEps:
     (`step_ts`, descending): a sampler's in-between evaluations count to the step they lead to.
 
     batch: the latents' batch B; a guided batch ([uncond; cond ...], more than B rows) has its first B rows
-    unconditional."""
+    unconditional, unless the guidance wrapper says how many are (`uncond_rows`: it runs the unconditional rows
+    apart where the negative prompt's length differs from the prompt's)."""
 
     def __init__(self, model, units: list[ActiveControl], step_ts: torch.Tensor, batch: int):
         self.model, self.units, self.batch = model, units, batch
@@ -220,11 +221,12 @@ class ControlledEps:
         step = int((self.step_ts > float(t.reshape(-1)[0]) + 1e-3).sum())
         return [u for u in self.units if u.control.start <= step / n <= u.control.end]
 
-    def __call__(self, x_in, t, context, **kw):
-        units = self.active(t)
+    def __call__(self, x_in, t, context, uncond_rows: int | None = None, **kw):
+        if uncond_rows is None:
+            uncond_rows = self.batch if x_in.shape[0] > self.batch else 0
+        units = [u for u in self.active(t) if uncond_rows < x_in.shape[0] or not u.control.cond_only]
         if not units:
             return self.model(x_in, t, context, **kw)
-        uncond_rows = self.batch if x_in.shape[0] > self.batch else 0
         t = torch.as_tensor(t, device=x_in.device).reshape(-1).expand(x_in.shape[0])
         down, mid = units[0].residuals(x_in, t, context, uncond_rows)
         for unit in units[1:]:

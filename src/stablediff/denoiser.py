@@ -52,8 +52,12 @@ class ScheduledCFGDenoiser:
     `combine_denoised`, which adds the terms in sub-prompt order).
 
     conds: one (weight, schedule) per AND sub-prompt (prompt_schedule.composable_schedules, each piece's text
-    encoded); uncond: the negative prompt's schedule. Embeddings are (B or 1, L, C), all of one length L (pad the
-    shorter with the empty prompt's chunk, as PromptEncoder.encode_pair does).
+    encoded); uncond: the negative prompt's schedule. Embeddings are (B or 1, L, C), of any lengths L (75-token
+    chunks). As A1111 (v1.10, its defaults) runs them: the sub-prompts' embeddings at a call are brought to one
+    length by repeating their last vector (its stack_conds); where the negative prompt's length differs from that,
+    the unconditional rows run in a U-Net call of their own (the inner model is told which rows are unconditional:
+    `uncond_rows`), unless `pad` (the empty prompt's embedding, A1111's "pad prompt/negative prompt" option) is
+    given, which continues the shorter with it and runs one batch (`padded` is then set).
 
     Which piece: the denoiser counts its calls from 0, and call k uses the first piece whose end_step >= k
     (prompt_schedule.piece_at), as A1111 does. A1111 builds its schedules over twice the steps for the samplers that
@@ -61,7 +65,8 @@ class ScheduledCFGDenoiser:
     `step` is the number of calls so far; a new run needs a new denoiser (or step = 0).
 
     Guided (scale > 1, or more than one sub-prompt, or a weight other than 1): the inner denoiser runs once on a
-    batch of (K + 1) B ordered [uncond; cond_1; ...; cond_K]. Otherwise it runs on cond only (diffusers'
+    batch of (K + 1) B ordered [uncond; cond_1; ...; cond_K] (twice, [cond_1; ...] and [uncond], where their
+    lengths differ). Otherwise it runs on cond only (diffusers'
     `do_classifier_free_guidance` is guidance_scale > 1). A sampler that steps with the unconditional prediction
     itself (DDIM CFG++) calls `with_uncond` instead, which returns it besides the guided one: the wrapper stays the
     only place guidance is computed, and the sampler asks for what it needs explicitly, per call.
@@ -78,15 +83,16 @@ class ScheduledCFGDenoiser:
 
     def __init__(self, inner: Callable, conds: Sequence[tuple[float, Schedule]], uncond: Schedule | None,
                  scale: float, *, min_uncond: float = 0.0, min_uncond_all: bool = False,
-                 level: Callable | None = None, skip_early: float = 0.0, total_calls: int = 1):
+                 level: Callable | None = None, skip_early: float = 0.0, total_calls: int = 1,
+                 pad: torch.Tensor | None = None):
         if not conds:
             raise ValueError("no conditioning: conds must hold at least one (weight, schedule)")
         schedules = [s for _, s in conds] + ([uncond] if uncond is not None else [])
         for schedule in schedules:
             _check_schedule(schedule)
-        shapes = {tuple(emb.shape[1:]) for schedule in schedules for _, emb in schedule}
-        if len(shapes) > 1:
-            raise ValueError(f"text embeddings differ in shape {sorted(shapes)}: pad them to one length")
+        widths = {emb.shape[-1] for schedule in schedules for _, emb in schedule}
+        if len(widths) > 1:
+            raise ValueError(f"text embeddings differ in width {sorted(widths)}: they come from different encoders")
         self.guided = scale > 1 or len(conds) > 1 or float(conds[0][0]) != 1
         if self.guided and uncond is None:
             raise ValueError(f"guidance scale {scale} > 1 needs an unconditional embedding (uncond)" if scale > 1 else
@@ -98,6 +104,7 @@ class ScheduledCFGDenoiser:
         self.uncond = _split(uncond) if uncond is not None else None
         self.min_uncond, self.min_uncond_all, self.level = min_uncond, min_uncond_all, level or (lambda s: s)
         self.skip_early, self.total_calls = skip_early, total_calls
+        self.pad, self.padded = pad, False
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         step, self.step = self.step, self.step + 1
@@ -127,7 +134,7 @@ class ScheduledCFGDenoiser:
 
     def _guide(self, x: torch.Tensor, sigma, step: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         B = x.shape[0]
-        conds = [_batch(_at(schedule, step), B) for schedule in self.conds]
+        conds = _same_length([_batch(_at(schedule, step), B) for schedule in self.conds])
         if self.skips_uncond(step, sigma):
             n = len(conds)
             d_conds = self.inner(torch.cat([x] * n), torch.cat([_per_sample(sigma, x)] * n),
@@ -138,8 +145,17 @@ class ScheduledCFGDenoiser:
             return denoised, d_conds[0]
         sigma = _per_sample(sigma, x)
         n = len(conds) + 1
-        context = torch.cat([_batch(_at(self.uncond, step), B), *conds])
-        d_uncond, *d_conds = self.inner(torch.cat([x] * n), torch.cat([sigma] * n), context=context).chunk(n)
+        uncond = _batch(_at(self.uncond, step), B)
+        if uncond.shape[1] != conds[0].shape[1] and self.pad is not None:
+            uncond, conds = _pad_pair(uncond, conds, self.pad)
+            self.padded = True
+        if uncond.shape[1] == conds[0].shape[1]:
+            context = torch.cat([uncond, *conds])
+            d_uncond, *d_conds = self.inner(torch.cat([x] * n), torch.cat([sigma] * n), context=context).chunk(n)
+        else:  # A1111: the conditional rows, then the unconditional ones, each at its own length
+            d_conds = self.inner(torch.cat([x] * (n - 1)), torch.cat([sigma] * (n - 1)), context=torch.cat(conds),
+                                 uncond_rows=0).chunk(n - 1)
+            d_uncond = self.inner(x, sigma, context=uncond, uncond_rows=B)
         denoised = d_uncond
         for weight, d_cond in zip(self.weights, d_conds):
             denoised = denoised + (weight * scale) * (d_cond - d_uncond)
@@ -153,6 +169,24 @@ class CFGDenoiser(ScheduledCFGDenoiser):
 
     def __init__(self, inner: Callable, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float):
         super().__init__(inner, [(1.0, [(1, cond)])], None if uncond is None else [(1, uncond)], scale)
+
+
+def _same_length(embeddings: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The sub-prompts' embeddings at one length, the shorter continued with their own last vector (A1111's
+    stack_conds)."""
+    length = max(e.shape[1] for e in embeddings)
+    return [e if e.shape[1] == length else torch.cat([e, e[:, -1:].expand(-1, length - e.shape[1], -1)], dim=1)
+            for e in embeddings]
+
+
+def _pad_pair(uncond: torch.Tensor, conds: list[torch.Tensor], empty: torch.Tensor):
+    """A1111's pad_cond_uncond: the shorter of uncond and the conds continued with the empty prompt's embedding
+    (one chunk, repeated) to the other's length."""
+    chunks = (conds[0].shape[1] - uncond.shape[1]) // empty.shape[1]
+    more = lambda e, k: torch.cat([e, empty.to(e).expand(e.shape[0], -1, -1).repeat(1, k, 1)], dim=1)
+    if chunks > 0:
+        return more(uncond, chunks), conds
+    return uncond, [more(c, -chunks) for c in conds]
 
 
 def _check_schedule(schedule: Schedule) -> None:

@@ -91,6 +91,9 @@ class GenerationParams:
     # A1111's "extra noise multiplier for img2img and hires fix" (img2img_extra_noise), 0..1: the start noise times
     # this added once more (img2img and the hires pass; txt2img leaves it unused)
     extra_noise: float = 0.0
+    # A1111's "pad prompt/negative prompt" (pad_cond_uncond): where their lengths (75-token chunks) differ, the shorter
+    # continued with the empty prompt's chunk and one U-Net batch run; off (A1111's default): each at its own length
+    pad_cond_uncond: bool = False
     # hires fix (hires.py), A1111's API names; its denoising strength is `strength` (None: 0.75)
     enable_hr: bool = False
     hr_scale: float = 2.0  # the first pass's size times this, unless hr_resize_x / hr_resize_y are given
@@ -182,6 +185,8 @@ class GenerationParams:
              f"skip_early_cond {self.skip_early_cond!r} is outside 0..1"),
             (lambda: _is_number(self.extra_noise) and 0 <= self.extra_noise <= 1,
              f"extra noise {self.extra_noise!r} is outside 0..1"),
+            (lambda: isinstance(self.pad_cond_uncond, bool),
+             f"pad_cond_uncond {self.pad_cond_uncond!r} is not true or false"),
             (lambda: _is_number(self.noise_multiplier) and 0 < self.noise_multiplier <= MAX_NOISE_MULTIPLIER,
              f"noise multiplier {self.noise_multiplier!r} is outside (0, {MAX_NOISE_MULTIPLIER:g}]"),
             (lambda: self.resize_mode in (0, 1, 2) and _is_int(self.resize_mode),
@@ -274,6 +279,7 @@ class GenerationParams:
                 "NGMS all steps": "True" if self.s_min_uncond and self.s_min_uncond_all else None,
                 "Skip Early CFG": self.skip_early_cond or None,
                 "Extra noise": self.extra_noise if self.extra_noise and self.strength is not None else None,
+                "Pad conds": "True" if self.pad_cond_uncond else None,
                 "Cache interval": self.cache_interval if self.cache_interval > 1 else None,
                 "LoRA weights": ", ".join(f"{n}:{float(m)!r}" for n, m in self.loras) or None,
                 "ENSD": self.ensd or None, "Token merging ratio": self.token_merging_ratio or None,
@@ -353,6 +359,8 @@ class GenerationParams:
             changes["ensd"] = _parse(int, take("ENSD"), "ENSD")
         if "Tiling" in fields:
             changes["tiling"] = _parse_bool(take("Tiling"), "Tiling")
+        if "Pad conds" in fields:
+            changes["pad_cond_uncond"] = _parse_bool(take("Pad conds"), "Pad conds")
         if "NGMS all steps" in fields:
             changes["s_min_uncond_all"] = _parse_bool(take("NGMS all steps"), "NGMS all steps")
         changes.update(_inpainting_from_infotext(fields))
@@ -377,7 +385,8 @@ class GenerationParams:
                                       "inpainting_mask_weight": self.inpainting_mask_weight,
                                       "s_min_uncond_all": self.s_min_uncond_all,
                                       "skip_early_cond": self.skip_early_cond,
-                                      "img2img_extra_noise": self.extra_noise},
+                                      "img2img_extra_noise": self.extra_noise,
+                                      "pad_cond_uncond": self.pad_cond_uncond},
                 "subseed": -1 if self.subseed is None else self.subseed, "subseed_strength": self.subseed_strength,
                 "seed_resize_from_w": self.seed_resize_from[0] if self.seed_resize_from else -1,
                 "seed_resize_from_h": self.seed_resize_from[1] if self.seed_resize_from else -1,
@@ -425,6 +434,7 @@ class GenerationParams:
                    s_min_uncond_all=_option(override, "s_min_uncond_all", False),
                    skip_early_cond=_option(override, "skip_early_cond", 0.0),
                    extra_noise=_option(override, "img2img_extra_noise", 0.0),
+                   pad_cond_uncond=_option(override, "pad_cond_uncond", False),
                    **_hires_from_a1111(get), **(_inpainting_from_a1111(get) if "init_images" in body else {}))
 
     # -- batch job rows and the command line --------------------------------------------------------------------
@@ -477,6 +487,7 @@ class GenerationParams:
         argv += [f"--lora={name}:{float(m)!r}" for name, m in self.loras]
         argv += ["--tiling"] if self.tiling else []
         argv += ["--s-min-uncond-all"] if self.s_min_uncond_all else []
+        argv += ["--pad-conds"] if self.pad_cond_uncond else []
         argv += ["--only-masked"] if self.inpaint_full_res else []
         argv += ["--invert-mask"] if self.inpainting_mask_invert else []
         return [*argv, *self._hires_argv(), "--", self.prompt]
@@ -516,6 +527,7 @@ class GenerationParams:
                    s_min_uncond=getattr(args, "s_min_uncond", 0.0),
                    s_min_uncond_all=getattr(args, "s_min_uncond_all", False),
                    skip_early_cond=getattr(args, "skip_early_cond", 0.0), extra_noise=getattr(args, "extra_noise", 0.0),
+                   pad_cond_uncond=getattr(args, "pad_cond_uncond", False),
                    resize_mode=getattr(args, "resize_mode", 0), noise_multiplier=getattr(args, "noise_multiplier", 1.0),
                    mask_blur_x=blur[0], mask_blur_y=blur[1],
                    inpainting_fill=getattr(args, "masked_content", 1),

@@ -368,7 +368,7 @@ class StableDiffusion:
                  strength: float | None = None, loras: dict | None = None, cache_interval: int = 1,
                  eta: float | None = None, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = 0.0,
                  s_noise: float = 1.0, s_min_uncond: float = 0.0, s_min_uncond_all: bool = False,
-                 skip_early_cond: float = 0.0, extra_noise: float = 0.0,
+                 skip_early_cond: float = 0.0, extra_noise: float = 0.0, pad_cond_uncond: bool = False,
                  rng: str = "cpu", ensd: int = 0, subseed: int | None = None,
                  subseed_strength: float = 0.0,
                  seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
@@ -395,7 +395,9 @@ class StableDiffusion:
         s_min_uncond_all): A1111's negative guidance minimum sigma (denoiser.ScheduledCFGDenoiser's min_uncond),
         a speed-up that changes the image; skip_early_cond: A1111's "ignore negative prompt during early sampling"
         (the share of the first steps run without it). extra_noise: A1111's "extra noise multiplier for img2img and
-        hires fix": that much more of the start noise in img2img and the hires pass. rng: where the noise comes from,
+        hires fix": that much more of the start noise in img2img and the hires pass. A prompt and a negative prompt
+        of different lengths (75-token chunks) run at their own lengths, as A1111's default; pad_cond_uncond pads
+        the shorter with the empty prompt (A1111's "pad prompt/negative prompt"). rng: where the noise comes from,
         as A1111's RNG setting ("cpu", "gpu", "nv": rng.py); ensd: A1111's eta noise seed delta (the samplers' own
         noise from seed + ensd). subseed / subseed_strength: A1111's variation seeds (the seed's noise slerped toward
         the subseed's; every image then keeps `seed` and image k uses subseed + k); seed_resize_from=(w, h): the
@@ -425,7 +427,7 @@ class StableDiffusion:
             loras=tuple((loras or {}).items()), cache_interval=cache_interval, eta=eta, s_churn=s_churn,
             s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, s_min_uncond=s_min_uncond,
             s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,
-            extra_noise=extra_noise, rng=rng, ensd=ensd,
+            extra_noise=extra_noise, pad_cond_uncond=pad_cond_uncond, rng=rng, ensd=ensd,
             subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from, tiling=tiling,
             token_merging_ratio=token_merging_ratio, resize_mode=resize_mode, noise_multiplier=noise_multiplier,
             mask_blur_x=mask_blur if isinstance(mask_blur, int) else mask_blur[0],
@@ -563,7 +565,9 @@ class StableDiffusion:
             model = controlnets.ControlledEps(model, list(controls), plan.timesteps, len(seeds))
         denoiser = self.scheduled_denoiser(plan, conds, uncond, params.cfg_scale, model=model,
                                            min_uncond=(params.s_min_uncond, params.s_min_uncond_all),
-                                           skip_early=params.skip_early_cond)
+                                           skip_early=params.skip_early_cond,
+                                           pad=self.prompts.encode("", params.clip_skip)
+                                           if params.pad_cond_uncond else None)
         if known is not None:
             denoiser = known.wrap(denoiser)
         last = len(plan.sigmas) - 2
@@ -612,9 +616,10 @@ class StableDiffusion:
         return self.unet.config.in_channels == 9
 
     def eps(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache=None,
-            timestep_cond=None, **residuals) -> torch.Tensor:
+            timestep_cond=None, uncond_rows: int | None = None, **residuals) -> torch.Tensor:
         """The U-Net as an eps model: x_in and context in the model's dtype (EpsDenoiser casts them); residuals:
-        ControlNet's (UNet.forward's down_block_additional_residuals, mid_block_additional_residual)."""
+        ControlNet's (UNet.forward's down_block_additional_residuals, mid_block_additional_residual). uncond_rows
+        (which rows the guidance wrapper ran unconditional, for ControlledEps) is not the U-Net's concern."""
         guidance = {} if timestep_cond is None else {"timestep_cond": timestep_cond}  # LCM U-Nets only
         return self.unet(x_in, t, context, cache=cache, **guidance, **residuals)
 
@@ -646,11 +651,12 @@ class StableDiffusion:
     def conditioning(self, prompt: str, negative: str, calls: int, clip_skip: int = 1):
         """The prompt's AND sub-prompts as (weight, schedule) and the negative prompt's schedule, each schedule
         [(end call, embedding)] over `calls` denoiser calls: A1111's prompt editing ([from:to:when], [a|b]) and
-        composition (prompt_schedule.py). A plain prompt gives one piece each, as encode_pair would."""
+        composition (prompt_schedule.py). Each text at its own length (ScheduledCFGDenoiser brings them together as
+        A1111 does)."""
         subs = composable_schedules(prompt, calls)
         negatives = prompt_schedule(negative, calls)
         texts = [text for sub in subs for _, text in sub.schedule] + [text for _, text in negatives]
-        embeddings = self.prompts.encode_all(texts, clip_skip)
+        embeddings = {text: self.prompts.encode(text, clip_skip) for text in dict.fromkeys(texts)}
         conds = [(sub.weight, [(end, embeddings[text]) for end, text in sub.schedule]) for sub in subs]
         return conds, [(end, embeddings[text]) for end, text in negatives]
 
@@ -666,10 +672,11 @@ class StableDiffusion:
     def scheduled_denoiser(self, plan: samplers.SamplingPlan, conds, uncond, cfg_scale: float, *,
                            model: Callable | None = None,
                            min_uncond: tuple[float, bool] = (0.0, False),
-                           skip_early: float = 0.0) -> ScheduledCFGDenoiser:
+                           skip_early: float = 0.0, pad: torch.Tensor | None = None) -> ScheduledCFGDenoiser:
         """`denoiser` with conditioning schedules (`conditioning`'s), for one run: it counts its calls. min_uncond:
         (A1111's NGMS level, on all calls), compared with the sigma, or the timestep for A1111's timestep samplers;
-        skip_early: A1111's skip_early_cond, over the plan's steps times calls_per_step."""
+        skip_early: A1111's skip_early_cond, over the plan's steps times calls_per_step; pad: the empty prompt's
+        embedding where prompt and negative prompt are to be padded to one length (A1111's pad_cond_uncond)."""
         model = model or self.eps
         dim = self.unet.config.time_cond_proj_dim
         if dim is not None:
@@ -679,7 +686,7 @@ class StableDiffusion:
                                     min_uncond=min_uncond[0], min_uncond_all=min_uncond[1],
                                     level=plan.sigma_to_t if plan.sampler.timestep_space else None,
                                     skip_early=skip_early,
-                                    total_calls=(len(plan.sigmas) - 1) * plan.sampler.calls_per_step)
+                                    total_calls=(len(plan.sigmas) - 1) * plan.sampler.calls_per_step, pad=pad)
 
     def _step_callback(self, batch, batches, total, callback, cancel, progress):
         """A sampler callback for one prompt's run: the progress bar, the user's callback, cancellation."""

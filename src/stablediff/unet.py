@@ -198,19 +198,30 @@ class DeepCache:
     Every `interval`-th call runs the whole U-Net and keeps the features entering the last up level's second layer;
     the calls in between run only the shallowest branch: conv_in and the first down layer, whose outputs are the
     skips of the last up level's last two layers, which then run on the kept features. One cache serves one run.
+    Calls of another batch or text length (the guidance wrapper running the unconditional rows apart, or leaving
+    them out) are counted and kept apart: each kind has its own features.
     """
 
     def __init__(self, interval: int):
         if interval < 1:
             raise ValueError(f"cache interval {interval} must be at least 1")
-        self.interval, self.calls, self.features = interval, 0, None
+        self.interval, self.calls, self.kept, self.kind = interval, {}, {}, None
 
-    def full_pass(self, batch: int) -> bool:
-        """Whether this call (of `batch` latents) runs the whole U-Net: every interval-th one, and any whose batch
-        the kept features do not match (A1111's NGMS leaves the unconditional half out of some calls)."""
-        full = self.features is None or self.calls % self.interval == 0 or len(self.features) != batch
-        self.calls += 1
-        return full
+    def full_pass(self, batch: int, text_length: int) -> bool:
+        """Whether this call (of `batch` latents, with text of `text_length` tokens) runs the whole U-Net: every
+        interval-th call of its kind, and the first."""
+        self.kind = batch, text_length
+        calls = self.calls.get(self.kind, 0)
+        self.calls[self.kind] = calls + 1
+        return self.kind not in self.kept or calls % self.interval == 0
+
+    @property
+    def features(self) -> torch.Tensor | None:
+        return self.kept.get(self.kind)
+
+    @features.setter
+    def features(self, x: torch.Tensor) -> None:
+        self.kept[self.kind] = x
 
 
 def down_blocks(cfg: UNetConfig, temb_dim: int) -> nn.ModuleList:
@@ -295,7 +306,7 @@ class UNet(nn.Module):
         b = self._shared_half(x, t)
         h = self.conv_in(x[:b])
         top = h if b == x.shape[0] else h.repeat(x.shape[0] // b, 1, 1, 1)  # the last up layer's skip
-        if cache is not None and not cache.full_pass(x.shape[0]):
+        if cache is not None and not cache.full_pass(x.shape[0], context.shape[1]):
             first = self.down_blocks[0]._layer(0, h, temb, context)
             shallow = _with_residuals([top, first], down_res)
             h = self.up_blocks[-1].up(cache.features, shallow, temb, context, first=1)

@@ -108,6 +108,7 @@ class OverrideSettings(SamplerExtras):
     # "ignore negative prompt during early sampling": the share of the first steps without it (option only, as A1111)
     skip_early_cond: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     img2img_extra_noise: Number | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # img2img's and hires fix's
+    pad_cond_uncond: bool | None = None  # "pad prompt/negative prompt" to one length (A1111's default: off)
 
 
 # the generation settings POST /options sets for later requests, at A1111's defaults
@@ -115,7 +116,8 @@ SETTINGS = {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU", "eta_noise_see
             "live_previews_enable": True, "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0,
             "initial_noise_multiplier": 1.0, "inpainting_mask_weight": 1.0, "eta_ancestral": 1.0, "eta_ddim": 0.0,
             **SIGMA_PARAM_DEFAULTS, "s_min_uncond": 0.0, "s_min_uncond_all": False,
-            "skip_early_cond": 0.0, "img2img_extra_noise": 0.0}
+            "skip_early_cond": 0.0, "img2img_extra_noise": 0.0,
+            "pad_cond_uncond": False}
 
 
 class Txt2ImgRequest(SamplerExtras):

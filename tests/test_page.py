@@ -43,6 +43,18 @@ def test_an_a1111_png_fills_the_form_and_names_what_it_does_not_use():
     assert got["unused"] == ["Hires upscale: 2"] and got["problems"] == []
 
 
+def test_sampler_options_of_a_png_become_override_settings():
+    """Eta, churn, NGMS, early CFG skipping and padding are A1111 options: the page sends them as override_settings,
+    which the API runs as A1111 does."""
+    got = settings("a\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Sigma churn: 0.5, Sigma tmin: "
+                   "0.1, Sigma tmax: 9.0, Sigma noise: 0.9, NGMS: 2.0, NGMS all steps: True, Skip Early CFG: 0.2, "
+                   "Pad conds: True, Eta: 0.4, Eta DDIM: 0.3, RNG: CPU")
+    assert got["override"] == {"s_churn": 0.5, "s_tmin": 0.1, "s_tmax": 9.0, "s_noise": 0.9, "s_min_uncond": 2.0,
+                               "s_min_uncond_all": True, "skip_early_cond": 0.2, "pad_cond_uncond": True,
+                               "eta_ancestral": 0.4, "eta_ddim": 0.3, "randn_source": "CPU"}
+    assert got["unused"] == [] and got["problems"] == []
+
+
 def test_legacy_names_our_own_pngs_and_missing_samplers():
     legacy = settings("a\nSteps: 2, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 64x64")
     assert (legacy["fields"]["sampler_name"], legacy["fields"]["scheduler"]) == ("DPM++ 2M", "karras")

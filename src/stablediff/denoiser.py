@@ -56,7 +56,7 @@ class ScheduledCFGDenoiser:
     chunks). As A1111 (v1.10, its defaults) runs them: the sub-prompts' embeddings at a call are brought to one
     length by repeating their last vector (its stack_conds); where the negative prompt's length differs from that,
     the unconditional rows run in a U-Net call of their own (the inner model is told which rows are unconditional:
-    `uncond_rows`), unless `pad` (the empty prompt's embedding, A1111's "pad prompt/negative prompt" option) is
+    `uncond_rows`, here and where they are left out, see min_uncond), unless `pad` (the empty prompt's embedding, A1111's "pad prompt/negative prompt" option) is
     given, which continues the shorter with it and runs one batch (`padded` is then set).
 
     Which piece: the denoiser counts its calls from 0, and call k uses the first piece whose end_step >= k
@@ -138,7 +138,7 @@ class ScheduledCFGDenoiser:
         if self.skips_uncond(step, sigma):
             n = len(conds)
             d_conds = self.inner(torch.cat([x] * n), torch.cat([_per_sample(sigma, x)] * n),
-                                 context=torch.cat(conds)).chunk(n)
+                                 context=torch.cat(conds), uncond_rows=0).chunk(n)
             denoised = d_conds[0]  # the first sub-prompt's stands in for the unconditional, guided at scale 1
             for weight, d_cond in zip(self.weights, d_conds):
                 denoised = denoised + weight * (d_cond - d_conds[0])

@@ -28,6 +28,25 @@ class UsageError(Exception):
         self.code = code
 
 
+# A1111's sampling settings beyond the sampler (GenerationParams.s_churn ... extra_noise): (flag, default, metavar,
+# help), each a float option
+SAMPLING_EXTRAS = [
+    ("--s-churn", 0.0, "C", "A1111's sigma churn (Karras et al. 2022): noise added back before each step, 0..100, "
+                            "for Euler, Heun and DPM2 (default: 0 = off; other samplers leave it unused)"),
+    ("--s-tmin", 0.0, "S", "A1111's sigma tmin: churn only at noise levels sigma >= S (default: 0)"),
+    ("--s-tmax", 0.0, "S", "A1111's sigma tmax: churn only at noise levels sigma <= S (default: 0 = no bound)"),
+    ("--s-noise", 1.0, "N", "A1111's sigma noise: the scale of the noise churn adds, and of the noise of DPM2 a, "
+                            "DPM++ 2S a, DPM fast and the SDE samplers (default: 1)"),
+    ("--s-min-uncond", 0.0, "S", "A1111's negative guidance minimum sigma (NGMS), a speed-up: below this noise level "
+                                 "(a timestep for A1111's DDIM, PLMS, UniPC) every other U-Net call leaves the "
+                                 "negative prompt out (default: 0 = off)"),
+    ("--skip-early-cond", 0.0, "F", "A1111's 'ignore negative prompt during early sampling': the first F (0..1) of "
+                                    "the steps run without the negative prompt (default: 0 = off)"),
+    ("--extra-noise", 0.0, "E", "A1111's 'extra noise multiplier for img2img and hires fix': img2img and the hires "
+                                "pass start with E times their noise more, 0..1 (default: 0)"),
+]
+
+
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     """The options every generating subcommand shares (generate now; img2img, inpaint, batch later)."""
     p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what the image should not show")
@@ -95,28 +114,10 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=None, metavar="E",
                    help="the noise an ancestral or DDIM step adds, 0..1, where the sampler takes it: Euler a, DPM2 a, "
                         "DPM++ 2S a (default 1), DDIM, DDIM CFG++, ddim (default 0), tcd (default 0.3)")
-    p.add_argument("--s-churn", type=float, default=0.0, metavar="C",
-                   help="A1111's sigma churn (Karras et al. 2022): noise added back before each step, 0..100, for "
-                        "Euler, Heun and DPM2 (default: 0 = off; other samplers leave it unused)")
-    p.add_argument("--s-tmin", type=float, default=0.0, metavar="S",
-                   help="A1111's sigma tmin: churn only at noise levels sigma >= S (default: 0)")
-    p.add_argument("--s-tmax", type=float, default=0.0, metavar="S",
-                   help="A1111's sigma tmax: churn only at noise levels sigma <= S (default: 0 = no bound)")
-    p.add_argument("--s-noise", type=float, default=1.0, metavar="N",
-                   help="A1111's sigma noise: the scale of the noise churn adds, and of the noise of DPM2 a, DPM++ 2S "
-                        "a, DPM fast and the SDE samplers (default: 1)")
-    p.add_argument("--s-min-uncond", type=float, default=0.0, metavar="S",
-                   help="A1111's negative guidance minimum sigma (NGMS), a speed-up: below this noise level (a "
-                        "timestep for A1111's DDIM, PLMS, UniPC) every other U-Net call leaves the negative prompt "
-                        "out (default: 0 = off)")
+    for flag, default, metavar, text in SAMPLING_EXTRAS:
+        p.add_argument(flag, type=float, default=default, metavar=metavar, help=text)
     p.add_argument("--s-min-uncond-all", action="store_true",
                    help="with --s-min-uncond: leave it out on every call below that level, not every other one")
-    p.add_argument("--skip-early-cond", type=float, default=0.0, metavar="F",
-                   help="A1111's 'ignore negative prompt during early sampling': the first F (0..1) of the steps run "
-                        "without the negative prompt (default: 0 = off)")
-    p.add_argument("--extra-noise", type=float, default=0.0, metavar="E",
-                   help="A1111's 'extra noise multiplier for img2img and hires fix': img2img and the hires pass "
-                        "start with E times their noise more, 0..1 (default: 0)")
     p.add_argument("--pad-conds", action="store_true", dest="pad_cond_uncond",
                    help="A1111's 'pad prompt/negative prompt': where the prompt and the negative prompt run to "
                         "different numbers of 75-token chunks, continue the shorter with the empty prompt's and run "

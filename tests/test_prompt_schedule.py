@@ -226,7 +226,7 @@ def test_plain_cfg_is_the_one_piece_schedule_bit_for_bit():
     ([], None, "at least one"),
     ([(1.0, [])], None, "rising end steps"),
     ([(1.0, [(5, embed(1)), (3, embed(2))])], None, r"rising end steps; got end steps \[5, 3\]"),
-    ([(1.0, [(5, embed(1))])], [(5, torch.zeros(1, 6, 4))], "differ in shape"),
+    ([(1.0, [(5, embed(1))])], [(5, torch.zeros(1, 3, 6))], r"differ in width \[4, 6\]"),
 ])
 def test_bad_schedules_are_refused(conds, uncond, match):
     with pytest.raises(ValueError, match=match):

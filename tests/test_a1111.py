@@ -777,11 +777,9 @@ def test_ddim_eta_equals_a1111s_loop(model, eta):
 def test_eta_settings_infotext_and_where_it_does_not_apply():
     """eta reaches the samplers that take one; A1111's infotext keys ("Eta DDIM" where not 0 for DDIM, "Eta" where
     not 1 for the others) are written and read back; a sampler without eta leaves it unused and unwritten, as A1111
-    does; A1111's SDE samplers (and DPM fast, adaptive), whose eta ours fixes at 1, refuse another."""
-    from stablediff.samplers import check_eta
-
+    does."""
     assert SAMPLERS["DDIM"].eta_options(1.0) == {"eta": 1.0} and SAMPLERS["Euler"].eta_options(0.5) == {}
-    assert SAMPLERS["DPM++ 2M SDE"].eta_options(1.0) == {}
+    assert SAMPLERS["DPM++ 2M SDE"].eta_options(0.5) == {"eta": 0.5}
     for sampler, eta, key in [("DDIM", 1.0, "Eta DDIM: 1.0"), ("Euler a", 0.5, "Eta: 0.5"), ("ddim", 0.7, "Eta DDIM"),
                               ("tcd", 1.0, "Eta: 1.0")]:
         p = GenerationParams(prompt="x", steps=4, sampler=sampler, seed=1, width=64, height=64, eta=eta).validate()
@@ -792,9 +790,7 @@ def test_eta_settings_infotext_and_where_it_does_not_apply():
         text = GenerationParams(prompt="x", steps=4, sampler=sampler, seed=1, width=64, height=64,
                                 eta=eta).validate().to_infotext()
         assert "Eta" not in text, text
-    check_eta(SAMPLERS["DPM++ SDE"], 1.0)
-    with pytest.raises(ValueError, match="eta 0.5: DPM\\+\\+ SDE runs at eta 1 here"):
-        GenerationParams(prompt="x", sampler="DPM++ SDE", eta=0.5).validate()
+    assert "Eta: 0.5" in GenerationParams(prompt="x", sampler="DPM++ SDE", eta=0.5).validate().to_infotext()
     with pytest.raises(ValueError, match="eta 1.5 is outside 0..1"):
         GenerationParams(prompt="x", sampler="DDIM", eta=1.5).validate()
     # A1111's API: the request's eta, else the option for the sampler's kind
@@ -1085,3 +1081,39 @@ def test_long_prompt_and_short_negative_through_the_pipeline(tiny_pipe):
     assert GenerationParams.from_a1111({"prompt": "x", "override_settings": {"pad_cond_uncond": True}}
                                        ).pad_cond_uncond is True
     assert torch.isfinite(cached.latents).all() and (cached.latents - apart.latents).abs().max() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. eta for A1111's SDE samplers and DPM fast / adaptive (A1111 passes them its eta_ancestral option too)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.4])
+@pytest.mark.parametrize("name", ["DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"])
+def test_sde_eta_equals_kdiffusion(kd, model, name, eta):
+    plan = prepare(name, NS, 6)
+    x = start_noise(6, plan.init_noise_scale)
+    ours = plan.sample(EpsDenoiser(model, plan.sigma_to_t), x.clone(), generator=generators(),
+                       **SAMPLERS[name].eta_options(eta))
+    ref = reference_latents(kd, model, name, plan, x, eta=eta)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert (run(model, plan, x) - ours).abs().max() > 1e-3  # eta is not ignored
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.4])
+@pytest.mark.parametrize("name", ["DPM fast", "DPM adaptive"])
+def test_dpm_fast_and_adaptive_eta_equal_kdiffusion(kd, model, name, eta):
+    """With eta 0 k-diffusion still draws the noise (times 0), and DPM adaptive's step-size controller takes
+    order 3 instead of 1.5."""
+    sampling, external = kd
+    wrap = external.CompVisDenoiser(model)
+    plan = prepare(name, NS, 6)
+    x = start_noise(6, plan.init_noise_scale)
+    lo, hi = wrap.sigmas[0].item(), wrap.sigmas[-1].item()
+    kwargs = dict(eta=eta, noise_sampler=per_image_noise(x), disable=True)
+    if name == "DPM fast":
+        ref = sampling.sample_dpm_fast(wrap, x.clone(), lo, hi, 6, **kwargs)
+    else:
+        ref = sampling.sample_dpm_adaptive(wrap, x.clone(), lo, hi, **kwargs)
+    ours = plan.sample(EpsDenoiser(model, plan.sigma_to_t), x.clone(), generator=generators(),
+                       **SAMPLERS[name].eta_options(eta))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -50,7 +50,7 @@ def params(draw, infotext=False):
         # (the pipeline writes "Conditional mask weight" for an inpainting checkpoint's images: tested there)
         inpainting_mask_weight=1.0 if infotext else draw(st.just(1.0) | st.floats(0, 1)),
         # (an infotext records eta only where the sampler takes it and it is not the sampler's own)
-        eta=None if spec.eta_fixed or infotext and spec.eta is None else draw(
+        eta=None if infotext and spec.eta is None else draw(
             st.none() | st.floats(0, 1).filter(lambda e: e != spec.eta)),
         **draw(ngms(infotext)),
         # (an infotext records the churn settings only where the sampler takes them)

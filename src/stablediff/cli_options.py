@@ -113,7 +113,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                         "(default: 0 = off)")
     p.add_argument("--eta", type=float, default=None, metavar="E",
                    help="the noise an ancestral or DDIM step adds, 0..1, where the sampler takes it: Euler a, DPM2 a, "
-                        "DPM++ 2S a (default 1), DDIM, DDIM CFG++, ddim (default 0), tcd (default 0.3)")
+                        "DPM++ 2S a, the SDE samplers, DPM fast, DPM adaptive (default 1), DDIM, DDIM CFG++, ddim "
+                        "(default 0), tcd (default 0.3)")
     for flag, default, metavar, text in SAMPLING_EXTRAS:
         p.add_argument(flag, type=float, default=default, metavar=metavar, help=text)
     p.add_argument("--s-min-uncond-all", action="store_true",

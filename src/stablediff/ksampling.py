@@ -62,7 +62,9 @@ def report(callback, i, x, sigma, sigma_next, denoised):
 def ancestral_step(sigma, sigma_next, eta: float = 1.0):
     """Split a step sigma -> sigma_next into a deterministic step down to sigma_down and fresh noise of sigma_up,
     so that sigma_down**2 + sigma_up**2 = sigma_next**2: eta 1 adds all the noise the step's posterior has, 0 none
-    (the ODE step), as k-diffusion's get_ancestral_step (sigma_up at most sigma_next)."""
+    (the ODE step), as k-diffusion's get_ancestral_step (sigma_up at most sigma_next; eta 0: exactly sigma_next)."""
+    if not eta:
+        return sigma_next, 0.0
     sigma_up = torch.minimum(torch.as_tensor(sigma_next),
                              eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
@@ -111,7 +113,7 @@ def sample_dpmpp_2s_a(denoiser, x, sigmas, *, generator=None, callback=None, eta
 
 
 def sample_dpmpp_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None, r: float = 0.5,
-                     s_noise: float = 1.0):
+                     eta: float = 1.0, s_noise: float = 1.0):
     """DPM-Solver++ SDE (k-diffusion's `sample_dpmpp_sde`): two stochastic ancestral sub-steps per step, the first
     to lambda + r * h, the second with a combination of both D; Brownian-tree noise. Euler on the step to 0."""
     x, sigmas = as_float32(x, sigmas)
@@ -125,12 +127,12 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, generator=None, callback=None, nois
             h = t_next - t
             s = t + h * r
             fac = 1 / (2 * r)
-            sd, su = ancestral_step(_sigma(t), _sigma(s))
+            sd, su = ancestral_step(_sigma(t), _sigma(s), eta)
             s_ = sd.log().neg()
             x_2 = (_sigma(s_) / _sigma(t)) * x - (t - s_).expm1() * denoised
             x_2 = x_2 + noise(_sigma(t), _sigma(s)) * s_noise * su
             denoised_2 = denoiser(x_2, _sigma(s))
-            sd, su = ancestral_step(_sigma(t), _sigma(t_next))
+            sd, su = ancestral_step(_sigma(t), _sigma(t_next), eta)
             t_next_ = sd.log().neg()
             denoised_d = (1 - fac) * denoised + fac * denoised_2
             x = (_sigma(t_next_) / _sigma(t)) * x - (t - t_next_).expm1() * denoised_d
@@ -139,9 +141,9 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, generator=None, callback=None, nois
     return x
 
 
-def _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun: bool, s_noise: float):
-    """DPM-Solver++(2M) SDE as k-diffusion's `sample_dpmpp_2m_sde` (eta 1): the second-order correction with the
-    midpoint or Heun's weights, Brownian-tree noise, and the step to 0 returning D itself."""
+def _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun: bool, eta: float, s_noise: float):
+    """DPM-Solver++(2M) SDE as k-diffusion's `sample_dpmpp_2m_sde`: the second-order correction with the
+    midpoint or Heun's weights, Brownian-tree noise (none at eta 0), and the step to 0 returning D itself."""
     x, sigmas = as_float32(x, sigmas)
     noise = _brownian(x, sigmas, generator, noise_range)
     old_denoised, h, h_last = None, None, None
@@ -151,32 +153,36 @@ def _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun:
             x_next = denoised
         else:
             h_last, h = h, sigma.log() - sigma_next.log()
-            phi = (-2 * h).expm1().neg()  # 1 - exp(-(1 + eta) h)
-            x_next = sigma_next / sigma * (-h).exp() * x + phi * denoised
+            eta_h = eta * h
+            phi = (-h - eta_h).expm1().neg()  # 1 - exp(-(1 + eta) h)
+            x_next = sigma_next / sigma * (-eta_h).exp() * x + phi * denoised
             if old_denoised is not None:
-                weight = phi / (-2 * h) + 1 if heun else 0.5 * phi
+                weight = phi / (-h - eta_h) + 1 if heun else 0.5 * phi
                 x_next = x_next + weight * (1 / (h_last / h)) * (denoised - old_denoised)
-            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt() * s_noise
+            if eta:
+                x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * eta_h).expm1().neg().sqrt() * s_noise
         x, old_denoised = report(callback, i, x_next, sigma, sigma_next, denoised), denoised
     return x
 
 
 def sample_k_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None,
-                          s_noise: float = 1.0):
+                          eta: float = 1.0, s_noise: float = 1.0):
     """A1111's "DPM++ 2M SDE": k-diffusion's midpoint form, Brownian-tree noise."""
-    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=False, s_noise=s_noise)
+    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=False, eta=eta,
+                           s_noise=s_noise)
 
 
 def sample_dpmpp_2m_sde_heun(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None,
-                             s_noise: float = 1.0):
+                             eta: float = 1.0, s_noise: float = 1.0):
     """A1111's "DPM++ 2M SDE Heun": k-diffusion's solver_type="heun" weights, Brownian-tree noise."""
-    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=True, s_noise=s_noise)
+    return _k_dpmpp_2m_sde(denoiser, x, sigmas, generator, callback, noise_range, heun=True, eta=eta,
+                           s_noise=s_noise)
 
 
 def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, generator=None, callback=None, noise_range=None,
-                        s_noise: float = 1.0):
-    """DPM-Solver++(3M) SDE (k-diffusion's `sample_dpmpp_3m_sde`, eta 1): third-order multistep on the last three
-    D (first and second order while they are fewer), Brownian-tree noise, the step to 0 returning D."""
+                        eta: float = 1.0, s_noise: float = 1.0):
+    """DPM-Solver++(3M) SDE (k-diffusion's `sample_dpmpp_3m_sde`): third-order multistep on the last three D (first
+    and second order while they are fewer), Brownian-tree noise (none at eta 0), the step to 0 returning D."""
     x, sigmas = as_float32(x, sigmas)
     noise = _brownian(x, sigmas, generator, noise_range)
     denoised_1, denoised_2, h, h_1, h_2 = None, None, None, None, None
@@ -186,7 +192,7 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, generator=None, callback=None, n
             x_next = denoised
         else:
             h = sigma.log() - sigma_next.log()
-            h_eta = h * 2
+            h_eta = h * (eta + 1)
             x_next = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
             phi_2 = h_eta.neg().expm1() / h_eta + 1
             if h_2 is not None:
@@ -197,7 +203,8 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, generator=None, callback=None, n
                 x_next = x_next + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
             elif h_1 is not None:
                 x_next = x_next + phi_2 * ((denoised - denoised_1) / (h_1 / h))
-            x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h).expm1().neg().sqrt() * s_noise
+            if eta:
+                x_next = x_next + noise(sigma, sigma_next) * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         x = report(callback, i, x_next, sigma, sigma_next, denoised)
         denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
     return x
@@ -266,15 +273,19 @@ def _dpm_solver_3(denoiser, x, t, t_next, eps, eps_r1=None, r1=1 / 3, r2=2 / 3):
     return x - _sigma(t_next) * h.expm1() * eps - _sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
 
 
-def _ancestral_target(t, t_next, t_end):
-    """eta 1: the deterministic target t_next_ (not beyond t_end) and the noise that brings it back to t_next."""
-    sigma_down, _ = ancestral_step(_sigma(t), _sigma(t_next))
+def _ancestral_target(t, t_next, t_end, eta: float):
+    """The deterministic target t_next_ (not beyond t_end) and the noise that brings it back to t_next (eta 0:
+    t_next itself and none)."""
+    if not eta:
+        return t_next, 0.0
+    sigma_down, _ = ancestral_step(_sigma(t), _sigma(t_next), eta)
     t_next_ = torch.minimum(t_end, sigma_down.log().neg())
     return t_next_, (_sigma(t_next) ** 2 - _sigma(t_next_) ** 2) ** 0.5
 
 
-def sample_dpm_fast(denoiser, x, sigmas, *, generator=None, callback=None, sigma_range=None, s_noise: float = 1.0):
-    """DPM-Solver-fast (k-diffusion's `sample_dpm_fast`, eta 1 as A1111 runs it): n = len(sigmas) - 1 model calls
+def sample_dpm_fast(denoiser, x, sigmas, *, generator=None, callback=None, sigma_range=None, eta: float = 1.0,
+                    s_noise: float = 1.0):
+    """DPM-Solver-fast (k-diffusion's `sample_dpm_fast`; A1111 passes it eta 1): n = len(sigmas) - 1 model calls
     spread over floor(n / 3) + 1 steps evenly in lambda from sigma_max down to sigma_min, third order but for the
     last one or two; each step an ancestral one. sigma_range: (sigma_min, sigma_max), by default
     (sigmas[-2], sigmas[0]); the run ends at sigma_min, not 0."""
@@ -287,7 +298,7 @@ def sample_dpm_fast(denoiser, x, sigmas, *, generator=None, callback=None, sigma
     orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
     for i, order in enumerate(orders):
         t, t_next = ts[i], ts[i + 1]
-        t_next_, sigma_up = _ancestral_target(t, t_next, t_end)
+        t_next_, sigma_up = _ancestral_target(t, t_next, t_end, eta)
         eps = _eps(denoiser, x, t)
         denoised = x - _sigma(t) * eps
         if order == 1:
@@ -310,10 +321,11 @@ def _step_size_factor(error: float, order: float, accept_safety: float = 0.81) -
 
 
 def sample_dpm_adaptive(denoiser, x, sigmas, *, generator=None, callback=None, sigma_range=None,
-                        rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05):
-    """DPM-Solver-23 with adaptive step size (k-diffusion's `sample_dpm_adaptive`, order 3, eta 1 as A1111 runs
-    it): each step compares DPM-Solver-2 (r1 = 1/3) with DPM-Solver-3 and lets the error over the whole batch set
-    the next step size; the number of steps ignores `sigmas`, which give only the range (see sample_dpm_fast)."""
+                        rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, eta: float = 1.0):
+    """DPM-Solver-23 with adaptive step size (k-diffusion's `sample_dpm_adaptive`, order 3; A1111 passes it eta,
+    default 1, and with eta the step-size controller takes order 1.5): each step compares DPM-Solver-2 (r1 = 1/3)
+    with DPM-Solver-3 and lets the error over the whole batch set the next step size; the number of steps ignores
+    `sigmas`, which give only the range (see sample_dpm_fast)."""
     x, sigmas = as_float32(x, sigmas)
     sigma_min, sigma_max = sigma_range if sigma_range is not None else (sigmas[-2], sigmas[0])
     s, t_end = torch.as_tensor(sigma_max).float().log().neg(), torch.as_tensor(sigma_min).float().log().neg()
@@ -321,14 +333,14 @@ def sample_dpm_adaptive(denoiser, x, sigmas, *, generator=None, callback=None, s
     h, x_prev, i = h_init, x, 0
     while s < t_end - 1e-5:
         t = torch.minimum(t_end, s + h)
-        t_, sigma_up = _ancestral_target(s, t, t_end)
+        t_, sigma_up = _ancestral_target(s, t, t_end, eta)
         eps = _eps(denoiser, x, s)
         denoised = x - _sigma(s) * eps
         x_low, eps_r1 = _dpm_solver_2(denoiser, x, s, t_, eps, r1=1 / 3)
         x_high = _dpm_solver_3(denoiser, x, s, t_, eps, eps_r1)
         delta = torch.maximum(atol, rtol * torch.maximum(x_low.abs(), x_prev.abs()))
         error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
-        factor, accept = _step_size_factor(float(error), order=1.5)
+        factor, accept = _step_size_factor(float(error), order=1.5 if eta else 3)
         h *= factor
         if accept:
             x_prev = x_low

@@ -214,7 +214,6 @@ class GenerationParams:
         from .schedule import NoiseSchedule
 
         spec, named = samplers.get_sampler(self.sampler)
-        samplers.check_eta(spec, self.eta)
         schedule = samplers.prepare(spec.name, NoiseSchedule(), self.steps, schedule=self.schedule or named).schedule
         if spec.timestep_space:  # A1111's DDIM, PLMS, UniPC run their own timesteps, whatever the schedule
             return spec, None
@@ -225,11 +224,10 @@ class GenerationParams:
     def _validate_hires(self, limits: Limits | None, images: int) -> "GenerationParams":
         """The hires fields checked and canonical (hires.check), the second pass's plan tried, and its work (the
         upscaled size, the steps it runs) within `limits`."""
-        from . import hires, samplers
+        from . import hires
         from .schedule import NoiseSchedule
 
         params = self.replace(**hires.check(self))
-        samplers.check_eta(samplers.get_sampler(params.hr_sampler or params.sampler)[0], params.eta)
         width, height = hires.check_size(params, self.width or NATIVE_SIZE, self.height or NATIVE_SIZE)
         hr_steps = len(hires.plan(params, NoiseSchedule()).sigmas) - 1
         if limits is not None:

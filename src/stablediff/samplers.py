@@ -499,7 +499,6 @@ class Sampler:
     # the function's `eta` where it takes one (params.eta replaces it): A1111's options eta_ancestral 1 for its
     # k-diffusion samplers, eta_ddim 0 for DDIM; diffusers' DDIM 0 and TCD 0.3 (their pipelines' eta argument)
     eta: float | None = None
-    eta_fixed: bool = False  # a1111: A1111 passes eta to it, ours runs at `eta` only (SDE samplers, DPM fast/adaptive)
     # a1111: which of k-diffusion's s_churn, s_tmin, s_tmax, s_noise A1111 passes it (its sampler_extra_params);
     # others take none and leave them unused, as A1111 does
     sigma_params: tuple[str, ...] = ()
@@ -511,7 +510,7 @@ class Sampler:
 
     def eta_options(self, eta: float | None) -> dict:
         """The function's keywords for a run's eta (None: the sampler's own); {} where it takes none."""
-        if self.eta is None or self.eta_fixed or eta is None:
+        if self.eta is None or eta is None:
             return {}
         return {"eta": eta}
 
@@ -526,7 +525,7 @@ _VP = dict(timesteps="dpm", vp_init=True, karras_round=True, supports_karras=Tru
 _DDIM = dict(timesteps="ddim", spacing="leading", vp_init=True)
 _A1111 = dict(family="a1111", supports_karras=True)
 _CHURN = dict(sigma_params=("s_churn", "s_tmin", "s_tmax", "s_noise"))
-_SDE = dict(_A1111, stochastic=True, brownian=True, eta=1.0, eta_fixed=True, sigma_params=("s_noise",))
+_SDE = dict(_A1111, stochastic=True, brownian=True, eta=1.0, sigma_params=("s_noise",))
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     # diffusers' schedulers; those A1111 also has are named and labelled in snake_case, so "Euler a" means A1111's
@@ -577,9 +576,9 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("DPM++ 3M SDE", sample_dpmpp_3m_sde, "DPM++ 3M SDE", ("k_dpmpp_3m_sde",), default_schedule="exponential",
             discard_penultimate=True, **_SDE),
     Sampler("DPM fast", sample_dpm_fast, "DPM fast", ("k_dpm_fast",), stochastic=True, sigma_range=True, eta=1.0,
-            eta_fixed=True, sigma_params=("s_noise",), **_A1111),
+            sigma_params=("s_noise",), **_A1111),
     Sampler("DPM adaptive", sample_dpm_adaptive, "DPM adaptive", ("k_dpm_ad",), stochastic=True, sigma_range=True,
-            eta=1.0, eta_fixed=True, **_A1111),
+            eta=1.0, **_A1111),
     Sampler("Restart", sample_restart, "Restart", ("restart",), stochastic=True, default_schedule="karras", **_A1111,
             calls_per_step=2),
     # A1111's own samplers outside k-diffusion: sd_samplers_lcm and sd_samplers_timesteps (its DDIM is diffusers')
@@ -590,14 +589,6 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("PLMS", sample_plms, "PLMS", timestep_space=True, **_A1111),
     Sampler("UniPC", sample_a1111_unipc, "UniPC", timestep_space=True, **_A1111),
 ]}
-
-
-def check_eta(spec: Sampler, eta: float | None) -> None:
-    """ValueError for an eta the sampler cannot run: A1111's SDE samplers and DPM fast/adaptive take one there, ours
-    run at eta 1 only. Other samplers take none and leave it unused, as A1111 does."""
-    if spec.eta_fixed and eta is not None and eta != spec.eta:
-        raise ValueError(f"eta {eta!r}: {spec.label} runs at eta {spec.eta:g} here; leave eta out or use Euler a, "
-                         "DPM2 a, DPM++ 2S a or DDIM")
 
 
 def sampler_table() -> list[dict]:

@@ -145,6 +145,24 @@ def test_txt2img_with_an_inpainting_checkpoint_matches_diffusers(inpaint_models,
     assert "Conditional mask weight: 1.0" in ours.infotexts[0] and "Denoising strength" not in ours.infotexts[0]
 
 
+def test_txt2img_with_an_inpainting_checkpoint_encodes_its_black_image_once(inpaint_models):
+    """The black image's encoding is kept for the next call of the same size, autoencoder and tiling (the same
+    latents); another size or circular padding encodes afresh."""
+    pipe, _ = inpaint_models
+    encodes = []
+    hook = pipe.vae.encoder.register_forward_pre_hook(lambda m, args: encodes.append(tuple(args[0].shape)))
+    kw = dict(steps=2, seed=4, width=64, height=80, sampler="euler")
+    try:
+        first, again = pipe("a hat", **kw), pipe("a hat", **kw)
+        assert encodes == [(1, 3, 80, 64)] and torch.equal(first.latents, again.latents)
+        pipe("a hat", **{**kw, "width": 72})
+        pipe("a hat", tiling=True, **kw)
+        pipe("a hat", **kw)
+    finally:
+        hook.remove()
+    assert encodes == [(1, 3, 80, 64), (1, 3, 80, 72), (1, 3, 80, 64), (1, 3, 80, 64)]
+
+
 @pytest.mark.parametrize("weight", [1.0, 0.4, 0.0])
 def test_img2img_with_an_inpainting_checkpoint_matches_diffusers(inpaint_models, weight):
     """img2img without a mask: mask all ones, the masked image the init image faded to gray by the weight (A1111's

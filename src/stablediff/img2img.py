@@ -155,8 +155,15 @@ def unmasked_condition(pipe, pixels: torch.Tensor, weight: float) -> torch.Tenso
 
 def blank_condition(pipe, width: int, height: int) -> torch.Tensor:
     """An inpainting U-Net's extra input channels where nothing is known, as A1111's txt2img makes them: the mask
-    all ones and the masked image black."""
-    return unmasked_condition(pipe, torch.full((1, 3, height, width), -1.0), weight=0.0)
+    all ones and the masked image black. The last one made is kept (pipe.blank_kept) for calls of the same size,
+    autoencoder, weights, tiling and padding: it is the same encoding, which costs a VAE encode of the image size."""
+    model = pipe.taesd if pipe.taesd_output else pipe.vae
+    weight = next(model.parameters())
+    key = (width, height, id(model), weight.data_ptr(), weight._version, weight.dtype, str(weight.device),
+           pipe.vae_tiling, tuple(m.padding_mode for m in model.modules() if isinstance(m, torch.nn.Conv2d)))
+    if pipe.blank_kept is None or pipe.blank_kept[0] != key:
+        pipe.blank_kept = key, unmasked_condition(pipe, torch.full((1, 3, height, width), -1.0), weight=0.0)
+    return pipe.blank_kept[1]
 
 
 def txt2img_source(pipe, params: GenerationParams) -> Source | None:

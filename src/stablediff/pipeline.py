@@ -165,6 +165,7 @@ class StableDiffusion:
         self.taesd_output = False
         self._preview_taesd: tuple | None = None  # (self.taesd, its bfloat16 decoder for previews): see preview
         self.controlnets: dict[Path, ControlNet] = {}  # loaded ControlNets by path, kept across calls
+        self.blank_kept: tuple | None = None  # (key, tensor): img2img.blank_condition's last, for the next call
 
     @classmethod
     def from_pretrained(cls, source: str | Path = DEFAULT_MODEL, *, device: str | torch.device = "cpu",

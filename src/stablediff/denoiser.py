@@ -55,9 +55,10 @@ class ScheduledCFGDenoiser:
     encoded); uncond: the negative prompt's schedule. Embeddings are (B or 1, L, C), of any lengths L (75-token
     chunks). As A1111 (v1.10, its defaults) runs them: the sub-prompts' embeddings at a call are brought to one
     length by repeating their last vector (its stack_conds); where the negative prompt's length differs from that,
-    the unconditional rows run in a U-Net call of their own (the inner model is told which rows are unconditional:
-    `uncond_rows`, here and where they are left out, see min_uncond), unless `pad` (the empty prompt's embedding, A1111's "pad prompt/negative prompt" option) is
-    given, which continues the shorter with it and runs one batch (`padded` is then set).
+    the unconditional rows run in a U-Net call of their own (the inner model is told which rows are unconditional,
+    `uncond_rows`, there and where they are left out: see min_uncond), unless `pad` (the empty prompt's embedding,
+    A1111's "pad prompt/negative prompt" option) is given, which continues the shorter with it and runs one batch
+    (`padded` is then set).
 
     Which piece: the denoiser counts its calls from 0, and call k uses the first piece whose end_step >= k
     (prompt_schedule.piece_at), as A1111 does. A1111 builds its schedules over twice the steps for the samplers that
@@ -66,8 +67,8 @@ class ScheduledCFGDenoiser:
 
     Guided (scale > 1, or more than one sub-prompt, or a weight other than 1): the inner denoiser runs once on a
     batch of (K + 1) B ordered [uncond; cond_1; ...; cond_K] (twice, [cond_1; ...] and [uncond], where their
-    lengths differ). Otherwise it runs on cond only (diffusers'
-    `do_classifier_free_guidance` is guidance_scale > 1). A sampler that steps with the unconditional prediction
+    lengths differ). Otherwise it runs on cond only (diffusers' `do_classifier_free_guidance` is guidance_scale >
+    1). A sampler that steps with the unconditional prediction
     itself (DDIM CFG++) calls `with_uncond` instead, which returns it besides the guided one: the wrapper stays the
     only place guidance is computed, and the sampler asks for what it needs explicitly, per call.
 

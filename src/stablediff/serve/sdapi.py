@@ -26,8 +26,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from .. import __version__, a1111, hires, images, samplers, upscalers
 from ..controls import Control
 from ..limits import LimitError, Limits
-from ..params import (MAX_MASK_BLUR, MAX_MIN_UNCOND, MAX_NOISE_MULTIPLIER, MAX_PADDING, MAX_SEED, MAX_TOKEN_MERGING_RATIO,
-                      SIGMA_PARAM_DEFAULTS, SIGMA_PARAM_RANGES, GenerationParams)
+from ..params import (MAX_MASK_BLUR, MAX_MIN_UNCOND, MAX_NOISE_MULTIPLIER, MAX_PADDING, MAX_SEED,
+                      MAX_TOKEN_MERGING_RATIO, SIGMA_PARAM_DEFAULTS, SIGMA_PARAM_RANGES, GenerationParams)
 from ..pipeline import Cancelled, StableDiffusion
 from ..schedule import NoiseSchedule
 from ..styles import Style, apply_styles

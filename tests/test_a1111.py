@@ -977,6 +977,8 @@ def test_ngms_through_the_pipeline(tiny_pipe, sampler, level):
     assert "NGMS all steps: True" in every.infotexts[0]
     back = GenerationParams.from_infotext(every.infotexts[0])[0]
     assert (back.s_min_uncond, back.s_min_uncond_all) == (level, True)
+    never = tiny_pipe("a cat", s_min_uncond=0.001, s_min_uncond_all=True, **kw)  # below every sigma: no call skips
+    assert torch.equal(never.latents, plain.latents) and "NGMS" not in never.infotexts[0]
 
 
 def test_ngms_from_a1111s_request_and_options():
@@ -1078,6 +1080,8 @@ def test_long_prompt_and_short_negative_through_the_pipeline(tiny_pipe):
     assert (apart.latents - padded.latents).abs().max() > 1e-4
     assert "Pad conds: True" in padded.infotexts[0] and "Pad conds" not in apart.infotexts[0]
     assert GenerationParams.from_infotext(padded.infotexts[0])[0].pad_cond_uncond is True
+    same = tiny_pipe("a red cat", "blurry", pad_cond_uncond=True, **kw)  # one chunk each: nothing to pad
+    assert "Pad conds" not in same.infotexts[0]  # as A1111, which writes it only where it padded
     assert GenerationParams.from_a1111({"prompt": "x", "override_settings": {"pad_cond_uncond": True}}
                                        ).pad_cond_uncond is True
     assert torch.isfinite(cached.latents).all() and (cached.latents - apart.latents).abs().max() > 0

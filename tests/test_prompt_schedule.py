@@ -332,7 +332,7 @@ def test_pad_conds_continues_the_shorter_with_the_empty_prompt():
         d = ScheduledCFGDenoiser(inner, [(1.0, [(4, cond)])], [(4, uncond)], 2.0, pad=chunks(0.0))
         d(torch.zeros(1, 4, 2, 2), 3.0)
         (context,) = inner.contexts
-        assert context.shape == (2, 154, 4) and d.padded
+        assert context.shape == (2, 154, 4) and d.happened == {"Pad conds"}
         assert context[0, ::77, 0].tolist() == want_rows  # the unconditional row, chunk by chunk
 
 

@@ -58,7 +58,7 @@ class ScheduledCFGDenoiser:
     the unconditional rows run in a U-Net call of their own (the inner model is told which rows are unconditional,
     `uncond_rows`, there and where they are left out: see min_uncond), unless `pad` (the empty prompt's embedding,
     A1111's "pad prompt/negative prompt" option) is given, which continues the shorter with it and runs one batch
-    (`padded` is then set).
+    (`happened` then holds "Pad conds").
 
     Which piece: the denoiser counts its calls from 0, and call k uses the first piece whose end_step >= k
     (prompt_schedule.piece_at), as A1111 does. A1111 builds its schedules over twice the steps for the samplers that
@@ -105,7 +105,8 @@ class ScheduledCFGDenoiser:
         self.uncond = _split(uncond) if uncond is not None else None
         self.min_uncond, self.min_uncond_all, self.level = min_uncond, min_uncond_all, level or (lambda s: s)
         self.skip_early, self.total_calls = skip_early, total_calls
-        self.pad, self.padded = pad, False
+        self.pad = pad
+        self.happened: set[str] = set()  # A1111's infotext keys of what this run did: "NGMS", "Pad conds"
 
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         step, self.step = self.step, self.step + 1
@@ -131,7 +132,10 @@ class ScheduledCFGDenoiser:
         if not self.min_uncond or not (step % 2 or self.min_uncond_all):
             return False
         level = torch.as_tensor(self.level(torch.as_tensor(sigma))).reshape(-1)[0].float()
-        return bool(level < torch.tensor(self.min_uncond, dtype=torch.float32))  # in float32, as A1111 compares
+        if level < torch.tensor(self.min_uncond, dtype=torch.float32):  # in float32, as A1111 compares
+            self.happened.add("NGMS")
+            return True
+        return False
 
     def _guide(self, x: torch.Tensor, sigma, step: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         B = x.shape[0]
@@ -149,7 +153,7 @@ class ScheduledCFGDenoiser:
         uncond = _batch(_at(self.uncond, step), B)
         if uncond.shape[1] != conds[0].shape[1] and self.pad is not None:
             uncond, conds = _pad_pair(uncond, conds, self.pad)
-            self.padded = True
+            self.happened.add("Pad conds")
         if uncond.shape[1] == conds[0].shape[1]:
             context = torch.cat([uncond, *conds])
             d_uncond, *d_conds = self.inner(torch.cat([x] * n), torch.cat([sigma] * n), context=context).chunk(n)

@@ -233,11 +233,12 @@ def inpainting_condition(pipe, x0: torch.Tensor, pixels: torch.Tensor | None, we
 
 
 def second_pass(pipe, prompt: str, negative: str, params: GenerationParams, latents: torch.Tensor, seeds,
-                upscaler, step_callback_for, controls=()) -> torch.Tensor:
+                upscaler, step_callback_for, controls=(), happened: set[str] | None = None) -> torch.Tensor:
     """The hires pass over one prompt's first-pass latents: upscale them (a latent mode when `upscaler` is None,
     load_upscaler's otherwise), then img2img from them. step_callback_for(total steps) makes the pass's callback.
     controls: the ControlNet units of this pass (controls.ActiveControl, their hints at this pass's image size, as
-    sd-webui-controlnet makes its hr_hint_cond), run over its own steps as in any img2img."""
+    sd-webui-controlnet makes its hr_hint_cond), run over its own steps as in any img2img. happened:
+    generate_latents'."""
     f = pipe.downscale
     size = target_size(params.width, params.height, params.hr_scale, params.hr_resize_x, params.hr_resize_y, f)
     pixels = None
@@ -255,7 +256,7 @@ def second_pass(pipe, prompt: str, negative: str, params: GenerationParams, late
     callback = step_callback_for(len(hr_plan.sigmas) - 1)
     try:
         return pipe.generate_latents(params.hr_prompt or prompt, params.hr_negative_prompt or negative, hr_params,
-                                     hr_plan, seeds, source, callback, controls)
+                                     hr_plan, seeds, source, callback, controls, happened)
     finally:
         callback.close()
 

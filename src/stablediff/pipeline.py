@@ -472,9 +472,10 @@ class StableDiffusion:
                 cancel_within_steps((self.unet, self.vae), cancel):  # also inside a step: between layers
             source = (img2img.encode(self, inits, mask_image, params) if inits
                       else img2img.txt2img_source(self, params))
+            happened = set()  # what the guidance did, in any prompt's run (A1111 writes it for all images then)
             latents = torch.cat([
                 self._one_prompt(b, prompts, negatives, params, plan, image_seeds, source, wanted, units, upscaler,
-                                 steps) for b in range(len(prompts))])
+                                 steps, happened) for b in range(len(prompts))])
             weights.release(self.unet)  # (SD 1.5: its 3.2 GB leave resident memory during the decode)
             pil = images.to_pil(self.decode(latents))
             if inpaintings and (samplers.SAMPLERS[params.sampler].family == "a1111" or inpaintings[0].paste_to):
@@ -491,6 +492,9 @@ class StableDiffusion:
             added["Noise multiplier"] = params.noise_multiplier
         if self.inpainting_unet:  # A1111 writes it for every image of an inpainting model, txt2img's too
             added["Conditional mask weight"] = params.inpainting_mask_weight
+        for key, keys in (("NGMS", ("NGMS", "NGMS all steps")), ("Pad conds", ("Pad conds",))):
+            if key not in happened:  # A1111 writes these only where they happened (None leaves them out)
+                added.update(dict.fromkeys(keys))
         return self._result(pil, latents, nsfw, prompts, negatives, params, wanted, image_seeds, controls, added)
 
     def _settle(self, params: GenerationParams, init_image, mask_image, n_prompts: int):
@@ -517,21 +521,23 @@ class StableDiffusion:
             params = params.replace(subseed=random.randint(0, MAX_SEED - count))
         return params, inits, mask_image, strength
 
-    def _one_prompt(self, b, prompts, negatives, params, plan, image_seeds, source, wanted, units, upscaler, steps):
+    def _one_prompt(self, b, prompts, negatives, params, plan, image_seeds, source, wanted, units, upscaler, steps,
+                    happened: set[str]):
         """Prompt b's latents: its LoRAs merged, the sampler run, then the hires pass where asked. units: the
-        first and the second pass's ControlNet units (_control_units)."""
+        first and the second pass's ControlNet units (_control_units); happened: generate_latents'."""
         self.loras.apply({path: m for path, (_, m) in wanted[b].items()})
         step_cb = steps(b, len(prompts), len(plan.sigmas) - 1)
         seeds = image_seeds[b * params.batch_size:(b + 1) * params.batch_size]
         first, second = units
         try:
-            latents = self.generate_latents(prompts[b], negatives[b], params, plan, seeds, source, step_cb, first)
+            latents = self.generate_latents(prompts[b], negatives[b], params, plan, seeds, source, step_cb, first,
+                                            happened)
         finally:
             step_cb.close()
         if not params.enable_hr:
             return latents
         return hires.second_pass(self, prompts[b], negatives[b], params, latents, seeds, upscaler,
-                                 functools.partial(steps, b, len(prompts)), second)
+                                 functools.partial(steps, b, len(prompts)), second, happened)
 
     def from_infotext(self, text: str, **changes) -> GenerationResult:
         """Remake an image from its `parameters` text (ours or AUTOMATIC1111's), with `changes` (GenerationParams
@@ -544,12 +550,14 @@ class StableDiffusion:
 
     def generate_latents(self, prompt: str, negative: str, params: GenerationParams, plan: samplers.SamplingPlan,
                          seeds: list[tuple[int, int | None]], source: img2img.Source | None = None,
-                         step_callback=None, controls: list[controlnets.ActiveControl] = ()) -> torch.Tensor:
+                         step_callback=None, controls: list[controlnets.ActiveControl] = (),
+                         happened: set[str] | None = None) -> torch.Tensor:
         """One prompt's final latents (len(seeds), C, h, w): encode the prompts, draw each image's noise on its own
         generator (seeds[k] = (seed, variation seed), params.image_seeds', on params.rng's source: rng.ImageRNG),
         run the sampler over the guided denoiser. `source`: what img2img.start starts from (img2img.encode's,
         hires fix's); `step_callback(d)` sees each step and may return the latents to go on with; `controls`:
-        `_control_unit`'s, run inside the eps model (controls.ControlledEps)."""
+        `_control_unit`'s, run inside the eps model (controls.ControlledEps); `happened` gets the infotext keys of
+        what the guidance did (ScheduledCFGDenoiser.happened: "NGMS", "Pad conds")."""
         shape = (self.vae.config.latent_channels, params.height // self.downscale, params.width // self.downscale)
         noise = rng.ImageRNG(shape, [s for s, _ in seeds], source=params.rng, device=self.device, ensd=params.ensd,
                              subseeds=[v for _, v in seeds if v is not None],
@@ -569,8 +577,6 @@ class StableDiffusion:
                                            skip_early=params.skip_early_cond,
                                            pad=self.prompts.encode("", params.clip_skip)
                                            if params.pad_cond_uncond else None)
-        if known is not None:
-            denoiser = known.wrap(denoiser)
         last = len(plan.sigmas) - 2
 
         def on_step(d):
@@ -581,8 +587,13 @@ class StableDiffusion:
                 step_callback(d)
             return d["x"] if known is not None else None
 
+        guidance = denoiser
+        if known is not None:
+            denoiser = known.wrap(denoiser)
         x = plan.sample(denoiser, x, generator=noise, callback=on_step, **plan.sampler.eta_options(params.eta),
                         **plan.sampler.sigma_options(params.sigma_values()))
+        if happened is not None:
+            happened |= guidance.happened
         x = plan.finish(x)
         return known.final(x) if known is not None else x
 

@@ -565,6 +565,7 @@ class StableDiffusion:
                              downscale=self.downscale)
         conds, uncond = self.conditioning(prompt, negative, params.steps * plan.sampler.calls_per_step,
                                           params.clip_skip)
+        pad = self.prompts.encode("", params.clip_skip) if params.pad_cond_uncond else None  # (A1111's pad option)
         weights.release(self.text_encoder)  # memory-mapped weights leave resident memory till next needed
         cache = DeepCache(params.cache_interval) if params.cache_interval > 1 else None
         eps = functools.partial(self.eps, cache=cache)
@@ -574,9 +575,7 @@ class StableDiffusion:
             model = controlnets.ControlledEps(model, list(controls), plan.timesteps, len(seeds))
         denoiser = self.scheduled_denoiser(plan, conds, uncond, params.cfg_scale, model=model,
                                            min_uncond=(params.s_min_uncond, params.s_min_uncond_all),
-                                           skip_early=params.skip_early_cond,
-                                           pad=self.prompts.encode("", params.clip_skip)
-                                           if params.pad_cond_uncond else None)
+                                           skip_early=params.skip_early_cond, pad=pad)
         last = len(plan.sigmas) - 2
 
         def on_step(d):

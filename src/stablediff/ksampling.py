@@ -7,7 +7,7 @@ Every sampler is a plain function over a denoiser D(x, sigma) in sigma space, as
 Here are k-diffusion's DPM-Solver++ SDE samplers, DPM-Solver fast and adaptive, and A1111 v1.10's own samplers:
 its timestep-space PLMS (sd_samplers_timesteps_impl; its DDIM is Euler in sigma space and its UniPC diffusers'
 UniPC steps with A1111's settings, both in samplers.py), Restart (sd_samplers_extra) and LCM (sd_samplers_lcm),
-each with the arguments A1111 calls it with (eta 1; s_noise, the noise's scale, where A1111 passes it).
+each with the arguments A1111 calls it with (eta, default 1, and s_noise, the noise's scale, where it passes them).
 
 A1111's timestep samplers work on the VP latent x_t = x / sqrt(1 + sigma**2) (DDIM and PLMS at integer timesteps t,
 sigma = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])). Dividing their updates by sqrt(alphas_cumprod) gives the
@@ -74,7 +74,7 @@ def ancestral_step(sigma, sigma_next, eta: float = 1.0):
 
 # ---------------------------------------------------------------------------------------------------------------
 # k-diffusion's DPM-Solver++ ancestral and SDE samplers (A1111's "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE (Heun)",
-# "DPM++ 3M SDE"), eta = 1 as A1111 runs them (s_noise: the noise scaled), in k-diffusion's variables: t = -log(sigma)
+# "DPM++ 3M SDE"), with the eta (default 1) and s_noise A1111 passes, in k-diffusion's variables: t = -log(sigma)
 
 
 def _sigma(t):
@@ -285,7 +285,7 @@ def _ancestral_target(t, t_next, t_end, eta: float):
 
 def sample_dpm_fast(denoiser, x, sigmas, *, generator=None, callback=None, sigma_range=None, eta: float = 1.0,
                     s_noise: float = 1.0):
-    """DPM-Solver-fast (k-diffusion's `sample_dpm_fast`; A1111 passes it eta 1): n = len(sigmas) - 1 model calls
+    """DPM-Solver-fast (k-diffusion's `sample_dpm_fast`; A1111 passes it eta, default 1): n = len(sigmas) - 1 calls
     spread over floor(n / 3) + 1 steps evenly in lambda from sigma_max down to sigma_min, third order but for the
     last one or two; each step an ancestral one. sigma_range: (sigma_min, sigma_max), by default
     (sigmas[-2], sigmas[0]); the run ends at sigma_min, not 0."""

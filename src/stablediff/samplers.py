@@ -165,16 +165,15 @@ def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, s_churn: 
 
 
 def _dpm2(denoiser, x, sigmas, generator, callback, ancestral: bool, diffusers: bool = True, eta: float = 1.0,
-          **sigma_params):
+          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0):
     """DPM-Solver-2 (Lu et al. 2022) in k-diffusion's form: the midpoint in log-sigma, then a full step with the
     derivative there; the step to sigma 0 is Euler. k-diffusion lerps log(sigma) -> log(sigma_down); diffusers'
     KDPM2 lerps log(sigma_next) -> log(sigma) (KDPM2Ancestral as k-diffusion): `diffusers` keeps its orders so the
-    midpoints are bit-identical with it. Noise is not drawn on the last step. sigma_params: k-diffusion's s_noise
-    (the ancestral noise's scale) and, without ancestral noise, its churn (`churn`) too."""
+    midpoints are bit-identical with it. Noise is not drawn on the last step. s_noise: the ancestral noise's scale;
+    without ancestral noise, the churn's (`churn`, with s_churn, s_tmin, s_tmax) as k-diffusion's sample_dpm_2."""
     x, sigmas = _float32(x, sigmas)
-    s_noise = sigma_params.get("s_noise", 1.0)
     for i, sigma, sigma_next in _steps(sigmas):
-        x, sigma_hat = (x, sigma) if ancestral else churn(x, sigmas, i, generator, **{**CHURN_OFF, **sigma_params})
+        x, sigma_hat = (x, sigma) if ancestral else churn(x, sigmas, i, generator, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoiser(x, sigma_hat)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta) if ancestral else (sigma_next, 0.0)
         d = (x - denoised) / sigma_hat
